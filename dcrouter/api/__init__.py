@@ -1,0 +1,1 @@
+"""The management API, Prometheus metrics and the status page."""

@@ -1,0 +1,122 @@
+"""``python -m dcrouter``: commands that work without a running router.
+
+* ``check-config FILE`` - validate and print what would run.
+* ``migrate-config OLD.json`` - convert a seed-style configuration to TOML.
+
+Errors print one line on stderr and exit non-zero; never a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence, TextIO
+
+from dcrouter.config import DcRouterOptions, load_config
+from dcrouter.errors import ConfigError
+
+
+def _rule_lines(options: DcRouterOptions) -> list[str]:
+    email = options.email
+    assert email is not None
+    try:
+        from dcrouter.email.routing import describe_rules  # type: ignore[attr-defined]
+    except ImportError:  # routing without a description helper
+        return [f"  {i + 1}. {r.pattern} -> {r.mode}" for i, r in enumerate(email.domain_rules)]
+    return describe_rules(email)
+
+
+def _route_lines(options: DcRouterOptions) -> list[str]:
+    proxy = options.proxy
+    assert proxy is not None
+    try:
+        from dcrouter.proxy.routes import describe_routes  # type: ignore[import-not-found]
+    except ImportError:
+        lines = []
+        for route in proxy.routes:
+            ports = ",".join(str(p) for p in route.ports)
+            lines.append(f"  {route.name or '-'}: ports {ports} domains {','.join(route.domains)} "
+                         f"tls {route.tls or 'none'} -> {', '.join(route.targets) or '-'}")
+        return lines
+    return describe_routes(proxy)
+
+
+def summarize(options: DcRouterOptions) -> str:
+    """What would run, for ``check-config``: services, ports, rules in match order."""
+    out = [f"state_dir: {options.router.state_dir}"]
+    services = [n for n in ("email", "proxy", "dns", "api") if getattr(options, n) is not None]
+    out.append(f"services: {', '.join(services) or 'none'}")
+    if options.email is not None:
+        e = options.email
+        out.append("")
+        out.append(f"email: {e.hostname} on {e.listen}")
+        for port in e.ports:
+            kind = ("implicit TLS" if port in e.effective_implicit_tls_ports else "STARTTLS")
+            if port in e.effective_submission_ports or e.auth.required:
+                kind += ", AUTH required"
+            out.append(f"  port {port}/tcp ({kind})")
+        out.append(f"  queue: {e.queue.storage_type}; default mode: {e.default_mode}")
+        out.append(f"  rules in match order ({e.priority_order}):")
+        out.extend(_rule_lines(options))
+    if options.proxy is not None:
+        out.append("")
+        out.append(f"proxy: on {options.proxy.listen}")
+        out.extend(_route_lines(options))
+        if options.proxy.acme.enabled:
+            out.append(f"  acme: {options.proxy.acme.directory_url}")
+    if options.dns is not None:
+        d = options.dns
+        out.append("")
+        out.append(f"dns: {d.listen}:{d.port} udp+tcp; zones: "
+                   f"{', '.join(z.origin for z in d.zones) or 'none'}; email records: "
+                   f"{'published' if d.publish_email_records else 'off'}")
+    if options.api is not None:
+        a = options.api
+        out.append("")
+        out.append(f"api: http://{a.listen}:{a.port}/ (token {'set' if a.token else 'not set'})")
+    return "\n".join(out)
+
+
+def check_config(path: str, out: TextIO) -> int:
+    """Validate ``path``; print the summary; 0 when valid."""
+    options = load_config(path)
+    out.write(f"{path}: OK\n")
+    out.write(summarize(options) + "\n")
+    return 0
+
+
+def migrate_config(path: str, out: TextIO, err: TextIO) -> int:
+    """Convert the JSON file at ``path`` to TOML on ``out``; notes on ``err``."""
+    from dcrouter.config.migrate import migrate_to_toml
+    try:
+        with open(path, encoding="utf-8") as f:
+            old = json.load(f)
+    except FileNotFoundError:
+        raise ConfigError(path, "file not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(path, f"invalid JSON: {e}") from None
+    text, notes = migrate_to_toml(old)
+    out.write(text)
+    for note in notes:
+        err.write(f"not carried over: {note}\n")
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Entry point of ``python -m dcrouter``."""
+    parser = argparse.ArgumentParser(prog="python -m dcrouter",
+                                     description="dcrouter offline commands")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("check-config", help="validate a configuration and summarise it")
+    p.add_argument("file")
+    p = sub.add_parser("migrate-config", help="convert a seed-style JSON configuration to TOML")
+    p.add_argument("file")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "check-config":
+            return check_config(args.file, sys.stdout)
+        return migrate_config(args.file, sys.stdout, sys.stderr)
+    except ConfigError as e:
+        sys.stderr.write(f"dcrouter: configuration error: {e}\n")
+        return 2

@@ -1,0 +1,57 @@
+"""Options of ``[dns]`` and ``[[dns.zones]]``: the authoritative DNS server."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from dcrouter.config.base import check_non_negative, check_port, check_positive, one_of, option
+from dcrouter.errors import ConfigError
+
+RECORD_TYPES = ("A", "AAAA", "CNAME", "MX", "TXT", "NS", "SOA", "SRV", "CAA", "PTR")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RecordOptions:
+    """One resource record in zone-file presentation format."""
+
+    name: str = option(doc="'@' for the origin, a relative name, or a name ending in '.'.")
+    type: str = option(check=one_of(*RECORD_TYPES), doc="Record type.")
+    value: str = option(doc="Presentation format: MX '10 mail.example.test.', TXT 'v=spf1 -all'.")
+    ttl: Optional[int] = option(None, check=check_non_negative, doc="TTL; default: the zone's.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ZoneOptions:
+    """A zone dcrouter answers for authoritatively."""
+
+    origin: str = option(doc="Zone apex, e.g. 'example.test'.")
+    ttl: int = option(3600, check=check_non_negative, doc="Default TTL.")
+    records: tuple[RecordOptions, ...] = option((), doc="Records.")
+    primary_ns: str = option("", doc="MNAME of the generated SOA; default ns1.<origin>.")
+    admin_email: str = option("", doc="RNAME of the generated SOA; default hostmaster.<origin>.")
+
+    def validate(self, path: str) -> None:
+        """An origin is required."""
+        if not self.origin.strip("."):
+            raise ConfigError(f"{path}.origin", "must not be empty")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DnsOptions:
+    """The authoritative DNS server."""
+
+    listen: str = option("0.0.0.0", doc="Address for UDP and TCP.", reload="rebind")
+    port: int = option(53, check=check_port, doc="UDP and TCP port.", reload="rebind")
+    publish_email_records: bool = option(False, doc="Publish MX, SPF, DKIM and DMARC for the "
+                                         "mail domains served.")
+    spf_mechanisms: tuple[str, ...] = option(("mx",), doc="SPF mechanisms before '-all'.")
+    spf_all: str = option("-all", check=one_of("-all", "~all", "?all"), doc="SPF default.")
+    dmarc_policy: str = option("none", check=one_of("none", "quarantine", "reject"),
+                               doc="DMARC p= policy.")
+    dmarc_rua: str = option("", doc="DMARC aggregate report address (mailto:...).")
+    zones: tuple[ZoneOptions, ...] = option((), doc="Zones.")
+    rate_limit: int = option(100, check=check_non_negative,
+                             doc="Responses a second per client IP over UDP (0: off).")
+    max_tcp_connections: int = option(1000, check=check_positive, doc="Concurrent TCP clients.")
+    tcp_timeout: float = option(10.0, check=check_positive, doc="Idle TCP seconds.")

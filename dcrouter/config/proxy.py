@@ -1,0 +1,152 @@
+"""Options of ``[proxy]``, ``[[proxy.routes]]`` and ``[proxy.acme]``: the TCP/TLS proxy."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from typing import Optional, Union
+
+from dcrouter.config.base import (
+    check_host_ports, check_networks, check_non_negative, check_positive, one_of, option,
+)
+from dcrouter.errors import ConfigError
+
+TLS_MODES = ("passthrough", "terminate", "terminate-and-reencrypt")
+_DOMAIN = re.compile(r"^(\*|(\*\.)?([A-Za-z0-9]([A-Za-z0-9\-]*[A-Za-z0-9])?\.)*"
+                     r"[A-Za-z0-9]([A-Za-z0-9\-]*[A-Za-z0-9])?)$")
+
+
+def parse_port_spec(value: Union[int, str], path: str) -> tuple[int, int]:
+    """``8443`` or ``"9000-9010"`` -> an inclusive (low, high) range."""
+    if isinstance(value, int):
+        low = high = value
+    else:
+        m = re.fullmatch(r"\s*(\d+)\s*(?:-\s*(\d+)\s*)?", value)
+        if not m:
+            raise ConfigError(path, f"must be a port or a range like '9000-9010', got '{value}'")
+        low = int(m.group(1))
+        high = int(m.group(2) or m.group(1))
+    for port in (low, high):
+        if not 1 <= port <= 65535:
+            raise ConfigError(path, f"must be 1..65535, got {port}")
+    if low > high:
+        raise ConfigError(path, f"range is backwards: {low}-{high}")
+    return low, high
+
+
+def _check_port_specs(value: tuple[Union[int, str], ...], path: str) -> tuple[Union[int, str], ...]:
+    if not value:
+        raise ConfigError(path, "at least one port is needed")
+    for i, item in enumerate(value):
+        parse_port_spec(item, f"{path}[{i}]")
+    return value
+
+
+def _check_domains(value: tuple[str, ...], path: str) -> tuple[str, ...]:
+    for i, domain in enumerate(value):
+        if not _DOMAIN.match(domain):
+            raise ConfigError(f"{path}[{i}]", f"must be a name, '*.' wildcard or '*', got '{domain}'")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProxyRouteOptions:
+    """One route: match (ports, domains, client IPs, path) and action (targets, TLS)."""
+
+    name: str = option("", doc="Route name used in stats, logs and the API.")
+    ports: tuple[Union[int, str], ...] = option(check=_check_port_specs,
+                                                doc="Ports and ranges ('9000-9010').",
+                                                reload="rebind")
+    domains: tuple[str, ...] = option(("*",), check=_check_domains,
+                                      doc="Names, '*.example.test' wildcards, '*' for all.")
+    client_ips: tuple[str, ...] = option((), check=check_networks,
+                                         doc="Match only clients in these networks.")
+    path_prefix: str = option("", doc="HTTP routes: match only paths under this prefix.")
+    tls: str = option("", doc="'passthrough', 'terminate', 'terminate-and-reencrypt'; empty: "
+                      "plain TCP/HTTP.")
+    targets: tuple[str, ...] = option((), check=check_host_ports,
+                                      doc="Backends as host:port; several are load balanced.")
+    load_balancing: str = option("round-robin", check=one_of("round-robin", "least-connections"),
+                                 doc="How targets share connections.")
+    health_check_interval: float = option(10.0, check=check_non_negative,
+                                          doc="Seconds between TCP health checks (0: off).")
+    allowed_ips: tuple[str, ...] = option(("0.0.0.0/0", "::/0"), check=check_networks,
+                                          doc="Clients allowed (CIDR).")
+    blocked_ips: tuple[str, ...] = option((), check=check_networks,
+                                          doc="Clients refused; wins over allowed_ips.")
+    max_connections: int = option(10000, check=check_positive, doc="Concurrent connections.")
+    max_connections_per_ip: int = option(1000, check=check_positive,
+                                         doc="Concurrent connections per client IP.")
+    connection_timeout: float = option(3600.0, check=check_positive,
+                                       doc="Seconds of silence both ways before closing.")
+    initial_data_timeout: float = option(10.0, check=check_positive,
+                                         doc="Seconds to wait for the first bytes (SNI/Host).")
+    redirect_to_https: bool = option(False, doc="Answer HTTP with 301 to https://host/path.")
+    http: Optional[bool] = option(None, doc="Treat as HTTP (Host routing); default: true for "
+                                  "plain routes that name domains other than '*' or a path.")
+    add_forwarded_headers: bool = option(False, doc="Add X-Forwarded-For/-Proto (HTTP).")
+    send_proxy_protocol: str = option("", doc="'v1' or 'v2': send a PROXY header to targets.")
+    cert_path: str = option("", doc="Certificate for terminate modes (else ACME or self-signed).")
+    key_path: str = option("", doc="Its key.")
+    backend_verify: bool = option(True, doc="Re-encrypt: verify the backend certificate.")
+    backend_ca_path: str = option("", doc="Re-encrypt: CA bundle for the backend.")
+    backend_server_name: str = option("", doc="Re-encrypt: SNI and name to verify.")
+    acme: bool = option(True, doc="Terminate routes: obtain certificates via [proxy.acme].")
+
+    def validate(self, path: str) -> None:
+        """A route needs targets unless it only redirects."""
+        if self.tls and self.tls not in TLS_MODES:
+            one_of(*TLS_MODES)(self.tls, f"{path}.tls")
+        if self.send_proxy_protocol:
+            one_of("v1", "v2")(self.send_proxy_protocol, f"{path}.send_proxy_protocol")
+        if not self.targets and not self.redirect_to_https:
+            raise ConfigError(f"{path}.targets", "at least one target is needed")
+        if bool(self.cert_path) != bool(self.key_path):
+            raise ConfigError(f"{path}.cert_path", "cert_path and key_path must be given together")
+
+    @property
+    def port_ranges(self) -> tuple[tuple[int, int], ...]:
+        """Ports as inclusive (low, high) ranges."""
+        return tuple(parse_port_spec(p, "") for p in self.ports)
+
+    def all_ports(self) -> list[int]:
+        """Every port this route listens on."""
+        return [p for low, high in self.port_ranges for p in range(low, high + 1)]
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class AcmeOptions:
+    """Automatic certificates for terminate routes (ACME http-01)."""
+
+    enabled: bool = option(False, doc="Obtain and renew certificates.")
+    directory_url: str = option("https://acme-v02.api.letsencrypt.org/directory",
+                                doc="ACME directory.")
+    account_email: str = option("", doc="Contact address of the account.")
+    renew_threshold_days: int = option(30, check=check_positive,
+                                       doc="Renew this many days before expiry.")
+    directory_ca_path: str = option("", doc="Extra CA for the ACME server's HTTPS (pebble's).")
+    check_interval: float = option(3600.0, check=check_positive,
+                                   doc="Seconds between renewal checks.")
+    retry_backoff: float = option(300.0, check=check_positive,
+                                  doc="First backoff after a failed order; doubles.")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ProxyOptions:
+    """The TCP/TLS proxy."""
+
+    listen: str = option("0.0.0.0", doc="Address the proxy listeners bind.", reload="rebind")
+    routes: tuple[ProxyRouteOptions, ...] = option((), doc="Routes.")
+    acme: AcmeOptions = option(default_factory=AcmeOptions, doc="ACME.")
+    accept_proxy_protocol: bool = option(False, doc="Accept PROXY v1/v2 headers from proxy_ips.")
+    proxy_ips: tuple[str, ...] = option((), check=check_networks,
+                                        doc="Trusted load balancers that may send PROXY headers.")
+
+    def validate(self, path: str) -> None:
+        """Route names unique."""
+        names: dict[str, int] = {}
+        for i, route in enumerate(self.routes):
+            if route.name and route.name in names:
+                raise ConfigError(f"{path}.routes[{i}].name",
+                                  f"'{route.name}' repeats routes[{names[route.name]}]")
+            names[route.name] = i

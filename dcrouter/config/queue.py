@@ -1,0 +1,86 @@
+"""Options of ``[email.queue]`` (the durable delivery queue) and
+``[email.delivery]`` (outbound SMTP, MX look-ups, bounces)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from dcrouter.config.base import (
+    check_non_negative, check_port, check_positive, one_of, option, split_host_port,
+)
+from dcrouter.errors import ConfigError
+
+
+def _check_nameservers(value: tuple[str, ...], path: str) -> tuple[str, ...]:
+    for i, item in enumerate(value):
+        split_host_port(item, f"{path}[{i}]", default_port=53)
+    return value
+
+
+def _check_redis_url(value: str, path: str) -> str:
+    if not (value.startswith("redis://") or value.startswith("unix://")):
+        raise ConfigError(path, f"must be a redis:// or unix:// URL, got '{value}'")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QueueOptions:
+    """Where queued messages live and how often they are retried."""
+
+    storage_type: str = option("disk", check=one_of("memory", "disk", "redis"),
+                               doc="'disk' (durable, default), 'memory' (lost on restart) or "
+                               "'redis' (shared by several nodes).", reload="restart")
+    persistent_path: str = option("", doc="Disk queue directory; default state_dir/queue.",
+                                  reload="restart")
+    redis_url: str = option("redis://127.0.0.1:6379/0", check=_check_redis_url,
+                            doc="Redis server for storage_type = 'redis'.", reload="restart")
+    redis_prefix: str = option("dcrouter", doc="Prefix of every Redis key.", reload="restart")
+    max_retries: int = option(5, check=check_non_negative,
+                              doc="Delivery attempts after the first before bouncing.")
+    base_retry_delay: float = option(60.0, check=check_positive,
+                                     doc="Seconds before the first retry; doubled each attempt.")
+    max_retry_delay: float = option(3600.0, check=check_positive, doc="Longest retry delay.")
+    max_queue_size: int = option(1000000, check=check_positive,
+                                 doc="Items queued at most; beyond, new mail gets 452 4.3.1.")
+    max_per_destination: int = option(100000, check=check_positive,
+                                      doc="Items queued at most for one destination.")
+    check_interval: float = option(1.0, check=check_positive,
+                                   doc="Seconds between looks for due items.")
+    lease_time: float = option(300.0, check=check_positive,
+                               doc="Seconds a worker holds an item (redis) before another "
+                               "may take it.")
+    keep_delivered: float = option(3600.0, check=check_non_negative,
+                                   doc="Seconds delivered/failed items stay listed.")
+
+    def validate(self, path: str) -> None:
+        """max_retry_delay must not be below base_retry_delay."""
+        if self.max_retry_delay < self.base_retry_delay:
+            raise ConfigError(f"{path}.max_retry_delay",
+                              f"must be at least base_retry_delay ({self.base_retry_delay})")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DeliveryOptions:
+    """Outbound delivery: resolver, ports, concurrency, timeouts, bounces."""
+
+    nameservers: tuple[str, ...] = option((), check=_check_nameservers,
+                                          doc="Resolvers for MX look-ups as 'ip:port'; "
+                                          "empty: the system's.")
+    mx_port: int = option(25, check=check_port, doc="Port used when delivering to MX hosts.")
+    concurrent_deliveries: int = option(20, check=check_positive,
+                                        doc="Deliveries in progress at once.")
+    per_destination_concurrency: int = option(5, check=check_positive,
+                                              doc="Deliveries in progress per destination.")
+    connect_timeout: float = option(30.0, check=check_positive, doc="Seconds to connect.")
+    command_timeout: float = option(300.0, check=check_positive,
+                                    doc="Seconds to wait for any reply.")
+    helo_name: str = option("", doc="Name in EHLO; default email.hostname.")
+    verify_certificates: bool = option(False, doc="Verify opportunistic STARTTLS to MX hosts.")
+    bounce_sender: str = option("", doc="From of DSNs; default MAILER-DAEMON@hostname.")
+    suppression_ttl: float = option(2592000.0, check=check_non_negative,
+                                    doc="Seconds a hard-bounced recipient stays suppressed "
+                                    "(0: off).")
+    reputation_window: float = option(86400.0, check=check_positive,
+                                      doc="Seconds of the per-domain sent/bounced window.")
+    connection_reuse: int = option(100, check=check_non_negative,
+                                   doc="Messages sent over one connection at most.")

@@ -1,0 +1,60 @@
+"""Options of the ``[router]`` section: process-wide settings."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from typing import Mapping
+
+from dcrouter.config.base import check_non_negative, one_of, option
+from dcrouter.errors import ConfigError
+
+#: Subsystems that accept a log level in ``router.log_levels``.
+LOG_SUBSYSTEMS = (
+    "router", "config", "email", "email.server", "email.routing", "email.processing",
+    "email.scanning", "email.delivery", "queue", "proxy", "proxy.acme", "dns", "api",
+)
+LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+
+
+def _check_log_levels(value: Mapping[str, str], path: str) -> Mapping[str, str]:
+    for subsystem, level in value.items():
+        if subsystem not in LOG_SUBSYSTEMS:
+            close = difflib.get_close_matches(subsystem, LOG_SUBSYSTEMS, n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            raise ConfigError(f"{path}.{subsystem}", f"unknown subsystem{hint}")
+        one_of(*LOG_LEVELS)(level, f"{path}.{subsystem}")
+    return value
+
+
+def _check_rate(value: float, path: str) -> float:
+    if not 0.0 < value <= 1.0:
+        raise ConfigError(path, f"must be in (0, 1], got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class RouterOptions:
+    """Process-wide settings: where state lives, how it logs, how it stops."""
+
+    state_dir: str = option("var", doc="Directory for the queue, spool, certificates, DKIM keys "
+                            "and Maildirs; created with mode 0700.", reload="restart")
+    log_format: str = option("text", doc="'text' (human lines) or 'json' (one JSON object a line).",
+                             check=one_of("text", "json"), reload="restart")
+    log_level: str = option("info", doc="Default minimum log level.", check=one_of(*LOG_LEVELS),
+                           reload="restart")
+    log_levels: Mapping[str, str] = option(
+        default_factory=dict, check=_check_log_levels, reload="restart",
+        doc="Minimum log level per subsystem, e.g. { \"email.delivery\" = \"debug\" }.")
+    log_sample_rate: float = option(1.0, check=_check_rate, reload="restart",
+                                    doc="Fraction (0..1] of high-volume events that are logged.")
+    log_file: str = option("", doc="Write logs here instead of standard output.",
+                           reload="restart")
+    shutdown_timeout: float = option(30.0, check=check_non_negative,
+                                     doc="Seconds in-flight SMTP transactions and proxied "
+                                     "connections get to finish on SIGTERM.")
+
+    def validate(self, path: str) -> None:
+        """Cross-field checks."""
+        if not self.state_dir:
+            raise ConfigError(f"{path}.state_dir", "must not be empty")

@@ -1,0 +1,148 @@
+"""DKIM keys: where signing keys live and the DNS records that publish them.
+
+The delivery system signs with these keys; the DNS server publishes
+``<selector>._domainkey.<domain>`` TXT records from the same store, so the
+two can never disagree.  Keys are RSA-2048, generated on first use into
+``state_dir/dkim/<domain>/<selector>.key`` (mode 0600, directory 0700), or
+taken from a configured path.
+"""
+
+from __future__ import annotations
+
+import base64
+import os
+import re
+import threading
+from typing import Callable, Optional
+
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+from dcrouter.errors import ConfigError
+from dcrouter.tlsutil import ensure_private_dir, write_private
+
+_SAFE = re.compile(r"^[A-Za-z0-9.\-_]+$")
+DEFAULT_SELECTOR = "dcrouter"
+
+
+class DkimKey:
+    """One signing key: domain, selector, the PEM private key and its DNS record."""
+
+    def __init__(self, domain: str, selector: str, private_pem: bytes, path: str) -> None:
+        self.domain = domain
+        self.selector = selector
+        self.private_pem = private_pem
+        self.path = path
+
+    @property
+    def record_name(self) -> str:
+        """``<selector>._domainkey.<domain>``."""
+        return f"{self.selector}._domainkey.{self.domain}"
+
+    def public_record(self) -> str:
+        """The TXT record value: ``v=DKIM1; k=rsa; p=<base64 DER SubjectPublicKeyInfo>``."""
+        key = serialization.load_pem_private_key(self.private_pem, password=None)
+        der = key.public_key().public_bytes(serialization.Encoding.DER,
+                                            serialization.PublicFormat.SubjectPublicKeyInfo)
+        return f"v=DKIM1; k=rsa; p={base64.b64encode(der).decode('ascii')}"
+
+
+class DkimKeyStore:
+    """Finds, loads and generates DKIM keys under ``state_dir/dkim``.
+
+    Thread-safe so key generation can run in a worker thread (it takes
+    ~100 ms, too long for the reactor thread).
+    """
+
+    def __init__(self, state_dir: str) -> None:
+        self.root = os.path.join(state_dir, "dkim")
+        self._keys: dict[tuple[str, str], DkimKey] = {}
+        self._lock = threading.Lock()
+        self._listeners: list[Callable[[], None]] = []
+
+    def add_listener(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` (in the reactor thread) whenever a key is added."""
+        self._listeners.append(callback)
+
+    def _notify(self) -> None:
+        for callback in list(self._listeners):
+            callback()
+
+    def path_for(self, domain: str, selector: str = DEFAULT_SELECTOR) -> str:
+        """Where the generated key for (domain, selector) lives."""
+        domain = domain.lower().rstrip(".")
+        if not _SAFE.match(domain) or not _SAFE.match(selector) or ".." in domain:
+            raise ConfigError("dkim", f"unsafe DKIM domain or selector: {domain!r} {selector!r}")
+        return os.path.join(self.root, domain, f"{selector}.key")
+
+    def get(self, domain: str, selector: str = DEFAULT_SELECTOR,
+            private_key_path: str = "", private_key: str = "", create: bool = True
+            ) -> Optional[DkimKey]:
+        """The key for (domain, selector): configured, on disk, or newly generated.
+
+        Blocking (file I/O, maybe key generation): call through
+        ``deferToThread`` from the reactor thread when the key may not exist yet.
+        """
+        domain = domain.lower().rstrip(".")
+        with self._lock:
+            cached = self._keys.get((domain, selector))
+            if cached is not None:
+                return cached
+            created = False
+            if private_key:
+                pem, path = private_key.encode("ascii"), ""
+            elif private_key_path:
+                try:
+                    with open(private_key_path, "rb") as f:
+                        pem = f.read()
+                except OSError as e:
+                    raise ConfigError("dkim_options.private_key_path",
+                                      f"cannot read {private_key_path}: {e.strerror}") from None
+                path = private_key_path
+            else:
+                path = self.path_for(domain, selector)
+                if os.path.exists(path):
+                    with open(path, "rb") as f:
+                        pem = f.read()
+                elif not create:
+                    return None
+                else:
+                    pem = generate_private_key_pem()
+                    ensure_private_dir(os.path.dirname(path))
+                    write_private(path, pem)
+                    created = True
+            key = DkimKey(domain, selector, pem, path)
+            self._keys[(domain, selector)] = key
+        if created:
+            self._notify()
+        return key
+
+    def known_keys(self) -> list[DkimKey]:
+        """Every key generated or configured so far, plus those found on disk."""
+        if os.path.isdir(self.root):
+            for domain in sorted(os.listdir(self.root)):
+                folder = os.path.join(self.root, domain)
+                if not os.path.isdir(folder):
+                    continue
+                for name in sorted(os.listdir(folder)):
+                    if name.endswith(".key"):
+                        try:
+                            self.get(domain, name[:-4], create=False)
+                        except (ConfigError, OSError):
+                            continue
+        with self._lock:
+            return list(self._keys.values())
+
+    def forget(self, domain: str, selector: str = DEFAULT_SELECTOR) -> None:
+        """Drop a cached key (after rotation on disk)."""
+        with self._lock:
+            self._keys.pop((domain.lower().rstrip("."), selector), None)
+        self._notify()
+
+
+def generate_private_key_pem(bits: int = 2048) -> bytes:
+    """A new RSA private key in PKCS#1 PEM (what dkimpy expects)."""
+    key = rsa.generate_private_key(public_exponent=65537, key_size=bits)
+    return key.private_bytes(serialization.Encoding.PEM,
+                             serialization.PrivateFormat.TraditionalOpenSSL,
+                             serialization.NoEncryption())

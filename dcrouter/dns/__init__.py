@@ -1,0 +1,1 @@
+"""The authoritative DNS server and the email records it publishes."""

@@ -1,0 +1,1 @@
+"""The inbound side of the email gateway: SMTP server, routing, processing, scanning."""

@@ -1,0 +1,144 @@
+"""Every plug-in point of dcrouter, as zope interfaces.
+
+Implement one of these and name your class in the configuration (or pass an
+instance to :func:`dcrouter.make_router` from a ``.tac`` file) to extend
+dcrouter.  Methods that may wait return Deferreds.
+"""
+
+from __future__ import annotations
+
+from twisted.cred.credentials import ICredentials
+from zope.interface import Attribute, Interface
+
+
+class IStatsProvider(Interface):
+    """Something that reports figures for ``/api/stats`` and metrics."""
+
+    def get_stats() -> dict:
+        """A JSON-serialisable dict of current figures."""
+
+
+# -- inbound mail -------------------------------------------------------------
+
+class IMessageHandler(Interface):
+    """What the SMTP server hands envelopes and messages to (the processor).
+
+    Each method may return a Deferred; failing with
+    :class:`dcrouter.errors.PolicyRejection` makes the server send that reply.
+    """
+
+    def check_sender(session, mail_from):
+        """Vet MAIL FROM (``session`` is a :class:`dcrouter.message.SessionInfo`)."""
+
+    def check_recipient(session, mail_from, recipient):
+        """Vet one RCPT TO: relay policy, suppression list, rate limits."""
+
+    def handle_message(message):
+        """Route, scan, transform and enqueue a :class:`dcrouter.message.ReceivedMessage`.
+
+        Fires with the list of queue ids once every part is durably queued.
+        """
+
+
+class IEmailEventObserver(Interface):
+    """Subscribes to the SMTP server's events (seed section 8.2)."""
+
+    def connection_made(session):
+        """A client connected (``session``: SessionInfo)."""
+
+    def connection_lost(session, reason):
+        """A client went away."""
+
+    def auth_succeeded(session, username, mechanism):
+        """AUTH succeeded."""
+
+    def auth_failed(session, username, mechanism):
+        """AUTH failed."""
+
+    def message_received(session, message, queue_ids):
+        """A message was accepted and queued."""
+
+    def message_rejected(session, reason, code):
+        """A command or message was refused; ``reason`` is a short class."""
+
+
+class IXOAuth2Credentials(ICredentials):
+    """SASL XOAUTH2 credentials: a user name and a bearer token."""
+
+    username = Attribute("The user the client claims to be (bytes).")
+    token = Attribute("The OAuth 2.0 access token (bytes).")
+
+
+class IContentScanner(Interface):
+    """A content scanner of process mode (spam, virus, attachment, or yours)."""
+
+    name = Attribute("Short name used in headers and metrics, e.g. 'spam'.")
+
+    def scan(message, context):
+        """Scan a parsed :class:`email.message.EmailMessage`.
+
+        ``context`` is a :class:`dcrouter.email.scanning.ScanContext` (session,
+        envelope, raw size, spool path).  Fires with a
+        :class:`dcrouter.email.scanning.ScanResult`.
+        """
+
+
+class ITransformation(Interface):
+    """A transformation applied to a message in process mode."""
+
+    def transform(message, context):
+        """Change the :class:`email.message.EmailMessage` in place (may return a Deferred)."""
+
+
+# -- queue and delivery --------------------------------------------------------
+
+class IQueueStore(Interface):
+    """Storage behind the delivery queue (memory, disk, Redis, or yours).
+
+    A store keeps items (metadata) and bodies; the queue keeps the schedule.
+    Every method returns a Deferred unless noted.
+    """
+
+    def open():
+        """Prepare storage; fires with the list of items found (recovery)."""
+
+    def add(items, body_path):
+        """Durably store ``items`` sharing the body file ``body_path``; fires when safe."""
+
+    def update(item):
+        """Persist a changed item (status, attempts, next_attempt...)."""
+
+    def remove(item):
+        """Forget an item; its body goes when no item uses it."""
+
+    def body_path(item):
+        """A readable path of the item's body (not a Deferred)."""
+
+    def lease(item_id, owner, seconds):
+        """Take an item for delivery; fires True if this owner now holds it."""
+
+    def release(item_id, owner):
+        """Give a lease back."""
+
+    def close():
+        """Flush and close."""
+
+
+class IDeliveryObserver(Interface):
+    """Hooks around delivery attempts (the seed's onDelivery* hooks)."""
+
+    def on_delivery_start(item):
+        """An attempt begins."""
+
+    def on_delivery_success(item, result):
+        """Every recipient of the item was delivered."""
+
+    def on_delivery_failed(item, error, permanent):
+        """The attempt failed; ``permanent`` means the item bounced."""
+
+
+class IDkimKeyListener(Interface):
+    """Told when DKIM keys appear or change (the DNS server publishes them)."""
+
+    def dkim_keys_changed():
+        """Re-read the key store's public records."""

@@ -1,0 +1,118 @@
+"""Logging for dcrouter: structured ``twisted.logger`` events, text or JSON output.
+
+Code logs through :func:`get_logger` with a subsystem name (``"email.delivery"``),
+passing facts as event fields, never pre-formatted strings::
+
+    log = get_logger("email.delivery")
+    log.info("delivered {queue_id} to {remote}", queue_id=qid, remote=host,
+             correlation_id=cid)
+
+:func:`make_observer` builds the process's observer from ``[router]``:
+JSON lines or text, per-subsystem minimum levels, and sampling of events
+marked ``sampled=True`` (high-volume events such as per-connection logs).
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from typing import IO, Any, Callable, Optional
+
+from twisted.logger import (
+    FilteringLogObserver, ILogFilterPredicate, ILogObserver, LogLevel, LogLevelFilterPredicate,
+    Logger, PredicateResult, eventAsJSON, formatEventAsClassicLogText, textFileLogObserver,
+)
+from zope.interface import implementer
+
+from dcrouter.config.router import RouterOptions
+
+NAMESPACE_ROOT = "dcrouter"
+
+_LEVELS = {
+    "debug": LogLevel.debug, "info": LogLevel.info, "warn": LogLevel.warn,
+    "error": LogLevel.error, "critical": LogLevel.critical,
+}
+
+
+def get_logger(subsystem: str, source: Any = None) -> Logger:
+    """A Logger in the namespace ``dcrouter.<subsystem>``."""
+    return Logger(namespace=f"{NAMESPACE_ROOT}.{subsystem}", source=source)
+
+
+@implementer(ILogFilterPredicate)
+class SamplingPredicate:
+    """Drops a fraction of events marked ``sampled=True``; lets all others through."""
+
+    def __init__(self, rate: float, rng: Callable[[], float] = random.random) -> None:
+        self.rate = rate
+        self._rng = rng
+
+    def __call__(self, event: dict) -> PredicateResult:
+        if event.get("sampled") and self.rate < 1.0 and self._rng() >= self.rate:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
+def level_predicate(options: RouterOptions) -> LogLevelFilterPredicate:
+    """Minimum levels: the default for all, and one per configured subsystem."""
+    predicate = LogLevelFilterPredicate(defaultLogLevel=_LEVELS[options.log_level])
+    for subsystem, level in options.log_levels.items():
+        predicate.setLogLevelForNamespace(f"{NAMESPACE_ROOT}.{subsystem}", _LEVELS[level])
+    return predicate
+
+
+@implementer(ILogObserver)
+class JsonLinesObserver:
+    """Writes each event as one JSON object on one line.
+
+    The object has ``time``, ``level``, ``namespace``, ``message`` (the
+    formatted text) and every plain field of the event.
+    """
+
+    def __init__(self, out: IO[str]) -> None:
+        self._out = out
+
+    def __call__(self, event: dict) -> None:
+        record: dict[str, Any] = {}
+        for key, value in event.items():
+            if key.startswith("log_") or key in ("format", "message", "isError", "system",
+                                                 "time", "failure", "why", "printed"):
+                continue
+            record[key] = value if isinstance(value, (str, int, float, bool, type(None))) \
+                else str(value)
+        text = formatEventAsClassicLogText(event) or ""
+        level = event.get("log_level")
+        line = {
+            "time": event.get("log_time"),
+            "level": level.name if level is not None else "info",
+            "namespace": event.get("log_namespace", ""),
+            "message": text.split(" ", 2)[-1].rstrip("\n") if text else "",
+        }
+        failure = event.get("log_failure")
+        if failure is not None:
+            line["failure"] = failure.getErrorMessage()
+            line["failure_type"] = failure.type.__name__ if failure.type else ""
+        line.update(record)
+        try:
+            self._out.write(json.dumps(line, default=str) + "\n")
+            self._out.flush()
+        except ValueError:  # closed stream at shutdown
+            pass
+
+
+def make_observer(options: RouterOptions, out: Optional[IO[str]] = None) -> ILogObserver:
+    """The observer for ``[router]``: format, levels and sampling applied."""
+    stream = out
+    if stream is None:
+        stream = open(options.log_file, "a", encoding="utf-8") if options.log_file else sys.stdout
+    inner: ILogObserver
+    if options.log_format == "json":
+        inner = JsonLinesObserver(stream)
+    else:
+        inner = textFileLogObserver(stream)
+    return FilteringLogObserver(inner, [level_predicate(options),
+                                        SamplingPredicate(options.log_sample_rate)])
+
+
+__all__ = ["JsonLinesObserver", "SamplingPredicate", "get_logger", "make_observer", "eventAsJSON"]

@@ -1,0 +1,157 @@
+"""The message and session records shared by every stage of the mail path.
+
+These are the stored-message format's in-memory shapes: what the SMTP server
+knows about a session (:class:`SessionInfo`), what it received
+(:class:`ReceivedMessage`), and what the processor asks the queue to deliver
+(:class:`DeliveryRequest` with its :class:`Route`).  They sit below
+``email/``, ``queue/`` and ``delivery/`` so each can import them without
+importing the others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import time
+import uuid
+from typing import Any, Optional
+
+_BASE32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+
+
+def new_queue_id() -> str:
+    """A sortable, unique queue id: 10 chars of milliseconds + 10 random (Crockford base32).
+
+    Like Postfix's long queue ids: time-ordered, safe as a file name.
+    """
+    ms = int(time.time() * 1000)
+    rnd = int.from_bytes(os.urandom(7), "big")
+    out = []
+    for _ in range(10):
+        out.append(_BASE32[ms & 31])
+        ms >>= 5
+    head = "".join(reversed(out))
+    out = []
+    for _ in range(10):
+        out.append(_BASE32[rnd & 31])
+        rnd >>= 5
+    return head + "".join(out)
+
+
+def new_correlation_id() -> str:
+    """A correlation id that ties a session's log events to its deliveries."""
+    return uuid.uuid4().hex[:16]
+
+
+@dataclasses.dataclass
+class SessionInfo:
+    """What the SMTP server knows about one client session."""
+
+    correlation_id: str
+    client_ip: str
+    client_port: int
+    local_port: int
+    helo: str = ""
+    tls: bool = False
+    tls_version: str = ""
+    tls_cipher: str = ""
+    auth_user: str = ""
+    relay_permitted: bool = False
+    submission: bool = False
+
+    @property
+    def protocol(self) -> str:
+        """ESMTP, ESMTPS (TLS) or ESMTPSA (TLS + AUTH), as in Received headers (RFC 3848)."""
+        if self.tls and self.auth_user:
+            return "ESMTPSA"
+        if self.tls:
+            return "ESMTPS"
+        if self.auth_user:
+            return "ESMTPA"
+        return "ESMTP"
+
+    @property
+    def may_relay(self) -> bool:
+        """Authenticated or inside relay_networks: may send to any domain."""
+        return self.relay_permitted or bool(self.auth_user)
+
+
+@dataclasses.dataclass
+class ReceivedMessage:
+    """A message the SMTP server accepted into its spool, before processing.
+
+    ``spool_path`` holds the whole message as received (CRLF line endings,
+    dot-stuffing removed) with dcrouter's ``Received:`` header first.
+    """
+
+    queue_id: str
+    mail_from: str
+    recipients: list[str]
+    spool_path: str
+    size: int
+    session: SessionInfo
+    received_at: float = dataclasses.field(default_factory=time.time)
+    smtputf8: bool = False
+    body_8bit: bool = False
+
+
+@dataclasses.dataclass
+class Route:
+    """How a queue item is to be delivered.
+
+    ``kind`` is ``"forward"`` (relay to ``server:port``), ``"mx"`` (look up the
+    recipient domain's MX hosts) or ``"local"`` (Maildir under ``local_path``).
+    """
+
+    kind: str
+    server: str = ""
+    port: int = 25
+    require_tls: bool = False
+    auth_user: str = ""
+    auth_password: str = ""
+    ca_path: str = ""
+    local_path: str = ""
+    dkim_domain: str = ""
+    dkim_selector: str = ""
+    dkim_key_path: str = ""
+
+    def destination(self, recipient_domain: str = "") -> str:
+        """The key used for per-destination limits and connection reuse."""
+        if self.kind == "forward":
+            return f"{self.server}:{self.port}"
+        if self.kind == "local":
+            return "local"
+        return recipient_domain.lower()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for storage."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Route":
+        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclasses.dataclass
+class DeliveryRequest:
+    """What the processor asks the queue to deliver: one rule's recipients of one message.
+
+    ``body_path`` is a complete message file; the queue takes it over (moves or
+    links it into its own storage) before ``enqueue`` fires.  Several requests
+    of one message may name the same ``body_path``: the queue then stores the
+    body once.
+    """
+
+    queue_id: str
+    mode: str
+    rule_pattern: str
+    mail_from: str
+    recipients: list[str]
+    route: Route
+    body_path: str
+    correlation_id: str
+    size: int = 0
+    is_bounce: bool = False
+    extra: Optional[dict[str, Any]] = None

@@ -1,0 +1,1 @@
+"""The TCP/TLS proxy: SNI passthrough, TLS termination, HTTP routing, load balancing."""

@@ -1,0 +1,1 @@
+"""Shared pytest configuration: every test runs in pytest-twisted's reactor."""
