@@ -102,6 +102,7 @@ class DcRouter(MultiService):
         self.started_at: Optional[float] = None
         ensure_private_dir(options.router.state_dir)
         self.context = RouterContext(options, reactor, extensions or Extensions(), config_path)
+        self.context.router = self
         self.log_observer = make_observer(options.router)
         self._previous_sighup: Any = None
         self._stopping = False

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import socket
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Protocol
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
@@ -56,6 +56,22 @@ class Extensions:
     resolver: Optional[Any] = None
 
 
+class RouterControl(Protocol):
+    """What services may ask of the router (implemented by DcRouter; used by the API)."""
+
+    def get_stats(self) -> dict:
+        """Figures from every service."""
+
+    def bound_addresses(self) -> dict[str, list[tuple[str, str, int]]]:
+        """Listeners per service."""
+
+    def reload(self) -> defer.Deferred:
+        """Re-read the configuration file (as SIGHUP)."""
+
+    def update_domain_rules(self, rules: list[Any]) -> defer.Deferred:
+        """Replace the email domain rules."""
+
+
 class RouterContext:
     """Shared state handed to every service by :class:`dcrouter.router.DcRouter`."""
 
@@ -70,6 +86,8 @@ class RouterContext:
         self.services: dict[str, "ManagedService"] = {}
         #: Objects that want to observe events: the metrics registry adds itself here.
         self.observers: dict[str, list[Any]] = {}
+        #: The router itself, for the API (set by DcRouter).
+        self.router: Optional[RouterControl] = None
 
     @property
     def state_dir(self) -> str:
