@@ -2,8 +2,8 @@
 
 The token (``api.token``) is compared in constant time
 (:func:`hmac.compare_digest`).  Every failed attempt is logged with the
-client address; an address with ``api.max_auth_failures_per_minute``
-failures in the last 60 seconds is answered 429 (with ``Retry-After``)
+client address; an address that presented ``api.max_auth_failures_per_minute``
+wrong tokens in the last 60 seconds is answered 429 (with ``Retry-After``)
 without its token being checked, until the oldest failure ages out.
 An empty token means the API is open (allowed only on loopback addresses,
 see :class:`dcrouter.config.api.ApiOptions`).
@@ -107,10 +107,13 @@ class TokenAuthenticator:
                                                          self.token.encode("utf-8")):
             return
         self.failures += 1
+        if presented is None:  # no guess was made: refuse, but do not count towards the limit
+            log.info("API request from {client_ip} without a bearer token", client_ip=client_ip,
+                     path=path)
+            raise unauthorized()
         count = self.limiter.record(client_ip)
-        log.warn("API authentication failed from {client_ip} ({reason})", client_ip=client_ip,
-                 path=path, reason="no token" if presented is None else "wrong token",
-                 failures_last_minute=count)
+        log.warn("API authentication failed from {client_ip} (wrong token)", client_ip=client_ip,
+                 path=path, failures_last_minute=count)
         raise unauthorized()
 
 

@@ -50,13 +50,12 @@ class ApiService(ManagedService):
             self._document = build_document()
         return self._document
 
-    def _specs(self) -> list[ListenSpec]:
-        options = self._options(self.context.options)
+    def _specs(self, options: ApiOptions) -> list[ListenSpec]:
         return [ListenSpec("tcp", options.listen, options.port, "api.port")]
 
     def startService(self) -> None:
         """Bind the listener (a ListenError names ``api.port``)."""
-        self.listeners.start(self._specs())
+        self.listeners.start(self._specs(self._options(self.context.options)))
         self.metrics.wire_observers()
         super().startService()
         options = self._options(self.context.options)
@@ -81,7 +80,7 @@ class ApiService(ManagedService):
         self.metrics.wire_observers()
         if not self.running:
             return None
-        return self.listeners.update(self._specs())
+        return self.listeners.update(self._specs(api))
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
         """The API listener with its real port."""

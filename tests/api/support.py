@@ -48,6 +48,9 @@ class InMemoryQueue:
         self.paused = False
         self.flushes = 0
 
+    def update_options(self, options: Any) -> None:
+        """A reload hands the queue its options; the stand-in has none."""
+
     def add(self, item: StandInItem) -> None:
         """Put an item in."""
         self.items[item.id] = item
