@@ -24,6 +24,7 @@ the token comes from ``--token`` or ``DCROUTER_API_TOKEN``.
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import sys
@@ -77,6 +78,9 @@ class ApiClient:
                 raw = response.read()
         except urllib.error.HTTPError as e:
             raise self._http_error(e) from None
+        except http.client.HTTPException as e:
+            raise CtlError(EXIT_CONNECTION, f"{self.url} did not answer like the dcrouter API "
+                           f"({type(e).__name__})") from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", e)
             raise CtlError(EXIT_CONNECTION, f"cannot reach the dcrouter API at {self.url}: "

@@ -468,3 +468,32 @@ async def test_reload_applies_the_file_and_refuses_a_broken_one(tmp_path):
         assert (await client.get("/api/status", token="rotated-token")).status == 200
     finally:
         await stop_router(router)
+
+
+# -- OpenAPI ---------------------------------------------------------------------------------
+
+@pytest_twisted.ensureDeferred
+async def test_openapi_document_is_valid_and_describes_every_endpoint(running):
+    from openapi_spec_validator import validate
+
+    router, client, queue = running
+    response = await client.get("/api/openapi.json", token=None)
+    assert response.status == 200 and response.header("Content-Type") == "application/json"
+    document = response.json()
+    validate(document)
+    assert document["openapi"].startswith("3.")
+    for endpoint in ENDPOINTS:
+        operation = document["paths"][endpoint.template][endpoint.method.lower()]
+        assert operation["summary"] and operation["responses"]
+        if not endpoint.public:
+            assert operation["security"] == [{"bearer": []}]
+            assert {"401", "429"} <= set(operation["responses"])
+    documented = {(path, method.upper()) for path, item in document["paths"].items()
+                  for method in item}
+    assert documented == {(e.template, e.method) for e in ENDPOINTS}
+    # every documented operation is served (none answers "no endpoint")
+    for path, method in documented:
+        answer = await client.request(method, _concrete(path))
+        if answer.status == 404:
+            assert "no endpoint" not in answer.json()["error"]["message"], (method, path)
+        assert answer.status != 405, (method, path)
