@@ -190,7 +190,7 @@ def format_queue(items: list[dict]) -> str:
     total = 0
     for item in items:
         status = str(item.get("status", ""))
-        mark = "*" if status in ("active", "delivering", "leased", "in_flight") else \
+        mark = "*" if status in ("active", "processing", "delivering", "leased", "in_flight") else \
             "!" if status in ("held", "hold", "paused") else " "
         size = int(_first(item, "size", "message_size", default=0) or 0)
         total += size

@@ -407,7 +407,13 @@ class ApiHandlers:
             raise errors.bad_request(f"limit must be 1..{MAX_QUEUE_PAGE}, got {limit}")
         status = request.arg("status") or None
         cursor = request.arg("cursor") or None
-        result = yield self._queue_call("list_items", status=status, limit=limit, cursor=cursor)
+        try:
+            result = yield self._queue_call("list_items", status=status, limit=limit,
+                                            cursor=cursor)
+        except errors.ApiError as e:
+            if e.status == 409:  # the queue refused the query itself (an unknown status)
+                raise errors.bad_request(e.message) from None
+            raise
         if isinstance(result, tuple) and len(result) == 2:
             items, next_cursor = result
         else:
@@ -430,10 +436,24 @@ class ApiHandlers:
         item_id = request.params["id"]
         done = yield self._queue_call("retry_now", item_id)
         if done is False:
-            raise errors.not_found(f"no queue item '{item_id}'")
+            yield self._refuse_existing(item_id, "retried (only waiting items can be)")
         log.info("queue item {queue_id} retried through the API", queue_id=item_id,
                  client_ip=request.client_ip)
         return {"id": item_id, "retried": True}
+
+    @defer.inlineCallbacks
+    def _refuse_existing(self, item_id: str, verb: str) -> Any:
+        """After the queue said no: 404 for an unknown id, 409 naming the item's status."""
+        item = None
+        try:
+            item = yield self._queue_call("get_item", item_id)
+        except errors.ApiError:
+            item = None
+        if item is None:
+            raise errors.not_found(f"no queue item '{item_id}'")
+        status = jsonable(item).get("status", "unknown") if hasattr(item, "to_dict") or \
+            isinstance(item, dict) else getattr(item, "status", "unknown")
+        raise errors.conflict(f"queue item '{item_id}' is {status} and cannot be {verb}")
 
     @defer.inlineCallbacks
     def retry_all(self, request: ApiRequest) -> Any:
@@ -448,7 +468,7 @@ class ApiHandlers:
         item_id = request.params["id"]
         done = yield self._queue_call("delete", item_id)
         if done is False:
-            raise errors.not_found(f"no queue item '{item_id}'")
+            yield self._refuse_existing(item_id, "deleted")
         log.info("queue item {queue_id} deleted through the API", queue_id=item_id,
                  client_ip=request.client_ip)
         return {"id": item_id, "deleted": True}

@@ -74,6 +74,8 @@ class InMemoryQueue:
         item = self.items.get(item_id)
         if item is None:
             return defer.fail(KeyError(item_id))
+        if item.status not in ("deferred", "queued"):
+            return defer.succeed(False)
         item.status = "queued"
         item.next_attempt = time.time()
         return defer.succeed(True)

@@ -344,6 +344,11 @@ async def test_queue_item_get_retry_delete(running):
     assert (await client.post("/api/queue/Q0/retry")).json() == {"id": "Q0", "retried": True}
     assert queue.items["Q0"].status == "queued"
     assert_error(await client.post("/api/queue/NOPE/retry"), 404, "not_found")
+    queue.items["Q1"].status = "delivering"
+    error = assert_error(await client.post("/api/queue/Q1/retry"), 409, "conflict")
+    assert error["message"] == "queue item 'Q1' is delivering and cannot be retried " \
+        "(only waiting items can be)"
+    queue.items["Q1"].status = "queued"
 
     retried = (await client.post("/api/queue/retry")).json()
     assert retried == {"retried": 2}
