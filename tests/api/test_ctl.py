@@ -198,3 +198,52 @@ async def test_usage_errors_are_exit_2_and_help_documents_exit_codes(running):
     helped = await ctl(None, "--help", token=None)
     assert helped.code == 0
     assert "3  cannot talk to the API" in helped.out and "DCROUTER_API_TOKEN" in helped.out
+
+
+def _run_ctl(url: str, *args: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    env = twistd_env()
+    env["DCROUTER_API_TOKEN"] = TOKEN
+    env["DCROUTER_API_URL"] = url
+    return subprocess.run([CTL, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_rules_survive_a_restart_of_the_twistd_process_and_reload_works(tmp_path):
+    """End to end with a real twistd process: add a rule, restart, reload, the rule stays."""
+    from tests.api.support import router_config
+    from tests.support.configs import write_config
+    from tests.support.net import wait_for_tcp
+    from tests.support.proc import TwistdProcess
+
+    data, ports = router_config(str(tmp_path / "var"))
+    write_config(str(tmp_path / "dcrouter.toml"), data)
+    url = f"http://127.0.0.1:{ports['api']}"
+
+    def start() -> TwistdProcess:
+        proc = TwistdProcess(str(tmp_path), config="dcrouter.toml")
+        try:
+            wait_for_tcp(ports["api"], timeout=30)
+        except TimeoutError:
+            proc.kill()
+            raise AssertionError(proc.output())
+        return proc
+
+    proc = start()
+    try:
+        added = _run_ctl(url, "rules", "add", "*@kept.test", "--mode", "forward",
+                         "--target", "127.0.0.1:2526")
+        assert added.returncode == 0, added.stderr
+    finally:
+        assert proc.stop() == 0
+    proc = start()
+    try:
+        listed = json.loads(_run_ctl(url, "--json", "rules", "list").stdout)
+        assert [r["pattern"] for r in listed["rules"]] == ["*@localhost", "*@kept.test"]
+        reloaded = _run_ctl(url, "reload")
+        assert reloaded.returncode == 0, reloaded.stderr
+        assert reloaded.stdout.strip() == "reloaded dcrouter.toml"
+        listed = json.loads(_run_ctl(url, "--json", "rules", "list").stdout)
+        assert [r["pattern"] for r in listed["rules"]] == ["*@localhost", "*@kept.test"]
+        assert "taken from" in proc.output() and "rules.toml" in proc.output()
+    finally:
+        assert proc.stop() == 0

@@ -502,3 +502,25 @@ async def test_openapi_document_is_valid_and_describes_every_endpoint(running):
         if answer.status == 404:
             assert "no endpoint" not in answer.json()["error"]["message"], (method, path)
         assert answer.status != 405, (method, path)
+
+
+@pytest_twisted.ensureDeferred
+async def test_concurrent_rule_changes_are_serialised(running):
+    from twisted.internet import defer
+    router, client, queue = running
+    bodies = [dict(FORWARD, pattern=f"*@c{i}.test") for i in range(8)]
+    answers = await defer.gatherResults([
+        defer.ensureDeferred(client.post("/api/email/rules", body=b)) for b in bodies])
+    assert [a.status for a in answers] == [201] * 8
+    patterns = {r.pattern for r in router.options.email.domain_rules}
+    assert patterns == {"*@localhost"} | {b["pattern"] for b in bodies}
+    with open(os.path.join(router.options.router.state_dir, "rules.toml"), "rb") as f:
+        assert len(tomllib.load(f)["domain_rules"]) == 9
+
+
+@pytest_twisted.ensureDeferred
+async def test_head_requests_get_headers_only(running):
+    router, client, queue = running
+    response = await client.request("HEAD", "/api/status")
+    assert response.status == 200 and response.text == ""
+    assert response.header("Content-Type") == "application/json"
