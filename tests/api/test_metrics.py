@@ -179,3 +179,34 @@ def test_collector_labels_proxy_routes_dns_rcodes_and_scan_verdicts(tmp_path):
     assert samples[("dcrouter_queue_depth", (("status", "all"),))] == 4
     assert samples[("dcrouter_service_stat", (("key", "queries_total"), ("service", "dns")))] == 43
     assert samples[("dcrouter_stats_errors_total", ())] == 1
+
+
+
+def _smtp_sessions(port: int, count: int) -> None:
+    import smtplib
+    for _ in range(count):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            assert smtp.ehlo("client.test")[0] == 250
+
+
+async def _scrape_until(client, predicate) -> dict:
+    from twisted.internet import reactor, task
+    for _ in range(200):
+        samples = _samples((await client.get("/metrics")).text)
+        if predicate(samples):
+            return samples
+        await task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"metrics never matched: {samples}")
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_smtp_sessions_are_counted(running):
+    from twisted.internet import threads
+    from tests.support.router import port_of
+    router, client, queue = running
+    await threads.deferToThread(_smtp_sessions, port_of(router, "email"), 3)
+    samples = await _scrape_until(
+        client, lambda s: s.get(("dcrouter_smtp_sessions_active", ())) == 0)
+    assert samples[("dcrouter_smtp_sessions_total", ())] == 3
+    assert samples[("dcrouter_service_stat", (("key", "server.connections_total"),
+                                              ("service", "email")))] == 3

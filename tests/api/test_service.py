@@ -131,14 +131,15 @@ def test_observers_go_to_add_observer_when_offered(tmp_path):
     assert len(gateway.server.observers) == 1 and len(gateway.delivery.observers) == 1
 
 
-@pytest_twisted.ensureDeferred
-async def test_observers_go_to_the_extension_lists_otherwise(tmp_path):
-    router, _port = start_api_router(str(tmp_path / "var"))
-    try:
-        extensions = router.context.extensions
-        observers = [o for o in extensions.email_observers if isinstance(o, EmailEventMetrics)]
-        delivery = [o for o in extensions.delivery_observers if isinstance(o, DeliveryMetrics)]
-        assert observers == [router.by_name["api"].metrics.email_events]
-        assert delivery == [router.by_name["api"].metrics.delivery]
-    finally:
-        await stop_router(router)
+def test_observers_go_to_the_extension_lists_otherwise(tmp_path):
+    context = RouterContext(parse_config({"router": {"state_dir": str(tmp_path)}}), None,
+                            Extensions())
+    gateway = _Gateway()
+    gateway.server = object()  # type: ignore[assignment]  # parts without add_observer
+    gateway.delivery = object()  # type: ignore[assignment]
+    context.services["email"] = gateway  # type: ignore[assignment]
+    metrics = ApiMetrics(context)
+    assert context.extensions.email_observers == [metrics.email_events]
+    assert context.extensions.delivery_observers == [metrics.delivery]
+    metrics.wire_observers()
+    assert len(context.extensions.email_observers) == 1
