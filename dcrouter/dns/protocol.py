@@ -67,6 +67,7 @@ class DnsDatagramProtocol(DatagramProtocol):
     def __init__(self, responder: Responder, limiter: RateLimiter) -> None:
         self.responder = responder
         self.limiter = limiter
+        self.errors = 0
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         """Rate-limit, answer, send."""
@@ -75,6 +76,7 @@ class DnsDatagramProtocol(DatagramProtocol):
         try:
             response = self.responder.handle_udp(datagram)
         except Exception as e:  # never let one packet stop the listener
+            self.errors += 1
             log.error("DNS query failed: {error}", error=repr(e), client=addr[0])
             return
         if response is not None:
@@ -132,6 +134,7 @@ class DnsTcpProtocol(Protocol, TimeoutMixin):
             try:
                 response = self.factory.responder.handle_tcp(message)
             except Exception as e:
+                self.factory.errors += 1
                 log.error("DNS query failed: {error}", error=repr(e))
                 response = None
             if response is not None:
@@ -166,6 +169,7 @@ class DnsTcpFactory(Factory):
         self.connections = 0
         self.refused = 0
         self.oversized = 0
+        self.errors = 0
 
     def buildProtocol(self, addr: Any) -> Optional[Protocol]:
         """A protocol, or None (the connection is closed) when at the limit."""

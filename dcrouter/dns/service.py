@@ -202,6 +202,7 @@ class DnsService(ManagedService):
             "tcp_connections": self.tcp.connections,
             "tcp_refused": self.tcp.refused,
             "tcp_oversized": self.tcp.oversized,
+            "internal_errors": self.udp.errors + self.tcp.errors,
             "zones": [{"origin": z.origin, "serial": z.serial,
                        "records": len(z.content.records) + 1} for z in self.zone_set],
         })
