@@ -133,7 +133,8 @@ class RouteTable:
         """Names (no wildcards) of terminate routes that want ACME certificates."""
         names: list[str] = []
         for route in self.routes:
-            if route.tls.startswith("terminate") and route.options.acme:
+            if route.tls.startswith("terminate") and route.options.acme \
+                    and not route.options.cert_path:
                 names.extend(d for d in route.domains if "*" not in d and d not in names)
         return names
 
