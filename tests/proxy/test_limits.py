@@ -50,10 +50,10 @@ def refused(port: int, host: str = "127.0.0.1", payload: bytes = b"x") -> bool:
     with socket.socket(family, socket.SOCK_STREAM) as s:
         s.settimeout(10)
         s.connect((host, port))
-        s.sendall(payload)
         try:
+            s.sendall(payload)
             return s.recv(100) == b""
-        except ConnectionResetError:
+        except (ConnectionResetError, BrokenPipeError):
             return True
 
 
