@@ -21,7 +21,7 @@ import re
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.cred import credentials, error as cred_error
-from twisted.internet import defer, interfaces
+from twisted.internet import defer, interfaces, tcp
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -109,6 +109,7 @@ class SmtpSession(Protocol):
         self._esmtp = False
         self._auth_step: Optional[Callable[[bytes], None]] = None
         self._auth_mech = ""
+        self._direct_send = False
         self._login_user = b""
         self._data_line_start = True
         self.mail_from: Optional[str] = None
@@ -121,6 +122,8 @@ class SmtpSession(Protocol):
     # -- connection life cycle ----------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._direct_send = isinstance(self.transport, tcp.Connection) and hasattr(
+            self.transport, "socket")
         peer: Any = self.transport.getPeer()
         self.info.client_ip = getattr(peer, "host", "")
         self.info.client_port = getattr(peer, "port", 0)
@@ -172,8 +175,24 @@ class SmtpSession(Protocol):
     # -- output ---------------------------------------------------------------------
 
     def _send(self, line: str) -> None:
-        if not self.closed:
-            self.transport.write(line.encode("utf-8", "replace") + b"\r\n")
+        if self.closed:
+            return
+        data = line.encode("utf-8", "replace") + b"\r\n"
+        transport: Any = self.transport
+        if (self._direct_send and not transport.TLS and not transport.dataBuffer
+                and not transport._tempDataBuffer and not transport.disconnecting):
+            # Fast path for plain TCP with nothing queued: one send() instead of
+            # Twisted's addWriter / send / removeWriter on the next reactor turn.
+            try:
+                sent = transport.socket.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return  # the connection is going away; connectionLost follows
+            data = data[sent:]
+            if not data:
+                return
+        transport.write(data)
 
     def _close(self) -> None:
         if not self.closed:
@@ -513,8 +532,8 @@ class SmtpSession(Protocol):
             return
         self.queue_id = new_queue_id()
         try:
-            spool = SpoolWriter(self.host.spool_dir, self.queue_id,
-                                self.host.options.max_message_size)
+            path, fd = self.host.spool_files.take()
+            spool = SpoolWriter(path, fd, self.host.options.max_message_size)
             self.spool = spool
             spool.write_header(self._received_header())
         except OSError as e:
