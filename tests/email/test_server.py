@@ -628,3 +628,80 @@ def test_reconfigure_applies_limits_and_rebinds(start_server: Any) -> None:
 
     first, second = yield deferToThread(client)
     assert first[0] == 250 and second[0] == 452
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_drops_pipelined_plaintext(start_server: Any) -> None:
+    """RFC 3207 5: commands pipelined after STARTTLS must not run inside the TLS session."""
+    run = start_server()
+
+    def client() -> tuple:
+        raw = Raw(run.ports["smtp"])
+        raw.reply()
+        raw.cmd("EHLO client.test")
+        raw.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<injected@evil.example>\r\n")
+        ready = raw.reply()
+        tls = run.client_context().wrap_socket(raw.sock, server_hostname="127.0.0.1")
+        f = tls.makefile("rb")
+        tls.sendall(b"EHLO client.test\r\n")
+        first = f.readline()
+        tls.sendall(b"RCPT TO:<b@local.test>\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        rcpt = f.readline()
+        tls.close()
+        return ready, first, rcpt
+
+    ready, first, rcpt = yield deferToThread(client)
+    assert ready == "220 2.0.0 Ready to start TLS"
+    assert first == b"250-mail.dcrouter.test\r\n"
+    assert rcpt.startswith(b"503 5.5.1")  # the injected MAIL FROM never happened
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_min_version_enforced(start_server: Any) -> None:
+    run = start_server(tls={"min_version": "TLSv1.3"})
+
+    def client(maximum: ssl.TLSVersion) -> str:
+        ctx = run.client_context()
+        ctx.maximum_version = maximum
+        try:
+            with smtplib.SMTP_SSL("127.0.0.1", run.ports["smtps"], context=ctx, timeout=10) as s:
+                return s.sock.version()
+        except (ssl.SSLError, ConnectionError) as e:
+            return "refused: " + type(e).__name__
+
+    assert (yield deferToThread(client, ssl.TLSVersion.TLSv1_2)).startswith("refused")
+    assert (yield deferToThread(client, ssl.TLSVersion.TLSv1_3)) == "TLSv1.3"
+
+
+@pytest_twisted.inlineCallbacks
+def test_reconfigure_users_and_self_signed_certificate(start_server: Any) -> None:
+    import dataclasses
+    from dcrouter.config.email import EmailAuthOptions, EmailTlsOptions, UserOptions
+    run = start_server()
+    options = run.server.options
+    new = dataclasses.replace(
+        options, tls=EmailTlsOptions(),  # no paths: a self-signed certificate
+        auth=EmailAuthOptions(users=(UserOptions(username="dave", password="pw2"),)))
+    yield run.server.reconfigure(new)
+
+    def client(user: str, password: str) -> tuple:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with smtplib.SMTP_SSL("127.0.0.1", run.ports["smtps"], context=ctx, timeout=10) as s:
+            s.ehlo("x")
+            s.user, s.password = user, password
+            try:
+                code = s.auth("PLAIN", s.auth_plain)[0]
+            except smtplib.SMTPAuthenticationError as e:
+                code = e.smtp_code
+            issuer = s.sock.getpeercert(binary_form=True)
+            return code, issuer
+
+    code_new, cert = yield deferToThread(client, "dave", "pw2")
+    code_old, _ = yield deferToThread(client, "alice", PASSWORD)
+    assert (code_new, code_old) == (235, 535)
+    with open(run.certs["ca.pem"], "rb") as f:
+        assert ssl.DER_cert_to_PEM_cert(cert).encode() != f.read()  # a different certificate
+    assert os.path.exists(os.path.join(run.server.context.state_dir, "certs"))
