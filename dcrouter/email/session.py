@@ -551,7 +551,9 @@ class SmtpSession(Protocol):
     def _received_header(self) -> bytes:
         helo = _HELO_CLEAN.sub("?", self.info.helo)[:100]
         hostname = self.host.options.hostname
-        parts = [f"Received: from {helo} ([{self.info.client_ip}])",
+        ip = self.info.client_ip
+        literal = f"IPv6:{ip}" if ":" in ip else ip
+        parts = [f"Received: from {helo} ([{literal}])",
                  f"\tby {hostname} (dcrouter) with {self.info.protocol} id {self.queue_id}"]
         if self.info.tls:
             parts.append(f"\t(using {self.info.tls_version or 'TLS'} with cipher "

@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThread
 from dcrouter.errors import PolicyRejection
 from dcrouter.service import Extensions
 from tests.email.conftest import PASSWORD
-from tests.email.handlers import BrokenObserver, RecordingHandler, RecordingObserver
+from tests.email.handlers import BrokenObserver, RecordingObserver
 
 MSG = b"From: a@local.test\r\nTo: b@local.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -705,3 +705,28 @@ def test_reconfigure_users_and_self_signed_certificate(start_server: Any) -> Non
     with open(run.certs["ca.pem"], "rb") as f:
         assert ssl.DER_cert_to_PEM_cert(cert).encode() != f.read()  # a different certificate
     assert os.path.exists(os.path.join(run.server.context.state_dir, "certs"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_auth_required_everywhere_and_ipv6_listener(start_server: Any) -> None:
+    from tests.support.net import free_port
+    port = free_port(host="::1")
+    run = start_server(listen="::1", ports=[port], submission_ports=[], implicit_tls_ports=[],
+                       auth={"required": True})
+
+    def client() -> tuple:
+        with smtplib.SMTP("::1", port, timeout=10) as s:
+            s.ehlo("v6.test")
+            refused = s.docmd("MAIL FROM:<a@local.test>")
+            s.docmd("RSET")
+            s.starttls(context=ssl._create_unverified_context())
+            s.ehlo("v6.test")
+            s.login("alice", PASSWORD)
+            return refused, s.sendmail("alice@local.test", ["b@remote.example"], MSG)
+
+    refused, sent = yield deferToThread(client)
+    assert refused == (530, b"5.7.0 Authentication required") and sent == {}
+    message = run.handler.messages[0]["message"]
+    assert message.session.client_ip == "::1" and message.session.relay_permitted
+    assert "from v6.test ([IPv6:::1])" in received_header(run.handler.messages[0]["data"])
+    assert run.server.bound_addresses() == [("tcp", "::1", port)]
