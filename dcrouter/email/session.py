@@ -27,6 +27,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.email.auth import ISmtpUser, XOAuth2Credentials
+from dcrouter.email.data import DotDecoder
 from dcrouter.email.spool import SpoolWriter
 from dcrouter.errors import PolicyRejection
 from dcrouter.logsetup import get_logger
@@ -41,8 +42,6 @@ log = get_logger("email.server")
 COMMAND_LINE_LIMIT = 512
 #: RFC 4954 4: AUTH lines (initial responses, continuations) may reach 12288 octets.
 AUTH_LINE_LIMIT = 12288
-#: A DATA line longer than this is written out in pieces (never buffered whole).
-DATA_PARTIAL_FLUSH = 64 * 1024
 #: While a command waits for the handler, read at most this much ahead before pausing.
 READ_AHEAD_LIMIT = 1024 * 1024
 
@@ -111,7 +110,7 @@ class SmtpSession(Protocol):
         self._auth_mech = ""
         self._direct_send = False
         self._login_user = b""
-        self._data_line_start = True
+        self._decoder = DotDecoder()
         self.mail_from: Optional[str] = None
         self.recipients: list[str] = []
         self.smtputf8 = False
@@ -545,7 +544,7 @@ class SmtpSession(Protocol):
             self._send("451 4.3.0 Temporary local problem, try again later")
             return
         self._mode = "data"
-        self._data_line_start = True
+        self._decoder = DotDecoder()
         self._send("354 End data with <CR><LF>.<CR><LF>")
 
     def _received_header(self) -> bytes:
@@ -570,48 +569,15 @@ class SmtpSession(Protocol):
     # -- DATA streaming ------------------------------------------------------------------
 
     def _consume_data(self) -> bool:
-        """Move complete lines from the buffer into the spool; True at end of data."""
+        """Move decoded lines from the buffer into the spool; True at end of data."""
         assert self.spool is not None
-        buf = self._buf
-        last = buf.rfind(b"\n")
-        if last < 0:
-            if len(buf) > DATA_PARTIAL_FLUSH:
-                if self._data_line_start and buf.startswith(b"."):
-                    buf = buf[1:]
-                self.spool.write(buf)
-                self._data_line_start = False
-                self._buf = b""
-            return False
-        chunk, rest = buf[:last + 1], buf[last + 1:]
-        if (b"\n." not in chunk) and not (self._data_line_start and chunk.startswith(b".")):
-            # Fast path: no dot at any line start, so no terminator and no stuffing.
-            self.spool.write(chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
-            self._data_line_start = True
-            self._buf = rest
-            return False
-        lines = chunk.split(b"\n")
-        lines.pop()  # chunk ends with \n: the last element is empty
-        out: list[bytes] = []
-        at_start = self._data_line_start
-        for index, line in enumerate(lines):
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if at_start and line.startswith(b"."):
-                if line == b".":
-                    if out:
-                        self.spool.write(b"\r\n".join(out) + b"\r\n")
-                    tail = lines[index + 1:]
-                    self._buf = (b"\n".join(tail) + b"\n" + rest) if tail else rest
-                    self._mode = "command"
-                    self._end_of_data()
-                    return True
-                line = line[1:]
-            out.append(line)
-            at_start = True
-        self.spool.write(b"\r\n".join(out) + b"\r\n")
-        self._data_line_start = True
-        self._buf = rest
-        return False
+        out, self._buf, finished = self._decoder.feed(self._buf)
+        if out:
+            self.spool.write(out)
+        if finished:
+            self._mode = "command"
+            self._end_of_data()
+        return finished
 
     def _end_of_data(self) -> None:
         spool, self.spool = self.spool, None

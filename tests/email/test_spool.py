@@ -103,3 +103,51 @@ def test_pool_prepares_files_in_a_thread_and_cleans_up(tmp_path: Any) -> None:
     pool.close()
     yield task.deferLater(reactor, 0.2, lambda: None)  # a refill finishing late is discarded
     assert set(os.listdir(directory)) == {os.path.basename(path), os.path.basename(taken)}
+
+
+# -- the DATA decoder that feeds the spool ------------------------------------------------------
+
+from hypothesis import given, settings, strategies as st  # noqa: E402
+
+from dcrouter.email.data import DotDecoder, dot_stuff  # noqa: E402
+
+_lines = st.lists(st.one_of(st.binary(max_size=40).map(
+    lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+    st.sampled_from([b".", b"..", b".x", b"", b". ", b"...", b"\x00", b"\xff."])), max_size=30)
+
+
+def _decode(stream: bytes, cuts: list[int], partial_flush: int = 64 * 1024) -> tuple:
+    decoder = DotDecoder(partial_flush)
+    out, buf, pos = [], b"", 0
+    for cut in sorted(set(c % (len(stream) + 1) for c in cuts)) + [len(stream)]:
+        buf += stream[pos:cut]
+        pos = cut
+        data, buf, done = decoder.feed(buf)
+        out.append(data)
+        if done:
+            return b"".join(out), buf + stream[pos:], True
+    return b"".join(out), buf, False
+
+
+@settings(max_examples=400, deadline=None)
+@given(lines=_lines, cuts=st.lists(st.integers(0, 10000), max_size=12),
+       trailer=st.sampled_from([b"", b"MAIL FROM:<a@b>\r\n", b"QUIT\r\n"]))
+def test_decoder_round_trip_any_chunking(lines: list, cuts: list, trailer: bytes) -> None:
+    message = b"".join(line + b"\r\n" for line in lines)
+    decoded, rest, done = _decode(dot_stuff(message) + trailer, cuts)
+    assert done and decoded == message and rest == trailer
+
+
+@settings(max_examples=200, deadline=None)
+@given(lines=_lines, cuts=st.lists(st.integers(0, 10000), max_size=12))
+def test_decoder_bare_lf_equals_crlf(lines: list, cuts: list) -> None:
+    message = b"".join(line + b"\r\n" for line in lines)
+    bare = dot_stuff(message).replace(b"\r\n", b"\n")
+    decoded, rest, done = _decode(bare, cuts)
+    assert done and decoded == message and rest == b""
+
+
+def test_decoder_long_lines_pass_in_pieces_without_splitting_crlf() -> None:
+    long_line = b"." + b"a" * 99 + b"\r"  # ends in CR: must not become CR CR LF
+    decoded, rest, done = _decode(long_line + b"\n.\r\n", [len(long_line)], partial_flush=50)
+    assert done and decoded == b"a" * 99 + b"\r\n"
