@@ -13,21 +13,19 @@ The session talks to its server only through the small surface of
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.utils
-import json
 import re
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from twisted.cred import credentials, error as cred_error
+from twisted.cred import error as cred_error
 from twisted.internet import defer, interfaces, tcp
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dcrouter.email.auth import ISmtpUser, XOAuth2Credentials
+from dcrouter.email.auth import ISmtpUser
 from dcrouter.email.data import DotDecoder
+from dcrouter.email.sasl import Challenge, Credentials, Refusal, SaslExchange, Step
 from dcrouter.email.spool import SpoolWriter
 from dcrouter.errors import PolicyRejection
 from dcrouter.logsetup import get_logger
@@ -106,10 +104,8 @@ class SmtpSession(Protocol):
         self._errors = 0
         self._idle_call: Any = None
         self._esmtp = False
-        self._auth_step: Optional[Callable[[bytes], None]] = None
-        self._auth_mech = ""
+        self._sasl: Optional[SaslExchange] = None
         self._direct_send = False
-        self._login_user = b""
         self._decoder = DotDecoder()
         self.mail_from: Optional[str] = None
         self.recipients: list[str] = []
@@ -306,8 +302,7 @@ class SmtpSession(Protocol):
     def _line_too_long(self) -> None:
         self.host.stats.rejected("line_too_long")
         if self._mode == "auth":
-            self._mode = "command"
-            self._auth_step = None
+            self._end_auth()
         self._error("500 5.5.2 Error: line too long")
 
     def _error(self, reply: str) -> None:
@@ -692,22 +687,26 @@ class SmtpSession(Protocol):
         if mechanism not in self.host.auth_mechanisms():
             self._error("504 5.5.4 Unrecognized authentication type")
             return
-        self._auth_mech = mechanism
-        initial = initial.strip()
-        if mechanism == "PLAIN":
-            self._auth_step = self._auth_plain
-        elif mechanism == "LOGIN":
-            self._auth_step = self._auth_login_user
-        else:
-            self._auth_step = self._auth_xoauth2
+        self._sasl = SaslExchange(mechanism)
         self._mode = "auth"
-        if initial:
-            self._auth_line(b"" if initial == "=" else initial.encode("ascii", "replace"),
-                            initial=True)
-        elif mechanism == "LOGIN":
-            self._send("334 VXNlcm5hbWU6")
+        self._auth_step(self._sasl.start(initial.strip()))
+
+    def _auth_line(self, line: bytes) -> None:
+        assert self._sasl is not None
+        self._auth_step(self._sasl.respond(line))
+
+    def _auth_step(self, step: Step) -> None:
+        if isinstance(step, Challenge):
+            self._send(f"334 {step.text}")
+        elif isinstance(step, Refusal):
+            self._end_auth()
+            self._error(step.reply)
         else:
-            self._send("334 ")
+            self._login(step)
+
+    def _end_auth(self) -> None:
+        self._mode = "command"
+        self._sasl = None
 
     def _auth_rate_limited(self) -> None:
         self.host.stats.rejected("auth_rate_limit")
@@ -717,64 +716,15 @@ class SmtpSession(Protocol):
                         "authentication attempts")
         raise _Closed()
 
-    def _auth_line(self, line: bytes, initial: bool = False) -> None:
-        if line.strip() == b"*":
-            self._mode = "command"
-            self._auth_step = None
-            self._error("501 5.7.0 Authentication aborted")
-            return
-        try:
-            decoded = base64.b64decode(line, validate=True) if line else b""
-        except (binascii.Error, ValueError):
-            self._mode = "command"
-            self._auth_step = None
-            self._error("501 5.5.2 Error: cannot decode response")
-            return
-        step = self._auth_step
-        assert step is not None
-        step(decoded)
-
-    def _auth_plain(self, decoded: bytes) -> None:
-        parts = decoded.split(b"\x00")
-        if len(parts) != 3 or not parts[1]:
-            self._mode = "command"
-            self._auth_step = None
-            self._error("501 5.5.2 Error: malformed PLAIN response")
-            return
-        self._login(credentials.UsernamePassword(parts[1], parts[2]), parts[1])
-
-    def _auth_login_user(self, decoded: bytes) -> None:
-        self._login_user = decoded
-        self._auth_step = self._auth_login_password
-        self._send("334 UGFzc3dvcmQ6")
-
-    def _auth_login_password(self, decoded: bytes) -> None:
-        self._login(credentials.UsernamePassword(self._login_user, decoded), self._login_user)
-
-    def _auth_xoauth2(self, decoded: bytes) -> None:
-        try:
-            creds = XOAuth2Credentials.parse(decoded)
-        except ValueError:
-            self._mode = "command"
-            self._auth_step = None
-            self._error("501 5.5.2 Error: malformed XOAUTH2 response")
-            return
-        self._login(creds, creds.username)
-
-    def _xoauth2_error_ack(self, decoded: bytes) -> None:
-        self._mode = "command"
-        self._auth_step = None
-        self._send("535 5.7.8 Error: authentication failed")
-
-    def _login(self, creds: Any, username: bytes) -> None:
-        name = username.decode("utf-8", "replace")[:100]
-        mechanism = self._auth_mech
+    def _login(self, step: Credentials) -> None:
+        sasl = self._sasl
+        assert sasl is not None
+        mechanism = sasl.mechanism
         self.busy = True
-        d = self.host.portal.login(creds, None, ISmtpUser)
+        d = self.host.portal.login(step.creds, None, ISmtpUser)
 
         def ok(result: Any) -> None:
-            self._mode = "command"
-            self._auth_step = None
+            self._end_auth()
             self.info.auth_user = str(result[1])
             self.host.stats.auth_succeeded += 1
             log.info("AUTH {mechanism} succeeded for {username}", mechanism=mechanism,
@@ -788,23 +738,20 @@ class SmtpSession(Protocol):
                             correlation_id=self.info.correlation_id)
             self.host.stats.auth_failed += 1
             log.info("AUTH {mechanism} failed for {username}", mechanism=mechanism,
-                     username=name, correlation_id=self.info.correlation_id)
-            self.host.emit("auth_failed", self.info, name, mechanism)
+                     username=step.username, correlation_id=self.info.correlation_id)
+            self.host.emit("auth_failed", self.info, step.username, mechanism)
             if self.host.auth_limiter.record_failure(self.info.client_ip):
-                self._mode = "command"
+                self._end_auth()
                 try:
                     self._auth_rate_limited()
                 except _Closed:
                     return
-            if mechanism in ("XOAUTH2", "OAUTH2") and not self.closed:
-                # RFC-less but universal: an error challenge, the client answers empty.
-                status = json.dumps({"status": "401", "schemes": "bearer"}).encode()
-                self._auth_step = self._xoauth2_error_ack
-                self._send("334 " + base64.b64encode(status).decode())
-                return
-            self._mode = "command"
-            self._auth_step = None
-            self._send("535 5.7.8 Error: authentication failed")
+            answer = sasl.failed()
+            if isinstance(answer, Challenge):
+                self._send(f"334 {answer.text}")
+            else:
+                self._end_auth()
+                self._send(answer.reply)
 
         d.addCallbacks(ok, fail)
         d.addErrback(lambda f: log.failure("AUTH reply failed", f,
