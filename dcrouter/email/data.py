@@ -38,28 +38,35 @@ class DotDecoder:
             self.line_start = False
             return piece, rest, False
         chunk, rest = buf[:last + 1], buf[last + 1:]
-        if b"\n." not in chunk and not (self.line_start and chunk.startswith(b".")):
-            # Fast path: no line starts with a dot, so no terminator and no stuffing.
-            self.line_start = True
-            return chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"), rest, False
-        lines = chunk.split(b"\n")
-        lines.pop()  # the chunk ends with \n: the last element is empty
+        # Whole runs of lines are converted at once; only lines starting with a dot
+        # (stuffed lines and the terminator) are looked at one by one.
         out: list[bytes] = []
+        pos = 0
         at_start = self.line_start
-        for index, line in enumerate(lines):
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if at_start and line.startswith(b"."):
+        while True:
+            if at_start and chunk.startswith(b".", pos):
+                end = chunk.index(b"\n", pos)
+                line = chunk[pos:end]
+                if line.endswith(b"\r"):
+                    line = line[:-1]
                 if line == b".":
-                    tail = lines[index + 1:]
-                    remaining = (b"\n".join(tail) + b"\n" + rest) if tail else rest
                     self.line_start = True
-                    return (b"\r\n".join(out) + b"\r\n") if out else b"", remaining, True
-                line = line[1:]
-            out.append(line)
+                    return b"".join(out), chunk[end + 1:] + rest, True
+                out.append(line[1:] + b"\r\n")
+                pos = end + 1
+                if pos == len(chunk):
+                    break
+                continue
+            following = chunk.find(b"\n.", pos)
+            segment = chunk[pos:] if following < 0 else chunk[pos:following + 1]
+            if segment:
+                out.append(segment.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
+            if following < 0:
+                break
+            pos = following + 1
             at_start = True
         self.line_start = True
-        return b"\r\n".join(out) + b"\r\n", rest, False
+        return b"".join(out), rest, False
 
 
 def dot_stuff(message: bytes) -> bytes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import email.utils
 import re
+import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.cred import error as cred_error
@@ -50,6 +51,17 @@ _HELO_CLEAN = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
 
 COMMANDS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY",
                       "EXPN", "HELP", "STARTTLS", "AUTH", "BDAT", "ETRN", "TURN"})
+
+
+_date_cache: list = [0, ""]
+
+
+def _received_date() -> str:
+    """RFC 5322 date of now (local time), computed once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0], _date_cache[1] = now, email.utils.formatdate(now, localtime=True)
+    return _date_cache[1]
 
 
 class _Closed(Exception):
@@ -552,7 +564,7 @@ class SmtpSession(Protocol):
         if self.info.tls:
             parts.append(f"\t(using {self.info.tls_version or 'TLS'} with cipher "
                          f"{self.info.tls_cipher or 'unknown'})")
-        date = email.utils.formatdate(localtime=True)
+        date = _received_date()
         if len(self.recipients) == 1:
             rcpt = self.recipients[0].replace("\r", "").replace("\n", "")
             parts.append(f"\tfor <{rcpt}>; {date}")

@@ -47,7 +47,7 @@ class SpoolFiles:
     on the spot.  :meth:`close` deletes the files never handed out.
     """
 
-    def __init__(self, directory: str, reactor: Any = None, target: int = 64) -> None:
+    def __init__(self, directory: str, reactor: Any = None, target: int = 256) -> None:
         self.directory = directory
         self.reactor = reactor
         self.target = target
