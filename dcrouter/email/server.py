@@ -271,8 +271,17 @@ class UnifiedEmailServer(Service):
         self._observers.append(observer)
 
     def emit(self, event: str, *args: Any) -> None:
-        """Call ``event`` on every observer; an observer that raises is logged, not fatal."""
-        for observer in self._observers:
+        """Call ``event`` on every observer; an observer that raises is logged, not fatal.
+
+        Observers are those of ``Extensions.email_observers``, those added with
+        :meth:`add_observer`, and ``context.observers["email"]`` (where the
+        metrics registry subscribes).
+        """
+        observers = self._observers
+        shared = self.context.observers.get("email")
+        if shared:
+            observers = observers + shared
+        for observer in observers:
             method = getattr(observer, event, None)
             if method is None:
                 continue
