@@ -650,14 +650,14 @@ class SmtpSession(Protocol):
             if failure.check(PolicyRejection):
                 rejection: Any = failure.value
                 self.host.stats.rejected(rejection.reason)
-                self._emit_rejected(rejection.reason, rejection.code)
+                self._emit_rejected(rejection.reason, rejection.code, log_it=False)
                 log.info("{what} rejected: {code} {enhanced} {text}", what=what,
                          code=rejection.code, enhanced=rejection.enhanced, text=rejection.text,
                          correlation_id=self.info.correlation_id)
                 self._send(f"{rejection.code} {rejection.enhanced} {rejection.text}")
             else:
                 self.host.stats.rejected("handler_error")
-                self._emit_rejected("handler_error", 451)
+                self._emit_rejected("handler_error", 451, log_it=False)
                 log.failure("handler failed on {what}", failure, what=what,
                             correlation_id=self.info.correlation_id)
                 self._send("451 4.3.0 Temporary local problem, try again later")
@@ -673,7 +673,11 @@ class SmtpSession(Protocol):
                                            correlation_id=self.info.correlation_id))
         d.addBoth(done)
 
-    def _emit_rejected(self, reason: str, code: int) -> None:
+    def _emit_rejected(self, reason: str, code: int, log_it: bool = True) -> None:
+        """Tell observers (and the log) that something was refused for ``reason``."""
+        if log_it:
+            log.info("refused ({reason}): {code}", reason=reason, code=code,
+                     correlation_id=self.info.correlation_id)
         self.host.emit("message_rejected", self.info, reason, code)
 
     # -- AUTH ------------------------------------------------------------------------------------

@@ -730,3 +730,38 @@ def test_auth_required_everywhere_and_ipv6_listener(start_server: Any) -> None:
     assert message.session.client_ip == "::1" and message.session.relay_permitted
     assert "from v6.test ([IPv6:::1])" in received_header(run.handler.messages[0]["data"])
     assert run.server.bound_addresses() == [("tcp", "::1", port)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_log_event_carries_the_correlation_id(start_server: Any) -> None:
+    from twisted.logger import globalLogPublisher
+    run = start_server()
+    shared = RecordingObserver()
+    run.server.context.observers["email"] = [shared]  # where the metrics registry subscribes
+    events: list = []
+
+    def watch(event: dict) -> None:
+        if event.get("log_namespace", "").startswith("dcrouter.email"):
+            events.append(event)
+
+    globalLogPublisher.addObserver(watch)
+
+    def client() -> None:
+        with run.smtps() as s:
+            s.ehlo("client.test")
+            s.login("alice", PASSWORD)
+            s.sendmail("a@local.test", ["b@local.test"], MSG)
+            s.docmd("MAIL FROM:<a@local.test>")
+            s.docmd("RCPT TO:<x@remote.example>")  # relayed (authenticated): accepted
+            s.docmd("RSET")
+
+    try:
+        yield deferToThread(client)
+        yield sleep(0.1)
+    finally:
+        globalLogPublisher.removeObserver(watch)
+    correlation = run.handler.messages[0]["message"].session.correlation_id
+    session_events = [e for e in events if "correlation_id" in e]
+    assert len(session_events) >= 4  # connect, AUTH, accepted, disconnect
+    assert {e["correlation_id"] for e in session_events} == {correlation}
+    assert shared.names()[0] == "connection_made" and "message_received" in shared.names()
