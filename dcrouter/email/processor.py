@@ -271,8 +271,10 @@ class MultiModeProcessor:
             self.rejections["too_many_recipients"] += 1
             raise PolicyRejection(452, "4.5.3", "Too many recipients", reason="recipients")
         route = self._route(rule, mail_from)
+        check_capacity = getattr(self.queue, "check_capacity", None)
         try:
-            self.queue.check_capacity([route.destination(split_address(recipient)[1])])
+            if check_capacity is not None:
+                check_capacity([route.destination(split_address(recipient)[1])])
         except QueueFullError:
             self.rejections["queue_full"] += 1
             raise PolicyRejection(452, "4.3.1", "Insufficient system storage",
@@ -346,6 +348,9 @@ class MultiModeProcessor:
         except BaseException:
             self._cleanup(created)
             raise
+        if all(g.body_path != message.spool_path for g in groups):
+            # every part has its own body: the queue holds no claim on the spool file
+            self._cleanup([message.spool_path])
         self.stats["messages"] += 1
         for group in groups:
             self.stats[f"mode_{group.mode}"] += 1

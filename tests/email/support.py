@@ -38,11 +38,12 @@ class RecordingQueue:
         if self.full:
             return defer.fail(QueueFullError("queue full"))
         for r in requests:
-            target = os.path.join(self.root, r.queue_id)
-            shutil.copyfile(r.body_path, target)
-            with open(target, "rb") as f:
+            with open(r.body_path, "rb") as f:
                 self.bodies[r.queue_id] = f.read()
             self.requests.append(r)
+        for n, path in enumerate(dict.fromkeys(r.body_path for r in requests)):
+            # take the bodies over, as the real queue does (shared ones once)
+            shutil.move(path, os.path.join(self.root, f"{requests[0].queue_id}.body{n}"))
         return defer.succeed([r.queue_id for r in requests])
 
     def body(self, request: DeliveryRequest) -> bytes:

@@ -73,6 +73,7 @@ def test_split_by_rule_into_modes(tmp_path) -> None:  # type: ignore[no-untyped-
     assert b"X-Gateway: dcrouter" in queue.body(proc)
     assert b"X-Gateway" not in queue.body(fwd)
     assert all(r.correlation_id == fwd.correlation_id for r in reqs)
+    assert os.listdir(os.path.join(tmp, "spool")) == []   # all taken over by the queue
     assert processor.get_stats()["messages"] == 1
 
 
@@ -242,6 +243,7 @@ def test_spam_tagged_with_headers_and_prefix(tmp_path) -> None:  # type: ignore[
     assert b"Subject: [SPAM] URGENT ACCOUNT NOTICE" in body
     assert b"X-Gateway: dcrouter" in body
     assert body.endswith(b"Verify your account now.\r\n")
+    assert os.listdir(os.path.join(tmp, "spool")) == []  # the unused spool file was removed
 
 
 @implementer(IContentScanner)
