@@ -139,48 +139,73 @@ return 0
 
 
 class RedisRateLimiter:
-    """Token buckets in Redis, shared by every node using the same ``prefix``."""
+    """Token buckets in Redis, shared by every node using the same ``prefix``.
+
+    Connects on first use (a router without limits never talks to Redis);
+    after a failure it uses its local buckets and tries Redis again after
+    ``retry_interval`` seconds.
+    """
 
     def __init__(self, redis_url: str, prefix: str = "dcrouter",
                  clock: Callable[[], float] = time.time, timeout: float = 2.0,
-                 reactor: Any = None) -> None:
-        import txredisapi
-
+                 reactor: Any = None, retry_interval: float = 5.0) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
         self.reactor = reactor
         self.timeout = timeout
-
         parts = urlsplit(redis_url)
-        dbid = int(parts.path.strip("/") or 0) if parts.path.strip("/").isdigit() else 0
+        path = parts.path.strip("/")
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 6379
+        self.dbid = int(path) if path.isdigit() else 0
+        self.password = parts.password
         self.prefix = prefix
         self.clock = clock
+        self.retry_interval = retry_interval
         self.fallback = LocalRateLimiter()
         self.allowed = 0
         self.refused = 0
         self.errors = 0
-        self.redis = txredisapi.lazyConnection(parts.hostname or "127.0.0.1", parts.port or 6379,
-                                               dbid=dbid, reconnect=True,
-                                               password=parts.password,
-                                               connectTimeout=timeout, replyTimeout=timeout)
+        self.redis: Any = None
+        self._down_since: Optional[float] = None
+
+    @defer.inlineCallbacks
+    def _connection(self) -> Any:
+        if self.redis is None:
+            import txredisapi
+            d = txredisapi.Connection(self.host, self.port, dbid=self.dbid, reconnect=False,
+                                      password=self.password, connectTimeout=self.timeout,
+                                      replyTimeout=self.timeout)
+            d.addTimeout(self.timeout, self.reactor)
+            self.redis = yield d
+        return self.redis
 
     @defer.inlineCallbacks
     def acquire(self, limits: list[Limit]) -> Any:
         """Fires with None (allowed) or the key of the first empty bucket."""
         if not limits:
             return None
+        now = time.monotonic()
+        if self._down_since is not None and now - self._down_since < self.retry_interval:
+            return self.fallback.try_acquire(limits)
         keys = [f"{self.prefix}:ratelimit:{key}" for key, _ in limits]
         args = [repr(self.clock())] + [str(per_minute) for _, per_minute in limits]
         try:
-            d = self.redis.eval(_LUA, keys, args)
+            redis = yield self._connection()
+            d = redis.eval(_LUA, keys, args)
             d.addTimeout(self.timeout, self.reactor)
             result = yield d
         except Exception as e:  # noqa: BLE001 - any Redis trouble falls back to local buckets
             self.errors += 1
+            self._down_since = now
+            connection, self.redis = self.redis, None
+            if connection is not None:
+                connection.disconnect()
             log.warn("rate limits: redis unavailable, using local buckets: {error}",
-                     error=str(e))
+                     error=str(e) or type(e).__name__)
             return self.fallback.try_acquire(limits)
+        self._down_since = None
         index = int(result)
         if index == 0:
             self.allowed += 1
@@ -191,11 +216,14 @@ class RedisRateLimiter:
     def get_stats(self) -> dict:
         """Checks allowed, refused and Redis errors."""
         return {"backend": "redis", "allowed": self.allowed, "refused": self.refused,
-                "errors": self.errors}
+                "errors": self.errors, "connected": self.redis is not None}
 
     def close(self) -> defer.Deferred:
         """Disconnect from Redis."""
-        return defer.maybeDeferred(self.redis.disconnect)
+        connection, self.redis = self.redis, None
+        if connection is None:
+            return defer.succeed(None)
+        return defer.maybeDeferred(connection.disconnect)
 
 
 def make_rate_limiter(email: Any, reactor: Any = None) -> Any:

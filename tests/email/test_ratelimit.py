@@ -127,6 +127,6 @@ def test_redis_down_falls_back_to_local_buckets() -> None:
     try:
         assert (yield limiter.acquire([("k", 1)])) is None
         assert (yield limiter.acquire([("k", 1)])) == "k"   # still limited, locally
-        assert limiter.get_stats()["errors"] == 2
+        assert limiter.get_stats()["errors"] == 1           # Redis retried only after 5 s
     finally:
         yield limiter.close()
