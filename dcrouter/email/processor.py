@@ -194,12 +194,17 @@ class MultiModeProcessor:
             dkim = mta.dkim_options
             domain = (dkim.domain_name if dkim and dkim.domain_name else
                       split_address(mail_from)[1] or mta.domain)
+            selector = (dkim.key_selector if dkim else "") or DEFAULT_SELECTOR
+            try:
+                key_path = (dkim.private_key_path if dkim and dkim.private_key_path
+                            else self.context.dkim_keys.path_for(domain, selector))
+            except ConfigError:  # a sender domain unfit for a file name: send unsigned
+                log.warn("not signing for unusable DKIM domain {domain!r}", domain=domain)
+                domain = ""
             if domain:
                 route.dkim_domain = domain.lower()
-                route.dkim_selector = (dkim.key_selector if dkim else "") or DEFAULT_SELECTOR
-                route.dkim_key_path = (dkim.private_key_path if dkim and dkim.private_key_path
-                                       else self.context.dkim_keys.path_for(
-                                           route.dkim_domain, route.dkim_selector))
+                route.dkim_selector = selector
+                route.dkim_key_path = key_path
         return route
 
     def route_for_address(self, address: str) -> Route:

@@ -111,6 +111,11 @@ def test_route_for_address(tmp_path) -> None:  # type: ignore[no-untyped-def]
     assert processor.route_for_address("a@local.test").kind == "local"
     assert processor.route_for_address("a@mx.test").dkim_domain == "mx.test"
     assert processor.route_for_address("a@other.test").kind == "mx"
+    assert processor.route_for_address("a@mx.test").dkim_key_path.endswith(
+        os.path.join("dkim", "mx.test", "dcrouter.key"))
+    # a sender domain that cannot name a key file is sent unsigned, not refused
+    assert processor._route(processor.domain_router.match_rule("a@mx.test"),
+                            "x@bad/../domain").dkim_domain == ""
 
 
 @pytest_twisted.inlineCallbacks
