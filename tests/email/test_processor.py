@@ -368,3 +368,34 @@ def test_update_options_keeps_old_on_error(tmp_path) -> None:  # type: ignore[no
     with pytest.raises(ConfigError):
         processor.update_options(bad)  # type: ignore[arg-type]
     assert processor.options.domain_rules[0].pattern == "*@proc.test"
+
+
+@pytest_twisted.inlineCallbacks
+def test_process_rule_with_target_forwards(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    tmp = str(tmp_path)
+    rule = dict(PROCESS, target={"server": "127.0.0.1", "port": 2727})
+    processor, queue = make_processor(tmp, {"domain_rules": [rule]})
+    yield transaction(processor, tmp, simple_message(), "a@b.test", ["y@proc.test"])
+    route = queue.requests[0].route
+    assert (route.kind, route.server, route.port) == ("forward", "127.0.0.1", 2727)
+
+
+@pytest_twisted.inlineCallbacks
+def test_large_message_keeps_the_reactor_serving(tmp_path) -> None:  # type: ignore
+    """Parsing, scanning and rewriting a 6 MB message run in threads: the reactor ticks."""
+    from twisted.internet import task
+    tmp = str(tmp_path)
+    processor, queue = make_processor(tmp, {"domain_rules": [PROCESS]})
+    attachment = os.urandom(4 * 1024 * 1024)
+    data = multipart([("Content-Type: application/octet-stream",
+                       "Content-Disposition: attachment; filename=\"data.bin\"", attachment)])
+    ticks = []
+    loop = task.LoopingCall(lambda: ticks.append(1))
+    loop.start(0.005, now=False)
+    try:
+        yield transaction(processor, tmp, data, "a@b.test", ["y@proc.test"])
+    finally:
+        loop.stop()
+    assert len(ticks) >= 2
+    body = queue.body(queue.requests[0])
+    assert b"X-Dcrouter-Scan: spam=clean" in body and len(body) > len(data)

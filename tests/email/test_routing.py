@@ -245,3 +245,68 @@ def test_from_options_and_describe() -> None:
     assert "forward (10.0.0.1:2500)" in lines[4]
     r.update_from_options(parse_config({"email": {}}).email)  # type: ignore[arg-type]
     assert r.get_rules() == [] and r.match_rule("user@x.test") is None
+
+
+# -- property: the index finds exactly what testing every rule finds -------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from dcrouter.email.routing import pattern_rank  # noqa: E402
+
+_LOCALS = st.sampled_from(["*", "a", "b", "a*", "*b", "a?", "?", "ab", "A"])
+_LABELS = st.sampled_from(["*", "x", "y", "x*", "?", "mail", "example", "ex?mple"])
+_TLDS = st.sampled_from(["test", "com", "*", "t?st"])
+
+
+@st.composite
+def patterns(draw: st.DrawFn) -> str:
+    labels = draw(st.lists(_LABELS, min_size=0, max_size=3))
+    return f"{draw(_LOCALS)}@{'.'.join(labels + [draw(_TLDS)])}"
+
+
+@st.composite
+def addresses(draw: st.DrawFn) -> str:
+    local = draw(st.sampled_from(["a", "b", "ab", "A", "abc", "x"]))
+    labels = draw(st.lists(st.sampled_from(["x", "y", "mail", "example", "exomple", "xx"]),
+                           min_size=0, max_size=4))
+    return f"{local}@{'.'.join(labels + [draw(st.sampled_from(['test', 'com', 'tst']))])}"
+
+
+def brute_force(rules: list[str], address: str, first_match: bool) -> list[str]:
+    import fnmatch
+    local, _, domain = address.rpartition("@")
+    found = [(i, p) for i, p in enumerate(rules)
+             if fnmatch.fnmatchcase(address.lower(), p.lower())]
+    if first_match:
+        return [p for _i, p in found]
+    return [p for _i, p in sorted(found, key=lambda ip: pattern_rank(ip[1].lower()) + (ip[0],))]
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(patterns(), min_size=1, max_size=12, unique_by=str.lower),
+       st.lists(addresses(), min_size=1, max_size=8), st.booleans())
+def test_index_matches_brute_force(rules: list[str], addrs: list[str], first: bool) -> None:
+    router = DomainRouter([rule(p) for p in rules],
+                          priority_order="first-match" if first else "most-specific")
+    for address in addrs:
+        expected = brute_force(rules, address, first)
+        assert [r.pattern for r in router.get_all_matching_rules(address)] == expected
+        found = router.match_rule(address)
+        assert (found.pattern if found else None) == (expected[0] if expected else None)
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(patterns(), min_size=2, max_size=10, unique_by=str.lower),
+       st.lists(addresses(), min_size=1, max_size=8), st.data())
+def test_cache_stays_correct_under_rule_changes(rules: list[str], addrs: list[str],
+                                                data: st.DataObject) -> None:
+    router = DomainRouter([rule(p) for p in rules[:-1]])
+    for address in addrs:
+        router.match_rule(address)                     # warm the cache
+    router.add_rule(rule(rules[-1]))
+    victim = data.draw(st.sampled_from(rules))
+    router.remove_rule(victim)
+    fresh = DomainRouter(router.get_rules(), cache_size=0)
+    for address in addrs:
+        assert router.match_rule(address) is fresh.match_rule(address)

@@ -172,3 +172,17 @@ def test_bad_entries(options: TransformationOptions, message: str) -> None:
     with pytest.raises(ConfigError) as info:
         build_transformation(options, "p")
     assert str(info.value).startswith(message)
+
+
+def test_8bit_smtputf8_message_kept_byte_for_byte() -> None:
+    data = ("From: Jörg <jörg@exämple.test>\r\nSubject: Grüße aus Köln\r\n"
+            "Content-Type: text/plain; charset=utf-8\r\nContent-Transfer-Encoding: 8bit\r\n\r\n"
+            "Umlaute: äöü ß\r\n").encode()
+    out = apply(AddHeader(header="X-A", value="b"), data)
+    assert out.replace(b"X-A: b\r\n", b"") == data
+
+
+def test_rewrite_subject_of_8bit_subject_is_encoded_properly() -> None:
+    data = "From: a@b.test\r\nSubject: Grüße\r\n\r\nbody\r\n".encode()
+    msg = parse_bytes(apply(RewriteSubject(prefix="[EXT]"), data))
+    assert msg["Subject"] == "[EXT] Grüße"
