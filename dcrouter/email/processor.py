@@ -79,9 +79,9 @@ class RulePipeline:
         if rule is None or rule.mode != "process":
             return
         if rule.content_scanning:
-            for opts in rule.scanners:
-                self.scanners.append((build_scanner(opts, processor.spamd, processor.clamd),
-                                      opts))
+            for k, opts in enumerate(rule.scanners):
+                self.scanners.append((build_scanner(opts, processor.spamd, processor.clamd,
+                                                    f"{path}.scanners[{k}]"), opts))
             for plugin in processor.context.extensions.scanners:
                 self.scanners.append((plugin, None))
         for j, t in enumerate(rule.transformations):

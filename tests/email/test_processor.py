@@ -399,3 +399,32 @@ def test_large_message_keeps_the_reactor_serving(tmp_path) -> None:  # type: ign
     assert len(ticks) >= 2
     body = queue.body(queue.requests[0])
     assert b"X-Dcrouter-Scan: spam=clean" in body and len(body) > len(data)
+
+
+@pytest_twisted.inlineCallbacks
+def test_scanner_named_by_path(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    tmp = str(tmp_path)
+    rule = {"pattern": "*@proc.test", "mode": "process", "content_scanning": True,
+            "scanners": [{"type": "tests.email.test_processor:KeywordScanner",
+                          "action": "tag", "subject_prefix": "[KW]"}]}
+    processor, queue = make_processor(tmp, {"domain_rules": [rule]})
+    yield transaction(processor, tmp, simple_message(subject="Hi", body="forbidden\r\n"),
+                      "a@b.test", ["y@proc.test"])
+    body = queue.body(queue.requests[0])
+    assert b"Subject: [KW] Hi" in body and b"X-Dcrouter-Scan: keyword=spam" in body
+
+
+@pytest.mark.parametrize("scanner,message", [
+    ({"type": "tests.email.test_processor:Nope"},
+     "email.domain_rules[0].scanners[0].type: 'tests.email.test_processor' has no 'Nope'"),
+    ({"type": "tests.email.test_processor:Stamp"},
+     "email.domain_rules[0].scanners[0].type: 'tests.email.test_processor:Stamp' is not an "
+     "IContentScanner"),
+    ({"type": "spamm"}, "email.domain_rules[0].scanners[0].type: must be one of"),
+])
+def test_bad_scanner_types(tmp_path, scanner: dict, message: str) -> None:  # type: ignore
+    rule = {"pattern": "*@proc.test", "mode": "process", "content_scanning": True,
+            "scanners": [scanner]}
+    with pytest.raises(ConfigError) as info:
+        make_processor(str(tmp_path), {"domain_rules": [rule]})
+    assert str(info.value).startswith(message)

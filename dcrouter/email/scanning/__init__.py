@@ -22,8 +22,21 @@ from dcrouter.email.scanning.virus import VirusScanner  # noqa: E402
 
 
 def build_scanner(options: Any, spamd: Optional[SpamdClient] = None,
-                  clamd: Optional[ClamdClient] = None) -> Any:
-    """The built-in scanner for one ``ScannerOptions`` entry."""
+                  clamd: Optional[ClamdClient] = None, path: str = "scanner") -> Any:
+    """The scanner for one ``ScannerOptions`` entry (built-in, or ``package.module:Class``)."""
+    if ":" in options.type:
+        from dcrouter.errors import ConfigError
+        from dcrouter.interfaces import IContentScanner
+        from dcrouter.email.transform import load_class
+        factory = load_class(options.type, f"{path}.type")
+        try:
+            scanner = factory()
+        except TypeError as e:
+            raise ConfigError(f"{path}.type", f"cannot build '{options.type}': {e}") from None
+        if not IContentScanner.providedBy(scanner) and not callable(getattr(scanner, "scan",
+                                                                            None)):
+            raise ConfigError(f"{path}.type", f"'{options.type}' is not an IContentScanner")
+        return scanner
     if options.type == "spam":
         return SpamScanner(options.threshold, spamd if options.use_spamd else None)
     if options.type == "virus":
