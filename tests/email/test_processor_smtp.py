@@ -202,3 +202,26 @@ def test_recipient_cap_and_queue_full(stack: Any) -> None:
     st.queue.full = True
     r = yield send(st, ["b@local.test"])
     assert r["rcpt"][0] == (452, b"4.3.1 Insufficient system storage")
+
+
+@pytest_twisted.inlineCallbacks
+def test_whole_router_wiring(tmp_path: Any) -> None:
+    """make_router builds DomainRouter + processor + server: mail in, relay policy applied."""
+    from tests.support.configs import default_config_with_free_ports
+    from tests.support.router import options_from, port_of, start_router, stop_router
+
+    data, _ports = default_config_with_free_ports(str(tmp_path))
+    email = dict(data["email"], relay_networks=["192.0.2.0/24"])
+    router = start_router(options_from({"email": email}, str(tmp_path)))
+    try:
+        port = port_of(router, "email")
+        r = yield deferToThread(converse, port, "me@localhost", ["alice@localhost",
+                                                                 "x@elsewhere.test"],
+                                simple_message(), False, "")
+        assert r["rcpt"][0][0] == 250 and r["rcpt"][1][0] == 554
+        assert r["data"][0] == 250
+        processor = router.by_name["email"].processor
+        assert processor.get_stats()["messages"] == 1
+        assert processor.route_for_address("alice@localhost").kind == "local"
+    finally:
+        yield stop_router(router)
