@@ -428,3 +428,17 @@ def test_bad_scanner_types(tmp_path, scanner: dict, message: str) -> None:  # ty
     with pytest.raises(ConfigError) as info:
         make_processor(str(tmp_path), {"domain_rules": [rule]})
     assert str(info.value).startswith(message)
+
+
+@pytest_twisted.inlineCallbacks
+def test_dkim_key_generated_in_thread_listeners_told_in_reactor(tmp_path) -> None:  # type: ignore
+    import threading
+    tmp = str(tmp_path)
+    processor, queue = make_processor(tmp, {"domain_rules": [MX]})
+    told = []
+    processor.context.dkim_keys.add_listener(lambda: told.append(threading.current_thread()))
+    yield transaction(processor, tmp, simple_message(), "a@fresh.test", ["x@mx.test"])
+    from twisted.internet import task
+    yield task.deferLater(reactor, 0.05, lambda: None)
+    assert told == [threading.main_thread()]
+    assert os.path.exists(queue.requests[0].route.dkim_key_path)
