@@ -388,7 +388,8 @@ class MultiModeProcessor:
             return message.spool_path
         path = message.spool_path + ".ar"
         created.append(path)
-        yield threads.deferToThread(_prepend_file, message.spool_path, path, results.header())
+        yield threads.deferToThread(_prepend_file, message.spool_path, path, results.header(),
+                                    self.options.hostname)
         return path
 
     @defer.inlineCallbacks
@@ -508,9 +509,38 @@ def _write_message(path: str, msg: Any, prepend: list[bytes]) -> None:
         f.write(mime.to_bytes(msg))
 
 
-def _prepend_file(source: str, target: str, head: bytes) -> None:
+def _prepend_file(source: str, target: str, head: bytes, authserv_id: str = "") -> None:
+    """Copy ``source`` to ``target`` with ``head`` first.
+
+    ``Authentication-Results`` headers that claim ``authserv_id`` (ours) are
+    dropped from the copy: only dcrouter may speak for itself (RFC 8601 5).
+    """
+    ours = authserv_id.lower().encode()
     with open(source, "rb") as src, open(target, "wb") as dst:
         dst.write(head)
+        field: list[bytes] = []
+
+        def flush() -> None:
+            if field:
+                name, _, value = field[0].partition(b":")
+                claimed = value.split(b";", 1)[0].strip().lower()
+                if not (ours and name.strip().lower() == b"authentication-results"
+                        and claimed == ours):
+                    dst.write(b"".join(field))
+                field.clear()
+
+        for line in src:
+            if line in (b"\r\n", b"\n"):
+                flush()
+                dst.write(line)
+                break
+            if line[:1] in (b" ", b"\t") and field:
+                field.append(line)
+                continue
+            flush()
+            field.append(line)
+        else:
+            flush()
         while True:
             chunk = src.read(1 << 20)
             if not chunk:

@@ -152,12 +152,18 @@ def test_processor_header_and_dmarc_reject(nameserver: str, keys: DkimKeyStore,
         "domain_rules": [{"pattern": "*@strict-in.test", "mode": "mta",
                           "reject_on_dmarc_fail": True},
                          {"pattern": "*@lax-in.test", "mode": "mta"}]})
-    good = signed(keys, "sender.test", simple_message(sender="alice@sender.test"))
+    spoofed = (b"Authentication-Results: MX.dcrouter.test;\r\n\tdmarc=pass header.from=x\r\n"
+               b"Authentication-Results: other.example; spf=pass\r\n")
+    good = signed(keys, "sender.test", spoofed + simple_message(sender="alice@sender.test"))
     yield transaction(processor, tmp, good, "alice@sender.test", ["x@strict-in.test"],
                       session("192.0.2.10", helo="mx.sender.test"))
     body = queue.body(queue.requests[-1])
     assert body.startswith(b"Authentication-Results: mx.dcrouter.test;\r\n\tspf=pass")
     assert b"dmarc=pass" in body
+    # a header claiming to come from us was dropped; another server's stays
+    assert body.count(b"mx.dcrouter.test;") == 1 and b"header.from=x" not in body
+    assert b"Authentication-Results: other.example; spf=pass\r\n" in body
+    assert body.endswith(b"Just a friendly note.\r\n")
     forged = simple_message(sender="alice@sender.test")
     with pytest.raises(PolicyRejection) as info:
         yield transaction(processor, tmp, forged, "alice@sender.test", ["x@strict-in.test"],
