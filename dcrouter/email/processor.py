@@ -472,6 +472,10 @@ class MultiModeProcessor:
         self._dkim_ready.add(key)
         return None
 
+    def close(self) -> defer.Deferred:
+        """Release the rate limiter's Redis connection (call when the gateway stops)."""
+        return defer.maybeDeferred(self.limiter.close)
+
     def get_stats(self) -> dict:
         """Messages, modes, scanner verdicts, refusals by reason, limiter and routing figures."""
         return {"messages": self.stats["messages"],

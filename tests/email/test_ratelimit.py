@@ -130,3 +130,26 @@ def test_redis_down_falls_back_to_local_buckets() -> None:
         assert limiter.get_stats()["errors"] == 1           # Redis retried only after 5 s
     finally:
         yield limiter.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_two_processors_share_limits_through_redis(redis: Peer, tmp_path) -> None:  # type: ignore
+    from dcrouter.errors import PolicyRejection
+    from tests.email.support import make_processor, session
+
+    email = {"queue": {"storage_type": "redis", "redis_url": f"redis://127.0.0.1:{redis.port}/2",
+                       "redis_prefix": "two-nodes"},
+             "rate_limits": {"max_messages_per_minute_per_ip": 3}}
+    node_a, _ = make_processor(str(tmp_path / "a"), email)
+    node_b, _ = make_processor(str(tmp_path / "b"), email)
+    try:
+        yield node_a.check_sender(session("192.0.2.77"), "x@y.test")
+        yield node_b.check_sender(session("192.0.2.77"), "x@y.test")
+        yield node_a.check_sender(session("192.0.2.77"), "x@y.test")
+        with pytest.raises(PolicyRejection) as info:
+            yield node_b.check_sender(session("192.0.2.77"), "x@y.test")
+        assert (info.value.code, info.value.enhanced) == (451, "4.7.1")
+        assert node_b.get_stats()["rate_limits"]["backend"] == "redis"
+    finally:
+        yield node_a.close()
+        yield node_b.close()
