@@ -36,11 +36,13 @@ from typing import Any, Optional
 
 from twisted.internet import defer, threads
 
-from dcrouter.config.email import DomainRuleOptions, EmailOptions, ScannerOptions
+from dcrouter.config.email import (
+    DomainRuleOptions, EmailOptions, ScannerOptions, check_address_pattern,
+)
 from dcrouter.dkimkeys import DEFAULT_SELECTOR
 from dcrouter.email.authcheck import InboundAuthChecker
 from dcrouter.email.ratelimit import make_rate_limiter
-from dcrouter.email.routing import DomainRouter, split_address
+from dcrouter.email.routing import ANY_DOMAIN, DomainRouter, pattern_rank, split_address
 from dcrouter.email.scanning import (
     ClamdClient, ScanContext, ScannerError, ScanResult, SpamdClient, build_scanner, mime,
 )
@@ -258,7 +260,7 @@ class MultiModeProcessor:
     def check_recipient(self, session: SessionInfo, mail_from: str, recipient: str) -> Any:
         """Relay policy, suppression, per-rule recipient cap, queue room, per-rule rate."""
         rule = self.domain_router.match_rule(recipient)
-        if rule is None and not session.may_relay:
+        if not session.may_relay and (rule is None or not _names_a_domain(rule)):
             self.rejections["relay"] += 1
             log.info("relay denied for {recipient} from {client_ip}", recipient=recipient,
                      client_ip=session.client_ip, correlation_id=session.correlation_id)
@@ -273,7 +275,7 @@ class MultiModeProcessor:
         limits = rule.rate_limits if rule is not None else None
         if limits is not None and limits.max_recipients_per_message is not None \
                 and seen >= limits.max_recipients_per_message:
-            self.rejections["too_many_recipients"] += 1
+            self.rejections["recipients"] += 1
             raise PolicyRejection(452, "4.5.3", "Too many recipients", reason="recipients")
         route = self._route(rule, mail_from)
         check_capacity = getattr(self.queue, "check_capacity", None)
@@ -484,6 +486,13 @@ class MultiModeProcessor:
                 "open_transactions": len(self._transactions),
                 "rate_limits": self.limiter.get_stats(),
                 "routing": self.domain_router.get_stats()}
+
+
+def _names_a_domain(rule: DomainRuleOptions) -> bool:
+    """Does the rule's pattern end in a literal domain label (``*@example.com``,
+    ``*@*.example.com``)?  Rules like ``*@*`` or ``info@*`` match every domain;
+    they do not make dcrouter a relay for clients that may not relay."""
+    return pattern_rank(check_address_pattern(rule.pattern, "pattern"))[0] != ANY_DOMAIN
 
 
 def _apply_scan_headers(msg: Any, group: _Group) -> None:

@@ -87,6 +87,15 @@ def test_relay_denied_for_outsiders(tmp_path) -> None:  # type: ignore[no-untype
         yield processor.check_recipient(outsider, "x@remote.test", "b@gmail.test")
     assert rejection(info) == (554, "5.7.1", "relay")
     assert info.value.text == "Relay access denied"
+    # a catch-all rule does not make dcrouter an open relay
+    catch_all, _ = make_processor(str(tmp_path / "c"), {"domain_rules": [
+        LOCAL, {"pattern": "*@*", "mode": "mta"}, {"pattern": "info@*", "mode": "mta"}]})
+    for rcpt in ("b@gmail.test", "info@gmail.test"):
+        with pytest.raises(PolicyRejection) as info:
+            yield catch_all.check_recipient(outsider, "x@remote.test", rcpt)
+        assert rejection(info) == (554, "5.7.1", "relay")
+    yield catch_all.check_recipient(outsider, "x@remote.test", "b@local.test")
+    yield catch_all.check_recipient(session(relay=True), "x@remote.test", "b@gmail.test")
     # authenticated or relay_networks clients may relay
     yield processor.check_recipient(session(user="demo"), "x@a.test", "b@gmail.test")
     yield processor.check_recipient(session(relay=True), "x@a.test", "b@gmail.test")
