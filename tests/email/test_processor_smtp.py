@@ -225,3 +225,40 @@ def test_whole_router_wiring(tmp_path: Any) -> None:
         assert processor.route_for_address("alice@localhost").kind == "local"
     finally:
         yield stop_router(router)
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_transformation_over_smtp_dkim_verifies(stack: Any) -> None:
+    import dkim
+
+    st = stack(domain_rules=[{
+        "pattern": "*@proc.test", "mode": "process",
+        "transformations": [
+            {"type": "remove_header", "header": "X-Internal"},
+            {"type": "add_header", "header": "X-Gateway", "value": "dcrouter"},
+            {"type": "rewrite_subject", "prefix": "[EXT]"},
+            {"type": "add_footer", "text": "Scanned by dcrouter"},
+            {"type": "dkim_sign", "selector": "gw"},
+        ]}])
+    data = simple_message(subject="Quarterly numbers", extra="X-Internal: secret\r\n")
+    r = yield send(st, ["d@proc.test"], data)
+    assert r["data"][0] == 250
+    body = st.queue.body(st.queue.requests[0])
+    assert body.startswith(b"DKIM-Signature: ")
+    assert b"X-Internal" not in body and b"X-Gateway: dcrouter" in body
+    assert b"Subject: [EXT] Quarterly numbers" in body
+    assert b"-- \r\nScanned by dcrouter" in body
+    key = st.server.context.dkim_keys.get("sender.test", "gw")
+    record = key.public_record().encode()
+    assert dkim.verify(body, dnsfunc=lambda name, timeout=5: record)
+
+
+@pytest_twisted.inlineCallbacks
+def test_per_user_limit_over_submission(stack: Any) -> None:
+    st = stack(rate_limits={"max_messages_per_minute_per_user": 1})
+    r = yield send(st, ["x@gmail.test"], port="submission", login=True)
+    assert r["data"][0] == 250
+    r = yield send(st, ["x@gmail.test"], port="submission", login=True)
+    assert r["mail"] == (451, b"4.7.1 Rate limit exceeded, try again later")
+    r = yield send(st, ["b@local.test"])                   # not logged in: not this user's bucket
+    assert r["data"][0] == 250
