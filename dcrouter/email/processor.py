@@ -128,6 +128,8 @@ class MultiModeProcessor:
             collections.OrderedDict()
         self.stats: collections.Counter = collections.Counter()
         self.rejections: collections.Counter = collections.Counter()
+        self.scan_verdicts: dict[str, collections.Counter] = collections.defaultdict(
+            collections.Counter)
         self._dkim_ready: set[tuple[str, str]] = set()
         self._pipelines: dict[int, tuple[DomainRuleOptions, RulePipeline]] = {}
         self.options = options
@@ -415,7 +417,7 @@ class MultiModeProcessor:
                 log.failure("scanner {scanner} failed", scanner=name,
                             correlation_id=session.correlation_id)
                 result = ScanResult(name, "error", error=type(e).__name__)
-            self.stats[f"scan_{name}_{result.verdict}"] += 1
+            self.scan_verdicts[name][result.verdict] += 1
             group.scan_results.append(result)
             if result.verdict == "error":
                 log.warn("scanner {scanner} failed: {error}", scanner=name, error=result.error,
@@ -483,6 +485,7 @@ class MultiModeProcessor:
         return {"messages": self.stats["messages"],
                 "counters": dict(self.stats),
                 "rejections": dict(self.rejections),
+                "scan_verdicts": {name: dict(v) for name, v in self.scan_verdicts.items()},
                 "open_transactions": len(self._transactions),
                 "rate_limits": self.limiter.get_stats(),
                 "routing": self.domain_router.get_stats()}

@@ -257,6 +257,8 @@ def test_spam_tagged_with_headers_and_prefix(tmp_path) -> None:  # type: ignore[
     assert b"Subject: [SPAM] URGENT ACCOUNT NOTICE" in body
     assert b"X-Gateway: dcrouter" in body
     assert body.endswith(b"Verify your account now.\r\n")
+    assert processor.get_stats()["scan_verdicts"] == {
+        "spam": {"spam": 1}, "virus": {"clean": 1}, "attachment": {"clean": 1}}
     assert os.listdir(os.path.join(tmp, "spool")) == []  # the unused spool file was removed
 
 
