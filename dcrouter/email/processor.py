@@ -419,7 +419,7 @@ class MultiModeProcessor:
                 result = ScanResult(name, "error", error=type(e).__name__)
             self.scan_verdicts[name][result.verdict] += 1
             group.scan_results.append(result)
-            if result.verdict == "error":
+            if result.verdict == "error" or result.error:
                 log.warn("scanner {scanner} failed: {error}", scanner=name, error=result.error,
                          fail_mode=self.options.scan_fail_mode,
                          correlation_id=session.correlation_id)
@@ -427,7 +427,8 @@ class MultiModeProcessor:
                     raise PolicyRejection(451, "4.7.0", "Temporary content scanning failure, "
                                           "try again later", reason="scan_error")
                 group.scan_error = True
-                continue
+                if result.verdict == "error":
+                    continue
             if not result.flagged:
                 continue
             action = (opts.action if opts is not None else result.action) or "tag"

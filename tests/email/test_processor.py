@@ -453,3 +453,26 @@ def test_dkim_key_generated_in_thread_listeners_told_in_reactor(tmp_path) -> Non
     yield task.deferLater(reactor, 0.05, lambda: None)
     assert told == [threading.main_thread()]
     assert os.path.exists(queue.requests[0].route.dkim_key_path)
+
+
+@pytest_twisted.inlineCallbacks
+def test_spamd_down_built_in_verdict_still_counts(tmp_path) -> None:  # type: ignore
+    from dcrouter.email.scanning.spam import GTUBE
+    tmp = str(tmp_path)
+    rule = {"pattern": "*@proc.test", "mode": "process", "content_scanning": True,
+            "scanners": [{"type": "spam", "action": "tag", "subject_prefix": "[SPAM]"},
+                         {"type": "virus", "action": "reject"}]}
+    processor, queue = make_processor(tmp, {
+        "domain_rules": [rule], "spamd": {"host": "127.0.0.1", "port": free_port(), "timeout": 2},
+        "clamd": {"host": "127.0.0.1", "port": free_port(), "timeout": 2}})
+    yield transaction(processor, tmp, simple_message(subject="Hi", body=GTUBE), "a@b.test",
+                      ["y@proc.test"])
+    body = queue.body(queue.requests[0])
+    assert b"X-Dcrouter-Scan: error; spam=flagged(1000.0/5.0)+error; virus=clean+error" in body
+    assert b"Subject: [SPAM] Hi" in body
+    # and an EICAR file is still refused by the built-in check while clamd is down
+    data = multipart([("Content-Type: application/octet-stream",
+                       "Content-Disposition: attachment; filename=\"x.bin\"", EICAR)])
+    with pytest.raises(PolicyRejection) as info:
+        yield transaction(processor, tmp, data, "a@b.test", ["y@proc.test"])
+    assert rejection(info) == (550, "5.7.1", "virus")

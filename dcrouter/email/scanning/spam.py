@@ -32,7 +32,7 @@ from twisted.internet import defer, threads
 from zope.interface import implementer
 
 from dcrouter.email.scanning import mime
-from dcrouter.email.scanning.types import ScanContext, ScanResult
+from dcrouter.email.scanning.types import ScanContext, ScannerError, ScanResult
 from dcrouter.interfaces import IContentScanner
 
 GTUBE = "XJS*C4JDBQADN1.NSBN3*2IDNEN*GTUBE-STANDARD-ANTI-UBE-TEST-EMAIL*C.34X"
@@ -171,11 +171,15 @@ class SpamScanner:
     def scan(self, message: Message, context: ScanContext) -> Any:
         """Score the message; fires with a ScanResult (verdict spam or clean)."""
         score, rules = yield threads.deferToThread(score_message, message)
+        error = ""
         if self.spamd is not None:
-            spamd_result = yield self.spamd.check_file(context.spool_path, context.size)
+            try:
+                spamd_result = yield self.spamd.check_file(context.spool_path, context.size)
+            except ScannerError as e:  # the built-in verdict still counts; the error is noted
+                error, spamd_result = str(e), None
             if spamd_result is not None:
                 rules = rules + [f"SPAMD_{r}" for r in spamd_result.symbols]
                 score = max(score, spamd_result.score)
         verdict = "spam" if score >= self.threshold else "clean"
         return ScanResult(self.name, verdict, score=score, threshold=self.threshold,
-                          details=rules)
+                          details=rules, error=error)

@@ -69,9 +69,15 @@ class ScanResult:
         return REASON_TEXT.get(self.verdict, f"{self.verdict} detected")
 
     def summary(self) -> str:
-        """``spam=7.5/5.0`` or ``virus=Eicar-Test-Signature`` or ``attachment=clean``."""
+        """``spam=flagged(7.5/5.0)``, ``virus=virus``, ``attachment=clean``, ``x=error``;
+        ``+error`` marks a verdict reached while one engine failed (spamd or clamd down)."""
         if self.verdict == "error":
             return f"{self.scanner}=error"
+        if self.error:  # a partial verdict: one of the scanner's engines failed
+            return self._verdict_text() + "+error"
+        return self._verdict_text()
+
+    def _verdict_text(self) -> str:
         if self.threshold is not None:
             return f"{self.scanner}={'flagged' if self.flagged else 'clean'}" \
                    f"({self.score:.1f}/{self.threshold:.1f})"

@@ -9,7 +9,7 @@ from twisted.internet import defer, threads
 from zope.interface import implementer
 
 from dcrouter.email.scanning import mime
-from dcrouter.email.scanning.types import ScanContext, ScanResult
+from dcrouter.email.scanning.types import ScanContext, ScannerError, ScanResult
 from dcrouter.interfaces import IContentScanner
 
 #: The EICAR anti-virus test file (68 bytes); split so this source is not itself flagged.
@@ -45,7 +45,10 @@ class VirusScanner:
         if found:
             return ScanResult(self.name, "virus", details=["Eicar-Test-Signature"])
         if self.clamd is not None:
-            signature = yield self.clamd.scan_file(context.spool_path)
+            try:
+                signature = yield self.clamd.scan_file(context.spool_path)
+            except ScannerError as e:  # clean as far as the built-in check sees; error noted
+                return ScanResult(self.name, "clean", error=str(e))
             if signature:
                 return ScanResult(self.name, "virus", details=[signature])
         return ScanResult(self.name, "clean")
