@@ -183,7 +183,9 @@ class ScannerOptions:
     use_clamd: bool = option(True, doc="Ask clamd when [email.clamd] is configured.")
 
     def validate(self, path: str) -> None:
-        """Attachment scanners need extensions."""
+        """Attachment scanners need extensions; a subject prefix is one line."""
+        if "\r" in self.subject_prefix or "\n" in self.subject_prefix:
+            raise ConfigError(f"{path}.subject_prefix", "must be one line")
         if self.type == "attachment" and not self.blocked_extensions:
             raise ConfigError(f"{path}.blocked_extensions",
                               "an attachment scanner needs at least one extension")

@@ -432,6 +432,8 @@ def test_scanner_named_by_path(tmp_path) -> None:  # type: ignore[no-untyped-def
      "email.domain_rules[0].scanners[0].type: 'tests.email.test_processor:Stamp' is not an "
      "IContentScanner"),
     ({"type": "spamm"}, "email.domain_rules[0].scanners[0].type: must be one of"),
+    ({"type": "spam", "subject_prefix": "[SPAM]\r\nBcc: x@y"},
+     "email.domain_rules[0].scanners[0].subject_prefix: must be one line"),
 ])
 def test_bad_scanner_types(tmp_path, scanner: dict, message: str) -> None:  # type: ignore
     rule = {"pattern": "*@proc.test", "mode": "process", "content_scanning": True,
