@@ -119,6 +119,9 @@ class RewriteSubject:
         _reject_extra("rewrite_subject", extra)
         if not prefix and not suffix:
             raise ConfigError("prefix", "rewrite_subject needs a prefix or a suffix")
+        for name, value in (("prefix", prefix), ("suffix", suffix)):
+            if "\r" in value or "\n" in value:
+                raise ConfigError(name, "must be one line")
         self.prefix = prefix
         self.suffix = suffix
 

@@ -163,6 +163,7 @@ def test_build_by_registry_and_by_path() -> None:
     (opts("add_header", header="X", value="v", colour="red"),
      "p.colour: unknown parameter for add_header"),
     (opts("rewrite_subject"), "p.prefix: rewrite_subject needs a prefix or a suffix"),
+    (opts("rewrite_subject", suffix="x\nBcc: y"), "p.suffix: must be one line"),
     (opts("add_footer"), "p.text: add_footer needs 'text'"),
     (opts("tests.email.test_transform:Nothing"), "p.type: 'tests.email.test_transform' has no"),
     (opts("no_such_pkg.mod:Thing"), "p.type: cannot import 'no_such_pkg.mod'"),
