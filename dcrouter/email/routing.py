@@ -30,7 +30,9 @@ Lookups do not scan every rule: rules with a literal domain sit in a dict
 keyed by that domain; rules whose domain ends in literal labels
 (``*.example.com``) sit in a dict keyed by that suffix, and a lookup probes
 each suffix of the address's domain (one probe per label); only rules with
-no literal domain suffix at all (``*@*``) are checked on every lookup.
+no literal domain suffix sit in a dict keyed by their local part when it is
+literal (``info@*``); only the rest (``*@*``, ``a*@*``) are checked on every
+lookup.
 Results are kept in a bounded LRU cache; a rule change drops exactly the
 cached addresses the old or new pattern matches.
 """
@@ -124,7 +126,12 @@ class CompiledRule:
             self.index_key = ("domain", self.domain)
         else:
             suffix = literal_suffix(self.domain)
-            self.index_key = ("suffix", suffix) if suffix else ("any", "")
+            if suffix:
+                self.index_key = ("suffix", suffix)
+            elif self.local_re is None:
+                self.index_key = ("local", self.local)
+            else:
+                self.index_key = ("any", "")
 
     def matches(self, local: str, domain: str) -> bool:
         """Does a normalised address match?"""
@@ -216,6 +223,7 @@ class DomainRouter:
         self._compiled = compiled
         self._by_domain: dict[str, list[CompiledRule]] = {}
         self._by_suffix: dict[str, list[CompiledRule]] = {}
+        self._by_local: dict[str, list[CompiledRule]] = {}
         self._any: list[CompiledRule] = []
         for c in compiled:
             kind, key = c.index_key
@@ -223,6 +231,8 @@ class DomainRouter:
                 self._by_domain.setdefault(key, []).append(c)
             elif kind == "suffix":
                 self._by_suffix.setdefault(key, []).append(c)
+            elif kind == "local":
+                self._by_local.setdefault(key, []).append(c)
             else:
                 self._any.append(c)
         self._by_pattern = {c.pattern: c for c in compiled}
@@ -234,8 +244,10 @@ class DomainRouter:
         local, domain = split_address(address)
         return (local if self.case_sensitive else local.lower()), domain
 
-    def _candidates(self, domain: str) -> Iterable[CompiledRule]:
+    def _candidates(self, local: str, domain: str) -> Iterable[CompiledRule]:
         yield from self._by_domain.get(domain, ())
+        if self._by_local:
+            yield from self._by_local.get(local, ())
         if self._by_suffix:
             labels = domain.split(".")
             for i in range(len(labels)):
@@ -248,7 +260,7 @@ class DomainRouter:
         local, domain = key
         if not domain:
             return []
-        return [c for c in self._candidates(domain) if c.matches(local, domain)]
+        return [c for c in self._candidates(local, domain) if c.matches(local, domain)]
 
     def _best(self, key: tuple[str, str]) -> Optional[CompiledRule]:
         found = self._matching(key)

@@ -273,24 +273,29 @@ def addresses(draw: st.DrawFn) -> str:
     return f"{local}@{'.'.join(labels + [draw(st.sampled_from(['test', 'com', 'tst']))])}"
 
 
-def brute_force(rules: list[str], address: str, first_match: bool) -> list[str]:
+def brute_force(rules: list[str], address: str, first_match: bool,
+                case_sensitive: bool = False) -> list[str]:
     import fnmatch
-    local, _, domain = address.rpartition("@")
-    found = [(i, p) for i, p in enumerate(rules)
-             if fnmatch.fnmatchcase(address.lower(), p.lower())]
+
+    def norm(text: str) -> str:
+        local, _, domain = text.rpartition("@")
+        return f"{local if case_sensitive else local.lower()}@{domain.lower()}"
+
+    found = [(i, p) for i, p in enumerate(rules) if fnmatch.fnmatchcase(norm(address), norm(p))]
     if first_match:
         return [p for _i, p in found]
-    return [p for _i, p in sorted(found, key=lambda ip: pattern_rank(ip[1].lower()) + (ip[0],))]
+    return [p for _i, p in sorted(found, key=lambda ip: pattern_rank(norm(ip[1])) + (ip[0],))]
 
 
 @settings(max_examples=300, deadline=None)
 @given(st.lists(patterns(), min_size=1, max_size=12, unique_by=str.lower),
-       st.lists(addresses(), min_size=1, max_size=8), st.booleans())
-def test_index_matches_brute_force(rules: list[str], addrs: list[str], first: bool) -> None:
-    router = DomainRouter([rule(p) for p in rules],
+       st.lists(addresses(), min_size=1, max_size=8), st.booleans(), st.booleans())
+def test_index_matches_brute_force(rules: list[str], addrs: list[str], first: bool,
+                                   case_sensitive: bool) -> None:
+    router = DomainRouter([rule(p) for p in rules], case_sensitive=case_sensitive,
                           priority_order="first-match" if first else "most-specific")
     for address in addrs:
-        expected = brute_force(rules, address, first)
+        expected = brute_force(rules, address, first, case_sensitive)
         assert [r.pattern for r in router.get_all_matching_rules(address)] == expected
         found = router.match_rule(address)
         assert (found.pattern if found else None) == (expected[0] if expected else None)
