@@ -478,3 +478,24 @@ def test_spamd_down_built_in_verdict_still_counts(tmp_path) -> None:  # type: ig
     with pytest.raises(PolicyRejection) as info:
         yield transaction(processor, tmp, data, "a@b.test", ["y@proc.test"])
     assert rejection(info) == (550, "5.7.1", "virus")
+
+
+@pytest_twisted.inlineCallbacks
+def test_reconfigure_and_runtime_rules(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from tests.support.router import options_from
+    tmp = str(tmp_path)
+    processor, queue = make_processor(tmp, {"domain_rules": [LOCAL]})
+    new_rule = {"pattern": "*@new.test", "mode": "process",
+                "transformations": [{"type": "add_header", "header": "X-New", "value": "1"}]}
+    email = options_from({"email": {"domain_rules": [LOCAL, new_rule]}}, tmp).email
+    assert email is not None
+    processor.domain_router.update_from_options(email)   # as EmailGateway.reconfigure does
+    processor.update_options(email)
+    yield transaction(processor, tmp, simple_message(), "a@b.test", ["x@new.test"])
+    assert b"X-New: 1" in queue.body(queue.requests[-1])
+    # a rule added to the router directly (DomainRouter API) gets its pipeline on first use
+    processor.domain_router.add_rule({"pattern": "*@api.test", "mode": "process",
+                                      "transformations": [{"type": "rewrite_subject",
+                                                           "prefix": "[API]"}]})
+    yield transaction(processor, tmp, simple_message(), "a@b.test", ["x@api.test"])
+    assert b"Subject: [API] Hello" in queue.body(queue.requests[-1])
