@@ -24,6 +24,7 @@ owning process dies, so another process may adopt the directory afterwards.
 
 from __future__ import annotations
 
+import concurrent.futures
 import errno
 import fcntl
 import os
@@ -67,8 +68,10 @@ class GroupCommitter:
     touched.
     """
 
-    def __init__(self, tmp_dir: str) -> None:
+    def __init__(self, tmp_dir: str, sync_threads: int = 16) -> None:
         self.tmp_dir = tmp_dir
+        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=sync_threads,
+                                                           thread_name_prefix="queue-fsync")
         self._pending: list[tuple[tuple[tuple[Any, ...], ...], defer.Deferred]] = []
         self._running = False
         self._counter = 0
@@ -108,6 +111,10 @@ class GroupCommitter:
             done(failure.value)
         d.addCallbacks(done, failed)
 
+    def shutdown(self) -> None:
+        """Stop the fsync threads (pending batches finish first)."""
+        self._pool.shutdown(wait=False)
+
     def _tmp(self) -> str:
         self._counter += 1
         return os.path.join(self.tmp_dir, f"{os.getpid()}.{threading.get_ident()}.{self._counter}")
@@ -118,13 +125,19 @@ class GroupCommitter:
             phases[{"body": 0, "write": 1, "unlink": 1, "unlink_body": 2}[op[0]]].append(op)
         for phase in (0, 1, 2):
             dirs: set[str] = set()
+            to_sync: list[str] = []
+            renames: list[tuple[str, str]] = []
             for op in phases[phase]:
                 kind = op[0]
                 if kind == "body":
-                    self._move_body(op[1], op[2])
+                    if self._move_body(op[1], op[2]):
+                        to_sync.append(op[2])
                     dirs.add(os.path.dirname(op[2]))
                 elif kind == "write":
-                    self._write(op[1], op[2])
+                    tmp = self._tmp()
+                    self._write(tmp, op[2])
+                    to_sync.append(tmp)
+                    renames.append((tmp, op[1]))
                     dirs.add(os.path.dirname(op[1]))
                 else:
                     try:
@@ -132,24 +145,34 @@ class GroupCommitter:
                     except FileNotFoundError:
                         pass
                     dirs.add(os.path.dirname(op[1]))
-            for path in dirs:
-                fsync_dir(path)
+            # fsyncs of one phase run in parallel: the file system commits them together
+            self._parallel(fsync_file, to_sync)
+            for tmp, final in renames:
+                os.rename(tmp, final)
+            self._parallel(fsync_dir, sorted(dirs))
 
-    def _write(self, path: str, data: bytes) -> None:
-        tmp = self._tmp()
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    def _parallel(self, func: Any, paths: list[str]) -> None:
+        if len(paths) <= 1:
+            for path in paths:
+                func(path)
+            return
+        for _ in self._pool.map(func, paths):
+            pass
+
+    @staticmethod
+    def _write(path: str, data: bytes) -> None:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             view = memoryview(data)
             while view:
                 view = view[os.write(fd, view):]
-            os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, path)
 
-    def _move_body(self, src: str, dest: str) -> None:
+    def _move_body(self, src: str, dest: str) -> bool:
+        """Move a body in; True when it needs an fsync."""
         if os.path.exists(dest):
-            return
+            return False
         try:
             os.rename(src, dest)
         except OSError as e:
@@ -158,20 +181,21 @@ class GroupCommitter:
             tmp = self._tmp()
             shutil.copyfile(src, tmp)
             os.chmod(tmp, 0o600)
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
+            fsync_file(tmp)
             os.rename(tmp, dest)
             os.unlink(src)
-            return
+            return False
         os.chmod(dest, 0o600)
-        fd = os.open(dest, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        return True
+
+
+def fsync_file(path: str) -> None:
+    """fsync a file's data and metadata."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class DirectoryLock:
@@ -341,6 +365,7 @@ class DiskStore(LocalStore):
     def close(self) -> defer.Deferred:
         """Release the directory lock."""
         self.lock.release()
+        self.committer.shutdown()
         return defer.succeed(None)
 
     def stats(self, top: int = 10) -> dict[str, Any]:

@@ -8,6 +8,7 @@ disk and Redis stores and to a plain dict for the management API.
 from __future__ import annotations
 
 import json
+import sys
 import time
 from typing import Any, Optional
 
@@ -136,15 +137,16 @@ class QueueItem:
         status = d["status"]
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
-        return cls(id=str(d["id"]), mode=str(d["mode"]), rule_pattern=str(d["rule"]),
-                   mail_from=str(d["from"]),
+        return cls(id=str(d["id"]), mode=sys.intern(str(d["mode"])),
+                   rule_pattern=sys.intern(str(d["rule"])), mail_from=str(d["from"]),
                    recipients=[RecipientState.from_list(r) for r in d["rcpt"]],
-                   route=Route.from_dict(d["route"]), body_ref=str(d["body"]),
+                   route=shared_route(d["route"]), body_ref=str(d["body"]),
                    correlation_id=str(d["cid"]), size=int(d["size"]),
                    is_bounce=bool(d["bounce"]), status=status, attempts=int(d["attempts"]),
                    next_attempt=float(d["next"]), last_error=str(d["err"]),
                    created_at=float(d["created"]), updated_at=float(d["updated"]),
-                   delivered_at=float(d["delivered"]), destination=str(d["dest"]))
+                   delivered_at=float(d["delivered"]),
+                   destination=sys.intern(str(d["dest"])))
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the management API."""
@@ -168,3 +170,17 @@ def compute_destination(route: Route, recipients: list[RecipientState]) -> str:
     if recipients:
         domain = recipients[0].address.rpartition("@")[2]
     return route.destination(domain)
+
+
+_ROUTES: dict[tuple[tuple[str, Any], ...], Route] = {}
+
+
+def shared_route(data: dict[str, Any]) -> Route:
+    """One Route object per distinct route (many items share few routes: saves memory)."""
+    key = tuple(sorted(data.items()))
+    route = _ROUTES.get(key)
+    if route is None:
+        if len(_ROUTES) > 10000:
+            _ROUTES.clear()
+        route = _ROUTES[key] = Route.from_dict(data)
+    return route
