@@ -2,24 +2,30 @@
 
 Layout under the queue directory (0700, files 0600)::
 
-    lock                  fcntl lock: one process owns the directory
-    items/<c>/<id>.json   one item's metadata (c: last character of the id)
-    bodies/<c>/<ref>.eml  message bodies, shared by the items of one message
-    tmp/                  files being written
-    corrupt/              unreadable items found at start
+    lock                    fcntl lock: one process owns the directory
+    journal/<n>.log         append-only item records (segments, oldest first)
+    bodies/<c>/<ref>.eml    message bodies, shared by the items of one message
+    tmp/                    files being written
+    corrupt/                damaged records found at start
 
-Every change goes through a :class:`GroupCommitter`: callers queue file
-operations and get a Deferred; one worker thread runs every queued operation
-as a batch (write temp file, fsync, rename; then fsync each touched
-directory once) and fires all of the batch's Deferreds together, so
-concurrent SMTP sessions share fsyncs and the reactor never blocks.  Bodies
-are made durable before the items that name them.
+Item metadata lives in a journal: each change appends one record
+``<crc32> P <id> <item json>`` (item added or changed) or ``<crc32> D <id>``
+(item gone).  Every change goes through a :class:`GroupCommitter`: callers
+queue operations and get a Deferred; one worker thread runs all queued
+operations as a batch - bodies renamed in and fsynced (in parallel), their
+directories fsynced, then every journal record of the batch appended with
+one write and one fsync, then unused bodies removed - and fires the batch's
+Deferreds together.  So concurrent SMTP sessions share fsyncs, the reactor
+never blocks, and a body is durable before the record that names it.
 
-On start the index is rebuilt from ``items/`` in a thread: items that were
-``processing`` at a crash become ``pending`` again (the lease is only kept in
-memory), unreadable or bodiless items move to ``corrupt/`` with a log event,
-orphaned bodies are removed.  The lock is released by the kernel when the
-owning process dies, so another process may adopt the directory afterwards.
+On start the journal is replayed in a thread (sequential reads: fast even
+for a million items): items that were ``processing`` at a crash become
+``pending`` again (leases are only kept in memory); a record with a bad
+checksum or a torn tail is copied to ``corrupt/`` with a log event and
+skipped, never failing the start.  When the journal holds many more records
+than live items, the committer rewrites it as one compact segment.  The lock
+is released by the kernel when the owning process dies, so another process
+may adopt the directory afterwards.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ import fcntl
 import os
 import shutil
 import threading
+import zlib
 from typing import Any, Optional
 
 from twisted.internet import defer, threads
@@ -60,15 +67,176 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-class GroupCommitter:
-    """Runs queued file operations in batches in one thread; shares the fsyncs.
+def fsync_file(path: str) -> None:
+    """fsync a file's data and metadata."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
-    Operations (tuples) of one batch run in phases: bodies in, items written
-    or removed, bodies removed; each phase ends by fsyncing the directories it
-    touched.
+
+def encode_put(item_id: str, data: bytes) -> bytes:
+    """A journal record: item ``item_id`` is now ``data`` (item JSON)."""
+    payload = b"P " + item_id.encode("ascii") + b" " + data
+    return b"%08x " % zlib.crc32(payload) + payload + b"\n"
+
+
+def encode_delete(item_id: str) -> bytes:
+    """A journal record: item ``item_id`` is gone."""
+    payload = b"D " + item_id.encode("ascii")
+    return b"%08x " % zlib.crc32(payload) + payload + b"\n"
+
+
+class Journal:
+    """Append-only segments of item records with replay and compaction.
+
+    Used from the committer thread only (and from the opening thread before that).
     """
 
-    def __init__(self, tmp_dir: str, sync_threads: int = 16) -> None:
+    def __init__(self, directory: str, corrupt_dir: str) -> None:
+        self.directory = directory
+        self.corrupt_dir = corrupt_dir
+        self._fd: Optional[int] = None
+        self.segment = 0
+        self.records = 0
+
+    def _segments(self) -> list[int]:
+        out = []
+        for name in os.listdir(self.directory):
+            if name.endswith(".log") and name[:-4].isdigit():
+                out.append(int(name[:-4]))
+        return sorted(out)
+
+    def _path(self, number: int) -> str:
+        return os.path.join(self.directory, f"{number:010d}.log")
+
+    def replay(self) -> tuple[dict[str, bytes], list[tuple[str, str]]]:
+        """Live records (id -> item JSON) and the damaged ones (saved path, reason)."""
+        live: dict[str, bytes] = {}
+        bad: list[tuple[str, str]] = []
+        segments = self._segments()
+        records = 0
+        for index, number in enumerate(segments):
+            path = self._path(number)
+            with open(path, "rb") as f:
+                data = f.read()
+            lines = data.split(b"\n")
+            tail = lines.pop()  # b"" when the segment ends with a newline
+            offset = 0
+            for line in lines:
+                records += 1
+                if not self._apply(line, live):
+                    bad.append((self._save_bad(number, offset, line), "bad checksum or format"))
+                offset += len(line) + 1
+            if tail:
+                saved = self._save_bad(number, offset, tail)
+                if index == len(segments) - 1:
+                    # a torn write at the end: never acknowledged; cut it off
+                    with open(path, "r+b") as f:
+                        f.truncate(offset)
+                        os.fsync(f.fileno())
+                    bad.append((saved, "torn record at the end of the journal"))
+                else:
+                    bad.append((saved, "record without end in an old segment"))
+        self.segment = segments[-1] if segments else 0
+        self.records = records
+        return live, bad
+
+    @staticmethod
+    def _apply(line: bytes, live: dict[str, bytes]) -> bool:
+        if len(line) < 12 or line[8:9] != b" ":
+            return False
+        payload = line[9:]
+        try:
+            if int(line[:8], 16) != zlib.crc32(payload):
+                return False
+        except ValueError:
+            return False
+        op = payload[:2]
+        if op == b"P ":
+            end = payload.find(b" ", 2)
+            if end < 0:
+                return False
+            live[payload[2:end].decode("ascii")] = payload[end + 1:]
+            return True
+        if op == b"D ":
+            live.pop(payload[2:].decode("ascii"), None)
+            return True
+        return False
+
+    def _save_bad(self, number: int, offset: int, data: bytes) -> str:
+        path = os.path.join(self.corrupt_dir, f"journal-{number:010d}-{offset}.bad")
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        return path
+
+    def open_for_append(self) -> None:
+        """Append to a fresh segment after the existing ones."""
+        self.segment += 1
+        self._fd = os.open(self._path(self.segment), os.O_WRONLY | os.O_CREAT | os.O_APPEND,
+                           0o600)
+        fsync_dir(self.directory)
+
+    def append(self, records: list[bytes]) -> None:
+        """Write records with one write and one fsync."""
+        assert self._fd is not None
+        data = memoryview(b"".join(records))
+        while data:
+            data = data[os.write(self._fd, data):]
+        os.fsync(self._fd)
+        self.records += len(records)
+
+    def compact(self) -> int:
+        """Rewrite every segment as one holding only live items; returns their count."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        old = self._segments()
+        live, _ = self.replay()
+        number = (old[-1] if old else 0) + 1
+        tmp = os.path.join(self.directory, "compact.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            chunk: list[bytes] = []
+            for item_id, data in live.items():
+                chunk.append(encode_put(item_id, data))
+                if len(chunk) >= 10000:
+                    os.write(fd, b"".join(chunk))
+                    chunk = []
+            os.write(fd, b"".join(chunk))
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, self._path(number))
+        fsync_dir(self.directory)
+        for n in old:
+            os.unlink(self._path(n))
+        fsync_dir(self.directory)
+        self.segment = number
+        self.records = len(live)
+        self.open_for_append()
+        return len(live)
+
+    def close(self) -> None:
+        """Close the append segment."""
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+class GroupCommitter:
+    """Runs queued operations in batches in one thread; shares the fsyncs.
+
+    Operations: ``("body", src, dest)``, ``("put", id, json)``, ``("del", id)``,
+    ``("unlink_body", path)``.
+    """
+
+    def __init__(self, journal: Journal, tmp_dir: str, sync_threads: int = 16) -> None:
+        self.journal = journal
         self.tmp_dir = tmp_dir
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=sync_threads,
                                                            thread_name_prefix="queue-fsync")
@@ -77,6 +245,9 @@ class GroupCommitter:
         self._counter = 0
         self.batches = 0
         self.operations = 0
+        self.compactions = 0
+        self.live_hint = 0
+        self._idle_waiters: list[defer.Deferred] = []
 
     def submit(self, *ops: tuple[Any, ...]) -> defer.Deferred:
         """Queue operations; fires when all of them are durable (they share one batch)."""
@@ -94,7 +265,7 @@ class GroupCommitter:
         batch, self._pending = self._pending, []
         self._running = True
         flat = [op for ops, _ in batch for op in ops]
-        d = threads.deferToThread(self._run, flat)
+        d = threads.deferToThread(self._run, flat, self.live_hint)
 
         def done(result: Any) -> None:
             self._running = False
@@ -106,50 +277,66 @@ class GroupCommitter:
                 else:
                     waiter.callback(None)
             self._kick()
+            if not self._running:
+                waiters, self._idle_waiters = self._idle_waiters, []
+                for w in waiters:
+                    w.callback(None)
 
         def failed(failure: Any) -> None:
+            log.failure("queue commit failed", failure)
             done(failure.value)
         d.addCallbacks(done, failed)
 
+    def idle(self) -> defer.Deferred:
+        """Fires when no batch is running or waiting."""
+        if not self._running and not self._pending:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._idle_waiters.append(d)
+        return d
+
     def shutdown(self) -> None:
-        """Stop the fsync threads (pending batches finish first)."""
+        """Stop the fsync threads."""
         self._pool.shutdown(wait=False)
 
     def _tmp(self) -> str:
         self._counter += 1
         return os.path.join(self.tmp_dir, f"{os.getpid()}.{threading.get_ident()}.{self._counter}")
 
-    def _run(self, ops: list[tuple[Any, ...]]) -> None:
-        phases: dict[int, list[tuple[Any, ...]]] = {0: [], 1: [], 2: []}
+    def _run(self, ops: list[tuple[Any, ...]], live_hint: int) -> None:
+        body_files: list[str] = []
+        body_dirs: set[str] = set()
+        records: list[bytes] = []
+        unlinks: list[str] = []
         for op in ops:
-            phases[{"body": 0, "write": 1, "unlink": 1, "unlink_body": 2}[op[0]]].append(op)
-        for phase in (0, 1, 2):
-            dirs: set[str] = set()
-            to_sync: list[str] = []
-            renames: list[tuple[str, str]] = []
-            for op in phases[phase]:
-                kind = op[0]
-                if kind == "body":
-                    if self._move_body(op[1], op[2]):
-                        to_sync.append(op[2])
-                    dirs.add(os.path.dirname(op[2]))
-                elif kind == "write":
-                    tmp = self._tmp()
-                    self._write(tmp, op[2])
-                    to_sync.append(tmp)
-                    renames.append((tmp, op[1]))
-                    dirs.add(os.path.dirname(op[1]))
-                else:
-                    try:
-                        os.unlink(op[1])
-                    except FileNotFoundError:
-                        pass
-                    dirs.add(os.path.dirname(op[1]))
-            # fsyncs of one phase run in parallel: the file system commits them together
-            self._parallel(fsync_file, to_sync)
-            for tmp, final in renames:
-                os.rename(tmp, final)
-            self._parallel(fsync_dir, sorted(dirs))
+            kind = op[0]
+            if kind == "body":
+                if self._move_body(op[1], op[2]):
+                    body_files.append(op[2])
+                body_dirs.add(os.path.dirname(op[2]))
+            elif kind == "put":
+                records.append(encode_put(op[1], op[2]))
+            elif kind == "del":
+                records.append(encode_delete(op[1]))
+            else:
+                unlinks.append(op[1])
+        # bodies first, fsynced in parallel (the file system commits them together)
+        self._parallel(fsync_file, body_files)
+        self._parallel(fsync_dir, sorted(body_dirs))
+        if records:
+            self.journal.append(records)
+        dirs = set()
+        for path in unlinks:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            dirs.add(os.path.dirname(path))
+        self._parallel(fsync_dir, sorted(dirs))
+        if self.journal.records > 2 * live_hint + 100000:
+            live = self.journal.compact()
+            self.compactions += 1
+            log.info("queue journal compacted to {count} records", count=live)
 
     def _parallel(self, func: Any, paths: list[str]) -> None:
         if len(paths) <= 1:
@@ -159,18 +346,8 @@ class GroupCommitter:
         for _ in self._pool.map(func, paths):
             pass
 
-    @staticmethod
-    def _write(path: str, data: bytes) -> None:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view):]
-        finally:
-            os.close(fd)
-
     def _move_body(self, src: str, dest: str) -> bool:
-        """Move a body in; True when it needs an fsync."""
+        """Move a body in; True when it still needs an fsync."""
         if os.path.exists(dest):
             return False
         try:
@@ -187,15 +364,6 @@ class GroupCommitter:
             return False
         os.chmod(dest, 0o600)
         return True
-
-
-def fsync_file(path: str) -> None:
-    """fsync a file's data and metadata."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class DirectoryLock:
@@ -231,25 +399,22 @@ class DirectoryLock:
 
 @implementer(IQueueStore)
 class DiskStore(LocalStore):
-    """Items and bodies as files, made durable with group-committed fsyncs."""
+    """Item journal and body files, made durable with group-committed fsyncs."""
 
     durable = True
 
     def __init__(self, root: str) -> None:
         super().__init__()
         self.root = os.path.abspath(root)
-        self.items_dir = os.path.join(self.root, "items")
+        self.journal_dir = os.path.join(self.root, "journal")
         self.bodies_dir = os.path.join(self.root, "bodies")
         self.tmp_dir = os.path.join(self.root, "tmp")
         self.corrupt_dir = os.path.join(self.root, "corrupt")
         self.lock = DirectoryLock(os.path.join(self.root, "lock"))
-        self.committer = GroupCommitter(self.tmp_dir)
+        self.journal = Journal(self.journal_dir, self.corrupt_dir)
+        self.committer = GroupCommitter(self.journal, self.tmp_dir)
         self.recovered = 0
         self.corrupt = 0
-
-    def item_path(self, item_id: str) -> str:
-        """Where an item's metadata lives."""
-        return os.path.join(self.items_dir, _shard(item_id), item_id + ".json")
 
     def body_file(self, body_ref: str) -> str:
         """Where a body lives."""
@@ -261,7 +426,7 @@ class DiskStore(LocalStore):
 
     # -- start ------------------------------------------------------------------
     def open(self) -> defer.Deferred:
-        """Lock the directory (now), then rebuild the index in a thread."""
+        """Lock the directory (now), then replay the journal in a thread."""
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.lock.acquire()
@@ -270,87 +435,75 @@ class DiskStore(LocalStore):
         return d
 
     def _scan(self) -> tuple[list[QueueItem], list[tuple[str, str]]]:
-        for sub in (self.items_dir, self.bodies_dir, self.tmp_dir, self.corrupt_dir):
+        for sub in (self.journal_dir, self.bodies_dir, self.tmp_dir, self.corrupt_dir):
             os.makedirs(sub, mode=0o700, exist_ok=True)
         for c in _SHARDS:
-            os.makedirs(os.path.join(self.items_dir, c), mode=0o700, exist_ok=True)
             os.makedirs(os.path.join(self.bodies_dir, c), mode=0o700, exist_ok=True)
         for name in os.listdir(self.tmp_dir):
             os.unlink(os.path.join(self.tmp_dir, name))
-        bodies: set[str] = set()
-        for c in os.listdir(self.bodies_dir):
-            for name in os.listdir(os.path.join(self.bodies_dir, c)):
-                bodies.add(name[:-4])
+        live, bad = self.journal.replay()
         found: list[QueueItem] = []
-        bad: list[tuple[str, str]] = []
-        for c in os.listdir(self.items_dir):
-            folder = os.path.join(self.items_dir, c)
-            for name in os.listdir(folder):
-                path = os.path.join(folder, name)
-                try:
-                    with open(path, "rb") as f:
-                        item = QueueItem.from_json(f.read())
-                    if item.body_ref not in bodies:
-                        raise ValueError(f"body {item.body_ref} is missing")
-                except (ValueError, KeyError, TypeError, IndexError, OSError) as e:
-                    target = os.path.join(self.corrupt_dir, name)
-                    os.replace(path, target)
-                    bad.append((target, str(e)[:200]))
-                    continue
-                if item.status == PROCESSING:
-                    item.status = PENDING
-                found.append(item)
-        used = {item.body_ref for item in found}
-        for ref in bodies - used:
+        from_json = QueueItem.from_json
+        for item_id, data in live.items():
             try:
-                os.unlink(self.body_file(ref))
-            except OSError:
-                pass
-        fsync_dir(self.corrupt_dir)
+                item = from_json(data)
+            except (ValueError, KeyError, TypeError, IndexError) as e:
+                path = self.journal._save_bad(0, len(found), data)
+                bad.append((path, f"item {item_id}: {str(e)[:200]}"))
+                continue
+            if item.status == PROCESSING:
+                item.status = PENDING
+            found.append(item)
+        self.journal.open_for_append()
+        if bad:
+            fsync_dir(self.corrupt_dir)
         return found, bad
 
     def _loaded(self, result: tuple[list[QueueItem], list[tuple[str, str]]]) -> list[QueueItem]:
         found, bad = result
         for path, reason in bad:
-            log.error("corrupt queue file moved to {path}: {reason}", path=path, reason=reason,
+            log.error("damaged queue record saved to {path}: {reason}", path=path, reason=reason,
                       event="queue.corrupt")
         for item in found:
             self._index_add(item)
         self.recovered = len(found)
         self.corrupt = len(bad)
-        log.info("disk queue {root} opened: {count} items recovered, {corrupt} corrupt",
+        self.committer.live_hint = len(self.items)
+        log.info("disk queue {root} opened: {count} items recovered, {corrupt} damaged records",
                  root=self.root, count=len(found), corrupt=len(bad))
         return found
 
     # -- changes ----------------------------------------------------------------
     def add(self, items: list[QueueItem], body_path: str) -> defer.Deferred:
-        """Move the body in, write the items; fires when all are durable."""
+        """Move the body in, journal the items; fires when all are durable."""
         if not items:
             return defer.succeed(None)
         ops: list[tuple[Any, ...]] = []
         if items[0].body_ref not in self.body_refs:
             ops.append(("body", body_path, self.body_file(items[0].body_ref)))
         for item in items:
-            ops.append(("write", self.item_path(item.id), item.to_json()))
+            ops.append(("put", item.id, item.to_json()))
         d = self.committer.submit(*ops)
 
         def index(_: Any) -> None:
             for item in items:
                 self._index_add(item)
+            self.committer.live_hint = len(self.items)
         return d.addCallback(index)
 
     def _persist(self, item: QueueItem) -> defer.Deferred:
         if item.status == PROCESSING:
             return defer.succeed(True)
-        return self.committer.submit(("write", self.item_path(item.id), item.to_json()))
+        return self.committer.submit(("put", item.id, item.to_json()))
 
     def remove(self, item: QueueItem) -> defer.Deferred:
-        """Delete the item's file and, when unused, its body."""
+        """Journal the item's removal and, when unused, delete its body."""
         if item.id not in self.items:
             return defer.succeed(None)
-        ops: list[tuple[Any, ...]] = [("unlink", self.item_path(item.id))]
+        ops: list[tuple[Any, ...]] = [("del", item.id)]
         if self._index_remove(item):
             ops.append(("unlink_body", self.body_file(item.body_ref)))
+        self.committer.live_hint = len(self.items)
         return self.committer.submit(*ops)
 
     def read_body(self, item: QueueItem) -> defer.Deferred:
@@ -358,19 +511,27 @@ class DiskStore(LocalStore):
         path = self.body_file(item.body_ref)
 
         def read() -> bytes:
-            with open(path, "rb") as f:
-                return f.read()
+            try:
+                with open(path, "rb") as f:
+                    return f.read()
+            except FileNotFoundError:
+                raise QueueError(f"body of {item.id} is missing ({path})") from None
         return threads.deferToThread(read)
 
     def close(self) -> defer.Deferred:
-        """Release the directory lock."""
-        self.lock.release()
-        self.committer.shutdown()
-        return defer.succeed(None)
+        """Let pending commits finish, then close the journal and release the lock."""
+        d = self.committer.idle()
+
+        def finish(_: Any) -> None:
+            self.committer.shutdown()
+            self.journal.close()
+            self.lock.release()
+        return d.addCallback(finish)
 
     def stats(self, top: int = 10) -> dict[str, Any]:
         """Local counts plus fsync batching figures."""
         out = super().stats(top)
         out["commit_batches"] = self.committer.batches
         out["commit_operations"] = self.committer.operations
+        out["journal_compactions"] = self.committer.compactions
         return out

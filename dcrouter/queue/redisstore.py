@@ -43,14 +43,18 @@ local n = tonumber(ARGV[4])
 if redis.call('EXISTS', p..':body:'..ref) == 0 then
   redis.call('SET', p..':body:'..ref, ARGV[3])
 end
+for i = 0, n - 1 do
+  if redis.call('HEXISTS', p..':items', ARGV[5 + i * 4]) == 1 then
+    return redis.error_reply('queue item '..ARGV[5 + i * 4]..' exists already')
+  end
+end
 redis.call('INCRBY', p..':bodyref:'..ref, n)
 for i = 0, n - 1 do
   local id = ARGV[5 + i * 4]
-  if redis.call('HSETNX', p..':items', id, ARGV[6 + i * 4]) == 1 then
-    redis.call('ZADD', p..':due', ARGV[7 + i * 4], id)
-    redis.call('ZADD', p..':ids', 0, id)
-    redis.call('HINCRBY', p..':dest', ARGV[8 + i * 4], 1)
-  end
+  redis.call('HSET', p..':items', id, ARGV[6 + i * 4])
+  redis.call('ZADD', p..':due', ARGV[7 + i * 4], id)
+  redis.call('ZADD', p..':ids', 0, id)
+  redis.call('HINCRBY', p..':dest', ARGV[8 + i * 4], 1)
 end
 return n
 """

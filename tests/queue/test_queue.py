@@ -8,6 +8,7 @@ import time
 
 import pytest
 import pytest_twisted
+from twisted.internet import threads
 
 from dcrouter.config.queue import QueueOptions
 from dcrouter.errors import QueueError, QueueFullError
@@ -99,14 +100,18 @@ def test_disk_files_private_and_recovered_after_crash(tmp_path):
     yield queue.defer_item(deferred, "451 try later", delay=3600)
     root = str(tmp_path / "queue")
     assert stat.S_IMODE(os.stat(root).st_mode) == 0o700
-    item_file = queue.store.item_path(ids[0])
-    assert stat.S_IMODE(os.stat(item_file).st_mode) == 0o600
+    journal = queue.store.journal._path(queue.store.journal.segment)
+    assert stat.S_IMODE(os.stat(journal).st_mode) == 0o600
     assert stat.S_IMODE(os.stat(queue.store.body_file(ids[0])).st_mode) == 0o600
-    # "crash": drop the lock without any shutdown work, and garble one file
+    # "crash": drop the lock without any shutdown work; damage one record, tear the tail
     queue.store.lock.release()
-    ids = [i for i in ids if i != deferred.id] + [deferred.id]
-    with open(queue.store.item_path(ids[3]), "wb") as f:
-        f.write(b'{"v": 1, "id": "trunc')
+    victim = [i for i in ids if i != deferred.id][0]
+    with open(journal, "rb") as f:
+        data = f.read()
+    start = data.index(b" P " + victim.encode())
+    data = data[:start + 20] + b"X" + data[start + 21:]
+    with open(journal, "wb") as f:
+        f.write(data + b"0badc0de P torn-off-rec")
     queue2 = make_queue(tmp_path)
     yield queue2.when_ready()
     stats = queue2.get_stats()
@@ -115,9 +120,38 @@ def test_disk_files_private_and_recovered_after_crash(tmp_path):
     assert stats["by_status"]["deferred"] == 1
     back = yield queue2.get_item(deferred.id)
     assert back.last_error == "451 try later" and back.attempts == 1
-    assert os.listdir(os.path.join(root, "corrupt")) == [ids[3] + ".json"]
+    assert len(os.listdir(os.path.join(root, "corrupt"))) == 2
     due = yield queue2.claim(10)
-    assert {i.id for i in due} == set(ids) - {deferred.id, ids[3]}
+    assert {i.id for i in due} == set(ids) - {deferred.id, victim}
+    body = yield queue2.read_body(due[0])
+    assert body.startswith(b"m")
+    yield queue2.stopService()
+    # the torn tail was cut off: a third start only meets the damaged record again
+    queue3 = make_queue(tmp_path)
+    yield queue3.when_ready()
+    assert queue3.store.corrupt == 1 and queue3.get_stats()["size"] == 4
+    yield queue3.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_journal_compaction_keeps_live_items(tmp_path):
+    queue = make_queue(tmp_path)
+    yield queue.when_ready()
+    ids = []
+    for n in range(30):
+        ids += yield queue.enqueue([request(spool_message(str(tmp_path), b"c%d\r\n" % n))])
+    items = yield queue.claim(30)
+    for item in items[:25]:
+        for r in item.recipients:
+            r.status = "delivered"
+        yield queue.complete(item)
+    store = queue.store
+    yield threads.deferToThread(store.journal.compact)
+    assert store.journal.records == 5
+    yield queue.stopService()
+    queue2 = make_queue(tmp_path)
+    yield queue2.when_ready()
+    assert sorted(i.id for i in queue2.store.items.values()) == sorted(i.id for i in items[25:])
     yield queue2.stopService()
 
 
