@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import errno
+import gc
 import fcntl
 import os
 import shutil
@@ -45,7 +46,7 @@ from zope.interface import implementer
 from dcrouter.errors import QueueError
 from dcrouter.interfaces import IQueueStore
 from dcrouter.logsetup import get_logger
-from dcrouter.queue.item import PENDING, PROCESSING, QueueItem
+from dcrouter.queue.item import PENDING, PROCESSING, QueueItem, StoredItem
 from dcrouter.queue.memory import LocalStore
 
 log = get_logger("email.queue")
@@ -111,9 +112,13 @@ class Journal:
     def _path(self, number: int) -> str:
         return os.path.join(self.directory, f"{number:010d}.log")
 
-    def replay(self) -> tuple[dict[str, bytes], list[tuple[str, str]]]:
-        """Live records (id -> item JSON) and the damaged ones (saved path, reason)."""
-        live: dict[str, bytes] = {}
+    def replay(self) -> tuple[dict[str, tuple[bytes, int, int]], list[tuple[str, str]]]:
+        """Live records (id -> (segment data, start, end) of the payload) and damaged ones.
+
+        Payloads are not copied: the segment buffers stay alive until the
+        caller drops the returned dict (fewer allocations, less fragmentation).
+        """
+        live: dict[str, tuple[bytes, int, int]] = {}
         bad: list[tuple[str, str]] = []
         segments = self._segments()
         records = 0
@@ -121,14 +126,19 @@ class Journal:
             path = self._path(number)
             with open(path, "rb") as f:
                 data = f.read()
-            lines = data.split(b"\n")
-            tail = lines.pop()  # b"" when the segment ends with a newline
             offset = 0
-            for line in lines:
+            size = len(data)
+            apply = self._apply
+            while offset < size:
+                end = data.find(b"\n", offset)
+                if end < 0:
+                    break
                 records += 1
-                if not self._apply(line, live):
-                    bad.append((self._save_bad(number, offset, line), "bad checksum or format"))
-                offset += len(line) + 1
+                if not apply(data, offset, end, live):
+                    bad.append((self._save_bad(number, offset, data[offset:end]),
+                                "bad checksum or format"))
+                offset = end + 1
+            tail = data[offset:]
             if tail:
                 saved = self._save_bad(number, offset, tail)
                 if index == len(segments) - 1:
@@ -144,24 +154,26 @@ class Journal:
         return live, bad
 
     @staticmethod
-    def _apply(line: bytes, live: dict[str, bytes]) -> bool:
-        if len(line) < 12 or line[8:9] != b" ":
+    def _apply(data: bytes, start: int, end: int, live: dict[str, tuple[bytes, int, int]]
+               ) -> bool:
+        if end - start < 12 or data[start + 8:start + 9] != b" ":
             return False
-        payload = line[9:]
         try:
-            if int(line[:8], 16) != zlib.crc32(payload):
-                return False
+            crc = int(data[start:start + 8], 16)
         except ValueError:
             return False
-        op = payload[:2]
+        view = memoryview(data)[start + 9:end]
+        if crc != zlib.crc32(view):
+            return False
+        op = data[start + 9:start + 11]
         if op == b"P ":
-            end = payload.find(b" ", 2)
-            if end < 0:
+            sep = data.find(b" ", start + 11, end)
+            if sep < 0:
                 return False
-            live[payload[2:end].decode("ascii")] = payload[end + 1:]
+            live[data[start + 11:sep].decode("ascii")] = (data, sep + 1, end)
             return True
         if op == b"D ":
-            live.pop(payload[2:].decode("ascii"), None)
+            live.pop(data[start + 11:end].decode("ascii"), None)
             return True
         return False
 
@@ -202,8 +214,8 @@ class Journal:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             chunk: list[bytes] = []
-            for item_id, data in live.items():
-                chunk.append(encode_put(item_id, data))
+            for item_id, (buf, start, end) in live.items():
+                chunk.append(encode_put(item_id, buf[start:end]))
                 if len(chunk) >= 10000:
                     os.write(fd, b"".join(chunk))
                     chunk = []
@@ -430,11 +442,22 @@ class DiskStore(LocalStore):
         os.makedirs(self.root, mode=0o700, exist_ok=True)
         os.chmod(self.root, 0o700)
         self.lock.acquire()
+        # a million new objects would trigger many full collections: pause the cyclic GC
+        # while loading, then move the loaded index out of its reach (gc.freeze)
+        was_enabled = gc.isenabled()
+        gc.disable()
         d = threads.deferToThread(self._scan)
         d.addCallback(self._loaded)
+
+        def restore(result: Any) -> Any:
+            if was_enabled:
+                gc.enable()
+            gc.freeze()
+            return result
+        d.addBoth(restore)
         return d
 
-    def _scan(self) -> tuple[list[QueueItem], list[tuple[str, str]]]:
+    def _scan(self) -> tuple[list[Any], list[tuple[str, str]]]:
         for sub in (self.journal_dir, self.bodies_dir, self.tmp_dir, self.corrupt_dir):
             os.makedirs(sub, mode=0o700, exist_ok=True)
         for c in _SHARDS:
@@ -442,11 +465,11 @@ class DiskStore(LocalStore):
         for name in os.listdir(self.tmp_dir):
             os.unlink(os.path.join(self.tmp_dir, name))
         live, bad = self.journal.replay()
-        found: list[QueueItem] = []
-        from_json = QueueItem.from_json
-        for item_id, data in live.items():
+        found: list[Any] = []
+        for item_id, (buf, start, end) in live.items():
+            data = buf[start:end]
             try:
-                item = from_json(data)
+                item = StoredItem(item_id, data)
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 path = self.journal._save_bad(0, len(found), data)
                 bad.append((path, f"item {item_id}: {str(e)[:200]}"))
@@ -454,12 +477,13 @@ class DiskStore(LocalStore):
             if item.status == PROCESSING:
                 item.status = PENDING
             found.append(item)
+        del live
         self.journal.open_for_append()
         if bad:
             fsync_dir(self.corrupt_dir)
         return found, bad
 
-    def _loaded(self, result: tuple[list[QueueItem], list[tuple[str, str]]]) -> list[QueueItem]:
+    def _loaded(self, result: tuple[list[Any], list[tuple[str, str]]]) -> list[Any]:
         found, bad = result
         for path, reason in bad:
             log.error("damaged queue record saved to {path}: {reason}", path=path, reason=reason,
@@ -482,7 +506,7 @@ class DiskStore(LocalStore):
         if items[0].body_ref not in self.body_refs:
             ops.append(("body", body_path, self.body_file(items[0].body_ref)))
         for item in items:
-            ops.append(("put", item.id, item.to_json()))
+            ops.append(("put", item.id, item.journal_payload()))
         d = self.committer.submit(*ops)
 
         def index(_: Any) -> None:
@@ -494,7 +518,7 @@ class DiskStore(LocalStore):
     def _persist(self, item: QueueItem) -> defer.Deferred:
         if item.status == PROCESSING:
             return defer.succeed(True)
-        return self.committer.submit(("put", item.id, item.to_json()))
+        return self.committer.submit(("put", item.id, item.journal_payload()))
 
     def remove(self, item: QueueItem) -> defer.Deferred:
         """Journal the item's removal and, when unused, delete its body."""
@@ -505,6 +529,19 @@ class DiskStore(LocalStore):
             ops.append(("unlink_body", self.body_file(item.body_ref)))
         self.committer.live_hint = len(self.items)
         return self.committer.submit(*ops)
+
+    def _damaged(self, item: Any, reason: str) -> None:
+        """A recovered item whose JSON is unreadable: save it, journal its removal."""
+        path = os.path.join(self.corrupt_dir, f"item-{item.id}.bad")
+        with open(path, "wb") as f:
+            f.write(item.raw)
+        log.error("damaged queue item {queue_id} saved to {path}: {reason}", queue_id=item.id,
+                  path=path, reason=reason[:200], event="queue.corrupt")
+        unused = self._index_remove(item)
+        ops: list[tuple[Any, ...]] = [("del", item.id)]
+        if unused:
+            ops.append(("unlink_body", self.body_file(item.body_ref)))
+        self.committer.submit(*ops)
 
     def read_body(self, item: QueueItem) -> defer.Deferred:
         """The body bytes (read in a thread)."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import urllib.parse
 from typing import Any, Optional
 
 from dcrouter.message import DeliveryRequest, Route
@@ -59,6 +60,8 @@ class RecipientState:
 
 class QueueItem:
     """A queued delivery: envelope, route, state and a reference to the stored body."""
+
+    lazy = False
 
     __slots__ = ("id", "mode", "rule_pattern", "mail_from", "recipients", "status", "attempts",
                  "next_attempt", "last_error", "created_at", "updated_at", "delivered_at",
@@ -121,7 +124,7 @@ class QueueItem:
         return json.dumps({
             "v": 1, "id": self.id, "mode": self.mode, "rule": self.rule_pattern,
             "from": self.mail_from, "rcpt": [r.to_list() for r in self.recipients],
-            "route": self.route.to_dict(), "body": self.body_ref, "cid": self.correlation_id,
+            "route": _compact_route(self.route), "body": self.body_ref, "cid": self.correlation_id,
             "size": self.size, "bounce": self.is_bounce, "status": self.status,
             "attempts": self.attempts, "next": self.next_attempt, "err": self.last_error,
             "created": self.created_at, "updated": self.updated_at,
@@ -147,6 +150,13 @@ class QueueItem:
                    created_at=float(d["created"]), updated_at=float(d["updated"]),
                    delivered_at=float(d["delivered"]),
                    destination=sys.intern(str(d["dest"])))
+
+    def journal_payload(self) -> bytes:
+        """Index fields, then the JSON: what the disk journal stores (see :class:`StoredItem`)."""
+        dest = urllib.parse.quote(self.destination, safe="") or "-"
+        return b"%r %s %s %d %r %s " % (self.next_attempt, self.status.encode("ascii"),
+                                        dest.encode("ascii"), self.size, self.created_at,
+                                        self.body_ref.encode("ascii")) + self.to_json()
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the management API."""
@@ -184,3 +194,55 @@ def shared_route(data: dict[str, Any]) -> Route:
             _ROUTES.clear()
         route = _ROUTES[key] = Route.from_dict(data)
     return route
+
+
+class StoredItem:
+    """An item known by its index fields only; the rest is parsed when needed.
+
+    The disk store recovers items as StoredItems (a few fields split from the
+    journal record instead of a full JSON parse), which makes restarts fast
+    and keeps memory low; ``materialize`` gives the full :class:`QueueItem`.
+    """
+
+    lazy = True
+    __slots__ = ("id", "status", "next_attempt", "destination", "size", "body_ref",
+                 "created_at", "sched", "stored_status", "lease_owner", "raw")
+
+    def __init__(self, item_id: str, payload: bytes) -> None:
+        parts = payload.split(b" ", 6)
+        if len(parts) != 7:
+            raise ValueError("malformed journal payload")
+        self.id = item_id
+        self.next_attempt = float(parts[0])
+        status = parts[1].decode("ascii")
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        self.status = status
+        dest = parts[2].decode("ascii")
+        self.destination = sys.intern(urllib.parse.unquote(dest) if "%" in dest else
+                                      ("" if dest == "-" else dest))
+        self.size = int(parts[3])
+        self.created_at = float(parts[4])
+        self.body_ref = parts[5].decode("ascii")
+        self.raw = parts[6]
+        self.sched = 0
+        self.stored_status = ""
+        self.lease_owner = ""
+
+    def materialize(self) -> QueueItem:
+        """The full item (raises ValueError/KeyError/TypeError when the JSON is damaged)."""
+        item = QueueItem.from_json(self.raw)
+        item.status = self.status
+        item.next_attempt = self.next_attempt
+        item.sched = self.sched
+        item.stored_status = self.stored_status
+        item.lease_owner = self.lease_owner
+        return item
+
+
+_ROUTE_DEFAULTS = Route(kind="").to_dict()
+
+
+def _compact_route(route: Route) -> dict[str, Any]:
+    """The route's fields that differ from the defaults (smaller journal records)."""
+    return {k: v for k, v in route.to_dict().items() if k == "kind" or v != _ROUTE_DEFAULTS[k]}

@@ -30,7 +30,7 @@ class LocalStore:
     shared = False
 
     def __init__(self) -> None:
-        self.items: dict[str, QueueItem] = {}
+        self.items: dict[str, Any] = {}  # QueueItem, or StoredItem until first use
         self.schedule = DueSchedule()
         self.body_refs: collections.Counter[str] = collections.Counter()
         self.dest_counts: collections.Counter[str] = collections.Counter()
@@ -38,7 +38,7 @@ class LocalStore:
         self.total_bytes = 0
 
     # -- index ---------------------------------------------------------------
-    def _index_add(self, item: QueueItem) -> None:
+    def _index_add(self, item: Any) -> None:
         self.items[item.id] = item
         self.body_refs[item.body_ref] += 1
         self.dest_counts[item.destination] += 1
@@ -54,7 +54,7 @@ class LocalStore:
             self.status_counts[item.status] += 1
             item.stored_status = item.status
 
-    def _index_remove(self, item: QueueItem) -> bool:
+    def _index_remove(self, item: Any) -> bool:
         """Drop ``item``; True when its body has no other user."""
         if self.items.pop(item.id, None) is None:
             return False
@@ -84,15 +84,36 @@ class LocalStore:
     def _persist(self, item: QueueItem) -> defer.Deferred:
         return defer.succeed(True)
 
+    def _full(self, item: Any) -> Optional[QueueItem]:
+        """The full item for an index entry (parsing a recovered one on first use)."""
+        if not item.lazy:
+            return item  # type: ignore[no-any-return]
+        try:
+            full = item.materialize()
+        except (ValueError, KeyError, TypeError, IndexError) as e:
+            self._damaged(item, str(e))
+            return None
+        self.items[full.id] = full
+        return full  # type: ignore[no-any-return]
+
+    def _damaged(self, item: Any, reason: str) -> None:
+        """An index entry whose item cannot be read: drop it (stores may keep a copy)."""
+        self._index_remove(item)
+
     def claim_due(self, now: float, limit: int, owner: str, lease_seconds: float,
                   accept: Callable[[QueueItem], bool] = lambda item: True) -> defer.Deferred:
         """Take up to ``limit`` due items for ``owner`` (status processing, not persisted)."""
         taken = self.schedule.pop_due(now, self.items.get, limit, accept)
-        for item in taken:
+        out = []
+        for entry in taken:
+            item = self._full(entry)
+            if item is None:
+                continue
             item.status = PROCESSING
             item.lease_owner = owner
             self._index_status(item)
-        return defer.succeed(taken)
+            out.append(item)
+        return defer.succeed(out)
 
     def renew(self, items: list[QueueItem], owner: str, seconds: float) -> defer.Deferred:
         """Leases of a local store never expire: nothing to do."""
@@ -100,7 +121,8 @@ class LocalStore:
 
     def get(self, item_id: str) -> defer.Deferred:
         """The item with ``item_id`` or None."""
-        return defer.succeed(self.items.get(item_id))
+        entry = self.items.get(item_id)
+        return defer.succeed(self._full(entry) if entry is not None else None)
 
     def list(self, status: Optional[str] = None, limit: int = 100,
              cursor: Optional[str] = None) -> defer.Deferred:
@@ -111,7 +133,7 @@ class LocalStore:
         ids = heapq.nsmallest(limit + 1, (i for i, item in self.items.items()
                                           if i > after and (status is None
                                                             or item.status == status)))
-        page = [self.items[i] for i in ids[:limit]]
+        page = [p for p in (self._full(self.items[i]) for i in ids[:limit]) if p is not None]
         next_cursor = page[-1].id if len(ids) > limit and page else None
         return defer.succeed((page, next_cursor))
 

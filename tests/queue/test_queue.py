@@ -233,3 +233,32 @@ def test_group_commit_shares_fsyncs(tmp_path):
     assert batches < 50, f"50 concurrent enqueues took {batches} commit batches"
     assert queue.get_stats()["size"] == 50
     yield queue.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_recovered_item_with_damaged_json_goes_to_corrupt(tmp_path):
+    from dcrouter.queue.disk import encode_put
+    queue = make_queue(tmp_path)
+    yield queue.when_ready()
+    ids = []
+    for n in range(3):
+        ids += yield queue.enqueue([request(spool_message(str(tmp_path), b"d%d\r\n" % n))])
+    victim = yield queue.get_item(ids[1])
+    payload = victim.journal_payload()
+    yield queue.stopService()
+    journal = queue.store.journal._path(queue.store.journal.segment)
+    with open(journal, "ab") as f:  # a later record with a sound checksum but broken JSON
+        f.write(encode_put(victim.id, payload[:payload.index(b"{")] + b'{"v": 1, "id"'))
+    queue2 = make_queue(tmp_path)
+    yield queue2.when_ready()
+    assert queue2.get_stats()["size"] == 3, "the index is rebuilt from the record headers"
+    due = yield queue2.claim(10)
+    assert sorted(i.id for i in due) == sorted([ids[0], ids[2]])
+    assert os.path.exists(os.path.join(str(tmp_path / "queue"), "corrupt",
+                                       f"item-{victim.id}.bad"))
+    assert queue2.get_stats()["size"] == 2
+    yield queue2.stopService()
+    queue3 = make_queue(tmp_path)
+    yield queue3.when_ready()
+    assert victim.id not in queue3.store.items, "its removal was journaled"
+    yield queue3.stopService()
