@@ -49,6 +49,18 @@ _RCODE_NAMES = {dns.OK: "NOERROR", dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAI
                 EDNS_BADVERS: "BADVERS"}
 
 
+class _Compression(dict):
+    """Name offsets for compression; offsets a pointer cannot hold (> 0x3FFF) are not kept.
+
+    twisted.names' ``Name.encode`` registers every suffix it writes; past 16 KiB
+    (large TCP answers) its pointers would wrap, so those names stay uncompressed.
+    """
+
+    def __setitem__(self, name: bytes, offset: int) -> None:
+        if offset <= 0x3FFF:
+            super().__setitem__(name, offset)
+
+
 class MalformedQuery(ValueError):
     """A query that cannot be parsed (answered with FORMERR)."""
 
@@ -258,7 +270,7 @@ class Responder:
         out.write(q.question)
         if not any(sections):
             return out.getvalue()
-        comp: dict[bytes, int] = {}
+        comp = _Compression()
         offset = 12
         labels = q.labels
         for i, label in enumerate(labels):

@@ -246,3 +246,25 @@ async def test_stats_and_zones_for_the_api(server: Any) -> None:
             "value": "192.0.2.10"} in zones[0]["records"]
     assert zones[0]["records"][0]["type"] == "SOA"
     assert "udp" in {p for p, _h, _port in server.service.bound_addresses()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_over_16k_stay_decodable_over_tcp(tmp_path: Any) -> None:
+    """Compression pointers reach 16 KiB only: later names are written in full."""
+    records = [{"name": "@", "type": "MX", "value": f"{i} mx{i}.big.test."} for i in range(1500)]
+    records += [{"name": f"mx{i}", "type": "A", "value": f"192.0.2.{i % 250}"}
+                for i in range(1500)]
+    zone = {"origin": "big.test", "records": records}
+    running = start_dns(dns_config(zones=[zone]), str(tmp_path))
+    try:
+        full = await ask(running.tcp_port, "big.test", "MX", tcp=True)
+        assert len(full.to_wire()) > 16384
+        assert sum(len(rr) for rr in full.answer) == 1500
+        addresses = {rr.name.to_text(): rr[0].address for rr in full.additional
+                     if rr.rdtype == dns.rdatatype.A}
+        assert len(addresses) == 1500
+        assert addresses["mx1499.big.test."] == "192.0.2.249"
+        udp = await ask(running.udp_port, "big.test", "MX", use_edns=0, payload=4096)
+        assert udp.flags & dns.flags.TC
+    finally:
+        await running.service.stopService()
