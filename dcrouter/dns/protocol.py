@@ -34,8 +34,10 @@ class RateLimiter:
     """
 
     def __init__(self, limit: int, max_clients: int = 100000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, slip: int = 0) -> None:
         self.limit = limit
+        #: Every ``slip``-th refused query gets a truncated answer (0: none).
+        self.slip = slip
         self.max_clients = max_clients
         self.clock = clock
         self.window = -1
@@ -57,6 +59,10 @@ class RateLimiter:
             return False
         counts[host] = seen + 1
         return True
+
+    def slip_now(self) -> bool:
+        """After a refusal: whether this one gets a truncated answer instead of silence."""
+        return bool(self.slip) and self.limited % self.slip == 0
 
 
 class DnsDatagramProtocol(DatagramProtocol):
@@ -82,14 +88,20 @@ class DnsDatagramProtocol(DatagramProtocol):
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         """Rate-limit, answer, send."""
-        if not self.limiter.allow(addr[0]):
-            return
         try:
-            response = self.responder.handle_udp(datagram)
+            if self.limiter.allow(addr[0]):
+                response = self.responder.handle_udp(datagram)
+            elif self.limiter.slip_now():
+                response = self.responder.slip_response(datagram)
+            else:
+                return
         except Exception as e:  # never let one packet stop the listener
             self.errors += 1
             log.error("DNS query failed: {error}", error=repr(e), client=addr[0])
             return
+        self._send(response, addr)
+
+    def _send(self, response: Optional[bytes], addr: Any) -> None:
         if response is not None:
             try:
                 if self._sendto is not None:

@@ -202,6 +202,19 @@ class Responder:
         out = self._respond(data, udp=False)
         return None if out is None else out[0]
 
+    def slip_response(self, data: bytes) -> Optional[bytes]:
+        """A TC answer to ``data`` with no records (rate-limit slip), never longer than it."""
+        if len(data) < 12 or data[2] & 0x80 or (data[2] >> 3) & 0xF != dns.OP_QUERY:
+            return None
+        try:
+            q = parse_query(data)
+        except (MalformedQuery, struct.error):
+            return None
+        opt = self._opt(q, 0) if q.edns else b""
+        response = (_header(q.id, q.flags1, dns.OK, False, True, (1, 0, 0, 1 if opt else 0),
+                            q.flags2) + q.question + opt)
+        return response if len(response) <= len(data) else None
+
     def _respond(self, data: bytes, udp: bool) -> Optional[tuple[bytes, int, int]]:
         if len(data) < 12 or data[2] & 0x80:
             self.dropped += 1

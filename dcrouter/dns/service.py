@@ -66,7 +66,7 @@ class DnsService(ManagedService):
         self.zone_set = zones
         dns_options = self._dns(self.options)
         self.responder = Responder(Authority(zones), dns_options.max_udp_payload)
-        self.limiter = RateLimiter(dns_options.rate_limit)
+        self.limiter = RateLimiter(dns_options.rate_limit, slip=dns_options.rate_limit_slip)
         self.udp = DnsDatagramProtocol(self.responder, self.limiter)
         self.tcp = DnsTcpFactory(self.responder, dns_options.max_tcp_connections,
                                  dns_options.tcp_timeout)
@@ -181,6 +181,7 @@ class DnsService(ManagedService):
         d = self._dns(options)
         self._swap(zones)
         self.limiter.limit = d.rate_limit
+        self.limiter.slip = d.rate_limit_slip
         self.responder.max_udp_payload = max(512, d.max_udp_payload)
         self.tcp.max_connections = d.max_tcp_connections
         self.tcp.timeout = d.tcp_timeout

@@ -129,23 +129,30 @@ async def test_tcp_idle_timeout_and_connection_limit(tmp_path: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_rate_limit_per_client_ip(tmp_path: Any) -> None:
-    running = start_dns(dns_config(rate_limit=5), str(tmp_path))
+    running = start_dns(dns_config(rate_limit=5, rate_limit_slip=4), str(tmp_path))
     try:
-        def run() -> int:
-            answered = 0
+        def run() -> tuple[int, int]:
+            answered = slipped = 0
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
                 s.settimeout(0.3)
+                query = raw_query()
                 for qid in range(40):
-                    s.sendto(raw_query(qid=qid), ("127.0.0.1", running.udp_port))
+                    s.sendto(query, ("127.0.0.1", running.udp_port))
                 try:
                     while True:
-                        s.recv(1000)
-                        answered += 1
+                        reply = s.recv(2000)
+                        if reply[2] & 0x02:  # TC without records, no larger than the query
+                            assert struct.unpack("!HHH", reply[6:12]) == (0, 0, 0)
+                            assert len(reply) <= len(query)
+                            slipped += 1
+                        else:
+                            answered += 1
                 except socket.timeout:
                     pass
-            return answered
-        answered = await threads.deferToThread(run)
+            return answered, slipped
+        answered, slipped = await threads.deferToThread(run)
         assert 5 <= answered <= 10  # 5 a second (the burst may straddle a second)
+        assert 5 <= slipped <= 10  # every 4th of the ~35 refused
         assert running.service.get_stats()["rate_limited"] >= 30
     finally:
         await running.service.stopService()
