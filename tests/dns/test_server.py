@@ -275,3 +275,31 @@ async def test_answers_over_16k_stay_decodable_over_tcp(tmp_path: Any) -> None:
         assert udp.flags & dns.flags.TC
     finally:
         await running.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_serials_keep_increasing_across_restarts(tmp_path: Any) -> None:
+    zone = dict(ZONE, records=list(ZONE["records"]) + [
+        {"name": "@", "type": "SOA", "value": "ns1 hostmaster 5 3600 600 604800 300"}])
+    data = dns_config(zones=[zone])
+    first = start_dns(data, str(tmp_path))
+    assert first.service.zone("example.test").serial == 5  # the configured serial
+    changed = dict(zone, records=list(zone["records"]) + [
+        {"name": "new", "type": "A", "value": "192.0.2.200"}])
+    new = dict(data, dns=dict(data["dns"], zones=[changed]), router={"state_dir": str(tmp_path)})
+    await defer.maybeDeferred(first.service.reconfigure, parse_config(new))
+    assert first.service.zone("example.test").serial == 6
+    await first.service.stopService()
+    # a restart with the same content keeps 6; one more change gives 7, not 5 again
+    second = start_dns(new, str(tmp_path))
+    try:
+        assert second.service.zone("example.test").serial == 6
+        soa = await ask(second.udp_port, "example.test", "SOA")
+        assert soa.answer[0][0].serial == 6
+    finally:
+        await second.service.stopService()
+    third = start_dns(data, str(tmp_path))
+    try:
+        assert third.service.zone("example.test").serial == 7
+    finally:
+        await third.service.stopService()
