@@ -38,7 +38,7 @@ from dcrouter.dns.zone import type_name
 #: Largest TCP query accepted; longer length prefixes close the connection.
 MAX_TCP_QUERY = 16384
 #: Cached UDP responses at most; the cache starts over when full.
-CACHE_ENTRIES = 20000
+CACHE_ENTRIES = 10000
 #: Queries longer than this are answered but not cached.
 CACHE_KEY_MAX = 512
 EDNS_BADVERS = 16
