@@ -17,8 +17,10 @@ import struct
 import time
 from typing import Any, Callable, Optional
 
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from dcrouter.dns.server import MAX_TCP_QUERY, Responder
 from dcrouter.logsetup import get_logger
@@ -112,14 +114,19 @@ class DnsDatagramProtocol(DatagramProtocol):
                 pass
 
 
+@implementer(IHalfCloseableProtocol)
 class DnsTcpProtocol(Protocol, TimeoutMixin):
-    """One TCP client: length-prefixed queries in, length-prefixed answers out."""
+    """One TCP client: length-prefixed queries in, length-prefixed answers out.
+
+    A client that half-closes after its queries still gets every answer.
+    """
 
     def __init__(self, factory: "DnsTcpFactory") -> None:
         self.factory = factory
         self.buffer = bytearray()
         self.paused = False
         self.closing = False
+        self.read_closed = False
 
     def connectionMade(self) -> None:
         """Count the connection, arm the idle timer, let the write buffer pause reads."""
@@ -166,6 +173,22 @@ class DnsTcpProtocol(Protocol, TimeoutMixin):
             if response is not None:
                 self.transport.write(struct.pack("!H", len(response)) + response)
 
+    def readConnectionLost(self) -> None:
+        """The client sent everything: close once its answers are written."""
+        self.read_closed = True
+        if not self.paused:
+            self._finish()
+
+    def writeConnectionLost(self) -> None:
+        """The client cannot read any more."""
+        self.closing = True
+        self.transport.loseConnection()
+
+    def _finish(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport.loseConnection()
+
     # IPushProducer: the transport pauses us when the client does not read.
     def pauseProducing(self) -> None:
         """Stop reading queries until the answers drain."""
@@ -175,8 +198,11 @@ class DnsTcpProtocol(Protocol, TimeoutMixin):
     def resumeProducing(self) -> None:
         """Read again and answer what was buffered."""
         self.paused = False
-        self.transport.resumeProducing()
+        if not self.read_closed:
+            self.transport.resumeProducing()
         self._process()
+        if self.read_closed:
+            self._finish()
 
     def stopProducing(self) -> None:
         """The connection is going away."""

@@ -247,8 +247,8 @@ class Responder:
         if q.qclass not in (dns.IN, dns.ANY) or q.qtype in (dns.AXFR, dns.IXFR, dns.MAILA,
                                                              dns.MAILB):
             return Answer(dns.EREFUSED, False)
-        if any(b"." in label for label in q.labels):
-            return Answer(dns.EREFUSED, False)
+        if b"." in q.question and any(b"." in label for label in q.labels):
+            return Answer(dns.EREFUSED, False)  # a label with a dot in it: no zone has one
         owner = b".".join(q.labels)
         return self.authority.lookup(owner.lower().decode("latin-1"), q.qtype, owner)
 

@@ -303,3 +303,26 @@ async def test_serials_keep_increasing_across_restarts(tmp_path: Any) -> None:
         assert third.service.zone("example.test").serial == 7
     finally:
         await third.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_client_that_half_closes_gets_all_answers(server: Any) -> None:
+    def run() -> int:
+        with socket.create_connection(("127.0.0.1", server.tcp_port), timeout=3) as s:
+            for qid in range(1, 51):
+                q = raw_query(name=b"long.example.test", qtype=16, qid=qid)
+                s.sendall(struct.pack("!H", len(q)) + q)
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        count = 0
+        while data:
+            n = struct.unpack("!H", data[:2])[0]
+            count += 1
+            data = data[2 + n:]
+        return count
+    assert await threads.deferToThread(run) == 50
