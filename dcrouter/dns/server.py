@@ -185,6 +185,8 @@ class Responder:
             tail, rcode, qtype = hit
             self.by_rcode[rcode] += 1
             self.by_type[qtype] += 1
+            if tail[0] & 0x02:
+                self.truncated += 1
             return data[:2] + tail
         out = self._respond(data, udp=True)
         if out is None:

@@ -119,6 +119,8 @@ class DnsService(ManagedService):
         self.listeners = ListenerSet(context.reactor, self._target)
         self._refresh_lock = defer.DeferredLock()
         self.refreshes = 0
+        #: Fires when the email records (with DKIM keys) of the start are published.
+        self.ready: defer.Deferred = defer.succeed(None)
         context.dkim_keys.add_listener(self._keys_changed)
 
     @staticmethod

@@ -9,6 +9,7 @@ from typing import Any
 import dns.edns
 import dns.flags
 import dns.message
+import dns.query
 import dns.rcode
 import dns.rdatatype
 import pytest_twisted
@@ -177,7 +178,6 @@ async def test_reload_changes_answer_and_serial_without_dropping_queries(tmp_pat
                 r = dns.query.udp(dns.message.make_query("example.test", "SOA"), "127.0.0.1",
                                   port=running.udp_port, timeout=2)
                 answered.append(r.rcode())
-        import dns.query
         load = threads.deferToThread(hammer)
 
         zone = dict(ZONE)
@@ -326,3 +326,20 @@ async def test_tcp_client_that_half_closes_gets_all_answers(server: Any) -> None
             data = data[2 + n:]
         return count
     assert await threads.deferToThread(run) == 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_listener(tmp_path: Any) -> None:
+    running = start_dns(dns_config(port=0, listen="::1"), str(tmp_path))
+    try:
+        def run() -> tuple[Any, Any]:
+            udp = dns.query.udp(dns.message.make_query("www.example.test", "AAAA"), "::1",
+                                port=running.udp_port, timeout=3)
+            tcp = dns.query.tcp(dns.message.make_query("example.test", "MX"), "::1",
+                                port=running.tcp_port, timeout=3)
+            return udp, tcp
+        udp, tcp = await threads.deferToThread(run)
+        assert [r.address for rr in udp.answer for r in rr] == ["2001:db8::10"]
+        assert len(tcp.answer[0]) == 2
+    finally:
+        await running.service.stopService()
