@@ -31,15 +31,19 @@ from dcrouter.dns.zone import Zone, ZoneRecord, ZoneSet, in_zone
 MAX_CHAIN = 12
 
 
+#: A record in a response: the owner name as it goes on the wire, and the record.
+Entry = tuple[bytes, ZoneRecord]
+
+
 @dataclasses.dataclass
 class Answer:
     """The sections and flags of one response, before encoding."""
 
     rcode: int
     authoritative: bool
-    answers: list[dns.RRHeader] = dataclasses.field(default_factory=list)
-    authority: list[dns.RRHeader] = dataclasses.field(default_factory=list)
-    additional: list[dns.RRHeader] = dataclasses.field(default_factory=list)
+    answers: list[Entry] = dataclasses.field(default_factory=list)
+    authority: list[Entry] = dataclasses.field(default_factory=list)
+    additional: list[Entry] = dataclasses.field(default_factory=list)
 
 
 REFUSED = Answer(dns.EREFUSED, False)
@@ -63,7 +67,7 @@ class Authority:
             return Answer(dns.EREFUSED, False)
         if owner is None:
             owner = name.encode("latin-1")
-        answers: list[dns.RRHeader] = []
+        answers: list[Entry] = []
         final: list[ZoneRecord] = []
         seen: set[str] = set()
         current, current_owner = name, owner
@@ -87,21 +91,22 @@ class Authority:
             if not cnames:
                 return self._negative(zone, dns.OK, answers)
             link = cnames[0]
-            answers.append(link.header(current_owner))
+            answers.append((current_owner, link))
             target = link.target()
             if target is None or target in seen or not in_zone(target, zone.origin):
                 return Answer(dns.OK, True, answers)
             current, current_owner = target, target.encode("ascii")
         else:
             return Answer(dns.OK, True, answers)
-        answers.extend(r.header(current_owner) for r in final)
+        answers.extend((current_owner, r) for r in final)
         return Answer(dns.OK, True, answers, [], self._additional(final))
 
-    def _negative(self, zone: Zone, rcode: int, answers: list[dns.RRHeader]) -> Answer:
-        return Answer(rcode, True, answers, [zone.negative_soa.header()])
+    def _negative(self, zone: Zone, rcode: int, answers: list[Entry]) -> Answer:
+        soa = zone.negative_soa
+        return Answer(rcode, True, answers, [(soa.owner.encode("ascii"), soa)])
 
-    def _additional(self, records: list[ZoneRecord]) -> list[dns.RRHeader]:
-        out: list[dns.RRHeader] = []
+    def _additional(self, records: list[ZoneRecord]) -> list[Entry]:
+        out: list[Entry] = []
         done: set[str] = set()
         for rec in records:
             if rec.rtype not in (dns.MX, dns.NS, dns.SRV):
@@ -115,7 +120,7 @@ class Authority:
             if node is None:
                 continue
             for rtype in (dns.A, dns.AAAA):
-                out.extend(r.header() for r in node.get(rtype, ()))
+                out.extend((r.owner.encode("ascii"), r) for r in node.get(rtype, ()))
         return out
 
 

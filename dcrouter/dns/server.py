@@ -27,12 +27,11 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from io import BytesIO
 from typing import Optional
 
 from twisted.names import dns
 
-from dcrouter.dns.authority import Answer, Authority
+from dcrouter.dns.authority import Answer, Authority, Entry
 from dcrouter.dns.zone import type_name
 
 #: Largest TCP query accepted; longer length prefixes close the connection.
@@ -49,16 +48,25 @@ _RCODE_NAMES = {dns.OK: "NOERROR", dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAI
                 EDNS_BADVERS: "BADVERS"}
 
 
-class _Compression(dict):
-    """Name offsets for compression; offsets a pointer cannot hold (> 0x3FFF) are not kept.
+def _write_name(out: bytearray, name: bytes, comp: dict[bytes, int]) -> None:
+    """Append ``name`` (dotted bytes) with RFC 1035 compression against ``comp``.
 
-    twisted.names' ``Name.encode`` registers every suffix it writes; past 16 KiB
-    (large TCP answers) its pointers would wrap, so those names stay uncompressed.
+    Offsets a pointer cannot hold (past 16 KiB, in large TCP answers) are
+    not remembered, so later names are written in full rather than wrongly.
     """
-
-    def __setitem__(self, name: bytes, offset: int) -> None:
-        if offset <= 0x3FFF:
-            super().__setitem__(name, offset)
+    while name:
+        known = comp.get(name)
+        if known is not None:
+            out.append(0xC0 | known >> 8)
+            out.append(known & 0xFF)
+            return
+        position = len(out) + 12
+        if position <= 0x3FFF:
+            comp[name] = position
+        label, _dot, name = name.partition(b".")
+        out.append(len(label))
+        out += label
+    out.append(0)
 
 
 class MalformedQuery(ValueError):
@@ -280,21 +288,29 @@ class Responder:
                 + body + opt)
 
     @staticmethod
-    def _body(q: Query, sections: tuple[list[dns.RRHeader], ...]) -> bytes:
-        out = BytesIO()
-        out.write(q.question)
+    def _body(q: Query, sections: tuple[list[Entry], ...]) -> bytes:
+        out = bytearray(q.question)
         if not any(sections):
-            return out.getvalue()
-        comp = _Compression()
+            return bytes(out)
+        comp: dict[bytes, int] = {}
         offset = 12
         labels = q.labels
         for i, label in enumerate(labels):
             comp.setdefault(b".".join(labels[i:]), offset)
             offset += 1 + len(label)
         for section in sections:
-            for rr in section:
-                rr.encode(out, comp)
-        return out.getvalue()
+            for owner, rec in section:
+                _write_name(out, owner, comp)
+                out += rec.fixed
+                at = len(out)
+                out += b"\x00\x00"
+                for is_name, part in rec.parts:
+                    if is_name:
+                        _write_name(out, part, comp)
+                    else:
+                        out += part
+                struct.pack_into("!H", out, at, len(out) - at - 2)
+        return bytes(out)
 
     def stats(self) -> dict:
         """Queries by rcode and type, malformed, dropped and truncated counts."""
