@@ -11,13 +11,16 @@ configured SOA serial, or at the current Unix time).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from twisted.internet import defer, threads
 
+from dcrouter.config.base import build
+from dcrouter.config.dns import ZoneOptions
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.dkimkeys import DkimKey
 from dcrouter.dns.authority import Authority
@@ -98,6 +101,10 @@ class SerialKeeper:
             return result
         self._saving.addBoth(done)
         return d
+
+
+def _not_a_table(index: int) -> Any:
+    raise ConfigError(f"dns.zones[{index}]", "must be a table")
 
 
 class DnsService(ManagedService):
@@ -239,6 +246,24 @@ class DnsService(ManagedService):
             yield self.listeners.update(self._specs(options))
             yield self.refresh_email_records()
         return None
+
+    def update_zones(self, zones: Sequence[Mapping[str, Any]]) -> defer.Deferred:
+        """Replace the configured zones at runtime (for the management API).
+
+        ``zones`` are ``[[dns.zones]]`` tables as plain data (parsed JSON).
+        Invalid data raises :class:`ConfigError` naming the key, before
+        anything changes; otherwise the new zones are served atomically and
+        the returned Deferred fires once the email records are republished.
+        The change lasts until the next reload from the configuration file.
+        """
+        parsed = tuple(build(ZoneOptions, zone, f"dns.zones[{i}]") if isinstance(zone, Mapping)
+                       else _not_a_table(i) for i, zone in enumerate(zones))
+        options = dataclasses.replace(
+            self.options, dns=dataclasses.replace(self._dns(self.options), zones=parsed))
+        zone_set = self._build(options)
+        self.options = options
+        self._swap(zone_set)
+        return self.refresh_email_records() if self.running else defer.succeed(None)
 
     # -- figures -----------------------------------------------------------------
     def zones(self) -> list[dict]:

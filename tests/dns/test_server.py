@@ -12,12 +12,14 @@ import dns.message
 import dns.query
 import dns.rcode
 import dns.rdatatype
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 from twisted.names import client
 from twisted.names import dns as tdns
 
 from dcrouter.config import parse_config
+from dcrouter.errors import ConfigError
 from tests.dns.conftest import ZONE, ask, dns_config, send_raw, start_dns
 from tests.support.net import free_tcp_udp_port
 
@@ -343,3 +345,24 @@ async def test_ipv6_listener(tmp_path: Any) -> None:
         assert len(tcp.answer[0]) == 2
     finally:
         await running.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_zones_replaced_at_runtime_for_the_api(server: Any) -> None:
+    service = server.service
+    serial = service.zone("example.test").serial
+    zone = dict(ZONE, records=[{"name": "www", "type": "A", "value": "192.0.2.123"}])
+    added = {"origin": "api.test", "records": [{"name": "@", "type": "TXT", "value": "hi"}]}
+    await service.update_zones([zone, added])
+    www = await ask(server.udp_port, "www.example.test", "A")
+    assert www.answer[0][0].address == "192.0.2.123"
+    assert service.zone("example.test").serial > serial
+    api = await ask(server.udp_port, "api.test", "TXT")
+    assert api.answer[0][0].strings == (b"hi",)
+    with pytest.raises(ConfigError, match=r"dns.zones\[0\].records\[0\].value"):
+        service.update_zones([{"origin": "x.test",
+                               "records": [{"name": "a", "type": "A", "value": "nope"}]}])
+    with pytest.raises(ConfigError, match=r"dns.zones\[0\].origin"):
+        service.update_zones([{"records": []}])
+    still = await ask(server.udp_port, "api.test", "TXT")
+    assert still.answer
