@@ -459,6 +459,10 @@ class Zone:
             for i in range(0, len(labels) - suffix_len + 1):
                 self.names.add(".".join(labels[i:]))
         self.names.add(self.origin)
+        #: Delegation points: names below the apex with NS records (RFC 1034 4.2.1).
+        self.cuts: frozenset[str] = frozenset(
+            owner for owner, node in self.nodes.items()
+            if owner != self.origin and dns.NS in node)
 
     @property
     def records(self) -> list[ZoneRecord]:
