@@ -316,8 +316,8 @@ class Responder:
         """Queries by rcode and type, malformed, dropped and truncated counts."""
         return {
             "queries": sum(self.by_rcode.values()),
-            "by_rcode": {_RCODE_NAMES.get(k, str(k)): v for k, v in self.by_rcode.items()},
-            "by_type": {type_name(k): v for k, v in self.by_type.items()},
+            "queries_by_rcode": {_RCODE_NAMES.get(k, str(k)): v for k, v in self.by_rcode.items()},
+            "queries_by_type": {type_name(k): v for k, v in self.by_type.items()},
             "malformed": self.malformed,
             "dropped": self.dropped,
             "truncated": self.truncated,

@@ -245,9 +245,9 @@ async def test_stats_and_zones_for_the_api(server: Any) -> None:
     await ask(server.udp_port, "nope.example.test", "MX")
     await ask(server.udp_port, "example.org", "A")
     stats = server.service.get_stats()
-    assert stats["by_rcode"]["NOERROR"] >= 2
-    assert stats["by_rcode"]["NXDOMAIN"] == 1 and stats["by_rcode"]["REFUSED"] == 1
-    assert stats["by_type"]["A"] >= 3 and stats["by_type"]["MX"] == 1
+    assert stats["queries_by_rcode"]["NOERROR"] >= 2
+    assert stats["queries_by_rcode"]["NXDOMAIN"] == 1 and stats["queries_by_rcode"]["REFUSED"] == 1
+    assert stats["queries_by_type"]["A"] >= 3 and stats["queries_by_type"]["MX"] == 1
     assert stats["zones"][0]["origin"] == "example.test"
     zones = server.service.zones()
     assert zones[0]["origin"] == "example.test."
