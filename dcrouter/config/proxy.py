@@ -113,6 +113,18 @@ class ProxyRouteOptions:
         """Every port this route listens on."""
         return [p for low, high in self.port_ranges for p in range(low, high + 1)]
 
+    @property
+    def mode(self) -> str:
+        """How the listener reads a connection: ``tls`` (ClientHello), ``http`` (request
+        head) or ``tcp`` (nothing: connect at once)."""
+        if self.tls:
+            return "tls"
+        if self.http is not None:
+            return "http" if self.http else "tcp"
+        wants_http = (any(d != "*" for d in self.domains) or bool(self.path_prefix)
+                      or self.redirect_to_https or self.add_forwarded_headers)
+        return "http" if wants_http else "tcp"
+
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AcmeOptions:
@@ -150,3 +162,11 @@ class ProxyOptions:
                 raise ConfigError(f"{path}.routes[{i}].name",
                                   f"'{route.name}' repeats routes[{names[route.name]}]")
             names[route.name] = i
+        modes: dict[int, tuple[str, int]] = {}
+        for i, route in enumerate(self.routes):
+            for port in route.all_ports():
+                first = modes.setdefault(port, (route.mode, i))
+                if first[0] != route.mode and "tls" in (first[0], route.mode):
+                    raise ConfigError(f"{path}.routes[{i}].ports",
+                                      f"port {port} mixes TLS and plain routes "
+                                      f"(routes[{first[1]}] is {first[0]}, this one {route.mode})")

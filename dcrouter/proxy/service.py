@@ -1,42 +1,228 @@
-"""The proxy service (placeholder until the proxy issue lands)."""
+"""The proxy service: listeners, the live route table, TLS, health checks, ACME and stats.
+
+:class:`ProxyService` is the ``proxy`` child of the router.  It owns one
+listener per configured port (shared by every route on that port), the
+current :class:`~dcrouter.proxy.routes.RouteTable` (replaced whole on
+reconfiguration, so a connection sees either the old or the new table and
+existing tunnels keep their routes), the admission counters, the certificate
+store and, when ``[proxy.acme]`` is enabled, the ACME manager.
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import re
+from typing import Any, Optional
 
-from twisted.protocols.portforward import ProxyFactory
+from twisted.internet import defer, ssl
 
-from dcrouter.config.base import split_host_port
+from dcrouter.config.options import DcRouterOptions
+from dcrouter.config.proxy import ProxyOptions
+from dcrouter.errors import ConfigError
+from dcrouter.logsetup import get_logger
+from dcrouter.proxy.balancer import Balancer, HealthChecker, Target
+from dcrouter.proxy.certs import CertStore
+from dcrouter.proxy.frontend import FrontFactory, FrontProtocol
+from dcrouter.proxy.limits import Admission, in_networks, normalize_ip, parse_networks
+from dcrouter.proxy.routes import Route, RouteTable
+from dcrouter.proxy.stats import RouteStats
 from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterContext
+
+log = get_logger("proxy")
+
+_PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", re.S)
 
 
 class ProxyService(ManagedService):
-    """Placeholder: forwards each route's ports to its first target."""
+    """The TCP/TLS proxy: SNI passthrough, termination, HTTP routing, load balancing, ACME."""
 
     def __init__(self, context: RouterContext) -> None:
         super().__init__("proxy", context)
+        self.reactor = context.reactor
+        self.admission = Admission()
+        self.route_stats: dict[str, RouteStats] = {}
+        self.unrouted: dict[str, int] = {}
+        self.connections: set[FrontProtocol] = set()
+        self.challenges: dict[str, str] = {}
+        self.acme: Any = None
+        self._drain_waiters: list[defer.Deferred] = []
+        self._backend_tls: dict[tuple[str, str], Any] = {}
+        self.checkers: list[HealthChecker] = []
+        proxy = self._proxy_options(context.options)
+        self.table, self.certs = self._build(proxy, None)
+        self._proxy_ips = parse_networks(proxy.proxy_ips) if proxy.accept_proxy_protocol else ()
         self.listeners = ListenerSet(context.reactor, self._factory)
 
-    def _factory(self, spec: ListenSpec) -> Any:
-        index = int(spec.key_path.split("[")[1].split("]")[0])
-        host, port = split_host_port(self.context.options.proxy.routes[index].targets[0], "")
-        return ProxyFactory(host, port)
+    # -- building --------------------------------------------------------------
+    @staticmethod
+    def _proxy_options(options: DcRouterOptions) -> ProxyOptions:
+        if options.proxy is None:
+            raise ConfigError("proxy", "the proxy section is missing")
+        return options.proxy
+
+    def _build(self, proxy: ProxyOptions, old: Optional[RouteTable]) -> tuple[RouteTable, CertStore]:
+        table = RouteTable(proxy)
+        for route in table.routes:
+            route.balancer = Balancer(list(route.targets), route.options.load_balancing)
+            previous = old.by_key(route.key) if old is not None else None
+            if previous is not None and previous.balancer is not None:
+                route.balancer.adopt_state(previous.balancer)
+            route.stats = self.stats_for(route)
+        certs = CertStore(self.context.state_dir)
+        certs.load(table.routes)
+        return table, certs
 
     def _specs(self) -> list[ListenSpec]:
-        proxy = self.context.options.proxy
-        out: dict[int, ListenSpec] = {}
-        for i, route in enumerate(proxy.routes):
-            for port in route.all_ports():
-                out.setdefault(port, ListenSpec("tcp", proxy.listen, port, f"proxy.routes[{i}].ports"))
-        return list(out.values())
+        proxy = self._proxy_options(self.context.options)
+        specs = []
+        for port in self.table.ports():
+            first = self.table.by_port[port][0]
+            specs.append(ListenSpec("tcp", proxy.listen, port, f"proxy.routes[{first.index}].ports"))
+        return specs
 
+    def _factory(self, spec: ListenSpec) -> FrontFactory:
+        return FrontFactory(self, spec.port)
+
+    def _start_checks(self) -> None:
+        for checker in self.checkers:
+            checker.stop()
+        self.checkers = []
+        for route in self.table.routes:
+            if route.options.health_check_interval > 0 and route.targets:
+                checker = HealthChecker(self.reactor, route.balancer,
+                                        route.options.health_check_interval, route.key)
+                checker.start()
+                self.checkers.append(checker)
+
+    def _start_acme(self) -> None:
+        proxy = self._proxy_options(self.context.options)
+        if not proxy.acme.enabled:
+            if self.acme is not None:
+                self.acme.stop()
+                self.acme = None
+            return
+        from dcrouter.proxy.acme import AcmeManager
+        if self.acme is None:
+            self.acme = AcmeManager(self.reactor, proxy.acme, self.context.state_dir,
+                                    self.challenges, self._acme_issued)
+        self.acme.update(proxy.acme, self.table.terminate_domains())
+        self.acme.start()
+
+    def _acme_issued(self, name: str) -> None:
+        self.certs.add_acme(name)
+
+    # -- what connections ask of the service --------------------------------------
+    def stats_for(self, route: Route) -> RouteStats:
+        """The counters of ``route`` (kept across reconfigurations by route name)."""
+        stats = self.route_stats.get(route.key)
+        if stats is None:
+            stats = self.route_stats[route.key] = RouteStats()
+        return stats
+
+    def count_unrouted(self, kind: str) -> None:
+        """Count a connection closed before it had a route."""
+        self.unrouted[kind] = self.unrouted.get(kind, 0) + 1
+
+    def trusts_proxy_header(self, client_ip: str) -> bool:
+        """Whether a connection from ``client_ip`` must start with a PROXY header."""
+        return bool(self._proxy_ips) and in_networks(normalize_ip(client_ip), self._proxy_ips)
+
+    def acme_answer(self, token: str) -> Optional[str]:
+        """The key authorization of a pending http-01 challenge."""
+        return self.challenges.get(token)
+
+    def backend_tls_options(self, route: Route, target: Target) -> Any:
+        """Client TLS options for re-encrypting to ``target`` (verifying per the route)."""
+        key = (f"{route.key}/{id(route.options)}", target.label)
+        options = self._backend_tls.get(key)
+        if options is None:
+            opts = route.options
+            if opts.backend_verify:
+                trust: Any = None
+                if opts.backend_ca_path:
+                    with open(opts.backend_ca_path, "rb") as f:
+                        pems = re.findall(_PEM, f.read())
+                    trust = ssl.trustRootFromCertificates(
+                        [ssl.Certificate.loadPEM(p) for p in pems])
+                options = ssl.optionsForClientTLS(opts.backend_server_name or target.host,
+                                                  trustRoot=trust)
+            else:
+                options = ssl.CertificateOptions(verify=False,
+                                                 raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+            self._backend_tls[key] = options
+        return options
+
+    def track(self, protocol: FrontProtocol) -> None:
+        """A connection was accepted."""
+        self.connections.add(protocol)
+
+    def untrack(self, protocol: FrontProtocol) -> None:
+        """A connection closed; fires :meth:`drain` waiters when none is left."""
+        self.connections.discard(protocol)
+        if not self.connections and self._drain_waiters:
+            waiters, self._drain_waiters = self._drain_waiters, []
+            for d in waiters:
+                d.callback(None)
+
+    # -- ManagedService ------------------------------------------------------------
     def startService(self) -> None:
         self.listeners.start(self._specs())
+        self._start_checks()
+        self._start_acme()
         super().startService()
 
     def stopService(self) -> Any:
         super().stopService()
-        return self.listeners.stop()
+        for checker in self.checkers:
+            checker.stop()
+        self.checkers = []
+        if self.acme is not None:
+            self.acme.stop()
+        d = self.listeners.stop()
+        for protocol in list(self.connections):
+            protocol.abort()
+        return d
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
         return self.listeners.addresses()
+
+    def reconfigure(self, options: DcRouterOptions) -> Optional[defer.Deferred]:
+        """Swap in a new route table; re-bind only ports that changed."""
+        proxy = self._proxy_options(options)
+        table, certs = self._build(proxy, self.table)
+        self.table, self.certs = table, certs
+        self._proxy_ips = parse_networks(proxy.proxy_ips) if proxy.accept_proxy_protocol else ()
+        self._backend_tls = {}
+        keep = {r.key for r in table.routes}
+        for key in list(self.route_stats):
+            if key not in keep and not self.route_stats[key].active:
+                del self.route_stats[key]
+        if self.running:
+            self._start_checks()
+            self._start_acme()
+            return self.listeners.update(self._specs())
+        return None
+
+    def stop_accepting(self) -> Optional[defer.Deferred]:
+        return self.listeners.stop()
+
+    def drain(self) -> Optional[defer.Deferred]:
+        if not self.connections:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._drain_waiters.append(d)
+        return d
+
+    def get_stats(self) -> dict:
+        routes: dict[str, Any] = {}
+        for route in self.table.routes:
+            entry = self.stats_for(route).as_dict()
+            entry["targets"] = route.balancer.health()
+            routes[route.key] = entry
+        out: dict[str, Any] = {
+            "active_connections": len(self.connections),
+            "routes": routes,
+            "unrouted": dict(self.unrouted),
+        }
+        if self.acme is not None:
+            out["acme"] = self.acme.status()
+        return out

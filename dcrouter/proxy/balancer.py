@@ -1,0 +1,203 @@
+"""Load balancing over a route's targets, TCP health checks and connect failover.
+
+* :class:`Balancer` orders a route's targets for a new connection
+  (round-robin or least-connections, healthy targets first).
+* :class:`HealthChecker` opens a TCP connection to each target every
+  ``health_check_interval`` seconds; a target that refuses leaves the
+  rotation until a check succeeds again.
+* :func:`connect_with_failover` tries the targets in that order until one
+  accepts the connection.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable, Optional
+
+from twisted.internet import defer
+from twisted.internet.endpoints import (
+    HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS,
+)
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import LoopingCall
+
+from dcrouter.logsetup import get_logger
+
+log = get_logger("proxy")
+
+
+class Target:
+    """One backend ``host:port`` with its health and current connection count."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host = host
+        self.port = port
+        self.healthy = True
+        self.active = 0
+        self.failures = 0
+
+    @property
+    def label(self) -> str:
+        """``host:port`` (``[v6]:port``)."""
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+    def __repr__(self) -> str:
+        return f"<Target {self.label} {'up' if self.healthy else 'down'} {self.active}>"
+
+
+class Balancer:
+    """Chooses the order in which a new connection tries a route's targets."""
+
+    def __init__(self, targets: list[tuple[str, int]], method: str = "round-robin") -> None:
+        self.targets = [Target(h, p) for h, p in targets]
+        self.method = method
+        self._next = 0
+
+    def order(self) -> list[Target]:
+        """Healthy targets in balancing order, then unhealthy ones as a last resort."""
+        n = len(self.targets)
+        if not n:
+            return []
+        if self.method == "least-connections":
+            start = self._next % n
+            rotated = self.targets[start:] + self.targets[:start]
+            self._next += 1
+            ordered = sorted(rotated, key=lambda t: t.active)
+        else:
+            healthy = [i for i, t in enumerate(self.targets) if t.healthy]
+            start = self._next % n
+            # advance to the next healthy target so an unhealthy one does not double its neighbour's share
+            if healthy:
+                start = min(healthy, key=lambda i: (i - start) % n)
+            self._next = start + 1
+            ordered = self.targets[start:] + self.targets[:start]
+        return [t for t in ordered if t.healthy] + [t for t in ordered if not t.healthy]
+
+    def adopt_state(self, old: "Balancer") -> None:
+        """Keep health and counts of targets that a reconfiguration kept."""
+        by_label = {t.label: t for t in old.targets}
+        for i, target in enumerate(self.targets):
+            if target.label in by_label:
+                self.targets[i] = by_label[target.label]
+        self._next = old._next
+
+    def health(self) -> dict[str, dict[str, Any]]:
+        """``{target: {"healthy": .., "active": .., "failures": ..}}`` for stats."""
+        return {t.label: {"healthy": t.healthy, "active": t.active, "failures": t.failures}
+                for t in self.targets}
+
+
+def target_endpoint(reactor: Any, host: str, port: int, timeout: float,
+                    tls_options: Any = None) -> Any:
+    """A client endpoint for a target (literal IPs skip name resolution)."""
+    version = 0
+    try:
+        version = ipaddress.ip_address(host).version
+    except ValueError:
+        pass
+    if version == 4:
+        endpoint: Any = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
+    elif version == 6:
+        endpoint = TCP6ClientEndpoint(reactor, host, port, timeout=timeout)
+    else:
+        endpoint = HostnameEndpoint(reactor, host, port, timeout=timeout)
+    if tls_options is not None:
+        endpoint = wrapClientTLS(tls_options, endpoint)
+    return endpoint
+
+
+class _Probe(Protocol):
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.loseConnection()
+
+
+class HealthChecker:
+    """Periodic TCP connect checks of one balancer's targets."""
+
+    def __init__(self, reactor: Any, balancer: Balancer, interval: float, route_key: str,
+                 timeout: float = 5.0) -> None:
+        self.reactor = reactor
+        self.balancer = balancer
+        self.interval = interval
+        self.route_key = route_key
+        self.timeout = min(timeout, interval) if interval else timeout
+        self._loop: Optional[LoopingCall] = None
+
+    def start(self) -> None:
+        """Begin checking (first round after one interval)."""
+        if self.interval > 0 and self._loop is None:
+            self._loop = LoopingCall(self.check_all)
+            self._loop.clock = self.reactor
+            self._loop.start(self.interval, now=False).addErrback(
+                lambda f: log.failure("health checks stopped", f, route=self.route_key))
+
+    def stop(self) -> None:
+        """Stop checking."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        self._loop = None
+
+    def check_all(self) -> defer.Deferred:
+        """Check every target once; fires when all answered."""
+        return defer.gatherResults([self.check(t) for t in self.balancer.targets],
+                                   consumeErrors=True)
+
+    def check(self, target: Target) -> defer.Deferred:
+        """One TCP connect to ``target``; updates its health."""
+        factory = Factory.forProtocol(_Probe)
+        factory.noisy = False
+        endpoint = target_endpoint(self.reactor, target.host, target.port, self.timeout)
+        d = endpoint.connect(factory)
+
+        def up(_: Any) -> None:
+            if not target.healthy:
+                log.info("target {target} of route {route} is healthy again",
+                         target=target.label, route=self.route_key)
+            target.healthy = True
+
+        def down(failure: Any) -> None:
+            if target.healthy:
+                log.warn("target {target} of route {route} failed its health check: {error}",
+                         target=target.label, route=self.route_key,
+                         error=failure.getErrorMessage())
+            target.healthy = False
+        d.addCallbacks(up, down)
+        return d
+
+
+def connect_with_failover(balancer: Balancer, connect: Callable[[Target], defer.Deferred],
+                          mark_down: bool) -> defer.Deferred:
+    """Try ``connect(target)`` for each target in balancing order until one succeeds.
+
+    Fires with ``(target, result)``; fails with the last error when every
+    target failed.  A failed target is marked unhealthy when ``mark_down``
+    (health checks will bring it back).
+    """
+    order = balancer.order()
+    result: defer.Deferred = defer.Deferred()
+
+    def attempt(i: int, last: Any) -> None:
+        if i >= len(order):
+            result.errback(last)
+            return
+        target = order[i]
+        d = connect(target)
+
+        def ok(value: Any) -> None:
+            result.callback((target, value))
+
+        def failed(failure: Any) -> None:
+            target.failures += 1
+            if mark_down:
+                target.healthy = False
+            log.warn("connect to {target} failed: {error}", target=target.label,
+                     error=failure.getErrorMessage())
+            attempt(i + 1, failure)
+        d.addCallbacks(ok, failed)
+
+    if not order:
+        result.errback(ConnectionError("route has no targets"))
+    else:
+        attempt(0, None)
+    return result

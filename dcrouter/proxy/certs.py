@@ -1,0 +1,155 @@
+"""The certificate store of terminating routes, with an SNI callback.
+
+Certificates come from three places, in this order of preference for a name:
+
+1. files configured on a route (``cert_path``/``key_path``) for its domains,
+2. ACME-issued certificates under ``state_dir/certs/acme/<name>.crt``,
+3. one self-signed fallback (``dcrouter.tlsutil``) naming every terminate
+   route's domains, so a handshake always completes.
+
+The server context (TLS >= 1.2, modern ciphers, ALPN ``http/1.1``) asks the
+store for the certificate of the name in the ClientHello through
+``OpenSSL.SSL.Context.set_tlsext_servername_callback``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, Iterable, Optional
+
+from cryptography import x509
+from OpenSSL import SSL
+from twisted.internet.interfaces import IOpenSSLContextFactory
+from zope.interface import implementer
+
+from dcrouter.logsetup import get_logger
+from dcrouter.tlsutil import ensure_private_dir, ensure_self_signed, load_certificate_options
+
+log = get_logger("proxy")
+
+ALPN = b"http/1.1"
+
+
+def acme_dir(state_dir: str) -> str:
+    """Where ACME-issued certificates live."""
+    return os.path.join(state_dir, "certs", "acme")
+
+
+def acme_paths(state_dir: str, name: str) -> tuple[str, str]:
+    """Certificate and key paths of the ACME certificate for ``name``."""
+    safe = name.replace("*", "_wildcard_").replace("/", "_")
+    base = acme_dir(state_dir)
+    return os.path.join(base, f"{safe}.crt"), os.path.join(base, f"{safe}.key")
+
+
+def certificate_expiry(cert_path: str) -> Optional[datetime.datetime]:
+    """``notAfter`` of the first certificate in a PEM file (None if unreadable)."""
+    try:
+        with open(cert_path, "rb") as f:
+            cert = x509.load_pem_x509_certificate(f.read())
+    except (OSError, ValueError):
+        return None
+    return cert.not_valid_after_utc
+
+
+def _select_alpn(connection: Any, offered: list[bytes]) -> Any:
+    return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+
+
+@implementer(IOpenSSLContextFactory)
+class CertStore:
+    """Names -> server ``SSL.Context``; builds the context of terminating listeners."""
+
+    def __init__(self, state_dir: str) -> None:
+        self.state_dir = state_dir
+        self.contexts: dict[str, SSL.Context] = {}
+        self.sources: dict[str, str] = {}
+        self.fallback: Optional[SSL.Context] = None
+        self._server: Optional[SSL.Context] = None
+
+    # -- building ------------------------------------------------------------
+    def _context(self, cert_path: str, key_path: str, key_name: str) -> SSL.Context:
+        ctx = load_certificate_options(cert_path, key_path, key_path_name=key_name).getContext()
+        ctx.set_alpn_select_callback(_select_alpn)
+        return ctx
+
+    def add(self, names: Iterable[str], cert_path: str, key_path: str, source: str,
+            key_name: str = "proxy") -> None:
+        """Serve ``cert_path`` for ``names`` (files win over ACME, ACME over the fallback)."""
+        ctx = self._context(cert_path, key_path, key_name)
+        rank = {"config": 0, "acme": 1}
+        for name in names:
+            name = name.lower()
+            if name in self.sources and rank.get(self.sources[name], 2) < rank.get(source, 2):
+                continue
+            self.contexts[name] = ctx
+            self.sources[name] = source
+
+    def load(self, routes: Iterable[Any]) -> None:
+        """Load configured files, ACME certificates on disk and the fallback for ``routes``.
+
+        Raises ConfigError naming the route when a configured file is unusable.
+        """
+        names: list[str] = []
+        terminating = False
+        for route in routes:
+            if not route.tls.startswith("terminate"):
+                continue
+            terminating = True
+            names.extend(d for d in route.domains if d != "*" and d not in names)
+            if route.options.cert_path:
+                self.add([d for d in route.domains if d != "*"] or ["*"],
+                         route.options.cert_path, route.options.key_path, "config",
+                         key_name=f"proxy.routes[{route.index}].cert_path")
+        for name in names:
+            if "*" in name:
+                continue
+            cert_path, key_path = acme_paths(self.state_dir, name)
+            if os.path.exists(cert_path) and os.path.exists(key_path):
+                self.add_acme(name)
+        if not terminating:
+            return
+        ensure_private_dir(os.path.join(self.state_dir, "certs"))
+        cert_path, key_path = ensure_self_signed(self.state_dir, "dcrouter-proxy-fallback",
+                                                 sorted(names))
+        self.fallback = self._context(cert_path, key_path, "proxy")
+
+    def add_acme(self, name: str) -> bool:
+        """(Re)load the ACME certificate for ``name`` from disk; False if unusable."""
+        cert_path, key_path = acme_paths(self.state_dir, name)
+        try:
+            self.add([name], cert_path, key_path, "acme")
+        except Exception as e:  # a broken file must not stop the proxy
+            log.error("cannot load ACME certificate for {name}: {error}", name=name, error=str(e))
+            return False
+        return True
+
+    # -- serving -------------------------------------------------------------
+    def context_for(self, name: Optional[str]) -> SSL.Context:
+        """The context for a requested name: exact, then ``*.`` wildcard, then fallback."""
+        assert self.fallback is not None
+        if name:
+            name = name.rstrip(".").lower()
+            if name in self.contexts:
+                return self.contexts[name]
+            labels = name.split(".")
+            for i in range(1, len(labels)):
+                wildcard = "*." + ".".join(labels[i:])
+                if wildcard in self.contexts:
+                    return self.contexts[wildcard]
+        return self.contexts.get("*", self.fallback)
+
+    def _on_servername(self, connection: SSL.Connection) -> None:
+        raw = connection.get_servername()
+        name = raw.decode("ascii", "replace") if raw else None
+        ctx = self.context_for(name)
+        if ctx is not self._server:
+            connection.set_context(ctx)
+
+    def getContext(self) -> SSL.Context:
+        """The context terminating listeners start with (old-style context factory)."""
+        if self._server is None:
+            self._server = self.context_for(None)
+            self._server.set_tlsext_servername_callback(self._on_servername)
+        return self._server

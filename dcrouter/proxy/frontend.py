@@ -1,0 +1,460 @@
+"""The client side of the proxy: one :class:`FrontProtocol` per accepted connection.
+
+A connection goes through these stages, as its listener's mode requires:
+
+1. ``proxy`` - from a trusted load balancer (``proxy_ips``), a PROXY v1/v2
+   header that replaces the client address;
+2. ``tls`` - the ClientHello is read (:mod:`dcrouter.proxy.sni`) and the
+   route chosen by SNI; ``passthrough`` replays the bytes to a target,
+   ``terminate*`` feeds them into a server TLS engine whose plain side is
+   relayed; ``http`` - the first request head is read
+   (:mod:`dcrouter.proxy.http`) and the route chosen by ``Host`` and path;
+   ``tcp`` - the route is chosen by port and client address alone;
+3. admission (:mod:`dcrouter.proxy.limits`, the same call for every mode),
+   then a :class:`~dcrouter.proxy.tunnel.Tunnel` to a target chosen by the
+   route's balancer, with failover.
+
+The first bytes must arrive within the route's ``initial_data_timeout``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from OpenSSL import SSL
+from twisted.internet import defer
+from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
+from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.logsetup import get_logger
+from dcrouter.proxy import http as httpmod
+from dcrouter.proxy import proxyprotocol, sni
+from dcrouter.proxy.balancer import Target, connect_with_failover, target_endpoint
+from dcrouter.proxy.limits import LimitExceeded, Ticket, normalize_ip
+from dcrouter.proxy.routes import Route, RouteTable
+from dcrouter.proxy.tunnel import BackendProtocol, Tunnel
+
+log = get_logger("proxy")
+
+
+class _Backend(BackendProtocol):
+    """Target side that first sends a PROXY header and, for re-encrypt, starts TLS."""
+
+    def __init__(self, tunnel: Tunnel, preamble: bytes, tls_options: Any) -> None:
+        super().__init__(tunnel)
+        self.preamble = preamble
+        self.tls_options = tls_options
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        if self.preamble:
+            self.transport.write(self.preamble)
+        if self.tls_options is not None:
+            self.transport.startTLS(self.tls_options)  # type: ignore[attr-defined]
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        if self.tls_options is not None and reason.check(SSL.Error):
+            self.tunnel.stats.error("backend_tls")
+            log.warn("TLS to target failed: {error}", error=reason.getErrorMessage())
+        super().connectionLost(reason)
+
+
+class _BackendFactory(Factory):
+    noisy = False
+
+    def __init__(self, tunnel: Tunnel, preamble: bytes, tls_options: Any) -> None:
+        self.tunnel = tunnel
+        self.preamble = preamble
+        self.tls_options = tls_options
+
+    def buildProtocol(self, addr: Any) -> _Backend:
+        return _Backend(self.tunnel, self.preamble, self.tls_options)
+
+
+class Connection:
+    """What one client connection has been given: its route, admission ticket and tunnel."""
+
+    def __init__(self, core: Any, route: Route, ticket: Ticket) -> None:
+        self.core = core
+        self.route = route
+        self.ticket = ticket
+        self.stats = core.stats_for(route)
+        self.target: Optional[Target] = None
+        self.tunnel: Optional[Tunnel] = None
+        self.released = False
+        self.stats.active += 1
+        self.stats.total += 1
+
+    def release(self) -> None:
+        """Give back the admission slot and the target's connection count (once)."""
+        if self.released:
+            return
+        self.released = True
+        self.ticket.release()
+        self.stats.active -= 1
+        if self.target is not None:
+            self.target.active -= 1
+
+    def open_tunnel(self, client: Any, initial: bytes, client_addr: tuple[str, int],
+                    local_addr: tuple[str, int], on_fail: Any = None) -> Tunnel:
+        """Pause ``client``, connect a target (with failover), then relay."""
+        route, core = self.route, self.core
+        client.pauseProducing()
+        tunnel = Tunnel(core.reactor, client, self.stats, route.options.connection_timeout,
+                        on_done=self.release)
+        self.tunnel = tunnel
+        preamble = b""
+        if route.options.send_proxy_protocol:
+            preamble = proxyprotocol.encode(route.options.send_proxy_protocol, client_addr,
+                                            local_addr)
+        timeout = min(route.options.initial_data_timeout, 30.0)
+
+        def connect(target: Target) -> defer.Deferred:
+            tls_options = core.backend_tls_options(route, target) \
+                if route.tls == "terminate-and-reencrypt" else None
+            endpoint = target_endpoint(core.reactor, target.host, target.port, timeout)
+            return endpoint.connect(_BackendFactory(tunnel, preamble, tls_options))
+
+        d = connect_with_failover(route.balancer, connect,
+                                  mark_down=route.options.health_check_interval > 0)
+
+        def connected(result: tuple[Target, Any]) -> None:
+            target, protocol = result
+            self.target = target
+            target.active += 1
+            tunnel.attach(protocol.transport, initial)
+
+        def failed(failure: Failure) -> None:
+            self.stats.error("connect")
+            log.warn("route {route}: no target reachable: {error}", route=route.key,
+                     error=failure.getErrorMessage())
+            if on_fail is not None:
+                on_fail()
+            else:
+                client.loseConnection()
+            tunnel.backend_lost(failure)
+        d.addCallbacks(connected, failed)
+        return tunnel
+
+
+@implementer(IHandshakeListener)
+class _TerminatedProtocol(Protocol):
+    """The plain side of a terminated TLS connection: relays once the handshake is done."""
+
+    def __init__(self, front: "FrontProtocol", connection: Connection) -> None:
+        self.front = front
+        self.connection = connection
+        self.reader: Optional[httpmod.HeadReader] = None
+        self.tunnel: Optional[Tunnel] = None
+        self.lost = False
+        self.handshake_done = False
+
+    def handshakeCompleted(self) -> None:
+        self.handshake_done = True
+        route = self.connection.route
+        if route.options.add_forwarded_headers:
+            self.reader = httpmod.HeadReader()
+        else:
+            self._open(b"")
+
+    def _open(self, initial: bytes) -> None:
+        if self.lost:
+            return
+        self.tunnel = self.connection.open_tunnel(self.transport, initial, self.front.client_addr,
+                                                  self.front.local_addr)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.tunnel is not None:
+            self.tunnel.client_data(data)
+            return
+        if self.reader is None:
+            return
+        state = self.reader.feed(data)
+        if state == httpmod.INVALID:
+            self.connection.stats.error("bad_http")
+            assert self.transport is not None
+            self.transport.write(httpmod.response(400, "Bad Request", b"bad request\n"))
+            self.transport.loseConnection()
+        elif state == httpmod.DONE:
+            assert self.reader.head is not None
+            head = httpmod.render_head(self.reader.head, self.front.client_addr[0], "https")
+            rest = self.reader.rest
+            self.reader = None
+            self._open(head + rest)
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.lost = True
+        if self.tunnel is not None:
+            self.tunnel.client_lost(reason)
+        else:
+            if not self.handshake_done:
+                self.connection.stats.error("tls_handshake")
+            self.connection.release()
+
+
+class _TerminatedFactory(Factory):
+    noisy = False
+
+    def __init__(self, front: "FrontProtocol", connection: Connection) -> None:
+        self.front = front
+        self.connection = connection
+
+    def buildProtocol(self, addr: Any) -> _TerminatedProtocol:
+        return _TerminatedProtocol(self.front, self.connection)
+
+
+@implementer(IHalfCloseableProtocol)
+class FrontProtocol(Protocol):
+    """One accepted client connection on a proxy port."""
+
+    def __init__(self, core: Any, port: int) -> None:
+        self.core = core
+        self.port = port
+        self.table: RouteTable = core.table
+        self.stage = ""
+        self.timer: Any = None
+        self.parser: Any = None
+        self.connection: Optional[Connection] = None
+        self.tunnel: Optional[Tunnel] = None
+        self.delegate: Optional[Protocol] = None
+        self.client_addr: tuple[str, int] = ("", 0)
+        self.local_addr: tuple[str, int] = ("", 0)
+        self.closed = False
+
+    # -- lifecycle -------------------------------------------------------------
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        peer: Any = self.transport.getPeer()
+        host: Any = self.transport.getHost()
+        self.client_addr = (str(normalize_ip(peer.host)), peer.port)
+        self.local_addr = (str(normalize_ip(host.host)), host.port)
+        self.core.track(self)
+        if self.core.trusts_proxy_header(self.client_addr[0]):
+            self.stage = "proxy"
+            self.parser = proxyprotocol.ProxyHeaderParser()
+            self._start_timer()
+        else:
+            self._start_mode(b"")
+
+    def _start_mode(self, leftover: bytes) -> None:
+        mode = self.table.mode(self.port)
+        if mode == "tcp":
+            self.stage = "route"
+            route = self.table.match(self.port, None, self.client_addr[0])
+            if route is None:
+                self._refuse("no_route")
+                return
+            self._proxy(route, leftover)
+            return
+        self.stage = mode
+        self.parser = sni.ClientHelloParser() if mode == "tls" else httpmod.HeadReader()
+        if self.timer is None:
+            self._start_timer()
+        if leftover:
+            self.dataReceived(leftover)
+
+    def _start_timer(self) -> None:
+        routes = self.table.by_port.get(self.port, ())
+        timeout = min((r.options.initial_data_timeout for r in routes), default=10.0)
+        self.timer = self.core.reactor.callLater(timeout, self._initial_timeout)
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _initial_timeout(self) -> None:
+        self.timer = None
+        self._refuse("initial_timeout")
+
+    def _refuse(self, kind: str, route: Optional[Route] = None, reply: bytes = b"") -> None:
+        """Close a connection that gets no tunnel (counted as an error of ``kind``)."""
+        self._cancel_timer()
+        if route is not None:
+            self.core.stats_for(route).error(kind)
+        else:
+            self.core.count_unrouted(kind)
+        log.debug("closing {client} on port {port}: {kind}", client=self.client_addr[0],
+                  port=self.port, kind=kind)
+        assert self.transport is not None
+        if reply:
+            self.transport.write(reply)
+            self.transport.loseConnection()
+        else:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    # -- data ------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        if self.delegate is not None:
+            self.delegate.dataReceived(data)
+        elif self.tunnel is not None:
+            self.tunnel.client_data(data)
+        elif self.stage == "proxy":
+            self._on_proxy_header(data)
+        elif self.stage == "tls":
+            self._on_tls(data)
+        elif self.stage == "http":
+            self._on_http(data)
+        # other stages (waiting for a target, closing): bytes are dropped only after close
+
+    def _on_proxy_header(self, data: bytes) -> None:
+        state = self.parser.feed(data)
+        if state == proxyprotocol.INVALID:
+            self._refuse("bad_proxy_header")
+        elif state == proxyprotocol.DONE:
+            if self.parser.source is not None:
+                self.client_addr = (str(normalize_ip(self.parser.source[0])),
+                                    self.parser.source[1])
+            rest = self.parser.rest
+            self.parser = None
+            self._start_mode(rest)
+
+    def _on_tls(self, data: bytes) -> None:
+        state = self.parser.feed(data)
+        if state == sni.NEED_MORE:
+            return
+        self._cancel_timer()
+        if state == sni.NOT_TLS:
+            self._refuse("not_tls")
+            return
+        hello = self.parser.hello
+        route = self.table.match(self.port, hello.server_name, self.client_addr[0])
+        if route is None:
+            self._refuse("no_route")
+            return
+        buffered = bytes(self.parser.buffered)
+        self.parser = None
+        if route.tls == "passthrough":
+            self._proxy(route, buffered)
+        else:
+            self._terminate(route, buffered)
+
+    def _on_http(self, data: bytes) -> None:
+        state = self.parser.feed(data)
+        if state == httpmod.NEED_MORE:
+            return
+        self._cancel_timer()
+        if state == httpmod.INVALID:
+            self._refuse("bad_http", reply=httpmod.response(400, "Bad Request", b"bad request\n"))
+            return
+        head = self.parser.head
+        rest = self.parser.rest
+        self.parser = None
+        token = httpmod.acme_token(head.path)
+        if token is not None:
+            answer = self.core.acme_answer(token)
+            if answer is not None:
+                self.stage = "closing"
+                assert self.transport is not None
+                self.transport.write(httpmod.response(200, "OK", answer.encode("ascii")))
+                self.transport.loseConnection()
+                return
+        route = self.table.match(self.port, head.host, self.client_addr[0], head.path)
+        if route is None:
+            self._refuse("no_route", reply=httpmod.response(404, "Not Found", b"no route\n"))
+            return
+        connection = self._admit(route)
+        if connection is None:
+            return
+        if route.options.redirect_to_https:
+            self.stage = "closing"
+            assert self.transport is not None
+            self.transport.write(httpmod.redirect_to_https(head))
+            self.transport.loseConnection()
+            connection.release()
+            return
+        if route.options.add_forwarded_headers:
+            initial = httpmod.render_head(head, self.client_addr[0], "http") + rest
+        else:
+            initial = httpmod.render_head(head) + rest
+        self._relay(connection, initial,
+                    on_fail=lambda: self._reply_and_close(httpmod.response(
+                        502, "Bad Gateway", b"no target reachable\n")))
+
+    def _reply_and_close(self, reply: bytes) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.write(reply)
+            self.transport.loseConnection()
+
+    # -- routing outcomes --------------------------------------------------------
+    def _admit(self, route: Route) -> Optional[Connection]:
+        try:
+            ticket = self.core.admission.admit(route.key, self.client_addr[0], route.ip_rules,
+                                               route.options.max_connections,
+                                               route.options.max_connections_per_ip)
+        except LimitExceeded as e:
+            log.info("route {route} refused {client}: {kind}", route=route.key,
+                     client=self.client_addr[0], kind=e.kind)
+            self._refuse(e.kind, route)
+            return None
+        return Connection(self.core, route, ticket)
+
+    def _proxy(self, route: Route, initial: bytes) -> None:
+        connection = self._admit(route)
+        if connection is not None:
+            self._relay(connection, initial)
+
+    def _relay(self, connection: Connection, initial: bytes, on_fail: Any = None) -> None:
+        self.stage = "relay"
+        self.connection = connection
+        self.tunnel = connection.open_tunnel(self.transport, initial, self.client_addr,
+                                             self.local_addr, on_fail=on_fail)
+
+    def _terminate(self, route: Route, buffered: bytes) -> None:
+        connection = self._admit(route)
+        if connection is None:
+            return
+        self.stage = "terminated"
+        self.connection = connection
+        factory = TLSMemoryBIOFactory(self.core.certs, False,
+                                      _TerminatedFactory(self, connection))
+        factory.noisy = False
+        assert self.transport is not None
+        tls = factory.buildProtocol(self.transport.getPeer())
+        self.delegate = tls
+        tls.makeConnection(self.transport)
+        tls.dataReceived(buffered)
+
+    # -- closing -------------------------------------------------------------
+    def readConnectionLost(self) -> None:
+        if self.tunnel is not None:
+            self.tunnel.client_read_closed()
+        elif self.transport is not None:
+            self.transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.closed = True
+        self._cancel_timer()
+        if self.delegate is not None:
+            self.delegate.connectionLost(reason)
+        elif self.tunnel is not None:
+            self.tunnel.client_lost(reason)
+        elif self.connection is not None:
+            self.connection.release()
+        self.core.untrack(self)
+
+    def abort(self) -> None:
+        """Close now (shutdown deadline passed)."""
+        if self.tunnel is not None:
+            self.tunnel.abort()
+        if self.transport is not None:
+            self.transport.abortConnection()  # type: ignore[attr-defined]
+
+
+class FrontFactory(Factory):
+    """Builds a :class:`FrontProtocol` for each connection on one proxy port."""
+
+    noisy = False
+
+    def __init__(self, core: Any, port: int) -> None:
+        self.core = core
+        self.port = port
+
+    def buildProtocol(self, addr: Any) -> FrontProtocol:
+        return FrontProtocol(self.core, self.port)

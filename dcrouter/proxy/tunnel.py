@@ -1,0 +1,190 @@
+"""The bidirectional relay between a client and a target, with flow control.
+
+Each side's transport is registered as the *producer* of the other side's
+transport (Twisted producers/consumers): when the target's write buffer fills
+because it reads slowly, Twisted pauses reading from the client, and the
+other way round.  Memory per connection is therefore bounded by roughly two
+socket read chunks and two transport buffer high-water marks, whatever the
+speed difference of the two ends.
+
+Half-closes are passed on (a client's EOF becomes a write shutdown towards
+the target).  The only timer is the idle timeout (``connection_timeout``):
+a long-lived tunnel that carries traffic, such as a WebSocket, is never cut.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+from twisted.internet.interfaces import IHalfCloseableProtocol
+from twisted.internet.protocol import Factory, Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.proxy.stats import RouteStats
+
+
+def _close_write(transport: Any) -> None:
+    shutdown = getattr(transport, "loseWriteConnection", None)
+    if shutdown is not None:
+        try:
+            shutdown()
+            return
+        except (AttributeError, NotImplementedError):
+            pass
+    transport.loseConnection()
+
+
+class Tunnel:
+    """Relays bytes between ``client`` (a transport) and one target connection."""
+
+    def __init__(self, reactor: Any, client: Any, stats: RouteStats, idle_timeout: float,
+                 on_done: Callable[[], None]) -> None:
+        self.reactor = reactor
+        self.client = client
+        self.stats = stats
+        self.idle_timeout = idle_timeout
+        self.on_done = on_done
+        self.backend: Optional[Any] = None
+        self.pending: list[bytes] = []
+        self.client_open = True
+        self.backend_open = True
+        self.client_eof = False
+        self.backend_eof = False
+        self.done = False
+        self.last_activity = reactor.seconds()
+        self._idle_call: Any = reactor.callLater(idle_timeout, self._check_idle)
+
+    # -- setup ---------------------------------------------------------------
+    def attach(self, backend_transport: Any, initial: bytes = b"") -> None:
+        """The target is connected: send what the client sent so far, start relaying."""
+        if self.done or not self.client_open:
+            backend_transport.loseConnection()
+            self._finish()
+            return
+        self.backend = backend_transport
+        data = initial + b"".join(self.pending)
+        self.pending = []
+        if data:
+            self.stats.bytes_in += len(data)
+            backend_transport.write(data)
+        backend_transport.registerProducer(self.client, True)
+        self.client.registerProducer(backend_transport, True)
+        if self.client_eof:
+            _close_write(backend_transport)
+        self.client.resumeProducing()
+
+    # -- client side -----------------------------------------------------------
+    def client_data(self, data: bytes) -> None:
+        """Bytes from the client."""
+        self.last_activity = self.reactor.seconds()
+        if self.backend is None:
+            self.pending.append(data)
+            return
+        self.stats.bytes_in += len(data)
+        self.backend.write(data)
+
+    def client_read_closed(self) -> None:
+        """The client half-closed (EOF): pass it on."""
+        self.client_eof = True
+        if self.backend is not None:
+            _close_write(self.backend)
+        self._maybe_close()
+
+    def client_lost(self, reason: Optional[Failure] = None) -> None:
+        """The client connection is gone."""
+        self.client_open = False
+        if self.backend is not None and self.backend_open:
+            self.backend.loseConnection()
+        self._maybe_finish()
+
+    # -- backend side --------------------------------------------------------
+    def backend_data(self, data: bytes) -> None:
+        """Bytes from the target."""
+        self.last_activity = self.reactor.seconds()
+        self.stats.bytes_out += len(data)
+        self.client.write(data)
+
+    def backend_read_closed(self) -> None:
+        """The target half-closed."""
+        self.backend_eof = True
+        if self.client_open:
+            _close_write(self.client)
+        self._maybe_close()
+
+    def backend_lost(self, reason: Optional[Failure] = None) -> None:
+        """The target connection is gone."""
+        self.backend_open = False
+        if self.client_open:
+            self.client.loseConnection()
+        self._maybe_finish()
+
+    # -- ending ----------------------------------------------------------------
+    def _maybe_close(self) -> None:
+        if self.client_eof and self.backend_eof:
+            if self.backend is not None:
+                self.backend.loseConnection()
+            self.client.loseConnection()
+
+    def _maybe_finish(self) -> None:
+        if not self.client_open and (self.backend is None or not self.backend_open):
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        self.on_done()
+
+    def abort(self) -> None:
+        """Close both sides now (shutdown deadline, idle timeout)."""
+        for transport in (self.client, self.backend):
+            if transport is not None:
+                abort = getattr(transport, "abortConnection", None)
+                (abort or transport.loseConnection)()
+
+    def _check_idle(self) -> None:
+        self._idle_call = None
+        if self.done:
+            return
+        idle = self.reactor.seconds() - self.last_activity
+        if idle >= self.idle_timeout:
+            self.stats.error("idle_timeout")
+            self.abort()
+            return
+        self._idle_call = self.reactor.callLater(self.idle_timeout - idle, self._check_idle)
+
+
+@implementer(IHalfCloseableProtocol)
+class BackendProtocol(Protocol):
+    """The target side of a tunnel."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+
+    def dataReceived(self, data: bytes) -> None:
+        self.tunnel.backend_data(data)
+
+    def readConnectionLost(self) -> None:
+        self.tunnel.backend_read_closed()
+
+    def writeConnectionLost(self) -> None:
+        pass
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.tunnel.backend_lost(reason)
+
+
+class BackendFactory(Factory):
+    """Builds the :class:`BackendProtocol` of one connection attempt."""
+
+    noisy = False
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+
+    def buildProtocol(self, addr: Any) -> BackendProtocol:
+        return BackendProtocol(self.tunnel)

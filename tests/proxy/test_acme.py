@@ -1,0 +1,124 @@
+"""ACME: a full http-01 issuance against pebble that the proxy then serves; backoff."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import urllib.request
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.threads import deferToThread
+
+from dcrouter.config.proxy import AcmeOptions
+from dcrouter.proxy.acme import AcmeManager
+from dcrouter.proxy.certs import acme_paths
+from tests.proxy.conftest import tls_exchange
+from tests.support.net import free_port, free_tcp_udp_port, wait_for_tcp
+
+NAME = "acme.example.test"
+
+
+@pytest.fixture
+def pebble(tmp_path, test_ca):
+    """pebble + pebble-challtestsrv on ephemeral loopback ports; yields their addresses."""
+    cert, key = test_ca.issue(["localhost", "127.0.0.1"], "pebble")
+    ports = {"acme": free_port(), "mgmt": free_port(), "http": free_port(), "tls": free_port(),
+             "dns": free_tcp_udp_port(), "chall_mgmt": free_port()}
+    cfg = {"pebble": {"listenAddress": f"127.0.0.1:{ports['acme']}",
+                      "managementListenAddress": f"127.0.0.1:{ports['mgmt']}",
+                      "certificate": cert, "privateKey": key, "httpPort": ports["http"],
+                      "tlsPort": ports["tls"], "ocspResponderURL": "",
+                      "externalAccountBindingRequired": False}}
+    cfg_path = tmp_path / "pebble.json"
+    cfg_path.write_text(json.dumps(cfg))
+    log = open(tmp_path / "pebble.log", "wb")
+    chall = subprocess.Popen(
+        ["pebble-challtestsrv", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
+         "-dns01", f"127.0.0.1:{ports['dns']}", "-http01", "", "-https01", "", "-tlsalpn01", "",
+         "-management", f"127.0.0.1:{ports['chall_mgmt']}"], stdout=log, stderr=subprocess.STDOUT)
+    env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0")
+    peb = subprocess.Popen(["pebble", "-config", str(cfg_path), "-dnsserver",
+                            f"127.0.0.1:{ports['dns']}", "-strict=false"],
+                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
+    try:
+        wait_for_tcp(ports["acme"])
+        wait_for_tcp(ports["chall_mgmt"])
+        yield {**ports, "directory": f"https://127.0.0.1:{ports['acme']}/dir",
+               "log": str(tmp_path / "pebble.log")}
+    finally:
+        for proc in (peb, chall):
+            proc.terminate()
+            proc.wait(10)
+        log.close()
+
+
+def pebble_root(mgmt_port: int, ca_path: str) -> bytes:
+    ctx = ssl.create_default_context(cafile=ca_path)
+    with urllib.request.urlopen(f"https://127.0.0.1:{mgmt_port}/roots/0", context=ctx,
+                                timeout=10) as resp:
+        return resp.read()
+
+
+@pytest_twisted.inlineCallbacks
+def test_full_issuance_against_pebble_is_served(proxy_router, backends, pebble, test_ca, tmp_path):
+    backend = backends("issued")
+    https_port = free_port()
+    router = proxy_router({
+        "acme": {"enabled": True, "directory_url": pebble["directory"],
+                 "directory_ca_path": test_ca.path, "account_email": "ops@example.test"},
+        "routes": [
+            {"name": "http", "ports": [pebble["http"]], "domains": ["*"],
+             "redirect_to_https": True},
+            {"name": "site", "ports": [https_port], "domains": [NAME], "tls": "terminate",
+             "targets": [backend.address]},
+        ]})
+    service = router.by_name["proxy"]
+    for _ in range(300):
+        if service.get_stats()["acme"][NAME]["expires"]:
+            break
+        yield task.deferLater(reactor, 0.1, lambda: None)
+    status = service.get_stats()["acme"][NAME]
+    assert status["expires"], (status, open(pebble["log"]).read()[-3000:])
+    assert service.challenges == {}
+    # the account key and certificate are stored under state_dir
+    state_dir = router.options.router.state_dir
+    assert os.path.exists(os.path.join(state_dir, "acme", "account.key"))
+    cert_path, key_path = acme_paths(state_dir, NAME)
+    assert oct(os.stat(key_path).st_mode & 0o777) == "0o600"
+    # a client that trusts only pebble's root accepts the served certificate for the name
+    root = yield deferToThread(pebble_root, pebble["mgmt"], test_ca.path)
+    root_path = tmp_path / "pebble-root.pem"
+    root_path.write_bytes(root)
+    ctx = ssl.create_default_context(cafile=str(root_path))
+    result = yield deferToThread(tls_exchange, https_port, NAME, b"hello", ctx)
+    assert result["reply"] == b"issued:hello"
+    assert result["names"] == [NAME]
+    assert "Pebble" in result["issuer"]
+    # nothing is due any more: a second check orders nothing
+    assert service.acme.due() == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_failed_order_backs_off_per_domain(tmp_path):
+    closed = free_port()      # no ACME server there
+    options = AcmeOptions(enabled=True, directory_url=f"https://127.0.0.1:{closed}/dir",
+                          retry_backoff=120.0)
+    issued = []
+    manager = AcmeManager(reactor, options, str(tmp_path), {}, issued.append)
+    manager.update(options, ["a.test", "b.test"])
+    assert manager.due() == ["a.test", "b.test"]
+    yield manager.check()
+    assert issued == []
+    status = manager.status()
+    assert status["a.test"]["failures"] == 1 and status["b.test"]["failures"] == 1
+    assert status["a.test"]["last_error"]
+    assert status["a.test"]["retry_at"] >= reactor.seconds() + 100
+    assert manager.due() == []          # backing off
+    manager.backoff["a.test"].until = 0
+    yield manager.check()
+    assert manager.status()["a.test"]["failures"] == 2
+    assert manager.backoff["a.test"].until - reactor.seconds() > 200   # doubled

@@ -1,0 +1,100 @@
+"""The proxy service: reload (atomic route swap, re-binding), draining, stats."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest_twisted
+from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
+
+from dcrouter.config import load_config
+from tests.proxy.conftest import proxy_port
+from tests.support.configs import write_config
+from tests.support.router import start_router, stop_router
+
+
+def echo(port: int, payload: bytes = b"x") -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(payload)
+        return s.recv(100)
+
+
+def connect_fails(port: int) -> bool:
+    try:
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    except ConnectionRefusedError:
+        return True
+    return False
+
+
+def config(tmp_path, routes: list) -> dict:
+    return {"router": {"state_dir": str(tmp_path / "state"), "shutdown_timeout": 3},
+            "proxy": {"listen": "127.0.0.1", "routes": routes}}
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_swaps_routes_rebinds_ports_and_keeps_open_tunnels(tmp_path, backends):
+    old, new = backends("old"), backends("new")
+    p1, p2, p3 = proxy_port(), proxy_port(), proxy_port()
+    path = write_config(str(tmp_path / "c.toml"), config(tmp_path, [
+        {"name": "a", "ports": [p1], "targets": [old.address]},
+        {"name": "gone", "ports": [p3], "targets": [old.address]},
+    ]))
+    router = start_router(load_config(path), config_path=path)
+    held = None
+    try:
+        def open_held() -> socket.socket:
+            s = socket.create_connection(("127.0.0.1", p1), timeout=10)
+            s.sendall(b"1")
+            assert s.recv(100) == b"old:1"
+            return s
+        held = yield deferToThread(open_held)
+        write_config(path, config(tmp_path, [
+            {"name": "a", "ports": [p1], "targets": [new.address]},
+            {"name": "b", "ports": [p2], "targets": [new.address]},
+        ]))
+        assert (yield router.reload()) is True
+        assert (yield deferToThread(echo, p1)) == b"new:x"
+        assert (yield deferToThread(echo, p2)) == b"new:x"
+        assert (yield deferToThread(connect_fails, p3))
+
+        def still_old() -> bytes:
+            held.sendall(b"2")
+            return held.recv(100)
+        assert (yield deferToThread(still_old)) == b"old:2"
+        stats = router.get_stats()["proxy"]
+        assert stats["routes"]["a"]["total_connections"] == 2
+        assert stats["routes"]["a"]["active_connections"] == 1
+        assert set(stats["routes"]) == {"a", "b"}
+        ports = sorted(p for _proto, _h, p in router.by_name["proxy"].bound_addresses())
+        assert ports == sorted([p1, p2])
+    finally:
+        if held is not None:
+            held.close()
+        yield stop_router(router)
+
+
+@pytest_twisted.inlineCallbacks
+def test_drain_waits_for_tunnels_and_stop_accepting_closes_listeners(proxy_router, backends):
+    backend = backends("d")
+    port = proxy_port()
+    router = proxy_router({"routes": [{"name": "d", "ports": [port], "targets": [backend.address]}]})
+    service = router.by_name["proxy"]
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        yield deferToThread(s.sendall, b"x")
+        assert (yield deferToThread(s.recv, 100)) == b"d:x"
+        yield service.stop_accepting()
+        assert (yield deferToThread(connect_fails, port))
+        drained = service.drain()
+        yield task.deferLater(reactor, 0.1, lambda: None)
+        assert not drained.called
+        # the open tunnel still works while draining
+        yield deferToThread(s.sendall, b"y")
+        assert (yield deferToThread(s.recv, 100)) == b"d:y"
+    finally:
+        s.close()
+    yield defer.DeferredList([drained]).addCallback(lambda _: None)
+    assert drained.called
+    assert service.get_stats()["active_connections"] == 0
