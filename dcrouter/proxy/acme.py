@@ -80,7 +80,7 @@ class AcmeIssuer:
 
     def issue(self, name: str) -> datetime.datetime:
         """Order, validate, finalize and store a certificate for ``name``; returns its expiry."""
-        from acme import challenges, crypto_util
+        from acme import challenges, crypto_util, messages
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
         acme_client = self._client()
@@ -92,6 +92,8 @@ class AcmeIssuer:
         tokens: list[str] = []
         try:
             for authz in order.authorizations:
+                if authz.body.status == messages.STATUS_VALID:   # reused authorization
+                    continue
                 chosen = [c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)]
                 if not chosen:
                     raise RuntimeError(f"no http-01 challenge offered for {name}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import ssl
@@ -100,6 +101,15 @@ def test_full_issuance_against_pebble_is_served(proxy_router, backends, pebble, 
     assert "Pebble" in result["issuer"]
     # nothing is due any more: a second check orders nothing
     assert service.acme.due() == []
+    # inside the renewal threshold the certificate is renewed (a new one is served)
+    first_serial = open(cert_path).read()
+    service.acme.options = dataclasses.replace(service.acme.options,
+                                               renew_threshold_days=365 * 50)
+    assert service.acme.due() == [NAME]
+    yield service.acme.check()
+    assert open(cert_path).read() != first_serial
+    result = yield deferToThread(tls_exchange, https_port, NAME, b"again", ctx)
+    assert result["reply"] == b"issued:again"
 
 
 @pytest_twisted.inlineCallbacks
