@@ -137,7 +137,7 @@ class AcmeManager:
         self.on_issued = on_issued
         self.names: list[str] = []
         self.backoff: dict[str, _Backoff] = {}
-        self.issued: dict[str, str] = {}
+        self.expiry: dict[str, Optional[datetime.datetime]] = {}
         self._loop: Optional[LoopingCall] = None
         self._running: Optional[defer.Deferred] = None
 
@@ -174,6 +174,12 @@ class AcmeManager:
                 self.challenges[token] = validation
         threads.blockingCallFromThread(self.reactor, apply)
 
+    def expires(self, name: str) -> Optional[datetime.datetime]:
+        """Expiry of the stored certificate for ``name`` (read from disk once, then cached)."""
+        if name not in self.expiry:
+            self.expiry[name] = certificate_expiry(acme_paths(self.state_dir, name)[0])
+        return self.expiry[name]
+
     def due(self) -> list[str]:
         """Names without a certificate or within ``renew_threshold_days`` of expiry."""
         now = _now()
@@ -184,7 +190,7 @@ class AcmeManager:
             state = self.backoff.get(name)
             if state is not None and state.until > wall:
                 continue
-            expiry = certificate_expiry(acme_paths(self.state_dir, name)[0])
+            expiry = self.expires(name)
             if expiry is None or expiry - now < threshold:
                 out.append(name)
         return out
@@ -220,7 +226,7 @@ class AcmeManager:
                           "{delay:.0f}s", name=name, error=state.last_error, delay=delay)
                 continue
             self.backoff.pop(name, None)
-            self.issued[name] = expiry.isoformat()
+            self.expiry[name] = expiry
             log.info("certificate for {name} issued, valid until {expiry}", name=name,
                      expiry=expiry.isoformat())
             self.on_issued(name)
@@ -229,7 +235,7 @@ class AcmeManager:
         """Per name: expiry of the stored certificate, failures, next attempt."""
         out: dict[str, Any] = {}
         for name in self.names:
-            expiry = certificate_expiry(acme_paths(self.state_dir, name)[0])
+            expiry = self.expires(name)
             state = self.backoff.get(name)
             out[name] = {"expires": expiry.isoformat() if expiry else None,
                          "failures": state.failures if state else 0,

@@ -110,7 +110,7 @@ class Connection:
         if route.options.send_proxy_protocol:
             preamble = proxyprotocol.encode(route.options.send_proxy_protocol, client_addr,
                                             local_addr)
-        timeout = min(route.options.initial_data_timeout, 30.0)
+        timeout = route.options.connect_timeout
 
         def connect(target: Target) -> defer.Deferred:
             tls_options = core.backend_tls_options(route, target) \
@@ -123,6 +123,9 @@ class Connection:
 
         def connected(result: tuple[Target, Any]) -> None:
             target, protocol = result
+            if tunnel.done or not tunnel.client_open:     # the client left meanwhile
+                protocol.transport.loseConnection()
+                return
             self.target = target
             target.active += 1
             tunnel.attach(protocol.transport, initial)
@@ -151,16 +154,36 @@ class _TerminatedProtocol(Protocol):
         self.tunnel: Optional[Tunnel] = None
         self.lost = False
         self.handshake_done = False
+        self.timer: Any = None
+        self.timed_out = False
+
+    def connectionMade(self) -> None:
+        timeout = self.connection.route.options.initial_data_timeout
+        self.timer = self.front.core.reactor.callLater(timeout, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        self.connection.stats.error("handshake_timeout" if not self.handshake_done
+                                    else "initial_timeout")
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
         route = self.connection.route
         if route.options.add_forwarded_headers:
-            self.reader = httpmod.HeadReader()
+            self.reader = httpmod.HeadReader()     # the timer now covers the request head
         else:
             self._open(b"")
 
     def _open(self, initial: bytes) -> None:
+        self._cancel_timer()
         if self.lost:
             return
         self.tunnel = self.connection.open_tunnel(self.transport, initial, self.front.client_addr,
@@ -174,6 +197,7 @@ class _TerminatedProtocol(Protocol):
             return
         state = self.reader.feed(data)
         if state == httpmod.INVALID:
+            self._cancel_timer()
             self.connection.stats.error("bad_http")
             assert self.transport is not None
             self.transport.write(httpmod.response(400, "Bad Request", b"bad request\n"))
@@ -187,10 +211,11 @@ class _TerminatedProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.lost = True
+        self._cancel_timer()
         if self.tunnel is not None:
             self.tunnel.client_lost(reason)
         else:
-            if not self.handshake_done:
+            if not self.handshake_done and not self.timed_out:
                 self.connection.stats.error("tls_handshake")
             self.connection.release()
 

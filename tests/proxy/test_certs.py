@@ -111,3 +111,27 @@ def test_reencrypt_verifies_the_backend(proxy_router, backends, test_ca, tmp_pat
         assert all(c.received == b"" for c in backend.connections)
         errors = router.get_stats()["proxy"]["routes"]["re"]["errors"]
         assert errors.get("backend_tls") == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_stalled_handshake_is_cut_after_initial_data_timeout(proxy_router, backends):
+    from tests.proxy.test_sni import capture_client_hello
+    backend = backends("A")
+    port = proxy_port()
+    router = proxy_router({"routes": [{"name": "t", "ports": [port], "domains": ["*"],
+                                       "tls": "terminate", "targets": [backend.address],
+                                       "initial_data_timeout": 0.5}]})
+
+    def stall() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(capture_client_hello("stall.test"))   # then never answer the ServerHello
+            try:
+                while s.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+            return True
+    assert (yield deferToThread(stall))
+    stats = router.get_stats()["proxy"]["routes"]["t"]
+    assert stats["errors"] == {"handshake_timeout": 1}
+    assert stats["active_connections"] == 0 and backend.connections == []
