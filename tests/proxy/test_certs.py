@@ -135,3 +135,16 @@ def test_a_stalled_handshake_is_cut_after_initial_data_timeout(proxy_router, bac
     stats = router.get_stats()["proxy"]["routes"]["t"]
     assert stats["errors"] == {"handshake_timeout": 1}
     assert stats["active_connections"] == 0 and backend.connections == []
+
+
+def test_unreadable_certificate_is_a_config_error_naming_the_route(tmp_path):
+    from dcrouter.errors import ConfigError
+    from dcrouter.router import make_router
+    from tests.support.router import options_from
+    options = options_from({"proxy": {"listen": "127.0.0.1", "routes": [
+        {"ports": [proxy_port()], "domains": ["a.test"], "tls": "terminate", "targets": ["127.0.0.1:1"],
+         "cert_path": str(tmp_path / "missing.crt"), "key_path": str(tmp_path / "missing.key")}]}},
+        str(tmp_path / "state"))
+    with pytest.raises(ConfigError) as e:
+        make_router(options)
+    assert e.value.path == "proxy.routes[0].cert_path" and "missing.crt" in str(e.value)
