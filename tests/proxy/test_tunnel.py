@@ -92,8 +92,15 @@ def upload(port: int, total: int, tls_name: str = "") -> bytes:
     with sock:
         for _ in range(total // len(block)):
             sock.sendall(block)
-        if tls_name:                            # no half-close in TLS: just close
-            return b""
+        if tls_name:
+            # no half-close in TLS: FIN the TCP side and read until the proxy closes, so the
+            # client never closes with unread bytes (which would make its kernel send a RST
+            # and drop what the proxy had not read yet)
+            sock.shutdown(socket.SHUT_WR)      # also drops the TLS layer: raw reads below
+            try:
+                return recv_all(sock)
+            except ConnectionResetError:
+                return b""
         sock.shutdown(socket.SHUT_WR)
         return recv_all(sock)
 
