@@ -276,8 +276,7 @@ class FrontProtocol(Protocol):
             return
         self.stage = mode
         self.parser = sni.ClientHelloParser() if mode == "tls" else httpmod.HeadReader()
-        if self.timer is None:
-            self._start_timer()
+        self._start_timer()
         if leftover:
             self.dataReceived(leftover)
 
@@ -330,6 +329,7 @@ class FrontProtocol(Protocol):
         if state == proxyprotocol.INVALID:
             self._refuse("bad_proxy_header")
         elif state == proxyprotocol.DONE:
+            self._cancel_timer()
             if self.parser.source is not None:
                 self.client_addr = (str(normalize_ip(self.parser.source[0])),
                                     self.parser.source[1])

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import socket
 import struct
+import time
 
 import pytest
 import pytest_twisted
@@ -85,7 +86,8 @@ def test_client_address_survives_a_chain_of_proxies(proxy_router, backends):
     tcp_port, http_port = proxy_port(), proxy_port()
     router = proxy_router({"accept_proxy_protocol": True, "proxy_ips": ["127.0.0.1/32"], "routes": [
         {"name": "tcp", "ports": [tcp_port], "targets": [tcp_backend.address],
-         "send_proxy_protocol": "v2", "blocked_ips": ["198.51.100.0/24"]},
+         "send_proxy_protocol": "v2", "blocked_ips": ["198.51.100.0/24"],
+         "initial_data_timeout": 0.3},
         {"name": "web", "ports": [http_port], "domains": ["w.test"], "targets": [http_backend.address],
          "add_forwarded_headers": True},
     ]})
@@ -110,6 +112,15 @@ def test_client_address_survives_a_chain_of_proxies(proxy_router, backends):
     assert reply.startswith(b"chain:") and reply.endswith(b"hi")
     src, _dst, rest = backend_parse(tcp_backend.connections[0].received)
     assert src == ("203.0.113.7", 40000) and rest == b"hi"
+    # the header's deadline does not cut the tunnel that follows it
+    def long_lived() -> bytes:
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as s:
+            s.sendall(proxyprotocol.encode_v2(("203.0.113.9", 1), ("192.0.2.10", 443)) + b"a")
+            first = s.recv(1000)
+            time.sleep(0.6)
+            s.sendall(b"b")
+            return first + s.recv(1000)
+    assert (yield deferToThread(long_lived)).endswith(b"chain:b")
     # v2 header from the balancer, HTTP route: X-Forwarded-For carries the original client
     header = proxyprotocol.encode_v2(("203.0.113.8", 40001), ("192.0.2.10", 80))
     reply = yield deferToThread(via_balancer, http_port, header,
