@@ -9,6 +9,8 @@ because the ``acme`` library is blocking; the reactor only publishes the
 http-01 key authorizations (answered by the proxy's HTTP listeners before any
 route) and loads the stored certificate afterwards.
 
+Wildcard names are skipped: http-01 cannot validate them.
+
 Files: the account key is ``state_dir/acme/account.key``; certificates and
 keys are ``state_dir/certs/acme/<name>.crt|.key``.  A failed order backs the
 name off for ``retry_backoff`` seconds, doubling per failure (capped at a day).
@@ -66,7 +68,7 @@ class AcmeIssuer:
         from acme import client, errors, messages
         key = self._account_key()
         verify: Any = self.options.directory_ca_path or True
-        net = client.ClientNetwork(key, user_agent="dcrouter", verify_ssl=verify)
+        net = client.ClientNetwork(key, user_agent="dcrouter", verify_ssl=verify, timeout=30)
         directory = client.ClientV2.get_directory(self.options.directory_url, net)
         acme_client = client.ClientV2(directory, net=net)
         contact = (f"mailto:{self.options.account_email}",) if self.options.account_email else ()
@@ -166,13 +168,16 @@ class AcmeManager:
         self._loop = None
 
     def _publish(self, token: str, validation: Optional[str]) -> None:
-        """From the worker thread: (un)publish a key authorization, waiting for the reactor."""
-        def apply() -> None:
-            if validation is None:
-                self.challenges.pop(token, None)
-            else:
-                self.challenges[token] = validation
-        threads.blockingCallFromThread(self.reactor, apply)
+        """From the worker thread: (un)publish a key authorization.
+
+        A single dict store or pop is atomic in CPython, and it must be visible
+        before the thread tells the ACME server to validate, so it is done here
+        rather than scheduled on the reactor (which may already be stopping).
+        """
+        if validation is None:
+            self.challenges.pop(token, None)
+        else:
+            self.challenges[token] = validation
 
     def expires(self, name: str) -> Optional[datetime.datetime]:
         """Expiry of the stored certificate for ``name`` (read from disk once, then cached)."""
