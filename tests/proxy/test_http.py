@@ -104,3 +104,19 @@ def test_acme_challenge_is_answered_before_routes(proxy_router, backends):
     status, _h, _b = yield deferToThread(http_get, port, "any.test",
                                          "/.well-known/acme-challenge/unknown")
     assert status == 301
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_head_reader_never_raises(data):
+    reader = httpmod.HeadReader(max_size=200)
+    state = reader.feed(data + b"\r\n\r\n")
+    assert state in (httpmod.DONE, httpmod.INVALID)
+    if state == httpmod.DONE:
+        head = reader.head
+        head.host, head.path, httpmod.render_head(head, "192.0.2.1", "http")
+        httpmod.redirect_to_https(head)

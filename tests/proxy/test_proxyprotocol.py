@@ -135,3 +135,16 @@ def test_client_address_survives_a_chain_of_proxies(proxy_router, backends):
     stats = router.get_stats()["proxy"]
     assert stats["routes"]["tcp"]["errors"] == {"blocked": 1}
     assert stats["unrouted"] == {"bad_proxy_header": 1}
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 st.binary(max_size=60).map(lambda b: proxyprotocol.V2_SIGNATURE + b),
+                 st.text(max_size=80).map(lambda t: ("PROXY " + t + "\r\n").encode("utf-8"))))
+def test_header_parser_never_raises(data):
+    state = proxyprotocol.ProxyHeaderParser().feed(data)
+    assert state in (proxyprotocol.NEED_MORE, proxyprotocol.DONE, proxyprotocol.INVALID)
