@@ -20,6 +20,7 @@ The first bytes must arrive within the route's ``initial_data_timeout``.
 from __future__ import annotations
 
 from typing import Any, Optional
+from typing import Protocol as Protocol_
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -33,11 +34,42 @@ from dcrouter.logsetup import get_logger
 from dcrouter.proxy import http as httpmod
 from dcrouter.proxy import proxyprotocol, sni
 from dcrouter.proxy.balancer import Target, connect_with_failover, target_endpoint
-from dcrouter.proxy.limits import LimitExceeded, Ticket, normalize_ip
+from dcrouter.proxy.limits import Admission, LimitExceeded, Ticket, normalize_ip
 from dcrouter.proxy.routes import Route, RouteTable
+from dcrouter.proxy.stats import RouteStats
 from dcrouter.proxy.tunnel import BackendProtocol, Tunnel
 
 log = get_logger("proxy")
+
+
+class ProxyCore(Protocol_):
+    """What connections need from the proxy service (implemented by ``ProxyService``)."""
+
+    reactor: Any
+    table: RouteTable
+    admission: Admission
+    certs: Any
+
+    def stats_for(self, route: Route) -> RouteStats:
+        """Counters of a route."""
+
+    def count_unrouted(self, kind: str) -> None:
+        """Count a connection closed before it had a route."""
+
+    def trusts_proxy_header(self, client_ip: str) -> bool:
+        """Whether the peer must start with a PROXY header."""
+
+    def acme_answer(self, token: str) -> Optional[str]:
+        """Key authorization of a pending http-01 challenge."""
+
+    def backend_tls_options(self, route: Route, target: Target) -> Any:
+        """Client TLS options for re-encryption."""
+
+    def track(self, protocol: "FrontProtocol") -> None:
+        """A connection was accepted."""
+
+    def untrack(self, protocol: "FrontProtocol") -> None:
+        """A connection closed."""
 
 
 class _Backend(BackendProtocol):
@@ -77,7 +109,7 @@ class _BackendFactory(Factory):
 class Connection:
     """What one client connection has been given: its route, admission ticket and tunnel."""
 
-    def __init__(self, core: Any, route: Route, ticket: Ticket) -> None:
+    def __init__(self, core: ProxyCore, route: Route, ticket: Ticket) -> None:
         self.core = core
         self.route = route
         self.ticket = ticket
@@ -235,7 +267,7 @@ class _TerminatedFactory(Factory):
 class FrontProtocol(Protocol):
     """One accepted client connection on a proxy port."""
 
-    def __init__(self, core: Any, port: int) -> None:
+    def __init__(self, core: ProxyCore, port: int) -> None:
         self.core = core
         self.port = port
         self.table: RouteTable = core.table
@@ -477,7 +509,7 @@ class FrontFactory(Factory):
 
     noisy = False
 
-    def __init__(self, core: Any, port: int) -> None:
+    def __init__(self, core: ProxyCore, port: int) -> None:
         self.core = core
         self.port = port
 
