@@ -19,7 +19,10 @@ and measures, for the backend directly and through each proxy:
 
 Medians of ``--runs`` runs.  Usage::
 
-    python bench/proxy_throughput.py [--mib 512] [--seconds 2] [--runs 3] [--workers 2]
+    python bench/proxy_throughput.py [--mib 512] [--seconds 2] [--runs 3] [--workers 2] [--terminate]
+
+``--terminate`` adds the same two figures for TLS termination (a self-signed
+certificate; HAProxy ``bind ... ssl crt``), each new connection a full handshake.
 """
 
 from __future__ import annotations
@@ -77,14 +80,28 @@ def client_hello(name: str) -> bytes:
 # -- backend ---------------------------------------------------------------------------
 
 class _Backend(asyncio.Protocol):
+    """Answers ``ok`` to the first bytes; a stream starting ``BULK<8-byte length>`` gets
+    ``done`` once that many bytes have arrived (for TLS, which has no half-close)."""
+
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
         self.answered = False
+        self.expected = -1
+        self.seen = 0
 
     def data_received(self, data: bytes) -> None:
         if not self.answered:
             self.answered = True
-            self.transport.write(b"ok")  # type: ignore[attr-defined]
+            if data.startswith(b"BULK"):
+                self.expected = int.from_bytes(data[4:12], "big")
+                data = data[12:]
+            else:
+                self.transport.write(b"ok")  # type: ignore[attr-defined]
+        if self.expected >= 0:
+            self.seen += len(data)
+            if self.seen >= self.expected:
+                self.expected = -1
+                self.transport.write(b"done")  # type: ignore[attr-defined]
 
     def eof_received(self) -> bool:
         return False
@@ -115,16 +132,45 @@ def bulk(port: int, mib: int, hello: bytes) -> float:
     return mib / elapsed
 
 
-def _conn_worker(port: int, seconds: float, hello: bytes, out: "multiprocessing.Queue[int]") -> None:
+def tls_bulk(port: int, mib: int) -> float:
+    """MiB/s of ``mib`` MiB sent over TLS (terminated by the proxy) until the backend has it."""
+    block = b"\x17" * (1024 * 1024)
+    ctx = _client_tls()
+    with socket.create_connection(("127.0.0.1", port)) as raw:
+        start = time.perf_counter()
+        with ctx.wrap_socket(raw, server_hostname=NAME) as s:
+            s.sendall(b"BULK" + (mib * len(block)).to_bytes(8, "big"))
+            for _ in range(mib):
+                s.sendall(block)
+            reply = s.recv(16)
+            elapsed = time.perf_counter() - start
+    assert reply == b"done", reply
+    return mib / elapsed
+
+
+def _client_tls() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    return ctx
+
+
+def _conn_worker(port: int, seconds: float, hello: bytes, tls: bool,
+                 out: "multiprocessing.Queue[int]") -> None:
     linger = struct.pack("ii", 1, 0)
+    ctx = _client_tls()
     count = 0
     deadline = time.perf_counter() + seconds
     while time.perf_counter() < deadline:
-        s = socket.socket()
+        s: socket.socket = socket.socket()
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
         try:
             s.connect(("127.0.0.1", port))
-            s.sendall(hello)
+            if tls:
+                s = ctx.wrap_socket(s, server_hostname=NAME)
+                s.sendall(b"x")
+            else:
+                s.sendall(hello)
             if s.recv(16) == b"ok":
                 count += 1
         except OSError:
@@ -134,10 +180,10 @@ def _conn_worker(port: int, seconds: float, hello: bytes, out: "multiprocessing.
     out.put(count)
 
 
-def connections(port: int, seconds: float, workers: int, hello: bytes) -> float:
-    """New connections per second (ClientHello in, ``ok`` back)."""
+def connections(port: int, seconds: float, workers: int, hello: bytes, tls: bool = False) -> float:
+    """New connections per second (ClientHello in, or a full TLS handshake; ``ok`` back)."""
     queue: "multiprocessing.Queue[int]" = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=_conn_worker, args=(port, seconds, hello, queue))
+    procs = [multiprocessing.Process(target=_conn_worker, args=(port, seconds, hello, tls, queue))
              for _ in range(workers)]
     for p in procs:
         p.start()
@@ -149,7 +195,25 @@ def connections(port: int, seconds: float, workers: int, hello: bytes) -> float:
 
 # -- peers ----------------------------------------------------------------------------------
 
-def start_dcrouter(tmp: str, port: int, backend: int) -> subprocess.Popen:
+def write_cert(tmp: str) -> tuple[str, str, str]:
+    """A self-signed certificate for NAME: (cert, key, cert+key for HAProxy)."""
+    sys.path.insert(0, REPO)
+    from dcrouter.tlsutil import make_self_signed
+    cert, key = make_self_signed([NAME])
+    paths = [os.path.join(tmp, n) for n in ("bench.crt", "bench.key", "bench.pem")]
+    for path, data in zip(paths, (cert, key, cert + key)):
+        with open(path, "wb") as f:
+            f.write(data)
+    return paths[0], paths[1], paths[2]
+
+
+def start_dcrouter(tmp: str, port: int, backend: int, terminate: bool = False) -> subprocess.Popen:
+    tls = "passthrough"
+    extra = ""
+    if terminate:
+        cert, key, _ = write_cert(tmp)
+        tls = "terminate"
+        extra = f'cert_path = "{cert}"\nkey_path = "{key}"\n'
     config = os.path.join(tmp, "dcrouter.toml")
     with open(config, "w") as f:
         f.write(f"""[router]
@@ -163,12 +227,12 @@ listen = "127.0.0.1"
 name = "bench"
 ports = [{port}]
 domains = ["{NAME}"]
-tls = "passthrough"
+tls = "{tls}"
 targets = ["127.0.0.1:{backend}"]
 health_check_interval = 0
 max_connections = 100000
 max_connections_per_ip = 100000
-""")
+{extra}""")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     proc = subprocess.Popen([twistd, "-n", "--pidfile=", "dcrouter", "--config", config],
@@ -178,8 +242,16 @@ max_connections_per_ip = 100000
     return proc
 
 
-def start_haproxy(tmp: str, port: int, backend: int) -> subprocess.Popen:
+def start_haproxy(tmp: str, port: int, backend: int, terminate: bool = False) -> subprocess.Popen:
     config = os.path.join(tmp, "haproxy.cfg")
+    if terminate:
+        _c, _k, pem = write_cert(tmp)
+        frontend = (f"    bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1 "
+                    f"ssl-min-ver TLSv1.2\n    default_backend be\n")
+    else:
+        frontend = (f"    bind 127.0.0.1:{port}\n    tcp-request inspect-delay 5s\n"
+                    f"    tcp-request content accept if {{ req.ssl_hello_type 1 }}\n"
+                    f"    use_backend be if {{ req.ssl_sni -i {NAME} }}\n")
     with open(config, "w") as f:
         f.write(f"""global
     maxconn 9000
@@ -189,11 +261,7 @@ defaults
     timeout client 60s
     timeout server 60s
 frontend fe
-    bind 127.0.0.1:{port}
-    tcp-request inspect-delay 5s
-    tcp-request content accept if {{ req.ssl_hello_type 1 }}
-    use_backend be if {{ req.ssl_sni -i {NAME} }}
-backend be
+{frontend}backend be
     server s1 127.0.0.1:{backend}
 """)
     proc = subprocess.Popen(["haproxy", "-db", "-f", config],
@@ -223,32 +291,26 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mib", type=int, default=512)
-    parser.add_argument("--seconds", type=float, default=2.0)
-    parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    args = parser.parse_args()
-    hello = client_hello(NAME)
-    backend_port = free_port()
-    backend = multiprocessing.Process(target=run_backend, args=(backend_port,), daemon=True)
-    backend.start()
-    wait_for(backend_port)
+def measure(peers: list, backend_port: int, args: argparse.Namespace, hello: bytes,
+            terminate: bool) -> dict[str, dict[str, float]]:
+    """Run bulk and connection rounds against each peer; prints and returns medians."""
     results: dict[str, dict[str, float]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        peers = [("direct", None), ("haproxy", start_haproxy),
-                 ("twisted-portforward", start_portforward), ("dcrouter", start_dcrouter)]
         for name, starter in peers:
             port = backend_port
             proc = None
             if starter is not None:
                 port = free_port()
-                proc = starter(tmp, port, backend_port)
+                proc = starter(tmp, port, backend_port, terminate) if terminate \
+                    else starter(tmp, port, backend_port)
             try:
-                bulk(port, 16, hello)           # warm-up
-                mibs = [bulk(port, args.mib, hello) for _ in range(args.runs)]
-                conns = [connections(port, args.seconds, args.workers, hello)
+                if terminate:
+                    tls_bulk(port, 16)                   # warm-up
+                    mibs = [tls_bulk(port, args.mib) for _ in range(args.runs)]
+                else:
+                    bulk(port, 16, hello)
+                    mibs = [bulk(port, args.mib, hello) for _ in range(args.runs)]
+                conns = [connections(port, args.seconds, args.workers, hello, terminate)
                          for _ in range(args.runs)]
             finally:
                 if proc is not None:
@@ -258,12 +320,40 @@ def main() -> None:
                   f"{', '.join(f'{m:.0f}' for m in mibs)})   new connections "
                   f"{statistics.median(conns):8.0f}/s  (runs: {', '.join(f'{c:.0f}' for c in conns)})",
                   flush=True)
-    backend.terminate()
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--mib", type=int, default=512)
+    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--terminate", action="store_true",
+                        help="also measure TLS termination (dcrouter vs HAProxy with ssl)")
+    args = parser.parse_args()
+    hello = client_hello(NAME)
+    backend_port = free_port()
+    backend = multiprocessing.Process(target=run_backend, args=(backend_port,), daemon=True)
+    backend.start()
+    wait_for(backend_port)
+    print("SNI passthrough:")
+    results = measure([("direct", None), ("haproxy", start_haproxy),
+                       ("twisted-portforward", start_portforward), ("dcrouter", start_dcrouter)],
+                      backend_port, args, hello, terminate=False)
     d, h = results["dcrouter"], results["haproxy"]
     print(f"\ncores: {os.cpu_count()}; {args.mib} MiB bulk, {args.seconds}s x {args.workers} "
           f"workers for connections, medians of {args.runs}")
     print(f"dcrouter/haproxy: bulk {d['mib_s'] / h['mib_s']:.2f}, "
           f"connections/s {d['conn_s'] / h['conn_s']:.2f}")
+    if args.terminate:
+        print("\nTLS termination (full handshake per connection):")
+        results = measure([("haproxy", start_haproxy), ("dcrouter", start_dcrouter)],
+                          backend_port, args, hello, terminate=True)
+        d, h = results["dcrouter"], results["haproxy"]
+        print(f"dcrouter/haproxy (terminate): bulk {d['mib_s'] / h['mib_s']:.2f}, "
+              f"connections/s {d['conn_s'] / h['conn_s']:.2f}")
+    backend.terminate()
 
 
 if __name__ == "__main__":

@@ -72,6 +72,17 @@ class ProxyCore(Protocol_):
         """A connection closed."""
 
 
+def _no_delay(transport: Any) -> None:
+    """TCP_NODELAY: a relay forwards what it has at once (Nagle would hold small
+    writes such as a TLS server's last flight for a delayed ACK)."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
+
+
 class _Backend(BackendProtocol):
     """Target side that first sends a PROXY header and, for re-encrypt, starts TLS."""
 
@@ -82,6 +93,7 @@ class _Backend(BackendProtocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        _no_delay(self.transport)
         if self.preamble:
             self.transport.write(self.preamble)
         if self.tls_options is not None:
@@ -284,6 +296,7 @@ class FrontProtocol(Protocol):
     # -- lifecycle -------------------------------------------------------------
     def connectionMade(self) -> None:
         assert self.transport is not None
+        _no_delay(self.transport)
         peer: Any = self.transport.getPeer()
         host: Any = self.transport.getHost()
         self.client_addr = (str(normalize_ip(peer.host)), peer.port)
