@@ -148,3 +148,21 @@ def test_unreadable_certificate_is_a_config_error_naming_the_route(tmp_path):
     with pytest.raises(ConfigError) as e:
         make_router(options)
     assert e.value.path == "proxy.routes[0].cert_path" and "missing.crt" in str(e.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_reencrypt_without_verification_accepts_any_backend_certificate(proxy_router, backends,
+                                                                        tmp_path):
+    from dcrouter.tlsutil import make_self_signed
+    cert, key = make_self_signed(["self-signed.internal"])
+    (tmp_path / "b.crt").write_bytes(cert)
+    (tmp_path / "b.key").write_bytes(key)
+    backend = backends("loose", tls=(str(tmp_path / "b.crt"), str(tmp_path / "b.key")))
+    port = proxy_port()
+    router = proxy_router({"routes": [
+        {"name": "re", "ports": [port], "domains": ["*"], "tls": "terminate-and-reencrypt",
+         "targets": [backend.address], "backend_verify": False}]})
+    result = yield deferToThread(tls_exchange, port, "front.test", b"data")
+    assert result["reply"] == b"loose:data"
+    assert backend.connections[0].received == b"data"
+    assert router.get_stats()["proxy"]["routes"]["re"]["errors"] == {}
