@@ -510,7 +510,7 @@ class ApiHandlers:
         routes = []
         for i, route in enumerate(proxy.routes):
             entry = unbuild(route)
-            name = route.name or f"route{i}"
+            name = route.name or f"routes[{i}]"
             entry["name"] = name
             stats = per_route.get(name) if isinstance(per_route, dict) else None
             entry["stats"] = jsonable(stats) if isinstance(stats, dict) else {}
