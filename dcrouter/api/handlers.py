@@ -135,7 +135,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/proxy/routes", "proxy_routes", "Proxy routes and their figures.",
              tag="proxy"),
     Endpoint("GET", "/api/dns/zones", "dns_zones", "Authoritative DNS zones.", tag="dns"),
-    Endpoint("GET", "/metrics", "prometheus_metrics", "Prometheus metrics (text exposition format).",
+    Endpoint("GET", "/metrics", "prometheus_metrics",
+             "Prometheus metrics (text exposition format).",
              tag="metrics"),
 )
 

@@ -270,7 +270,17 @@ class StatsCollector(Collector):
             return
         verdicts = processor.get("scan_verdicts") or processor.get("scans")
         if not isinstance(verdicts, dict):
-            return
+            # the processor's flat counters: scan_<scanner>_<verdict>
+            counters = processor.get("counters")
+            if not isinstance(counters, dict):
+                return
+            verdicts = {}
+            for key, count in counters.items():
+                if str(key).startswith("scan_") and str(key).count("_") >= 2:
+                    scanner, _, verdict = str(key)[5:].rpartition("_")
+                    verdicts.setdefault(scanner, {})[verdict] = count
+            if not verdicts:
+                return
         family = CounterMetricFamily("dcrouter_scan_verdicts",
                                      "Content-scan verdicts by scanner and verdict.",
                                      labels=["scanner", "verdict"])

@@ -123,7 +123,8 @@ _DETAILS: dict[str, dict[str, Any]] = {
         "routes": {"type": "array", "items": _OBJ}}}, "errors": [503]},
     "dns_zones": {"response": {"type": "object", "properties": {
         "zones": {"type": "array", "items": _OBJ}}}, "errors": [503]},
-    "prometheus_metrics": {"content_type": "text/plain", "response": {"type": "string"}, "errors": []},
+    "prometheus_metrics": {"content_type": "text/plain", "response": {"type": "string"},
+                           "errors": []},
 }
 
 

@@ -179,6 +179,14 @@ def test_collector_labels_proxy_routes_dns_rcodes_and_scan_verdicts(tmp_path):
     assert samples[("dcrouter_queue_depth", (("status", "all"),))] == 4
     assert samples[("dcrouter_service_stat", (("key", "queries_total"), ("service", "dns")))] == 43
     assert samples[("dcrouter_stats_errors_total", ())] == 1
+    # the processor's flat counters (scan_<scanner>_<verdict>) give the same family
+    context.services["email"].figures = {"processor": {"counters": {
+        "messages": 9, "scan_virus_clean": 4, "scan_attachment_reject": 2}}}
+    samples = _samples(generate_latest(registry).decode())
+    assert samples[("dcrouter_scan_verdicts_total", (("scanner", "virus"),
+                                                     ("verdict", "clean")))] == 4
+    assert samples[("dcrouter_scan_verdicts_total", (("scanner", "attachment"),
+                                                     ("verdict", "reject")))] == 2
 
 
 
