@@ -27,7 +27,7 @@ from dcrouter.config.email import EmailOptions
 from dcrouter.email.auth import AuthFailureLimiter, build_portal
 from dcrouter.email.limits import ConnectionTracker
 from dcrouter.email.session import SmtpSession
-from dcrouter.email.spool import spool_dir
+from dcrouter.email.spool import SpoolFiles, clean_spool, spool_dir
 from dcrouter.logsetup import get_logger
 from dcrouter.service import ListenerSet, ListenSpec, RouterContext
 from dcrouter.tlsutil import server_context_factory
@@ -108,6 +108,7 @@ class UnifiedEmailServer(Service):
         self._drain_waiters: list[defer.Deferred] = []
         self._observers: list[Any] = list(context.extensions.email_observers)
         self.spool_dir = spool_dir(context.state_dir)
+        self.spool_files = SpoolFiles(self.spool_dir, self.reactor)
         self._tls: Any = None
         self.tls_available = True
         self.options = options
@@ -175,12 +176,17 @@ class UnifiedEmailServer(Service):
     # -- service life cycle ------------------------------------------------------------------
 
     def startService(self) -> None:
+        stale = clean_spool(self.spool_dir)
+        if stale:
+            log.info("removed {count} unacknowledged spool files", count=stale)
+        self.spool_files = SpoolFiles(self.spool_dir, self.reactor)
         self.listeners.start(self._specs())
         super().startService()
         log.info("SMTP listening on {addresses}", addresses=self.bound_addresses())
 
     def stopService(self) -> Any:
         super().stopService()
+        self.spool_files.close()
         d = self.listeners.stop()
         for session in list(self.sessions):
             session.close_idle(f"421 4.3.2 {self.options.hostname} Service shutting down")
@@ -265,8 +271,17 @@ class UnifiedEmailServer(Service):
         self._observers.append(observer)
 
     def emit(self, event: str, *args: Any) -> None:
-        """Call ``event`` on every observer; an observer that raises is logged, not fatal."""
-        for observer in self._observers:
+        """Call ``event`` on every observer; an observer that raises is logged, not fatal.
+
+        Observers are those of ``Extensions.email_observers``, those added with
+        :meth:`add_observer`, and ``context.observers["email"]`` (where the
+        metrics registry subscribes).
+        """
+        observers = self._observers
+        shared = self.context.observers.get("email")
+        if shared:
+            observers = observers + shared
+        for observer in observers:
             method = getattr(observer, event, None)
             if method is None:
                 continue

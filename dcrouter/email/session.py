@@ -13,20 +13,20 @@ The session talks to its server only through the small surface of
 
 from __future__ import annotations
 
-import base64
-import binascii
 import email.utils
-import json
 import re
+import time
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
-from twisted.cred import credentials, error as cred_error
-from twisted.internet import defer, interfaces
+from twisted.cred import error as cred_error
+from twisted.internet import defer, interfaces, tcp
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dcrouter.email.auth import ISmtpUser, XOAuth2Credentials
+from dcrouter.email.auth import ISmtpUser
+from dcrouter.email.data import DotDecoder
+from dcrouter.email.sasl import Challenge, Credentials, Refusal, SaslExchange, Step
 from dcrouter.email.spool import SpoolWriter
 from dcrouter.errors import PolicyRejection
 from dcrouter.logsetup import get_logger
@@ -41,8 +41,6 @@ log = get_logger("email.server")
 COMMAND_LINE_LIMIT = 512
 #: RFC 4954 4: AUTH lines (initial responses, continuations) may reach 12288 octets.
 AUTH_LINE_LIMIT = 12288
-#: A DATA line longer than this is written out in pieces (never buffered whole).
-DATA_PARTIAL_FLUSH = 64 * 1024
 #: While a command waits for the handler, read at most this much ahead before pausing.
 READ_AHEAD_LIMIT = 1024 * 1024
 
@@ -53,6 +51,17 @@ _HELO_CLEAN = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
 
 COMMANDS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY",
                       "EXPN", "HELP", "STARTTLS", "AUTH", "BDAT", "ETRN", "TURN"})
+
+
+_date_cache: list = [0, ""]
+
+
+def _received_date() -> str:
+    """RFC 5322 date of now (local time), computed once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0], _date_cache[1] = now, email.utils.formatdate(now, localtime=True)
+    return _date_cache[1]
 
 
 class _Closed(Exception):
@@ -107,10 +116,9 @@ class SmtpSession(Protocol):
         self._errors = 0
         self._idle_call: Any = None
         self._esmtp = False
-        self._auth_step: Optional[Callable[[bytes], None]] = None
-        self._auth_mech = ""
-        self._login_user = b""
-        self._data_line_start = True
+        self._sasl: Optional[SaslExchange] = None
+        self._direct_send = False
+        self._decoder = DotDecoder()
         self.mail_from: Optional[str] = None
         self.recipients: list[str] = []
         self.smtputf8 = False
@@ -121,6 +129,8 @@ class SmtpSession(Protocol):
     # -- connection life cycle ----------------------------------------------------
 
     def connectionMade(self) -> None:
+        self._direct_send = isinstance(self.transport, tcp.Connection) and hasattr(
+            self.transport, "socket")
         peer: Any = self.transport.getPeer()
         self.info.client_ip = getattr(peer, "host", "")
         self.info.client_port = getattr(peer, "port", 0)
@@ -172,8 +182,24 @@ class SmtpSession(Protocol):
     # -- output ---------------------------------------------------------------------
 
     def _send(self, line: str) -> None:
-        if not self.closed:
-            self.transport.write(line.encode("utf-8", "replace") + b"\r\n")
+        if self.closed:
+            return
+        data = line.encode("utf-8", "replace") + b"\r\n"
+        transport: Any = self.transport
+        if (self._direct_send and not transport.TLS and not transport.dataBuffer
+                and not transport._tempDataBuffer and not transport.disconnecting):
+            # Fast path for plain TCP with nothing queued: one send() instead of
+            # Twisted's addWriter / send / removeWriter on the next reactor turn.
+            try:
+                sent = transport.socket.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return  # the connection is going away; connectionLost follows
+            data = data[sent:]
+            if not data:
+                return
+        transport.write(data)
 
     def _close(self) -> None:
         if not self.closed:
@@ -288,8 +314,7 @@ class SmtpSession(Protocol):
     def _line_too_long(self) -> None:
         self.host.stats.rejected("line_too_long")
         if self._mode == "auth":
-            self._mode = "command"
-            self._auth_step = None
+            self._end_auth()
         self._error("500 5.5.2 Error: line too long")
 
     def _error(self, reply: str) -> None:
@@ -513,8 +538,8 @@ class SmtpSession(Protocol):
             return
         self.queue_id = new_queue_id()
         try:
-            spool = SpoolWriter(self.host.spool_dir, self.queue_id,
-                                self.host.options.max_message_size)
+            path, fd = self.host.spool_files.take()
+            spool = SpoolWriter(path, fd, self.host.options.max_message_size)
             self.spool = spool
             spool.write_header(self._received_header())
         except OSError as e:
@@ -526,18 +551,20 @@ class SmtpSession(Protocol):
             self._send("451 4.3.0 Temporary local problem, try again later")
             return
         self._mode = "data"
-        self._data_line_start = True
+        self._decoder = DotDecoder()
         self._send("354 End data with <CR><LF>.<CR><LF>")
 
     def _received_header(self) -> bytes:
         helo = _HELO_CLEAN.sub("?", self.info.helo)[:100]
         hostname = self.host.options.hostname
-        parts = [f"Received: from {helo} ([{self.info.client_ip}])",
+        ip = self.info.client_ip
+        literal = f"IPv6:{ip}" if ":" in ip else ip
+        parts = [f"Received: from {helo} ([{literal}])",
                  f"\tby {hostname} (dcrouter) with {self.info.protocol} id {self.queue_id}"]
         if self.info.tls:
             parts.append(f"\t(using {self.info.tls_version or 'TLS'} with cipher "
                          f"{self.info.tls_cipher or 'unknown'})")
-        date = email.utils.formatdate(localtime=True)
+        date = _received_date()
         if len(self.recipients) == 1:
             rcpt = self.recipients[0].replace("\r", "").replace("\n", "")
             parts.append(f"\tfor <{rcpt}>; {date}")
@@ -549,48 +576,15 @@ class SmtpSession(Protocol):
     # -- DATA streaming ------------------------------------------------------------------
 
     def _consume_data(self) -> bool:
-        """Move complete lines from the buffer into the spool; True at end of data."""
+        """Move decoded lines from the buffer into the spool; True at end of data."""
         assert self.spool is not None
-        buf = self._buf
-        last = buf.rfind(b"\n")
-        if last < 0:
-            if len(buf) > DATA_PARTIAL_FLUSH:
-                if self._data_line_start and buf.startswith(b"."):
-                    buf = buf[1:]
-                self.spool.write(buf)
-                self._data_line_start = False
-                self._buf = b""
-            return False
-        chunk, rest = buf[:last + 1], buf[last + 1:]
-        if (b"\n." not in chunk) and not (self._data_line_start and chunk.startswith(b".")):
-            # Fast path: no dot at any line start, so no terminator and no stuffing.
-            self.spool.write(chunk.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n"))
-            self._data_line_start = True
-            self._buf = rest
-            return False
-        lines = chunk.split(b"\n")
-        lines.pop()  # chunk ends with \n: the last element is empty
-        out: list[bytes] = []
-        at_start = self._data_line_start
-        for index, line in enumerate(lines):
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if at_start and line.startswith(b"."):
-                if line == b".":
-                    if out:
-                        self.spool.write(b"\r\n".join(out) + b"\r\n")
-                    tail = lines[index + 1:]
-                    self._buf = (b"\n".join(tail) + b"\n" + rest) if tail else rest
-                    self._mode = "command"
-                    self._end_of_data()
-                    return True
-                line = line[1:]
-            out.append(line)
-            at_start = True
-        self.spool.write(b"\r\n".join(out) + b"\r\n")
-        self._data_line_start = True
-        self._buf = rest
-        return False
+        out, self._buf, finished = self._decoder.feed(self._buf)
+        if out:
+            self.spool.write(out)
+        if finished:
+            self._mode = "command"
+            self._end_of_data()
+        return finished
 
     def _end_of_data(self) -> None:
         spool, self.spool = self.spool, None
@@ -656,14 +650,14 @@ class SmtpSession(Protocol):
             if failure.check(PolicyRejection):
                 rejection: Any = failure.value
                 self.host.stats.rejected(rejection.reason)
-                self._emit_rejected(rejection.reason, rejection.code)
+                self._emit_rejected(rejection.reason, rejection.code, log_it=False)
                 log.info("{what} rejected: {code} {enhanced} {text}", what=what,
                          code=rejection.code, enhanced=rejection.enhanced, text=rejection.text,
                          correlation_id=self.info.correlation_id)
                 self._send(f"{rejection.code} {rejection.enhanced} {rejection.text}")
             else:
                 self.host.stats.rejected("handler_error")
-                self._emit_rejected("handler_error", 451)
+                self._emit_rejected("handler_error", 451, log_it=False)
                 log.failure("handler failed on {what}", failure, what=what,
                             correlation_id=self.info.correlation_id)
                 self._send("451 4.3.0 Temporary local problem, try again later")
@@ -679,7 +673,11 @@ class SmtpSession(Protocol):
                                            correlation_id=self.info.correlation_id))
         d.addBoth(done)
 
-    def _emit_rejected(self, reason: str, code: int) -> None:
+    def _emit_rejected(self, reason: str, code: int, log_it: bool = True) -> None:
+        """Tell observers (and the log) that something was refused for ``reason``."""
+        if log_it:
+            log.info("refused ({reason}): {code}", reason=reason, code=code,
+                     correlation_id=self.info.correlation_id)
         self.host.emit("message_rejected", self.info, reason, code)
 
     # -- AUTH ------------------------------------------------------------------------------------
@@ -705,22 +703,26 @@ class SmtpSession(Protocol):
         if mechanism not in self.host.auth_mechanisms():
             self._error("504 5.5.4 Unrecognized authentication type")
             return
-        self._auth_mech = mechanism
-        initial = initial.strip()
-        if mechanism == "PLAIN":
-            self._auth_step = self._auth_plain
-        elif mechanism == "LOGIN":
-            self._auth_step = self._auth_login_user
-        else:
-            self._auth_step = self._auth_xoauth2
+        self._sasl = SaslExchange(mechanism)
         self._mode = "auth"
-        if initial:
-            self._auth_line(b"" if initial == "=" else initial.encode("ascii", "replace"),
-                            initial=True)
-        elif mechanism == "LOGIN":
-            self._send("334 VXNlcm5hbWU6")
+        self._auth_step(self._sasl.start(initial.strip()))
+
+    def _auth_line(self, line: bytes) -> None:
+        assert self._sasl is not None
+        self._auth_step(self._sasl.respond(line))
+
+    def _auth_step(self, step: Step) -> None:
+        if isinstance(step, Challenge):
+            self._send(f"334 {step.text}")
+        elif isinstance(step, Refusal):
+            self._end_auth()
+            self._error(step.reply)
         else:
-            self._send("334 ")
+            self._login(step)
+
+    def _end_auth(self) -> None:
+        self._mode = "command"
+        self._sasl = None
 
     def _auth_rate_limited(self) -> None:
         self.host.stats.rejected("auth_rate_limit")
@@ -730,64 +732,15 @@ class SmtpSession(Protocol):
                         "authentication attempts")
         raise _Closed()
 
-    def _auth_line(self, line: bytes, initial: bool = False) -> None:
-        if line.strip() == b"*":
-            self._mode = "command"
-            self._auth_step = None
-            self._error("501 5.7.0 Authentication aborted")
-            return
-        try:
-            decoded = base64.b64decode(line, validate=True) if line else b""
-        except (binascii.Error, ValueError):
-            self._mode = "command"
-            self._auth_step = None
-            self._error("501 5.5.2 Error: cannot decode response")
-            return
-        step = self._auth_step
-        assert step is not None
-        step(decoded)
-
-    def _auth_plain(self, decoded: bytes) -> None:
-        parts = decoded.split(b"\x00")
-        if len(parts) != 3 or not parts[1]:
-            self._mode = "command"
-            self._auth_step = None
-            self._error("501 5.5.2 Error: malformed PLAIN response")
-            return
-        self._login(credentials.UsernamePassword(parts[1], parts[2]), parts[1])
-
-    def _auth_login_user(self, decoded: bytes) -> None:
-        self._login_user = decoded
-        self._auth_step = self._auth_login_password
-        self._send("334 UGFzc3dvcmQ6")
-
-    def _auth_login_password(self, decoded: bytes) -> None:
-        self._login(credentials.UsernamePassword(self._login_user, decoded), self._login_user)
-
-    def _auth_xoauth2(self, decoded: bytes) -> None:
-        try:
-            creds = XOAuth2Credentials.parse(decoded)
-        except ValueError:
-            self._mode = "command"
-            self._auth_step = None
-            self._error("501 5.5.2 Error: malformed XOAUTH2 response")
-            return
-        self._login(creds, creds.username)
-
-    def _xoauth2_error_ack(self, decoded: bytes) -> None:
-        self._mode = "command"
-        self._auth_step = None
-        self._send("535 5.7.8 Error: authentication failed")
-
-    def _login(self, creds: Any, username: bytes) -> None:
-        name = username.decode("utf-8", "replace")[:100]
-        mechanism = self._auth_mech
+    def _login(self, step: Credentials) -> None:
+        sasl = self._sasl
+        assert sasl is not None
+        mechanism = sasl.mechanism
         self.busy = True
-        d = self.host.portal.login(creds, None, ISmtpUser)
+        d = self.host.portal.login(step.creds, None, ISmtpUser)
 
         def ok(result: Any) -> None:
-            self._mode = "command"
-            self._auth_step = None
+            self._end_auth()
             self.info.auth_user = str(result[1])
             self.host.stats.auth_succeeded += 1
             log.info("AUTH {mechanism} succeeded for {username}", mechanism=mechanism,
@@ -801,23 +754,20 @@ class SmtpSession(Protocol):
                             correlation_id=self.info.correlation_id)
             self.host.stats.auth_failed += 1
             log.info("AUTH {mechanism} failed for {username}", mechanism=mechanism,
-                     username=name, correlation_id=self.info.correlation_id)
-            self.host.emit("auth_failed", self.info, name, mechanism)
+                     username=step.username, correlation_id=self.info.correlation_id)
+            self.host.emit("auth_failed", self.info, step.username, mechanism)
             if self.host.auth_limiter.record_failure(self.info.client_ip):
-                self._mode = "command"
+                self._end_auth()
                 try:
                     self._auth_rate_limited()
                 except _Closed:
                     return
-            if mechanism in ("XOAUTH2", "OAUTH2") and not self.closed:
-                # RFC-less but universal: an error challenge, the client answers empty.
-                status = json.dumps({"status": "401", "schemes": "bearer"}).encode()
-                self._auth_step = self._xoauth2_error_ack
-                self._send("334 " + base64.b64encode(status).decode())
-                return
-            self._mode = "command"
-            self._auth_step = None
-            self._send("535 5.7.8 Error: authentication failed")
+            answer = sasl.failed()
+            if isinstance(answer, Challenge):
+                self._send(f"334 {answer.text}")
+            else:
+                self._end_auth()
+                self._send(answer.reply)
 
         d.addCallbacks(ok, fail)
         d.addErrback(lambda f: log.failure("AUTH reply failed", f,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import smtplib
 import ssl
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 import pytest_twisted

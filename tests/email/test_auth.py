@@ -210,3 +210,24 @@ def test_xoauth2_credentials_parse() -> None:
         XOAuth2Credentials.parse(b"auth=Bearer tok")
 
 
+
+
+def test_sasl_exchanges_step_by_step() -> None:
+    from dcrouter.email.sasl import Challenge, Credentials, Refusal, SaslExchange
+    b64 = lambda raw: base64.b64encode(raw)  # noqa: E731
+    login = SaslExchange("LOGIN")
+    assert login.start("") == Challenge("VXNlcm5hbWU6")
+    assert login.respond(b64(b"bob")) == Challenge("UGFzc3dvcmQ6")
+    step = login.respond(b64(b"pw"))
+    assert isinstance(step, Credentials) and step.username == "bob"
+    assert (step.creds.username, step.creds.password) == (b"bob", b"pw")
+    assert login.failed() == Refusal("535 5.7.8 Error: authentication failed")
+    plain = SaslExchange("PLAIN")
+    assert plain.start("=") == Refusal("501 5.5.2 Error: malformed PLAIN response")
+    assert isinstance(SaslExchange("PLAIN").start(b64(b"authz\x00u\x00p").decode()), Credentials)
+    assert SaslExchange("PLAIN").respond(b"*") == Refusal("501 5.7.0 Authentication aborted")
+    oauth = SaslExchange("XOAUTH2")
+    step = oauth.start(b64(b"user=u@x\x01auth=Bearer t\x01\x01").decode())
+    assert isinstance(step, Credentials) and step.creds.token == b"t"
+    assert isinstance(oauth.failed(), Challenge)
+    assert oauth.respond(b"") == Refusal("535 5.7.8 Error: authentication failed")

@@ -19,7 +19,7 @@ from twisted.internet.threads import deferToThread
 from dcrouter.errors import PolicyRejection
 from dcrouter.service import Extensions
 from tests.email.conftest import PASSWORD
-from tests.email.handlers import BrokenObserver, RecordingHandler, RecordingObserver
+from tests.email.handlers import BrokenObserver, RecordingObserver
 
 MSG = b"From: a@local.test\r\nTo: b@local.test\r\nSubject: hi\r\n\r\nhello\r\n"
 
@@ -63,6 +63,12 @@ class Raw:
         self.sock.close()
 
 
+def spool_leftovers(server: Any) -> set[str]:
+    """Spool files with content (prepared files are empty until a message is written)."""
+    return {name for name in os.listdir(server.spool_dir)
+            if os.path.getsize(os.path.join(server.spool_dir, name)) > 0}
+
+
 def received_header(data: bytes) -> str:
     end = data.index(b"\r\n", data.index(b";"))
     return data[:end].decode()
@@ -104,7 +110,7 @@ def test_plain_then_starttls_with_certificate_check(start_server: Any) -> None:
     assert run.handler.body(0) == MSG
     assert second.session.tls and second.session.tls_version == cipher[1]
     assert first.session.correlation_id == second.session.correlation_id
-    assert not os.listdir(run.server.spool_dir)
+    assert not spool_leftovers(run.server)
 
 
 @pytest_twisted.inlineCallbacks
@@ -249,7 +255,7 @@ def test_policy_rejection_and_handler_failure_replies(start_server: Any) -> None
     assert blocked == (550, b"5.7.1 Sender blocked")
     assert failed == (451, b"4.3.0 Temporary local problem, try again later")
     assert again == {} and len(run.handler.messages) == 1
-    assert not os.listdir(run.server.spool_dir)  # the failed message's spool file is gone
+    assert not spool_leftovers(run.server)  # the failed message's spool file is gone
     stats = run.server.get_stats()
     assert stats["rejected_by_reason"]["blocklist"] == 1
     assert stats["rejected_by_reason"]["handler_error"] == 1
@@ -314,7 +320,7 @@ def test_oversize_streamed_then_next_message_on_same_session(start_server: Any) 
     assert oversize == "552 5.3.4 Error: message file too big"
     assert normal.startswith("250 2.0.0 Ok: queued as ")
     assert len(run.handler.messages) == 1 and run.handler.body() == MSG
-    assert not os.listdir(run.server.spool_dir)
+    assert not spool_leftovers(run.server)
     assert run.server.get_stats()["rejected_by_reason"]["size"] == 1
 
 
@@ -622,3 +628,140 @@ def test_reconfigure_applies_limits_and_rebinds(start_server: Any) -> None:
 
     first, second = yield deferToThread(client)
     assert first[0] == 250 and second[0] == 452
+
+
+@pytest_twisted.inlineCallbacks
+def test_starttls_drops_pipelined_plaintext(start_server: Any) -> None:
+    """RFC 3207 5: commands pipelined after STARTTLS must not run inside the TLS session."""
+    run = start_server()
+
+    def client() -> tuple:
+        raw = Raw(run.ports["smtp"])
+        raw.reply()
+        raw.cmd("EHLO client.test")
+        raw.send(b"STARTTLS\r\nRSET\r\nMAIL FROM:<injected@evil.example>\r\n")
+        ready = raw.reply()
+        tls = run.client_context().wrap_socket(raw.sock, server_hostname="127.0.0.1")
+        f = tls.makefile("rb")
+        tls.sendall(b"EHLO client.test\r\n")
+        first = f.readline()
+        tls.sendall(b"RCPT TO:<b@local.test>\r\n")
+        while f.readline()[3:4] == b"-":
+            pass
+        rcpt = f.readline()
+        tls.close()
+        return ready, first, rcpt
+
+    ready, first, rcpt = yield deferToThread(client)
+    assert ready == "220 2.0.0 Ready to start TLS"
+    assert first == b"250-mail.dcrouter.test\r\n"
+    assert rcpt.startswith(b"503 5.5.1")  # the injected MAIL FROM never happened
+
+
+@pytest_twisted.inlineCallbacks
+def test_tls_min_version_enforced(start_server: Any) -> None:
+    run = start_server(tls={"min_version": "TLSv1.3"})
+
+    def client(maximum: ssl.TLSVersion) -> str:
+        ctx = run.client_context()
+        ctx.maximum_version = maximum
+        try:
+            with smtplib.SMTP_SSL("127.0.0.1", run.ports["smtps"], context=ctx, timeout=10) as s:
+                return s.sock.version()
+        except (ssl.SSLError, ConnectionError) as e:
+            return "refused: " + type(e).__name__
+
+    assert (yield deferToThread(client, ssl.TLSVersion.TLSv1_2)).startswith("refused")
+    assert (yield deferToThread(client, ssl.TLSVersion.TLSv1_3)) == "TLSv1.3"
+
+
+@pytest_twisted.inlineCallbacks
+def test_reconfigure_users_and_self_signed_certificate(start_server: Any) -> None:
+    import dataclasses
+    from dcrouter.config.email import EmailAuthOptions, EmailTlsOptions, UserOptions
+    run = start_server()
+    options = run.server.options
+    new = dataclasses.replace(
+        options, tls=EmailTlsOptions(),  # no paths: a self-signed certificate
+        auth=EmailAuthOptions(users=(UserOptions(username="dave", password="pw2"),)))
+    yield run.server.reconfigure(new)
+
+    def client(user: str, password: str) -> tuple:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with smtplib.SMTP_SSL("127.0.0.1", run.ports["smtps"], context=ctx, timeout=10) as s:
+            s.ehlo("x")
+            s.user, s.password = user, password
+            try:
+                code = s.auth("PLAIN", s.auth_plain)[0]
+            except smtplib.SMTPAuthenticationError as e:
+                code = e.smtp_code
+            issuer = s.sock.getpeercert(binary_form=True)
+            return code, issuer
+
+    code_new, cert = yield deferToThread(client, "dave", "pw2")
+    code_old, _ = yield deferToThread(client, "alice", PASSWORD)
+    assert (code_new, code_old) == (235, 535)
+    with open(run.certs["ca.pem"], "rb") as f:
+        assert ssl.DER_cert_to_PEM_cert(cert).encode() != f.read()  # a different certificate
+    assert os.path.exists(os.path.join(run.server.context.state_dir, "certs"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_auth_required_everywhere_and_ipv6_listener(start_server: Any) -> None:
+    from tests.support.net import free_port
+    port = free_port(host="::1")
+    run = start_server(listen="::1", ports=[port], submission_ports=[], implicit_tls_ports=[],
+                       auth={"required": True})
+
+    def client() -> tuple:
+        with smtplib.SMTP("::1", port, timeout=10) as s:
+            s.ehlo("v6.test")
+            refused = s.docmd("MAIL FROM:<a@local.test>")
+            s.docmd("RSET")
+            s.starttls(context=ssl._create_unverified_context())
+            s.ehlo("v6.test")
+            s.login("alice", PASSWORD)
+            return refused, s.sendmail("alice@local.test", ["b@remote.example"], MSG)
+
+    refused, sent = yield deferToThread(client)
+    assert refused == (530, b"5.7.0 Authentication required") and sent == {}
+    message = run.handler.messages[0]["message"]
+    assert message.session.client_ip == "::1" and message.session.relay_permitted
+    assert "from v6.test ([IPv6:::1])" in received_header(run.handler.messages[0]["data"])
+    assert run.server.bound_addresses() == [("tcp", "::1", port)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_every_log_event_carries_the_correlation_id(start_server: Any) -> None:
+    from twisted.logger import globalLogPublisher
+    run = start_server()
+    shared = RecordingObserver()
+    run.server.context.observers["email"] = [shared]  # where the metrics registry subscribes
+    events: list = []
+
+    def watch(event: dict) -> None:
+        if event.get("log_namespace", "").startswith("dcrouter.email"):
+            events.append(event)
+
+    globalLogPublisher.addObserver(watch)
+
+    def client() -> None:
+        with run.smtps() as s:
+            s.ehlo("client.test")
+            s.login("alice", PASSWORD)
+            s.sendmail("a@local.test", ["b@local.test"], MSG)
+            s.docmd("MAIL FROM:<a@local.test>")
+            s.docmd("RCPT TO:<x@remote.example>")  # relayed (authenticated): accepted
+            s.docmd("RSET")
+
+    try:
+        yield deferToThread(client)
+        yield sleep(0.1)
+    finally:
+        globalLogPublisher.removeObserver(watch)
+    correlation = run.handler.messages[0]["message"].session.correlation_id
+    session_events = [e for e in events if "correlation_id" in e]
+    assert len(session_events) >= 4  # connect, AUTH, accepted, disconnect
+    assert {e["correlation_id"] for e in session_events} == {correlation}
+    assert shared.names()[0] == "connection_made" and "message_received" in shared.names()
