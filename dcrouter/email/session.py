@@ -360,6 +360,7 @@ class SmtpSession(Protocol):
         self._error("502 5.5.1 Error: command not implemented")
 
     def do_HELO(self, arg: str) -> None:
+        """HELO: greet, plain SMTP (RFC 5321 4.1.1.1)."""
         if not arg:
             self._error("501 5.5.4 Syntax: HELO hostname")
             return
@@ -369,6 +370,7 @@ class SmtpSession(Protocol):
         self._send(f"250 {self.host.options.hostname}")
 
     def do_EHLO(self, arg: str) -> None:
+        """EHLO: greet and list the ESMTP extensions on offer."""
         if not arg:
             self._error("501 5.5.4 Syntax: EHLO hostname")
             return
@@ -388,29 +390,36 @@ class SmtpSession(Protocol):
         self._send(f"250 {lines[-1]}")
 
     def do_NOOP(self, arg: str) -> None:
+        """NOOP: do nothing, reply 250."""
         self._send("250 2.0.0 Ok")
 
     def do_HELP(self, arg: str) -> None:
+        """HELP: point to RFC 5321."""
         self._send("214 2.0.0 See RFC 5321")
 
     def do_VRFY(self, arg: str) -> None:
+        """VRFY: never confirms addresses (reply 252)."""
         self._send("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
 
     def do_EXPN(self, arg: str) -> None:
+        """EXPN: not implemented (reply 502)."""
         self._send("502 5.5.1 Error: command not implemented")
 
     def do_RSET(self, arg: str) -> None:
+        """RSET: abort the current transaction."""
         self._reset_transaction()
         self._send("250 2.0.0 Ok")
         self.host.transaction_finished(self)
 
     def do_QUIT(self, arg: str) -> None:
+        """QUIT: say goodbye and close."""
         self._reset_transaction()
         self._send("221 2.0.0 Bye")
         self._close()
         raise _Closed()
 
     def do_STARTTLS(self, arg: str) -> None:
+        """STARTTLS: upgrade the connection to TLS (RFC 3207)."""
         if arg:
             self._error("501 5.5.4 Syntax: STARTTLS")
             return
@@ -447,6 +456,7 @@ class SmtpSession(Protocol):
         return self.mail_from is not None or self.busy or self._mode == "data"
 
     def do_MAIL(self, arg: str) -> None:
+        """MAIL FROM: start a transaction after checking the sender."""
         if not self.info.helo:
             self._error("503 5.5.1 Error: send HELO/EHLO first")
             return
@@ -501,6 +511,7 @@ class SmtpSession(Protocol):
         self._ask("check_sender", (self.info, address), accepted, "sender")
 
     def do_RCPT(self, arg: str) -> None:
+        """RCPT TO: add a recipient the handler accepts."""
         if self.mail_from is None:
             self._error("503 5.5.1 Error: need MAIL command")
             return
@@ -534,6 +545,7 @@ class SmtpSession(Protocol):
         self._ask("check_recipient", (self.info, mail_from, address), accepted, "recipient")
 
     def do_DATA(self, arg: str) -> None:
+        """DATA: receive the message and hand it to the handler."""
         if arg:
             self._error("501 5.5.4 Syntax: DATA")
             return
@@ -691,6 +703,7 @@ class SmtpSession(Protocol):
     # -- AUTH ------------------------------------------------------------------------------------
 
     def do_AUTH(self, arg: str) -> None:
+        """AUTH: SASL authentication (RFC 4954), only over TLS."""
         if not self.info.tls:
             self.host.stats.rejected("auth_needs_tls")
             self._error("538 5.7.11 Encryption required for requested authentication mechanism")
