@@ -192,19 +192,23 @@ def run_block(block: Block, scratch: dict[str, Any]) -> subprocess.CompletedProc
         args = [sys.executable, script]
     else:
         args = ["bash", "-e", "-o", "pipefail", "-c", text]
-    proc = subprocess.Popen(args, cwd=scratch["root"], env=scratch["env"], text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            start_new_session=True)
-    try:
-        out, _ = proc.communicate(timeout=90)
-    finally:
+    log_path = os.path.join(scratch["root"], "_doc_block.out")
+    with open(log_path, "w", encoding="utf-8") as log:
+        # output to a file: a background command keeps a pipe open after the block ends
+        proc = subprocess.Popen(args, cwd=scratch["root"], env=scratch["env"], text=True,
+                                stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            os.killpg(proc.pid, signal.SIGTERM)  # background commands of the block
-        except ProcessLookupError:
-            pass
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+            proc.wait(timeout=90)
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)  # background commands of the block
+            except ProcessLookupError:
+                pass
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    with open(log_path, encoding="utf-8", errors="replace") as f:
+        out = f.read()
     return subprocess.CompletedProcess(args, proc.returncode, out, "")
 
 
