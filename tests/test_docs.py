@@ -225,6 +225,7 @@ def test_code_blocks_of_a_file_run_in_order(path: str, scratch: dict[str, Any]) 
             with open(os.path.join(REPO, included.group(1)), encoding="utf-8") as f:
                 assert block.text == f.read(), f"{block.name} differs from {included.group(1)}"
         result = run_block(block, scratch)
+        print(f"--- {block.name}\n{result.stdout}")  # shown with -s or on failure
         assert result.returncode == 0, f"{block.name} failed:\n{block.text}\n---\n{result.stdout}"
         RAN.add(block.name)
 
