@@ -19,7 +19,8 @@ Conventions (for writers of docs):
   checkout (``etc/``, ``docs/examples`` on PYTHONPATH) with a dcrouter running
   from ``etc/dcrouter.toml`` (state in ``var/``), so ``var/mail/alice/new/``,
   ``dcrouterctl`` and ``swaks`` work as in the text.  The documented fixed ports
-  (2525, 2587, 2465, 8443, 8080, 5353, 8088 and the backends 9443, 9080) are
+  (2525, 2587, 2465, 8443, 8080, 5353, 8088, the backends 9443, 9080, and 8444,
+  8445 for a second dcrouter) are
   replaced by the real ephemeral ones, and ``.venv/bin/`` by the test's venv.
 * Output and pictures use another language or none (``text``, ``json`` -
   which must parse -, ``yaml``, ``promql``, or a bare fence) and are not run.
@@ -60,7 +61,8 @@ VENV_BIN = os.path.dirname(sys.executable)
 
 #: Documented fixed port -> key of the scratch router's port map.
 FIXED_PORTS = {2525: "smtp", 2587: "submission", 2465: "smtps", 8443: "https", 8080: "http",
-               5353: "dns", 8088: "api", 9443: "backend_tls", 9080: "backend_http"}
+               5353: "dns", 8088: "api", 9443: "backend_tls", 9080: "backend_http",
+               8444: "spare_1", 8445: "spare_2"}
 
 
 @dataclasses.dataclass
@@ -150,6 +152,8 @@ def scratch(tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
     data["email"]["queue"]["persistent_path"] = "var/queue"
     ports["backend_tls"] = free_port()
     ports["backend_http"] = free_port()
+    ports["spare_1"] = free_port()  # for a second dcrouter a doc starts
+    ports["spare_2"] = free_port()
     data["proxy"]["routes"][0]["targets"] = [f"127.0.0.1:{ports['backend_tls']}"]
     data["proxy"]["routes"][1]["targets"] = [f"127.0.0.1:{ports['backend_http']}"]
     write_config(os.path.join(root, "etc", "dcrouter.toml"), data)
