@@ -148,6 +148,7 @@ def scratch(tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
     """A checkout-like directory with dcrouter running from etc/dcrouter.toml."""
     root = str(tmp_path_factory.mktemp("docs"))
     shutil.copytree(os.path.join(REPO, "etc"), os.path.join(root, "etc"))
+    shutil.copytree(os.path.join(REPO, "docs", "examples"), os.path.join(root, "docs", "examples"))
     data, ports = default_config_with_free_ports("var")
     data["email"]["queue"]["persistent_path"] = "var/queue"
     ports["backend_tls"] = free_port()

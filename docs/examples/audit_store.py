@@ -1,3 +1,4 @@
+# docs/examples/audit_store.py
 """A queue store plug-in: wraps another store and keeps an audit trail."""
 
 from __future__ import annotations
@@ -43,12 +44,12 @@ class AuditedStore:
         return d.addCallback(added)
 
     def update(self, item: Any) -> Any:
-        """Record status changes (delivered, deferred, failed...)."""
+        """Record changes of waiting items (deferred with a new next attempt...)."""
         self._audit("update", item)
         return self.inner.update(item)
 
     def remove(self, item: Any) -> Any:
-        """Record removals."""
+        """Record removals: finished items (status delivered or failed) leave the store."""
         self._audit("remove", item)
         return self.inner.remove(item)
 

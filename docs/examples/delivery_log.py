@@ -1,3 +1,4 @@
+# docs/examples/delivery_log.py
 """A delivery observer: one JSON line per delivery outcome."""
 
 from __future__ import annotations

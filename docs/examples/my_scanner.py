@@ -1,3 +1,4 @@
+# docs/examples/my_scanner.py
 """A content scanner plug-in: flags messages that contain a banned phrase."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# docs/examples/my_transform.py
 """A transformation plug-in: stamps every message with a ticket header."""
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# docs/examples/token_checker.py
 """An auth checker plug-in: SASL XOAUTH2 with HMAC-signed bearer tokens.
 
 A token is ``<user>:<expiry>:<signature>`` (base64url), signed with a secret
