@@ -241,3 +241,36 @@ def test_every_unmarked_block_ran() -> None:
     marked = [b for b in ALL_BLOCKS if b.not_run is not None]
     print(f"{len(RAN)} code blocks ran; {len(marked)} marked not-run")
     assert len(RAN) >= 30
+
+
+# -- links ------------------------------------------------------------------------------------
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path: str) -> set[str]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
+
+
+def test_relative_links_and_anchors_resolve() -> None:
+    broken = []
+    for path in DOC_FILES:
+        with open(path, encoding="utf-8") as f:
+            text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file_part, _, anchor = target.partition("#")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) \
+                if file_part else path
+            if not os.path.exists(resolved):
+                broken.append(f"{os.path.relpath(path, REPO)}: {target} (no such file)")
+            elif anchor and resolved.endswith(".md") and anchor not in _anchors(resolved):
+                broken.append(f"{os.path.relpath(path, REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
