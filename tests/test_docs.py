@@ -19,8 +19,8 @@ Conventions (for writers of docs):
   checkout (``etc/``, ``docs/examples`` on PYTHONPATH) with a dcrouter running
   from ``etc/dcrouter.toml`` (state in ``var/``), so ``var/mail/alice/new/``,
   ``dcrouterctl`` and ``swaks`` work as in the text.  The documented fixed ports
-  (2525, 2587, 2465, 8443, 8080, 5353, 8088, the backends 9443, 9080, and 8444,
-  8445 for a second dcrouter) are
+  (2525, 2587, 2465, 8443, 8080, 5353, 8088, the backends 9443, 9080, 8444 and
+  8445 for a second dcrouter, and pebble's 14000, 15000, 15001, 18053, 18055) are
   replaced by the real ephemeral ones, and ``.venv/bin/`` by the test's venv.
 * Output and pictures use another language or none (``text``, ``json`` -
   which must parse -, ``yaml``, ``promql``, or a bare fence) and are not run.
@@ -50,7 +50,7 @@ import pytest
 
 from dcrouter.config import parse_config
 from tests.support.configs import default_config_with_free_ports, write_config
-from tests.support.net import free_port
+from tests.support.net import free_port, free_tcp_udp_port
 from tests.support.proc import REPO, TwistdProcess, twistd_env, wait_until
 
 DOC_FILES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs",
@@ -63,7 +63,9 @@ VENV_BIN = os.path.dirname(sys.executable)
 #: Documented fixed port -> key of the scratch router's port map.
 FIXED_PORTS = {2525: "smtp", 2587: "submission", 2465: "smtps", 8443: "https", 8080: "http",
                5353: "dns", 8088: "api", 9443: "backend_tls", 9080: "backend_http",
-               8444: "spare_1", 8445: "spare_2"}
+               8444: "spare_1", 8445: "spare_2",
+               14000: "pebble", 15000: "pebble_management", 15001: "pebble_tls",
+               18053: "challtestsrv_dns", 18055: "challtestsrv_management"}
 
 
 @dataclasses.dataclass
@@ -156,6 +158,9 @@ def scratch(tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
     ports["backend_http"] = free_port()
     ports["spare_1"] = free_port()  # for a second dcrouter a doc starts
     ports["spare_2"] = free_port()
+    for name in ("pebble", "pebble_management", "pebble_tls", "challtestsrv_management"):
+        ports[name] = free_port()  # the local ACME server of proxy-guide.md
+    ports["challtestsrv_dns"] = free_tcp_udp_port()
     data["proxy"]["routes"][0]["targets"] = [f"127.0.0.1:{ports['backend_tls']}"]
     data["proxy"]["routes"][1]["targets"] = [f"127.0.0.1:{ports['backend_http']}"]
     write_config(os.path.join(root, "etc", "dcrouter.toml"), data)
