@@ -83,7 +83,7 @@ def _maildir_messages(root: str, user: str) -> list[str]:
 
 
 @pytest_twisted.inlineCallbacks
-def test_scanner_and_transformation_by_name(router: Any) -> None:
+def test_scanner_and_transformation_by_name(router: Any) -> Any:
     r, ports, paths = router
     code, text = yield deferToThread(_send, ports["smtp"], "support@help.localhost",
                                      "Printer", "It is broken again.")
@@ -99,7 +99,7 @@ def test_scanner_and_transformation_by_name(router: Any) -> None:
 
 
 @pytest_twisted.inlineCallbacks
-def test_queue_store_and_delivery_observer_through_extensions(router: Any) -> None:
+def test_queue_store_and_delivery_observer_through_extensions(router: Any) -> Any:
     r, ports, paths = router
     code, _ = yield deferToThread(_send, ports["smtp"], "alice@localhost", "hi", "hello")
     assert code == 250
