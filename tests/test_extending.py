@@ -137,7 +137,7 @@ def _xoauth2(port: int, user: str, token: str, ca_free: bool = True) -> tuple[in
 
 
 @pytest_twisted.inlineCallbacks
-def test_xoauth2_token_checker_by_name(router: Any) -> None:
+def test_xoauth2_token_checker_by_name(router: Any) -> Any:
     r, ports, paths = router
     good = make_token("bob", SECRET)
     code, _ = yield deferToThread(_xoauth2, ports["submission"], "bob", good)
