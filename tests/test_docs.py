@@ -287,3 +287,11 @@ def test_relative_links_and_anchors_resolve() -> None:
             elif anchor and resolved.endswith(".md") and anchor not in _anchors(resolved):
                 broken.append(f"{os.path.relpath(path, REPO)}: {target} (no such heading)")
     assert not broken, "\n".join(broken)
+
+
+def test_every_example_file_is_shown_in_the_docs() -> None:
+    shown = {m.group(1) for b in ALL_BLOCKS if b.lang == "python"
+             for m in [re.match(r"#\s*(docs/examples/\w+\.py)\s*$", b.text.split("\n", 1)[0])] if m}
+    files = {os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "examples",
+                                                                      "*.py"))}
+    assert files and files == shown, f"not shown: {sorted(files - shown)}"
