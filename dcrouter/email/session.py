@@ -118,6 +118,7 @@ class SmtpSession(Protocol):
         self._esmtp = False
         self._sasl: Optional[SaslExchange] = None
         self._direct_send = False
+        self._out: list[bytes] = []
         self._decoder = DotDecoder()
         self.mail_from: Optional[str] = None
         self.recipients: list[str] = []
@@ -185,6 +186,19 @@ class SmtpSession(Protocol):
         if self.closed:
             return
         data = line.encode("utf-8", "replace") + b"\r\n"
+        if self._processing:
+            # Replies to pipelined commands leave together when the input is used up.
+            self._out.append(data)
+            return
+        self._write(data)
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out = []
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
         transport: Any = self.transport
         if (self._direct_send and not transport.TLS and not transport.dataBuffer
                 and not transport._tempDataBuffer and not transport.disconnecting):
@@ -203,6 +217,7 @@ class SmtpSession(Protocol):
 
     def _close(self) -> None:
         if not self.closed:
+            self._flush()
             self.closed = True
             self._cancel_idle()
             self.transport.loseConnection()
@@ -277,6 +292,8 @@ class SmtpSession(Protocol):
                             "problem, closing connection")
         finally:
             self._processing = False
+            if not self.closed:
+                self._flush()
         if self._paused and not self.busy and not self.closed:
             self._paused = False
             self.transport.resumeProducing()  # type: ignore[attr-defined]
@@ -426,6 +443,7 @@ class SmtpSession(Protocol):
         self._reset_transaction()
         self.info.helo = ""
         self._esmtp = False
+        self._flush()  # the 220 goes out in clear text, before the handshake
         self.transport.startTLS(self.host.tls_context(), True)  # type: ignore[attr-defined]
         self.info.tls = True
 
