@@ -20,6 +20,7 @@ The first bytes must arrive within the route's ``initial_data_timeout``.
 from __future__ import annotations
 
 from typing import Any, Optional
+from typing import Protocol as Protocol_
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -33,11 +34,53 @@ from dcrouter.logsetup import get_logger
 from dcrouter.proxy import http as httpmod
 from dcrouter.proxy import proxyprotocol, sni
 from dcrouter.proxy.balancer import Target, connect_with_failover, target_endpoint
-from dcrouter.proxy.limits import LimitExceeded, Ticket, normalize_ip
+from dcrouter.proxy.limits import Admission, LimitExceeded, Ticket, normalize_ip
 from dcrouter.proxy.routes import Route, RouteTable
+from dcrouter.proxy.stats import RouteStats
 from dcrouter.proxy.tunnel import BackendProtocol, Tunnel
 
 log = get_logger("proxy")
+
+
+class ProxyCore(Protocol_):
+    """What connections need from the proxy service (implemented by ``ProxyService``)."""
+
+    reactor: Any
+    table: RouteTable
+    admission: Admission
+    certs: Any
+
+    def stats_for(self, route: Route) -> RouteStats:
+        """Counters of a route."""
+
+    def count_unrouted(self, kind: str) -> None:
+        """Count a connection closed before it had a route."""
+
+    def trusts_proxy_header(self, client_ip: str) -> bool:
+        """Whether the peer must start with a PROXY header."""
+
+    def acme_answer(self, token: str) -> Optional[str]:
+        """Key authorization of a pending http-01 challenge."""
+
+    def backend_tls_options(self, route: Route, target: Target) -> Any:
+        """Client TLS options for re-encryption."""
+
+    def track(self, protocol: "FrontProtocol") -> None:
+        """A connection was accepted."""
+
+    def untrack(self, protocol: "FrontProtocol") -> None:
+        """A connection closed."""
+
+
+def _no_delay(transport: Any) -> None:
+    """TCP_NODELAY: a relay forwards what it has at once (Nagle would hold small
+    writes such as a TLS server's last flight for a delayed ACK)."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
 
 
 class _Backend(BackendProtocol):
@@ -50,6 +93,7 @@ class _Backend(BackendProtocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        _no_delay(self.transport)
         if self.preamble:
             self.transport.write(self.preamble)
         if self.tls_options is not None:
@@ -77,7 +121,7 @@ class _BackendFactory(Factory):
 class Connection:
     """What one client connection has been given: its route, admission ticket and tunnel."""
 
-    def __init__(self, core: Any, route: Route, ticket: Ticket) -> None:
+    def __init__(self, core: ProxyCore, route: Route, ticket: Ticket) -> None:
         self.core = core
         self.route = route
         self.ticket = ticket
@@ -110,7 +154,7 @@ class Connection:
         if route.options.send_proxy_protocol:
             preamble = proxyprotocol.encode(route.options.send_proxy_protocol, client_addr,
                                             local_addr)
-        timeout = min(route.options.initial_data_timeout, 30.0)
+        timeout = route.options.connect_timeout
 
         def connect(target: Target) -> defer.Deferred:
             tls_options = core.backend_tls_options(route, target) \
@@ -123,6 +167,9 @@ class Connection:
 
         def connected(result: tuple[Target, Any]) -> None:
             target, protocol = result
+            if tunnel.done or not tunnel.client_open:     # the client left meanwhile
+                protocol.transport.loseConnection()
+                return
             self.target = target
             target.active += 1
             tunnel.attach(protocol.transport, initial)
@@ -151,16 +198,36 @@ class _TerminatedProtocol(Protocol):
         self.tunnel: Optional[Tunnel] = None
         self.lost = False
         self.handshake_done = False
+        self.timer: Any = None
+        self.timed_out = False
+
+    def connectionMade(self) -> None:
+        timeout = self.connection.route.options.initial_data_timeout
+        self.timer = self.front.core.reactor.callLater(timeout, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        self.connection.stats.error("handshake_timeout" if not self.handshake_done
+                                    else "initial_timeout")
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
         route = self.connection.route
         if route.options.add_forwarded_headers:
-            self.reader = httpmod.HeadReader()
+            self.reader = httpmod.HeadReader()     # the timer now covers the request head
         else:
             self._open(b"")
 
     def _open(self, initial: bytes) -> None:
+        self._cancel_timer()
         if self.lost:
             return
         self.tunnel = self.connection.open_tunnel(self.transport, initial, self.front.client_addr,
@@ -174,6 +241,7 @@ class _TerminatedProtocol(Protocol):
             return
         state = self.reader.feed(data)
         if state == httpmod.INVALID:
+            self._cancel_timer()
             self.connection.stats.error("bad_http")
             assert self.transport is not None
             self.transport.write(httpmod.response(400, "Bad Request", b"bad request\n"))
@@ -187,10 +255,11 @@ class _TerminatedProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.lost = True
+        self._cancel_timer()
         if self.tunnel is not None:
             self.tunnel.client_lost(reason)
         else:
-            if not self.handshake_done:
+            if not self.handshake_done and not self.timed_out:
                 self.connection.stats.error("tls_handshake")
             self.connection.release()
 
@@ -210,7 +279,7 @@ class _TerminatedFactory(Factory):
 class FrontProtocol(Protocol):
     """One accepted client connection on a proxy port."""
 
-    def __init__(self, core: Any, port: int) -> None:
+    def __init__(self, core: ProxyCore, port: int) -> None:
         self.core = core
         self.port = port
         self.table: RouteTable = core.table
@@ -227,6 +296,7 @@ class FrontProtocol(Protocol):
     # -- lifecycle -------------------------------------------------------------
     def connectionMade(self) -> None:
         assert self.transport is not None
+        _no_delay(self.transport)
         peer: Any = self.transport.getPeer()
         host: Any = self.transport.getHost()
         self.client_addr = (str(normalize_ip(peer.host)), peer.port)
@@ -251,8 +321,7 @@ class FrontProtocol(Protocol):
             return
         self.stage = mode
         self.parser = sni.ClientHelloParser() if mode == "tls" else httpmod.HeadReader()
-        if self.timer is None:
-            self._start_timer()
+        self._start_timer()
         if leftover:
             self.dataReceived(leftover)
 
@@ -305,6 +374,7 @@ class FrontProtocol(Protocol):
         if state == proxyprotocol.INVALID:
             self._refuse("bad_proxy_header")
         elif state == proxyprotocol.DONE:
+            self._cancel_timer()
             if self.parser.source is not None:
                 self.client_addr = (str(normalize_ip(self.parser.source[0])),
                                     self.parser.source[1])
@@ -452,7 +522,7 @@ class FrontFactory(Factory):
 
     noisy = False
 
-    def __init__(self, core: Any, port: int) -> None:
+    def __init__(self, core: ProxyCore, port: int) -> None:
         self.core = core
         self.port = port
 

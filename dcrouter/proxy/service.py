@@ -73,10 +73,13 @@ class ProxyService(ManagedService):
 
     def _specs(self) -> list[ListenSpec]:
         proxy = self._proxy_options(self.context.options)
+        # a port that stays keeps its listener even if the route naming it moved in the list
+        bound = {(s.host, s.port): s for s in self.listeners.ports}
         specs = []
         for port in self.table.ports():
             first = self.table.by_port[port][0]
-            specs.append(ListenSpec("tcp", proxy.listen, port, f"proxy.routes[{first.index}].ports"))
+            specs.append(bound.get((proxy.listen, port))
+                         or ListenSpec("tcp", proxy.listen, port, f"proxy.routes[{first.index}].ports"))
         return specs
 
     def _factory(self, spec: ListenSpec) -> FrontFactory:

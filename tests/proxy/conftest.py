@@ -255,12 +255,12 @@ def http_get(port: int, host_header: Optional[str], path: str = "/", extra: str 
 
 def closed_without_reply(port: int, payload: bytes, host: str = "127.0.0.1") -> bool:
     """Send ``payload``; True if the proxy closed without sending a byte."""
-    with socket.create_connection((host, port), timeout=10) as s:
-        s.sendall(payload)
-        try:
+    try:
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(payload)
             return s.recv(1024) == b""
-        except ConnectionResetError:
-            return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
 
 
 def proxy_port() -> int:

@@ -50,11 +50,16 @@ def test_reload_swaps_routes_rebinds_ports_and_keeps_open_tunnels(tmp_path, back
             assert s.recv(100) == b"old:1"
             return s
         held = yield deferToThread(open_held)
+        service = router.by_name["proxy"]
+        listener_p1 = [port for spec, port in service.listeners.ports.items() if spec.port == p1]
         write_config(path, config(tmp_path, [
-            {"name": "a", "ports": [p1], "targets": [new.address]},
             {"name": "b", "ports": [p2], "targets": [new.address]},
+            {"name": "a", "ports": [p1], "targets": [new.address]},
         ]))
         assert (yield router.reload()) is True
+        # p1 kept its listening socket although its route moved in the list
+        assert [port for spec, port in service.listeners.ports.items()
+                if spec.port == p1] == listener_p1
         assert (yield deferToThread(echo, p1)) == b"new:x"
         assert (yield deferToThread(echo, p2)) == b"new:x"
         assert (yield deferToThread(connect_fails, p3))

@@ -187,3 +187,29 @@ def test_no_sni_without_star_route_and_non_tls_are_closed(proxy_router, backends
     assert api.connections == []
     unrouted = router.get_stats()["proxy"]["unrouted"]
     assert unrouted == {"no_route": 2, "not_tls": 1, "initial_timeout": 1}
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=600), st.integers(min_value=1, max_value=50))
+def test_parser_never_raises_on_arbitrary_bytes(data, step):
+    parser = sni.ClientHelloParser()
+    for i in range(0, len(data), step):
+        state = parser.feed(data[i:i + step])
+        assert state in (sni.NEED_MORE, sni.DONE, sni.NOT_TLS)
+
+
+FUZZ_HELLO = capture_client_hello("fuzz.example.test")
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.integers(min_value=0, max_value=400), st.binary(min_size=1, max_size=8))
+def test_parser_survives_corrupted_client_hellos(position, garbage):
+    hello = bytearray(FUZZ_HELLO)
+    position = min(position, len(hello) - 1)
+    hello[position:position + len(garbage)] = garbage
+    state = sni.ClientHelloParser().feed(bytes(hello))
+    assert state in (sni.NEED_MORE, sni.DONE, sni.NOT_TLS)
