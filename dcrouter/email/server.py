@@ -77,6 +77,7 @@ class SmtpFactory(Factory):
         self.listener = listener
 
     def buildProtocol(self, addr: Any) -> SmtpSession:
+        """A new session for this listener."""
         return SmtpSession(self.server, self.listener)
 
 
@@ -92,6 +93,7 @@ class _CurrentTlsContext:
         self.server = server
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """An OpenSSL connection with the current context."""
         return SSL.Connection(self.server.tls_context().getContext(), None)
 
 
@@ -176,6 +178,7 @@ class UnifiedEmailServer(Service):
     # -- service life cycle ------------------------------------------------------------------
 
     def startService(self) -> None:
+        """Remove stale spool files, prepare the spool pool, bind the listeners."""
         stale = clean_spool(self.spool_dir)
         if stale:
             log.info("removed {count} unacknowledged spool files", count=stale)
@@ -185,6 +188,7 @@ class UnifiedEmailServer(Service):
         log.info("SMTP listening on {addresses}", addresses=self.bound_addresses())
 
     def stopService(self) -> Any:
+        """Close listeners and every remaining session (421 4.3.2)."""
         super().stopService()
         self.spool_files.close()
         d = self.listeners.stop()

@@ -130,6 +130,7 @@ class SmtpSession(Protocol):
     # -- connection life cycle ----------------------------------------------------
 
     def connectionMade(self) -> None:
+        """Apply the connection caps, fill the session record, greet."""
         self._direct_send = isinstance(self.transport, tcp.Connection) and hasattr(
             self.transport, "socket")
         peer: Any = self.transport.getPeer()
@@ -157,6 +158,7 @@ class SmtpSession(Protocol):
         self._send(f"220 {options.hostname} {options.banner or 'ESMTP dcrouter'}")
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        """Drop an unfinished spool file and release the session's slot."""
         self.closed = True
         self._cancel_idle()
         if self.spool is not None and not self.busy:
@@ -258,6 +260,7 @@ class SmtpSession(Protocol):
     # -- input ---------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        """Buffer input; parse it unless a handler answer is outstanding."""
         if self.closed:
             return
         self._reset_idle()
@@ -377,6 +380,7 @@ class SmtpSession(Protocol):
         self._error("502 5.5.1 Error: command not implemented")
 
     def do_HELO(self, arg: str) -> None:
+        """HELO: plain SMTP greeting."""
         if not arg:
             self._error("501 5.5.4 Syntax: HELO hostname")
             return
@@ -386,6 +390,7 @@ class SmtpSession(Protocol):
         self._send(f"250 {self.host.options.hostname}")
 
     def do_EHLO(self, arg: str) -> None:
+        """EHLO: greet and list the extensions (AUTH only over TLS)."""
         if not arg:
             self._error("501 5.5.4 Syntax: EHLO hostname")
             return
@@ -405,29 +410,36 @@ class SmtpSession(Protocol):
         self._send(f"250 {lines[-1]}")
 
     def do_NOOP(self, arg: str) -> None:
+        """NOOP."""
         self._send("250 2.0.0 Ok")
 
     def do_HELP(self, arg: str) -> None:
+        """HELP."""
         self._send("214 2.0.0 See RFC 5321")
 
     def do_VRFY(self, arg: str) -> None:
+        """VRFY: never reveals whether a user exists."""
         self._send("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
 
     def do_EXPN(self, arg: str) -> None:
+        """EXPN: not offered."""
         self._send("502 5.5.1 Error: command not implemented")
 
     def do_RSET(self, arg: str) -> None:
+        """RSET: forget the transaction."""
         self._reset_transaction()
         self._send("250 2.0.0 Ok")
         self.host.transaction_finished(self)
 
     def do_QUIT(self, arg: str) -> None:
+        """QUIT: say goodbye and close."""
         self._reset_transaction()
         self._send("221 2.0.0 Bye")
         self._close()
         raise _Closed()
 
     def do_STARTTLS(self, arg: str) -> None:
+        """STARTTLS (RFC 3207): start TLS and forget the session state."""
         if arg:
             self._error("501 5.5.4 Syntax: STARTTLS")
             return
@@ -465,6 +477,7 @@ class SmtpSession(Protocol):
         return self.mail_from is not None or self.busy or self._mode == "data"
 
     def do_MAIL(self, arg: str) -> None:
+        """MAIL FROM: checks AUTH requirement, SIZE/BODY/SMTPUTF8, then the handler."""
         if not self.info.helo:
             self._error("503 5.5.1 Error: send HELO/EHLO first")
             return
@@ -519,6 +532,7 @@ class SmtpSession(Protocol):
         self._ask("check_sender", (self.info, address), accepted, "sender")
 
     def do_RCPT(self, arg: str) -> None:
+        """RCPT TO: recipient cap, then the handler (relay policy)."""
         if self.mail_from is None:
             self._error("503 5.5.1 Error: need MAIL command")
             return
@@ -552,6 +566,7 @@ class SmtpSession(Protocol):
         self._ask("check_recipient", (self.info, mail_from, address), accepted, "recipient")
 
     def do_DATA(self, arg: str) -> None:
+        """DATA: open a spool file with the Received header and start streaming."""
         if arg:
             self._error("501 5.5.4 Syntax: DATA")
             return
@@ -709,6 +724,7 @@ class SmtpSession(Protocol):
     # -- AUTH ------------------------------------------------------------------------------------
 
     def do_AUTH(self, arg: str) -> None:
+        """AUTH (RFC 4954): only over TLS, once, outside a transaction."""
         if not self.info.tls:
             self.host.stats.rejected("auth_needs_tls")
             self._error("538 5.7.11 Encryption required for requested authentication mechanism")
