@@ -103,6 +103,20 @@ def migrate_config(path: str, out: TextIO, err: TextIO) -> int:
     return 0
 
 
+def hash_password_command(scheme: str, stdin: TextIO, out: TextIO) -> int:
+    """Read a password (prompt on a terminal, else the first line of stdin) and print its hash."""
+    from dcrouter.email.auth import hash_password
+    if stdin.isatty():
+        import getpass
+        password = getpass.getpass("password: ")
+    else:
+        password = stdin.readline().rstrip("\r\n")
+    if not password:
+        raise ConfigError("password", "must not be empty")
+    out.write(hash_password(password, scheme) + "\n")
+    return 0
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m dcrouter``."""
     parser = argparse.ArgumentParser(prog="python -m dcrouter",
@@ -112,10 +126,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("file")
     p = sub.add_parser("migrate-config", help="convert a seed-style JSON configuration to TOML")
     p.add_argument("file")
+    p = sub.add_parser("hash-password", help="print a hashed password for email.auth.users "
+                       "(reads the password from stdin or a prompt)")
+    p.add_argument("--scheme", default="SCRYPT", choices=["SCRYPT", "SSHA512", "SHA512-CRYPT"])
     args = parser.parse_args(argv)
     try:
         if args.command == "check-config":
             return check_config(args.file, sys.stdout)
+        if args.command == "hash-password":
+            return hash_password_command(args.scheme, sys.stdin, sys.stdout)
         return migrate_config(args.file, sys.stdout, sys.stderr)
     except ConfigError as e:
         sys.stderr.write(f"dcrouter: configuration error: {e}\n")

@@ -65,6 +65,12 @@ class DkimKeyStore:
         self._listeners.append(callback)
 
     def _notify(self) -> None:
+        from twisted.python import threadable
+        if self._listeners and not threadable.isInIOThread():
+            # generated in a worker thread (deferToThread): tell listeners in the reactor thread
+            from twisted.internet import reactor
+            reactor.callFromThread(self._notify)  # type: ignore[attr-defined]
+            return
         for callback in list(self._listeners):
             callback()
 

@@ -95,30 +95,51 @@ class ITransformation(Interface):
 class IQueueStore(Interface):
     """Storage behind the delivery queue (memory, disk, Redis, or yours).
 
-    A store keeps items (metadata) and bodies; the queue keeps the schedule.
-    Every method returns a Deferred unless noted.
+    A store keeps items (:class:`dcrouter.queue.item.QueueItem`), their bodies
+    and the schedule of due items.  Methods return Deferreds unless noted.
     """
 
+    durable = Attribute("True when an acknowledged item survives a crash.")
+    shared = Attribute("True when several processes may use the store at once (Redis).")
+
     def open():
-        """Prepare storage; fires with the list of items found (recovery)."""
+        """Prepare storage and recover; fires with the items found."""
 
     def add(items, body_path):
-        """Durably store ``items`` sharing the body file ``body_path``; fires when safe."""
+        """Durably store ``items`` sharing the body file ``body_path`` (taken over); fires when safe."""
 
     def update(item):
-        """Persist a changed item (status, attempts, next_attempt...)."""
+        """Persist a changed item (status, attempts, next_attempt...); reschedules waiting items."""
 
     def remove(item):
         """Forget an item; its body goes when no item uses it."""
 
-    def body_path(item):
-        """A readable path of the item's body (not a Deferred)."""
+    def read_body(item):
+        """Fires with the item's message bytes."""
 
-    def lease(item_id, owner, seconds):
-        """Take an item for delivery; fires True if this owner now holds it."""
+    def claim_due(now, limit, owner, lease_seconds, accept):
+        """Lease up to ``limit`` items due at ``now`` to ``owner``; fires with them (processing).
 
-    def release(item_id, owner):
-        """Give a lease back."""
+        ``accept(item)`` (local stores) may refuse an item, which stays scheduled.
+        """
+
+    def renew(items, owner, seconds):
+        """Extend the leases ``owner`` holds on ``items``."""
+
+    def get(item_id):
+        """Fires with the item or None."""
+
+    def list(status, limit, cursor):
+        """Fires with (items ordered by id after ``cursor``, next cursor or None)."""
+
+    def reschedule(when, statuses):
+        """Make waiting items with those statuses due at ``when``; fires with the count."""
+
+    def count(destination=None):
+        """Items held, overall or for one destination (not a Deferred; may be cached)."""
+
+    def stats():
+        """Counts by status and destination, oldest creation time, bytes (not a Deferred)."""
 
     def close():
         """Flush and close."""

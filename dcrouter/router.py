@@ -101,6 +101,8 @@ class DcRouter(MultiService):
         self.exit_on_error = exit_on_error
         self.started_at: Optional[float] = None
         ensure_private_dir(options.router.state_dir)
+        options = _persisted_rules(options)
+        self.options = options
         self.context = RouterContext(options, reactor, extensions or Extensions(), config_path)
         self.context.router = self
         self.log_observer = make_observer(options.router)
@@ -237,7 +239,7 @@ class DcRouter(MultiService):
             log.warn("reload requested but dcrouter was not started from a file")
             return defer.succeed(False)
         try:
-            new = load_config(self.config_path)
+            new = _persisted_rules(load_config(self.config_path))
         except ConfigError as e:
             log.error("reload refused, keeping the running configuration: {error}",
                       error=str(e), path=e.path)
@@ -247,14 +249,31 @@ class DcRouter(MultiService):
                      state_dir=self.options.router.state_dir)
         d = self._apply(new)
         d.addCallback(lambda _: True)
+
+        def refused(failure: Any) -> bool:
+            failure.trap(ConfigError)
+            log.error("reload refused, keeping the running configuration: {error}",
+                      error=str(failure.value), path=failure.value.path)
+            return False
+        d.addErrback(refused)
         return d
 
     @defer.inlineCallbacks
     def _apply(self, new: DcRouterOptions) -> Any:
         old_names = set(self.by_name)
+        old_options = self.options
+        if "email" in old_names and new.email is not None:
+            # validated first: a ConfigError (e.g. an unknown transformation) changes nothing
+            try:
+                yield defer.maybeDeferred(self.by_name["email"].reconfigure, new)
+            except ConfigError:
+                yield defer.maybeDeferred(self.by_name["email"].reconfigure, old_options)
+                raise
         self.options = new
         self.context.options = new
         for name in SERVICE_ORDER:
+            if name == "email" and name in old_names and new.email is not None:
+                continue
             present = getattr(new, name) is not None
             if present and name in old_names:
                 yield defer.maybeDeferred(self.by_name[name].reconfigure, new)
@@ -267,6 +286,12 @@ class DcRouter(MultiService):
                 yield defer.maybeDeferred(service.disownServiceParent)
         log.info("configuration applied: {services}", services=", ".join(self.by_name))
         return True
+
+
+def _persisted_rules(options: DcRouterOptions) -> DcRouterOptions:
+    """Domain rules saved by the API (``state_dir/rules.toml``) replace the file's rules."""
+    from dcrouter.api.persist import apply_persisted_rules
+    return apply_persisted_rules(options)
 
 
 def _fields(error: Exception) -> dict:

@@ -168,3 +168,16 @@ def test_migrate_invalid_result_is_reported(tmp_path):
         {"pattern": "*@x.test", "mode": "teleport"}]}})
     assert result.returncode == 2
     assert "email.domain_rules[0].mode: must be one of" in result.stderr
+
+
+def test_hash_password_produces_a_hash_the_server_accepts():
+    import subprocess
+    import sys
+    from dcrouter.email.auth import verify_password
+    from tests.support.proc import twistd_env
+    result = subprocess.run([sys.executable, "-m", "dcrouter", "hash-password"], input="s3cret\n",
+                            capture_output=True, text=True, env=twistd_env(), cwd=REPO)
+    assert result.returncode == 0, result.stderr
+    stored = result.stdout.strip()
+    assert stored.startswith("{SCRYPT}")
+    assert verify_password(stored, "s3cret") and not verify_password(stored, "S3cret")

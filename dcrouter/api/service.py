@@ -1,43 +1,95 @@
-"""The API service (placeholder until the API issue lands)."""
+"""ApiService: the management API, ``/metrics`` and the status page on ``api.listen:api.port``.
+
+Builds one :class:`~dcrouter.api.metrics.ApiMetrics` (its own Prometheus
+registry and the event observers), the bearer-token authenticator, the
+endpoint handlers and the ``twisted.web`` site, and keeps the listener in a
+:class:`~dcrouter.service.ListenerSet` so a reload re-binds only when
+``api.listen`` or ``api.port`` changed.
+"""
 
 from __future__ import annotations
 
-import json
-from typing import Any
+from typing import Any, Optional
 
-from twisted.web import resource, server
+from twisted.internet import defer
 
+from dcrouter.api.auth import TokenAuthenticator
+from dcrouter.api.handlers import ApiHandlers
+from dcrouter.api.metrics import ApiMetrics
+from dcrouter.api.openapi import build_document
+from dcrouter.api.resources import ApiSite, RootResource
+from dcrouter.config.api import ApiOptions
+from dcrouter.config.options import DcRouterOptions
+from dcrouter.logsetup import get_logger
 from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterContext
 
-
-class _Status(resource.Resource):
-    isLeaf = True
-
-    def __init__(self, context: RouterContext) -> None:
-        super().__init__()
-        self.context = context
-
-    def render_GET(self, request: Any) -> bytes:
-        request.setHeader(b"content-type", b"application/json")
-        return json.dumps({"services": sorted(self.context.services)}).encode()
+log = get_logger("api")
 
 
 class ApiService(ManagedService):
-    """Placeholder: GET anything -> the list of services."""
+    """The management API service ("api")."""
 
     def __init__(self, context: RouterContext) -> None:
         super().__init__("api", context)
-        self.site = server.Site(_Status(context))
+        options = self._options(context.options)
+        self.metrics = ApiMetrics(context)
+        self.authenticator = TokenAuthenticator(options.token, options.max_auth_failures_per_minute)
+        self._document: Optional[dict] = None
+        self.handlers = ApiHandlers(context, self.metrics, self.openapi_document)
+        self.root = RootResource(self.handlers, self.authenticator, self.metrics)
+        self.site = ApiSite(self.root)
         self.listeners = ListenerSet(context.reactor, lambda spec: self.site)
 
+    @staticmethod
+    def _options(options: DcRouterOptions) -> ApiOptions:
+        return options.api if options.api is not None else ApiOptions()
+
+    def openapi_document(self) -> dict:
+        """The OpenAPI document (built once)."""
+        if self._document is None:
+            self._document = build_document()
+        return self._document
+
+    def _specs(self, options: ApiOptions) -> list[ListenSpec]:
+        return [ListenSpec("tcp", options.listen, options.port, "api.port")]
+
     def startService(self) -> None:
-        opts = self.context.options.api
-        self.listeners.start([ListenSpec("tcp", opts.listen, opts.port, "api.port")])
+        """Bind the listener (a ListenError names ``api.port``)."""
+        self.listeners.start(self._specs(self._options(self.context.options)))
+        self.metrics.wire_observers()
         super().startService()
+        options = self._options(self.context.options)
+        log.info("management API on http://{host}:{port}/ ({auth})", host=options.listen,
+                 port=self.listeners.port_for("api.port"),
+                 auth="bearer token required" if self.authenticator.enabled
+                 else "no token: loopback only")
 
     def stopService(self) -> Any:
+        """Close the listener."""
         super().stopService()
         return self.listeners.stop()
 
+    def stop_accepting(self) -> Optional[defer.Deferred]:
+        """The API stops first on shutdown: close the listener."""
+        return self.listeners.stop()
+
+    def reconfigure(self, options: DcRouterOptions) -> Optional[defer.Deferred]:
+        """Apply a new ``[api]``: token and limit at once, re-bind when listen/port changed."""
+        api = self._options(options)
+        self.authenticator.update(api.token, api.max_auth_failures_per_minute)
+        self.metrics.wire_observers()
+        if not self.running:
+            return None
+        return self.listeners.update(self._specs(api))
+
     def bound_addresses(self) -> list[tuple[str, str, int]]:
+        """The API listener with its real port."""
         return self.listeners.addresses()
+
+    def get_stats(self) -> dict:
+        """Requests served and refused authentications."""
+        return {
+            "requests": self.root.requests,
+            "auth_failures": self.authenticator.failures,
+            "auth_rate_limited": self.authenticator.rate_limited,
+        }

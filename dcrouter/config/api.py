@@ -20,7 +20,10 @@ class ApiOptions:
     max_auth_failures_per_minute: int = option(10, check=check_positive,
                                                doc="Failed token attempts per IP per minute.")
     persist_rules: bool = option(True, doc="Rule changes via the API are written to "
-                                 "state_dir/rules.toml and survive a restart.")
+                                 "state_dir/rules.toml and survive a restart: while that file "
+                                 "exists it replaces email.domain_rules at start and on reload "
+                                 "(delete it to return to the file's rules). false: API "
+                                 "changes last until the next restart or reload.")
 
     def validate(self, path: str) -> None:
         """A non-loopback listener needs a token."""

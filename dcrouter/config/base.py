@@ -19,6 +19,7 @@ A class may define ``validate(self, path)`` for checks across its fields and
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import ipaddress
@@ -60,7 +61,7 @@ def _type_name(tp: Any) -> str:
         return "true or false"
     if origin in (tuple, list):
         return "an array"
-    if origin in (dict, Mapping, typing.Mapping) or dataclasses.is_dataclass(tp):
+    if origin in (dict, collections.abc.Mapping) or dataclasses.is_dataclass(tp):
         return "a table"
     if origin in (Union, types.UnionType):
         return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None))
@@ -120,7 +121,7 @@ def convert(tp: Any, value: Any, path: str) -> Any:
             raise ConfigError(path, f"must be an array, got {_describe(value)}")
         (item_type, *_rest) = typing.get_args(tp) or (Any,)
         return tuple(convert(item_type, v, f"{path}[{i}]") for i, v in enumerate(value))
-    if origin in (dict, Mapping, typing.Mapping) or tp in (dict, Mapping):
+    if origin in (dict, collections.abc.Mapping) or tp in (dict, Mapping):
         if not isinstance(value, dict):
             raise ConfigError(path, f"must be a table, got {_describe(value)}")
         args = typing.get_args(tp)

@@ -55,3 +55,6 @@ class DnsOptions:
                              doc="Responses a second per client IP over UDP (0: off).")
     max_tcp_connections: int = option(1000, check=check_positive, doc="Concurrent TCP clients.")
     tcp_timeout: float = option(10.0, check=check_positive, doc="Idle TCP seconds.")
+    max_udp_payload: int = option(1232, check=check_positive,
+                                  doc="Largest UDP response with EDNS(0), in bytes (the client's "
+                                  "advertised size is used when smaller; at least 512).")

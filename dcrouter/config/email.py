@@ -157,11 +157,22 @@ class MtaOptions:
     dkim_options: Optional[DkimOptions] = option(None, doc="Key to sign with.")
 
 
+def _check_scanner_type(value: str, path: str) -> str:
+    """A built-in scanner type, or ``package.module:Class`` of a plug-in scanner."""
+    if ":" in value:
+        module, _, attr = value.partition(":")
+        if module and attr:
+            return value
+    return one_of(*SCANNER_TYPES)(value, path)  # type: ignore[no-any-return]
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ScannerOptions:
     """One content scanner of a process rule."""
 
-    type: str = option(check=one_of(*SCANNER_TYPES), doc="'spam', 'virus' or 'attachment'.")
+    type: str = option(check=_check_scanner_type,
+                       doc="'spam', 'virus', 'attachment', or 'package.module:Class' (an "
+                       "IContentScanner built without arguments).")
     action: str = option("tag", check=one_of(*SCANNER_ACTIONS), doc="'tag' or 'reject'.")
     threshold: float = option(5.0, doc="Spam score at or above which the message is spam.")
     blocked_extensions: tuple[str, ...] = option((), doc="Attachment extensions refused, "
@@ -172,7 +183,9 @@ class ScannerOptions:
     use_clamd: bool = option(True, doc="Ask clamd when [email.clamd] is configured.")
 
     def validate(self, path: str) -> None:
-        """Attachment scanners need extensions."""
+        """Attachment scanners need extensions; a subject prefix is one line."""
+        if "\r" in self.subject_prefix or "\n" in self.subject_prefix:
+            raise ConfigError(f"{path}.subject_prefix", "must be one line")
         if self.type == "attachment" and not self.blocked_extensions:
             raise ConfigError(f"{path}.blocked_extensions",
                               "an attachment scanner needs at least one extension")

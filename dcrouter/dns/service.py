@@ -1,35 +1,213 @@
-"""The DNS service (placeholder until the DNS issue lands)."""
+"""The DNS service: authoritative zones over UDP and TCP, with the mail domains' records.
+
+:class:`DnsService` builds the zones from ``[[dns.zones]]`` plus the email
+records (:mod:`dcrouter.dns.email_records`), serves them through one
+:class:`~dcrouter.dns.server.Responder` on a UDP and a TCP listener, and
+swaps in a whole new zone set on reload, rule change or new DKIM key: a
+query is answered either from the old or from the new zones, never dropped.
+A zone's serial increases whenever its content changes (it starts at the
+configured SOA serial, or at the current Unix time).
+"""
 
 from __future__ import annotations
 
-from typing import Any
+import time
+from typing import Any, Optional
 
-from twisted.names import dns, server
+from twisted.internet import defer, threads
 
+from dcrouter.config.options import DcRouterOptions
+from dcrouter.dkimkeys import DkimKey
+from dcrouter.dns.authority import Authority
+from dcrouter.dns.email_records import dkim_specs, load_dkim_keys, plan_email_records
+from dcrouter.dns.protocol import DnsDatagramProtocol, DnsTcpFactory, RateLimiter
+from dcrouter.dns.server import Responder
+from dcrouter.dns.zone import Zone, ZoneContent, ZoneSet, build_zone_content, normalize_origin
+from dcrouter.errors import ConfigError
+from dcrouter.logsetup import get_logger
 from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterContext
+
+log = get_logger("dns")
+
+
+class SerialKeeper:
+    """Chooses serials so they increase whenever a zone's content changes."""
+
+    def __init__(self) -> None:
+        self.known: dict[str, tuple[str, int]] = {}
+
+    def serial_for(self, content: ZoneContent) -> int:
+        """The serial ``content`` should carry (not yet remembered: see :meth:`commit`)."""
+        fingerprint = content.fingerprint()
+        configured = content.soa.serial
+        previous = self.known.get(content.origin)
+        if previous is None:
+            return configured if configured is not None else int(time.time())
+        old_fingerprint, old_serial = previous
+        if old_fingerprint == fingerprint:
+            return max(old_serial, configured or 0)
+        return max(old_serial + 1, configured if configured is not None else int(time.time()))
+
+    def commit(self, zones: ZoneSet) -> None:
+        """Remember the serials of the zones now being served."""
+        self.known = {z.origin: (z.content.fingerprint(), z.serial) for z in zones}
 
 
 class DnsService(ManagedService):
-    """Placeholder: a twisted.names server with no zones."""
+    """The authoritative DNS server (``[dns]``)."""
 
     def __init__(self, context: RouterContext) -> None:
         super().__init__("dns", context)
-        self.factory = server.DNSServerFactory(authorities=[])
-        self.protocol = dns.DNSDatagramProtocol(self.factory)
+        self.options = context.options
+        self.serials = SerialKeeper()
+        self.dkim_keys: list[DkimKey] = []
+        zones = self._build(self.options)
+        self.serials.commit(zones)
+        self.zone_set = zones
+        dns_options = self._dns(self.options)
+        self.responder = Responder(Authority(zones), dns_options.max_udp_payload)
+        self.limiter = RateLimiter(dns_options.rate_limit)
+        self.udp = DnsDatagramProtocol(self.responder, self.limiter)
+        self.tcp = DnsTcpFactory(self.responder, dns_options.max_tcp_connections,
+                                 dns_options.tcp_timeout)
         self.listeners = ListenerSet(context.reactor, self._target)
+        self._refresh_lock = defer.DeferredLock()
+        self.refreshes = 0
+        context.dkim_keys.add_listener(self._keys_changed)
 
+    @staticmethod
+    def _dns(options: DcRouterOptions) -> Any:
+        assert options.dns is not None
+        return options.dns
+
+    # -- zones ----------------------------------------------------------------
+    def _build(self, options: DcRouterOptions) -> ZoneSet:
+        """Parse every zone (raises ConfigError naming the key)."""
+        dns_options = self._dns(options)
+        plan = plan_email_records(options, self.dkim_keys)
+        contents: list[ZoneContent] = []
+        seen: dict[str, str] = {}
+        for i, zone in enumerate(dns_options.zones):
+            path = f"dns.zones[{i}]"
+            origin = normalize_origin(zone.origin, f"{path}.origin")
+            if origin in seen:
+                raise ConfigError(f"{path}.origin", f"zone {origin} repeats {seen[origin]}")
+            seen[origin] = path
+            contents.append(build_zone_content(zone, path, plan.records.get(origin, ())))
+        for zone in plan.new_zones:
+            contents.append(build_zone_content(zone, f"dns.(zone of mail domain {zone.origin})",
+                                               plan.records.get(zone.origin, ())))
+        return ZoneSet(Zone(c, self.serials.serial_for(c)) for c in contents)
+
+    def _swap(self, zones: ZoneSet) -> None:
+        self.serials.commit(zones)
+        self.zone_set = zones
+        self.responder.set_authority(Authority(zones))
+        log.info("DNS zones loaded: {zones}",
+                 zones=", ".join(f"{z.origin or '.'} (serial {z.serial})" for z in zones))
+
+    def refresh_email_records(self) -> defer.Deferred:
+        """Re-read DKIM keys (creating those mta rules need, in a thread) and republish.
+
+        Fires when the new zones are being served.
+        """
+        return self._refresh_lock.run(self._refresh)
+
+    @defer.inlineCallbacks
+    def _refresh(self) -> Any:
+        options = self.options
+        if not self._dns(options).publish_email_records:
+            return None
+        keys = yield threads.deferToThread(load_dkim_keys, self.context.dkim_keys,
+                                           dkim_specs(options))
+        self.dkim_keys = keys
+        try:
+            zones = self._build(self.options)
+        except ConfigError as e:
+            log.error("cannot publish the email records: {error}", error=str(e))
+            return None
+        self._swap(zones)
+        self.refreshes += 1
+        return None
+
+    def _keys_changed(self) -> None:
+        """The key store has a new key (maybe told from a worker thread)."""
+        self.context.reactor.callFromThread(self._on_keys_changed)
+
+    def _on_keys_changed(self) -> None:
+        if self.running:
+            self.refresh_email_records().addErrback(
+                lambda f: log.error("DKIM refresh failed: {error}", error=str(f.value)))
+
+    # -- service ----------------------------------------------------------------
     def _target(self, spec: ListenSpec) -> Any:
-        return self.protocol if spec.protocol == "udp" else self.factory
+        return self.udp if spec.protocol == "udp" else self.tcp
+
+    def _specs(self, options: DcRouterOptions) -> list[ListenSpec]:
+        d = self._dns(options)
+        return [ListenSpec("udp", d.listen, d.port, "dns.port"),
+                ListenSpec("tcp", d.listen, d.port, "dns.port")]
 
     def startService(self) -> None:
-        opts = self.context.options.dns
-        self.listeners.start([ListenSpec("udp", opts.listen, opts.port, "dns.port"),
-                              ListenSpec("tcp", opts.listen, opts.port, "dns.port")])
+        """Bind UDP and TCP, then publish DKIM keys (read or generated in a thread)."""
+        self.listeners.start(self._specs(self.options))
         super().startService()
+        self.ready = self.refresh_email_records()
+        self.ready.addErrback(lambda f: log.error("publishing email records failed: {error}",
+                                                  error=str(f.value)))
 
     def stopService(self) -> Any:
+        """Close the listeners."""
         super().stopService()
         return self.listeners.stop()
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
+        """The UDP and TCP listeners."""
         return self.listeners.addresses()
+
+    @defer.inlineCallbacks
+    def reconfigure(self, options: DcRouterOptions) -> Any:
+        """New zones (swapped atomically), limits, and a re-bind when the address changed.
+
+        Invalid zone data is logged and the running zones are kept.
+        """
+        try:
+            zones = self._build(options)
+        except ConfigError as e:
+            log.error("DNS reload refused, keeping the running zones: {error}", error=str(e),
+                      path=e.path if hasattr(e, "path") else "")
+            return None
+        self.options = options
+        d = self._dns(options)
+        self._swap(zones)
+        self.limiter.limit = d.rate_limit
+        self.responder.max_udp_payload = max(512, d.max_udp_payload)
+        self.tcp.max_connections = d.max_tcp_connections
+        self.tcp.timeout = d.tcp_timeout
+        if self.running:
+            yield self.listeners.update(self._specs(options))
+            yield self.refresh_email_records()
+        return None
+
+    # -- figures -----------------------------------------------------------------
+    def zones(self) -> list[dict]:
+        """Every zone with its serial and records (for the API)."""
+        return [z.as_dict() for z in self.zone_set]
+
+    def get_stats(self) -> dict:
+        """Queries by rcode and type, rate-limited and TCP figures, zones and serials."""
+        stats = self.responder.stats()
+        stats.update({
+            "rate_limited": self.limiter.limited,
+            "tcp_connections": self.tcp.connections,
+            "tcp_refused": self.tcp.refused,
+            "tcp_oversized": self.tcp.oversized,
+            "internal_errors": self.udp.errors + self.tcp.errors,
+            "zones": [{"origin": z.origin, "serial": z.serial,
+                       "records": len(z.content.records) + 1} for z in self.zone_set],
+        })
+        return stats
+
+    def zone(self, origin: str) -> Optional[Zone]:
+        """The zone served for ``origin`` (any case, with or without the dot)."""
+        return self.zone_set.zones.get(origin.lower().rstrip("."))

@@ -1,65 +1,308 @@
-"""The SMTP server (placeholder until the email server issue lands)."""
+"""UnifiedEmailServer: the inbound SMTP listeners of the email gateway.
+
+One listener per ``email.ports`` entry (implicit TLS on ``implicit_tls_ports``,
+STARTTLS elsewhere, AUTH required on ``submission_ports``).  Each connection
+is an :class:`dcrouter.email.session.SmtpSession`; this service owns what the
+sessions share: options, the message handler (the processor), the AUTH portal
+and failure limiter, connection caps, the TLS context, statistics, event
+observers, and graceful shutdown (:meth:`stop_accepting`, :meth:`drain`).
+"""
 
 from __future__ import annotations
 
+import collections
+import dataclasses
+import ipaddress
 from typing import Any, Optional
 
+from OpenSSL import SSL
+from twisted.application.service import Service
 from twisted.internet import defer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from dcrouter.config.email import EmailOptions
+from dcrouter.email.auth import AuthFailureLimiter, build_portal
+from dcrouter.email.limits import ConnectionTracker
+from dcrouter.email.session import SmtpSession
+from dcrouter.email.spool import SpoolFiles, clean_spool, spool_dir
+from dcrouter.logsetup import get_logger
 from dcrouter.service import ListenerSet, ListenSpec, RouterContext
 from dcrouter.tlsutil import server_context_factory
-from twisted.application.service import Service
+
+log = get_logger("email.server")
+
+EVENTS = ("connection_made", "connection_lost", "auth_succeeded", "auth_failed",
+          "message_received", "message_rejected")
 
 
-class _Greeter(Protocol):
-    def connectionMade(self) -> None:
-        self.transport.write(b"220 " + self.factory.hostname.encode() + b" ESMTP dcrouter\r\n")
+@dataclasses.dataclass(frozen=True)
+class ListenerConfig:
+    """What a session needs to know about the listener that accepted it."""
 
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(b"221 2.0.0 Bye\r\n")
-        self.transport.loseConnection()
+    port: int
+    submission: bool
+    implicit_tls: bool
+
+
+class ServerStats:
+    """Counters of the SMTP server (see :meth:`UnifiedEmailServer.get_stats`)."""
+
+    def __init__(self) -> None:
+        self.connections_total = 0
+        self.messages_accepted = 0
+        self.rejected_by_reason: collections.Counter[str] = collections.Counter()
+        self.bytes_received = 0
+        self.auth_succeeded = 0
+        self.auth_failed = 0
+
+    def accepted(self) -> None:
+        """A message was queued."""
+        self.messages_accepted += 1
+
+    def rejected(self, reason: str) -> None:
+        """A command, message or connection was refused for ``reason``."""
+        self.rejected_by_reason[reason] += 1
+
+
+class SmtpFactory(Factory):
+    """Builds sessions for one listener."""
+
+    noisy = False
+
+    def __init__(self, server: "UnifiedEmailServer", listener: ListenerConfig) -> None:
+        self.server = server
+        self.listener = listener
+
+    def buildProtocol(self, addr: Any) -> SmtpSession:
+        return SmtpSession(self.server, self.listener)
+
+
+@implementer(IOpenSSLServerConnectionCreator)
+class _CurrentTlsContext:
+    """A TLS connection creator that always uses the server's current TLS context.
+
+    Listeners keep their factory across reloads; this indirection lets a new
+    certificate take effect on the next handshake without re-binding.
+    """
+
+    def __init__(self, server: "UnifiedEmailServer") -> None:
+        self.server = server
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        return SSL.Connection(self.server.tls_context().getContext(), None)
 
 
 class UnifiedEmailServer(Service):
-    """Placeholder: greets and closes."""
+    """The SMTP server: listeners, sessions, limits, AUTH and TLS (seed sections 1.1, 4.1)."""
 
     def __init__(self, options: EmailOptions, handler: Any, context: RouterContext) -> None:
-        self.options = options
         self.context = context
-        factory = Factory.forProtocol(_Greeter)
-        factory.hostname = options.hostname  # type: ignore[attr-defined]
-        self.listeners = ListenerSet(context.reactor, lambda spec: factory, self._tls)
+        self.reactor = context.reactor
+        self.handler = handler
+        self.stats = ServerStats()
+        self.sessions: set[SmtpSession] = set()
+        self.draining = False
+        self._drain_waiters: list[defer.Deferred] = []
+        self._observers: list[Any] = list(context.extensions.email_observers)
+        self.spool_dir = spool_dir(context.state_dir)
+        self.spool_files = SpoolFiles(self.spool_dir, self.reactor)
+        self._tls: Any = None
+        self.tls_available = True
+        self.options = options
+        self.connections = ConnectionTracker(options.max_connections,
+                                             options.max_connections_per_ip)
+        self.auth_limiter = AuthFailureLimiter(options.auth.max_failures_per_minute)
+        self._apply(options)
+        self.listeners = ListenerSet(self.reactor, self._factory_for, self._context_for)
 
-    def _tls(self, spec: ListenSpec) -> Any:
-        return server_context_factory(self.context.state_dir, self.options.hostname)
+    # -- configuration -------------------------------------------------------------------
+
+    def _apply(self, options: EmailOptions) -> None:
+        """Take new options: portal, limits, networks, TLS context (validated before use)."""
+        portal = build_portal(options.auth, self.context.extensions.auth_checkers)
+        tls = options.tls
+        context = server_context_factory(self.context.state_dir, options.hostname,
+                                         tls.cert_path, tls.key_path, tls.min_version,
+                                         tls.ciphers, key_path_name="email.tls")
+        self.options = options
+        self.portal = portal
+        self._tls = context
+        self._networks = [ipaddress.ip_network(n, strict=False) for n in options.relay_networks]
+        self.connections.max_total = options.max_connections
+        self.connections.max_per_ip = options.max_connections_per_ip
+        self.auth_limiter.per_minute = options.auth.max_failures_per_minute
 
     def _specs(self) -> list[ListenSpec]:
         implicit = self.options.effective_implicit_tls_ports
-        return [ListenSpec("tcp", self.options.listen, p, f"email.ports[{i}]", tls=p in implicit)
-                for i, p in enumerate(self.options.ports)]
+        return [ListenSpec("tcp", self.options.listen, port, f"email.ports[{i}]",
+                           tls=port in implicit)
+                for i, port in enumerate(self.options.ports)]
+
+    def _factory_for(self, spec: ListenSpec) -> SmtpFactory:
+        listener = ListenerConfig(port=spec.port,
+                                  submission=spec.port in self.options.effective_submission_ports,
+                                  implicit_tls=spec.tls)
+        return SmtpFactory(self, listener)
+
+    def _context_for(self, spec: ListenSpec) -> Any:
+        return _CurrentTlsContext(self)
+
+    def tls_context(self) -> Any:
+        """The current server TLS context factory (STARTTLS and implicit TLS)."""
+        return self._tls
+
+    def auth_mechanisms(self) -> list[str]:
+        """SASL mechanisms to offer, as configured (OAUTH2 is spelled XOAUTH2 on the wire)."""
+        out: list[str] = []
+        for method in self.options.auth.methods:
+            name = "XOAUTH2" if method == "OAUTH2" else method
+            if name not in out:
+                out.append(name)
+        return out
+
+    def relay_permitted(self, ip: str) -> bool:
+        """True when ``ip`` is inside ``relay_networks``."""
+        try:
+            address = ipaddress.ip_address(ip.split("%", 1)[0])
+        except ValueError:
+            return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        return any(address in network for network in self._networks)
+
+    # -- service life cycle ------------------------------------------------------------------
 
     def startService(self) -> None:
+        stale = clean_spool(self.spool_dir)
+        if stale:
+            log.info("removed {count} unacknowledged spool files", count=stale)
+        self.spool_files = SpoolFiles(self.spool_dir, self.reactor)
         self.listeners.start(self._specs())
         super().startService()
+        log.info("SMTP listening on {addresses}", addresses=self.bound_addresses())
 
     def stopService(self) -> Any:
         super().stopService()
-        return self.listeners.stop()
+        self.spool_files.close()
+        d = self.listeners.stop()
+        for session in list(self.sessions):
+            session.close_idle(f"421 4.3.2 {self.options.hostname} Service shutting down")
+        return d
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
+        """``(protocol, host, port)`` of every SMTP listener."""
         return self.listeners.addresses()
 
     def reconfigure(self, options: EmailOptions) -> Optional[defer.Deferred]:
-        self.options = options
+        """Apply new limits, users and TLS settings; re-bind listeners whose port changed."""
+        old_specs = self._specs()
+        old_submission = self.options.effective_submission_ports
+        self._apply(options)
+        if old_submission != options.effective_submission_ports:
+            # The submission flag lives in the factory: re-bind the affected listeners.
+            changed = set(old_submission) ^ set(options.effective_submission_ports)
+            keep = [s for s in old_specs if s.port not in changed]
+            d = self.listeners.update(keep)
+            d.addCallback(lambda _: self.listeners.update(self._specs()))
+            return d
         return self.listeners.update(self._specs())
 
-    def stop_accepting(self) -> Any:
+    def stop_accepting(self) -> defer.Deferred:
+        """Close the listeners; open sessions continue."""
         return self.listeners.stop()
 
-    def drain(self) -> None:
-        return None
+    def drain(self) -> defer.Deferred:
+        """Fires when no transaction is in progress; idle sessions then get 421 and close."""
+        self.draining = True
+        d: defer.Deferred = defer.Deferred()
+        self._drain_waiters.append(d)
+        self._check_drained()
+        return d
+
+    def _check_drained(self) -> None:
+        if not self.draining or not self._drain_waiters:
+            return
+        if any(s.in_transaction for s in self.sessions):
+            return
+        for session in list(self.sessions):
+            session.close_idle(f"421 4.3.2 {self.options.hostname} Service shutting down")
+        waiters, self._drain_waiters = self._drain_waiters, []
+        for waiter in waiters:
+            waiter.callback(None)
+
+    # -- sessions --------------------------------------------------------------------------
+
+    def session_opened(self, session: SmtpSession) -> None:
+        """A session passed the connection caps."""
+        self.sessions.add(session)
+        self.stats.connections_total += 1
+        log.info("connection from {client_ip}:{client_port} on port {local_port}",
+                 client_ip=session.info.client_ip, client_port=session.info.client_port,
+                 local_port=session.info.local_port,
+                 correlation_id=session.info.correlation_id)
+        self.emit("connection_made", session.info)
+
+    def session_closed(self, session: SmtpSession, reason: Failure) -> None:
+        """A counted session ended."""
+        self.sessions.discard(session)
+        self.connections.release(session.info.client_ip)
+        log.info("disconnect from {client_ip}", client_ip=session.info.client_ip,
+                 correlation_id=session.info.correlation_id)
+        self.emit("connection_lost", session.info, reason)
+        self._check_drained()
+
+    def transaction_finished(self, session: SmtpSession) -> None:
+        """A transaction ended (reply sent); while draining, close the now idle session."""
+        if self.draining:
+            self.reactor.callLater(0, self._close_if_idle, session)
+
+    def _close_if_idle(self, session: SmtpSession) -> None:
+        if not session.closed and not session.in_transaction:
+            session.close_idle(f"421 4.3.2 {self.options.hostname} Service shutting down")
+        self._check_drained()
+
+    # -- events and figures ----------------------------------------------------------------
+
+    def add_observer(self, observer: Any) -> None:
+        """Subscribe an :class:`dcrouter.interfaces.IEmailEventObserver`."""
+        self._observers.append(observer)
+
+    def emit(self, event: str, *args: Any) -> None:
+        """Call ``event`` on every observer; an observer that raises is logged, not fatal.
+
+        Observers are those of ``Extensions.email_observers``, those added with
+        :meth:`add_observer`, and ``context.observers["email"]`` (where the
+        metrics registry subscribes).
+        """
+        observers = self._observers
+        shared = self.context.observers.get("email")
+        if shared:
+            observers = observers + shared
+        for observer in observers:
+            method = getattr(observer, event, None)
+            if method is None:
+                continue
+            try:
+                method(*args)
+            except Exception:
+                session = args[0] if args else None
+                log.failure("email observer {observer} failed on {event}",
+                            observer=repr(observer), event=event,
+                            correlation_id=getattr(session, "correlation_id", ""))
 
     def get_stats(self) -> dict:
-        return {}
+        """Connections current/total, messages accepted/rejected (by reason), bytes, AUTH."""
+        rejected = dict(self.stats.rejected_by_reason)
+        return {
+            "connections_current": len(self.sessions),
+            "connections_total": self.stats.connections_total,
+            "messages_accepted": self.stats.messages_accepted,
+            "messages_rejected": sum(rejected.values()),
+            "rejected_by_reason": rejected,
+            "bytes_received": self.stats.bytes_received,
+            "auth_succeeded": self.stats.auth_succeeded,
+            "auth_failed": self.stats.auth_failed,
+        }

@@ -160,3 +160,12 @@ def test_transformation_params_are_collected():
         "transformations": [{"type": "add_header", "header": "X-A", "value": "1"}]}]}})
     t = options.email.domain_rules[0].transformations[0]
     assert t.type == "add_header" and dict(t.params) == {"header": "X-A", "value": "1"}
+
+
+def test_log_levels_table():
+    options = parse_config({"router": {"log_levels": {"email.delivery": "debug"}}})
+    assert dict(options.router.log_levels) == {"email.delivery": "debug"}
+    assert error_of('[router]\nlog_levels = { "email.delivry" = "debug" }\n') == \
+        "router.log_levels.email.delivry: unknown subsystem (did you mean 'email.delivery'?)"
+    assert error_of('[router]\nlog_levels = { "dns" = "loud" }\n').startswith(
+        "router.log_levels.dns: must be one of")

@@ -1,0 +1,205 @@
+"""UDP queries per second: dcrouter's DNS server against NSD (and bare twisted.names).
+
+The same zone is served by
+
+* dcrouter (``twistd -n dcrouter`` with only a ``[dns]`` section, rate limit off),
+* NSD (Debian package, response rate limiting off: ``rrl-ratelimit: 0``),
+* bare twisted.names (``twistd -n dns --bindzone``), for orientation,
+
+all on loopback, and ``dnsperf`` (one client socket, ``-q`` outstanding queries)
+sends a mix of A, AAAA, MX, TXT, NXDOMAIN and NODATA queries to each for
+``--seconds``; each server runs ``--runs`` times, alternating, and the
+median counts.
+
+    .venv/bin/python bench/dns_qps.py [--seconds 8] [--runs 3] [--outstanding 100]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Any
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+
+from dcrouter.config import parse_config  # noqa: E402
+from dcrouter.dns.zone import Zone, build_zone_content  # noqa: E402
+
+ZONE = {
+    "origin": "bench.test", "ttl": 3600,
+    "records": [
+        {"name": "@", "type": "A", "value": "192.0.2.1"},
+        {"name": "@", "type": "MX", "value": "10 mail"},
+        {"name": "@", "type": "TXT", "value": "v=spf1 mx -all"},
+        {"name": "www", "type": "A", "value": "192.0.2.10"},
+        {"name": "www", "type": "AAAA", "value": "2001:db8::10"},
+        {"name": "mail", "type": "A", "value": "192.0.2.25"},
+        {"name": "ns1", "type": "A", "value": "192.0.2.53"},
+    ] + [{"name": f"host{i}", "type": "A", "value": f"192.0.2.{100 + i}"} for i in range(50)],
+}
+QUERIES = ["www.bench.test A", "www.bench.test AAAA", "bench.test MX", "bench.test TXT",
+           "mail.bench.test A", "missing.bench.test A", "www.bench.test MX"] + \
+          [f"host{i}.bench.test A" for i in range(0, 50, 5)]
+
+
+def free_port() -> int:
+    """A port free for both UDP and TCP on 127.0.0.1."""
+    while True:
+        with socket.socket() as t:
+            t.bind(("127.0.0.1", 0))
+            port = t.getsockname()[1]
+        try:
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                u.bind(("127.0.0.1", port))
+            return port
+        except OSError:
+            continue
+
+
+def wait_udp(port: int, timeout: float = 20.0) -> None:
+    """Until the server answers a query on 127.0.0.1:port."""
+    import dns.message
+    import dns.query
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            dns.query.udp(dns.message.make_query("www.bench.test", "A"), "127.0.0.1", port=port,
+                          timeout=0.5)
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no DNS server on port {port}")
+            time.sleep(0.1)
+
+
+def zone_file_text() -> str:
+    """The zone as dcrouter builds it, in master-file format (for NSD and twisted.names)."""
+    options = parse_config({"dns": {"zones": [ZONE]}})
+    assert options.dns is not None
+    return Zone(build_zone_content(options.dns.zones[0], "bench"), 2026112501).to_zone_file()
+
+
+def start_dcrouter(work: str, port: int) -> subprocess.Popen:
+    conf = os.path.join(work, "dcrouter.toml")
+    records = ",\n".join("  { name = \"%s\", type = \"%s\", value = \"%s\" }"
+                         % (r["name"], r["type"], r["value"]) for r in ZONE["records"])
+    with open(conf, "w") as f:
+        f.write(f'[router]\nstate_dir = "{work}/state"\nlog_level = "warn"\n\n'
+                f'[dns]\nlisten = "127.0.0.1"\nport = {port}\nrate_limit = 0\n\n'
+                f'[[dns.zones]]\norigin = "bench.test"\nttl = 3600\nrecords = [\n{records}\n]\n')
+    env = dict(os.environ, PYTHONPATH=REPO)
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return subprocess.Popen([twistd, "-n", "--pidfile=", "dcrouter", "--config", conf],
+                            cwd=work, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(os.path.join(work, "dcrouter.err"), "wb"))
+
+
+def start_nsd(work: str, port: int) -> subprocess.Popen:
+    folder = os.path.join(work, "nsd")
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "bench.test.zone"), "w") as f:
+        f.write(zone_file_text())
+    conf = os.path.join(folder, "nsd.conf")
+    with open(conf, "w") as f:
+        f.write(f"""server:
+  ip-address: 127.0.0.1
+  port: {port}
+  username: ""
+  chroot: ""
+  zonesdir: "{folder}"
+  pidfile: "{folder}/nsd.pid"
+  zonelistfile: "{folder}/zone.list"
+  xfrdfile: "{folder}/xfrd.state"
+  xfrdir: "{folder}"
+  database: ""
+  server-count: 1
+  rrl-ratelimit: 0
+  rrl-whitelist-ratelimit: 0
+  verbosity: 0
+remote-control:
+  control-enable: no
+zone:
+  name: "bench.test"
+  zonefile: "bench.test.zone"
+""")
+    return subprocess.Popen(["nsd", "-d", "-c", conf], stdout=subprocess.DEVNULL,
+                            stderr=open(os.path.join(folder, "nsd.err"), "wb"))
+
+
+def start_twisted_names(work: str, port: int) -> subprocess.Popen:
+    path = os.path.join(work, "bench.test.bind")
+    with open(path, "w") as f:
+        f.write(zone_file_text())
+    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+    return subprocess.Popen([twistd, "-n", "--pidfile=", "dns", "--interface", "127.0.0.1",
+                             "-p", str(port), "--bindzone", path], cwd=work,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def dnsperf(port: int, queries: str, seconds: int, outstanding: int) -> dict[str, Any]:
+    out = subprocess.run(["dnsperf", "-s", "127.0.0.1", "-p", str(port), "-d", queries,
+                          "-l", str(seconds), "-c", "1", "-T", "1", "-q", str(outstanding)],
+                         capture_output=True, text=True, timeout=seconds + 60).stdout
+    qps = float(re.search(r"Queries per second:\s+([\d.]+)", out).group(1))  # type: ignore
+    lost = re.search(r"Queries lost:\s+(\d+)", out)
+    return {"qps": qps, "lost": int(lost.group(1)) if lost else 0}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--outstanding", type=int, default=100)
+    parser.add_argument("--no-twisted", action="store_true", help="skip bare twisted.names")
+    args = parser.parse_args()
+    work = tempfile.mkdtemp(prefix="dns-bench-")
+    queries = os.path.join(work, "queries.txt")
+    with open(queries, "w") as f:
+        f.write("\n".join(QUERIES) + "\n")
+    servers = [("dcrouter", start_dcrouter), ("nsd", start_nsd)]
+    if not args.no_twisted:
+        servers.append(("twisted.names", start_twisted_names))
+    procs: dict[str, tuple[subprocess.Popen, int]] = {}
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in servers}
+    try:
+        for name, start in servers:
+            port = free_port()
+            procs[name] = (start(work, port), port)
+        for name, (_proc, port) in procs.items():
+            wait_udp(port)
+        for run in range(args.runs):
+            for name, (_proc, port) in procs.items():
+                result = dnsperf(port, queries, args.seconds, args.outstanding)
+                results[name].append(result)
+                print(f"run {run + 1} {name}: {result['qps']:,.0f} qps "
+                      f"(lost {result['lost']})", flush=True)
+    finally:
+        for proc, _port in procs.values():
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+    print(f"\ncores: {os.cpu_count()}; {args.seconds}s per run, {args.runs} runs, "
+          f"dnsperf -c 1 -q {args.outstanding}; median queries/s:")
+    medians = {n: statistics.median(r["qps"] for r in rs) for n, rs in results.items()}
+    for name, median in medians.items():
+        print(f"  {name:14s} {median:>10,.0f}")
+    print(f"  dcrouter / nsd = {medians['dcrouter'] / medians['nsd']:.2f}")
+    if "twisted.names" in medians:
+        print(f"  dcrouter / twisted.names = "
+              f"{medians['dcrouter'] / medians['twisted.names']:.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,131 @@
+"""Bearer-token authentication of the management API, with a per-IP failure limit.
+
+The token (``api.token``) is compared in constant time
+(:func:`hmac.compare_digest`).  Every failed attempt is logged with the
+client address; an address that presented ``api.max_auth_failures_per_minute``
+wrong tokens in the last 60 seconds is answered 429 (with ``Retry-After``)
+without its token being checked, until the oldest failure ages out.
+An empty token means the API is open (allowed only on loopback addresses,
+see :class:`dcrouter.config.api.ApiOptions`).
+"""
+
+from __future__ import annotations
+
+import collections
+import hmac
+import math
+import time
+from typing import Callable, Optional
+
+from dcrouter.api.errors import too_many_requests, unauthorized
+from dcrouter.logsetup import get_logger
+
+log = get_logger("api.auth")
+
+WINDOW = 60.0
+
+
+class FailureLimiter:
+    """Counts failures per key in a sliding window of :data:`WINDOW` seconds."""
+
+    def __init__(self, limit: int, clock: Callable[[], float] = time.monotonic,
+                 max_keys: int = 10000) -> None:
+        self.limit = limit
+        self.clock = clock
+        self.max_keys = max_keys
+        self._failures: dict[str, collections.deque[float]] = {}
+
+    def _recent(self, key: str, now: float) -> Optional[collections.deque[float]]:
+        times = self._failures.get(key)
+        if times is None:
+            return None
+        while times and times[0] <= now - WINDOW:
+            times.popleft()
+        if not times:
+            del self._failures[key]
+            return None
+        return times
+
+    def blocked_for(self, key: str) -> int:
+        """Seconds until ``key`` may try again (0: not blocked)."""
+        now = self.clock()
+        times = self._recent(key, now)
+        if times is None or len(times) < self.limit:
+            return 0
+        return max(1, math.ceil(times[0] + WINDOW - now))
+
+    def record(self, key: str) -> int:
+        """Count a failure; returns the failures of ``key`` in the window."""
+        now = self.clock()
+        if key not in self._failures and len(self._failures) >= self.max_keys:
+            self._prune(now)
+        times = self._recent(key, now)
+        if times is None:
+            times = self._failures[key] = collections.deque()
+        times.append(now)
+        return len(times)
+
+    def _prune(self, now: float) -> None:
+        for key in list(self._failures):
+            self._recent(key, now)
+        while len(self._failures) >= self.max_keys:  # still full: forget the oldest keys
+            del self._failures[next(iter(self._failures))]
+
+
+class TokenAuthenticator:
+    """Checks ``Authorization: Bearer <token>`` headers; raises ApiError 401/429."""
+
+    def __init__(self, token: str, max_failures_per_minute: int,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.token = token
+        self.limiter = FailureLimiter(max_failures_per_minute, clock)
+        self.failures = 0
+        self.rate_limited = 0
+
+    def update(self, token: str, max_failures_per_minute: int) -> None:
+        """Apply a reloaded ``[api]`` section."""
+        self.token = token
+        self.limiter.limit = max_failures_per_minute
+
+    @property
+    def enabled(self) -> bool:
+        """False when no token is configured (loopback-only open API)."""
+        return bool(self.token)
+
+    def check(self, authorization: Optional[bytes], client_ip: str, path: str) -> None:
+        """Accept the request or raise :class:`~dcrouter.api.errors.ApiError` (401 or 429)."""
+        if not self.enabled:
+            return
+        wait = self.limiter.blocked_for(client_ip)
+        if wait:
+            self.rate_limited += 1
+            log.warn("API request from {client_ip} refused: too many failed authentications",
+                     client_ip=client_ip, path=path, retry_after=wait)
+            raise too_many_requests(wait)
+        presented = _bearer(authorization)
+        if presented is not None and hmac.compare_digest(presented.encode("utf-8"),
+                                                         self.token.encode("utf-8")):
+            return
+        self.failures += 1
+        if presented is None:  # no guess was made: refuse, but do not count towards the limit
+            log.info("API request from {client_ip} without a bearer token", client_ip=client_ip,
+                     path=path)
+            raise unauthorized()
+        count = self.limiter.record(client_ip)
+        log.warn("API authentication failed from {client_ip} (wrong token)", client_ip=client_ip,
+                 path=path, failures_last_minute=count)
+        raise unauthorized()
+
+
+def _bearer(header: Optional[bytes]) -> Optional[str]:
+    """The token of an ``Authorization: Bearer`` header, or None."""
+    if not header:
+        return None
+    try:
+        text = header.decode("latin-1").strip()
+    except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes every byte
+        return None
+    scheme, _, value = text.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        return None
+    return value.strip()

@@ -1,0 +1,286 @@
+"""The outbound SMTP client: one connection that sends a destination's messages in turn.
+
+:class:`DeliveryClient` subclasses ``twisted.mail.smtp.ESMTPClient`` (EHLO,
+STARTTLS - required or opportunistic -, AUTH) and adds what dcrouter needs:
+it pulls :class:`Job` objects from a :class:`JobSource` (connection reuse:
+after one message it sends RSET and takes the next), pipelines ``MAIL``/``RCPT``
+when the server offers PIPELINING (RFC 2920), passes ``SIZE=`` and refuses
+locally a message larger than the server's SIZE limit, and reports a result
+for every recipient.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import re
+from typing import Any, Optional, Protocol
+
+from twisted.internet import defer
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+_BARE_LF = re.compile(rb"(?<!\r)\n")
+
+
+@dataclasses.dataclass
+class Outcome:
+    """What happened to one recipient in one attempt."""
+
+    code: int
+    message: str
+    delivered: bool
+    permanent: bool
+
+
+def wire_data(message: bytes) -> bytes:
+    """``message`` with CRLF line endings, dot-stuffed, ending in CRLF (for DATA)."""
+    data = _BARE_LF.sub(b"\r\n", message)
+    if not data.endswith(b"\r\n"):
+        data += b"\r\n"
+    if data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..")
+
+
+class Job:
+    """One item's attempt over SMTP: envelope, data, and a Deferred of per-recipient outcomes."""
+
+    def __init__(self, item_id: str, mail_from: str, recipients: list[str], message: bytes,
+                 correlation_id: str = "") -> None:
+        self.item_id = item_id
+        self.mail_from = mail_from
+        self.recipients = recipients
+        self.data = wire_data(message)
+        self.correlation_id = correlation_id
+        self.deferred: defer.Deferred = defer.Deferred()
+        self.host = ""
+
+    def finish(self, results: dict[str, Outcome]) -> None:
+        """Report outcomes (once)."""
+        if not self.deferred.called:
+            self.deferred.callback(results)
+
+    def fail_all(self, code: int, message: str, permanent: bool) -> None:
+        """The same failure for every recipient."""
+        text = message if message[:3].isdigit() or code <= 0 else f"{code} {message}"
+        self.finish({r: Outcome(code, text, False, permanent) for r in self.recipients})
+
+
+class JobSource(Protocol):
+    """Where a connection takes its next message from."""
+
+    def take(self) -> Optional[Job]:
+        """The next job, or None when there is nothing (more) to send."""
+
+
+@dataclasses.dataclass
+class ClientSettings:
+    """How to talk to one host."""
+
+    identity: str
+    command_timeout: float
+    context: Any = None
+    require_tls: bool = False
+    auth_user: str = ""
+    auth_password: str = ""
+    reuse_limit: int = 100
+    host: str = ""
+
+
+def _text(resp: Any) -> str:
+    if isinstance(resp, bytes):
+        return resp.decode("utf-8", "replace")
+    return str(resp or "")
+
+
+class DeliveryClient(smtp.ESMTPClient):
+    """Sends jobs from a :class:`JobSource` over one SMTP connection."""
+
+    debug = True
+
+    def __init__(self, settings: ClientSettings, source: JobSource) -> None:
+        secret = settings.auth_password.encode("utf-8") if settings.auth_user else None
+        super().__init__(secret, settings.context, settings.identity)
+        self.settings = settings
+        self.source = source
+        self.timeout = settings.command_timeout  # type: ignore[assignment]
+        self.requireTransportSecurity = settings.require_tls
+        self.requireAuthentication = bool(settings.auth_user)
+        self.heloFallback = not (settings.require_tls or settings.auth_user)
+        if settings.auth_user:
+            user = settings.auth_user.encode("utf-8")
+            self.registerAuthenticator(smtp.PLAINAuthenticator(user))
+            self.registerAuthenticator(smtp.LOGINAuthenticator(user))
+            self.registerAuthenticator(smtp.CramMD5ClientAuthenticator(user))
+        self.extensions: dict[bytes, Optional[bytes]] = {}
+        self.current: Optional[Job] = None
+        self.pulled = 0
+        self.sent = 0
+        self.error: Optional[str] = None
+        self.error_code = 0
+        self.tls = False
+        self.done: defer.Deferred = defer.Deferred()
+        self._pipeline: list[str] = []
+        self._mail_reply: Optional[tuple[int, bytes]] = None
+
+    # -- capabilities -------------------------------------------------------------
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        """Remember the EHLO keywords (SIZE, PIPELINING...) before going on."""
+        items: dict[bytes, Optional[bytes]] = {}
+        for line in resp.splitlines():
+            parts = line.split(None, 1)
+            if parts:
+                items[parts[0].upper()] = parts[1] if len(parts) > 1 else None
+        self.extensions = items
+        super().esmtpState_serverConfig(code, resp)
+
+    def esmtpState_starttls(self, code: int, resp: bytes) -> None:
+        """STARTTLS accepted: note it, then let Twisted start TLS and re-EHLO."""
+        self.tls = True
+        super().esmtpState_starttls(code, resp)
+
+    def _size_limit(self) -> int:
+        value = self.extensions.get(b"SIZE")
+        try:
+            return int(value) if value else 0
+        except ValueError:
+            return 0
+
+    # -- one message after the other ---------------------------------------------------
+    def _next_job(self) -> Optional[Job]:
+        while self.pulled < max(1, self.settings.reuse_limit):
+            job = self.source.take()
+            if job is None:
+                return None
+            self.pulled += 1
+            job.host = self.settings.host
+            limit = self._size_limit()
+            if limit and len(job.data) > limit:
+                job.fail_all(552, f"552 5.3.4 message size {len(job.data)} exceeds the limit "
+                             f"{limit} of {self.settings.host}", permanent=True)
+                continue
+            return job
+        return None
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        """Start the next message (MAIL FROM, pipelined with RCPT TO when offered)."""
+        self._failresponse = self.smtpTransferFailed
+        job = self._next_job()
+        if job is None:
+            self._from = None
+            self._disconnectFromServer()
+            return
+        self.current = job
+        self._from = job.mail_from
+        mail = b"MAIL FROM:" + smtp.quoteaddr(job.mail_from)
+        if b"SIZE" in self.extensions:
+            mail += b" SIZE=%d" % len(job.data)
+        if b"PIPELINING" in self.extensions:
+            self.toAddressesResult = []
+            self.successAddresses = []
+            self._pipeline = list(job.recipients)
+            self._mail_reply = None
+            lines = [mail] + [b"RCPT TO:" + smtp.quoteaddr(r) for r in job.recipients]
+            for line in lines:
+                self.log.append(b">>> " + line)
+            self.transport.write(b"\r\n".join(lines) + b"\r\n")
+            self._expected = range(0, 1000)
+            self._okresponse = self._pipelined_reply
+        else:
+            self.sendLine(mail)
+            self._expected = [250]
+            self._okresponse = self.smtpState_to
+
+    def _pipelined_reply(self, code: int, resp: bytes) -> Any:
+        if self._mail_reply is None:
+            self._mail_reply = (code, resp)
+            return None
+        address = self._pipeline.pop(0)
+        mail_code, mail_resp = self._mail_reply
+        if mail_code != 250:
+            self.toAddressesResult.append((address, mail_code, mail_resp))
+        else:
+            self.toAddressesResult.append((address, code, resp))
+            if 200 <= code < 300:
+                self.successAddresses.append(address)
+        if self._pipeline:
+            return None
+        if self.successAddresses:
+            self.sendLine(b"DATA")
+            self._expected = [354]
+            self._okresponse = self.smtpState_data
+            return None
+        return self.smtpState_msgSent(mail_code if mail_code != 250 else -1,
+                                      b"No recipients accepted")
+
+    def getMailFrom(self) -> Optional[str]:
+        """Unused: :meth:`smtpState_from` takes jobs itself."""
+        return self.current.mail_from if self.current else None
+
+    def getMailTo(self) -> list[str]:
+        """The current job's recipients."""
+        return list(self.current.recipients) if self.current else []
+
+    def getMailData(self) -> io.BytesIO:
+        """The current job's dot-stuffed CRLF data."""
+        assert self.current is not None
+        return io.BytesIO(self.current.data)
+
+    def transformChunk(self, chunk: bytes) -> bytes:
+        """Data is prepared already (CRLF, dot-stuffed): only keep the timeout alive."""
+        self.resetTimeout()
+        return chunk
+
+    def sentMail(self, code: int, resp: Any, numOk: int, addresses: Any, log: Any) -> None:
+        """Turn Twisted's report into per-recipient outcomes."""
+        job, self.current = self.current, None
+        if job is None:
+            return
+        self.sent += 1
+        per_rcpt = {str(a): (c, r) for a, c, r in addresses}
+        results: dict[str, Outcome] = {}
+        for rcpt in job.recipients:
+            c, r = per_rcpt.get(rcpt, (code, resp))
+            if 200 <= c < 300:
+                c, r = code, resp
+            text = _text(r).replace("\n", " ")
+            results[rcpt] = Outcome(c, f"{c} {text}" if c > 0 else text, 200 <= c < 300, c >= 500)
+        job.finish(results)
+
+    # -- failures -------------------------------------------------------------------------
+    def sendError(self, exc: Exception) -> None:
+        """An error outside a message's normal replies: fail the current job or the session."""
+        code = int(getattr(exc, "code", -1) or -1)
+        text = _text(getattr(exc, "resp", "") or exc)
+        if self.current is not None:
+            job, self.current = self.current, None
+            job.fail_all(code, text if code > 0 else f"{text} ({self.settings.host})",
+                         permanent=code >= 500)
+        elif self.error is None:
+            self.error, self.error_code = text, code
+        super().sendError(exc)
+
+    def timeoutConnection(self) -> None:
+        """No reply in command_timeout: fail and abort (the peer may be hung)."""
+        message = f"timeout after {self.timeout:.0f}s waiting for {self.settings.host}"
+        if self.current is not None:
+            job, self.current = self.current, None
+            job.fail_all(-1, message, permanent=False)
+        elif self.error is None:
+            self.error, self.error_code = message, -1
+        self.transport.abortConnection()
+
+    def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:
+        """Whatever was in progress is deferred; tell the owner the session is over."""
+        super().connectionLost(reason)
+        if self.current is not None:
+            job, self.current = self.current, None
+            job.fail_all(-1, f"connection to {self.settings.host} lost: "
+                         f"{reason.getErrorMessage()}", permanent=False)
+        if self.error is None and self.pulled == 0 and self._okresponse != \
+                self.smtpState_disconnect:
+            self.error, self.error_code = (f"connection to {self.settings.host} closed: "
+                                           f"{reason.getErrorMessage()}"), -1
+        if not self.done.called:
+            self.done.callback(self)

@@ -1,0 +1,179 @@
+"""UDP and TCP transports of the DNS server, with their abuse limits.
+
+* :class:`DnsDatagramProtocol` answers datagrams, after the per-client-IP
+  :class:`RateLimiter` (``dns.rate_limit`` responses a second; over it the
+  query is dropped, so the server cannot amplify floods at a spoofed victim).
+* :class:`DnsTcpProtocol` reads length-prefixed queries (RFC 1035 4.2.2,
+  RFC 7766): pipelined queries are answered in order; a length prefix of 0
+  or above :data:`~dcrouter.dns.server.MAX_TCP_QUERY` closes the connection
+  (so a huge prefix cannot make it buffer); idle connections close after
+  ``dns.tcp_timeout``; reading pauses while the client does not read its
+  answers.  :class:`DnsTcpFactory` caps concurrent connections.
+"""
+
+from __future__ import annotations
+
+import struct
+import time
+from typing import Any, Callable, Optional
+
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
+from twisted.protocols.policies import TimeoutMixin
+
+from dcrouter.dns.server import MAX_TCP_QUERY, Responder
+from dcrouter.logsetup import get_logger
+
+log = get_logger("dns")
+
+
+class RateLimiter:
+    """At most ``limit`` responses per client IP in each one-second window (0: unlimited).
+
+    Memory is bounded: at most ``max_clients`` addresses are tracked per
+    window; beyond that new addresses are refused until the next second.
+    """
+
+    def __init__(self, limit: int, max_clients: int = 100000,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.limit = limit
+        self.max_clients = max_clients
+        self.clock = clock
+        self.window = -1
+        self.counts: dict[str, int] = {}
+        self.limited = 0
+
+    def allow(self, host: str) -> bool:
+        """Count one response to ``host``; False when over the limit."""
+        if not self.limit:
+            return True
+        now = int(self.clock())
+        counts = self.counts
+        if now != self.window:
+            self.window = now
+            counts.clear()
+        seen = counts.get(host, 0)
+        if seen >= self.limit or (not seen and len(counts) >= self.max_clients):
+            self.limited += 1
+            return False
+        counts[host] = seen + 1
+        return True
+
+
+class DnsDatagramProtocol(DatagramProtocol):
+    """Answers DNS queries arriving over UDP."""
+
+    noisy = False
+
+    def __init__(self, responder: Responder, limiter: RateLimiter) -> None:
+        self.responder = responder
+        self.limiter = limiter
+        self.errors = 0
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
+        """Rate-limit, answer, send."""
+        if not self.limiter.allow(addr[0]):
+            return
+        try:
+            response = self.responder.handle_udp(datagram)
+        except Exception as e:  # never let one packet stop the listener
+            self.errors += 1
+            log.error("DNS query failed: {error}", error=repr(e), client=addr[0])
+            return
+        if response is not None:
+            try:
+                self.transport.write(response, addr)
+            except OSError:  # unreachable client, full buffer: nothing to do for UDP
+                pass
+
+
+class DnsTcpProtocol(Protocol, TimeoutMixin):
+    """One TCP client: length-prefixed queries in, length-prefixed answers out."""
+
+    def __init__(self, factory: "DnsTcpFactory") -> None:
+        self.factory = factory
+        self.buffer = bytearray()
+        self.paused = False
+        self.closing = False
+
+    def connectionMade(self) -> None:
+        """Count the connection, arm the idle timer, let the write buffer pause reads."""
+        self.factory.connections += 1
+        self.setTimeout(self.factory.timeout)
+        self.transport.registerProducer(self, True)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        """Forget the connection."""
+        self.factory.connections -= 1
+        self.setTimeout(None)
+
+    def timeoutConnection(self) -> None:
+        """Idle too long."""
+        self.transport.abortConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Buffer and answer every complete query."""
+        if self.closing:
+            return
+        self.buffer += data
+        self._process()
+
+    def _process(self) -> None:
+        buf = self.buffer
+        while not self.paused and not self.closing and len(buf) >= 2:
+            (length,) = struct.unpack_from("!H", buf)
+            if length == 0 or length > MAX_TCP_QUERY:
+                self.factory.oversized += 1
+                self.closing = True
+                self.transport.loseConnection()
+                return
+            if len(buf) < 2 + length:
+                return
+            message = bytes(buf[2:2 + length])
+            del buf[:2 + length]
+            self.resetTimeout()
+            try:
+                response = self.factory.responder.handle_tcp(message)
+            except Exception as e:
+                self.factory.errors += 1
+                log.error("DNS query failed: {error}", error=repr(e))
+                response = None
+            if response is not None:
+                self.transport.write(struct.pack("!H", len(response)) + response)
+
+    # IPushProducer: the transport pauses us when the client does not read.
+    def pauseProducing(self) -> None:
+        """Stop reading queries until the answers drain."""
+        self.paused = True
+        self.transport.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        """Read again and answer what was buffered."""
+        self.paused = False
+        self.transport.resumeProducing()
+        self._process()
+
+    def stopProducing(self) -> None:
+        """The connection is going away."""
+        self.closing = True
+
+
+class DnsTcpFactory(Factory):
+    """Builds :class:`DnsTcpProtocol`; refuses clients beyond ``max_connections``."""
+
+    noisy = False
+
+    def __init__(self, responder: Responder, max_connections: int, timeout: float) -> None:
+        self.responder = responder
+        self.max_connections = max_connections
+        self.timeout = timeout
+        self.connections = 0
+        self.refused = 0
+        self.oversized = 0
+        self.errors = 0
+
+    def buildProtocol(self, addr: Any) -> Optional[Protocol]:
+        """A protocol, or None (the connection is closed) when at the limit."""
+        if self.connections >= self.max_connections:
+            self.refused += 1
+            return None
+        return DnsTcpProtocol(self)

@@ -1,0 +1,282 @@
+"""The query engine: wire bytes in, wire bytes out, for UDP and TCP alike.
+
+:class:`Responder` parses a query with a small strict parser (the question
+must be one uncompressed name; at most one OPT record; every length is
+checked against the packet, so truncated packets, compression-pointer loops,
+thousands of questions or records cannot make it loop or allocate), asks the
+:class:`~dcrouter.dns.authority.Authority` and encodes the answer with
+twisted.names' record encoders:
+
+* the question is echoed byte for byte (case preserved, RFC 4343);
+* EDNS(0) (RFC 6891): the UDP limit is the client's payload size, at least
+  512 and at most ``dns.max_udp_payload``; DO is copied; a version other
+  than 0 gets BADVERS;
+* over the limit the additional section is dropped first; if the answer
+  still does not fit, the response is the question with TC set, so the
+  client retries over TCP, where the whole answer is sent;
+* malformed queries get FORMERR when their header can be read, responses
+  (QR set) and runts are dropped, other opcodes get NOTIMP, zone transfers
+  and other classes REFUSED.
+
+UDP responses are cached per query bytes after the ID (which include the
+name as spelled, the type, the flags and the OPT record): a zone swap
+starts a new cache, so a cached answer never outlives its zone data.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections import Counter
+from io import BytesIO
+from typing import Optional
+
+from twisted.names import dns
+
+from dcrouter.dns.authority import Answer, Authority
+from dcrouter.dns.zone import type_name
+
+#: Largest TCP query accepted; longer length prefixes close the connection.
+MAX_TCP_QUERY = 16384
+#: Cached UDP responses at most; the cache starts over when full.
+CACHE_ENTRIES = 20000
+#: Queries longer than this are answered but not cached.
+CACHE_KEY_MAX = 512
+EDNS_BADVERS = 16
+_HEADER = struct.Struct("!HBBHHHH")
+_OPT = struct.Struct("!HHBBHH")
+_RCODE_NAMES = {dns.OK: "NOERROR", dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAIL",
+                dns.ENAME: "NXDOMAIN", dns.ENOTIMP: "NOTIMP", dns.EREFUSED: "REFUSED",
+                EDNS_BADVERS: "BADVERS"}
+
+
+class MalformedQuery(ValueError):
+    """A query that cannot be parsed (answered with FORMERR)."""
+
+
+class Query:
+    """A parsed query: the question and EDNS parameters."""
+
+    __slots__ = ("id", "flags1", "flags2", "question", "labels", "qtype", "qclass",
+                 "edns", "payload", "version", "dnssec_ok")
+
+    def __init__(self) -> None:
+        self.id = 0
+        self.flags1 = 0
+        self.flags2 = 0
+        self.question = b""
+        self.labels: list[bytes] = []
+        self.qtype = 0
+        self.qclass = 0
+        self.edns = False
+        self.payload = 512
+        self.version = 0
+        self.dnssec_ok = False
+
+
+def _skip_name(data: bytes, pos: int) -> int:
+    """Offset after a (possibly compressed) name; never follows pointers."""
+    end = len(data)
+    while True:
+        if pos >= end:
+            raise MalformedQuery("truncated name")
+        length = data[pos]
+        if length == 0:
+            return pos + 1
+        if length & 0xC0 == 0xC0:
+            if pos + 2 > end:
+                raise MalformedQuery("truncated pointer")
+            return pos + 2
+        if length & 0xC0:
+            raise MalformedQuery("bad label type")
+        pos += 1 + length
+
+
+def parse_query(data: bytes) -> Query:
+    """Parse a query; raises :class:`MalformedQuery` (the header is valid when it does)."""
+    q = Query()
+    q.id, q.flags1, q.flags2, qdcount, ancount, nscount, arcount = _HEADER.unpack_from(data)
+    if qdcount != 1:
+        raise MalformedQuery(f"{qdcount} questions")
+    pos, end, total = 12, len(data), 0
+    labels = []
+    while True:
+        if pos >= end:
+            raise MalformedQuery("truncated question")
+        length = data[pos]
+        if length == 0:
+            pos += 1
+            break
+        if length & 0xC0:
+            raise MalformedQuery("compressed or extended label in the question")
+        total += length + 1
+        if total > 254 or pos + 1 + length > end:
+            raise MalformedQuery("name too long or truncated")
+        labels.append(data[pos + 1:pos + 1 + length])
+        pos += 1 + length
+    if pos + 4 > end:
+        raise MalformedQuery("truncated question")
+    q.qtype, q.qclass = struct.unpack_from("!HH", data, pos)
+    pos += 4
+    q.question = data[12:pos]
+    q.labels = labels
+    if ancount or nscount:
+        raise MalformedQuery("records in the answer or authority section of a query")
+    for _ in range(arcount):
+        start = pos
+        pos = _skip_name(data, pos)
+        if pos + 10 > end:
+            raise MalformedQuery("truncated additional record")
+        rtype, rclass, ttl, rdlen = struct.unpack_from("!HHIH", data, pos)
+        pos += 10 + rdlen
+        if pos > end:
+            raise MalformedQuery("truncated rdata")
+        if rtype == dns.OPT:
+            if q.edns or data[start] != 0:
+                raise MalformedQuery("more than one OPT, or OPT not at the root")
+            q.edns = True
+            q.payload = rclass
+            q.version = (ttl >> 16) & 0xFF
+            q.dnssec_ok = bool(ttl & 0x8000)
+    return q
+
+
+def _header(qid: int, flags1: int, rcode: int, aa: bool, tc: bool,
+            counts: tuple[int, int, int, int], flags2: int = 0) -> bytes:
+    opcode_rd = flags1 & 0x79  # opcode and RD from the query; RA stays clear
+    byte3 = 0x80 | opcode_rd | (0x04 if aa else 0) | (0x02 if tc else 0)
+    return _HEADER.pack(qid, byte3, (flags2 & 0x10) | (rcode & 0xF), *counts)
+
+
+class Responder:
+    """Turns query bytes into response bytes; holds the cache and the counters."""
+
+    def __init__(self, authority: Authority, max_udp_payload: int = 1232) -> None:
+        self.authority = authority
+        self.max_udp_payload = max(512, max_udp_payload)
+        self.cache: dict[bytes, tuple[bytes, int, int]] = {}
+        self.by_rcode: Counter[int] = Counter()
+        self.by_type: Counter[int] = Counter()
+        self.dropped = 0
+        self.malformed = 0
+        self.truncated = 0
+
+    def set_authority(self, authority: Authority) -> None:
+        """Swap the zone data atomically; the next query sees the new data."""
+        self.authority = authority
+        self.cache = {}
+
+    def handle_udp(self, data: bytes) -> Optional[bytes]:
+        """The response to a UDP datagram, or None to send nothing."""
+        key = data[2:]
+        hit = self.cache.get(key)
+        if hit is not None:
+            tail, rcode, qtype = hit
+            self.by_rcode[rcode] += 1
+            self.by_type[qtype] += 1
+            return data[:2] + tail
+        out = self._respond(data, udp=True)
+        if out is None:
+            return None
+        response, rcode, qtype = out
+        if len(data) <= CACHE_KEY_MAX and rcode != dns.EFORMAT:
+            cache = self.cache
+            if len(cache) >= CACHE_ENTRIES:
+                cache.clear()
+            cache[key] = (response[2:], rcode, qtype)
+        return response
+
+    def handle_tcp(self, data: bytes) -> Optional[bytes]:
+        """The response to a query read from TCP, or None."""
+        out = self._respond(data, udp=False)
+        return None if out is None else out[0]
+
+    def _respond(self, data: bytes, udp: bool) -> Optional[tuple[bytes, int, int]]:
+        if len(data) < 12 or data[2] & 0x80:
+            self.dropped += 1
+            return None
+        qid, flags1 = struct.unpack_from("!HB", data)
+        if (flags1 >> 3) & 0xF != dns.OP_QUERY:
+            return self._count(_header(qid, flags1, dns.ENOTIMP, False, False, (0, 0, 0, 0)),
+                               dns.ENOTIMP, 0)
+        try:
+            q = parse_query(data)
+        except (MalformedQuery, struct.error):
+            self.malformed += 1
+            return self._count(_header(qid, flags1, dns.EFORMAT, False, False, (0, 0, 0, 0)),
+                               dns.EFORMAT, 0)
+        if q.edns and q.version != 0:
+            return self._count(self._encode(q, Answer(EDNS_BADVERS, False), 65535),
+                               EDNS_BADVERS, q.qtype)
+        if q.qtype in (dns.OPT, 0):
+            self.malformed += 1
+            return self._count(self._encode(q, Answer(dns.EFORMAT, False), 65535),
+                               dns.EFORMAT, q.qtype)
+        if udp:
+            limit = min(max(q.payload, 512), self.max_udp_payload) if q.edns else 512
+        else:
+            limit = 65535
+        answer = self._answer(q)
+        return self._count(self._encode(q, answer, limit), answer.rcode, q.qtype)
+
+    def _answer(self, q: Query) -> Answer:
+        if q.qclass not in (dns.IN, dns.ANY) or q.qtype in (dns.AXFR, dns.IXFR, dns.MAILA,
+                                                             dns.MAILB):
+            return Answer(dns.EREFUSED, False)
+        if any(b"." in label for label in q.labels):
+            return Answer(dns.EREFUSED, False)
+        owner = b".".join(q.labels)
+        return self.authority.lookup(owner.lower().decode("latin-1"), q.qtype, owner)
+
+    def _count(self, response: bytes, rcode: int, qtype: int) -> tuple[bytes, int, int]:
+        self.by_rcode[rcode] += 1
+        self.by_type[qtype] += 1
+        return response, rcode, qtype
+
+    def _opt(self, q: Query, rcode: int) -> bytes:
+        return b"\x00" + _OPT.pack(dns.OPT, self.max_udp_payload, rcode >> 4, 0,
+                                   0x8000 if q.dnssec_ok else 0, 0)
+
+    def _encode(self, q: Query, answer: Answer, limit: int) -> bytes:
+        opt = self._opt(q, answer.rcode) if q.edns else b""
+        sections = (answer.answers, answer.authority, answer.additional)
+        body = self._body(q, sections)
+        if 12 + len(body) + len(opt) > limit and answer.additional:
+            sections = (answer.answers, answer.authority, [])
+            body = self._body(q, sections)
+        tc = 12 + len(body) + len(opt) > limit
+        if tc:
+            self.truncated += 1
+            sections = ([], [], [])
+            body = q.question
+        counts = (1, len(sections[0]), len(sections[1]), len(sections[2]) + (1 if opt else 0))
+        return (_header(q.id, q.flags1, answer.rcode, answer.authoritative, tc, counts, q.flags2)
+                + body + opt)
+
+    @staticmethod
+    def _body(q: Query, sections: tuple[list[dns.RRHeader], ...]) -> bytes:
+        out = BytesIO()
+        out.write(q.question)
+        if not any(sections):
+            return out.getvalue()
+        comp: dict[bytes, int] = {}
+        offset = 12
+        labels = q.labels
+        for i, label in enumerate(labels):
+            comp.setdefault(b".".join(labels[i:]), offset)
+            offset += 1 + len(label)
+        for section in sections:
+            for rr in section:
+                rr.encode(out, comp)
+        return out.getvalue()
+
+    def stats(self) -> dict:
+        """Queries by rcode and type, malformed, dropped and truncated counts."""
+        return {
+            "queries": sum(self.by_rcode.values()),
+            "by_rcode": {_RCODE_NAMES.get(k, str(k)): v for k, v in self.by_rcode.items()},
+            "by_type": {type_name(k): v for k, v in self.by_type.items()},
+            "malformed": self.malformed,
+            "dropped": self.dropped,
+            "truncated": self.truncated,
+            "cached_answers": len(self.cache),
+        }

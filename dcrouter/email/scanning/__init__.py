@@ -1,0 +1,51 @@
+"""Content scanning of process mode: types, built-in scanners and the spamd/clamd clients.
+
+* :class:`ScanContext`, :class:`ScanResult` - what a scanner gets and gives
+  (any :class:`dcrouter.interfaces.IContentScanner` plug-in uses them too).
+* :class:`SpamScanner` (built-in rules + spamd), :class:`VirusScanner`
+  (EICAR + clamd), :class:`AttachmentScanner` (extensions, ZIP contents).
+* :func:`build_scanner` - a rule's ``[[...scanners]]`` entry to a scanner.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+from dcrouter.email.scanning.types import (
+    REASON_TEXT, ScanContext, ScannerError, ScanResult, VERDICTS,
+)
+from dcrouter.email.scanning.attachment import AttachmentScanner  # noqa: E402
+from dcrouter.email.scanning.clamd import ClamdClient  # noqa: E402
+from dcrouter.email.scanning.spam import SpamScanner  # noqa: E402
+from dcrouter.email.scanning.spamd import SpamdClient  # noqa: E402
+from dcrouter.email.scanning.virus import VirusScanner  # noqa: E402
+
+
+def build_scanner(options: Any, spamd: Optional[SpamdClient] = None,
+                  clamd: Optional[ClamdClient] = None, path: str = "scanner") -> Any:
+    """The scanner for one ``ScannerOptions`` entry (built-in, or ``package.module:Class``)."""
+    if ":" in options.type:
+        from dcrouter.errors import ConfigError
+        from dcrouter.interfaces import IContentScanner
+        from dcrouter.email.transform import load_class
+        factory = load_class(options.type, f"{path}.type")
+        try:
+            scanner = factory()
+        except TypeError as e:
+            raise ConfigError(f"{path}.type", f"cannot build '{options.type}': {e}") from None
+        if not IContentScanner.providedBy(scanner) and not callable(getattr(scanner, "scan",
+                                                                            None)):
+            raise ConfigError(f"{path}.type", f"'{options.type}' is not an IContentScanner")
+        return scanner
+    if options.type == "spam":
+        return SpamScanner(options.threshold, spamd if options.use_spamd else None)
+    if options.type == "virus":
+        return VirusScanner(clamd if options.use_clamd else None)
+    if options.type == "attachment":
+        return AttachmentScanner(options.blocked_extensions, options.scan_zip)
+    raise ValueError(f"unknown scanner type {options.type!r}")
+
+
+__all__ = ["AttachmentScanner", "ClamdClient", "REASON_TEXT", "ScanContext", "ScanResult",
+           "ScannerError", "SpamScanner", "SpamdClient", "VERDICTS", "VirusScanner",
+           "build_scanner"]

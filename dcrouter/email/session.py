@@ -1,0 +1,775 @@
+"""One inbound ESMTP session: the protocol the listeners of :mod:`dcrouter.email.server` speak.
+
+Written on :class:`twisted.internet.protocol.Protocol` rather than
+``twisted.mail.smtp.ESMTP`` (see ``docs/decisions.md``): the session parses
+lines itself so that it can enforce the 512-octet command limit, stream DATA
+into a spool file with the size limit checked while streaming, keep reading
+pipelined commands in order while the message handler answers asynchronously,
+and reply with enhanced status codes everywhere.
+
+The session talks to its server only through the small surface of
+:class:`SessionHost` (options, handler, portal, limits, stats, events).
+"""
+
+from __future__ import annotations
+
+import email.utils
+import re
+import time
+from typing import TYPE_CHECKING, Any, Callable, Optional
+
+from twisted.cred import error as cred_error
+from twisted.internet import defer, interfaces, tcp
+from twisted.internet.protocol import Protocol
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.email.auth import ISmtpUser
+from dcrouter.email.data import DotDecoder
+from dcrouter.email.sasl import Challenge, Credentials, Refusal, SaslExchange, Step
+from dcrouter.email.spool import SpoolWriter
+from dcrouter.errors import PolicyRejection
+from dcrouter.logsetup import get_logger
+from dcrouter.message import ReceivedMessage, SessionInfo, new_correlation_id, new_queue_id
+
+if TYPE_CHECKING:  # pragma: no cover
+    from dcrouter.email.server import ListenerConfig, UnifiedEmailServer
+
+log = get_logger("email.server")
+
+#: RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
+COMMAND_LINE_LIMIT = 512
+#: RFC 4954 4: AUTH lines (initial responses, continuations) may reach 12288 octets.
+AUTH_LINE_LIMIT = 12288
+#: While a command waits for the handler, read at most this much ahead before pausing.
+READ_AHEAD_LIMIT = 1024 * 1024
+
+_MAIL_RE = re.compile(r"^FROM:\s*(<[^<>]*>|[^\s<>]*)(?:\s+(.*))?$", re.IGNORECASE | re.DOTALL)
+_RCPT_RE = re.compile(r"^TO:\s*(<[^<>]*>|[^\s<>]*)(?:\s+(.*))?$", re.IGNORECASE | re.DOTALL)
+_ADDRESS_BAD = re.compile(r"[\x00-\x20\x7f<>()\[\]\\,;:\"]")
+_HELO_CLEAN = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
+
+COMMANDS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY",
+                      "EXPN", "HELP", "STARTTLS", "AUTH", "BDAT", "ETRN", "TURN"})
+
+
+_date_cache: list = [0, ""]
+
+
+def _received_date() -> str:
+    """RFC 5322 date of now (local time), computed once a second."""
+    now = int(time.time())
+    if _date_cache[0] != now:
+        _date_cache[0], _date_cache[1] = now, email.utils.formatdate(now, localtime=True)
+    return _date_cache[1]
+
+
+class _Closed(Exception):
+    """Raised internally once the session has been told to close."""
+
+
+def _parse_address(raw: str) -> Optional[str]:
+    """The address inside ``<...>`` (source route dropped); None when malformed."""
+    addr = raw[1:-1] if raw.startswith("<") and raw.endswith(">") else raw
+    if addr.startswith("@") and ":" in addr:  # RFC 5321 source route <@a,@b:user@c>
+        addr = addr.split(":", 1)[1]
+    if addr.count("@") > 1 and not addr.startswith('"'):
+        return None
+    local, _, domain = addr.rpartition("@")
+    if addr and not local.startswith('"') and _ADDRESS_BAD.search(local or addr):
+        return None
+    if domain and _ADDRESS_BAD.search(domain.replace("[", "").replace("]", "").replace(":", "")):
+        return None
+    if len(addr) > 320:
+        return None
+    return addr
+
+
+def _parse_params(text: Optional[str]) -> Optional[dict[str, str]]:
+    """ESMTP parameters ``KEY=VALUE KEY`` -> {KEY: VALUE}; None when malformed."""
+    out: dict[str, str] = {}
+    for item in (text or "").split():
+        key, _, value = item.partition("=")
+        if not key or not key.replace("-", "").isalnum():
+            return None
+        out[key.upper()] = value
+    return out
+
+
+@implementer(interfaces.IHandshakeListener)
+class SmtpSession(Protocol):
+    """One ESMTP session (server side)."""
+
+    def __init__(self, host: "UnifiedEmailServer", listener: "ListenerConfig") -> None:
+        self.host = host
+        self.listener = listener
+        self.info: SessionInfo = SessionInfo(correlation_id=new_correlation_id(), client_ip="",
+                                             client_port=0, local_port=listener.port)
+        self.counted = False
+        self.closed = False
+        self.busy = False
+        self._processing = False
+        self._paused = False
+        self._buf = b""
+        self._mode = "command"
+        self._discarding = False
+        self._errors = 0
+        self._idle_call: Any = None
+        self._esmtp = False
+        self._sasl: Optional[SaslExchange] = None
+        self._direct_send = False
+        self._decoder = DotDecoder()
+        self.mail_from: Optional[str] = None
+        self.recipients: list[str] = []
+        self.smtputf8 = False
+        self.body_8bitmime = False
+        self.spool: Optional[SpoolWriter] = None
+        self.queue_id = ""
+
+    # -- connection life cycle ----------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self._direct_send = isinstance(self.transport, tcp.Connection) and hasattr(
+            self.transport, "socket")
+        peer: Any = self.transport.getPeer()
+        self.info.client_ip = getattr(peer, "host", "")
+        self.info.client_port = getattr(peer, "port", 0)
+        local: Any = self.transport.getHost()
+        self.info.local_port = getattr(local, "port", self.listener.port)
+        self.info.submission = self.listener.submission
+        self.info.tls = self.listener.implicit_tls
+        self.info.relay_permitted = self.host.relay_permitted(self.info.client_ip)
+        cap = self.host.connections.admit(self.info.client_ip)
+        if cap:
+            self.host.stats.rejected("connection_limit")
+            log.info("connection from {client_ip} refused: {cap} connection limit",
+                     client_ip=self.info.client_ip, cap=cap,
+                     correlation_id=self.info.correlation_id)
+            self._send(f"421 4.7.0 {self.host.options.hostname} Error: too many connections"
+                       f"{' from your address' if cap == 'per_ip' else ''}, try again later")
+            self._close()
+            return
+        self.counted = True
+        self.host.session_opened(self)
+        self._reset_idle()
+        options = self.host.options
+        self._send(f"220 {options.hostname} {options.banner or 'ESMTP dcrouter'}")
+
+    def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        self.closed = True
+        self._cancel_idle()
+        if self.spool is not None and not self.busy:
+            self.spool.abort()
+            self.spool = None
+            self.host.stats.rejected("client_aborted")
+            log.info("client went away during DATA", correlation_id=self.info.correlation_id)
+        if self.counted:
+            self.counted = False
+            self.host.session_closed(self, reason)
+
+    def handshakeCompleted(self) -> None:
+        """TLS is up (implicit or after STARTTLS): record version and cipher."""
+        try:
+            conn: Any = self.transport.getHandle()  # type: ignore[attr-defined]
+            self.info.tls_version = conn.get_protocol_version_name() or ""
+            self.info.tls_cipher = conn.get_cipher_name() or ""
+        except Exception:  # a handle without these methods: leave them empty
+            pass
+        self.info.tls = True
+        log.debug("TLS established {tls_version} {tls_cipher}", tls_version=self.info.tls_version,
+                  tls_cipher=self.info.tls_cipher, correlation_id=self.info.correlation_id)
+
+    # -- output ---------------------------------------------------------------------
+
+    def _send(self, line: str) -> None:
+        if self.closed:
+            return
+        data = line.encode("utf-8", "replace") + b"\r\n"
+        transport: Any = self.transport
+        if (self._direct_send and not transport.TLS and not transport.dataBuffer
+                and not transport._tempDataBuffer and not transport.disconnecting):
+            # Fast path for plain TCP with nothing queued: one send() instead of
+            # Twisted's addWriter / send / removeWriter on the next reactor turn.
+            try:
+                sent = transport.socket.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                return  # the connection is going away; connectionLost follows
+            data = data[sent:]
+            if not data:
+                return
+        transport.write(data)
+
+    def _close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._cancel_idle()
+            self.transport.loseConnection()
+
+    def close_idle(self, code: str) -> None:
+        """Send ``code`` (a full reply line) and close; used for shutdown and limits."""
+        self._send(code)
+        self._close()
+
+    # -- idle timeout -------------------------------------------------------------------
+
+    def _reset_idle(self) -> None:
+        timeout = self.host.options.connection_timeout
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.reset(timeout)
+        else:
+            self._idle_call = self.host.reactor.callLater(timeout, self._idle_timeout)
+
+    def _cancel_idle(self) -> None:
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+
+    def _idle_timeout(self) -> None:
+        self._idle_call = None
+        if self.closed:
+            return
+        if self.busy:  # waiting for us, not silent
+            self._reset_idle()
+            return
+        self.host.stats.rejected("timeout")
+        log.info("idle timeout", correlation_id=self.info.correlation_id)
+        if self.spool is not None:
+            self.spool.abort()
+            self.spool = None
+        self.close_idle(f"421 4.4.2 {self.host.options.hostname} Error: timeout exceeded")
+
+    # -- input ---------------------------------------------------------------------------
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.closed:
+            return
+        self._reset_idle()
+        self._buf = self._buf + data if self._buf else data
+        if self.busy:
+            if len(self._buf) > READ_AHEAD_LIMIT and not self._paused:
+                self._paused = True
+                self.transport.pauseProducing()  # type: ignore[attr-defined]
+            return
+        self._process()
+
+    def _process(self) -> None:
+        if self._processing:
+            return
+        self._processing = True
+        try:
+            while self._buf and not self.busy and not self.closed:
+                if self._mode == "data":
+                    if not self._consume_data():
+                        break
+                elif not self._consume_line():
+                    break
+        except _Closed:
+            pass
+        finally:
+            self._processing = False
+        if self._paused and not self.busy and not self.closed:
+            self._paused = False
+            self.transport.resumeProducing()  # type: ignore[attr-defined]
+
+    def _resume(self) -> None:
+        """A waited-for result was answered: go on with buffered input."""
+        self.busy = False
+        if self.closed:
+            return
+        self._reset_idle()
+        self._process()
+
+    def _line_limit(self, line: bytes) -> int:
+        if self._mode == "auth" or line[:5].upper() == b"AUTH ":
+            return AUTH_LINE_LIMIT
+        return COMMAND_LINE_LIMIT
+
+    def _consume_line(self) -> bool:
+        """Take one command line off the buffer; False when none is complete."""
+        index = self._buf.find(b"\n")
+        if index < 0:
+            if len(self._buf) > self._line_limit(self._buf):
+                self._buf = b""
+                if not self._discarding:
+                    self._discarding = True
+                    self._line_too_long()
+            return False
+        line, self._buf = self._buf[:index], self._buf[index + 1:]
+        if self._discarding:
+            self._discarding = False
+            return True
+        if line.endswith(b"\r"):
+            line = line[:-1]
+        if len(line) + 2 > self._line_limit(line):
+            self._line_too_long()
+            return True
+        if self._mode == "auth":
+            self._auth_line(line)
+        else:
+            self._command(line)
+        return True
+
+    def _line_too_long(self) -> None:
+        self.host.stats.rejected("line_too_long")
+        if self._mode == "auth":
+            self._end_auth()
+        self._error("500 5.5.2 Error: line too long")
+
+    def _error(self, reply: str) -> None:
+        """Reply with a client error and count it; too many and the session closes."""
+        self._errors += 1
+        if self._errors >= self.host.options.max_errors:
+            self.host.stats.rejected("too_many_errors")
+            log.info("too many errors, closing", correlation_id=self.info.correlation_id)
+            self.close_idle(f"421 4.7.0 {self.host.options.hostname} Error: too many errors")
+            raise _Closed()
+        self._send(reply)
+
+    # -- commands ------------------------------------------------------------------------
+
+    def _command(self, raw: bytes) -> None:
+        if b"\x00" in raw:
+            self.host.stats.rejected("syntax")
+            self._error("500 5.5.2 Error: bad syntax")
+            return
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            self.host.stats.rejected("syntax")
+            self._error("500 5.5.2 Error: bad UTF-8 syntax")
+            return
+        verb, _, arg = line.partition(" ")
+        verb = verb.upper()
+        if verb not in COMMANDS:
+            self.host.stats.rejected("unknown_command")
+            self._error("502 5.5.2 Error: command not recognized")
+            return
+        getattr(self, "do_" + verb, self._not_implemented)(arg.strip())
+
+    def _not_implemented(self, arg: str) -> None:
+        self._error("502 5.5.1 Error: command not implemented")
+
+    def do_HELO(self, arg: str) -> None:
+        if not arg:
+            self._error("501 5.5.4 Syntax: HELO hostname")
+            return
+        self._reset_transaction()
+        self.info.helo = arg
+        self._esmtp = False
+        self._send(f"250 {self.host.options.hostname}")
+
+    def do_EHLO(self, arg: str) -> None:
+        if not arg:
+            self._error("501 5.5.4 Syntax: EHLO hostname")
+            return
+        self._reset_transaction()
+        self.info.helo = arg
+        self._esmtp = True
+        options = self.host.options
+        lines = [options.hostname, "PIPELINING", f"SIZE {options.max_message_size}",
+                 "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+        if not self.info.tls and self.host.tls_available:
+            lines.append("STARTTLS")
+        mechanisms = self.host.auth_mechanisms()
+        if self.info.tls and mechanisms and not self.info.auth_user:
+            lines.append("AUTH " + " ".join(mechanisms))
+        for extension in lines[:-1]:
+            self._send(f"250-{extension}")
+        self._send(f"250 {lines[-1]}")
+
+    def do_NOOP(self, arg: str) -> None:
+        self._send("250 2.0.0 Ok")
+
+    def do_HELP(self, arg: str) -> None:
+        self._send("214 2.0.0 See RFC 5321")
+
+    def do_VRFY(self, arg: str) -> None:
+        self._send("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
+
+    def do_EXPN(self, arg: str) -> None:
+        self._send("502 5.5.1 Error: command not implemented")
+
+    def do_RSET(self, arg: str) -> None:
+        self._reset_transaction()
+        self._send("250 2.0.0 Ok")
+        self.host.transaction_finished(self)
+
+    def do_QUIT(self, arg: str) -> None:
+        self._reset_transaction()
+        self._send("221 2.0.0 Bye")
+        self._close()
+        raise _Closed()
+
+    def do_STARTTLS(self, arg: str) -> None:
+        if arg:
+            self._error("501 5.5.4 Syntax: STARTTLS")
+            return
+        if self.info.tls:
+            self._error("503 5.5.1 Error: TLS already active")
+            return
+        if not self.host.tls_available:
+            self._error("502 5.5.1 Error: command not implemented")
+            return
+        self._send("220 2.0.0 Ready to start TLS")
+        # RFC 3207 5: forget everything the client said before TLS (and what it pipelined).
+        self._buf = b""
+        self._reset_transaction()
+        self.info.helo = ""
+        self._esmtp = False
+        self.transport.startTLS(self.host.tls_context(), True)  # type: ignore[attr-defined]
+        self.info.tls = True
+
+    # -- the mail transaction ------------------------------------------------------------
+
+    def _reset_transaction(self) -> None:
+        if self.spool is not None:
+            self.spool.abort()
+        self.mail_from = None
+        self.recipients = []
+        self.smtputf8 = False
+        self.body_8bitmime = False
+        self.spool = None
+        self.queue_id = ""
+
+    @property
+    def in_transaction(self) -> bool:
+        """MAIL given, DATA streaming, or a handler answer outstanding."""
+        return self.mail_from is not None or self.busy or self._mode == "data"
+
+    def do_MAIL(self, arg: str) -> None:
+        if not self.info.helo:
+            self._error("503 5.5.1 Error: send HELO/EHLO first")
+            return
+        if self.mail_from is not None:
+            self._error("503 5.5.1 Error: nested MAIL command")
+            return
+        if self.host.draining:
+            self.close_idle(f"421 4.3.2 {self.host.options.hostname} Service shutting down")
+            raise _Closed()
+        if (self.info.submission or self.host.options.auth.required) and not self.info.auth_user:
+            self.host.stats.rejected("auth_required")
+            self._emit_rejected("auth_required", 530)
+            self._send("530 5.7.0 Authentication required")
+            return
+        match = _MAIL_RE.match(arg)
+        address = _parse_address(match.group(1)) if match else None
+        params = _parse_params(match.group(2)) if match else None
+        if address is None or params is None:
+            self._error("501 5.1.7 Bad sender address syntax")
+            return
+        if params and not self._esmtp:
+            self._error("555 5.5.4 Unsupported option: parameters need EHLO")
+            return
+        for key, value in params.items():
+            if key == "SIZE":
+                if not value.isdigit():
+                    self._error("501 5.5.4 Bad SIZE parameter")
+                    return
+                if int(value) > self.host.options.max_message_size:
+                    self.host.stats.rejected("size")
+                    self._emit_rejected("size", 552)
+                    self._send("552 5.3.4 Message size exceeds fixed limit")
+                    return
+            elif key == "BODY":
+                if value.upper() not in ("7BIT", "8BITMIME"):
+                    self._error("555 5.5.4 Unsupported option: BODY=" + value[:20])
+                    return
+                self.body_8bitmime = value.upper() == "8BITMIME"
+            elif key == "SMTPUTF8":
+                self.smtputf8 = True
+            elif key != "AUTH":
+                self._error(f"555 5.5.4 Unsupported option: {key[:20]}")
+                return
+        if not address.isascii() and not self.smtputf8:
+            self._error("553 5.6.7 Must declare SMTPUTF8 to send unicode address")
+            return
+
+        def accepted(_: Any) -> None:
+            self.mail_from = address
+            self._send("250 2.1.0 Ok")
+
+        self._ask(self.host.handler.check_sender, (self.info, address), accepted, "sender")
+
+    def do_RCPT(self, arg: str) -> None:
+        if self.mail_from is None:
+            self._error("503 5.5.1 Error: need MAIL command")
+            return
+        match = _RCPT_RE.match(arg)
+        address = _parse_address(match.group(1)) if match else None
+        params = _parse_params(match.group(2)) if match else None
+        if not address or params is None:
+            self._error("501 5.1.3 Bad recipient address syntax")
+            return
+        if params:
+            self._error(f"555 5.5.4 Unsupported option: {next(iter(params))[:20]}")
+            return
+        if not address.isascii() and not self.smtputf8:
+            self._error("553 5.6.7 Must declare SMTPUTF8 to send unicode address")
+            return
+        if "@" not in address and address.lower() != "postmaster":
+            self._error("501 5.1.3 Bad recipient address syntax")
+            return
+        if len(self.recipients) >= self.host.options.max_recipients:
+            self.host.stats.rejected("too_many_recipients")
+            self._emit_rejected("too_many_recipients", 452)
+            self._send("452 4.5.3 Error: too many recipients")
+            return
+        mail_from = self.mail_from
+
+        def accepted(_: Any) -> None:
+            if self.mail_from is mail_from:
+                self.recipients.append(address)
+            self._send("250 2.1.5 Ok")
+
+        self._ask(self.host.handler.check_recipient, (self.info, mail_from, address), accepted,
+                  "recipient")
+
+    def do_DATA(self, arg: str) -> None:
+        if arg:
+            self._error("501 5.5.4 Syntax: DATA")
+            return
+        if self.mail_from is None:
+            self._error("503 5.5.1 Error: need MAIL command")
+            return
+        if not self.recipients:
+            self._error("554 5.5.1 Error: no valid recipients")
+            return
+        self.queue_id = new_queue_id()
+        try:
+            path, fd = self.host.spool_files.take()
+            spool = SpoolWriter(path, fd, self.host.options.max_message_size)
+            self.spool = spool
+            spool.write_header(self._received_header())
+        except OSError as e:
+            log.error("cannot open spool file: {error}", error=str(e),
+                      correlation_id=self.info.correlation_id)
+            if self.spool is not None:
+                self.spool.abort()
+            self.spool = None
+            self._send("451 4.3.0 Temporary local problem, try again later")
+            return
+        self._mode = "data"
+        self._decoder = DotDecoder()
+        self._send("354 End data with <CR><LF>.<CR><LF>")
+
+    def _received_header(self) -> bytes:
+        helo = _HELO_CLEAN.sub("?", self.info.helo)[:100]
+        hostname = self.host.options.hostname
+        ip = self.info.client_ip
+        literal = f"IPv6:{ip}" if ":" in ip else ip
+        parts = [f"Received: from {helo} ([{literal}])",
+                 f"\tby {hostname} (dcrouter) with {self.info.protocol} id {self.queue_id}"]
+        if self.info.tls:
+            parts.append(f"\t(using {self.info.tls_version or 'TLS'} with cipher "
+                         f"{self.info.tls_cipher or 'unknown'})")
+        date = _received_date()
+        if len(self.recipients) == 1:
+            rcpt = self.recipients[0].replace("\r", "").replace("\n", "")
+            parts.append(f"\tfor <{rcpt}>; {date}")
+        else:
+            parts[-1] += ";"
+            parts.append(f"\t{date}")
+        return ("\r\n".join(parts) + "\r\n").encode("utf-8", "replace")
+
+    # -- DATA streaming ------------------------------------------------------------------
+
+    def _consume_data(self) -> bool:
+        """Move decoded lines from the buffer into the spool; True at end of data."""
+        assert self.spool is not None
+        out, self._buf, finished = self._decoder.feed(self._buf)
+        if out:
+            self.spool.write(out)
+        if finished:
+            self._mode = "command"
+            self._end_of_data()
+        return finished
+
+    def _end_of_data(self) -> None:
+        spool, self.spool = self.spool, None
+        assert spool is not None and self.mail_from is not None
+        if spool.oversize:
+            self.host.stats.rejected("size")
+            self._emit_rejected("size", 552)
+            log.info("message too big: {size} bytes", size=spool.size,
+                     correlation_id=self.info.correlation_id)
+            self._reset_transaction()
+            self._send("552 5.3.4 Error: message file too big")
+            self.host.transaction_finished(self)
+            return
+        try:
+            path = spool.finish()
+        except OSError as e:
+            log.error("cannot write spool file: {error}", error=str(e),
+                      correlation_id=self.info.correlation_id)
+            spool.abort()
+            self._reset_transaction()
+            self._send("451 4.3.0 Temporary local problem, try again later")
+            self.host.transaction_finished(self)
+            return
+        message = ReceivedMessage(queue_id=self.queue_id, mail_from=self.mail_from,
+                                  recipients=list(self.recipients), spool_path=path,
+                                  size=spool.total_size, session=self.info,
+                                  smtputf8=self.smtputf8, body_8bit=spool.has_8bit)
+        self.host.stats.bytes_received += spool.size
+
+        def queued(queue_ids: Any) -> None:
+            ids = list(queue_ids or [])
+            first = ids[0] if ids else message.queue_id
+            self.host.stats.accepted()
+            log.info("accepted {queue_id} from <{mail_from}> for {count} recipients, "
+                     "{size} bytes", queue_id=first, mail_from=message.mail_from,
+                     count=len(message.recipients), size=message.size,
+                     correlation_id=self.info.correlation_id)
+            self.host.emit("message_received", self.info, message, ids)
+            self._send(f"250 2.0.0 Ok: queued as {first}")
+
+        def failed(_: Any) -> None:
+            spool.abort()
+
+        self.mail_from = None  # the transaction is with the handler now
+        self._ask(self.host.handler.handle_message, (message,), queued, "message",
+                  on_failure=failed, finished=True)
+
+    # -- asking the handler ------------------------------------------------------------------
+
+    def _ask(self, method: Callable[..., Any], args: tuple, on_success: Callable[[Any], None],
+             what: str, on_failure: Optional[Callable[[Any], None]] = None,
+             finished: bool = False) -> None:
+        """Call a handler method, reply from its result, then continue with buffered input."""
+        self.busy = True
+        d = defer.maybeDeferred(method, *args)
+
+        def ok(result: Any) -> None:
+            on_success(result)
+
+        def fail(failure: Failure) -> None:
+            if on_failure is not None:
+                on_failure(failure)
+            if failure.check(PolicyRejection):
+                rejection: Any = failure.value
+                self.host.stats.rejected(rejection.reason)
+                self._emit_rejected(rejection.reason, rejection.code, log_it=False)
+                log.info("{what} rejected: {code} {enhanced} {text}", what=what,
+                         code=rejection.code, enhanced=rejection.enhanced, text=rejection.text,
+                         correlation_id=self.info.correlation_id)
+                self._send(f"{rejection.code} {rejection.enhanced} {rejection.text}")
+            else:
+                self.host.stats.rejected("handler_error")
+                self._emit_rejected("handler_error", 451, log_it=False)
+                log.failure("handler failed on {what}", failure, what=what,
+                            correlation_id=self.info.correlation_id)
+                self._send("451 4.3.0 Temporary local problem, try again later")
+
+        def done(_: Any) -> None:
+            if finished:
+                self._reset_transaction()
+                self.host.transaction_finished(self)
+            self._resume()
+
+        d.addCallbacks(ok, fail)
+        d.addErrback(lambda f: log.failure("reply failed", f,
+                                           correlation_id=self.info.correlation_id))
+        d.addBoth(done)
+
+    def _emit_rejected(self, reason: str, code: int, log_it: bool = True) -> None:
+        """Tell observers (and the log) that something was refused for ``reason``."""
+        if log_it:
+            log.info("refused ({reason}): {code}", reason=reason, code=code,
+                     correlation_id=self.info.correlation_id)
+        self.host.emit("message_rejected", self.info, reason, code)
+
+    # -- AUTH ------------------------------------------------------------------------------------
+
+    def do_AUTH(self, arg: str) -> None:
+        if not self.info.tls:
+            self.host.stats.rejected("auth_needs_tls")
+            self._error("538 5.7.11 Encryption required for requested authentication mechanism")
+            return
+        if not self.info.helo or not self._esmtp:
+            self._error("503 5.5.1 Error: send EHLO first")
+            return
+        if self.info.auth_user:
+            self._error("503 5.5.1 Error: already authenticated")
+            return
+        if self.mail_from is not None:
+            self._error("503 5.5.1 Error: MAIL transaction in progress")
+            return
+        if self.host.auth_limiter.blocked(self.info.client_ip):
+            self._auth_rate_limited()
+        mechanism, _, initial = arg.partition(" ")
+        mechanism = mechanism.upper()
+        if mechanism not in self.host.auth_mechanisms():
+            self._error("504 5.5.4 Unrecognized authentication type")
+            return
+        self._sasl = SaslExchange(mechanism)
+        self._mode = "auth"
+        self._auth_step(self._sasl.start(initial.strip()))
+
+    def _auth_line(self, line: bytes) -> None:
+        assert self._sasl is not None
+        self._auth_step(self._sasl.respond(line))
+
+    def _auth_step(self, step: Step) -> None:
+        if isinstance(step, Challenge):
+            self._send(f"334 {step.text}")
+        elif isinstance(step, Refusal):
+            self._end_auth()
+            self._error(step.reply)
+        else:
+            self._login(step)
+
+    def _end_auth(self) -> None:
+        self._mode = "command"
+        self._sasl = None
+
+    def _auth_rate_limited(self) -> None:
+        self.host.stats.rejected("auth_rate_limit")
+        log.info("too many failed AUTH attempts from {client_ip}", client_ip=self.info.client_ip,
+                 correlation_id=self.info.correlation_id)
+        self.close_idle(f"421 4.7.0 {self.host.options.hostname} Error: too many failed "
+                        "authentication attempts")
+        raise _Closed()
+
+    def _login(self, step: Credentials) -> None:
+        sasl = self._sasl
+        assert sasl is not None
+        mechanism = sasl.mechanism
+        self.busy = True
+        d = self.host.portal.login(step.creds, None, ISmtpUser)
+
+        def ok(result: Any) -> None:
+            self._end_auth()
+            self.info.auth_user = str(result[1])
+            self.host.stats.auth_succeeded += 1
+            log.info("AUTH {mechanism} succeeded for {username}", mechanism=mechanism,
+                     username=self.info.auth_user, correlation_id=self.info.correlation_id)
+            self.host.emit("auth_succeeded", self.info, self.info.auth_user, mechanism)
+            self._send("235 2.7.0 Authentication successful")
+
+        def fail(failure: Failure) -> None:
+            if not failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
+                log.failure("AUTH checker failed", failure,
+                            correlation_id=self.info.correlation_id)
+            self.host.stats.auth_failed += 1
+            log.info("AUTH {mechanism} failed for {username}", mechanism=mechanism,
+                     username=step.username, correlation_id=self.info.correlation_id)
+            self.host.emit("auth_failed", self.info, step.username, mechanism)
+            if self.host.auth_limiter.record_failure(self.info.client_ip):
+                self._end_auth()
+                try:
+                    self._auth_rate_limited()
+                except _Closed:
+                    return
+            answer = sasl.failed()
+            if isinstance(answer, Challenge):
+                self._send(f"334 {answer.text}")
+            else:
+                self._end_auth()
+                self._send(answer.reply)
+
+        d.addCallbacks(ok, fail)
+        d.addErrback(lambda f: log.failure("AUTH reply failed", f,
+                                           correlation_id=self.info.correlation_id))
+        d.addBoth(lambda _: self._resume())

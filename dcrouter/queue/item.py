@@ -1,0 +1,248 @@
+"""Queue items: one message's envelope for one route, with per-recipient state.
+
+A :class:`QueueItem` is what every store keeps and what the delivery system
+works on (the seed's ``IQueueItem``).  It serialises to compact JSON for the
+disk and Redis stores and to a plain dict for the management API.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+import urllib.parse
+from typing import Any, Optional
+
+from dcrouter.message import DeliveryRequest, Route
+
+#: Item states.
+PENDING = "pending"
+PROCESSING = "processing"
+DELIVERED = "delivered"
+FAILED = "failed"
+DEFERRED = "deferred"
+STATUSES = (PENDING, PROCESSING, DELIVERED, FAILED, DEFERRED)
+#: States in which an item still waits for delivery.
+WAITING = (PENDING, DEFERRED)
+
+
+class RecipientState:
+    """One recipient of an item and what happened to it so far."""
+
+    __slots__ = ("address", "status", "code", "message")
+
+    def __init__(self, address: str, status: str = PENDING, code: int = 0,
+                 message: str = "") -> None:
+        self.address = address
+        self.status = status
+        self.code = code
+        self.message = message
+
+    @property
+    def open(self) -> bool:
+        """Still to be delivered (not delivered, not failed)."""
+        return self.status not in (DELIVERED, FAILED)
+
+    def to_list(self) -> list[Any]:
+        """Compact form for storage."""
+        return [self.address, self.status, self.code, self.message]
+
+    @classmethod
+    def from_list(cls, data: list[Any]) -> "RecipientState":
+        """Inverse of :meth:`to_list`."""
+        return cls(str(data[0]), str(data[1]), int(data[2]), str(data[3]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the API."""
+        return {"address": self.address, "status": self.status, "code": self.code,
+                "message": self.message}
+
+
+class QueueItem:
+    """A queued delivery: envelope, route, state and a reference to the stored body."""
+
+    lazy = False
+
+    __slots__ = ("id", "mode", "rule_pattern", "mail_from", "recipients", "status", "attempts",
+                 "next_attempt", "last_error", "created_at", "updated_at", "delivered_at",
+                 "correlation_id", "route", "body_ref", "size", "is_bounce", "destination",
+                 "sched", "lease_owner", "stored_status")
+
+    def __init__(self, *, id: str, mode: str, rule_pattern: str, mail_from: str,
+                 recipients: list[RecipientState], route: Route, body_ref: str,
+                 correlation_id: str = "", size: int = 0, is_bounce: bool = False,
+                 status: str = PENDING, attempts: int = 0, next_attempt: float = 0.0,
+                 last_error: str = "", created_at: Optional[float] = None,
+                 updated_at: Optional[float] = None, delivered_at: float = 0.0,
+                 destination: str = "") -> None:
+        now = time.time()
+        self.id = id
+        self.mode = mode
+        self.rule_pattern = rule_pattern
+        self.mail_from = mail_from
+        self.recipients = recipients
+        self.route = route
+        self.body_ref = body_ref
+        self.correlation_id = correlation_id
+        self.size = size
+        self.is_bounce = is_bounce
+        self.status = status
+        self.attempts = attempts
+        self.next_attempt = next_attempt or now
+        self.last_error = last_error
+        self.created_at = created_at if created_at is not None else now
+        self.updated_at = updated_at if updated_at is not None else now
+        self.delivered_at = delivered_at
+        self.destination = destination or compute_destination(route, recipients)
+        self.sched = 0          # sequence number of the item's live heap entry
+        self.lease_owner = ""   # who holds it while processing
+        self.stored_status = ""  # the status a store counted it under
+
+    @classmethod
+    def from_request(cls, request: DeliveryRequest, item_id: str, body_ref: str,
+                     recipients: Optional[list[str]] = None) -> "QueueItem":
+        """A new pending item for ``request`` (or a subset of its recipients)."""
+        rcpts = recipients if recipients is not None else request.recipients
+        return cls(id=item_id, mode=request.mode, rule_pattern=request.rule_pattern,
+                   mail_from=request.mail_from,
+                   recipients=[RecipientState(r) for r in rcpts], route=request.route,
+                   body_ref=body_ref, correlation_id=request.correlation_id,
+                   size=request.size, is_bounce=request.is_bounce)
+
+    @property
+    def open_recipients(self) -> list[RecipientState]:
+        """Recipients still to be delivered."""
+        return [r for r in self.recipients if r.open]
+
+    @property
+    def finished(self) -> bool:
+        """No recipient is left to deliver."""
+        return not any(r.open for r in self.recipients)
+
+    def to_json(self) -> bytes:
+        """The stored form (compact JSON)."""
+        return json.dumps({
+            "v": 1, "id": self.id, "mode": self.mode, "rule": self.rule_pattern,
+            "from": self.mail_from, "rcpt": [r.to_list() for r in self.recipients],
+            "route": _compact_route(self.route), "body": self.body_ref, "cid": self.correlation_id,
+            "size": self.size, "bounce": self.is_bounce, "status": self.status,
+            "attempts": self.attempts, "next": self.next_attempt, "err": self.last_error,
+            "created": self.created_at, "updated": self.updated_at,
+            "delivered": self.delivered_at, "dest": self.destination,
+        }, separators=(",", ":")).encode("utf-8")
+
+    @classmethod
+    def from_json(cls, data: bytes) -> "QueueItem":
+        """Inverse of :meth:`to_json`; raises ValueError/KeyError/TypeError when malformed."""
+        d = json.loads(data)
+        if not isinstance(d, dict) or d.get("v") != 1:
+            raise ValueError("not a queue item")
+        status = d["status"]
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        return cls(id=str(d["id"]), mode=sys.intern(str(d["mode"])),
+                   rule_pattern=sys.intern(str(d["rule"])), mail_from=str(d["from"]),
+                   recipients=[RecipientState.from_list(r) for r in d["rcpt"]],
+                   route=shared_route(d["route"]), body_ref=str(d["body"]),
+                   correlation_id=str(d["cid"]), size=int(d["size"]),
+                   is_bounce=bool(d["bounce"]), status=status, attempts=int(d["attempts"]),
+                   next_attempt=float(d["next"]), last_error=str(d["err"]),
+                   created_at=float(d["created"]), updated_at=float(d["updated"]),
+                   delivered_at=float(d["delivered"]),
+                   destination=sys.intern(str(d["dest"])))
+
+    def journal_payload(self) -> bytes:
+        """Index fields, then the JSON: what the disk journal stores (see :class:`StoredItem`)."""
+        dest = urllib.parse.quote(self.destination, safe="") or "-"
+        return b"%r %s %s %d %r %s " % (self.next_attempt, self.status.encode("ascii"),
+                                        dest.encode("ascii"), self.size, self.created_at,
+                                        self.body_ref.encode("ascii")) + self.to_json()
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for the management API."""
+        return {
+            "id": self.id, "mode": self.mode, "rule_pattern": self.rule_pattern,
+            "mail_from": self.mail_from, "recipients": [r.to_dict() for r in self.recipients],
+            "status": self.status, "attempts": self.attempts, "next_attempt": self.next_attempt,
+            "last_error": self.last_error, "created_at": self.created_at,
+            "updated_at": self.updated_at, "delivered_at": self.delivered_at,
+            "correlation_id": self.correlation_id, "route": self.route.to_dict(),
+            "destination": self.destination, "size": self.size, "is_bounce": self.is_bounce,
+        }
+
+    def __repr__(self) -> str:
+        return f"<QueueItem {self.id} {self.status} {self.destination} attempts={self.attempts}>"
+
+
+def compute_destination(route: Route, recipients: list[RecipientState]) -> str:
+    """The destination key of an item (forward target, recipient domain, or 'local')."""
+    domain = ""
+    if recipients:
+        domain = recipients[0].address.rpartition("@")[2]
+    return route.destination(domain)
+
+
+_ROUTES: dict[tuple[tuple[str, Any], ...], Route] = {}
+
+
+def shared_route(data: dict[str, Any]) -> Route:
+    """One Route object per distinct route (many items share few routes: saves memory)."""
+    key = tuple(sorted(data.items()))
+    route = _ROUTES.get(key)
+    if route is None:
+        if len(_ROUTES) > 10000:
+            _ROUTES.clear()
+        route = _ROUTES[key] = Route.from_dict(data)
+    return route
+
+
+class StoredItem:
+    """An item known by its index fields only; the rest is parsed when needed.
+
+    The disk store recovers items as StoredItems (a few fields split from the
+    journal record instead of a full JSON parse), which makes restarts fast
+    and keeps memory low; ``materialize`` gives the full :class:`QueueItem`.
+    """
+
+    lazy = True
+    __slots__ = ("id", "status", "next_attempt", "destination", "size", "body_ref",
+                 "created_at", "sched", "stored_status", "lease_owner", "raw")
+
+    def __init__(self, item_id: str, payload: bytes) -> None:
+        parts = payload.split(b" ", 6)
+        if len(parts) != 7:
+            raise ValueError("malformed journal payload")
+        self.id = item_id
+        self.next_attempt = float(parts[0])
+        status = parts[1].decode("ascii")
+        if status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}")
+        self.status = status
+        dest = parts[2].decode("ascii")
+        self.destination = sys.intern(urllib.parse.unquote(dest) if "%" in dest else
+                                      ("" if dest == "-" else dest))
+        self.size = int(parts[3])
+        self.created_at = float(parts[4])
+        self.body_ref = parts[5].decode("ascii")
+        self.raw = parts[6]
+        self.sched = 0
+        self.stored_status = ""
+        self.lease_owner = ""
+
+    def materialize(self) -> QueueItem:
+        """The full item (raises ValueError/KeyError/TypeError when the JSON is damaged)."""
+        item = QueueItem.from_json(self.raw)
+        item.status = self.status
+        item.next_attempt = self.next_attempt
+        item.sched = self.sched
+        item.stored_status = self.stored_status
+        item.lease_owner = self.lease_owner
+        return item
+
+
+_ROUTE_DEFAULTS = Route(kind="").to_dict()
+
+
+def _compact_route(route: Route) -> dict[str, Any]:
+    """The route's fields that differ from the defaults (smaller journal records)."""
+    return {k: v for k, v in route.to_dict().items() if k == "kind" or v != _ROUTE_DEFAULTS[k]}

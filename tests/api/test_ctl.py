@@ -1,0 +1,249 @@
+"""``dcrouterctl`` as a real subprocess against a running router: tables, --json, exit codes."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Optional
+
+import pytest_twisted
+from twisted.internet import utils
+
+from tests.api.support import TOKEN, StandInItem
+from tests.support.net import free_port
+from tests.support.proc import twistd_env
+from tests.support.router import port_of
+
+CTL = os.path.join(os.path.dirname(sys.executable), "dcrouterctl")
+
+
+class Result:
+    """Exit code and output of one dcrouterctl run."""
+
+    def __init__(self, out: bytes, err: bytes, code: int) -> None:
+        self.out = out.decode()
+        self.err = err.decode()
+        self.code = code
+
+    def json(self):
+        return json.loads(self.out)
+
+
+async def ctl(url: Optional[str], *args: str, token: Optional[str] = TOKEN,
+              env_token: Optional[str] = None) -> Result:
+    """Run the installed console script (importing this checkout through PYTHONPATH)."""
+    env = twistd_env()
+    env.pop("DCROUTER_API_TOKEN", None)
+    env.pop("DCROUTER_API_URL", None)
+    if env_token is not None:
+        env["DCROUTER_API_TOKEN"] = env_token
+    argv = []
+    if url:
+        argv += ["--url", url]
+    if token is not None:
+        argv += ["--token", token]
+    out, err, code = await utils.getProcessOutputAndValue(CTL, argv + list(args), env=env)
+    return Result(out, err, code)
+
+
+def _url(client) -> str:
+    return client.base
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_table_and_json(running):
+    router, client, queue = running
+    result = await ctl(_url(client), "status")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0].startswith("dcrouter ") and ", up " in lines[0]
+    assert lines[1].split() == ["SERVICE", "STATE", "LISTENERS"]
+    rows = {line.split()[0]: line for line in lines[2:]}
+    assert set(rows) == {"api", "dns", "email", "proxy"}
+    api_port = router.by_name["api"].listeners.port_for("api.port")
+    assert f"tcp 127.0.0.1:{api_port}" in rows["api"] and "running" in rows["api"]
+    result = await ctl(_url(client), "--json", "status")
+    assert result.code == 0
+    assert set(result.json()["services"]) == {"api", "dns", "email", "proxy"}
+
+
+@pytest_twisted.ensureDeferred
+async def test_stats_table_and_json(running):
+    router, client, queue = running
+    queue.add(StandInItem("S1", "a@b.test", ["c@d.test"], 10))
+    result = await ctl(_url(client), "stats")
+    assert result.code == 0, result.err
+    figures = dict(line.split(None, 1) for line in result.out.splitlines()[2:])
+    assert figures["summary.queue_depth"].strip() == "1"
+    assert figures["email.queue.size"].strip() == "1"
+    data = (await ctl(_url(client), "--json", "stats")).json()
+    assert data["summary"]["queue_depth"] == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_list_like_postqueue(running):
+    router, client, queue = running
+    result = await ctl(_url(client), "queue", "list")
+    assert result.code == 0 and result.out.strip() == "Mail queue is empty"
+    queue.add(StandInItem("AAA1", "sender@a.test", ["one@b.test", "two@b.test"], 1500,
+                          created_at=1795597200.0))
+    queue.add(StandInItem("AAA2", "", ["three@b.test"], 600, status="delivering",
+                          last_error=""))
+    result = await ctl(_url(client), "queue", "list")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
+    assert lines[0].startswith("-Queue ID-")
+    first = lines[1].split()
+    assert first[0] == "AAA1" and first[1] == "1500" and first[-1] == "sender@a.test"
+    assert lines[2].strip() == "(451 4.3.0 try later)"
+    assert [lines[3].strip(), lines[4].strip()] == ["one@b.test", "two@b.test"]
+    assert lines[6].split()[0] == "AAA2*" and lines[6].split()[-1] == "MAILER-DAEMON"
+    assert lines[-1] == "-- 3 Kbytes in 2 Requests."
+    listed = (await ctl(_url(client), "--json", "queue", "list", "--status", "deferred")).json()
+    assert listed["count"] == 1 and listed["items"][0]["id"] == "AAA1"
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_list_follows_cursors(running):
+    router, client, queue = running
+    for i in range(1203):
+        queue.add(StandInItem(f"P{i:05d}", "s@a.test", ["r@b.test"], 100))
+    listed = (await ctl(_url(client), "--json", "queue", "list")).json()
+    assert listed["count"] == 1203
+    assert [i["id"] for i in listed["items"]] == sorted(queue.items)
+    limited = (await ctl(_url(client), "--json", "queue", "list", "--limit", "7")).json()
+    assert limited["count"] == 7
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_retry_delete_and_their_exit_codes(running):
+    router, client, queue = running
+    queue.add(StandInItem("R1", "s@a.test", ["r@b.test"], 100))
+    queue.add(StandInItem("R2", "s@a.test", ["r@b.test"], 100))
+    queue.add(StandInItem("R3", "s@a.test", ["r@b.test"], 100))
+    result = await ctl(_url(client), "queue", "retry", "R1")
+    assert (result.code, result.out.strip()) == (0, "R1: retry scheduled")
+    assert queue.items["R1"].status == "queued"
+    result = await ctl(_url(client), "queue", "retry", "--all")
+    assert (result.code, result.out.strip()) == (0, "retrying 2 item(s)")
+    result = await ctl(_url(client), "queue", "delete", "R2")
+    assert (result.code, result.out.strip()) == (0, "R2: deleted") and "R2" not in queue.items
+    missing = await ctl(_url(client), "queue", "delete", "R2")
+    assert missing.code == 1 and "no queue item" in missing.err and "HTTP 404" in missing.err
+    missing = await ctl(_url(client), "--json", "queue", "retry", "NOPE")
+    assert missing.code == 1 and missing.json()["error"]["code"] == "not_found"
+    usage = await ctl(_url(client), "queue", "retry")
+    assert usage.code == 2 and "queue id or --all" in usage.err
+    for action, paused in (("pause", True), ("resume", False)):
+        assert (await ctl(_url(client), "queue", action)).code == 0
+        assert queue.paused is paused
+    flushed = await ctl(_url(client), "--json", "queue", "flush")
+    assert flushed.code == 0 and queue.flushes == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_rules_list_add_remove(running):
+    router, client, queue = running
+    result = await ctl(_url(client), "rules", "list")
+    assert result.code == 0
+    lines = result.out.splitlines()
+    assert lines[0].split() == ["#", "PATTERN", "MODE", "TARGET"]
+    assert lines[1].split()[:3] == ["0", "*@localhost", "mta"]
+    added = await ctl(_url(client), "rules", "add", "*@relay.test", "--mode", "forward",
+                      "--target", "127.0.0.1:2526")
+    assert added.code == 0, added.err
+    assert added.out.strip() == "added *@relay.test (forward) at position 1"
+    assert router.email.domain_router.match_rule("x@relay.test").target.port == 2526
+    listed = (await ctl(_url(client), "--json", "rules", "list")).json()
+    assert [r["pattern"] for r in listed["rules"]] == ["*@localhost", "*@relay.test"]
+    invalid = await ctl(_url(client), "rules", "add", "*@bad.test", "--mode", "forward")
+    assert invalid.code == 1
+    assert "rule.target: forward mode needs a target" in invalid.err and "HTTP 422" in invalid.err
+    removed = await ctl(_url(client), "rules", "remove", "*@relay.test")
+    assert (removed.code, removed.out.strip()) == (0, "removed *@relay.test")
+    again = await ctl(_url(client), "rules", "remove", "*@relay.test")
+    assert again.code == 1 and "no domain rule" in again.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_reload_refused_is_exit_1(running):
+    router, client, queue = running
+    result = await ctl(_url(client), "reload")
+    assert result.code == 1 and "not started from a configuration file" in result.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_connection_and_auth_failures_are_exit_3(running):
+    router, client, queue = running
+    no_token = await ctl(_url(client), "status", token=None)
+    assert no_token.code == 3 and "authentication refused" in no_token.err
+    assert "DCROUTER_API_TOKEN" in no_token.err
+    wrong = await ctl(_url(client), "status", token="nope")
+    assert wrong.code == 3
+    from_env = await ctl(_url(client), "status", token=None, env_token=TOKEN)
+    assert from_env.code == 0
+    closed = await ctl(f"http://127.0.0.1:{free_port()}", "status")
+    assert closed.code == 3 and "cannot reach the dcrouter API" in closed.err
+    smtp_port = port_of(router, "email")
+    not_http = await ctl(f"http://127.0.0.1:{smtp_port}", "--timeout", "5", "status")
+    assert not_http.code == 3 and "did not answer like the dcrouter API" in not_http.err
+
+
+@pytest_twisted.ensureDeferred
+async def test_usage_errors_are_exit_2_and_help_documents_exit_codes(running):
+    router, client, queue = running
+    assert (await ctl(_url(client), "frobnicate")).code == 2
+    assert (await ctl(_url(client), "queue")).code == 2
+    helped = await ctl(None, "--help", token=None)
+    assert helped.code == 0
+    assert "3  cannot talk to the API" in helped.out and "DCROUTER_API_TOKEN" in helped.out
+
+
+def _run_ctl(url: str, *args: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    env = twistd_env()
+    env["DCROUTER_API_TOKEN"] = TOKEN
+    env["DCROUTER_API_URL"] = url
+    return subprocess.run([CTL, *args], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_rules_survive_a_restart_of_the_twistd_process_and_reload_works(tmp_path):
+    """End to end with a real twistd process: add a rule, restart, reload, the rule stays."""
+    from tests.api.support import router_config
+    from tests.support.configs import write_config
+    from tests.support.net import wait_for_tcp
+    from tests.support.proc import TwistdProcess
+
+    data, ports = router_config(str(tmp_path / "var"))
+    write_config(str(tmp_path / "dcrouter.toml"), data)
+    url = f"http://127.0.0.1:{ports['api']}"
+
+    def start() -> TwistdProcess:
+        proc = TwistdProcess(str(tmp_path), config="dcrouter.toml")
+        try:
+            wait_for_tcp(ports["api"], timeout=30)
+        except TimeoutError:
+            proc.kill()
+            raise AssertionError(proc.output())
+        return proc
+
+    proc = start()
+    try:
+        added = _run_ctl(url, "rules", "add", "*@kept.test", "--mode", "forward",
+                         "--target", "127.0.0.1:2526")
+        assert added.returncode == 0, added.stderr
+    finally:
+        assert proc.stop() == 0
+    proc = start()
+    try:
+        listed = json.loads(_run_ctl(url, "--json", "rules", "list").stdout)
+        assert [r["pattern"] for r in listed["rules"]] == ["*@localhost", "*@kept.test"]
+        reloaded = _run_ctl(url, "reload")
+        assert reloaded.returncode == 0, reloaded.stderr
+        assert reloaded.stdout.strip() == "reloaded dcrouter.toml"
+        listed = json.loads(_run_ctl(url, "--json", "rules", "list").stdout)
+        assert [r["pattern"] for r in listed["rules"]] == ["*@localhost", "*@kept.test"]
+        assert "taken from" in proc.output() and "rules.toml" in proc.output()
+    finally:
+        assert proc.stop() == 0

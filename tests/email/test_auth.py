@@ -1,0 +1,233 @@
+"""AUTH: password hashes, checkers (config users, XOAUTH2 plug-ins), failure rate limits."""
+
+from __future__ import annotations
+
+import base64
+import smtplib
+from typing import Any
+
+import pytest
+import pytest_twisted
+from twisted.cred import credentials, error
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
+from twisted.internet.threads import deferToThread
+from zope.interface import implementer
+
+from dcrouter.config.email import EmailAuthOptions, UserOptions
+from dcrouter.email.auth import (
+    AuthFailureLimiter, ConfigUserChecker, XOAuth2Credentials, build_portal, hash_password,
+    load_checker, verify_password,
+)
+from dcrouter.errors import ConfigError
+from dcrouter.interfaces import IXOAuth2Credentials
+from dcrouter.service import Extensions
+from tests.email.test_server import MSG
+
+
+@pytest.mark.parametrize("scheme", ["SCRYPT", "SSHA512", "SHA512-CRYPT"])
+def test_hashes_verify_and_reject(scheme: str) -> None:
+    stored = hash_password("correct horse", scheme)
+    assert stored.startswith("{" + scheme + "}")
+    assert verify_password(stored, "correct horse")
+    assert not verify_password(stored, "correct hors")
+    assert not verify_password(stored, "")
+    assert hash_password("correct horse", scheme) != stored  # salted
+
+
+def test_plain_and_malformed_stored_values() -> None:
+    assert verify_password("plain", "plain") and not verify_password("plain", "Plain")
+    assert verify_password("{PLAIN}x", "x")
+    assert not verify_password("{SCRYPT}garbage", "x")
+    assert not verify_password("{SSHA512}!!!", "x")
+    with pytest.raises(ConfigError, match="email.auth.users\\[0\\].password"):
+        build_portal(EmailAuthOptions(users=(UserOptions(username="u",
+                                                         password="{SCRYPT}nonsense"),)))
+
+
+@pytest_twisted.inlineCallbacks
+def test_config_checker_unknown_user_and_wrong_password() -> None:
+    checker = ConfigUserChecker([UserOptions(username="u", password=hash_password("pw"))])
+    assert (yield checker.requestAvatarId(credentials.UsernamePassword(b"u", b"pw"))) == "u"
+    for user, password in ((b"u", b"bad"), (b"nobody", b"pw")):
+        with pytest.raises(error.UnauthorizedLogin):
+            yield checker.requestAvatarId(credentials.UsernamePassword(user, password))
+
+
+def test_limiter_window() -> None:
+    now = [1000.0]
+    limiter = AuthFailureLimiter(3, clock=lambda: now[0])
+    assert not limiter.record_failure("1.2.3.4")
+    assert not limiter.record_failure("1.2.3.4")
+    assert not limiter.blocked("1.2.3.4")
+    assert limiter.record_failure("1.2.3.4") and limiter.blocked("1.2.3.4")
+    assert not limiter.blocked("5.6.7.8")
+    now[0] += 61
+    assert not limiter.blocked("1.2.3.4")
+
+
+def test_load_checker_errors() -> None:
+    with pytest.raises(ConfigError, match="expected 'module:Class'"):
+        load_checker("nocolon")
+    with pytest.raises(ConfigError, match="cannot load"):
+        load_checker("tests.email.oauth_checker:Missing")
+    assert load_checker("tests.email.oauth_checker:TokenChecker") is not None
+
+
+@pytest_twisted.inlineCallbacks
+def test_hashed_passwords_over_smtp(start_server: Any) -> None:
+    users = [{"username": f"u-{scheme}", "password": hash_password("pw-" + scheme, scheme)}
+             for scheme in ("SCRYPT", "SSHA512", "SHA512-CRYPT")]
+    users.append({"username": "plainuser", "password": "pw-plain"})
+    run = start_server(auth={"users": users})
+
+    def client(user: str, password: str) -> tuple:
+        with run.smtps() as s:
+            s.ehlo("client.test")
+            s.user, s.password = user, password
+            return s.auth("PLAIN", s.auth_plain)
+
+    for scheme in ("SCRYPT", "SSHA512", "SHA512-CRYPT"):
+        assert (yield deferToThread(client, f"u-{scheme}", "pw-" + scheme))[0] == 235
+        with pytest.raises(smtplib.SMTPAuthenticationError) as info:
+            yield deferToThread(client, f"u-{scheme}", "pw-wrong")
+        assert info.value.smtp_code == 535
+    assert (yield deferToThread(client, "plainuser", "pw-plain"))[0] == 235
+    stats = run.server.get_stats()
+    assert stats["auth_succeeded"] == 4 and stats["auth_failed"] == 3
+
+
+@pytest_twisted.inlineCallbacks
+def test_auth_failure_rate_limit_421_and_close(start_server: Any) -> None:
+    run = start_server(auth={"max_failures_per_minute": 3})
+    bad = base64.b64encode(b"\x00alice\x00wrong").decode()
+    good = base64.b64encode(b"\x00alice\x00s3cret-pass").decode()
+
+    def client() -> tuple:
+        with run.smtps() as s:
+            s.ehlo("client.test")
+            replies = [s.docmd("AUTH PLAIN " + bad) for _ in range(3)]
+            try:
+                closed = s.docmd("NOOP")
+            except smtplib.SMTPServerDisconnected:
+                closed = "closed"
+        with run.smtps() as s:  # a new session from the same IP: still blocked, even if right
+            s.ehlo("client.test")
+            again = s.docmd("AUTH PLAIN " + good)
+        return replies, closed, again
+
+    replies, closed, again = yield deferToThread(client)
+    assert replies[0] == replies[1] == (535, b"5.7.8 Error: authentication failed")
+    assert replies[2] == (421, b"4.7.0 mail.dcrouter.test Error: too many failed "
+                               b"authentication attempts")
+    assert closed == "closed"
+    assert again[0] == 421
+    assert run.server.get_stats()["rejected_by_reason"]["auth_rate_limit"] == 2
+
+
+@pytest_twisted.inlineCallbacks
+def test_auth_protocol_errors(start_server: Any) -> None:
+    run = start_server()
+
+    def client() -> list:
+        with run.smtps() as s:
+            s.ehlo("client.test")
+            out = [s.docmd("AUTH CRAM-MD5"), s.docmd("AUTH PLAIN !!notbase64")]
+            out.append(s.docmd("AUTH LOGIN"))
+            out.append(s.docmd("*"))
+            out.append(s.docmd("AUTH PLAIN " + base64.b64encode(b"no-nuls").decode()))
+            out.append(s.docmd("AUTH PLAIN"))
+            out.append(s.docmd(base64.b64encode(b"\x00alice\x00s3cret-pass").decode()))
+            out.append(s.docmd("AUTH PLAIN"))
+            return out
+
+    out = yield deferToThread(client)
+    assert out[0] == (504, b"5.5.4 Unrecognized authentication type")
+    assert out[1] == (501, b"5.5.2 Error: cannot decode response")
+    assert out[2] == (334, b"VXNlcm5hbWU6") and out[3] == (501, b"5.7.0 Authentication aborted")
+    assert out[4][0] == 501 and out[5] == (334, b"")
+    assert out[6][0] == 235 and out[7] == (503, b"5.5.1 Error: already authenticated")
+
+
+@pytest_twisted.inlineCallbacks
+def test_xoauth2_via_configured_checker(start_server: Any) -> None:
+    run = start_server(auth={"methods": ["PLAIN", "XOAUTH2"],
+                             "checker": "tests.email.oauth_checker:TokenChecker"})
+
+    def xoauth(user: bytes, token: bytes) -> str:
+        return base64.b64encode(b"user=" + user + b"\x01auth=Bearer " + token + b"\x01\x01").decode()
+
+    def client() -> tuple:
+        with run.smtp("submission") as s:
+            s.starttls(context=run.client_context())
+            s.ehlo("client.test")
+            advertised = s.esmtp_features["auth"]
+            bad = s.docmd("AUTH XOAUTH2 " + xoauth(b"carol@local.test", b"expired"))
+            bad_end = s.docmd("")
+            good = s.docmd("AUTH XOAUTH2 " + xoauth(b"carol@local.test", b"ya29.valid-token"))
+            sent = s.sendmail("carol@local.test", ["x@remote.example"], MSG)
+            return advertised, bad, bad_end, good, sent
+
+    advertised, bad, bad_end, good, sent = yield deferToThread(client)
+    assert advertised.split() == ["PLAIN", "XOAUTH2"]
+    assert bad[0] == 334 and b"401" in base64.b64decode(bad[1])
+    assert bad_end == (535, b"5.7.8 Error: authentication failed")
+    assert good == (235, b"2.7.0 Authentication successful") and sent == {}
+    assert run.handler.messages[0]["message"].session.auth_user == "carol@local.test"
+
+
+@implementer(ICredentialsChecker)
+class _PasswordPlugin:
+    """An extra checker for user name + password, given through Extensions."""
+
+    credentialInterfaces = (credentials.IUsernamePassword,)
+
+    def requestAvatarId(self, creds: Any) -> Any:
+        if creds.username == b"ldapuser" and creds.password == b"ldappw":
+            return defer.succeed("ldapuser")
+        return defer.fail(error.UnauthorizedLogin())
+
+
+@pytest_twisted.inlineCallbacks
+def test_extension_checker_chained_after_config_users(start_server: Any) -> None:
+    run = start_server(extensions=Extensions(auth_checkers=[_PasswordPlugin()]))
+
+    def client(user: str, password: str) -> int:
+        with run.smtps() as s:
+            s.ehlo("client.test")
+            s.user, s.password = user, password
+            return s.auth("PLAIN", s.auth_plain)[0]
+
+    assert (yield deferToThread(client, "ldapuser", "ldappw")) == 235
+    assert (yield deferToThread(client, "alice", "s3cret-pass")) == 235
+
+
+def test_xoauth2_credentials_parse() -> None:
+    creds = XOAuth2Credentials.parse(b"user=a@b\x01auth=Bearer tok\x01\x01")
+    assert IXOAuth2Credentials.providedBy(creds)
+    assert (creds.username, creds.token) == (b"a@b", b"tok")
+    with pytest.raises(ValueError):
+        XOAuth2Credentials.parse(b"auth=Bearer tok")
+
+
+
+
+def test_sasl_exchanges_step_by_step() -> None:
+    from dcrouter.email.sasl import Challenge, Credentials, Refusal, SaslExchange
+    b64 = lambda raw: base64.b64encode(raw)  # noqa: E731
+    login = SaslExchange("LOGIN")
+    assert login.start("") == Challenge("VXNlcm5hbWU6")
+    assert login.respond(b64(b"bob")) == Challenge("UGFzc3dvcmQ6")
+    step = login.respond(b64(b"pw"))
+    assert isinstance(step, Credentials) and step.username == "bob"
+    assert (step.creds.username, step.creds.password) == (b"bob", b"pw")
+    assert login.failed() == Refusal("535 5.7.8 Error: authentication failed")
+    plain = SaslExchange("PLAIN")
+    assert plain.start("=") == Refusal("501 5.5.2 Error: malformed PLAIN response")
+    assert isinstance(SaslExchange("PLAIN").start(b64(b"authz\x00u\x00p").decode()), Credentials)
+    assert SaslExchange("PLAIN").respond(b"*") == Refusal("501 5.7.0 Authentication aborted")
+    oauth = SaslExchange("XOAUTH2")
+    step = oauth.start(b64(b"user=u@x\x01auth=Bearer t\x01\x01").decode())
+    assert isinstance(step, Credentials) and step.creds.token == b"t"
+    assert isinstance(oauth.failed(), Challenge)
+    assert oauth.respond(b"") == Refusal("535 5.7.8 Error: authentication failed")

@@ -1,0 +1,175 @@
+"""Inbound SPF/DKIM/DMARC against a twisted.names test DNS server on loopback."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Iterator
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor
+from twisted.names import authority, dns, server
+
+from dcrouter.dkimkeys import DkimKeyStore, sign_message
+from dcrouter.email.authcheck import InboundAuthChecker, aligned, organisational_domain
+from dcrouter.errors import PolicyRejection
+from tests.email.support import make_processor, session, simple_message, transaction
+from tests.support.net import free_tcp_udp_port
+
+
+class MemoryAuthority(authority.FileAuthority):
+    """An authority for zone ``test`` from a dict name -> records."""
+
+    def loadFile(self, records: Any) -> None:  # type: ignore[override]
+        self.soa = (b"test", dns.Record_SOA(mname=b"ns.test", rname=b"root.test", serial=1,
+                                            refresh=60, retry=60, expire=60, minimum=60))
+        self.records = {b"test": [self.soa[1]]}
+        for name, recs in records.items():
+            self.records[name.encode().lower()] = list(recs)
+
+
+def txt(text: str) -> dns.Record_TXT:
+    data = text.encode()
+    return dns.Record_TXT(*[data[i:i + 255] for i in range(0, len(data), 255)], ttl=60)
+
+
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory: pytest.TempPathFactory) -> DkimKeyStore:
+    return DkimKeyStore(str(tmp_path_factory.mktemp("dkim")))
+
+
+@pytest.fixture(scope="module")
+def nameserver(keys: DkimKeyStore) -> Iterator[str]:
+    key = keys.get("sender.test", "s1")
+    other = keys.get("thirdparty.test", "s1")
+    zone = {
+        "sender.test": [txt("v=spf1 ip4:192.0.2.10 -all")],
+        "s1._domainkey.sender.test": [txt(key.public_record())],
+        "_dmarc.sender.test": [txt("v=DMARC1; p=reject; adkim=r; aspf=r")],
+        "s1._domainkey.thirdparty.test": [txt(other.public_record())],
+        "strict.test": [txt("v=spf1 ip4:192.0.2.10 -all")],
+        "_dmarc.strict.test": [txt("v=DMARC1; p=quarantine; aspf=s")],
+        "bounce.strict.test": [txt("v=spf1 ip4:192.0.2.10 -all")],
+        "nodmarc.test": [txt("v=spf1 ?all")],
+    }
+    factory = server.DNSServerFactory(authorities=[MemoryAuthority(zone)])
+    factory.noisy = False
+    port = free_tcp_udp_port()
+    udp = reactor.listenUDP(port, dns.DNSDatagramProtocol(factory), interface="127.0.0.1")
+    tcp = reactor.listenTCP(port, factory, interface="127.0.0.1")
+    yield f"127.0.0.1:{port}"
+    udp.stopListening()
+    tcp.stopListening()
+
+
+def signed(keys: DkimKeyStore, domain: str, data: bytes) -> bytes:
+    return sign_message(data, keys.get(domain, "s1")) + data
+
+
+def write(tmp_path: Any, data: bytes) -> str:
+    path = os.path.join(str(tmp_path), "m.eml")
+    with open(path, "wb") as f:
+        f.write(data)
+    return path
+
+
+def checker(ns: str) -> InboundAuthChecker:
+    return InboundAuthChecker("mx.dcrouter.test", (ns,), timeout=5)
+
+
+def test_organisational_domain_and_alignment() -> None:
+    assert organisational_domain("a.b.example.com") == "example.com"
+    assert organisational_domain("mail.example.co.uk") == "example.co.uk"
+    assert aligned("bounce.example.com", "example.com", "r")
+    assert not aligned("bounce.example.com", "example.com", "s")
+    assert not aligned("example.net", "example.com", "r")
+
+
+@pytest_twisted.inlineCallbacks
+def test_all_pass(nameserver: str, keys: DkimKeyStore, tmp_path: Any) -> None:
+    data = signed(keys, "sender.test", simple_message(sender="alice@sender.test"))
+    r = yield checker(nameserver).check(write(tmp_path, data), "192.0.2.10", "mx.sender.test",
+                                        "alice@sender.test")
+    assert (r.spf, [s.result for s in r.dkim], r.dmarc, r.dmarc_policy) == (
+        "pass", ["pass"], "pass", "reject")
+    assert r.header() == (
+        b"Authentication-Results: mx.dcrouter.test;\r\n\tspf=pass smtp.mailfrom=alice@sender.test"
+        b";\r\n\tdkim=pass header.d=sender.test header.s=s1;\r\n\t"
+        b"dmarc=pass (p=reject) header.from=sender.test\r\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_spf_fail_unsigned_dmarc_fail(nameserver: str, tmp_path: Any) -> None:
+    data = simple_message(sender="alice@sender.test")
+    r = yield checker(nameserver).check(write(tmp_path, data), "203.0.113.5", "evil.test",
+                                        "alice@sender.test")
+    assert (r.spf, r.dkim, r.dmarc) == ("fail", [], "fail") and r.dmarc_rejects
+    assert b"dkim=none" in r.header()
+
+
+@pytest_twisted.inlineCallbacks
+def test_aligned_dkim_rescues_forwarded_mail(nameserver: str, keys: DkimKeyStore,
+                                             tmp_path: Any) -> None:
+    data = signed(keys, "sender.test", simple_message(sender="alice@sender.test"))
+    r = yield checker(nameserver).check(write(tmp_path, data), "203.0.113.5", "list.test",
+                                        "bounces@list.test")
+    assert r.spf == "none" and r.dkim[0].result == "pass" and r.dmarc == "pass"
+
+
+@pytest_twisted.inlineCallbacks
+def test_unaligned_signature_and_tampering(nameserver: str, keys: DkimKeyStore,
+                                           tmp_path: Any) -> None:
+    data = signed(keys, "thirdparty.test", simple_message(sender="alice@sender.test"))
+    r = yield checker(nameserver).check(write(tmp_path, data), "203.0.113.5", "x.test",
+                                        "alice@sender.test")
+    assert r.dkim[0].result == "pass" and r.dkim[0].domain == "thirdparty.test"
+    assert r.dmarc == "fail"
+    tampered = signed(keys, "sender.test", simple_message(sender="alice@sender.test"))
+    tampered = tampered.replace(b"friendly", b"hostile")
+    r = yield checker(nameserver).check(write(tmp_path, tampered), "203.0.113.5", "x.test",
+                                        "alice@sender.test")
+    assert r.dkim[0].result == "fail" and r.dmarc == "fail"
+
+
+@pytest_twisted.inlineCallbacks
+def test_strict_spf_alignment_and_no_record(nameserver: str, tmp_path: Any) -> None:
+    data = simple_message(sender="a@strict.test")
+    r = yield checker(nameserver).check(write(tmp_path, data), "192.0.2.10", "x",
+                                        "b@bounce.strict.test")
+    assert r.spf == "pass" and r.dmarc == "fail" and r.dmarc_policy == "quarantine"
+    r = yield checker(nameserver).check(write(tmp_path, simple_message(sender="a@nodmarc.test")),
+                                        "192.0.2.10", "x", "a@nodmarc.test")
+    assert (r.spf, r.dmarc) == ("neutral", "none") and not r.dmarc_rejects
+
+
+@pytest_twisted.inlineCallbacks
+def test_processor_header_and_dmarc_reject(nameserver: str, keys: DkimKeyStore,
+                                           tmp_path: Any) -> None:
+    tmp = str(tmp_path)
+    processor, queue = make_processor(tmp, {
+        "hostname": "mx.dcrouter.test", "inbound_auth": {"enabled": True, "timeout": 5},
+        "delivery": {"nameservers": [nameserver]},
+        "domain_rules": [{"pattern": "*@strict-in.test", "mode": "mta",
+                          "reject_on_dmarc_fail": True},
+                         {"pattern": "*@lax-in.test", "mode": "mta"}]})
+    spoofed = (b"Authentication-Results: MX.dcrouter.test;\r\n\tdmarc=pass header.from=x\r\n"
+               b"Authentication-Results: other.example; spf=pass\r\n")
+    good = signed(keys, "sender.test", spoofed + simple_message(sender="alice@sender.test"))
+    yield transaction(processor, tmp, good, "alice@sender.test", ["x@strict-in.test"],
+                      session("192.0.2.10", helo="mx.sender.test"))
+    body = queue.body(queue.requests[-1])
+    assert body.startswith(b"Authentication-Results: mx.dcrouter.test;\r\n\tspf=pass")
+    assert b"dmarc=pass" in body
+    # a header claiming to come from us was dropped; another server's stays
+    assert body.count(b"mx.dcrouter.test;") == 1 and b"header.from=x" not in body
+    assert b"Authentication-Results: other.example; spf=pass\r\n" in body
+    assert body.endswith(b"Just a friendly note.\r\n")
+    forged = simple_message(sender="alice@sender.test")
+    with pytest.raises(PolicyRejection) as info:
+        yield transaction(processor, tmp, forged, "alice@sender.test", ["x@strict-in.test"],
+                          session("203.0.113.5", relay=False))
+    assert (info.value.code, info.value.enhanced, info.value.reason) == (550, "5.7.1", "dmarc")
+    # a rule without reject_on_dmarc_fail takes it, with the verdict in the header
+    yield transaction(processor, tmp, forged, "alice@sender.test", ["x@lax-in.test"],
+                      session("203.0.113.5", relay=False))
+    assert b"dmarc=fail (p=reject)" in queue.body(queue.requests[-1])

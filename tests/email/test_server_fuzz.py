@@ -1,0 +1,192 @@
+"""Fuzzing the SMTP server: random and malformed command lines, garbage TLS handshakes.
+
+The server must never crash, never send a traceback or internal detail, answer
+every line with a well-formed reply, and keep serving new sessions.
+"""
+
+from __future__ import annotations
+
+import re
+import smtplib
+import socket
+import ssl
+from typing import Any
+
+import pytest_twisted
+from hypothesis import HealthCheck, given, settings, strategies as st
+from twisted.internet import defer, reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+
+from tests.email.test_server import MSG
+
+VERBS = ["EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "VRFY", "EXPN", "HELP", "AUTH",
+         "BDAT", "ehlo", "mail from:", "rcpt to:", "MAIL FROM:", "RCPT TO:", "Auth Plain",
+         "AUTH LOGIN", "AUTH XOAUTH2", ".", "..", "", "\x00", "X-FOO"]
+REPLY = re.compile(rb"^[2345]\d\d[ -][^\r\n]*$")
+FORBIDDEN = (b"Traceback", b"File \"", b"Error(", b"Exception", b".py", b"twisted", b"dcrouter/")
+
+_printable = st.text(alphabet=st.characters(blacklist_categories=("Cs",),
+                                            blacklist_characters="\r\n"), max_size=60)
+_line = st.one_of(
+    st.builds(lambda v, a: (v + " " + a).encode("utf-8"), st.sampled_from(VERBS), _printable),
+    st.builds(lambda v, a: v.encode() + a, st.sampled_from(VERBS),
+              st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))),
+    st.builds(lambda a: b"MAIL FROM:<" + a.encode("utf-8", "surrogatepass") + b">" , _printable),
+    st.builds(lambda a: b"RCPT TO:<" + a.encode("utf-8") + b"@local.test>", _printable),
+    st.builds(lambda n, c: b"NOOP " + c * n, st.integers(400, 3000), st.sampled_from([b"x", b"\xff"])),
+    st.sampled_from([b"EHLO fuzz.test", b"MAIL FROM:<a@local.test>", b"RCPT TO:<b@local.test>",
+                     b"DATA", b".", b"RSET", b"AUTH PLAIN", b"*", b"MAIL FROM:<> SIZE=99999999999",
+                     b"MAIL FROM:<a@local.test> BODY=BINARYMIME", b"RCPT TO:<postmaster>"]),
+)
+_ending = st.sampled_from([b"\r\n", b"\n", b"\r\r\n"])
+_batch = st.lists(st.tuples(_line, _ending), min_size=200, max_size=260)
+
+
+def _session(port: int, batch: list[tuple[bytes, bytes]]) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        payload = b"".join(line + end for line, end in batch)
+        payload += b"\r\n.\r\n*\r\nQUIT\r\n"
+        sock.sendall(payload)
+        chunks = []
+        while True:
+            data = sock.recv(65536)
+            if not data:
+                break
+            chunks.append(data)
+    return b"".join(chunks)
+
+
+def _check_output(output: bytes) -> None:
+    lines = output.split(b"\r\n")
+    assert lines[-1] == b""
+    assert lines[0].startswith(b"220 ")
+    for line in lines[:-1]:
+        assert REPLY.match(line), line
+        for word in FORBIDDEN:
+            assert word not in line, line
+    assert lines[-2].startswith((b"221 ", b"421 "))
+
+
+@defer.inlineCallbacks
+def _sessions_gone(server: Any) -> Any:
+    """Wait (up to 5 s) until the server has seen every client go."""
+    for _ in range(100):
+        if server.get_stats()["connections_current"] == 0:
+            return
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"sessions still open: {server.get_stats()}")
+
+
+def _still_serving(port: int) -> None:
+    with smtplib.SMTP("127.0.0.1", port, timeout=15) as s:
+        assert s.sendmail("a@local.test", ["b@local.test"], MSG) == {}
+
+
+@pytest_twisted.inlineCallbacks
+def test_random_command_lines_never_break_the_server(start_server: Any) -> None:
+    run = start_server(max_errors=100000, connection_timeout=30)
+    failures: list = []
+
+    def watch(event: dict) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(watch)
+    sent = [0]
+
+    @settings(max_examples=50, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=_batch)
+    def fuzz(batch: list) -> None:
+        sent[0] += len(batch)
+        _check_output(_session(run.ports["smtp"], batch))
+
+    try:
+        yield deferToThread(fuzz)
+        yield deferToThread(_still_serving, run.ports["smtp"])
+    finally:
+        globalLogPublisher.removeObserver(watch)
+    assert sent[0] >= 10000
+    assert failures == []
+    yield _sessions_gone(run.server)
+
+
+@pytest_twisted.inlineCallbacks
+def test_error_limit_closes_fuzzing_sessions(start_server: Any) -> None:
+    run = start_server()  # max_errors = 10: random junk ends in 421
+
+    @settings(max_examples=20, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=_batch)
+    def fuzz(batch: list) -> None:
+        _check_output(_session(run.ports["smtp"], batch))
+
+    yield deferToThread(fuzz)
+    yield deferToThread(_still_serving, run.ports["smtp"])
+
+
+_CLIENT_HELLO_START = bytes.fromhex("160301")
+
+
+@pytest_twisted.inlineCallbacks
+def test_garbage_tls_handshakes(start_server: Any) -> None:
+    run = start_server()
+    failures: list = []
+
+    def watch(event: dict) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(watch)
+
+    def garbage(port: int, payload: bytes, starttls: bool) -> bytes:
+        with socket.create_connection(("127.0.0.1", port), timeout=15) as sock:
+            if starttls:
+                f = sock.makefile("rb")
+                f.readline()
+                sock.sendall(b"EHLO x\r\n")
+                while not f.readline().startswith(b"250 "):
+                    pass
+                sock.sendall(b"STARTTLS\r\n")
+                f.readline()
+            sock.sendall(payload)
+            try:
+                sock.shutdown(socket.SHUT_WR)
+            except OSError:
+                pass
+            out = b""
+            try:
+                while True:
+                    data = sock.recv(65536)
+                    if not data:
+                        break
+                    out += data
+            except (ConnectionResetError, socket.timeout):
+                pass
+            return out
+
+    @settings(max_examples=80, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(payload=st.one_of(st.binary(min_size=1, max_size=2000),
+                             st.binary(max_size=600).map(lambda b: _CLIENT_HELLO_START + b),
+                             st.just(b"EHLO plain-text-on-tls-port\r\n")),
+           starttls=st.booleans())
+    def fuzz(payload: bytes, starttls: bool) -> None:
+        port = run.ports["smtp"] if starttls else run.ports["smtps"]
+        out = garbage(port, payload, starttls)
+        for word in FORBIDDEN:
+            assert word not in out
+
+    def good_tls() -> None:
+        ctx = ssl.create_default_context(cafile=run.certs["ca.pem"])
+        with smtplib.SMTP_SSL("127.0.0.1", run.ports["smtps"], context=ctx, timeout=15) as s:
+            assert s.sendmail("a@local.test", ["b@local.test"], MSG) == {}
+
+    try:
+        yield deferToThread(fuzz)
+        yield deferToThread(good_tls)
+    finally:
+        globalLogPublisher.removeObserver(watch)
+    assert failures == []
+    yield _sessions_gone(run.server)

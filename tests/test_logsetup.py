@@ -1,0 +1,65 @@
+"""Logging: JSON lines, per-subsystem levels and sampling of high-volume events."""
+
+from __future__ import annotations
+
+import io
+import json
+
+from twisted.logger import Logger
+
+from dcrouter.config import parse_config
+from dcrouter.logsetup import SamplingPredicate, get_logger, make_observer
+
+
+def _emit(observer, namespace: str, level: str, **fields):
+    log = Logger(namespace=namespace, observer=observer)
+    getattr(log, level)("event {n}", n=fields.pop("n", 0), **fields)
+
+
+def test_json_lines_with_fields():
+    out = io.StringIO()
+    options = parse_config({"router": {"log_format": "json"}}).router
+    observer = make_observer(options, out)
+    _emit(observer, "dcrouter.email.server", "info", n=7, correlation_id="abc", client_ip="::1")
+    line = json.loads(out.getvalue())
+    assert line["message"] == "event 7"
+    assert line["level"] == "info" and line["namespace"] == "dcrouter.email.server"
+    assert line["correlation_id"] == "abc" and line["client_ip"] == "::1"
+
+
+def test_levels_per_subsystem():
+    out = io.StringIO()
+    options = parse_config({"router": {"log_format": "json", "log_level": "warn",
+                                       "log_levels": {"email.delivery": "debug"}}}).router
+    observer = make_observer(options, out)
+    _emit(observer, "dcrouter.email.delivery", "debug", n=1)
+    _emit(observer, "dcrouter.email.server", "info", n=2)
+    _emit(observer, "dcrouter.email.server", "error", n=3)
+    messages = [json.loads(l)["message"] for l in out.getvalue().splitlines()]
+    assert messages == ["event 1", "event 3"]
+
+
+def test_sampling_only_touches_marked_events():
+    values = iter([0.05, 0.95, 0.05, 0.95])
+    predicate = SamplingPredicate(0.1, rng=lambda: next(values))
+    from twisted.logger import PredicateResult
+    assert predicate({"sampled": True}) == PredicateResult.maybe
+    assert predicate({"sampled": True}) == PredicateResult.no
+    assert predicate({}) == PredicateResult.maybe
+
+
+def test_sample_rate_from_config():
+    out = io.StringIO()
+    options = parse_config({"router": {"log_format": "json", "log_sample_rate": 0.5}}).router
+    observer = make_observer(options, out)
+    log = Logger(namespace="dcrouter.proxy", observer=observer)
+    for i in range(400):
+        log.info("conn {i}", i=i, sampled=True)
+    log.info("always")
+    lines = out.getvalue().splitlines()
+    assert 100 < len(lines) - 1 < 300
+    assert json.loads(lines[-1])["message"] == "always"
+
+
+def test_get_logger_namespace():
+    assert get_logger("email.delivery").namespace == "dcrouter.email.delivery"
