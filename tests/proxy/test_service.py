@@ -127,3 +127,30 @@ def test_proxy_figures_reach_the_metrics_endpoint(proxy_router, backends):
     assert 'dcrouter_proxy_connections_total{route="metered"} 1.0' in text
     assert 'dcrouter_proxy_bytes_total{direction="in",route="metered"} 5.0' in text
     assert 'dcrouter_proxy_bytes_total{direction="out",route="metered"} 7.0' in text
+
+
+@pytest_twisted.inlineCallbacks
+def test_tunnels_left_at_the_shutdown_deadline_are_closed(tmp_path, backends):
+    from tests.support.router import options_from
+    backend = backends("late")
+    port = proxy_port()
+    options = options_from({"router": {"shutdown_timeout": 0.5}, "proxy": {
+        "listen": "127.0.0.1", "routes": [{"name": "l", "ports": [port],
+                                           "targets": [backend.address]}]}},
+        str(tmp_path / "state"))
+    router = start_router(options)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        yield deferToThread(s.sendall, b"x")
+        assert (yield deferToThread(s.recv, 100)) == b"late:x"
+        yield stop_router(router)         # waits 0.5 s for the tunnel, then closes it
+
+        def closed() -> bool:
+            try:
+                return s.recv(100) == b""
+            except ConnectionResetError:
+                return True
+        assert (yield deferToThread(closed))
+        assert router.by_name["proxy"].connections == set()
+    finally:
+        s.close()
