@@ -135,7 +135,8 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/proxy/routes", "proxy_routes", "Proxy routes and their figures.",
              tag="proxy"),
     Endpoint("GET", "/api/dns/zones", "dns_zones", "Authoritative DNS zones.", tag="dns"),
-    Endpoint("GET", "/metrics", "prometheus_metrics", "Prometheus metrics (text exposition format).",
+    Endpoint("GET", "/metrics", "prometheus_metrics",
+             "Prometheus metrics (text exposition format).",
              tag="metrics"),
 )
 
@@ -510,7 +511,7 @@ class ApiHandlers:
         routes = []
         for i, route in enumerate(proxy.routes):
             entry = unbuild(route)
-            name = route.name or f"route{i}"
+            name = route.name or f"routes[{i}]"
             entry["name"] = name
             stats = per_route.get(name) if isinstance(per_route, dict) else None
             entry["stats"] = jsonable(stats) if isinstance(stats, dict) else {}

@@ -17,6 +17,8 @@ from dcrouter.api.handlers import ENDPOINTS, MAX_QUEUE_PAGE, Endpoint
 _ERROR_DESCRIPTIONS = {
     400: "Bad request (malformed JSON or query parameter).",
     401: "Missing or wrong bearer token.",
+    403: "A cross-origin browser request, or (without a token) a Host that is not an IP "
+         "address or localhost.",
     404: "No such resource.",
     409: "Conflicts with the current state.",
     413: "Request body too large.",
@@ -123,7 +125,8 @@ _DETAILS: dict[str, dict[str, Any]] = {
         "routes": {"type": "array", "items": _OBJ}}}, "errors": [503]},
     "dns_zones": {"response": {"type": "object", "properties": {
         "zones": {"type": "array", "items": _OBJ}}}, "errors": [503]},
-    "prometheus_metrics": {"content_type": "text/plain", "response": {"type": "string"}, "errors": []},
+    "prometheus_metrics": {"content_type": "text/plain", "response": {"type": "string"},
+                           "errors": []},
 }
 
 
@@ -149,7 +152,7 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
         op["security"] = [{"bearer": []}]
     else:
         op["security"] = []
-    error_statuses.add(500)
+    error_statuses |= {403, 500}
     for code in sorted(error_statuses):
         op["responses"][str(code)] = {"description": _ERROR_DESCRIPTIONS[code], "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

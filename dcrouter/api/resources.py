@@ -23,7 +23,7 @@ from twisted.web import resource, server
 from twisted.web.http import Request
 
 from dcrouter.api import errors
-from dcrouter.api.auth import TokenAuthenticator
+from dcrouter.api.auth import TokenAuthenticator, check_browser_safety
 from dcrouter.api.handlers import ENDPOINTS, ApiHandlers, ApiRequest, Endpoint, Reply
 from dcrouter.api.metrics import ApiMetrics
 from dcrouter.logsetup import get_logger
@@ -119,6 +119,8 @@ class RootResource(resource.Resource):
     def _call(self, endpoint: Endpoint, params: dict[str, str], request: Request,
               method: str, path: str) -> Any:
         client_ip = _client_ip(request)
+        check_browser_safety(request.getHeader(b"host"), request.getHeader(b"origin"),
+                             open_api=not self.authenticator.enabled)
         if not endpoint.public:
             try:
                 self.authenticator.check(request.getHeader(b"authorization"), client_ip, path)

@@ -179,6 +179,14 @@ def test_collector_labels_proxy_routes_dns_rcodes_and_scan_verdicts(tmp_path):
     assert samples[("dcrouter_queue_depth", (("status", "all"),))] == 4
     assert samples[("dcrouter_service_stat", (("key", "queries_total"), ("service", "dns")))] == 43
     assert samples[("dcrouter_stats_errors_total", ())] == 1
+    # the processor's flat counters (scan_<scanner>_<verdict>) give the same family
+    context.services["email"].figures = {"processor": {"counters": {
+        "messages": 9, "scan_virus_clean": 4, "scan_attachment_reject": 2}}}
+    samples = _samples(generate_latest(registry).decode())
+    assert samples[("dcrouter_scan_verdicts_total", (("scanner", "virus"),
+                                                     ("verdict", "clean")))] == 4
+    assert samples[("dcrouter_scan_verdicts_total", (("scanner", "attachment"),
+                                                     ("verdict", "reject")))] == 2
 
 
 
@@ -210,3 +218,40 @@ async def test_real_smtp_sessions_are_counted(running):
     assert samples[("dcrouter_smtp_sessions_total", ())] == 3
     assert samples[("dcrouter_service_stat", (("key", "server.connections_total"),
                                               ("service", "email")))] == 3
+
+
+def _dns_and_proxy_traffic(dns_port: int, http_port: int) -> list[str]:
+    import socket
+
+    import dns.message
+    import dns.query
+    rcodes = []
+    for name in ("dcrouter.test.", "nothing-here.dcrouter.test."):
+        reply = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=dns_port,
+                              timeout=10)
+        rcodes.append(dns.rcode.to_text(reply.rcode()))
+    with socket.create_connection(("127.0.0.1", http_port), timeout=10) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: www.dcrouter.test\r\n\r\n")
+        while conn.recv(4096):
+            pass
+    return rcodes
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_dns_queries_and_proxy_connections_are_exposed(running):
+    from twisted.internet import threads
+    from tests.support.router import port_of
+    router, client, queue = running
+    http_port = router.options.proxy.routes[1].ports[0]
+    rcodes = await threads.deferToThread(_dns_and_proxy_traffic,
+                                         port_of(router, "dns", protocol="udp"), http_port)
+    assert rcodes == ["NOERROR", "NXDOMAIN"]
+    samples = await _scrape_until(client, lambda s: s.get(
+        ("dcrouter_proxy_connections_active", (("route", "http"),))) == 0)
+    assert samples[("dcrouter_dns_queries_total", (("rcode", "NOERROR"),))] == 1
+    assert samples[("dcrouter_dns_queries_total", (("rcode", "NXDOMAIN"),))] == 1
+    assert samples[("dcrouter_dns_queries_by_type_total", (("qtype", "A"),))] == 2
+    assert samples[("dcrouter_proxy_connections_total", (("route", "http"),))] == 1
+    assert samples[("dcrouter_proxy_connections_total", (("route", "web"),))] == 0
+    summary = (await client.get("/api/stats")).json()["summary"]
+    assert summary["dns_queries_total"] == 2 and summary["proxy_connections_total"] == 1

@@ -86,6 +86,33 @@ async def test_open_api_without_token_on_loopback(tmp_path):
         await stop_router(router)
 
 
+@pytest_twisted.ensureDeferred
+async def test_cross_origin_browser_requests_are_refused(running):
+    router, client, queue = running
+    host = client.base.split("//")[1]
+    for origin in ("http://evil.example", "null", f"http://{host}.evil.example"):
+        response = await client.post("/api/queue/pause", headers={"Origin": origin})
+        assert_error(response, 403, "forbidden")
+    assert queue.paused is False
+    same = await client.post("/api/queue/pause", headers={"Origin": f"http://{host}"})
+    assert same.status == 200 and queue.paused is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_api_answers_only_to_ip_and_localhost_hosts(tmp_path):
+    """Without a token, a DNS-rebinding page (Host: its own name) gets nothing."""
+    router, port = start_api_router(str(tmp_path / "var"), token="")
+    client = Client(port, token=None)
+    try:
+        error = assert_error(await client.post("/api/reload", headers={
+            "Host": f"rebind.attacker.example:{port}"}), 403, "forbidden")
+        assert "only to IP addresses and localhost" in error["message"]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "[::1]", "localhost"):
+            assert (await client.get("/api/status", headers={"Host": host})).status == 200
+    finally:
+        await stop_router(router)
+
+
 # -- routing and error shape --------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
@@ -405,12 +432,12 @@ async def test_proxy_routes_and_dns_zones(running):
     assert [r["name"] for r in routes] == ["web", "http"]
     assert routes[0]["tls"] == "passthrough" and routes[0]["targets"] == ["127.0.0.1:9443"]
     assert routes[0]["ports"] == [router.options.proxy.routes[0].ports[0]]
-    zones = (await client.get("/api/dns/zones")).json()["zones"]
-    # the DNS service's own view: absolute names, a serial, the generated SOA
-    assert zones[0]["origin"] == "dcrouter.test."
-    assert zones[0]["serial"] > 0
-    names = {r["name"] for r in zones[0]["records"]}
-    assert {"dcrouter.test.", "mail.dcrouter.test."} <= names
+    zones = {z["origin"]: z for z in (await client.get("/api/dns/zones")).json()["zones"]}
+    zone = zones["dcrouter.test."]
+    assert zone["serial"] > 0
+    records = {(r["name"], r["type"]): r["value"] for r in zone["records"]}
+    assert records[("dcrouter.test.", "A")] == "127.0.0.1"
+    assert records[("mail.dcrouter.test.", "A")] == "127.0.0.1"
 
 
 @pytest_twisted.ensureDeferred

@@ -1,4 +1,4 @@
-"""The status page in headless Chromium (Debian chromium + chromium-driver) against a running router."""
+"""The status page in headless Chromium (Debian chromium + chromium-driver), running router."""
 
 from __future__ import annotations
 
