@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.email.auth import ISmtpUser
+from dcrouter.email.clientcert import ClientCert
 from dcrouter.email.data import DotDecoder
 from dcrouter.email.sasl import Challenge, Credentials, Refusal, SaslExchange, Step
 from dcrouter.email.spool import SpoolWriter
@@ -118,6 +119,7 @@ class SmtpSession(Protocol):
         self._esmtp = False
         self._sasl: Optional[SaslExchange] = None
         self._direct_send = False
+        self.client_cert: Optional[ClientCert] = None
         self._out: list[bytes] = []
         self._decoder = DotDecoder()
         self.mail_from: Optional[str] = None
@@ -176,8 +178,10 @@ class SmtpSession(Protocol):
             conn: Any = self.transport.getHandle()  # type: ignore[attr-defined]
             self.info.tls_version = conn.get_protocol_version_name() or ""
             self.info.tls_cipher = conn.get_cipher_name() or ""
+            if self.host.client_certs is not None:
+                self.client_cert = self.host.client_certs.describe(conn)
         except Exception:  # a handle without these methods: leave them empty
-            pass
+            log.failure("cannot read TLS session details", correlation_id=self.info.correlation_id)
         self.info.tls = True
         log.debug("TLS established {tls_version} {tls_cipher}", tls_version=self.info.tls_version,
                   tls_cipher=self.info.tls_cipher, correlation_id=self.info.correlation_id)
@@ -604,6 +608,8 @@ class SmtpSession(Protocol):
         if self.info.tls:
             parts.append(f"\t(using {self.info.tls_version or 'TLS'} with cipher "
                          f"{self.info.tls_cipher or 'unknown'})")
+            if self.client_cert is not None:
+                parts.append("\t" + self.client_cert.received_comment())
         date = _received_date()
         if len(self.recipients) == 1:
             rcpt = self.recipients[0].replace("\r", "").replace("\n", "")

@@ -833,3 +833,41 @@ def test_broken_handler_and_disk_failure_never_leak_internals(start_server: Any,
 
     assert (yield deferToThread(client3)) == {}
     assert not spool_leftovers(run2.server)
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_certificates_asked_for_and_recorded(start_server: Any,
+                                                    certs: dict[str, str]) -> None:
+    run = start_server(tls={"ca_path": certs["ca.pem"]})
+
+    def send(cert: str) -> None:
+        ctx = run.client_context()
+        if cert:
+            ctx.load_cert_chain(run.certs[f"{cert}.pem"], run.certs[f"{cert}.key"])
+        with smtplib.SMTP_SSL("127.0.0.1", run.ports["smtps"], context=ctx, timeout=10) as s:
+            s.sendmail("a@local.test", ["b@local.test"], MSG)
+        with smtplib.SMTP("127.0.0.1", run.ports["smtp"], timeout=10) as s:  # STARTTLS too
+            s.starttls(context=ctx)
+            s.sendmail("a@local.test", ["b@local.test"], MSG)
+
+    for cert in ("client", "rogue", ""):
+        yield deferToThread(send, cert)
+    headers = [received_header(m["data"]) for m in run.handler.messages]
+    assert len(headers) == 6
+    for header in headers[:2]:
+        assert '(Client CN "client.test", Issuer "dcrouter test CA" (verified OK))' in header
+    for header in headers[2:4]:
+        assert '(Client CN "rogue.test", Issuer "rogue CA" (not verified))' in header
+    for header in headers[4:]:
+        assert "Client CN" not in header and "(using TLSv1.3" in header
+
+
+def test_client_ca_path_errors(tmp_path: Any) -> None:
+    from dcrouter.email.clientcert import ClientCertPolicy
+    from dcrouter.errors import ConfigError
+    with pytest.raises(ConfigError, match="email.tls.ca_path: cannot read CA bundle"):
+        ClientCertPolicy(str(tmp_path / "missing.pem"))
+    bad = tmp_path / "bad.pem"
+    bad.write_text("not a certificate")
+    with pytest.raises(ConfigError, match="email.tls.ca_path: invalid CA bundle"):
+        ClientCertPolicy(str(bad))
