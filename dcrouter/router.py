@@ -55,6 +55,7 @@ def _build_email(context: RouterContext) -> ManagedService:
     domain_router = DomainRouter.from_options(email)
     processor = MultiModeProcessor(email, domain_router, queue, context,
                                    suppression=delivery.suppression)
+    delivery.bounce_route = processor.route_for_address  # DSNs go where mail to the sender goes
     server = UnifiedEmailServer(email, processor, context)
     return EmailGateway(context, server=server, processor=processor,
                         domain_router=domain_router, queue=queue, delivery=delivery)
