@@ -260,10 +260,18 @@ class GroupCommitter:
         self.compactions = 0
         self.live_hint = 0
         self._idle_waiters: list[defer.Deferred] = []
+        self.closed = False
 
     def submit(self, *ops: tuple[Any, ...]) -> defer.Deferred:
-        """Queue operations; fires when all of them are durable (they share one batch)."""
+        """Queue operations; fires when all of them are durable (they share one batch).
+
+        After :meth:`shutdown` nothing is written any more (a restart recovers the
+        last durable state: deliveries finishing during shutdown may be repeated).
+        """
         d: defer.Deferred = defer.Deferred()
+        if self.closed:
+            d.errback(QueueError("the disk queue is closed"))
+            return d
         if not ops:
             d.callback(None)
             return d
@@ -308,7 +316,8 @@ class GroupCommitter:
         return d
 
     def shutdown(self) -> None:
-        """Stop the fsync threads."""
+        """Stop the fsync threads; later submissions fail."""
+        self.closed = True
         self._pool.shutdown(wait=False)
 
     def _tmp(self) -> str:

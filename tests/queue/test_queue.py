@@ -162,6 +162,11 @@ def test_second_process_on_same_directory_is_refused(tmp_path):
     other = DiskStore(str(tmp_path / "queue"))
     with pytest.raises(QueueError, match="in use by another dcrouter process"):
         other.lock.acquire()
+    second = UnifiedDeliveryQueue.from_options(QueueOptions(
+        persistent_path=str(tmp_path / "queue")), str(tmp_path))
+    with pytest.raises(QueueError, match=r"pid \d+"):
+        second.startService()
+    assert not second.running
     yield queue.stopService()
     other.lock.acquire()
     other.lock.release()
