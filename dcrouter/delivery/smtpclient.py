@@ -117,6 +117,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self.current: Optional[Job] = None
         self.pulled = 0
         self.sent = 0
+        self.pipelined = 0
         self.error: Optional[str] = None
         self.error_code = 0
         self.tls = False
@@ -177,6 +178,7 @@ class DeliveryClient(smtp.ESMTPClient):
         if b"SIZE" in self.extensions:
             mail += b" SIZE=%d" % len(job.data)
         if b"PIPELINING" in self.extensions:
+            self.pipelined += 1
             self.toAddressesResult = []
             self.successAddresses = []
             self._pipeline = list(job.recipients)

@@ -475,6 +475,8 @@ class MultiModeDeliverySystem(Service):
                     index += 1
                     continue
                 await client.done
+                self.counters["connections"] += 1
+                self.counters["pipelined_transactions"] += client.pipelined
                 if client.pulled:
                     continue  # progress: go on with the same host while jobs wait
                 last_error = f"{name}[{address}]:{port}: {client.error or 'session failed'}"

@@ -75,6 +75,7 @@ async def test_forward_plain_with_observers(tmp_path, sink):
         assert b"Hello." in msg.content
         assert ("success", ids[0]) in rec.calls and ("start", ids[0]) in rec.calls
         assert stack.delivery.reputation.get_stats()["example.org"]["sent"] == 2
+        assert stack.delivery.counters["pipelined_transactions"] == 0, "not offered: not used"
     finally:
         await stack.stop()
 
@@ -247,6 +248,7 @@ async def test_mx_delivery_550_dsn_and_suppression(tmp_path):
         states = {r.address: r.status for r in item.recipients}
         assert states == {"ok@example.test": "delivered", "gone@example.test": "failed"}
         assert sink.messages[0].rcpt_tos == ["ok@example.test"]
+        assert stack.delivery.counters["pipelined_transactions"] == 1, "MAIL/RCPT pipelined"
         # the DSN went to the sender domain's MX, from the null sender
         await wait_for(lambda: sender_mx.messages)
         dsn = sender_mx.messages[0]
