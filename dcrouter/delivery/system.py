@@ -158,13 +158,14 @@ class MultiModeDeliverySystem(Service):
         return d
 
     def get_stats(self) -> dict[str, Any]:
-        """In-flight counts, outcome counters, suppression size."""
+        """In-flight counts, outcome counters, suppression size, per-domain reputation."""
         return {
             "in_flight": len(self.in_flight),
             "in_flight_by_destination": dict(self.dest_in_flight),
             "connections": sum(w.connections for w in self.workers.values()),
             "counters": dict(self.counters),
             "suppressed": len(self.suppression),
+            "reputation": self.reputation.get_stats(),
         }
 
     @property

@@ -75,6 +75,7 @@ async def test_forward_plain_with_observers(tmp_path, sink):
         assert b"Hello." in msg.content
         assert ("success", ids[0]) in rec.calls and ("start", ids[0]) in rec.calls
         assert stack.delivery.reputation.get_stats()["example.org"]["sent"] == 2
+        assert stack.delivery.get_stats()["reputation"]["example.org"]["sent"] == 2
         assert stack.delivery.counters["pipelined_transactions"] == 0, "not offered: not used"
     finally:
         await stack.stop()
