@@ -353,3 +353,21 @@ async def test_dkim_signature_verifies(tmp_path, sink):
         assert not await threads.deferToThread(dkim.verify, tampered, dnsfunc=dnsfunc)
     finally:
         await stack.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_utf8_addresses_need_smtputf8(tmp_path, sink):
+    utf8 = Sink(smtputf8=True).start()
+    stack = Stack(str(tmp_path))
+    try:
+        body = "Subject: grüße\r\n\r\nhällo\r\n".encode("utf-8")
+        ids = await stack.send(forward(utf8), ["jörg@example.com"], body=body)
+        await finished(stack, ids[0], "delivered")
+        assert utf8.messages[0].rcpt_tos == ["jörg@example.com"]
+        assert "hällo".encode("utf-8") in utf8.messages[0].content
+        ids = await stack.send(forward(sink), ["jörg@example.com"], mail_from="", body=body)
+        item = await finished(stack, ids[0], "failed")
+        assert "5.6.7" in item.recipients[0].message and not sink.messages
+    finally:
+        await stack.stop()
+        utf8.stop()
