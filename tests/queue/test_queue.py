@@ -309,3 +309,23 @@ def test_recovered_item_with_damaged_json_goes_to_corrupt(tmp_path):
     yield queue3.when_ready()
     assert victim.id not in queue3.store.items, "its removal was journaled"
     yield queue3.stopService()
+
+
+def test_enqueue_fails_cleanly_when_the_store_never_opens(tmp_path):
+    from twisted.internet import defer, task
+
+    from dcrouter.queue import queue as queue_module
+
+    class NeverOpens(MemoryStore):
+        def open(self):
+            return defer.Deferred()
+    clock = task.Clock()
+    queue = UnifiedDeliveryQueue(QueueOptions(storage_type="memory"), str(tmp_path),
+                                 store=NeverOpens(), reactor=clock)
+    queue.startService()
+    d = queue.enqueue([request(spool_message(str(tmp_path)))])
+    failures = []
+    d.addErrback(failures.append)
+    clock.advance(queue_module.READY_TIMEOUT + 1)
+    assert failures and failures[0].check(QueueError)
+    assert "not ready" in str(failures[0].value)
