@@ -544,6 +544,8 @@ def _queue_failure(failure: Any) -> Any:
                                else "no such queue item")
     if failure.check(QueueError):
         message = str(failure.value)
+        if message.lower().startswith("unknown status"):
+            raise errors.bad_request(message)
         if "not found" in message.lower() or "unknown" in message.lower() \
                 or "no such" in message.lower():
             raise errors.not_found(message)
