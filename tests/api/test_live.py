@@ -144,3 +144,49 @@ async def test_queue_retry_delete_and_pause_are_observable(tmp_path):
         assert 'dcrouter_messages_total{mode="forward",outcome="accepted"} 2.0' in metrics
     finally:
         await stop_router(router)
+
+
+EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
+
+
+def _send_two(port: int) -> str:
+    """A clean message, then the EICAR test file; returns how the second was answered."""
+    with smtplib.SMTP("127.0.0.1", port, timeout=20) as smtp:
+        smtp.ehlo("client.test")
+        smtp.sendmail("sender@localhost", ["a@scan.test"], b"Subject: clean\r\n\r\nhello\r\n")
+        try:
+            smtp.sendmail("sender@localhost", ["b@scan.test"],
+                          b"Subject: infected\r\n\r\n" + EICAR + b"\r\n")
+        except smtplib.SMTPDataError as e:
+            return f"{e.smtp_code}"
+    return "accepted"
+
+
+@pytest_twisted.ensureDeferred
+async def test_scan_verdicts_and_rejections_reach_the_metrics(tmp_path):
+    router, port = start_api_router(str(tmp_path / "var"))
+    client = Client(port)
+    sink = await threads.deferToThread(lambda: Sink().start())
+    try:
+        rule = {"pattern": "*@scan.test", "mode": "process", "content_scanning": True,
+                "scanners": [{"type": "virus", "action": "reject"}],
+                "target": {"server": "127.0.0.1", "port": sink.port}}
+        created = await client.post("/api/email/rules", body=rule)
+        assert created.status == 201, created.text
+        answer = await threads.deferToThread(_send_two, port_of(router, "email"))
+        assert answer.startswith("5")
+        text = (await client.get("/metrics")).text
+        assert 'dcrouter_scan_verdicts_total{scanner="virus",verdict="clean"} 1.0' in text
+        assert 'dcrouter_scan_verdicts_total{scanner="virus",verdict="virus"} 1.0' in text
+        assert 'dcrouter_messages_total{mode="process",outcome="accepted"} 1.0' in text
+        rejections = [line for line in text.splitlines()
+                      if line.startswith("dcrouter_smtp_rejections_total{")]
+        assert len(rejections) == 1 and 'reply_class="5xx"' in rejections[0]
+
+        async def delivered():
+            return sink.messages
+        messages = await _until(delivered)
+        assert [m.rcpt_tos for m in messages] == [["a@scan.test"]]
+    finally:
+        await threads.deferToThread(sink.stop)
+        await stop_router(router)
