@@ -99,6 +99,14 @@ def serve_dcrouter(port: int, state_dir: str, max_size: int, durability: str = "
     epollreactor.install()
     from twisted.internet import defer, reactor, threads
     reactor.suggestThreadPoolSize(16)  # type: ignore[attr-defined]
+    from twisted.logger import (
+        FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner,
+        textFileLogObserver,
+    )
+    # As twistd does with log_level = "warn" (the twistd target's setting): no info events.
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
+        textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(LogLevel.warn)])],
+        redirectStandardIO=False)
     from zope.interface import implementer
 
     from dcrouter.config import parse_config

@@ -55,6 +55,8 @@ def _build_email(context: RouterContext) -> ManagedService:
     domain_router = DomainRouter.from_options(email)
     processor = MultiModeProcessor(email, domain_router, queue, context,
                                    suppression=delivery.suppression)
+    # bounces go to the envelope sender the way mail to that address would go
+    delivery.bounce_route = processor.route_for_address
     server = UnifiedEmailServer(email, processor, context)
     return EmailGateway(context, server=server, processor=processor,
                         domain_router=domain_router, queue=queue, delivery=delivery)

@@ -267,6 +267,14 @@ class SmtpSession(Protocol):
                     break
         except _Closed:
             pass
+        except Exception:
+            # A bug or a local failure (disk full while spooling): the session's state
+            # cannot be trusted any more.  Say so without details and hang up.
+            log.failure("unexpected error in SMTP session",
+                        correlation_id=self.info.correlation_id)
+            self.host.stats.rejected("internal_error")
+            self.close_idle(f"421 4.3.0 {self.host.options.hostname} Error: temporary local "
+                            "problem, closing connection")
         finally:
             self._processing = False
         if self._paused and not self.busy and not self.closed:
@@ -490,7 +498,7 @@ class SmtpSession(Protocol):
             self.mail_from = address
             self._send("250 2.1.0 Ok")
 
-        self._ask(self.host.handler.check_sender, (self.info, address), accepted, "sender")
+        self._ask("check_sender", (self.info, address), accepted, "sender")
 
     def do_RCPT(self, arg: str) -> None:
         if self.mail_from is None:
@@ -523,8 +531,7 @@ class SmtpSession(Protocol):
                 self.recipients.append(address)
             self._send("250 2.1.5 Ok")
 
-        self._ask(self.host.handler.check_recipient, (self.info, mail_from, address), accepted,
-                  "recipient")
+        self._ask("check_recipient", (self.info, mail_from, address), accepted, "recipient")
 
     def do_DATA(self, arg: str) -> None:
         if arg:
@@ -629,17 +636,18 @@ class SmtpSession(Protocol):
             spool.abort()
 
         self.mail_from = None  # the transaction is with the handler now
-        self._ask(self.host.handler.handle_message, (message,), queued, "message",
+        self._ask("handle_message", (message,), queued, "message",
                   on_failure=failed, finished=True)
 
     # -- asking the handler ------------------------------------------------------------------
 
-    def _ask(self, method: Callable[..., Any], args: tuple, on_success: Callable[[Any], None],
+    def _ask(self, method: str, args: tuple, on_success: Callable[[Any], None],
              what: str, on_failure: Optional[Callable[[Any], None]] = None,
              finished: bool = False) -> None:
-        """Call a handler method, reply from its result, then continue with buffered input."""
+        """Call handler ``method``, reply from its result, then continue with buffered input."""
         self.busy = True
-        d = defer.maybeDeferred(method, *args)
+        handler = self.host.handler
+        d = defer.maybeDeferred(lambda: getattr(handler, method)(*args))
 
         def ok(result: Any) -> None:
             on_success(result)

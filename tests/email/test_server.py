@@ -765,3 +765,56 @@ def test_every_log_event_carries_the_correlation_id(start_server: Any) -> None:
     assert len(session_events) >= 4  # connect, AUTH, accepted, disconnect
     assert {e["correlation_id"] for e in session_events} == {correlation}
     assert shared.names()[0] == "connection_made" and "message_received" in shared.names()
+
+
+class _BareHandler:
+    """A handler with no methods at all: every call fails."""
+
+
+@pytest_twisted.inlineCallbacks
+def test_broken_handler_and_disk_failure_never_leak_internals(start_server: Any,
+                                                              monkeypatch: Any) -> None:
+    from dcrouter.email.spool import SpoolWriter
+    run = start_server(handler=_BareHandler())
+    run.handler = _BareHandler()
+
+    def client() -> tuple:
+        with run.smtp() as s:
+            s.ehlo("client.test")
+            mail = s.docmd("MAIL FROM:<a@local.test>")
+        return mail
+
+    mail = yield deferToThread(client)
+    assert mail == (451, b"4.3.0 Temporary local problem, try again later")
+
+    run2 = start_server()
+
+    def failing_write(self: Any, data: bytes) -> None:
+        raise OSError(28, "No space left on device /secret/spool")
+
+    monkeypatch.setattr(SpoolWriter, "write", failing_write)
+
+    def client2() -> tuple:
+        raw = Raw(run2.ports["smtp"])
+        raw.reply()
+        raw.cmd("EHLO client.test")
+        raw.cmd("MAIL FROM:<a@local.test>")
+        raw.cmd("RCPT TO:<b@local.test>")
+        raw.cmd("DATA")
+        raw.send(MSG + b".\r\n")
+        reply = raw.reply()
+        closed = raw.closed()
+        raw.close()
+        return reply, closed
+
+    reply, closed = yield deferToThread(client2)
+    assert reply == ("421 4.3.0 mail.dcrouter.test Error: temporary local problem, "
+                     "closing connection") and closed
+    monkeypatch.undo()
+
+    def client3() -> Any:
+        with run2.smtp() as s:
+            return s.sendmail("a@local.test", ["b@local.test"], MSG)
+
+    assert (yield deferToThread(client3)) == {}
+    assert not spool_leftovers(run2.server)

@@ -190,3 +190,45 @@ def test_garbage_tls_handshakes(start_server: Any) -> None:
         globalLogPublisher.removeObserver(watch)
     assert failures == []
     yield _sessions_gone(run.server)
+
+
+@pytest_twisted.inlineCallbacks
+def test_random_command_lines_against_the_real_processor(start_server: Any, tmp_path: Any) -> None:
+    """The same fuzzing with MultiModeProcessor (routing, relay policy) as the handler."""
+    from dcrouter.config import parse_config
+    from dcrouter.email.processor import MultiModeProcessor
+    from dcrouter.email.routing import DomainRouter
+    from dcrouter.service import Extensions, RouterContext
+    from tests.email.support import RecordingQueue
+    rules = [{"pattern": "*@local.test", "mode": "mta",
+              "mta_options": {"allow_local_delivery": True}}]
+    options = parse_config({"router": {"state_dir": str(tmp_path / "p")},
+                            "email": {"domain_rules": rules, "relay_networks": ["10.0.0.0/8"]}})
+    assert options.email is not None
+    queue = RecordingQueue(str(tmp_path / "queue"))
+    processor = MultiModeProcessor(options.email, DomainRouter.from_options(options.email), queue,
+                                   RouterContext(options, reactor, Extensions()))
+    run = start_server(handler=processor, max_errors=100000, domain_rules=rules,
+                       relay_networks=["10.0.0.0/8"])
+    failures: list = []
+
+    def watch(event: dict) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(watch)
+
+    @settings(max_examples=15, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=_batch)
+    def fuzz(batch: list) -> None:
+        _check_output(_session(run.ports["smtp"], batch))
+
+    try:
+        yield deferToThread(fuzz)
+        yield deferToThread(_still_serving, run.ports["smtp"])
+    finally:
+        globalLogPublisher.removeObserver(watch)
+    assert failures == []
+    assert queue.requests  # the final well-formed message reached the queue
+    yield _sessions_gone(run.server)
