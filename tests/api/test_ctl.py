@@ -266,3 +266,28 @@ def test_rules_survive_a_restart_of_the_twistd_process_and_reload_works(tmp_path
         assert "taken from" in proc.output() and "rules.toml" in proc.output()
     finally:
         assert proc.stop() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_show_and_rule_from_json_file(running, tmp_path):
+    router, client, queue = running
+    [item_id] = await hold_items(router, ["show@b.test"])
+    shown = await ctl(_url(client), "queue", "show", item_id)
+    assert shown.code == 0, shown.err
+    fields = dict(line.split(None, 1) for line in shown.out.splitlines()[1:] if " " in line)
+    assert fields["id"].strip() == item_id and fields["status"].strip() == "pending"
+    assert fields["route.port"].strip() == "9"
+    missing = await ctl(_url(client), "queue", "show", "NOPE")
+    assert missing.code == 1
+
+    rule = tmp_path / "rule.json"
+    rule.write_text(json.dumps({"mode": "process", "content_scanning": True,
+                                "scanners": [{"type": "virus", "action": "reject"}]}))
+    added = await ctl(_url(client), "rules", "add", "*@json.test", "--rule-json", str(rule),
+                      "--position", "0")
+    assert added.code == 0, added.err
+    assert added.out.strip() == "added *@json.test (process) at position 0"
+    assert router.options.email.domain_rules[0].scanners[0].action == "reject"
+    rule.write_text("{not json")
+    broken = await ctl(_url(client), "rules", "add", "*@x.test", "--rule-json", str(rule))
+    assert broken.code == 2 and "is not JSON" in broken.err
