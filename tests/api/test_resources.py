@@ -561,3 +561,18 @@ async def test_head_requests_get_headers_only(running):
     response = await client.request("HEAD", "/api/status")
     assert response.status == 200 and response.text == ""
     assert response.header("Content-Type") == "application/json"
+
+
+@pytest_twisted.ensureDeferred
+async def test_rule_the_processor_refuses_changes_nothing(running):
+    router, client, queue = running
+    rule = {"pattern": "*@t.test", "mode": "process",
+            "transformations": [{"type": "no_such_transformation"}]}
+    error = assert_error(await client.post("/api/email/rules", body=rule), 422,
+                         "invalid_config")
+    assert "no_such_transformation" in error["message"] and error["path"]
+    assert [r.pattern for r in router.options.email.domain_rules] == ["*@localhost"]
+    assert not os.path.exists(os.path.join(router.options.router.state_dir, "rules.toml"))
+    assert router.email.domain_router.match_rule("a@t.test") is None
+    fine = dict(rule, transformations=[{"type": "add_header", "header": "X-T", "value": "1"}])
+    assert (await client.post("/api/email/rules", body=fine)).status == 201
