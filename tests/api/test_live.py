@@ -190,3 +190,40 @@ async def test_scan_verdicts_and_rejections_reach_the_metrics(tmp_path):
     finally:
         await threads.deferToThread(sink.stop)
         await stop_router(router)
+
+
+def _txt(port: int, name: str) -> list[str]:
+    import dns.message
+    import dns.query
+    import dns.rdatatype
+    reply = dns.query.udp(dns.message.make_query(name, "TXT"), "127.0.0.1", port=port,
+                          timeout=10)
+    return [b"".join(r.strings).decode() for rrset in reply.answer for r in rrset
+            if rrset.rdtype == dns.rdatatype.TXT]
+
+
+@pytest_twisted.ensureDeferred
+async def test_dkim_rotation_step_publish_a_new_selector_with_reload(tmp_path):
+    """docs/operations.md: create the new selector's key, reload, DNS serves its record."""
+    from dcrouter.dkimkeys import DkimKeyStore
+    from tests.api.support import router_config
+    from tests.support.configs import write_config
+    from tests.support.router import options_from, start_router
+    state_dir = str(tmp_path / "var")
+    data, _ports = router_config(state_dir)
+    path = write_config(str(tmp_path / "dcrouter.toml"), data)
+    router = start_router(options_from(data, state_dir), config_path=path)
+    client = Client(router.by_name["api"].listeners.port_for("api.port"))
+    dns_port = port_of(router, "dns", protocol="udp")
+    try:
+        name = "2026b._domainkey.localhost."
+        assert await threads.deferToThread(_txt, dns_port, name) == []
+        # step 1, as an operator does it: another process writes the key into state_dir/dkim
+        key = await threads.deferToThread(
+            lambda: DkimKeyStore(state_dir).get("localhost", "2026b"))
+        assert os.path.exists(os.path.join(state_dir, "dkim", "localhost", "2026b.key"))
+        # step 2: reload, and the DNS publishes it
+        assert (await client.post("/api/reload")).status == 200
+        assert await threads.deferToThread(_txt, dns_port, name) == [key.public_record()]
+    finally:
+        await stop_router(router)
