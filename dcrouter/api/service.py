@@ -25,6 +25,9 @@ from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterCont
 
 log = get_logger("api")
 
+#: Seconds an idle HTTP connection may stay open (twisted.web's default is 12 hours).
+IDLE_TIMEOUT = 60
+
 
 class ApiService(ManagedService):
     """The management API service ("api")."""
@@ -37,7 +40,7 @@ class ApiService(ManagedService):
         self._document: Optional[dict] = None
         self.handlers = ApiHandlers(context, self.metrics, self.openapi_document)
         self.root = RootResource(self.handlers, self.authenticator, self.metrics)
-        self.site = ApiSite(self.root)
+        self.site = ApiSite(self.root, timeout=IDLE_TIMEOUT)
         self.listeners = ListenerSet(context.reactor, lambda spec: self.site)
 
     @staticmethod
