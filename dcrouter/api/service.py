@@ -39,7 +39,8 @@ class ApiService(ManagedService):
         self.authenticator = TokenAuthenticator(options.token, options.max_auth_failures_per_minute)
         self._document: Optional[dict] = None
         self.handlers = ApiHandlers(context, self.metrics, self.openapi_document)
-        self.root = RootResource(self.handlers, self.authenticator, self.metrics)
+        self.root = RootResource(self.handlers, self.authenticator, self.metrics,
+                                 context.reactor)
         self.site = ApiSite(self.root, timeout=IDLE_TIMEOUT)
         self.listeners = ListenerSet(context.reactor, lambda spec: self.site)
 

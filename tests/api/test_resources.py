@@ -576,3 +576,22 @@ async def test_rule_the_processor_refuses_changes_nothing(running):
     assert router.email.domain_router.match_rule("a@t.test") is None
     fine = dict(rule, transformations=[{"type": "add_header", "header": "X-T", "value": "1"}])
     assert (await client.post("/api/email/rules", body=fine)).status == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_that_never_answers_is_a_503_after_the_timeout(standin):
+    from twisted.internet import defer
+    router, client, queue = standin
+    hanging: list = []
+
+    def list_items(status=None, limit=100, cursor=None):
+        d = defer.Deferred()
+        hanging.append(d)
+        return d
+
+    queue.list_items = list_items  # type: ignore[method-assign]
+    router.by_name["api"].root.timeout = 0.3
+    error = assert_error(await client.get("/api/queue"), 503, "service_unavailable")
+    assert error["message"] == "the service did not answer within 0.3s; try again"
+    assert hanging and hanging[0].called  # cancelled, not left dangling
+    assert (await client.get("/api/status")).status == 200
