@@ -26,7 +26,8 @@ _ERROR_DESCRIPTIONS = {
     422: "Failed validation; `path` names the key like a configuration error.",
     429: "Too many failed authentications from this address; see Retry-After.",
     500: "Unexpected failure; details are in the dcrouter log.",
-    503: "The service or operation is not available in this router.",
+    503: "The service or operation is not available in this router, or it did not answer "
+         "within 30 s.",
 }
 
 _OBJ = {"type": "object", "additionalProperties": True}
