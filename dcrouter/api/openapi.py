@@ -12,7 +12,8 @@ from typing import Any
 
 from dcrouter import __version__
 from dcrouter.api.errors import ERROR_CODES
-from dcrouter.api.handlers import ENDPOINTS, MAX_QUEUE_PAGE, Endpoint
+from dcrouter.api.handlers import ENDPOINTS, Endpoint
+from dcrouter.api.queue_ops import MAX_QUEUE_PAGE
 
 _ERROR_DESCRIPTIONS = {
     400: "Bad request (malformed JSON or query parameter).",

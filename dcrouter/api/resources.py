@@ -24,7 +24,8 @@ from twisted.web.http import Request
 
 from dcrouter.api import errors
 from dcrouter.api.auth import TokenAuthenticator, check_browser_safety
-from dcrouter.api.handlers import ENDPOINTS, ApiHandlers, ApiRequest, Endpoint, Reply
+from dcrouter.api.handlers import ENDPOINTS, ApiHandlers, Endpoint
+from dcrouter.api.types import ApiRequest, Reply
 from dcrouter.api.metrics import ApiMetrics
 from dcrouter.logsetup import get_logger
 from dcrouter.message import new_correlation_id
@@ -150,7 +151,7 @@ class RootResource(resource.Resource):
             body=content,
             content_type=(request.getHeader(b"content-type") or b"").decode("latin-1"),
             client_ip=client_ip)
-        return getattr(self.handlers, endpoint.handler)(api_request)
+        return self.handlers.handler_for(endpoint)(api_request)
 
     # -- answers --------------------------------------------------------------
     def _to_api_error(self, failure: Failure, method: str, path: str) -> errors.ApiError:
