@@ -36,6 +36,7 @@ def rss_bytes() -> int:
 
 
 def fill(directory: str, items: int, concurrency: int, body_size: int) -> dict:
+    """Runs in a fresh process: enqueue ``items`` messages durably; prints the figures."""
     from twisted.internet import defer, task
 
     from dcrouter.config.queue import QueueOptions
@@ -152,6 +153,7 @@ def recover(directory: str) -> dict:
 
 
 def main() -> None:
+    """Fill, restart and measure (each phase in its own process)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--items", type=int, default=100_000)
     parser.add_argument("--concurrency", type=int, default=200,

@@ -83,6 +83,8 @@ class EmailEventMetrics:
     def __init__(self, registry: CollectorRegistry,
                  modes_for: Callable[[list[str]], set[str]]) -> None:
         self.modes_for = modes_for
+        #: Messages accepted (once each, whatever the number of modes their recipients use).
+        self.accepted_messages = 0
         self.sessions = Counter("dcrouter_smtp_sessions", "SMTP sessions opened.",
                                 registry=registry)
         self.sessions_active = Gauge("dcrouter_smtp_sessions_active", "SMTP sessions open now.",
@@ -119,6 +121,7 @@ class EmailEventMetrics:
 
     def message_received(self, session: Any, message: Any, queue_ids: Any) -> None:
         """A message was accepted: one count per routing mode its recipients use."""
+        self.accepted_messages += 1
         recipients = [str(r) for r in getattr(message, "recipients", []) or []]
         for mode in sorted(self.modes_for(recipients) or {"unknown"}):
             self.messages.labels(mode=mode, outcome="accepted").inc()
@@ -464,8 +467,6 @@ class ApiMetrics:
             "smtp_sessions_total": metric_total(self.email_events.sessions),
             "smtp_sessions_active": self.registry.get_sample_value(
                 "dcrouter_smtp_sessions_active") or 0.0,
-            "messages_accepted_total": sum(
-                s.value for f in self.email_events.messages.collect() for s in f.samples
-                if s.name.endswith("_total") and s.labels.get("outcome") == "accepted"),
+            "messages_accepted_total": float(self.email_events.accepted_messages),
             "delivery_attempts_total": metric_total(self.delivery.attempts),
         }

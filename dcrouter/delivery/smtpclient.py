@@ -55,6 +55,7 @@ class Job:
         self.correlation_id = correlation_id
         self.deferred: defer.Deferred = defer.Deferred()
         self.host = ""
+        self.needs_smtputf8 = not (mail_from.isascii() and all(r.isascii() for r in recipients))
 
     def finish(self, results: dict[str, Outcome]) -> None:
         """Report outcomes (once)."""
@@ -88,6 +89,11 @@ class ClientSettings:
     host: str = ""
 
 
+def quote_address(address: str) -> bytes:
+    """``<address>`` in UTF-8 (plain ASCII unless SMTPUTF8 is in use)."""
+    return b"<" + address.strip("<>").encode("utf-8") + b">"
+
+
 def _text(resp: Any) -> str:
     if isinstance(resp, bytes):
         return resp.decode("utf-8", "replace")
@@ -117,6 +123,7 @@ class DeliveryClient(smtp.ESMTPClient):
         self.current: Optional[Job] = None
         self.pulled = 0
         self.sent = 0
+        self.pipelined = 0
         self.error: Optional[str] = None
         self.error_code = 0
         self.tls = False
@@ -160,6 +167,10 @@ class DeliveryClient(smtp.ESMTPClient):
                 job.fail_all(552, f"552 5.3.4 message size {len(job.data)} exceeds the limit "
                              f"{limit} of {self.settings.host}", permanent=True)
                 continue
+            if job.needs_smtputf8 and b"SMTPUTF8" not in self.extensions:
+                job.fail_all(553, f"553 5.6.7 non-ASCII address and {self.settings.host} does "
+                             "not offer SMTPUTF8", permanent=True)
+                continue
             return job
         return None
 
@@ -173,15 +184,20 @@ class DeliveryClient(smtp.ESMTPClient):
             return
         self.current = job
         self._from = job.mail_from
-        mail = b"MAIL FROM:" + smtp.quoteaddr(job.mail_from)
+        mail = b"MAIL FROM:" + quote_address(job.mail_from)
         if b"SIZE" in self.extensions:
             mail += b" SIZE=%d" % len(job.data)
+        if b"8BITMIME" in self.extensions and not job.data.isascii():
+            mail += b" BODY=8BITMIME"
+        if job.needs_smtputf8:
+            mail += b" SMTPUTF8"
         if b"PIPELINING" in self.extensions:
+            self.pipelined += 1
             self.toAddressesResult = []
             self.successAddresses = []
             self._pipeline = list(job.recipients)
             self._mail_reply = None
-            lines = [mail] + [b"RCPT TO:" + smtp.quoteaddr(r) for r in job.recipients]
+            lines = [mail] + [b"RCPT TO:" + quote_address(r) for r in job.recipients]
             for line in lines:
                 self.log.append(b">>> " + line)
             self.transport.write(b"\r\n".join(lines) + b"\r\n")
@@ -213,6 +229,24 @@ class DeliveryClient(smtp.ESMTPClient):
             return None
         return self.smtpState_msgSent(mail_code if mail_code != 250 else -1,
                                       b"No recipients accepted")
+
+    def smtpState_toOrData(self, code: int, resp: bytes) -> Any:
+        """One RCPT after the other (no PIPELINING), then DATA; addresses may be UTF-8."""
+        if self.lastAddress is not None:
+            self.toAddressesResult.append((self.lastAddress, code, resp))
+            if 200 <= code < 300:
+                self.successAddresses.append(self.lastAddress)
+        try:
+            self.lastAddress = next(self.toAddresses)
+        except StopIteration:
+            if self.successAddresses:
+                self.sendLine(b"DATA")
+                self._expected = [354]
+                self._okresponse = self.smtpState_data
+                return None
+            return self.smtpState_msgSent(code, b"No recipients accepted")
+        self.sendLine(b"RCPT TO:" + quote_address(self.lastAddress))
+        return None
 
     def getMailFrom(self) -> Optional[str]:
         """Unused: :meth:`smtpState_from` takes jobs itself."""

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer, threads
 
@@ -28,15 +28,20 @@ def normalize(address: str) -> str:
 class SuppressionList:
     """Hard-bounced recipients with an expiry (``ttl`` seconds; 0 disables the list)."""
 
-    def __init__(self, path: str = "", ttl: float = 2592000.0, redis: Any = None,
-                 redis_key: str = "") -> None:
+    def __init__(self, path: str = "", ttl: float = 2592000.0,
+                 redis: Optional[Callable[[], Any]] = None, redis_key: str = "") -> None:
         self.path = path
         self.ttl = ttl
-        self.redis = redis
+        self._redis = redis
         self.redis_key = redis_key
         self._entries: dict[str, dict[str, Any]] = {}
         self._saving = False
         self._dirty = False
+
+    @property
+    def redis(self) -> Any:
+        """The Redis connection of the shared queue store, if any (once connected)."""
+        return self._redis() if self._redis is not None else None
 
     def load(self) -> defer.Deferred:
         """Read the saved list (file, then Redis)."""
@@ -44,8 +49,9 @@ class SuppressionList:
         if self.path and os.path.exists(self.path):
             d = threads.deferToThread(self._read_file)
             d.addCallback(self._merge)
-        if self.redis is not None:
-            d.addCallback(lambda _: self.redis.hgetall(self.redis_key))
+        redis = self.redis
+        if redis is not None:
+            d.addCallback(lambda _: redis.hgetall(self.redis_key))
             d.addCallback(lambda data: self._merge({
                 (k.decode() if isinstance(k, bytes) else k): json.loads(v)
                 for k, v in (data or {}).items()}))
@@ -86,8 +92,9 @@ class SuppressionList:
         self._entries[key] = entry
         log.info("suppressing {address} for {ttl:.0f}s: {reason}", address=key, ttl=ttl,
                  reason=reason[:300])
-        if self.redis is not None:
-            self.redis.hset(self.redis_key, key, json.dumps(entry)).addErrback(
+        redis = self.redis
+        if redis is not None:
+            redis.hset(self.redis_key, key, json.dumps(entry)).addErrback(
                 lambda f: log.failure("could not store suppression in Redis", f))
         self._save()
 
@@ -95,8 +102,9 @@ class SuppressionList:
         """Lift a suppression; True if there was one."""
         key = normalize(address)
         found = self._entries.pop(key, None) is not None
-        if self.redis is not None:
-            self.redis.hdel(self.redis_key, key).addErrback(
+        redis = self.redis
+        if redis is not None:
+            redis.hdel(self.redis_key, key).addErrback(
                 lambda f: log.failure("could not remove suppression from Redis", f))
         if found:
             self._save()

@@ -84,10 +84,11 @@ class MultiModeDeliverySystem(Service):
         self._mx: Optional[MxResolver] = None
         self.observers: list[Any] = list(observers or [])
         store = getattr(queue, "store", None)
-        redis = getattr(store, "redis", None) if getattr(store, "shared", False) else None
+        shared = getattr(store, "shared", False)
         self.suppression = SuppressionList(
             os.path.join(state_dir, "suppression.json") if state_dir else "",
-            options.delivery.suppression_ttl, redis=redis,
+            options.delivery.suppression_ttl,
+            redis=(lambda: getattr(store, "redis", None)) if shared else None,
             redis_key=f"{getattr(store, 'prefix', 'dcrouter')}:suppression")
         self.reputation = SenderReputation(options.delivery.reputation_window)
         self.bounce_route: Callable[[str], Route] = lambda address: Route(kind="mx")
@@ -111,7 +112,8 @@ class MultiModeDeliverySystem(Service):
     def startService(self) -> None:
         """Load the suppression list and start looking for due items."""
         super().startService()
-        self.suppression.load()
+        self.queue.when_ready().addCallback(lambda _: self.suppression.load()).addErrback(
+            lambda f: log.failure("suppression list not loaded", f))
         self._loop = task.LoopingCall(self._pump)
         self._loop.clock = self.reactor
         self._loop.start(self.queue.options.check_interval, now=True).addErrback(
@@ -156,13 +158,14 @@ class MultiModeDeliverySystem(Service):
         return d
 
     def get_stats(self) -> dict[str, Any]:
-        """In-flight counts, outcome counters, suppression size."""
+        """In-flight counts, outcome counters, suppression size, per-domain reputation."""
         return {
             "in_flight": len(self.in_flight),
             "in_flight_by_destination": dict(self.dest_in_flight),
             "connections": sum(w.connections for w in self.workers.values()),
             "counters": dict(self.counters),
             "suppressed": len(self.suppression),
+            "reputation": self.reputation.get_stats(),
         }
 
     @property
@@ -473,6 +476,8 @@ class MultiModeDeliverySystem(Service):
                     index += 1
                     continue
                 await client.done
+                self.counters["connections"] += 1
+                self.counters["pipelined_transactions"] += client.pipelined
                 if client.pulled:
                     continue  # progress: go on with the same host while jobs wait
                 last_error = f"{name}[{address}]:{port}: {client.error or 'session failed'}"

@@ -19,6 +19,7 @@ The first bytes must arrive within the route's ``initial_data_timeout``.
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address
 from typing import Any, Optional
 from typing import Protocol as Protocol_
 
@@ -34,7 +35,7 @@ from dcrouter.logsetup import get_logger
 from dcrouter.proxy import http as httpmod
 from dcrouter.proxy import proxyprotocol, sni
 from dcrouter.proxy.balancer import Target, connect_with_failover, target_endpoint
-from dcrouter.proxy.limits import Admission, LimitExceeded, Ticket, normalize_ip
+from dcrouter.proxy.limits import Admission, IPAddress, LimitExceeded, Ticket, normalize_ip
 from dcrouter.proxy.routes import Route, RouteTable
 from dcrouter.proxy.stats import RouteStats
 from dcrouter.proxy.tunnel import BackendProtocol, Tunnel
@@ -56,7 +57,7 @@ class ProxyCore(Protocol_):
     def count_unrouted(self, kind: str) -> None:
         """Count a connection closed before it had a route."""
 
-    def trusts_proxy_header(self, client_ip: str) -> bool:
+    def trusts_proxy_header(self, client_ip: IPAddress) -> bool:
         """Whether the peer must start with a PROXY header."""
 
     def acme_answer(self, token: str) -> Optional[str]:
@@ -159,7 +160,8 @@ class Connection:
         def connect(target: Target) -> defer.Deferred:
             tls_options = core.backend_tls_options(route, target) \
                 if route.tls == "terminate-and-reencrypt" else None
-            endpoint = target_endpoint(core.reactor, target.host, target.port, timeout)
+            endpoint = target_endpoint(core.reactor, target.host, target.port, timeout,
+                                       version=target.ip_version)
             return endpoint.connect(_BackendFactory(tunnel, preamble, tls_options))
 
         d = connect_with_failover(route.balancer, connect,
@@ -289,6 +291,7 @@ class FrontProtocol(Protocol):
         self.connection: Optional[Connection] = None
         self.tunnel: Optional[Tunnel] = None
         self.delegate: Optional[Protocol] = None
+        self.client_ip: IPAddress = IPv4Address("0.0.0.0")
         self.client_addr: tuple[str, int] = ("", 0)
         self.local_addr: tuple[str, int] = ("", 0)
         self.closed = False
@@ -299,10 +302,11 @@ class FrontProtocol(Protocol):
         _no_delay(self.transport)
         peer: Any = self.transport.getPeer()
         host: Any = self.transport.getHost()
-        self.client_addr = (str(normalize_ip(peer.host)), peer.port)
+        self.client_ip = normalize_ip(peer.host)
+        self.client_addr = (str(self.client_ip), peer.port)
         self.local_addr = (str(normalize_ip(host.host)), host.port)
         self.core.track(self)
-        if self.core.trusts_proxy_header(self.client_addr[0]):
+        if self.core.trusts_proxy_header(self.client_ip):
             self.stage = "proxy"
             self.parser = proxyprotocol.ProxyHeaderParser()
             self._start_timer()
@@ -313,7 +317,7 @@ class FrontProtocol(Protocol):
         mode = self.table.mode(self.port)
         if mode == "tcp":
             self.stage = "route"
-            route = self.table.match(self.port, None, self.client_addr[0])
+            route = self.table.match(self.port, None, self.client_ip)
             if route is None:
                 self._refuse("no_route")
                 return
@@ -376,8 +380,8 @@ class FrontProtocol(Protocol):
         elif state == proxyprotocol.DONE:
             self._cancel_timer()
             if self.parser.source is not None:
-                self.client_addr = (str(normalize_ip(self.parser.source[0])),
-                                    self.parser.source[1])
+                self.client_ip = normalize_ip(self.parser.source[0])
+                self.client_addr = (str(self.client_ip), self.parser.source[1])
             rest = self.parser.rest
             self.parser = None
             self._start_mode(rest)
@@ -391,7 +395,7 @@ class FrontProtocol(Protocol):
             self._refuse("not_tls")
             return
         hello = self.parser.hello
-        route = self.table.match(self.port, hello.server_name, self.client_addr[0])
+        route = self.table.match(self.port, hello.server_name, self.client_ip)
         if route is None:
             self._refuse("no_route")
             return
@@ -422,7 +426,7 @@ class FrontProtocol(Protocol):
                 self.transport.write(httpmod.response(200, "OK", answer.encode("ascii")))
                 self.transport.loseConnection()
                 return
-        route = self.table.match(self.port, head.host, self.client_addr[0], head.path)
+        route = self.table.match(self.port, head.host, self.client_ip, head.path)
         if route is None:
             self._refuse("no_route", reply=httpmod.response(404, "Not Found", b"no route\n"))
             return
@@ -452,7 +456,7 @@ class FrontProtocol(Protocol):
     # -- routing outcomes --------------------------------------------------------
     def _admit(self, route: Route) -> Optional[Connection]:
         try:
-            ticket = self.core.admission.admit(route.key, self.client_addr[0], route.ip_rules,
+            ticket = self.core.admission.admit(route.key, self.client_ip, route.ip_rules,
                                                route.options.max_connections,
                                                route.options.max_connections_per_ip)
         except LimitExceeded as e:

@@ -90,9 +90,12 @@ def encode_delete(item_id: str) -> bytes:
 
 
 class Journal:
-    """Append-only segments of item records with replay and compaction.
+    """Append-only segments of item records, snapshots, replay and compaction.
 
-    Used from the committer thread only (and from the opening thread before that).
+    Files: ``<n>.log`` segments and ``<n>.snap`` snapshots (the live items of
+    every segment up to ``n``).  Replay reads the newest snapshot, then the
+    segments after it.  Appends happen in the committer thread; a compaction
+    runs in its own thread on segments that no longer change.
     """
 
     def __init__(self, directory: str, corrupt_dir: str) -> None:
@@ -100,58 +103,95 @@ class Journal:
         self.corrupt_dir = corrupt_dir
         self._fd: Optional[int] = None
         self.segment = 0
-        self.records = 0
+        self._base = 0       # records up to the last rotation (or the live count after compaction)
+        self._appended = 0   # records appended since
 
-    def _segments(self) -> list[int]:
+    @property
+    def records(self) -> int:
+        """Records a replay would read (roughly: used to decide when to compact)."""
+        return self._base + self._appended
+
+    def _numbers(self, suffix: str) -> list[int]:
         out = []
         for name in os.listdir(self.directory):
-            if name.endswith(".log") and name[:-4].isdigit():
-                out.append(int(name[:-4]))
+            if name.endswith(suffix) and name[:-len(suffix)].isdigit():
+                out.append(int(name[:-len(suffix)]))
         return sorted(out)
 
     def _path(self, number: int) -> str:
         return os.path.join(self.directory, f"{number:010d}.log")
 
-    def replay(self) -> tuple[dict[str, tuple[bytes, int, int]], list[tuple[str, str]]]:
-        """Live records (id -> (segment data, start, end) of the payload) and damaged ones.
+    def _snap_path(self, number: int) -> str:
+        return os.path.join(self.directory, f"{number:010d}.snap")
 
-        Payloads are not copied: the segment buffers stay alive until the
-        caller drops the returned dict (fewer allocations, less fragmentation).
+    def _files(self, upto: Optional[int] = None) -> tuple[list[tuple[str, int]], int]:
+        snaps = [n for n in self._numbers(".snap") if upto is None or n <= upto]
+        base = snaps[-1] if snaps else 0
+        files = [(self._snap_path(base), base)] if snaps else []
+        files += [(self._path(n), n) for n in self._numbers(".log")
+                  if n > base and (upto is None or n <= upto)]
+        return files, base
+
+    def replay(self) -> tuple[dict[str, tuple[bytes, int, int]], list[tuple[str, str]]]:
+        """Live records (id -> (file data, start, end) of the payload) and damaged ones.
+
+        Payloads are not copied: the file buffers stay alive until the caller
+        drops the returned dict (fewer allocations, less fragmentation).  Torn
+        tails are cut off; leftovers of an interrupted compaction are removed.
         """
+        tmp = os.path.join(self.directory, "compact.tmp")
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        files, base = self._files()
+        self._remove_covered(base)
+        live, bad, records = self._read(files, repair=True)
+        numbers = [n for _, n in files]
+        self.segment = max(numbers) if numbers else 0
+        self._base, self._appended = records, 0
+        return live, bad
+
+    def _read(self, files: list[tuple[str, int]], repair: bool
+              ) -> tuple[dict[str, tuple[bytes, int, int]], list[tuple[str, str]], int]:
         live: dict[str, tuple[bytes, int, int]] = {}
         bad: list[tuple[str, str]] = []
-        segments = self._segments()
         records = 0
-        for index, number in enumerate(segments):
-            path = self._path(number)
+        apply = self._apply
+        for path, number in files:
             with open(path, "rb") as f:
                 data = f.read()
             offset = 0
             size = len(data)
-            apply = self._apply
             while offset < size:
                 end = data.find(b"\n", offset)
                 if end < 0:
                     break
                 records += 1
-                if not apply(data, offset, end, live):
+                if not apply(data, offset, end, live) and repair:
                     bad.append((self._save_bad(number, offset, data[offset:end]),
                                 "bad checksum or format"))
                 offset = end + 1
-            tail = data[offset:]
-            if tail:
-                saved = self._save_bad(number, offset, tail)
-                if index == len(segments) - 1:
-                    # a torn write at the end: never acknowledged; cut it off
-                    with open(path, "r+b") as f:
-                        f.truncate(offset)
-                        os.fsync(f.fileno())
-                    bad.append((saved, "torn record at the end of the journal"))
-                else:
-                    bad.append((saved, "record without end in an old segment"))
-        self.segment = segments[-1] if segments else 0
-        self.records = records
-        return live, bad
+            if offset < size and repair:
+                # a torn write (never acknowledged): save it and cut it off
+                saved = self._save_bad(number, offset, data[offset:])
+                with open(path, "r+b") as f:
+                    f.truncate(offset)
+                    os.fsync(f.fileno())
+                bad.append((saved, "torn record at the end of a journal segment"))
+        return live, bad, records
+
+    def _remove_covered(self, base: int) -> None:
+        """Delete segments and older snapshots that the snapshot ``base`` covers."""
+        removed = False
+        for n in self._numbers(".log"):
+            if n <= base:
+                os.unlink(self._path(n))
+                removed = True
+        for n in self._numbers(".snap"):
+            if n < base:
+                os.unlink(self._snap_path(n))
+                removed = True
+        if removed:
+            fsync_dir(self.directory)
 
     @staticmethod
     def _apply(data: bytes, start: int, end: int, live: dict[str, tuple[bytes, int, int]]
@@ -200,16 +240,26 @@ class Journal:
         while data:
             data = data[os.write(self._fd, data):]
         os.fsync(self._fd)
-        self.records += len(records)
+        self._appended += len(records)
 
-    def compact(self) -> int:
-        """Rewrite every segment as one holding only live items; returns their count."""
+    def rotate(self) -> int:
+        """Start a new segment; returns the number of the last one (now immutable)."""
+        last = self.segment
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
-        old = self._segments()
-        live, _ = self.replay()
-        number = (old[-1] if old else 0) + 1
+        self._base += self._appended
+        self._appended = 0
+        self.open_for_append()
+        return last
+
+    def compact_upto(self, upto: int) -> int:
+        """Write the live items of every file up to ``upto`` as snapshot ``upto``; drop those files.
+
+        Safe beside appends to later segments.  Returns the live count.
+        """
+        files, _ = self._files(upto)
+        live, _, _ = self._read(files, repair=False)
         tmp = os.path.join(self.directory, "compact.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
@@ -223,15 +273,16 @@ class Journal:
             os.fsync(fd)
         finally:
             os.close(fd)
-        os.rename(tmp, self._path(number))
+        os.rename(tmp, self._snap_path(upto))
         fsync_dir(self.directory)
-        for n in old:
-            os.unlink(self._path(n))
-        fsync_dir(self.directory)
-        self.segment = number
-        self.records = len(live)
-        self.open_for_append()
-        return len(live)
+        self._remove_covered(upto)
+        count = len(live)
+        self._base = count
+        return count
+
+    def compact(self) -> int:
+        """Rotate and compact everything so far (when no commit runs); returns the live count."""
+        return self.compact_upto(self.rotate())
 
     def close(self) -> None:
         """Close the append segment."""
@@ -260,10 +311,20 @@ class GroupCommitter:
         self.compactions = 0
         self.live_hint = 0
         self._idle_waiters: list[defer.Deferred] = []
+        self.closed = False
+        self.compacting = False
+        self.compact_slack = 100000
 
     def submit(self, *ops: tuple[Any, ...]) -> defer.Deferred:
-        """Queue operations; fires when all of them are durable (they share one batch)."""
+        """Queue operations; fires when all of them are durable (they share one batch).
+
+        After :meth:`shutdown` nothing is written any more (a restart recovers the
+        last durable state: deliveries finishing during shutdown may be repeated).
+        """
         d: defer.Deferred = defer.Deferred()
+        if self.closed:
+            d.errback(QueueError("the disk queue is closed"))
+            return d
         if not ops:
             d.callback(None)
             return d
@@ -308,7 +369,8 @@ class GroupCommitter:
         return d
 
     def shutdown(self) -> None:
-        """Stop the fsync threads."""
+        """Stop the fsync threads; later submissions fail."""
+        self.closed = True
         self._pool.shutdown(wait=False)
 
     def _tmp(self) -> str:
@@ -345,10 +407,26 @@ class GroupCommitter:
                 pass
             dirs.add(os.path.dirname(path))
         self._parallel(fsync_dir, sorted(dirs))
-        if self.journal.records > 2 * live_hint + 100000:
-            live = self.journal.compact()
+        if not self.compacting and self.journal.records > 2 * live_hint + self.compact_slack:
+            upto = self.journal.rotate()
+            self.compacting = True
+            threading.Thread(target=self._compact, args=(upto,), name="queue-compact",
+                             daemon=True).start()
+
+    def _compact(self, upto: int) -> None:
+        """Compaction thread: snapshot the segments up to ``upto`` while appends go on."""
+        from twisted.internet import reactor
+        in_reactor = getattr(reactor, "callFromThread")
+        try:
+            live = self.journal.compact_upto(upto)
             self.compactions += 1
-            log.info("queue journal compacted to {count} records", count=live)
+            in_reactor(log.info, "queue journal compacted: {count} live items",
+                                   count=live)
+        except Exception as e:  # retried at the next trigger; the journal stays valid
+            in_reactor(log.error, "queue journal compaction failed: {error}",
+                                   error=repr(e))
+        finally:
+            self.compacting = False
 
     def _parallel(self, func: Any, paths: list[str]) -> None:
         if len(paths) <= 1:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import collections
 import heapq
 import os
+import time
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer, threads
@@ -36,6 +37,8 @@ class LocalStore:
         self.dest_counts: collections.Counter[str] = collections.Counter()
         self.status_counts: collections.Counter[str] = collections.Counter()
         self.total_bytes = 0
+        self._oldest: Optional[float] = None
+        self._oldest_at = 0.0
 
     # -- index ---------------------------------------------------------------
     def _index_add(self, item: Any) -> None:
@@ -159,7 +162,12 @@ class LocalStore:
 
     def stats(self, top: int = 10) -> dict[str, Any]:
         """Counts by status, biggest destinations, oldest age, bytes."""
-        oldest = min((item.created_at for item in self.items.values()), default=None)
+        now = time.monotonic()
+        if now - self._oldest_at > 5.0 or self._oldest is None and self.items:
+            # O(n): recomputed at most every 5 seconds
+            self._oldest = min((item.created_at for item in self.items.values()), default=None)
+            self._oldest_at = now
+        oldest = self._oldest if self.items else None
         return {
             "size": len(self.items),
             "by_status": {s: self.status_counts.get(s, 0) for s in STATUSES},

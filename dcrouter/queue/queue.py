@@ -32,6 +32,9 @@ from dcrouter.queue.item import (
 
 log = get_logger("email.queue")
 
+#: Seconds an enqueue waits for a store that is still opening (recovery, Redis connect).
+READY_TIMEOUT = 60.0
+
 
 def build_store(options: QueueOptions, state_dir: str) -> Any:
     """The store named by ``storage_type``."""
@@ -79,7 +82,12 @@ class UnifiedDeliveryQueue(Service):
     def startService(self) -> None:
         """Open the store (the disk store locks its directory now, recovers in a thread)."""
         super().startService()
-        self._ready = defer.maybeDeferred(self.store.open)
+        try:
+            # the disk store takes its directory lock now: a second process fails to start
+            self._ready = self.store.open()
+        except Exception:
+            self.running = False
+            raise
         self._ready.addCallback(self._on_open)
         self._ready.addErrback(self._on_open_failed)
 
@@ -101,12 +109,21 @@ class UnifiedDeliveryQueue(Service):
         super().stopService()
         return defer.maybeDeferred(self.store.close)
 
-    def when_ready(self) -> defer.Deferred:
-        """Fires once the store is open (items recovered)."""
+    def when_ready(self, timeout: Optional[float] = None) -> defer.Deferred:
+        """Fires once the store is open (items recovered); QueueError after ``timeout``."""
         if self._opened:
             return defer.succeed(None)
         d: defer.Deferred = defer.Deferred()
         self._waiting.append(d)
+        if timeout is not None:
+            d.addTimeout(timeout, self.reactor)
+
+            def expired(failure: Any) -> Any:
+                failure.trap(defer.TimeoutError)
+                if d in self._waiting:
+                    self._waiting.remove(d)
+                raise QueueError(f"the queue store is not ready after {timeout:.0f}s")
+            d.addErrback(expired)
         return d
 
     def add_listener(self, callback: Callable[[], None]) -> None:
@@ -162,7 +179,7 @@ class UnifiedDeliveryQueue(Service):
     def enqueue(self, requests: list[DeliveryRequest]) -> Any:
         """Store requests durably; fires with the new item ids once all are safe."""
         if not self._opened:
-            yield self.when_ready()
+            yield self.when_ready(timeout=READY_TIMEOUT)
         groups = self.make_items(requests)
         yield defer.gatherResults([self.store.add(items, path) for path, items in groups],
                                   consumeErrors=True).addErrback(self._unwrap)

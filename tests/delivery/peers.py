@@ -88,8 +88,8 @@ class Sink:
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0, pipelining: bool = False,
                  tls: Optional["CertAuthority"] = None, require_tls: bool = False,
-                 users: Optional[dict[str, str]] = None, size_limit: Optional[int] = None
-                 ) -> None:
+                 users: Optional[dict[str, str]] = None, size_limit: Optional[int] = None,
+                 smtputf8: bool = False) -> None:
         self.handler = SinkHandler(pipelining)
         self.host = host
         self.port = port or free_port(host=host)
@@ -108,6 +108,7 @@ class Sink:
             kwargs["auth_require_tls"] = tls is not None
         if size_limit is not None:
             kwargs["data_size_limit"] = size_limit
+        kwargs["enable_SMTPUTF8"] = smtputf8
         self.controller = Controller(self.handler, hostname=host, port=self.port,
                                      server_hostname="sink.test", ready_timeout=10,
                                      auth_exclude_mechanism=None, **kwargs)

@@ -124,6 +124,6 @@ def run_cycles(workdir: str, cycles: int, seed: int = 50, max_delay: float = 0.6
 
 
 def test_kill_9_never_loses_an_acknowledged_message(tmp_path):
-    result = run_cycles(str(tmp_path), cycles=50, max_delay=0.4)
+    result = run_cycles(str(tmp_path), cycles=50, max_delay=0.3)
     assert result["acked"] >= 50, result
     assert result["delivered"] >= result["acked"]

@@ -75,6 +75,8 @@ async def test_forward_plain_with_observers(tmp_path, sink):
         assert b"Hello." in msg.content
         assert ("success", ids[0]) in rec.calls and ("start", ids[0]) in rec.calls
         assert stack.delivery.reputation.get_stats()["example.org"]["sent"] == 2
+        assert stack.delivery.get_stats()["reputation"]["example.org"]["sent"] == 2
+        assert stack.delivery.counters["pipelined_transactions"] == 0, "not offered: not used"
     finally:
         await stack.stop()
 
@@ -247,6 +249,7 @@ async def test_mx_delivery_550_dsn_and_suppression(tmp_path):
         states = {r.address: r.status for r in item.recipients}
         assert states == {"ok@example.test": "delivered", "gone@example.test": "failed"}
         assert sink.messages[0].rcpt_tos == ["ok@example.test"]
+        assert stack.delivery.counters["pipelined_transactions"] == 1, "MAIL/RCPT pipelined"
         # the DSN went to the sender domain's MX, from the null sender
         await wait_for(lambda: sender_mx.messages)
         dsn = sender_mx.messages[0]
@@ -350,3 +353,21 @@ async def test_dkim_signature_verifies(tmp_path, sink):
         assert not await threads.deferToThread(dkim.verify, tampered, dnsfunc=dnsfunc)
     finally:
         await stack.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_utf8_addresses_need_smtputf8(tmp_path, sink):
+    utf8 = Sink(smtputf8=True).start()
+    stack = Stack(str(tmp_path))
+    try:
+        body = "Subject: grüße\r\n\r\nhällo\r\n".encode("utf-8")
+        ids = await stack.send(forward(utf8), ["jörg@example.com"], body=body)
+        await finished(stack, ids[0], "delivered")
+        assert utf8.messages[0].rcpt_tos == ["jörg@example.com"]
+        assert "hällo".encode("utf-8") in utf8.messages[0].content
+        ids = await stack.send(forward(sink), ["jörg@example.com"], mail_from="", body=body)
+        item = await finished(stack, ids[0], "failed")
+        assert "5.6.7" in item.recipients[0].message and not sink.messages
+    finally:
+        await stack.stop()
+        utf8.stop()

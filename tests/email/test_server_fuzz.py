@@ -43,8 +43,10 @@ _ending = st.sampled_from([b"\r\n", b"\n", b"\r\r\n"])
 _batch = st.lists(st.tuples(_line, _ending), min_size=200, max_size=260)
 
 
-def _session(port: int, batch: list[tuple[bytes, bytes]]) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+def _session(port: int, batch: list[tuple[bytes, bytes]],
+             tls: "ssl.SSLContext | None" = None) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as plain:
+        sock = tls.wrap_socket(plain, server_hostname="127.0.0.1") if tls else plain
         payload = b"".join(line + end for line, end in batch)
         payload += b"\r\n.\r\n*\r\nQUIT\r\n"
         sock.sendall(payload)
@@ -231,4 +233,20 @@ def test_random_command_lines_against_the_real_processor(start_server: Any, tmp_
         globalLogPublisher.removeObserver(watch)
     assert failures == []
     assert queue.requests  # the final well-formed message reached the queue
+    yield _sessions_gone(run.server)
+
+
+@pytest_twisted.inlineCallbacks
+def test_random_command_lines_over_implicit_tls(start_server: Any) -> None:
+    """The TLS transport's write path (no direct send) under the same fuzzing, with AUTH offered."""
+    run = start_server(max_errors=100000)
+    context = run.client_context()
+
+    @settings(max_examples=10, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=_batch)
+    def fuzz(batch: list) -> None:
+        _check_output(_session(run.ports["smtps"], batch, tls=context))
+
+    yield deferToThread(fuzz)
     yield _sessions_gone(run.server)

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import ssl
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
 import pytest_twisted
@@ -267,5 +267,3 @@ def proxy_port() -> int:
     """A free loopback port for a proxy listener."""
     return free_port()
 
-
-Helper = Callable[..., Any]

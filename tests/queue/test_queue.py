@@ -16,6 +16,7 @@ from dcrouter.message import Route
 from dcrouter.queue import UnifiedDeliveryQueue
 from dcrouter.queue.disk import DiskStore
 from dcrouter.queue.memory import MemoryStore
+from tests.delivery.harness import wait_for
 from tests.queue.helpers import request, spool_message
 
 
@@ -146,12 +147,53 @@ def test_journal_compaction_keeps_live_items(tmp_path):
             r.status = "delivered"
         yield queue.complete(item)
     store = queue.store
+    journal_dir = store.journal.directory
+    before = {name: open(os.path.join(journal_dir, name), "rb").read()
+              for name in os.listdir(journal_dir)}
     yield threads.deferToThread(store.journal.compact)
     assert store.journal.records == 5
+    assert [n for n in os.listdir(journal_dir) if n.endswith(".snap")]
     yield queue.stopService()
     queue2 = make_queue(tmp_path)
     yield queue2.when_ready()
     assert sorted(i.id for i in queue2.store.items.values()) == sorted(i.id for i in items[25:])
+    yield queue2.stopService()
+    # a crash after the snapshot but before the old segments were deleted: they come back,
+    # and the delivered items must not rise from them
+    for name, data in before.items():
+        with open(os.path.join(journal_dir, name), "wb") as f:
+            f.write(data)
+    queue3 = make_queue(tmp_path)
+    yield queue3.when_ready()
+    assert sorted(queue3.store.items) == sorted(i.id for i in items[25:])
+    assert not [n for n in os.listdir(journal_dir) if n in before], "covered segments removed"
+    yield queue3.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_compaction_runs_in_the_background_while_commits_go_on(tmp_path):
+    queue = make_queue(tmp_path)
+    yield queue.when_ready()
+    queue.store.committer.compact_slack = 20
+    kept = []
+    for n in range(60):
+        ids = yield queue.enqueue([request(spool_message(str(tmp_path), b"b%d\r\n" % n))])
+        item = (yield queue.claim(1))[0]
+        if n % 3 == 0:
+            kept.append(item.id)
+            item.attempts = 1
+            yield queue.defer_item(item, "451 later", delay=3600)
+        else:
+            for r in item.recipients:
+                r.status = "delivered"
+            yield queue.complete(item)
+    yield wait_for(lambda: not queue.store.committer.compacting)
+    assert queue.store.committer.compactions >= 1
+    yield queue.stopService()
+    queue2 = make_queue(tmp_path)
+    yield queue2.when_ready()
+    assert sorted(queue2.store.items) == sorted(kept)
+    assert queue2.store.journal.records < 60
     yield queue2.stopService()
 
 
@@ -162,6 +204,11 @@ def test_second_process_on_same_directory_is_refused(tmp_path):
     other = DiskStore(str(tmp_path / "queue"))
     with pytest.raises(QueueError, match="in use by another dcrouter process"):
         other.lock.acquire()
+    second = UnifiedDeliveryQueue.from_options(QueueOptions(
+        persistent_path=str(tmp_path / "queue")), str(tmp_path))
+    with pytest.raises(QueueError, match=r"pid \d+"):
+        second.startService()
+    assert not second.running
     yield queue.stopService()
     other.lock.acquire()
     other.lock.release()
@@ -262,3 +309,23 @@ def test_recovered_item_with_damaged_json_goes_to_corrupt(tmp_path):
     yield queue3.when_ready()
     assert victim.id not in queue3.store.items, "its removal was journaled"
     yield queue3.stopService()
+
+
+def test_enqueue_fails_cleanly_when_the_store_never_opens(tmp_path):
+    from twisted.internet import defer, task
+
+    from dcrouter.queue import queue as queue_module
+
+    class NeverOpens(MemoryStore):
+        def open(self):
+            return defer.Deferred()
+    clock = task.Clock()
+    queue = UnifiedDeliveryQueue(QueueOptions(storage_type="memory"), str(tmp_path),
+                                 store=NeverOpens(), reactor=clock)
+    queue.startService()
+    d = queue.enqueue([request(spool_message(str(tmp_path)))])
+    failures = []
+    d.addErrback(failures.append)
+    clock.advance(queue_module.READY_TIMEOUT + 1)
+    assert failures and failures[0].check(QueueError)
+    assert "not ready" in str(failures[0].value)

@@ -155,3 +155,27 @@ async def test_two_nodes_one_killed_every_message_delivered(tmp_path, redis_url)
                     proc.kill()
         await producer.stopService()
         sink.stop()
+
+
+@pytest_twisted.inlineCallbacks
+def test_suppression_list_shared_through_redis(tmp_path, redis_url):
+    from dcrouter.delivery.suppression import SuppressionList
+    queue = make_queue(tmp_path, redis_url, "supp")
+    yield queue.when_ready()
+    try:
+        one = SuppressionList("", 3600, redis=lambda: queue.store.redis, redis_key="supp:s")
+        one.add("gone@example.com", "550 5.1.1 user unknown")
+        from tests.delivery.harness import wait_for as wait
+        other = SuppressionList("", 3600, redis=lambda: queue.store.redis, redis_key="supp:s")
+        for _ in range(50):
+            yield other.load()
+            if other.is_suppressed("gone@example.com"):
+                break
+        assert other.is_suppressed("gone@example.com"), "another node sees the entry"
+        one.remove("gone@example.com")
+        yield wait(lambda: True)
+        third = SuppressionList("", 3600, redis=lambda: queue.store.redis, redis_key="supp:s")
+        yield third.load()
+        assert not third.is_suppressed("gone@example.com")
+    finally:
+        yield queue.stopService()
