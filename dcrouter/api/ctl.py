@@ -389,6 +389,30 @@ def cmd_reload(client: ApiClient, args: argparse.Namespace, out: Printer) -> Any
     return None
 
 
+def cmd_suppression_list(client: ApiClient, args: argparse.Namespace, out: Printer) -> Any:
+    """Recipients refused after a hard bounce."""
+    data = client.call("GET", "/api/email/suppression")
+    if args.json:
+        return data
+    entries = data.get("suppressed", [])
+    if not entries:
+        out("no suppressed recipients")
+        return None
+    for entry in entries:
+        expires = time.strftime("%Y-%m-%d %H:%M", time.gmtime(entry.get("expires", 0)))
+        out(f"{entry['address']:<40} until {expires}  {entry.get('reason', '')}")
+    return None
+
+
+def cmd_suppression_remove(client: ApiClient, args: argparse.Namespace, out: Printer) -> Any:
+    """Lift one suppression."""
+    data = client.call("DELETE", f"/api/email/suppression/{_q(args.address)}")
+    if args.json:
+        return data
+    out(f"{args.address}: no longer suppressed")
+    return None
+
+
 def _q(value: str) -> str:
     return urllib.parse.quote(value, safe="")
 
@@ -463,6 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = rules.add_parser("remove", help="remove a rule")
     p.add_argument("pattern")
     p.set_defaults(func=cmd_rules_remove)
+
+    suppression = sub.add_parser("suppression", help="recipients refused after hard bounces"
+                                 ).add_subparsers(dest="suppression_command", required=True)
+    p = suppression.add_parser("list", help="suppressed recipients")
+    p.set_defaults(func=cmd_suppression_list)
+    p = suppression.add_parser("remove", help="lift one suppression")
+    p.add_argument("address")
+    p.set_defaults(func=cmd_suppression_remove)
 
     p = sub.add_parser("reload", help="re-read the configuration file (as SIGHUP)")
     p.set_defaults(func=cmd_reload)

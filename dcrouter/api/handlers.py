@@ -104,6 +104,11 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/proxy/routes", "proxy_routes", "Proxy routes and their figures.",
              tag="proxy"),
     Endpoint("GET", "/api/dns/zones", "dns_zones", "Authoritative DNS zones.", tag="dns"),
+    Endpoint("GET", "/api/email/suppression", "list_suppressed",
+             "Recipients refused at RCPT after a hard bounce, with reason and expiry.",
+             tag="email"),
+    Endpoint("DELETE", "/api/email/suppression/{address}", "unsuppress",
+             "Lift the suppression of one recipient.", tag="email"),
     Endpoint("GET", "/metrics", "prometheus_metrics",
              "Prometheus metrics (text exposition format).",
              tag="metrics"),
@@ -237,6 +242,27 @@ class RouterEndpoints:
             zones = yield defer.maybeDeferred(zones_of)
             return {"zones": jsonable(zones)}
         return {"zones": [unbuild(z) for z in dns.zones]}
+
+    def _suppression(self) -> Any:
+        email = self.context.services.get("email")
+        suppression = getattr(getattr(email, "delivery", None), "suppression", None)
+        if suppression is None:
+            raise errors.service_unavailable("the email service is not configured")
+        return suppression
+
+    def list_suppressed(self, request: ApiRequest) -> dict:
+        """Suppressed recipients: address, reason, added, expires."""
+        entries = self._suppression().list()
+        return {"suppressed": jsonable(entries), "count": len(entries)}
+
+    def unsuppress(self, request: ApiRequest) -> dict:
+        """Lift one suppression; 404 when the address is not suppressed."""
+        address = request.params["address"]
+        if not self._suppression().remove(address):
+            raise errors.not_found(f"{address} is not suppressed")
+        log.info("suppression of {address} lifted through the API", address=address,
+                 client_ip=request.client_ip)
+        return {"removed": address}
 
 
 class ApiHandlers:

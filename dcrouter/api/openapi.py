@@ -150,6 +150,16 @@ _DETAILS: dict[str, dict[str, Any]] = {
         "routes": {"type": "array", "items": _OBJ}}}, "errors": [503]},
     "dns_zones": {"response": {"type": "object", "properties": {
         "zones": {"type": "array", "items": _OBJ}}}, "errors": [503]},
+    "list_suppressed": {"response": {"type": "object", "properties": {
+        "suppressed": {"type": "array", "items": {"type": "object", "properties": {
+            "address": {"type": "string"}, "reason": {"type": "string"},
+            "added": {"type": "number"}, "expires": {"type": "number"}}}},
+        "count": {"type": "integer"}}}, "errors": [503]},
+    "unsuppress": {"params": [{"name": "address", "in": "path", "required": True,
+                               "description": "The recipient address, percent-encoded.",
+                               "schema": {"type": "string"}}],
+                   "response": {"type": "object", "properties": {
+                       "removed": {"type": "string"}}}, "errors": [404, 503]},
     "prometheus_metrics": {"content_type": "text/plain", "response": {"type": "string"},
                            "errors": []},
 }

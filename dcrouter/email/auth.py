@@ -45,8 +45,8 @@ def _b64(data: bytes) -> str:
 def hash_password(password: str, scheme: str = "SCRYPT") -> str:
     """A stored form of ``password``: ``{SCRYPT}``, ``{SSHA512}`` or ``{SHA512-CRYPT}``.
 
-    For the configuration: ``python -c "from dcrouter.email.auth import hash_password;
-    print(hash_password('secret'))"``.
+    For the configuration: ``python -m dcrouter hash-password`` (reads the password from a
+    prompt or stdin and prints this).
     """
     secret = password.encode("utf-8")
     if scheme == "SCRYPT":

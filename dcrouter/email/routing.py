@@ -418,8 +418,13 @@ def describe_rule(rule: DomainRuleOptions) -> str:
             bits.append("scan " + ",".join(s.type for s in rule.scanners))
         if rule.transformations:
             bits.append("transform " + ",".join(t.type for t in rule.transformations))
-        bits.append(f"then {rule.target.server}:{rule.target.port}" if rule.target is not None
-                    else "then MX")
+        mta = rule.mta_options
+        if rule.target is not None:
+            bits.append(f"then {rule.target.server}:{rule.target.port}")
+        elif mta is not None and mta.allow_local_delivery:
+            bits.append(f"then local Maildir {mta.local_delivery_path or 'state_dir/mail'}")
+        else:
+            bits.append("then MX")
         detail = "; ".join(bits)
     return f"{rule.pattern} -> {rule.mode}" + (f" ({detail})" if detail else "")
 
