@@ -8,8 +8,8 @@ a Markdown table.
 
     .venv/bin/python bench/api_bench.py [--seconds 8] [--clients 4] [--queue-items 0]
 
-``--queue-items N`` first queues N messages over SMTP (when the queue and processor are the
-real ones) so ``/api/queue`` and ``/metrics`` work on a non-empty queue.
+``--queue-items N`` first pauses the queue and sends N messages over SMTP, so ``/api/queue``,
+``/api/stats`` and ``/metrics`` work on a queue holding N items.
 """
 
 from __future__ import annotations
@@ -83,7 +83,7 @@ def load(port: int, path: str, seconds: float, clients: int, token: str = "") ->
 
 
 def queue_messages(port: int, count: int) -> int:
-    """Send ``count`` messages to an unreachable forward target so they stay queued."""
+    """Send ``count`` messages (the queue is paused, so they stay queued)."""
     sent = 0
     with smtplib.SMTP("127.0.0.1", port, timeout=30) as smtp:
         for i in range(count):
@@ -126,7 +126,13 @@ def main() -> None:
     try:
         wait_for_tcp(ports["api"], timeout=60)
         wait_for_tcp(peer_port, timeout=60)
-        queued = queue_messages(ports["smtp"], args.queue_items) if args.queue_items else 0
+        queued = 0
+        if args.queue_items:
+            pause = http.client.HTTPConnection("127.0.0.1", ports["api"], timeout=30)
+            pause.request("POST", "/api/queue/pause", headers={"Authorization": f"Bearer {TOKEN}"})
+            assert pause.getresponse().status == 200
+            pause.close()
+            queued = queue_messages(ports["smtp"], args.queue_items)
         rows = []
         for label, port, path, token in (
                 ("peer: twistd web, static 60-byte JSON", peer_port, "/status.json", ""),

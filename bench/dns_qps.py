@@ -7,11 +7,14 @@ The same zone is served by
 * bare twisted.names (``twistd -n dns --bindzone``), for orientation,
 
 all on loopback, and ``dnsperf`` (one client socket, ``-q`` outstanding queries)
-sends a mix of A, AAAA, MX, TXT, NXDOMAIN and NODATA queries to each for
-``--seconds``; each server runs ``--runs`` times, alternating, and the
-median counts.
+sends queries to each for ``--seconds``; each server runs ``--runs`` times,
+alternating, and the median counts.  Two query sets:
 
-    .venv/bin/python bench/dns_qps.py [--seconds 8] [--runs 3] [--outstanding 100]
+* ``repeated``: 17 names (A, AAAA, MX, TXT, NXDOMAIN, NODATA) over and over;
+* ``distinct``: 50,000 different names answered by a wildcard, so dcrouter's
+  answer cache never helps.
+
+    .venv/bin/python bench/dns_qps.py [--seconds 5] [--runs 3] [--outstanding 100]
 """
 
 from __future__ import annotations
@@ -44,11 +47,15 @@ ZONE = {
         {"name": "www", "type": "AAAA", "value": "2001:db8::10"},
         {"name": "mail", "type": "A", "value": "192.0.2.25"},
         {"name": "ns1", "type": "A", "value": "192.0.2.53"},
+        {"name": "*.w", "type": "A", "value": "192.0.2.200"},
     ] + [{"name": f"host{i}", "type": "A", "value": f"192.0.2.{100 + i}"} for i in range(50)],
 }
 QUERIES = ["www.bench.test A", "www.bench.test AAAA", "bench.test MX", "bench.test TXT",
            "mail.bench.test A", "missing.bench.test A", "www.bench.test MX"] + \
           [f"host{i}.bench.test A" for i in range(0, 50, 5)]
+#: 50,000 different names (wildcard answers): more than dcrouter's answer cache holds,
+#: so every query takes the full path (parse, look up, encode).
+DISTINCT = [f"h{i}.w.bench.test A" for i in range(50000)]
 
 
 def free_port() -> int:
@@ -156,32 +163,35 @@ def dnsperf(port: int, queries: str, seconds: int, outstanding: int) -> dict[str
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seconds", type=int, default=8)
+    parser.add_argument("--seconds", type=int, default=5)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--outstanding", type=int, default=100)
     parser.add_argument("--no-twisted", action="store_true", help="skip bare twisted.names")
     args = parser.parse_args()
     work = tempfile.mkdtemp(prefix="dns-bench-")
-    queries = os.path.join(work, "queries.txt")
-    with open(queries, "w") as f:
-        f.write("\n".join(QUERIES) + "\n")
+    sets = {"repeated": os.path.join(work, "repeated.txt"),
+            "distinct": os.path.join(work, "distinct.txt")}
+    for name, lines in (("repeated", QUERIES), ("distinct", DISTINCT)):
+        with open(sets[name], "w") as f:
+            f.write("\n".join(lines) + "\n")
     servers = [("dcrouter", start_dcrouter), ("nsd", start_nsd)]
     if not args.no_twisted:
         servers.append(("twisted.names", start_twisted_names))
     procs: dict[str, tuple[subprocess.Popen, int]] = {}
-    results: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in servers}
+    results: dict[tuple[str, str], list[float]] = {}
     try:
         for name, start in servers:
             port = free_port()
             procs[name] = (start(work, port), port)
         for name, (_proc, port) in procs.items():
             wait_udp(port)
-        for run in range(args.runs):
-            for name, (_proc, port) in procs.items():
-                result = dnsperf(port, queries, args.seconds, args.outstanding)
-                results[name].append(result)
-                print(f"run {run + 1} {name}: {result['qps']:,.0f} qps "
-                      f"(lost {result['lost']})", flush=True)
+        for set_name, path in sets.items():
+            for run in range(args.runs):
+                for name, (_proc, port) in procs.items():
+                    result = dnsperf(port, path, args.seconds, args.outstanding)
+                    results.setdefault((set_name, name), []).append(result["qps"])
+                    print(f"{set_name} run {run + 1} {name}: {result['qps']:,.0f} qps "
+                          f"(lost {result['lost']})", flush=True)
     finally:
         for proc, _port in procs.values():
             proc.terminate()
@@ -190,15 +200,16 @@ def main() -> None:
             except subprocess.TimeoutExpired:
                 proc.kill()
         shutil.rmtree(work, ignore_errors=True)
-    print(f"\ncores: {os.cpu_count()}; {args.seconds}s per run, {args.runs} runs, "
-          f"dnsperf -c 1 -q {args.outstanding}; median queries/s:")
-    medians = {n: statistics.median(r["qps"] for r in rs) for n, rs in results.items()}
-    for name, median in medians.items():
-        print(f"  {name:14s} {median:>10,.0f}")
-    print(f"  dcrouter / nsd = {medians['dcrouter'] / medians['nsd']:.2f}")
-    if "twisted.names" in medians:
-        print(f"  dcrouter / twisted.names = "
-              f"{medians['dcrouter'] / medians['twisted.names']:.2f}")
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print(f"\ncores: {os.cpu_count()}; load average after: {' '.join(load)}; {args.seconds}s "
+          f"per run, {args.runs} runs, dnsperf -c 1 -T 1 -q {args.outstanding}; "
+          f"median queries/s:")
+    print(f"  {'set':10s} " + " ".join(f"{n:>14s}" for n, _ in servers) + "   dcrouter/nsd")
+    for set_name in sets:
+        medians = {n: statistics.median(results[(set_name, n)]) for n, _ in servers}
+        print(f"  {set_name:10s} " + " ".join(f"{medians[n]:>14,.0f}" for n, _ in servers) +
+              f"   {medians['dcrouter'] / medians['nsd']:.2f}")
 
 
 if __name__ == "__main__":

@@ -99,6 +99,14 @@ def serve_dcrouter(port: int, state_dir: str, max_size: int, durability: str = "
     epollreactor.install()
     from twisted.internet import defer, reactor, threads
     reactor.suggestThreadPoolSize(16)  # type: ignore[attr-defined]
+    from twisted.logger import (
+        FilteringLogObserver, LogLevel, LogLevelFilterPredicate, globalLogBeginner,
+        textFileLogObserver,
+    )
+    # As twistd does with log_level = "warn" (the twistd target's setting): no info events.
+    globalLogBeginner.beginLoggingTo([FilteringLogObserver(
+        textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(LogLevel.warn)])],
+        redirectStandardIO=False)
     from zope.interface import implementer
 
     from dcrouter.config import parse_config
@@ -285,6 +293,10 @@ class Target:
 
 # -- load generator --------------------------------------------------------------------------------
 
+#: Set by --pipelining (inherited by the forked client processes).
+PIPELINING = False
+
+
 def make_message(size: int = 10 * 1024) -> bytes:
     head = (b"From: bench@bench.test\r\nTo: rcpt@bench.test\r\nSubject: bench\r\n"
             b"Message-ID: <bench@bench.test>\r\n\r\n")
@@ -314,10 +326,14 @@ async def _client(port: int, stop_at: float, start_count: float, counts: list[in
         await reply()
         writer.write(b"EHLO client.bench\r\n")
         await reply()
+        envelope = (b"MAIL FROM:<bench@bench.test>\r\n", b"RCPT TO:<rcpt@bench.test>\r\n",
+                    b"DATA\r\n")
         while time.monotonic() < stop_at:
-            for cmd in (b"MAIL FROM:<bench@bench.test>\r\n", b"RCPT TO:<rcpt@bench.test>\r\n",
-                        b"DATA\r\n"):
-                writer.write(cmd)
+            if PIPELINING:  # RFC 2920: the envelope in one write, then the replies
+                writer.write(b"".join(envelope))
+            for cmd in envelope:
+                if not PIPELINING:
+                    writer.write(cmd)
                 r = await reply()
                 if r[:1] not in (b"2", b"3"):
                     raise ConnectionError(r.decode(errors="replace").strip())
@@ -466,6 +482,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--procs", type=int, default=2)
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--pipelining", action="store_true",
+                        help="clients send MAIL, RCPT and DATA in one write")
     parser.add_argument("--idle", type=int, default=10000)
     parser.add_argument("--big", type=int, default=50 * 1024 * 1024)
     args = parser.parse_args(argv)
@@ -475,12 +493,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.command == "serve-aiosmtpd":
         serve_aiosmtpd(args.port, args.state)
         return
+    global PIPELINING
+    PIPELINING = args.pipelining
     limit = raise_fd_limit()
     print(f"cores: {os.cpu_count()}, fd limit: {limit}, python {sys.version.split()[0]}")
     targets = args.targets.split(",")
     if args.only in (None, "throughput"):
         print(f"\n## throughput: {args.clients} clients in {args.procs} processes, 10 KB "
-              f"messages, {args.seconds:.0f} s per round, {args.rounds} rounds (interleaved)")
+              f"messages, {args.seconds:.0f} s per round, {args.rounds} rounds (interleaved)"
+              f"{', pipelining' if args.pipelining else ''}")
         results: dict[str, list[float]] = {t: [] for t in targets}
         cpu: dict[str, list[float]] = {t: [] for t in targets}
         for _ in range(args.rounds):

@@ -55,7 +55,8 @@ def _build_email(context: RouterContext) -> ManagedService:
     domain_router = DomainRouter.from_options(email)
     processor = MultiModeProcessor(email, domain_router, queue, context,
                                    suppression=delivery.suppression)
-    delivery.bounce_route = processor.route_for_address  # DSNs go where mail to the sender goes
+    # bounces go to the envelope sender the way mail to that address would go
+    delivery.bounce_route = processor.route_for_address
     server = UnifiedEmailServer(email, processor, context)
     return EmailGateway(context, server=server, processor=processor,
                         domain_router=domain_router, queue=queue, delivery=delivery)
@@ -250,14 +251,31 @@ class DcRouter(MultiService):
                      state_dir=self.options.router.state_dir)
         d = self._apply(new)
         d.addCallback(lambda _: True)
+
+        def refused(failure: Any) -> bool:
+            failure.trap(ConfigError)
+            log.error("reload refused, keeping the running configuration: {error}",
+                      error=str(failure.value), path=failure.value.path)
+            return False
+        d.addErrback(refused)
         return d
 
     @defer.inlineCallbacks
     def _apply(self, new: DcRouterOptions) -> Any:
         old_names = set(self.by_name)
+        old_options = self.options
+        if "email" in old_names and new.email is not None:
+            # validated first: a ConfigError (e.g. an unknown transformation) changes nothing
+            try:
+                yield defer.maybeDeferred(self.by_name["email"].reconfigure, new)
+            except ConfigError:
+                yield defer.maybeDeferred(self.by_name["email"].reconfigure, old_options)
+                raise
         self.options = new
         self.context.options = new
         for name in SERVICE_ORDER:
+            if name == "email" and name in old_names and new.email is not None:
+                continue
             present = getattr(new, name) is not None
             if present and name in old_names:
                 yield defer.maybeDeferred(self.by_name[name].reconfigure, new)

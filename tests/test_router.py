@@ -86,3 +86,33 @@ def test_bound_addresses_report_real_ports(tmp_path):
         assert {a[0] for a in addresses["dns"]} == {"udp", "tcp"}
     finally:
         yield stop_router(router)
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_with_unknown_transformation_keeps_running_config(tmp_path):
+    state = str(tmp_path / "state")
+    port = free_port()
+
+    def config(transform_type: str) -> dict:
+        return {"router": {"state_dir": state},
+                "email": {"listen": "127.0.0.1", "ports": [port],
+                          "queue": {"storage_type": "memory"},
+                          "domain_rules": [{"pattern": "*@p.test", "mode": "process",
+                                            "target": {"server": "127.0.0.1", "port": 2},
+                                            "transformations": [{"type": transform_type,
+                                                                 "header": "X-A",
+                                                                 "value": "1"}]}]}}
+
+    path = tmp_path / "dcrouter.toml"
+    path.write_text(dumps(config("add_header")))
+    router = start_router(parse_config(config("add_header")), config_path=str(path))
+    try:
+        path.write_text(dumps(config("no_such_transformation")))
+        applied = yield router.reload()
+        assert applied is False
+        rule = router.options.email.domain_rules[0]
+        assert rule.transformations[0].type == "add_header"
+        assert router.by_name["email"].domain_router.get_rules()[0].transformations[0].type == \
+            "add_header"
+    finally:
+        yield stop_router(router)

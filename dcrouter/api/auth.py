@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import collections
 import hmac
+import ipaddress
 import math
 import time
 from typing import Callable, Optional
+from urllib.parse import urlsplit
 
-from dcrouter.api.errors import too_many_requests, unauthorized
+from dcrouter.api.errors import forbidden, too_many_requests, unauthorized
 from dcrouter.logsetup import get_logger
 
 log = get_logger("api.auth")
@@ -54,6 +56,11 @@ class FailureLimiter:
             return 0
         return max(1, math.ceil(times[0] + WINDOW - now))
 
+    def block_key(self, key: str) -> Optional[float]:
+        """Identifies the current block of ``key`` (the time of its oldest counted failure)."""
+        times = self._failures.get(key)
+        return times[0] if times else None
+
     def record(self, key: str) -> int:
         """Count a failure; returns the failures of ``key`` in the window."""
         now = self.clock()
@@ -81,6 +88,7 @@ class TokenAuthenticator:
         self.limiter = FailureLimiter(max_failures_per_minute, clock)
         self.failures = 0
         self.rate_limited = 0
+        self._announced: dict[str, Optional[float]] = {}
 
     def update(self, token: str, max_failures_per_minute: int) -> None:
         """Apply a reloaded ``[api]`` section."""
@@ -99,8 +107,11 @@ class TokenAuthenticator:
         wait = self.limiter.blocked_for(client_ip)
         if wait:
             self.rate_limited += 1
-            log.warn("API request from {client_ip} refused: too many failed authentications",
-                     client_ip=client_ip, path=path, retry_after=wait)
+            if self._announced.get(client_ip) != self.limiter.block_key(client_ip):
+                self._announced[client_ip] = self.limiter.block_key(client_ip)
+                log.warn("API requests from {client_ip} refused for {retry_after}s: too many "
+                         "failed authentications", client_ip=client_ip, path=path,
+                         retry_after=wait)
             raise too_many_requests(wait)
         presented = _bearer(authorization)
         if presented is not None and hmac.compare_digest(presented.encode("utf-8"),
@@ -129,3 +140,29 @@ def _bearer(header: Optional[bytes]) -> Optional[str]:
     if scheme.lower() != "bearer" or not value.strip():
         return None
     return value.strip()
+
+
+def check_browser_safety(host: Optional[bytes], origin: Optional[bytes], open_api: bool) -> None:
+    """Refuse what a hostile web page could make a browser send to the API (403).
+
+    * A request with an ``Origin`` other than the API's own (``http://<Host>``)
+      comes from another site's script: refused, so a page cannot drive the API
+      with "simple" cross-origin POSTs that need no CORS preflight.
+    * Without a token (loopback only), ``Host`` must be an IP literal or
+      ``localhost``: a DNS-rebinding page addresses the API by its own name.
+    """
+    host_text = (host or b"").decode("latin-1").strip().lower()
+    if origin is not None:
+        origin_text = origin.decode("latin-1").strip().lower()
+        parts = urlsplit(origin_text)
+        if origin_text == "null" or parts.netloc != host_text:
+            raise forbidden(f"cross-origin request from {origin_text or 'an unknown origin'} "
+                            "refused")
+    if open_api and host_text:
+        name = urlsplit(f"//{host_text}").hostname or ""
+        if name != "localhost":
+            try:
+                ipaddress.ip_address(name)
+            except ValueError:
+                raise forbidden(f"Host '{host_text}' refused: without api.token the API answers "
+                                "only to IP addresses and localhost") from None

@@ -406,15 +406,11 @@ environment: DCROUTER_API_URL, DCROUTER_API_TOKEN
 """
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that exits with EXIT_USAGE (2) on bad arguments, as argparse does."""
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser (also used to render --help)."""
-    parser = _Parser(prog="dcrouterctl", description="Operate a running dcrouter through its "
-                     "management API.", epilog=EPILOG,
-                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="dcrouterctl", description="Operate a running dcrouter through its management API.",
+        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--url", default=os.environ.get("DCROUTER_API_URL", DEFAULT_URL),
                         help=f"API base URL (default {DEFAULT_URL}, or DCROUTER_API_URL)")
     parser.add_argument("--token", default=None,

@@ -21,6 +21,7 @@ from dcrouter.errors import ConfigError, DcRouterError
 ERROR_CODES: dict[str, int] = {
     "bad_request": 400,
     "unauthorized": 401,
+    "forbidden": 403,
     "not_found": 404,
     "method_not_allowed": 405,
     "conflict": 409,
@@ -64,6 +65,11 @@ def unauthorized(message: str = "a valid bearer token is required") -> ApiError:
     error = ApiError(401, "unauthorized", message)
     error.headers["WWW-Authenticate"] = 'Bearer realm="dcrouter"'
     return error
+
+
+def forbidden(message: str) -> ApiError:
+    """403: refused whatever the token (a cross-origin browser request, a foreign Host)."""
+    return ApiError(403, "forbidden", message)
 
 
 def not_found(message: str) -> ApiError:

@@ -83,6 +83,8 @@ class EmailEventMetrics:
     def __init__(self, registry: CollectorRegistry,
                  modes_for: Callable[[list[str]], set[str]]) -> None:
         self.modes_for = modes_for
+        #: Messages accepted (once each, whatever the number of modes their recipients use).
+        self.accepted_messages = 0
         self.sessions = Counter("dcrouter_smtp_sessions", "SMTP sessions opened.",
                                 registry=registry)
         self.sessions_active = Gauge("dcrouter_smtp_sessions_active", "SMTP sessions open now.",
@@ -119,6 +121,7 @@ class EmailEventMetrics:
 
     def message_received(self, session: Any, message: Any, queue_ids: Any) -> None:
         """A message was accepted: one count per routing mode its recipients use."""
+        self.accepted_messages += 1
         recipients = [str(r) for r in getattr(message, "recipients", []) or []]
         for mode in sorted(self.modes_for(recipients) or {"unknown"}):
             self.messages.labels(mode=mode, outcome="accepted").inc()
@@ -270,7 +273,17 @@ class StatsCollector(Collector):
             return
         verdicts = processor.get("scan_verdicts") or processor.get("scans")
         if not isinstance(verdicts, dict):
-            return
+            # the processor's flat counters: scan_<scanner>_<verdict>
+            counters = processor.get("counters")
+            if not isinstance(counters, dict):
+                return
+            verdicts = {}
+            for key, count in counters.items():
+                if str(key).startswith("scan_") and str(key).count("_") >= 2:
+                    scanner, _, verdict = str(key)[5:].rpartition("_")
+                    verdicts.setdefault(scanner, {})[verdict] = count
+            if not verdicts:
+                return
         family = CounterMetricFamily("dcrouter_scan_verdicts",
                                      "Content-scan verdicts by scanner and verdict.",
                                      labels=["scanner", "verdict"])
@@ -292,8 +305,12 @@ class StatsCollector(Collector):
         active = GaugeMetricFamily("dcrouter_proxy_connections_active",
                                    "Open proxied connections per route.", labels=["route"])
         transferred = CounterMetricFamily("dcrouter_proxy_bytes",
-                                          "Bytes proxied per route and direction.",
+                                          "Bytes proxied per route and direction "
+                                          "(in: client to target, out: target to client).",
                                           labels=["route", "direction"])
+        failures = CounterMetricFamily("dcrouter_proxy_errors",
+                                       "Proxy errors per route and kind.",
+                                       labels=["route", "kind"])
         for name, figures in sorted(routes.items()):
             if not isinstance(figures, dict):
                 continue
@@ -308,24 +325,39 @@ class StatsCollector(Collector):
                 value = _first(figures, keys)
                 if value is not None:
                     transferred.add_metric([str(name), direction], value)
+            kinds = figures.get("errors")
+            if isinstance(kinds, dict):
+                for kind, count in sorted(kinds.items()):
+                    value = _number(count)
+                    if value is not None:
+                        failures.add_metric([str(name), str(kind)], value)
         yield connections
         yield active
         yield transferred
+        yield failures
 
     @staticmethod
     def _dns(dns: dict[str, Any]) -> Iterator[Metric]:
         if not isinstance(dns, dict):
             return
-        rcodes = dns.get("queries_by_rcode") or dns.get("rcodes") or dns.get("responses_by_rcode")
-        if not isinstance(rcodes, dict):
-            return
-        family = CounterMetricFamily("dcrouter_dns_queries", "DNS queries answered by rcode.",
-                                     labels=["rcode"])
-        for rcode, count in sorted(rcodes.items()):
-            value = _number(count)
-            if value is not None:
-                family.add_metric([str(rcode)], value)
-        yield family
+        rcodes = dns.get("by_rcode") or dns.get("queries_by_rcode") or dns.get("rcodes")
+        if isinstance(rcodes, dict):
+            family = CounterMetricFamily("dcrouter_dns_queries", "DNS queries answered by rcode.",
+                                         labels=["rcode"])
+            for rcode, count in sorted(rcodes.items()):
+                value = _number(count)
+                if value is not None:
+                    family.add_metric([str(rcode)], value)
+            yield family
+        types = dns.get("by_type") or dns.get("queries_by_type")
+        if isinstance(types, dict):
+            family = CounterMetricFamily("dcrouter_dns_queries_by_type",
+                                         "DNS queries by question type.", labels=["qtype"])
+            for qtype, count in sorted(types.items()):
+                value = _number(count)
+                if value is not None:
+                    family.add_metric([str(qtype)], value)
+            yield family
 
 
 def _first(figures: dict[str, Any], keys: Iterable[str]) -> Optional[float]:
@@ -435,8 +467,6 @@ class ApiMetrics:
             "smtp_sessions_total": metric_total(self.email_events.sessions),
             "smtp_sessions_active": self.registry.get_sample_value(
                 "dcrouter_smtp_sessions_active") or 0.0,
-            "messages_accepted_total": sum(
-                s.value for f in self.email_events.messages.collect() for s in f.samples
-                if s.name.endswith("_total") and s.labels.get("outcome") == "accepted"),
+            "messages_accepted_total": float(self.email_events.accepted_messages),
             "delivery_attempts_total": metric_total(self.delivery.attempts),
         }

@@ -12,11 +12,14 @@ from typing import Any
 
 from dcrouter import __version__
 from dcrouter.api.errors import ERROR_CODES
-from dcrouter.api.handlers import ENDPOINTS, MAX_QUEUE_PAGE, Endpoint
+from dcrouter.api.handlers import ENDPOINTS, Endpoint
+from dcrouter.api.queue_ops import MAX_QUEUE_PAGE
 
 _ERROR_DESCRIPTIONS = {
     400: "Bad request (malformed JSON or query parameter).",
     401: "Missing or wrong bearer token.",
+    403: "A cross-origin browser request, or (without a token) a Host that is not an IP "
+         "address or localhost.",
     404: "No such resource.",
     409: "Conflicts with the current state.",
     413: "Request body too large.",
@@ -24,7 +27,8 @@ _ERROR_DESCRIPTIONS = {
     422: "Failed validation; `path` names the key like a configuration error.",
     429: "Too many failed authentications from this address; see Retry-After.",
     500: "Unexpected failure; details are in the dcrouter log.",
-    503: "The service or operation is not available in this router.",
+    503: "The service or operation is not available in this router, or it did not answer "
+         "within 30 s.",
 }
 
 _OBJ = {"type": "object", "additionalProperties": True}
@@ -47,6 +51,27 @@ _RULE_SCHEMA: dict[str, Any] = {
         "reject_on_dmarc_fail": {"type": "boolean"},
     },
     "additionalProperties": False,
+}
+
+_QUEUE_ITEM: dict[str, Any] = {
+    "type": "object",
+    "description": "One queue item: one rule's recipients of one message.",
+    "properties": {
+        "id": {"type": "string"}, "mode": {"type": "string"},
+        "rule_pattern": {"type": "string"}, "mail_from": {"type": "string"},
+        "recipients": {"type": "array", "items": {"type": "object", "properties": {
+            "address": {"type": "string"}, "status": {"type": "string"},
+            "code": {"type": "integer"}, "message": {"type": "string"}}}},
+        "status": {"type": "string",
+                   "enum": ["pending", "processing", "deferred", "delivered", "failed"]},
+        "attempts": {"type": "integer"}, "next_attempt": {"type": "number"},
+        "last_error": {"type": "string"}, "created_at": {"type": "number"},
+        "updated_at": {"type": "number"}, "delivered_at": {"type": "number"},
+        "correlation_id": {"type": "string"}, "route": _OBJ,
+        "destination": {"type": "string"}, "size": {"type": "integer"},
+        "is_bounce": {"type": "boolean"},
+    },
+    "additionalProperties": True,
 }
 
 _PATTERN_PARAM = {"name": "pattern", "in": "path", "required": True,
@@ -95,18 +120,20 @@ _DETAILS: dict[str, dict[str, Any]] = {
         "type": "object", "properties": {"removed": _RULE_SCHEMA}}, "errors": [404, 503]},
     "list_queue": {"params": [
         {"name": "status", "in": "query", "required": False,
-         "description": "Only items with this status.", "schema": {"type": "string"}},
+         "description": "Only items with this status (pending, processing, deferred, "
+                        "or recently finished: delivered, failed).",
+         "schema": {"type": "string"}},
         {"name": "limit", "in": "query", "required": False,
          "schema": {"type": "integer", "minimum": 1, "maximum": MAX_QUEUE_PAGE, "default": 100}},
         {"name": "cursor", "in": "query", "required": False,
          "description": "next_cursor of the previous page.", "schema": {"type": "string"}}],
         "response": {"type": "object", "properties": {
-            "items": {"type": "array", "items": _OBJ},
+            "items": {"type": "array", "items": _QUEUE_ITEM},
             "next_cursor": {"type": "string", "nullable": True},
             "count": {"type": "integer"}}},
         "errors": [400, 503]},
     "get_item": {"params": [_ID_PARAM], "response": {"type": "object", "properties": {
-        "item": _OBJ}}, "errors": [404, 503]},
+        "item": _QUEUE_ITEM}}, "errors": [404, 503]},
     "retry_item": {"params": [_ID_PARAM], "response": {"type": "object", "properties": {
         "id": {"type": "string"}, "retried": {"type": "boolean"}}}, "errors": [404, 409, 503]},
     "delete_item": {"params": [_ID_PARAM], "response": {"type": "object", "properties": {
@@ -123,7 +150,8 @@ _DETAILS: dict[str, dict[str, Any]] = {
         "routes": {"type": "array", "items": _OBJ}}}, "errors": [503]},
     "dns_zones": {"response": {"type": "object", "properties": {
         "zones": {"type": "array", "items": _OBJ}}}, "errors": [503]},
-    "prometheus_metrics": {"content_type": "text/plain", "response": {"type": "string"}, "errors": []},
+    "prometheus_metrics": {"content_type": "text/plain", "response": {"type": "string"},
+                           "errors": []},
 }
 
 
@@ -149,7 +177,7 @@ def _operation(endpoint: Endpoint) -> dict[str, Any]:
         op["security"] = [{"bearer": []}]
     else:
         op["security"] = []
-    error_statuses.add(500)
+    error_statuses |= {403, 500}
     for code in sorted(error_statuses):
         op["responses"][str(code)] = {"description": _ERROR_DESCRIPTIONS[code], "content": {
             "application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}

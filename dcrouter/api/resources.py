@@ -23,8 +23,9 @@ from twisted.web import resource, server
 from twisted.web.http import Request
 
 from dcrouter.api import errors
-from dcrouter.api.auth import TokenAuthenticator
-from dcrouter.api.handlers import ENDPOINTS, ApiHandlers, ApiRequest, Endpoint, Reply
+from dcrouter.api.auth import TokenAuthenticator, check_browser_safety
+from dcrouter.api.handlers import ENDPOINTS, ApiHandlers, Endpoint
+from dcrouter.api.types import ApiRequest, Reply
 from dcrouter.api.metrics import ApiMetrics
 from dcrouter.logsetup import get_logger
 from dcrouter.message import new_correlation_id
@@ -70,9 +71,14 @@ class RootResource(resource.Resource):
 
     isLeaf = True
 
+    #: Seconds a service may take to answer before the client gets a 503.
+    timeout = 30.0
+
     def __init__(self, handlers: ApiHandlers, authenticator: TokenAuthenticator,
-                 metrics: ApiMetrics, static: Optional[StaticFiles] = None) -> None:
+                 metrics: ApiMetrics, reactor: Any, static: Optional[StaticFiles] = None
+                 ) -> None:
         super().__init__()
+        self.reactor = reactor
         self.handlers = handlers
         self.authenticator = authenticator
         self.metrics = metrics
@@ -89,6 +95,8 @@ class RootResource(resource.Resource):
         finished = [False]
         request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
         d = defer.maybeDeferred(self._dispatch, request, method, path)
+        if not d.called:
+            d.addTimeout(self.timeout, self.reactor)
         d.addErrback(self._to_api_error, method, path)
         d.addCallback(self._write, request, method, path, finished, started)
         d.addErrback(lambda f: log.failure("writing the API response failed", f))
@@ -119,6 +127,8 @@ class RootResource(resource.Resource):
     def _call(self, endpoint: Endpoint, params: dict[str, str], request: Request,
               method: str, path: str) -> Any:
         client_ip = _client_ip(request)
+        check_browser_safety(request.getHeader(b"host"), request.getHeader(b"origin"),
+                             open_api=not self.authenticator.enabled)
         if not endpoint.public:
             try:
                 self.authenticator.check(request.getHeader(b"authorization"), client_ip, path)
@@ -141,12 +151,17 @@ class RootResource(resource.Resource):
             body=content,
             content_type=(request.getHeader(b"content-type") or b"").decode("latin-1"),
             client_ip=client_ip)
-        return getattr(self.handlers, endpoint.handler)(api_request)
+        return self.handlers.handler_for(endpoint)(api_request)
 
     # -- answers --------------------------------------------------------------
     def _to_api_error(self, failure: Failure, method: str, path: str) -> errors.ApiError:
         if failure.check(errors.ApiError):
             return failure.value  # type: ignore[return-value]
+        if failure.check(defer.TimeoutError):
+            log.warn("API {method} {path} timed out after {seconds}s", method=method, path=path,
+                     seconds=self.timeout)
+            return errors.service_unavailable(
+                f"the service did not answer within {self.timeout:g}s; try again")
         reference = new_correlation_id()
         log.failure("API {method} {path} failed (request {reference})", failure,
                     method=method, path=path, reference=reference)

@@ -25,6 +25,9 @@ from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterCont
 
 log = get_logger("api")
 
+#: Seconds an idle HTTP connection may stay open (twisted.web's default is 12 hours).
+IDLE_TIMEOUT = 60
+
 
 class ApiService(ManagedService):
     """The management API service ("api")."""
@@ -36,8 +39,9 @@ class ApiService(ManagedService):
         self.authenticator = TokenAuthenticator(options.token, options.max_auth_failures_per_minute)
         self._document: Optional[dict] = None
         self.handlers = ApiHandlers(context, self.metrics, self.openapi_document)
-        self.root = RootResource(self.handlers, self.authenticator, self.metrics)
-        self.site = ApiSite(self.root)
+        self.root = RootResource(self.handlers, self.authenticator, self.metrics,
+                                 context.reactor)
+        self.site = ApiSite(self.root, timeout=IDLE_TIMEOUT)
         self.listeners = ListenerSet(context.reactor, lambda spec: self.site)
 
     @staticmethod

@@ -53,6 +53,10 @@ class DnsOptions:
     zones: tuple[ZoneOptions, ...] = option((), doc="Zones.")
     rate_limit: int = option(100, check=check_non_negative,
                              doc="Responses a second per client IP over UDP (0: off).")
+    rate_limit_slip: int = option(2, check=check_non_negative,
+                                  doc="Over the rate limit, every n-th query still gets a "
+                                  "truncated (TC) answer no larger than the query, so real "
+                                  "clients retry over TCP (0: drop all).")
     max_tcp_connections: int = option(1000, check=check_positive, doc="Concurrent TCP clients.")
     tcp_timeout: float = option(10.0, check=check_positive, doc="Idle TCP seconds.")
     max_udp_payload: int = option(1232, check=check_positive,

@@ -80,7 +80,11 @@ class ProxyRouteOptions:
     connection_timeout: float = option(3600.0, check=check_positive,
                                        doc="Seconds of silence both ways before closing.")
     initial_data_timeout: float = option(10.0, check=check_positive,
-                                         doc="Seconds to wait for the first bytes (SNI/Host).")
+                                         doc="Seconds to wait for the first bytes (SNI/Host) "
+                                         "and, on terminate routes, for the TLS handshake.")
+    connect_timeout: float = option(10.0, check=check_positive,
+                                    doc="Seconds to wait for a target to accept before trying "
+                                    "the next one.")
     redirect_to_https: bool = option(False, doc="Answer HTTP with 301 to https://host/path.")
     http: Optional[bool] = option(None, doc="Treat as HTTP (Host routing); default: true for "
                                   "plain routes that name domains other than '*' or a path.")

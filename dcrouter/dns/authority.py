@@ -12,10 +12,11 @@ The rules (RFC 1034 section 4.3.2, RFC 2308, RFC 4592, RFC 6604):
 * ``*.<closest encloser>`` answers for names that do not exist below it,
   with the query name as owner;
 * MX, NS and SRV answers get the A/AAAA records of their targets, when
-  dcrouter serves them, in the additional section.
-
-Delegation (NS records below the apex) is not interpreted: such records are
-answered as data.
+  dcrouter serves them, in the additional section;
+* NS records below the apex delegate: a name at or below such a cut gets a
+  referral (no AA, the NS records in the authority section, glue addresses
+  in the additional section), except DS at the cut itself, which the parent
+  answers.
 """
 
 from __future__ import annotations
@@ -29,6 +30,11 @@ from dcrouter.dns.zone import Zone, ZoneRecord, ZoneSet, in_zone
 
 #: CNAME links followed at most.
 MAX_CHAIN = 12
+DS = 43
+
+
+#: A record in a response: the owner name as it goes on the wire, and the record.
+Entry = tuple[bytes, ZoneRecord]
 
 
 @dataclasses.dataclass
@@ -37,9 +43,9 @@ class Answer:
 
     rcode: int
     authoritative: bool
-    answers: list[dns.RRHeader] = dataclasses.field(default_factory=list)
-    authority: list[dns.RRHeader] = dataclasses.field(default_factory=list)
-    additional: list[dns.RRHeader] = dataclasses.field(default_factory=list)
+    answers: list[Entry] = dataclasses.field(default_factory=list)
+    authority: list[Entry] = dataclasses.field(default_factory=list)
+    additional: list[Entry] = dataclasses.field(default_factory=list)
 
 
 REFUSED = Answer(dns.EREFUSED, False)
@@ -63,12 +69,18 @@ class Authority:
             return Answer(dns.EREFUSED, False)
         if owner is None:
             owner = name.encode("latin-1")
-        answers: list[dns.RRHeader] = []
+        answers: list[Entry] = []
         final: list[ZoneRecord] = []
         seen: set[str] = set()
         current, current_owner = name, owner
         for _ in range(MAX_CHAIN):
             seen.add(current)
+            if zone.cuts:
+                cut = _cut_above(zone, current, qtype)
+                if cut is not None:
+                    if answers:  # a CNAME led into delegated space: the chain ends here
+                        return Answer(dns.OK, True, answers)
+                    return self._referral(zone, cut)
             node = zone.nodes.get(current)
             if node is None:
                 if current in zone.names:
@@ -87,21 +99,27 @@ class Authority:
             if not cnames:
                 return self._negative(zone, dns.OK, answers)
             link = cnames[0]
-            answers.append(link.header(current_owner))
+            answers.append((current_owner, link))
             target = link.target()
             if target is None or target in seen or not in_zone(target, zone.origin):
                 return Answer(dns.OK, True, answers)
             current, current_owner = target, target.encode("ascii")
         else:
             return Answer(dns.OK, True, answers)
-        answers.extend(r.header(current_owner) for r in final)
+        answers.extend((current_owner, r) for r in final)
         return Answer(dns.OK, True, answers, [], self._additional(final))
 
-    def _negative(self, zone: Zone, rcode: int, answers: list[dns.RRHeader]) -> Answer:
-        return Answer(rcode, True, answers, [zone.negative_soa.header()])
+    def _referral(self, zone: Zone, cut: str) -> Answer:
+        ns = zone.nodes[cut][dns.NS]
+        owner = cut.encode("ascii")
+        return Answer(dns.OK, False, [], [(owner, r) for r in ns], self._additional(ns))
 
-    def _additional(self, records: list[ZoneRecord]) -> list[dns.RRHeader]:
-        out: list[dns.RRHeader] = []
+    def _negative(self, zone: Zone, rcode: int, answers: list[Entry]) -> Answer:
+        soa = zone.negative_soa
+        return Answer(rcode, True, answers, [(soa.owner.encode("ascii"), soa)])
+
+    def _additional(self, records: list[ZoneRecord]) -> list[Entry]:
+        out: list[Entry] = []
         done: set[str] = set()
         for rec in records:
             if rec.rtype not in (dns.MX, dns.NS, dns.SRV):
@@ -115,8 +133,21 @@ class Authority:
             if node is None:
                 continue
             for rtype in (dns.A, dns.AAAA):
-                out.extend(r.header() for r in node.get(rtype, ()))
+                out.extend((r.owner.encode("ascii"), r) for r in node.get(rtype, ()))
         return out
+
+
+def _cut_above(zone: Zone, name: str, qtype: int) -> Optional[str]:
+    """The highest delegation point at or above ``name`` (below the apex), or None."""
+    labels = name.split(".")
+    depth = len(zone.origin.split(".")) if zone.origin else 0
+    for i in range(len(labels) - depth - 1, -1, -1):
+        candidate = ".".join(labels[i:])
+        if candidate in zone.cuts:
+            if i == 0 and qtype == DS:
+                return None
+            return candidate
+    return None
 
 
 def _wildcard(zone: Zone, name: str) -> Optional[dict[int, list[ZoneRecord]]]:

@@ -17,8 +17,10 @@ import struct
 import time
 from typing import Any, Callable, Optional
 
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 from twisted.protocols.policies import TimeoutMixin
+from zope.interface import implementer
 
 from dcrouter.dns.server import MAX_TCP_QUERY, Responder
 from dcrouter.logsetup import get_logger
@@ -34,8 +36,10 @@ class RateLimiter:
     """
 
     def __init__(self, limit: int, max_clients: int = 100000,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, slip: int = 0) -> None:
         self.limit = limit
+        #: Every ``slip``-th refused query gets a truncated answer (0: none).
+        self.slip = slip
         self.max_clients = max_clients
         self.clock = clock
         self.window = -1
@@ -58,6 +62,10 @@ class RateLimiter:
         counts[host] = seen + 1
         return True
 
+    def slip_now(self) -> bool:
+        """After a refusal: whether this one gets a truncated answer instead of silence."""
+        return bool(self.slip) and self.limited % self.slip == 0
+
 
 class DnsDatagramProtocol(DatagramProtocol):
     """Answers DNS queries arriving over UDP."""
@@ -68,32 +76,57 @@ class DnsDatagramProtocol(DatagramProtocol):
         self.responder = responder
         self.limiter = limiter
         self.errors = 0
+        self._sendto: Optional[Callable[[bytes, Any], Any]] = None
+
+    def startProtocol(self) -> None:
+        """Send through the socket directly: the transport's per-datagram address
+        validation costs more than the rest of a cached answer (measured with py-spy)."""
+        sock = getattr(self.transport, "socket", None)
+        self._sendto = sock.sendto if sock is not None else None
+
+    def stopProtocol(self) -> None:
+        """The port closed."""
+        self._sendto = None
 
     def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         """Rate-limit, answer, send."""
-        if not self.limiter.allow(addr[0]):
-            return
         try:
-            response = self.responder.handle_udp(datagram)
+            if self.limiter.allow(addr[0]):
+                response = self.responder.handle_udp(datagram)
+            elif self.limiter.slip_now():
+                response = self.responder.slip_response(datagram)
+            else:
+                return
         except Exception as e:  # never let one packet stop the listener
             self.errors += 1
             log.error("DNS query failed: {error}", error=repr(e), client=addr[0])
             return
+        self._send(response, addr)
+
+    def _send(self, response: Optional[bytes], addr: Any) -> None:
         if response is not None:
             try:
-                self.transport.write(response, addr)
+                if self._sendto is not None:
+                    self._sendto(response, addr)
+                else:
+                    self.transport.write(response, addr)
             except OSError:  # unreachable client, full buffer: nothing to do for UDP
                 pass
 
 
+@implementer(IHalfCloseableProtocol)
 class DnsTcpProtocol(Protocol, TimeoutMixin):
-    """One TCP client: length-prefixed queries in, length-prefixed answers out."""
+    """One TCP client: length-prefixed queries in, length-prefixed answers out.
+
+    A client that half-closes after its queries still gets every answer.
+    """
 
     def __init__(self, factory: "DnsTcpFactory") -> None:
         self.factory = factory
         self.buffer = bytearray()
         self.paused = False
         self.closing = False
+        self.read_closed = False
 
     def connectionMade(self) -> None:
         """Count the connection, arm the idle timer, let the write buffer pause reads."""
@@ -140,6 +173,22 @@ class DnsTcpProtocol(Protocol, TimeoutMixin):
             if response is not None:
                 self.transport.write(struct.pack("!H", len(response)) + response)
 
+    def readConnectionLost(self) -> None:
+        """The client sent everything: close once its answers are written."""
+        self.read_closed = True
+        if not self.paused:
+            self._finish()
+
+    def writeConnectionLost(self) -> None:
+        """The client cannot read any more."""
+        self.closing = True
+        self.transport.loseConnection()
+
+    def _finish(self) -> None:
+        if not self.closing:
+            self.closing = True
+            self.transport.loseConnection()
+
     # IPushProducer: the transport pauses us when the client does not read.
     def pauseProducing(self) -> None:
         """Stop reading queries until the answers drain."""
@@ -149,8 +198,11 @@ class DnsTcpProtocol(Protocol, TimeoutMixin):
     def resumeProducing(self) -> None:
         """Read again and answer what was buffered."""
         self.paused = False
-        self.transport.resumeProducing()
+        if not self.read_closed:
+            self.transport.resumeProducing()
         self._process()
+        if self.read_closed:
+            self._finish()
 
     def stopProducing(self) -> None:
         """The connection is going away."""

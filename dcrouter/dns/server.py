@@ -27,18 +27,17 @@ from __future__ import annotations
 
 import struct
 from collections import Counter
-from io import BytesIO
 from typing import Optional
 
 from twisted.names import dns
 
-from dcrouter.dns.authority import Answer, Authority
+from dcrouter.dns.authority import Answer, Authority, Entry
 from dcrouter.dns.zone import type_name
 
 #: Largest TCP query accepted; longer length prefixes close the connection.
 MAX_TCP_QUERY = 16384
 #: Cached UDP responses at most; the cache starts over when full.
-CACHE_ENTRIES = 20000
+CACHE_ENTRIES = 10000
 #: Queries longer than this are answered but not cached.
 CACHE_KEY_MAX = 512
 EDNS_BADVERS = 16
@@ -47,6 +46,27 @@ _OPT = struct.Struct("!HHBBHH")
 _RCODE_NAMES = {dns.OK: "NOERROR", dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAIL",
                 dns.ENAME: "NXDOMAIN", dns.ENOTIMP: "NOTIMP", dns.EREFUSED: "REFUSED",
                 EDNS_BADVERS: "BADVERS"}
+
+
+def _write_name(out: bytearray, name: bytes, comp: dict[bytes, int]) -> None:
+    """Append ``name`` (dotted bytes) with RFC 1035 compression against ``comp``.
+
+    Offsets a pointer cannot hold (past 16 KiB, in large TCP answers) are
+    not remembered, so later names are written in full rather than wrongly.
+    """
+    while name:
+        known = comp.get(name)
+        if known is not None:
+            out.append(0xC0 | known >> 8)
+            out.append(known & 0xFF)
+            return
+        position = len(out) + 12
+        if position <= 0x3FFF:
+            comp[name] = position
+        label, _dot, name = name.partition(b".")
+        out.append(len(label))
+        out += label
+    out.append(0)
 
 
 class MalformedQuery(ValueError):
@@ -173,6 +193,8 @@ class Responder:
             tail, rcode, qtype = hit
             self.by_rcode[rcode] += 1
             self.by_type[qtype] += 1
+            if tail[0] & 0x02:
+                self.truncated += 1
             return data[:2] + tail
         out = self._respond(data, udp=True)
         if out is None:
@@ -189,6 +211,19 @@ class Responder:
         """The response to a query read from TCP, or None."""
         out = self._respond(data, udp=False)
         return None if out is None else out[0]
+
+    def slip_response(self, data: bytes) -> Optional[bytes]:
+        """A TC answer to ``data`` with no records (rate-limit slip), never longer than it."""
+        if len(data) < 12 or data[2] & 0x80 or (data[2] >> 3) & 0xF != dns.OP_QUERY:
+            return None
+        try:
+            q = parse_query(data)
+        except (MalformedQuery, struct.error):
+            return None
+        opt = self._opt(q, 0) if q.edns else b""
+        response = (_header(q.id, q.flags1, dns.OK, False, True, (1, 0, 0, 1 if opt else 0),
+                            q.flags2) + q.question + opt)
+        return response if len(response) <= len(data) else None
 
     def _respond(self, data: bytes, udp: bool) -> Optional[tuple[bytes, int, int]]:
         if len(data) < 12 or data[2] & 0x80:
@@ -222,8 +257,8 @@ class Responder:
         if q.qclass not in (dns.IN, dns.ANY) or q.qtype in (dns.AXFR, dns.IXFR, dns.MAILA,
                                                              dns.MAILB):
             return Answer(dns.EREFUSED, False)
-        if any(b"." in label for label in q.labels):
-            return Answer(dns.EREFUSED, False)
+        if b"." in q.question and any(b"." in label for label in q.labels):
+            return Answer(dns.EREFUSED, False)  # a label with a dot in it: no zone has one
         owner = b".".join(q.labels)
         return self.authority.lookup(owner.lower().decode("latin-1"), q.qtype, owner)
 
@@ -253,11 +288,10 @@ class Responder:
                 + body + opt)
 
     @staticmethod
-    def _body(q: Query, sections: tuple[list[dns.RRHeader], ...]) -> bytes:
-        out = BytesIO()
-        out.write(q.question)
+    def _body(q: Query, sections: tuple[list[Entry], ...]) -> bytes:
+        out = bytearray(q.question)
         if not any(sections):
-            return out.getvalue()
+            return bytes(out)
         comp: dict[bytes, int] = {}
         offset = 12
         labels = q.labels
@@ -265,16 +299,25 @@ class Responder:
             comp.setdefault(b".".join(labels[i:]), offset)
             offset += 1 + len(label)
         for section in sections:
-            for rr in section:
-                rr.encode(out, comp)
-        return out.getvalue()
+            for owner, rec in section:
+                _write_name(out, owner, comp)
+                out += rec.fixed
+                at = len(out)
+                out += b"\x00\x00"
+                for is_name, part in rec.parts:
+                    if is_name:
+                        _write_name(out, part, comp)
+                    else:
+                        out += part
+                struct.pack_into("!H", out, at, len(out) - at - 2)
+        return bytes(out)
 
     def stats(self) -> dict:
         """Queries by rcode and type, malformed, dropped and truncated counts."""
         return {
             "queries": sum(self.by_rcode.values()),
-            "by_rcode": {_RCODE_NAMES.get(k, str(k)): v for k, v in self.by_rcode.items()},
-            "by_type": {type_name(k): v for k, v in self.by_type.items()},
+            "queries_by_rcode": {_RCODE_NAMES.get(k, str(k)): v for k, v in self.by_rcode.items()},
+            "queries_by_type": {type_name(k): v for k, v in self.by_type.items()},
             "malformed": self.malformed,
             "dropped": self.dropped,
             "truncated": self.truncated,

@@ -11,11 +11,16 @@ configured SOA serial, or at the current Unix time).
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import time
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 from twisted.internet import defer, threads
 
+from dcrouter.config.base import build
+from dcrouter.config.dns import ZoneOptions
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.dkimkeys import DkimKey
 from dcrouter.dns.authority import Authority
@@ -26,15 +31,34 @@ from dcrouter.dns.zone import Zone, ZoneContent, ZoneSet, build_zone_content, no
 from dcrouter.errors import ConfigError
 from dcrouter.logsetup import get_logger
 from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterContext
+from dcrouter.tlsutil import ensure_private_dir, write_private
 
 log = get_logger("dns")
 
 
 class SerialKeeper:
-    """Chooses serials so they increase whenever a zone's content changes."""
+    """Chooses serials so they increase whenever a zone's content changes.
 
-    def __init__(self) -> None:
+    With a ``path`` the last serial and content fingerprint of each zone are
+    kept in a small JSON file, so serials keep increasing across restarts
+    (read at start; written in a thread after each change).
+    """
+
+    def __init__(self, path: str = "") -> None:
+        self.path = path
         self.known: dict[str, tuple[str, int]] = {}
+        self._saving: defer.Deferred = defer.succeed(None)
+        if path:
+            try:
+                with open(path, "r", encoding="utf-8") as f:
+                    data = json.load(f)
+                self.known = {str(origin): (str(v["fingerprint"]), int(v["serial"]))
+                              for origin, v in data.items()}
+            except FileNotFoundError:
+                pass
+            except (OSError, ValueError, TypeError, KeyError, AttributeError) as e:
+                log.warn("ignoring unreadable DNS serial file {path}: {error}", path=path,
+                         error=str(e))
 
     def serial_for(self, content: ZoneContent) -> int:
         """The serial ``content`` should carry (not yet remembered: see :meth:`commit`)."""
@@ -48,9 +72,39 @@ class SerialKeeper:
             return max(old_serial, configured or 0)
         return max(old_serial + 1, configured if configured is not None else int(time.time()))
 
-    def commit(self, zones: ZoneSet) -> None:
-        """Remember the serials of the zones now being served."""
-        self.known = {z.origin: (z.content.fingerprint(), z.serial) for z in zones}
+    def commit(self, zones: ZoneSet) -> Optional[defer.Deferred]:
+        """Remember the serials of the zones now being served (and save them if changed)."""
+        known = dict(self.known)
+        known.update({z.origin: (z.content.fingerprint(), z.serial) for z in zones})
+        changed = known != self.known
+        self.known = known
+        if not self.path or not changed:
+            return None
+        data = json.dumps({o: {"fingerprint": f, "serial": s} for o, (f, s) in known.items()},
+                          indent=1, sort_keys=True).encode("utf-8")
+        self._saving = self._saving.addBoth(
+            lambda _: threads.deferToThread(self._write, data)).addErrback(
+            lambda f: log.error("cannot save DNS serials to {path}: {error}", path=self.path,
+                                error=str(f.value)))
+        return self._saving
+
+    def _write(self, data: bytes) -> None:
+        ensure_private_dir(os.path.dirname(self.path))
+        write_private(self.path, data)
+
+    def saved(self) -> defer.Deferred:
+        """Fires when every save so far has been written."""
+        d: defer.Deferred = defer.Deferred()
+
+        def done(result: Any) -> Any:
+            d.callback(None)
+            return result
+        self._saving.addBoth(done)
+        return d
+
+
+def _not_a_table(index: int) -> Any:
+    raise ConfigError(f"dns.zones[{index}]", "must be a table")
 
 
 class DnsService(ManagedService):
@@ -59,20 +113,21 @@ class DnsService(ManagedService):
     def __init__(self, context: RouterContext) -> None:
         super().__init__("dns", context)
         self.options = context.options
-        self.serials = SerialKeeper()
+        self.serials = SerialKeeper(os.path.join(context.state_dir, "dns", "serials.json"))
         self.dkim_keys: list[DkimKey] = []
         zones = self._build(self.options)
-        self.serials.commit(zones)
         self.zone_set = zones
         dns_options = self._dns(self.options)
         self.responder = Responder(Authority(zones), dns_options.max_udp_payload)
-        self.limiter = RateLimiter(dns_options.rate_limit)
+        self.limiter = RateLimiter(dns_options.rate_limit, slip=dns_options.rate_limit_slip)
         self.udp = DnsDatagramProtocol(self.responder, self.limiter)
         self.tcp = DnsTcpFactory(self.responder, dns_options.max_tcp_connections,
                                  dns_options.tcp_timeout)
         self.listeners = ListenerSet(context.reactor, self._target)
         self._refresh_lock = defer.DeferredLock()
         self.refreshes = 0
+        #: Fires when the email records (with DKIM keys) of the start are published.
+        self.ready: defer.Deferred = defer.succeed(None)
         context.dkim_keys.add_listener(self._keys_changed)
 
     @staticmethod
@@ -151,15 +206,17 @@ class DnsService(ManagedService):
     def startService(self) -> None:
         """Bind UDP and TCP, then publish DKIM keys (read or generated in a thread)."""
         self.listeners.start(self._specs(self.options))
+        self.serials.commit(self.zone_set)
         super().startService()
         self.ready = self.refresh_email_records()
         self.ready.addErrback(lambda f: log.error("publishing email records failed: {error}",
                                                   error=str(f.value)))
 
     def stopService(self) -> Any:
-        """Close the listeners."""
+        """Close the listeners; let the serial file be written."""
         super().stopService()
-        return self.listeners.stop()
+        return defer.gatherResults([self.listeners.stop(), self.serials.saved()],
+                                   consumeErrors=True)
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
         """The UDP and TCP listeners."""
@@ -181,6 +238,7 @@ class DnsService(ManagedService):
         d = self._dns(options)
         self._swap(zones)
         self.limiter.limit = d.rate_limit
+        self.limiter.slip = d.rate_limit_slip
         self.responder.max_udp_payload = max(512, d.max_udp_payload)
         self.tcp.max_connections = d.max_tcp_connections
         self.tcp.timeout = d.tcp_timeout
@@ -188,6 +246,24 @@ class DnsService(ManagedService):
             yield self.listeners.update(self._specs(options))
             yield self.refresh_email_records()
         return None
+
+    def update_zones(self, zones: Sequence[Mapping[str, Any]]) -> defer.Deferred:
+        """Replace the configured zones at runtime (for the management API).
+
+        ``zones`` are ``[[dns.zones]]`` tables as plain data (parsed JSON).
+        Invalid data raises :class:`ConfigError` naming the key, before
+        anything changes; otherwise the new zones are served atomically and
+        the returned Deferred fires once the email records are republished.
+        The change lasts until the next reload from the configuration file.
+        """
+        parsed = tuple(build(ZoneOptions, zone, f"dns.zones[{i}]") if isinstance(zone, Mapping)
+                       else _not_a_table(i) for i, zone in enumerate(zones))
+        options = dataclasses.replace(
+            self.options, dns=dataclasses.replace(self._dns(self.options), zones=parsed))
+        zone_set = self._build(options)
+        self.options = options
+        self._swap(zone_set)
+        return self.refresh_email_records() if self.running else defer.succeed(None)
 
     # -- figures -----------------------------------------------------------------
     def zones(self) -> list[dict]:

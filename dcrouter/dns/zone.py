@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import ipaddress
 import re
 import struct
@@ -176,13 +177,25 @@ def _dname(name: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class ZoneRecord:
-    """One parsed record: owner name, type code, TTL, twisted.names payload, canonical text."""
+    """One parsed record: owner name, type code, TTL, twisted.names payload, canonical text.
+
+    ``fixed`` (type, class, TTL) and ``parts`` (the rdata as byte strings and
+    names to compress) are computed once, so answering encodes a record by
+    concatenation.
+    """
 
     owner: str
     rtype: int
     ttl: int
     payload: Any
     text: str
+    fixed: bytes = dataclasses.field(init=False, repr=False, compare=False)
+    parts: tuple[tuple[bool, bytes], ...] = dataclasses.field(init=False, repr=False,
+                                                              compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "fixed", struct.pack("!HHI", self.rtype, dns.IN, self.ttl))
+        object.__setattr__(self, "parts", rdata_parts(self.rtype, self.payload))
 
     @property
     def type_name(self) -> str:
@@ -198,15 +211,28 @@ class ZoneRecord:
             return p.target.name.decode("ascii").lower()
         return None
 
-    def header(self, owner: Optional[bytes] = None) -> dns.RRHeader:
-        """The RRHeader to put in a response (owner defaults to the record's own name)."""
-        return dns.RRHeader(owner if owner is not None else self.owner.encode("ascii"),
-                            self.rtype, dns.IN, self.ttl, self.payload, auth=True)
-
     def as_dict(self) -> dict:
         """For the API: name, type, ttl, value."""
         return {"name": _dname(self.owner), "type": self.type_name, "ttl": self.ttl,
                 "value": self.text}
+
+
+def rdata_parts(rtype: int, payload: Any) -> tuple[tuple[bool, bytes], ...]:
+    """The rdata as ``(is_name, bytes)`` parts: names that RFC 1035 lets a server compress
+    (CNAME, NS, PTR, MX exchange, SOA names) are kept apart; everything else is
+    encoded once by twisted.names."""
+    p = payload
+    if rtype in (dns.CNAME, dns.NS, dns.PTR):
+        return ((True, p.name.name),)
+    if rtype == dns.MX:
+        return ((False, struct.pack("!H", p.preference)), (True, p.name.name))
+    if rtype == dns.SOA:
+        return ((True, p.mname.name), (True, p.rname.name),
+                (False, struct.pack("!IIIII", p.serial, p.refresh, p.retry, p.expire,
+                                    p.minimum)))
+    buf = io.BytesIO()
+    p.encode(buf, None)
+    return ((False, buf.getvalue()),)
 
 
 def parse_record(rec: RecordOptions, origin: str, default_ttl: int, path: str) -> ZoneRecord:
@@ -433,6 +459,10 @@ class Zone:
             for i in range(0, len(labels) - suffix_len + 1):
                 self.names.add(".".join(labels[i:]))
         self.names.add(self.origin)
+        #: Delegation points: names below the apex with NS records (RFC 1034 4.2.1).
+        self.cuts: frozenset[str] = frozenset(
+            owner for owner, node in self.nodes.items()
+            if owner != self.origin and dns.NS in node)
 
     @property
     def records(self) -> list[ZoneRecord]:

@@ -159,6 +159,7 @@ class ConfigUserChecker:
         self.users = {u.username: u.password for u in users}
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred:
+        """Check the credentials; fires with the avatar id or fails with UnauthorizedLogin."""
         username = creds.username.decode("utf-8", "replace") \
             if isinstance(creds.username, bytes) else creds.username
         password = creds.password.decode("utf-8", "replace") \
@@ -190,6 +191,7 @@ class ChainedChecker:
 
     @defer.inlineCallbacks
     def requestAvatarId(self, creds: Any) -> Any:
+        """Check the credentials; fires with the avatar id or fails with UnauthorizedLogin."""
         for checker in self.checkers:
             if not any(i.providedBy(creds) for i in checker.credentialInterfaces):
                 continue
@@ -210,6 +212,7 @@ class SmtpRealm:
     """Maps an avatar id to itself: the server only needs the user name."""
 
     def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> tuple:
+        """The avatar is the user name."""
         name = avatarId.decode("utf-8", "replace") if isinstance(avatarId, bytes) else avatarId
         return (ISmtpUser, str(name), lambda: None)
 

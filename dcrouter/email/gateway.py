@@ -47,11 +47,19 @@ class EmailGateway(ManagedService):
         """Apply a new ``[email]`` section to every part."""
         email = options.email
         assert email is not None
-        self.domain_router.update_from_options(email)
+        # the processor validates (e.g. transformation types) before anything changes
         self.processor.update_options(email)
+        self.domain_router.update_from_options(email)
         self.queue.update_options(email.queue)
         self.delivery.update_options(email)
         return self.server.reconfigure(email)
+
+    def stopService(self) -> Optional[defer.Deferred]:
+        """Stop the children, then release the processor's connections (Redis rate limits)."""
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda result: defer.maybeDeferred(self.processor.close).addBoth(
+            lambda _: result))
+        return d
 
     def stop_accepting(self) -> Optional[defer.Deferred]:
         """Close the SMTP listeners."""

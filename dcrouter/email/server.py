@@ -25,6 +25,7 @@ from zope.interface import implementer
 
 from dcrouter.config.email import EmailOptions
 from dcrouter.email.auth import AuthFailureLimiter, build_portal
+from dcrouter.email.clientcert import ClientCertPolicy
 from dcrouter.email.limits import ConnectionTracker
 from dcrouter.email.session import SmtpSession
 from dcrouter.email.spool import SpoolFiles, clean_spool, spool_dir
@@ -77,6 +78,7 @@ class SmtpFactory(Factory):
         self.listener = listener
 
     def buildProtocol(self, addr: Any) -> SmtpSession:
+        """A new session for this listener."""
         return SmtpSession(self.server, self.listener)
 
 
@@ -92,6 +94,7 @@ class _CurrentTlsContext:
         self.server = server
 
     def serverConnectionForTLS(self, tlsProtocol: Any) -> SSL.Connection:
+        """An OpenSSL connection with the current context."""
         return SSL.Connection(self.server.tls_context().getContext(), None)
 
 
@@ -110,6 +113,7 @@ class UnifiedEmailServer(Service):
         self.spool_dir = spool_dir(context.state_dir)
         self.spool_files = SpoolFiles(self.spool_dir, self.reactor)
         self._tls: Any = None
+        self.client_certs: Optional[ClientCertPolicy] = None
         self.tls_available = True
         self.options = options
         self.connections = ConnectionTracker(options.max_connections,
@@ -127,9 +131,13 @@ class UnifiedEmailServer(Service):
         context = server_context_factory(self.context.state_dir, options.hostname,
                                          tls.cert_path, tls.key_path, tls.min_version,
                                          tls.ciphers, key_path_name="email.tls")
+        client_certs = ClientCertPolicy(tls.ca_path) if tls.ca_path else None
+        if client_certs is not None:
+            client_certs.apply(context)
         self.options = options
         self.portal = portal
         self._tls = context
+        self.client_certs = client_certs
         self._networks = [ipaddress.ip_network(n, strict=False) for n in options.relay_networks]
         self.connections.max_total = options.max_connections
         self.connections.max_per_ip = options.max_connections_per_ip
@@ -176,6 +184,7 @@ class UnifiedEmailServer(Service):
     # -- service life cycle ------------------------------------------------------------------
 
     def startService(self) -> None:
+        """Remove stale spool files, prepare the spool pool, bind the listeners."""
         stale = clean_spool(self.spool_dir)
         if stale:
             log.info("removed {count} unacknowledged spool files", count=stale)
@@ -185,6 +194,7 @@ class UnifiedEmailServer(Service):
         log.info("SMTP listening on {addresses}", addresses=self.bound_addresses())
 
     def stopService(self) -> Any:
+        """Close listeners and every remaining session (421 4.3.2)."""
         super().stopService()
         self.spool_files.close()
         d = self.listeners.stop()

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.email.auth import ISmtpUser
+from dcrouter.email.clientcert import ClientCert
 from dcrouter.email.data import DotDecoder
 from dcrouter.email.sasl import Challenge, Credentials, Refusal, SaslExchange, Step
 from dcrouter.email.spool import SpoolWriter
@@ -118,6 +119,8 @@ class SmtpSession(Protocol):
         self._esmtp = False
         self._sasl: Optional[SaslExchange] = None
         self._direct_send = False
+        self.client_cert: Optional[ClientCert] = None
+        self._out: list[bytes] = []
         self._decoder = DotDecoder()
         self.mail_from: Optional[str] = None
         self.recipients: list[str] = []
@@ -129,6 +132,7 @@ class SmtpSession(Protocol):
     # -- connection life cycle ----------------------------------------------------
 
     def connectionMade(self) -> None:
+        """Apply the connection caps, fill the session record, greet."""
         self._direct_send = isinstance(self.transport, tcp.Connection) and hasattr(
             self.transport, "socket")
         peer: Any = self.transport.getPeer()
@@ -156,6 +160,7 @@ class SmtpSession(Protocol):
         self._send(f"220 {options.hostname} {options.banner or 'ESMTP dcrouter'}")
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
+        """Drop an unfinished spool file and release the session's slot."""
         self.closed = True
         self._cancel_idle()
         if self.spool is not None and not self.busy:
@@ -173,8 +178,10 @@ class SmtpSession(Protocol):
             conn: Any = self.transport.getHandle()  # type: ignore[attr-defined]
             self.info.tls_version = conn.get_protocol_version_name() or ""
             self.info.tls_cipher = conn.get_cipher_name() or ""
+            if self.host.client_certs is not None:
+                self.client_cert = self.host.client_certs.describe(conn)
         except Exception:  # a handle without these methods: leave them empty
-            pass
+            log.failure("cannot read TLS session details", correlation_id=self.info.correlation_id)
         self.info.tls = True
         log.debug("TLS established {tls_version} {tls_cipher}", tls_version=self.info.tls_version,
                   tls_cipher=self.info.tls_cipher, correlation_id=self.info.correlation_id)
@@ -185,6 +192,19 @@ class SmtpSession(Protocol):
         if self.closed:
             return
         data = line.encode("utf-8", "replace") + b"\r\n"
+        if self._processing:
+            # Replies to pipelined commands leave together when the input is used up.
+            self._out.append(data)
+            return
+        self._write(data)
+
+    def _flush(self) -> None:
+        if self._out:
+            data = b"".join(self._out)
+            self._out = []
+            self._write(data)
+
+    def _write(self, data: bytes) -> None:
         transport: Any = self.transport
         if (self._direct_send and not transport.TLS and not transport.dataBuffer
                 and not transport._tempDataBuffer and not transport.disconnecting):
@@ -203,6 +223,7 @@ class SmtpSession(Protocol):
 
     def _close(self) -> None:
         if not self.closed:
+            self._flush()
             self.closed = True
             self._cancel_idle()
             self.transport.loseConnection()
@@ -243,6 +264,7 @@ class SmtpSession(Protocol):
     # -- input ---------------------------------------------------------------------------
 
     def dataReceived(self, data: bytes) -> None:
+        """Buffer input; parse it unless a handler answer is outstanding."""
         if self.closed:
             return
         self._reset_idle()
@@ -267,8 +289,18 @@ class SmtpSession(Protocol):
                     break
         except _Closed:
             pass
+        except Exception:
+            # A bug or a local failure (disk full while spooling): the session's state
+            # cannot be trusted any more.  Say so without details and hang up.
+            log.failure("unexpected error in SMTP session",
+                        correlation_id=self.info.correlation_id)
+            self.host.stats.rejected("internal_error")
+            self.close_idle(f"421 4.3.0 {self.host.options.hostname} Error: temporary local "
+                            "problem, closing connection")
         finally:
             self._processing = False
+            if not self.closed:
+                self._flush()
         if self._paused and not self.busy and not self.closed:
             self._paused = False
             self.transport.resumeProducing()  # type: ignore[attr-defined]
@@ -352,6 +384,7 @@ class SmtpSession(Protocol):
         self._error("502 5.5.1 Error: command not implemented")
 
     def do_HELO(self, arg: str) -> None:
+        """HELO: plain SMTP greeting."""
         if not arg:
             self._error("501 5.5.4 Syntax: HELO hostname")
             return
@@ -361,6 +394,7 @@ class SmtpSession(Protocol):
         self._send(f"250 {self.host.options.hostname}")
 
     def do_EHLO(self, arg: str) -> None:
+        """EHLO: greet and list the extensions (AUTH only over TLS)."""
         if not arg:
             self._error("501 5.5.4 Syntax: EHLO hostname")
             return
@@ -380,29 +414,36 @@ class SmtpSession(Protocol):
         self._send(f"250 {lines[-1]}")
 
     def do_NOOP(self, arg: str) -> None:
+        """NOOP."""
         self._send("250 2.0.0 Ok")
 
     def do_HELP(self, arg: str) -> None:
+        """HELP."""
         self._send("214 2.0.0 See RFC 5321")
 
     def do_VRFY(self, arg: str) -> None:
+        """VRFY: never reveals whether a user exists."""
         self._send("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
 
     def do_EXPN(self, arg: str) -> None:
+        """EXPN: not offered."""
         self._send("502 5.5.1 Error: command not implemented")
 
     def do_RSET(self, arg: str) -> None:
+        """RSET: forget the transaction."""
         self._reset_transaction()
         self._send("250 2.0.0 Ok")
         self.host.transaction_finished(self)
 
     def do_QUIT(self, arg: str) -> None:
+        """QUIT: say goodbye and close."""
         self._reset_transaction()
         self._send("221 2.0.0 Bye")
         self._close()
         raise _Closed()
 
     def do_STARTTLS(self, arg: str) -> None:
+        """STARTTLS (RFC 3207): start TLS and forget the session state."""
         if arg:
             self._error("501 5.5.4 Syntax: STARTTLS")
             return
@@ -418,6 +459,7 @@ class SmtpSession(Protocol):
         self._reset_transaction()
         self.info.helo = ""
         self._esmtp = False
+        self._flush()  # the 220 goes out in clear text, before the handshake
         self.transport.startTLS(self.host.tls_context(), True)  # type: ignore[attr-defined]
         self.info.tls = True
 
@@ -439,6 +481,7 @@ class SmtpSession(Protocol):
         return self.mail_from is not None or self.busy or self._mode == "data"
 
     def do_MAIL(self, arg: str) -> None:
+        """MAIL FROM: checks AUTH requirement, SIZE/BODY/SMTPUTF8, then the handler."""
         if not self.info.helo:
             self._error("503 5.5.1 Error: send HELO/EHLO first")
             return
@@ -490,9 +533,10 @@ class SmtpSession(Protocol):
             self.mail_from = address
             self._send("250 2.1.0 Ok")
 
-        self._ask(self.host.handler.check_sender, (self.info, address), accepted, "sender")
+        self._ask("check_sender", (self.info, address), accepted, "sender")
 
     def do_RCPT(self, arg: str) -> None:
+        """RCPT TO: recipient cap, then the handler (relay policy)."""
         if self.mail_from is None:
             self._error("503 5.5.1 Error: need MAIL command")
             return
@@ -523,10 +567,10 @@ class SmtpSession(Protocol):
                 self.recipients.append(address)
             self._send("250 2.1.5 Ok")
 
-        self._ask(self.host.handler.check_recipient, (self.info, mail_from, address), accepted,
-                  "recipient")
+        self._ask("check_recipient", (self.info, mail_from, address), accepted, "recipient")
 
     def do_DATA(self, arg: str) -> None:
+        """DATA: open a spool file with the Received header and start streaming."""
         if arg:
             self._error("501 5.5.4 Syntax: DATA")
             return
@@ -564,6 +608,8 @@ class SmtpSession(Protocol):
         if self.info.tls:
             parts.append(f"\t(using {self.info.tls_version or 'TLS'} with cipher "
                          f"{self.info.tls_cipher or 'unknown'})")
+            if self.client_cert is not None:
+                parts.append("\t" + self.client_cert.received_comment())
         date = _received_date()
         if len(self.recipients) == 1:
             rcpt = self.recipients[0].replace("\r", "").replace("\n", "")
@@ -629,17 +675,18 @@ class SmtpSession(Protocol):
             spool.abort()
 
         self.mail_from = None  # the transaction is with the handler now
-        self._ask(self.host.handler.handle_message, (message,), queued, "message",
+        self._ask("handle_message", (message,), queued, "message",
                   on_failure=failed, finished=True)
 
     # -- asking the handler ------------------------------------------------------------------
 
-    def _ask(self, method: Callable[..., Any], args: tuple, on_success: Callable[[Any], None],
+    def _ask(self, method: str, args: tuple, on_success: Callable[[Any], None],
              what: str, on_failure: Optional[Callable[[Any], None]] = None,
              finished: bool = False) -> None:
-        """Call a handler method, reply from its result, then continue with buffered input."""
+        """Call handler ``method``, reply from its result, then continue with buffered input."""
         self.busy = True
-        d = defer.maybeDeferred(method, *args)
+        handler = self.host.handler
+        d = defer.maybeDeferred(lambda: getattr(handler, method)(*args))
 
         def ok(result: Any) -> None:
             on_success(result)
@@ -683,6 +730,7 @@ class SmtpSession(Protocol):
     # -- AUTH ------------------------------------------------------------------------------------
 
     def do_AUTH(self, arg: str) -> None:
+        """AUTH (RFC 4954): only over TLS, once, outside a transaction."""
         if not self.info.tls:
             self.host.stats.rejected("auth_needs_tls")
             self._error("538 5.7.11 Encryption required for requested authentication mechanism")

@@ -15,6 +15,7 @@ in a thread and hands them out open.
 from __future__ import annotations
 
 import os
+import re
 import uuid
 from typing import Any, Optional
 
@@ -104,11 +105,16 @@ class SpoolFiles:
         self._discard(files)
 
 
+#: Names of the server's spool files and of files the processor derives from them
+#: (``<name>.ar``, ``<name>.<n>``); other writers' files (bounces) are left alone.
+_SPOOL_NAME = re.compile(r"^[0-9a-f]{32}\.eml(\.[A-Za-z0-9]+)?$")
+
+
 def clean_spool(directory: str) -> int:
-    """Delete leftovers of a previous run (never acknowledged with a 250); returns a count."""
+    """Delete the server's leftovers of a previous run (never acknowledged); returns a count."""
     count = 0
     for name in os.listdir(directory):
-        if name.endswith(".eml"):
+        if _SPOOL_NAME.match(name):
             remove_quietly(os.path.join(directory, name))
             count += 1
     return count

@@ -9,6 +9,8 @@ because the ``acme`` library is blocking; the reactor only publishes the
 http-01 key authorizations (answered by the proxy's HTTP listeners before any
 route) and loads the stored certificate afterwards.
 
+Wildcard names are skipped: http-01 cannot validate them.
+
 Files: the account key is ``state_dir/acme/account.key``; certificates and
 keys are ``state_dir/certs/acme/<name>.crt|.key``.  A failed order backs the
 name off for ``retry_backoff`` seconds, doubling per failure (capped at a day).
@@ -66,7 +68,7 @@ class AcmeIssuer:
         from acme import client, errors, messages
         key = self._account_key()
         verify: Any = self.options.directory_ca_path or True
-        net = client.ClientNetwork(key, user_agent="dcrouter", verify_ssl=verify)
+        net = client.ClientNetwork(key, user_agent="dcrouter", verify_ssl=verify, timeout=30)
         directory = client.ClientV2.get_directory(self.options.directory_url, net)
         acme_client = client.ClientV2(directory, net=net)
         contact = (f"mailto:{self.options.account_email}",) if self.options.account_email else ()
@@ -80,7 +82,7 @@ class AcmeIssuer:
 
     def issue(self, name: str) -> datetime.datetime:
         """Order, validate, finalize and store a certificate for ``name``; returns its expiry."""
-        from acme import challenges, crypto_util
+        from acme import challenges, crypto_util, messages
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric import rsa
         acme_client = self._client()
@@ -92,6 +94,8 @@ class AcmeIssuer:
         tokens: list[str] = []
         try:
             for authz in order.authorizations:
+                if authz.body.status == messages.STATUS_VALID:   # reused authorization
+                    continue
                 chosen = [c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)]
                 if not chosen:
                     raise RuntimeError(f"no http-01 challenge offered for {name}")
@@ -135,7 +139,7 @@ class AcmeManager:
         self.on_issued = on_issued
         self.names: list[str] = []
         self.backoff: dict[str, _Backoff] = {}
-        self.issued: dict[str, str] = {}
+        self.expiry: dict[str, Optional[datetime.datetime]] = {}
         self._loop: Optional[LoopingCall] = None
         self._running: Optional[defer.Deferred] = None
 
@@ -164,13 +168,22 @@ class AcmeManager:
         self._loop = None
 
     def _publish(self, token: str, validation: Optional[str]) -> None:
-        """From the worker thread: (un)publish a key authorization, waiting for the reactor."""
-        def apply() -> None:
-            if validation is None:
-                self.challenges.pop(token, None)
-            else:
-                self.challenges[token] = validation
-        threads.blockingCallFromThread(self.reactor, apply)
+        """From the worker thread: (un)publish a key authorization.
+
+        A single dict store or pop is atomic in CPython, and it must be visible
+        before the thread tells the ACME server to validate, so it is done here
+        rather than scheduled on the reactor (which may already be stopping).
+        """
+        if validation is None:
+            self.challenges.pop(token, None)
+        else:
+            self.challenges[token] = validation
+
+    def expires(self, name: str) -> Optional[datetime.datetime]:
+        """Expiry of the stored certificate for ``name`` (read from disk once, then cached)."""
+        if name not in self.expiry:
+            self.expiry[name] = certificate_expiry(acme_paths(self.state_dir, name)[0])
+        return self.expiry[name]
 
     def due(self) -> list[str]:
         """Names without a certificate or within ``renew_threshold_days`` of expiry."""
@@ -182,7 +195,7 @@ class AcmeManager:
             state = self.backoff.get(name)
             if state is not None and state.until > wall:
                 continue
-            expiry = certificate_expiry(acme_paths(self.state_dir, name)[0])
+            expiry = self.expires(name)
             if expiry is None or expiry - now < threshold:
                 out.append(name)
         return out
@@ -218,7 +231,7 @@ class AcmeManager:
                           "{delay:.0f}s", name=name, error=state.last_error, delay=delay)
                 continue
             self.backoff.pop(name, None)
-            self.issued[name] = expiry.isoformat()
+            self.expiry[name] = expiry
             log.info("certificate for {name} issued, valid until {expiry}", name=name,
                      expiry=expiry.isoformat())
             self.on_issued(name)
@@ -227,7 +240,7 @@ class AcmeManager:
         """Per name: expiry of the stored certificate, failures, next attempt."""
         out: dict[str, Any] = {}
         for name in self.names:
-            expiry = certificate_expiry(acme_paths(self.state_dir, name)[0])
+            expiry = self.expires(name)
             state = self.backoff.get(name)
             out[name] = {"expires": expiry.isoformat() if expiry else None,
                          "failures": state.failures if state else 0,

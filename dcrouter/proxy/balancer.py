@@ -32,6 +32,7 @@ class Target:
     def __init__(self, host: str, port: int) -> None:
         self.host = host
         self.port = port
+        self.ip_version = _ip_version(host)
         self.healthy = True
         self.active = 0
         self.failures = 0
@@ -87,14 +88,19 @@ class Balancer:
                 for t in self.targets}
 
 
-def target_endpoint(reactor: Any, host: str, port: int, timeout: float,
-                    tls_options: Any = None) -> Any:
-    """A client endpoint for a target (literal IPs skip name resolution)."""
-    version = 0
+def _ip_version(host: str) -> int:
+    """4 or 6 for a literal address, 0 for a name."""
     try:
-        version = ipaddress.ip_address(host).version
+        return ipaddress.ip_address(host).version
     except ValueError:
-        pass
+        return 0
+
+
+def target_endpoint(reactor: Any, host: str, port: int, timeout: float,
+                    tls_options: Any = None, version: Optional[int] = None) -> Any:
+    """A client endpoint for a target (literal IPs skip name resolution)."""
+    if version is None:
+        version = _ip_version(host)
     if version == 4:
         endpoint: Any = TCP4ClientEndpoint(reactor, host, port, timeout=timeout)
     elif version == 6:
@@ -147,7 +153,8 @@ class HealthChecker:
         """One TCP connect to ``target``; updates its health."""
         factory = Factory.forProtocol(_Probe)
         factory.noisy = False
-        endpoint = target_endpoint(self.reactor, target.host, target.port, self.timeout)
+        endpoint = target_endpoint(self.reactor, target.host, target.port, self.timeout,
+                                   version=target.ip_version)
         d = endpoint.connect(factory)
 
         def up(_: Any) -> None:

@@ -19,7 +19,9 @@ The first bytes must arrive within the route's ``initial_data_timeout``.
 
 from __future__ import annotations
 
+from ipaddress import IPv4Address
 from typing import Any, Optional
+from typing import Protocol as Protocol_
 
 from OpenSSL import SSL
 from twisted.internet import defer
@@ -33,11 +35,53 @@ from dcrouter.logsetup import get_logger
 from dcrouter.proxy import http as httpmod
 from dcrouter.proxy import proxyprotocol, sni
 from dcrouter.proxy.balancer import Target, connect_with_failover, target_endpoint
-from dcrouter.proxy.limits import LimitExceeded, Ticket, normalize_ip
+from dcrouter.proxy.limits import Admission, IPAddress, LimitExceeded, Ticket, normalize_ip
 from dcrouter.proxy.routes import Route, RouteTable
+from dcrouter.proxy.stats import RouteStats
 from dcrouter.proxy.tunnel import BackendProtocol, Tunnel
 
 log = get_logger("proxy")
+
+
+class ProxyCore(Protocol_):
+    """What connections need from the proxy service (implemented by ``ProxyService``)."""
+
+    reactor: Any
+    table: RouteTable
+    admission: Admission
+    certs: Any
+
+    def stats_for(self, route: Route) -> RouteStats:
+        """Counters of a route."""
+
+    def count_unrouted(self, kind: str) -> None:
+        """Count a connection closed before it had a route."""
+
+    def trusts_proxy_header(self, client_ip: IPAddress) -> bool:
+        """Whether the peer must start with a PROXY header."""
+
+    def acme_answer(self, token: str) -> Optional[str]:
+        """Key authorization of a pending http-01 challenge."""
+
+    def backend_tls_options(self, route: Route, target: Target) -> Any:
+        """Client TLS options for re-encryption."""
+
+    def track(self, protocol: "FrontProtocol") -> None:
+        """A connection was accepted."""
+
+    def untrack(self, protocol: "FrontProtocol") -> None:
+        """A connection closed."""
+
+
+def _no_delay(transport: Any) -> None:
+    """TCP_NODELAY: a relay forwards what it has at once (Nagle would hold small
+    writes such as a TLS server's last flight for a delayed ACK)."""
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is not None:
+        try:
+            set_no_delay(True)
+        except OSError:
+            pass
 
 
 class _Backend(BackendProtocol):
@@ -50,6 +94,7 @@ class _Backend(BackendProtocol):
 
     def connectionMade(self) -> None:
         assert self.transport is not None
+        _no_delay(self.transport)
         if self.preamble:
             self.transport.write(self.preamble)
         if self.tls_options is not None:
@@ -77,7 +122,7 @@ class _BackendFactory(Factory):
 class Connection:
     """What one client connection has been given: its route, admission ticket and tunnel."""
 
-    def __init__(self, core: Any, route: Route, ticket: Ticket) -> None:
+    def __init__(self, core: ProxyCore, route: Route, ticket: Ticket) -> None:
         self.core = core
         self.route = route
         self.ticket = ticket
@@ -110,12 +155,13 @@ class Connection:
         if route.options.send_proxy_protocol:
             preamble = proxyprotocol.encode(route.options.send_proxy_protocol, client_addr,
                                             local_addr)
-        timeout = min(route.options.initial_data_timeout, 30.0)
+        timeout = route.options.connect_timeout
 
         def connect(target: Target) -> defer.Deferred:
             tls_options = core.backend_tls_options(route, target) \
                 if route.tls == "terminate-and-reencrypt" else None
-            endpoint = target_endpoint(core.reactor, target.host, target.port, timeout)
+            endpoint = target_endpoint(core.reactor, target.host, target.port, timeout,
+                                       version=target.ip_version)
             return endpoint.connect(_BackendFactory(tunnel, preamble, tls_options))
 
         d = connect_with_failover(route.balancer, connect,
@@ -123,6 +169,9 @@ class Connection:
 
         def connected(result: tuple[Target, Any]) -> None:
             target, protocol = result
+            if tunnel.done or not tunnel.client_open:     # the client left meanwhile
+                protocol.transport.loseConnection()
+                return
             self.target = target
             target.active += 1
             tunnel.attach(protocol.transport, initial)
@@ -151,16 +200,36 @@ class _TerminatedProtocol(Protocol):
         self.tunnel: Optional[Tunnel] = None
         self.lost = False
         self.handshake_done = False
+        self.timer: Any = None
+        self.timed_out = False
+
+    def connectionMade(self) -> None:
+        timeout = self.connection.route.options.initial_data_timeout
+        self.timer = self.front.core.reactor.callLater(timeout, self._handshake_timeout)
+
+    def _handshake_timeout(self) -> None:
+        self.timer = None
+        self.timed_out = True
+        self.connection.stats.error("handshake_timeout" if not self.handshake_done
+                                    else "initial_timeout")
+        assert self.transport is not None
+        self.transport.abortConnection()  # type: ignore[attr-defined]
+
+    def _cancel_timer(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
         route = self.connection.route
         if route.options.add_forwarded_headers:
-            self.reader = httpmod.HeadReader()
+            self.reader = httpmod.HeadReader()     # the timer now covers the request head
         else:
             self._open(b"")
 
     def _open(self, initial: bytes) -> None:
+        self._cancel_timer()
         if self.lost:
             return
         self.tunnel = self.connection.open_tunnel(self.transport, initial, self.front.client_addr,
@@ -174,6 +243,7 @@ class _TerminatedProtocol(Protocol):
             return
         state = self.reader.feed(data)
         if state == httpmod.INVALID:
+            self._cancel_timer()
             self.connection.stats.error("bad_http")
             assert self.transport is not None
             self.transport.write(httpmod.response(400, "Bad Request", b"bad request\n"))
@@ -187,10 +257,11 @@ class _TerminatedProtocol(Protocol):
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.lost = True
+        self._cancel_timer()
         if self.tunnel is not None:
             self.tunnel.client_lost(reason)
         else:
-            if not self.handshake_done:
+            if not self.handshake_done and not self.timed_out:
                 self.connection.stats.error("tls_handshake")
             self.connection.release()
 
@@ -210,7 +281,7 @@ class _TerminatedFactory(Factory):
 class FrontProtocol(Protocol):
     """One accepted client connection on a proxy port."""
 
-    def __init__(self, core: Any, port: int) -> None:
+    def __init__(self, core: ProxyCore, port: int) -> None:
         self.core = core
         self.port = port
         self.table: RouteTable = core.table
@@ -220,6 +291,7 @@ class FrontProtocol(Protocol):
         self.connection: Optional[Connection] = None
         self.tunnel: Optional[Tunnel] = None
         self.delegate: Optional[Protocol] = None
+        self.client_ip: IPAddress = IPv4Address("0.0.0.0")
         self.client_addr: tuple[str, int] = ("", 0)
         self.local_addr: tuple[str, int] = ("", 0)
         self.closed = False
@@ -227,12 +299,14 @@ class FrontProtocol(Protocol):
     # -- lifecycle -------------------------------------------------------------
     def connectionMade(self) -> None:
         assert self.transport is not None
+        _no_delay(self.transport)
         peer: Any = self.transport.getPeer()
         host: Any = self.transport.getHost()
-        self.client_addr = (str(normalize_ip(peer.host)), peer.port)
+        self.client_ip = normalize_ip(peer.host)
+        self.client_addr = (str(self.client_ip), peer.port)
         self.local_addr = (str(normalize_ip(host.host)), host.port)
         self.core.track(self)
-        if self.core.trusts_proxy_header(self.client_addr[0]):
+        if self.core.trusts_proxy_header(self.client_ip):
             self.stage = "proxy"
             self.parser = proxyprotocol.ProxyHeaderParser()
             self._start_timer()
@@ -243,7 +317,7 @@ class FrontProtocol(Protocol):
         mode = self.table.mode(self.port)
         if mode == "tcp":
             self.stage = "route"
-            route = self.table.match(self.port, None, self.client_addr[0])
+            route = self.table.match(self.port, None, self.client_ip)
             if route is None:
                 self._refuse("no_route")
                 return
@@ -251,8 +325,7 @@ class FrontProtocol(Protocol):
             return
         self.stage = mode
         self.parser = sni.ClientHelloParser() if mode == "tls" else httpmod.HeadReader()
-        if self.timer is None:
-            self._start_timer()
+        self._start_timer()
         if leftover:
             self.dataReceived(leftover)
 
@@ -305,9 +378,10 @@ class FrontProtocol(Protocol):
         if state == proxyprotocol.INVALID:
             self._refuse("bad_proxy_header")
         elif state == proxyprotocol.DONE:
+            self._cancel_timer()
             if self.parser.source is not None:
-                self.client_addr = (str(normalize_ip(self.parser.source[0])),
-                                    self.parser.source[1])
+                self.client_ip = normalize_ip(self.parser.source[0])
+                self.client_addr = (str(self.client_ip), self.parser.source[1])
             rest = self.parser.rest
             self.parser = None
             self._start_mode(rest)
@@ -321,7 +395,7 @@ class FrontProtocol(Protocol):
             self._refuse("not_tls")
             return
         hello = self.parser.hello
-        route = self.table.match(self.port, hello.server_name, self.client_addr[0])
+        route = self.table.match(self.port, hello.server_name, self.client_ip)
         if route is None:
             self._refuse("no_route")
             return
@@ -352,7 +426,7 @@ class FrontProtocol(Protocol):
                 self.transport.write(httpmod.response(200, "OK", answer.encode("ascii")))
                 self.transport.loseConnection()
                 return
-        route = self.table.match(self.port, head.host, self.client_addr[0], head.path)
+        route = self.table.match(self.port, head.host, self.client_ip, head.path)
         if route is None:
             self._refuse("no_route", reply=httpmod.response(404, "Not Found", b"no route\n"))
             return
@@ -382,7 +456,7 @@ class FrontProtocol(Protocol):
     # -- routing outcomes --------------------------------------------------------
     def _admit(self, route: Route) -> Optional[Connection]:
         try:
-            ticket = self.core.admission.admit(route.key, self.client_addr[0], route.ip_rules,
+            ticket = self.core.admission.admit(route.key, self.client_ip, route.ip_rules,
                                                route.options.max_connections,
                                                route.options.max_connections_per_ip)
         except LimitExceeded as e:
@@ -452,7 +526,7 @@ class FrontFactory(Factory):
 
     noisy = False
 
-    def __init__(self, core: Any, port: int) -> None:
+    def __init__(self, core: ProxyCore, port: int) -> None:
         self.core = core
         self.port = port
 

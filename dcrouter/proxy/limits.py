@@ -22,6 +22,8 @@ def normalize_ip(address: Union[str, IPAddress]) -> IPAddress:
     """
     if isinstance(address, str):
         address = ipaddress.ip_address(address.split("%", 1)[0])
+    elif isinstance(address, ipaddress.IPv4Address):
+        return address
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         return address.ipv4_mapped
     return address

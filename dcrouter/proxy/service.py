@@ -22,7 +22,7 @@ from dcrouter.logsetup import get_logger
 from dcrouter.proxy.balancer import Balancer, HealthChecker, Target
 from dcrouter.proxy.certs import CertStore
 from dcrouter.proxy.frontend import FrontFactory, FrontProtocol
-from dcrouter.proxy.limits import Admission, in_networks, normalize_ip, parse_networks
+from dcrouter.proxy.limits import Admission, IPAddress, in_networks, parse_networks
 from dcrouter.proxy.routes import Route, RouteTable
 from dcrouter.proxy.stats import RouteStats
 from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterContext
@@ -73,10 +73,13 @@ class ProxyService(ManagedService):
 
     def _specs(self) -> list[ListenSpec]:
         proxy = self._proxy_options(self.context.options)
+        # a port that stays keeps its listener even if the route naming it moved in the list
+        bound = {(s.host, s.port): s for s in self.listeners.ports}
         specs = []
         for port in self.table.ports():
             first = self.table.by_port[port][0]
-            specs.append(ListenSpec("tcp", proxy.listen, port, f"proxy.routes[{first.index}].ports"))
+            specs.append(bound.get((proxy.listen, port))
+                         or ListenSpec("tcp", proxy.listen, port, f"proxy.routes[{first.index}].ports"))
         return specs
 
     def _factory(self, spec: ListenSpec) -> FrontFactory:
@@ -122,9 +125,9 @@ class ProxyService(ManagedService):
         """Count a connection closed before it had a route."""
         self.unrouted[kind] = self.unrouted.get(kind, 0) + 1
 
-    def trusts_proxy_header(self, client_ip: str) -> bool:
-        """Whether a connection from ``client_ip`` must start with a PROXY header."""
-        return bool(self._proxy_ips) and in_networks(normalize_ip(client_ip), self._proxy_ips)
+    def trusts_proxy_header(self, client_ip: IPAddress) -> bool:
+        """Whether a connection from ``client_ip`` (normalised) must start with a PROXY header."""
+        return bool(self._proxy_ips) and in_networks(client_ip, self._proxy_ips)
 
     def acme_answer(self, token: str) -> Optional[str]:
         """The key authorization of a pending http-01 challenge."""

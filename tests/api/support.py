@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import time
 from typing import Any, Optional
 
 import treq
 from twisted.internet import defer
 
+from dcrouter.message import DeliveryRequest, Route, new_correlation_id, new_queue_id
 from dcrouter.router import DcRouter
 from tests.support.configs import default_config_with_free_ports
 from tests.support.router import options_from, start_router
@@ -200,3 +202,29 @@ def assert_error(response: Response, status: int, code: str) -> dict:
     assert body["error"]["message"], body
     assert "Traceback" not in response.text
     return body["error"]
+
+
+#: A loopback port nothing listens on (port 9, "discard", is not served here).
+UNREACHABLE_PORT = 9
+
+
+async def hold_items(router: DcRouter, recipients: list[str], size: int = 0) -> list[str]:
+    """Pause the router's real queue and enqueue one forward item per recipient.
+
+    The queue stays paused, so the items wait as ``pending`` for the test to
+    inspect, retry or delete; returns their ids in the order given.
+    """
+    queue = router.email.queue
+    queue.pause()
+    spool = os.path.join(router.options.router.state_dir, "spool")
+    os.makedirs(spool, exist_ok=True)
+    path = os.path.join(spool, new_queue_id() + ".eml")
+    body = b"Subject: held\r\nFrom: sender@localhost\r\n\r\n" + b"x" * size + b"\r\n"
+    with open(path, "wb") as f:
+        f.write(body)
+    requests = [DeliveryRequest(new_queue_id(), "forward", "*@hold.test", "sender@localhost",
+                                [rcpt], Route("forward", server="127.0.0.1",
+                                              port=UNREACHABLE_PORT),
+                                path, new_correlation_id(), size=len(body))
+                for rcpt in recipients]
+    return list(await queue.enqueue(requests))

@@ -5,12 +5,13 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
 from typing import Optional
 
 import pytest_twisted
 from twisted.internet import utils
 
-from tests.api.support import TOKEN, StandInItem
+from tests.api.support import TOKEN, StandInItem, hold_items
 from tests.support.net import free_port
 from tests.support.proc import twistd_env
 from tests.support.router import port_of
@@ -71,12 +72,13 @@ async def test_status_table_and_json(running):
 @pytest_twisted.ensureDeferred
 async def test_stats_table_and_json(running):
     router, client, queue = running
-    queue.add(StandInItem("S1", "a@b.test", ["c@d.test"], 10))
+    await hold_items(router, ["c@d.test"])
     result = await ctl(_url(client), "stats")
     assert result.code == 0, result.err
     figures = dict(line.split(None, 1) for line in result.out.splitlines()[2:])
     assert figures["summary.queue_depth"].strip() == "1"
     assert figures["email.queue.size"].strip() == "1"
+    assert figures["email.queue.paused"].strip() == "yes"
     data = (await ctl(_url(client), "--json", "stats")).json()
     assert data["summary"]["queue_depth"] == 1
 
@@ -86,32 +88,48 @@ async def test_queue_list_like_postqueue(running):
     router, client, queue = running
     result = await ctl(_url(client), "queue", "list")
     assert result.code == 0 and result.out.strip() == "Mail queue is empty"
-    queue.add(StandInItem("AAA1", "sender@a.test", ["one@b.test", "two@b.test"], 1500,
-                          created_at=1795597200.0))
-    queue.add(StandInItem("AAA2", "", ["three@b.test"], 600, status="delivering",
-                          last_error=""))
+    ids = await hold_items(router, ["one@b.test", "two@b.test"], size=1500)
     result = await ctl(_url(client), "queue", "list")
     assert result.code == 0, result.err
     lines = result.out.splitlines()
     assert lines[0].startswith("-Queue ID-")
+    rows = [line.split() for line in lines if line[:1].strip()][1:-1]
+    assert [r[0] for r in rows] == sorted(ids)
+    assert all(r[-1] == "sender@localhost" and int(r[1]) > 1500 for r in rows)
+    assert {line.strip() for line in lines if line.startswith(" " * 40)} == {
+        "one@b.test", "two@b.test"}
+    assert lines[-1] == "-- 4 Kbytes in 2 Requests."
+    listed = (await ctl(_url(client), "--json", "queue", "list", "--status", "pending")).json()
+    assert listed["count"] == 2 and {i["id"] for i in listed["items"]} == set(ids)
+    assert (await ctl(_url(client), "--json", "queue", "list", "--status",
+                      "deferred")).json()["count"] == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_list_marks_and_errors(standin):
+    router, client, queue = standin
+    queue.add(StandInItem("AAA1", "sender@a.test", ["one@b.test", "two@b.test"], 1500,
+                          created_at=1795597200.0))
+    queue.add(StandInItem("AAA2", "", ["three@b.test"], 600, status="processing",
+                          last_error=""))
+    result = await ctl(_url(client), "queue", "list")
+    assert result.code == 0, result.err
+    lines = result.out.splitlines()
     first = lines[1].split()
     assert first[0] == "AAA1" and first[1] == "1500" and first[-1] == "sender@a.test"
     assert lines[2].strip() == "(451 4.3.0 try later)"
     assert [lines[3].strip(), lines[4].strip()] == ["one@b.test", "two@b.test"]
     assert lines[6].split()[0] == "AAA2*" and lines[6].split()[-1] == "MAILER-DAEMON"
     assert lines[-1] == "-- 3 Kbytes in 2 Requests."
-    listed = (await ctl(_url(client), "--json", "queue", "list", "--status", "deferred")).json()
-    assert listed["count"] == 1 and listed["items"][0]["id"] == "AAA1"
 
 
 @pytest_twisted.ensureDeferred
 async def test_queue_list_follows_cursors(running):
     router, client, queue = running
-    for i in range(1203):
-        queue.add(StandInItem(f"P{i:05d}", "s@a.test", ["r@b.test"], 100))
+    ids = await hold_items(router, [f"r{i}@b.test" for i in range(1203)])
     listed = (await ctl(_url(client), "--json", "queue", "list")).json()
     assert listed["count"] == 1203
-    assert [i["id"] for i in listed["items"]] == sorted(queue.items)
+    assert [i["id"] for i in listed["items"]] == sorted(ids)
     limited = (await ctl(_url(client), "--json", "queue", "list", "--limit", "7")).json()
     assert limited["count"] == 7
 
@@ -119,27 +137,28 @@ async def test_queue_list_follows_cursors(running):
 @pytest_twisted.ensureDeferred
 async def test_queue_retry_delete_and_their_exit_codes(running):
     router, client, queue = running
-    queue.add(StandInItem("R1", "s@a.test", ["r@b.test"], 100))
-    queue.add(StandInItem("R2", "s@a.test", ["r@b.test"], 100))
-    queue.add(StandInItem("R3", "s@a.test", ["r@b.test"], 100))
-    result = await ctl(_url(client), "queue", "retry", "R1")
-    assert (result.code, result.out.strip()) == (0, "R1: retry scheduled")
-    assert queue.items["R1"].status == "queued"
+    first, second, third = await hold_items(router, ["a@b.test", "c@b.test", "d@b.test"])
+    result = await ctl(_url(client), "queue", "retry", first)
+    assert (result.code, result.out.strip()) == (0, f"{first}: retry scheduled")
+    assert (await queue.get_item(first)).next_attempt <= time.time()
     result = await ctl(_url(client), "queue", "retry", "--all")
-    assert (result.code, result.out.strip()) == (0, "retrying 2 item(s)")
-    result = await ctl(_url(client), "queue", "delete", "R2")
-    assert (result.code, result.out.strip()) == (0, "R2: deleted") and "R2" not in queue.items
-    missing = await ctl(_url(client), "queue", "delete", "R2")
+    assert (result.code, result.out.strip()) == (0, "retrying 3 item(s)")
+    result = await ctl(_url(client), "queue", "delete", second)
+    assert (result.code, result.out.strip()) == (0, f"{second}: deleted")
+    assert await queue.get_item(second) is None
+    missing = await ctl(_url(client), "queue", "delete", second)
     assert missing.code == 1 and "no queue item" in missing.err and "HTTP 404" in missing.err
     missing = await ctl(_url(client), "--json", "queue", "retry", "NOPE")
     assert missing.code == 1 and missing.json()["error"]["code"] == "not_found"
     usage = await ctl(_url(client), "queue", "retry")
     assert usage.code == 2 and "queue id or --all" in usage.err
-    for action, paused in (("pause", True), ("resume", False)):
+    for item_id in (first, third):  # an empty queue: resuming starts no delivery
+        assert (await ctl(_url(client), "queue", "delete", item_id)).code == 0
+    for action, paused in (("resume", False), ("pause", True)):
         assert (await ctl(_url(client), "queue", action)).code == 0
         assert queue.paused is paused
     flushed = await ctl(_url(client), "--json", "queue", "flush")
-    assert flushed.code == 0 and queue.flushes == 1
+    assert flushed.code == 0 and flushed.json() == {"flushed": 0}
 
 
 @pytest_twisted.ensureDeferred
@@ -247,3 +266,28 @@ def test_rules_survive_a_restart_of_the_twistd_process_and_reload_works(tmp_path
         assert "taken from" in proc.output() and "rules.toml" in proc.output()
     finally:
         assert proc.stop() == 0
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_show_and_rule_from_json_file(running, tmp_path):
+    router, client, queue = running
+    [item_id] = await hold_items(router, ["show@b.test"])
+    shown = await ctl(_url(client), "queue", "show", item_id)
+    assert shown.code == 0, shown.err
+    fields = dict(line.split(None, 1) for line in shown.out.splitlines()[1:] if " " in line)
+    assert fields["id"].strip() == item_id and fields["status"].strip() == "pending"
+    assert fields["route.port"].strip() == "9"
+    missing = await ctl(_url(client), "queue", "show", "NOPE")
+    assert missing.code == 1
+
+    rule = tmp_path / "rule.json"
+    rule.write_text(json.dumps({"mode": "process", "content_scanning": True,
+                                "scanners": [{"type": "virus", "action": "reject"}]}))
+    added = await ctl(_url(client), "rules", "add", "*@json.test", "--rule-json", str(rule),
+                      "--position", "0")
+    assert added.code == 0, added.err
+    assert added.out.strip() == "added *@json.test (process) at position 0"
+    assert router.options.email.domain_rules[0].scanners[0].action == "reject"
+    rule.write_text("{not json")
+    broken = await ctl(_url(client), "rules", "add", "*@x.test", "--rule-json", str(rule))
+    assert broken.code == 2 and "is not JSON" in broken.err

@@ -11,7 +11,7 @@ from dcrouter.api.metrics import DeliveryMetrics, StatsCollector
 from dcrouter.config import parse_config
 from dcrouter.message import DeliveryRequest, ReceivedMessage, Route, SessionInfo
 from dcrouter.service import Extensions, ManagedService, RouterContext
-from tests.api.support import StandInItem, assert_error
+from tests.api.support import assert_error, hold_items
 
 
 def _samples(text: str) -> dict[tuple[str, tuple], float]:
@@ -29,9 +29,7 @@ def _families(text: str) -> dict[str, Any]:
 @pytest_twisted.ensureDeferred
 async def test_metrics_parse_and_carry_the_routers_figures(running):
     router, client, queue = running
-    queue.add(StandInItem("A", "s@a.test", ["r@b.test"], 10))
-    queue.add(StandInItem("B", "s@a.test", ["r@b.test"], 10))
-    queue.add(StandInItem("C", "s@a.test", ["r@b.test"], 10, status="queued"))
+    await hold_items(router, ["a@b.test", "b@b.test", "c@b.test"])
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.header("Content-Type").startswith("text/plain; version=")
@@ -40,8 +38,8 @@ async def test_metrics_parse_and_carry_the_routers_figures(running):
     assert families["dcrouter_info"].samples[0].labels["version"]
     for service in ("dns", "email", "proxy", "api"):
         assert samples[("dcrouter_service_running", (("service", service),))] == 1.0
-    assert samples[("dcrouter_queue_depth", (("status", "deferred"),))] == 2.0
-    assert samples[("dcrouter_queue_depth", (("status", "queued"),))] == 1.0
+    assert samples[("dcrouter_queue_depth", (("status", "pending"),))] == 3.0
+    assert samples[("dcrouter_queue_depth", (("status", "deferred"),))] == 0.0
     assert samples[("dcrouter_service_stat", (("key", "queue.size"), ("service", "email")))] == 3
     assert samples[("dcrouter_uptime_seconds", ())] >= 0
     assert families["dcrouter_delivery_duration_seconds"].type == "histogram"
@@ -98,7 +96,7 @@ async def test_email_events_count_sessions_messages_by_mode_and_rejections(runni
     assert samples[("dcrouter_message_size_bytes_sum", ())] == 5300
     summary = (await client.get("/api/stats")).json()["summary"]
     assert summary["smtp_sessions_total"] == 2 and summary["smtp_sessions_active"] == 1
-    assert summary["messages_accepted_total"] == 3
+    assert summary["messages_accepted_total"] == 2  # messages, not (message, mode) pairs
 
 
 def _request(queue_id: str, mode: str) -> DeliveryRequest:
@@ -179,6 +177,14 @@ def test_collector_labels_proxy_routes_dns_rcodes_and_scan_verdicts(tmp_path):
     assert samples[("dcrouter_queue_depth", (("status", "all"),))] == 4
     assert samples[("dcrouter_service_stat", (("key", "queries_total"), ("service", "dns")))] == 43
     assert samples[("dcrouter_stats_errors_total", ())] == 1
+    # the processor's flat counters (scan_<scanner>_<verdict>) give the same family
+    context.services["email"].figures = {"processor": {"counters": {
+        "messages": 9, "scan_virus_clean": 4, "scan_attachment_reject": 2}}}
+    samples = _samples(generate_latest(registry).decode())
+    assert samples[("dcrouter_scan_verdicts_total", (("scanner", "virus"),
+                                                     ("verdict", "clean")))] == 4
+    assert samples[("dcrouter_scan_verdicts_total", (("scanner", "attachment"),
+                                                     ("verdict", "reject")))] == 2
 
 
 
@@ -210,3 +216,40 @@ async def test_real_smtp_sessions_are_counted(running):
     assert samples[("dcrouter_smtp_sessions_total", ())] == 3
     assert samples[("dcrouter_service_stat", (("key", "server.connections_total"),
                                               ("service", "email")))] == 3
+
+
+def _dns_and_proxy_traffic(dns_port: int, http_port: int) -> list[str]:
+    import socket
+
+    import dns.message
+    import dns.query
+    rcodes = []
+    for name in ("dcrouter.test.", "nothing-here.dcrouter.test."):
+        reply = dns.query.udp(dns.message.make_query(name, "A"), "127.0.0.1", port=dns_port,
+                              timeout=10)
+        rcodes.append(dns.rcode.to_text(reply.rcode()))
+    with socket.create_connection(("127.0.0.1", http_port), timeout=10) as conn:
+        conn.sendall(b"GET / HTTP/1.1\r\nHost: www.dcrouter.test\r\n\r\n")
+        while conn.recv(4096):
+            pass
+    return rcodes
+
+
+@pytest_twisted.ensureDeferred
+async def test_real_dns_queries_and_proxy_connections_are_exposed(running):
+    from twisted.internet import threads
+    from tests.support.router import port_of
+    router, client, queue = running
+    http_port = router.options.proxy.routes[1].ports[0]
+    rcodes = await threads.deferToThread(_dns_and_proxy_traffic,
+                                         port_of(router, "dns", protocol="udp"), http_port)
+    assert rcodes == ["NOERROR", "NXDOMAIN"]
+    samples = await _scrape_until(client, lambda s: s.get(
+        ("dcrouter_proxy_connections_active", (("route", "http"),))) == 0)
+    assert samples[("dcrouter_dns_queries_total", (("rcode", "NOERROR"),))] == 1
+    assert samples[("dcrouter_dns_queries_total", (("rcode", "NXDOMAIN"),))] == 1
+    assert samples[("dcrouter_dns_queries_by_type_total", (("qtype", "A"),))] == 2
+    assert samples[("dcrouter_proxy_connections_total", (("route", "http"),))] == 1
+    assert samples[("dcrouter_proxy_connections_total", (("route", "web"),))] == 0
+    summary = (await client.get("/api/stats")).json()["summary"]
+    assert summary["dns_queries_total"] == 2 and summary["proxy_connections_total"] == 1

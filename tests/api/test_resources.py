@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import os
+import time
 import tomllib
 
 import pytest_twisted
 
 from dcrouter.api.handlers import ENDPOINTS
 from tests.api.support import (
-    TOKEN, Client, InMemoryQueue, StandInItem, assert_error, start_api_router,
+    TOKEN, UNREACHABLE_PORT, Client, InMemoryQueue, StandInItem, assert_error, hold_items,
+    start_api_router,
 )
 from tests.support.configs import write_config
 from tests.support.router import stop_router
@@ -86,6 +88,33 @@ async def test_open_api_without_token_on_loopback(tmp_path):
         await stop_router(router)
 
 
+@pytest_twisted.ensureDeferred
+async def test_cross_origin_browser_requests_are_refused(running):
+    router, client, queue = running
+    host = client.base.split("//")[1]
+    for origin in ("http://evil.example", "null", f"http://{host}.evil.example"):
+        response = await client.post("/api/queue/pause", headers={"Origin": origin})
+        assert_error(response, 403, "forbidden")
+    assert queue.paused is False
+    same = await client.post("/api/queue/pause", headers={"Origin": f"http://{host}"})
+    assert same.status == 200 and queue.paused is True
+
+
+@pytest_twisted.ensureDeferred
+async def test_open_api_answers_only_to_ip_and_localhost_hosts(tmp_path):
+    """Without a token, a DNS-rebinding page (Host: its own name) gets nothing."""
+    router, port = start_api_router(str(tmp_path / "var"), token="")
+    client = Client(port, token=None)
+    try:
+        error = assert_error(await client.post("/api/reload", headers={
+            "Host": f"rebind.attacker.example:{port}"}), 403, "forbidden")
+        assert "only to IP addresses and localhost" in error["message"]
+        for host in (f"127.0.0.1:{port}", f"localhost:{port}", "[::1]", "localhost"):
+            assert (await client.get("/api/status", headers={"Host": host})).status == 200
+    finally:
+        await stop_router(router)
+
+
 # -- routing and error shape --------------------------------------------------------
 
 @pytest_twisted.ensureDeferred
@@ -155,13 +184,13 @@ async def test_status_lists_services_with_real_ports(running):
 @pytest_twisted.ensureDeferred
 async def test_stats_has_every_service_and_a_summary(running):
     router, client, queue = running
-    queue.add(StandInItem("A1", "a@x.test", ["b@y.test"], 100))
-    queue.add(StandInItem("A2", "a@x.test", ["c@y.test"], 100, status="queued"))
+    await hold_items(router, ["b@y.test", "c@y.test"])
     stats = (await client.get("/api/stats")).json()
     assert {"version", "uptime", "email", "proxy", "dns", "api", "summary"} <= set(stats)
-    assert stats["email"]["queue"]["by_status"] == {"deferred": 1, "queued": 1}
+    assert stats["email"]["queue"]["by_status"]["pending"] == 2
+    assert stats["email"]["queue"]["size"] == 2
     summary = stats["summary"]
-    assert summary["queue_depth"] == 2
+    assert summary["queue_depth"] == 2 and summary["queue_paused"] is True
     assert summary["messages_accepted_total"] == 0
     assert stats["api"]["requests"] >= 1
 
@@ -310,25 +339,23 @@ async def test_rule_changes_without_persistence_leave_no_file(tmp_path):
 
 # -- queue ----------------------------------------------------------------------------
 
-def _fill(queue: InMemoryQueue, count: int = 5) -> None:
-    for i in range(count):
-        queue.add(StandInItem(f"Q{i}", "sender@a.test", [f"r{i}@b.test"], 1000 + i,
-                              status="deferred" if i % 2 == 0 else "queued"))
-
-
 @pytest_twisted.ensureDeferred
 async def test_queue_listing_is_paginated_and_filtered(running):
     router, client, queue = running
-    _fill(queue)
+    ids = sorted(await hold_items(router, [f"r{i}@b.test" for i in range(5)]))
     first = (await client.get("/api/queue?limit=2")).json()
-    assert [i["id"] for i in first["items"]] == ["Q0", "Q1"] and first["next_cursor"] == "Q1"
+    assert [i["id"] for i in first["items"]] == ids[:2] and first["next_cursor"] == ids[1]
     second = (await client.get(f"/api/queue?limit=2&cursor={first['next_cursor']}")).json()
-    assert [i["id"] for i in second["items"]] == ["Q2", "Q3"]
-    last = (await client.get("/api/queue?limit=2&cursor=Q3")).json()
-    assert [i["id"] for i in last["items"]] == ["Q4"] and last["next_cursor"] is None
-    deferred = (await client.get("/api/queue?status=deferred")).json()
-    assert [i["id"] for i in deferred["items"]] == ["Q0", "Q2", "Q4"]
-    assert deferred["items"][0]["recipients"] == ["r0@b.test"]
+    assert [i["id"] for i in second["items"]] == ids[2:4]
+    last = (await client.get(f"/api/queue?limit=2&cursor={second['next_cursor']}")).json()
+    assert [i["id"] for i in last["items"]] == ids[4:] and last["next_cursor"] is None
+    pending = (await client.get("/api/queue?status=pending")).json()
+    assert [i["id"] for i in pending["items"]] == ids and pending["count"] == 5
+    assert pending["items"][0]["mode"] == "forward"
+    assert pending["items"][0]["recipients"][0]["address"].endswith("@b.test")
+    assert (await client.get("/api/queue?status=deferred")).json()["items"] == []
+    error = assert_error(await client.get("/api/queue?status=lost"), 400, "bad_request")
+    assert "unknown status" in error["message"]
     for bad in ("0", "1001", "ten", "-1"):
         assert_error(await client.get(f"/api/queue?limit={bad}"), 400, "bad_request")
 
@@ -336,41 +363,48 @@ async def test_queue_listing_is_paginated_and_filtered(running):
 @pytest_twisted.ensureDeferred
 async def test_queue_item_get_retry_delete(running):
     router, client, queue = running
-    _fill(queue)
-    item = (await client.get("/api/queue/Q0")).json()["item"]
-    assert item["status"] == "deferred" and item["size"] == 1000
+    first, second, third = await hold_items(router, ["a@b.test", "c@b.test", "d@b.test"], 500)
+    item = (await client.get(f"/api/queue/{first}")).json()["item"]
+    assert item["status"] == "pending" and item["size"] > 500 and item["attempts"] == 0
+    assert item["route"]["port"] == UNREACHABLE_PORT
     assert_error(await client.get("/api/queue/NOPE"), 404, "not_found")
 
-    assert (await client.post("/api/queue/Q0/retry")).json() == {"id": "Q0", "retried": True}
-    assert queue.items["Q0"].status == "queued"
+    before = time.time()
+    retried = await client.post(f"/api/queue/{first}/retry")
+    assert retried.json() == {"id": first, "retried": True}
+    item = (await client.get(f"/api/queue/{first}")).json()["item"]
+    assert before - 1 <= item["next_attempt"] <= time.time()
     assert_error(await client.post("/api/queue/NOPE/retry"), 404, "not_found")
-    queue.items["Q1"].status = "delivering"
+    assert (await client.post("/api/queue/retry")).json() == {"retried": 3}
+
+    assert (await client.delete(f"/api/queue/{third}")).json() == {"id": third, "deleted": True}
+    assert await queue.get_item(third) is None
+    assert_error(await client.delete(f"/api/queue/{third}"), 404, "not_found")
+    assert_error(await client.get(f"/api/queue/{third}"), 404, "not_found")
+    listed = (await client.get("/api/queue")).json()["items"]
+    assert sorted(i["id"] for i in listed) == sorted([first, second])
+
+
+@pytest_twisted.ensureDeferred
+async def test_queue_item_being_delivered_cannot_be_retried(standin):
+    router, client, queue = standin
+    queue.add(StandInItem("Q1", "s@a.test", ["r@b.test"], 100, status="delivering"))
     error = assert_error(await client.post("/api/queue/Q1/retry"), 409, "conflict")
     assert error["message"] == "queue item 'Q1' is delivering and cannot be retried " \
         "(only waiting items can be)"
-    queue.items["Q1"].status = "queued"
-
-    retried = (await client.post("/api/queue/retry")).json()
-    assert retried == {"retried": 2}
-    assert all(i.status == "queued" for i in queue.items.values())
-
-    assert (await client.delete("/api/queue/Q3")).json() == {"id": "Q3", "deleted": True}
-    assert "Q3" not in queue.items
-    assert_error(await client.delete("/api/queue/Q3"), 404, "not_found")
-    assert_error(await client.get("/api/queue/Q3"), 404, "not_found")
 
 
 @pytest_twisted.ensureDeferred
 async def test_queue_pause_resume_flush_are_observable(running):
     router, client, queue = running
-    _fill(queue)
     assert (await client.post("/api/queue/pause")).json() == {"paused": True}
     stats = (await client.get("/api/stats")).json()
     assert stats["email"]["queue"]["paused"] is True and stats["summary"]["queue_paused"]
+    assert queue.paused is True
     assert (await client.post("/api/queue/resume")).json() == {"paused": False}
     assert (await client.get("/api/stats")).json()["summary"]["queue_paused"] is False
-    assert (await client.post("/api/queue/flush")).json() == {"flushed": 3}
-    assert queue.flushes == 1
+    assert queue.paused is False
+    assert (await client.post("/api/queue/flush")).json() == {"flushed": 0}
 
 
 @pytest_twisted.ensureDeferred
@@ -405,12 +439,12 @@ async def test_proxy_routes_and_dns_zones(running):
     assert [r["name"] for r in routes] == ["web", "http"]
     assert routes[0]["tls"] == "passthrough" and routes[0]["targets"] == ["127.0.0.1:9443"]
     assert routes[0]["ports"] == [router.options.proxy.routes[0].ports[0]]
-    zones = (await client.get("/api/dns/zones")).json()["zones"]
-    # the DNS service's own view: absolute names, a serial, the generated SOA
-    assert zones[0]["origin"] == "dcrouter.test."
-    assert zones[0]["serial"] > 0
-    names = {r["name"] for r in zones[0]["records"]}
-    assert {"dcrouter.test.", "mail.dcrouter.test."} <= names
+    zones = {z["origin"]: z for z in (await client.get("/api/dns/zones")).json()["zones"]}
+    zone = zones["dcrouter.test."]
+    assert zone["serial"] > 0
+    records = {(r["name"], r["type"]): r["value"] for r in zone["records"]}
+    assert records[("dcrouter.test.", "A")] == "127.0.0.1"
+    assert records[("mail.dcrouter.test.", "A")] == "127.0.0.1"
 
 
 @pytest_twisted.ensureDeferred
@@ -499,12 +533,15 @@ async def test_openapi_document_is_valid_and_describes_every_endpoint(running):
     documented = {(path, method.upper()) for path, item in document["paths"].items()
                   for method in item}
     assert documented == {(e.template, e.method) for e in ENDPOINTS}
+    handlers = router.by_name["api"].handlers
+    assert all(callable(handlers.handler_for(e)) for e in ENDPOINTS
+               if e.handler != "prometheus_metrics")  # /metrics is rendered by the resource
     # every documented operation is served (none answers "no endpoint")
     for path, method in documented:
         answer = await client.request(method, _concrete(path))
         if answer.status == 404:
             assert "no endpoint" not in answer.json()["error"]["message"], (method, path)
-        assert answer.status != 405, (method, path)
+        assert answer.status not in (405, 500), (method, path, answer.text)
 
 
 @pytest_twisted.ensureDeferred
@@ -527,3 +564,37 @@ async def test_head_requests_get_headers_only(running):
     response = await client.request("HEAD", "/api/status")
     assert response.status == 200 and response.text == ""
     assert response.header("Content-Type") == "application/json"
+
+
+@pytest_twisted.ensureDeferred
+async def test_rule_the_processor_refuses_changes_nothing(running):
+    router, client, queue = running
+    rule = {"pattern": "*@t.test", "mode": "process",
+            "transformations": [{"type": "no_such_transformation"}]}
+    error = assert_error(await client.post("/api/email/rules", body=rule), 422,
+                         "invalid_config")
+    assert "no_such_transformation" in error["message"] and error["path"]
+    assert [r.pattern for r in router.options.email.domain_rules] == ["*@localhost"]
+    assert not os.path.exists(os.path.join(router.options.router.state_dir, "rules.toml"))
+    assert router.email.domain_router.match_rule("a@t.test") is None
+    fine = dict(rule, transformations=[{"type": "add_header", "header": "X-T", "value": "1"}])
+    assert (await client.post("/api/email/rules", body=fine)).status == 201
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_service_that_never_answers_is_a_503_after_the_timeout(standin):
+    from twisted.internet import defer
+    router, client, queue = standin
+    hanging: list = []
+
+    def list_items(status=None, limit=100, cursor=None):
+        d = defer.Deferred()
+        hanging.append(d)
+        return d
+
+    queue.list_items = list_items  # type: ignore[method-assign]
+    router.by_name["api"].root.timeout = 0.3
+    error = assert_error(await client.get("/api/queue"), 503, "service_unavailable")
+    assert error["message"] == "the service did not answer within 0.3s; try again"
+    assert hanging and hanging[0].called  # cancelled, not left dangling
+    assert (await client.get("/api/status")).status == 200

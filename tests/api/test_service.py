@@ -143,3 +143,34 @@ def test_observers_go_to_the_extension_lists_otherwise(tmp_path):
     assert context.extensions.delivery_observers == [metrics.delivery]
     metrics.wire_observers()
     assert len(context.extensions.email_observers) == 1
+
+
+def _get_json(url: str, token: str) -> tuple[int, object]:
+    """urllib GET (treq's URL handling refuses IPv6 literals)."""
+    import json
+    import urllib.error
+    import urllib.request
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_loopback_listener(tmp_path):
+    from twisted.internet import threads
+    port = free_port(host="::1")
+    router, _port = start_api_router(str(tmp_path / "var"), listen="::1", port=port)
+    try:
+        assert router.by_name["api"].bound_addresses() == [("tcp", "::1", port)]
+        url = f"http://[::1]:{port}/api/status"
+        code, body = await threads.deferToThread(_get_json, url, TOKEN)
+        assert code == 200
+        assert body["services"]["api"]["listeners"] == [  # type: ignore[index]
+            {"protocol": "tcp", "host": "::1", "port": port}]
+        code, body = await threads.deferToThread(_get_json, url, "wrong")
+        assert code == 401 and body["error"]["code"] == "unauthorized"  # type: ignore[index]
+    finally:
+        await stop_router(router)

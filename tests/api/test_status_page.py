@@ -1,4 +1,4 @@
-"""The status page in headless Chromium (Debian chromium + chromium-driver) against a running router."""
+"""The status page in headless Chromium (Debian chromium + chromium-driver), running router."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from twisted.internet import threads
 
 from dcrouter import __version__
 from dcrouter.message import ReceivedMessage, SessionInfo
-from tests.api.support import TOKEN, StandInItem
+from tests.api.support import TOKEN, hold_items
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -51,8 +51,7 @@ def _number(text: str) -> float:
 @pytest_twisted.ensureDeferred
 async def test_status_page_shows_services_queue_depth_and_rates(running):
     router, client, queue = running
-    queue.add(StandInItem("P1", "s@a.test", ["r@b.test"], 100))
-    queue.add(StandInItem("P2", "s@a.test", ["r@b.test"], 100))
+    await hold_items(router, ["one@b.test", "two@b.test"])
     profile = tempfile.mkdtemp(prefix="dcrouter-chromium-")
     driver = await threads.deferToThread(_start_browser, profile)
     try:
@@ -66,6 +65,7 @@ async def test_status_page_shows_services_queue_depth_and_rates(running):
                 rows[row.get_attribute("data-service")] = cells
             return {"rows": rows, "version": _text(driver, "version"),
                     "depth": _text(driver, "queue-depth"), "url": driver.current_url,
+                    "queue_state": _text(driver, "queue-state"),
                     "form_shown": driver.find_element(By.ID, "token-form").is_displayed()}
 
         page = await threads.deferToThread(load_with_token)
@@ -74,11 +74,11 @@ async def test_status_page_shows_services_queue_depth_and_rates(running):
         assert page["rows"]["api"][1] == "running"
         assert f"tcp 127.0.0.1:{api_port}" in page["rows"]["api"][2]
         assert page["version"] == __version__
-        assert page["depth"] == "2"
+        assert page["depth"] == "2" and page["queue_state"] == "paused"
         assert "token" not in page["url"] and not page["form_shown"]
 
         # 2. figures follow the router: a new queue item and a burst of accepted messages
-        queue.add(StandInItem("P3", "s@a.test", ["r@b.test"], 100))
+        await hold_items(router, ["three@b.test"])
         await threads.deferToThread(
             _wait, driver, lambda d: _text(d, "queue-depth") == "3")
         events = router.by_name["api"].metrics.email_events

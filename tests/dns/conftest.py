@@ -43,6 +43,9 @@ ZONE = {
         {"name": "*.wild", "type": "TXT", "value": "wildcard"},
         {"name": "deep.ent.sub", "type": "A", "value": "192.0.2.77"},
         {"name": "Upper", "type": "A", "value": "192.0.2.88"},
+        {"name": "deleg", "type": "NS", "value": "ns1.deleg"},
+        {"name": "ns1.deleg", "type": "A", "value": "192.0.2.5"},
+        {"name": "into-deleg", "type": "CNAME", "value": "www.deleg"},
     ],
 }
 

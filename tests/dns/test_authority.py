@@ -144,3 +144,19 @@ async def test_dig_sees_the_same_answers(server: Any) -> None:
     assert "status: REFUSED" in out
     out = await threads.deferToThread(dig, "+short", "example.test", "CAA")
     assert out.strip() == '0 issue "ca.example.test"'
+
+
+@pytest_twisted.ensureDeferred
+async def test_ns_below_the_apex_delegates(server: Any) -> None:
+    for name, rdtype in (("www.deleg.example.test", "A"), ("deleg.example.test", "NS"),
+                         ("ns1.deleg.example.test", "A")):
+        referral = await ask(server.udp_port, name, rdtype)
+        assert referral.rcode() == dns.rcode.NOERROR, name
+        assert not referral.flags & dns.flags.AA and not referral.answer
+        assert rrset(referral, "NS", "authority") == ["ns1.deleg.example.test."]
+        assert rrset(referral, "A", "additional") == ["192.0.2.5"]  # glue
+    ds = await ask(server.udp_port, "deleg.example.test", "DS")  # the parent's side of the cut
+    assert ds.flags & dns.flags.AA and not ds.answer and rrset(ds, "SOA", "authority")
+    chained = await ask(server.udp_port, "into-deleg.example.test", "A")
+    assert rrset(chained, "CNAME") == ["www.deleg.example.test."]
+    assert not rrset(chained, "A")

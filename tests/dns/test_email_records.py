@@ -37,6 +37,7 @@ def mail_config(**dns_keys: Any) -> dict[str, Any]:
     return {
         "email": {
             "hostname": "mail.example.test", "listen": "127.0.0.1", "ports": [free_port()],
+            "queue": {"storage_type": "memory"},
             "domain_rules": [
                 {"pattern": "*@example.test", "mode": "mta", "mta_options": {"dkim_sign": True}},
                 {"pattern": "*@other.test", "mode": "mta",

@@ -12,6 +12,7 @@ import socket
 import struct
 from typing import Any
 
+import dns.message
 import dns.rcode
 import pytest_twisted
 from twisted.internet import threads
@@ -93,9 +94,10 @@ async def test_ten_thousand_hostile_packets_over_udp_and_tcp(server: Any) -> Non
     service = server.service
     rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 
-    def blast_udp() -> tuple[int, int]:
+    def blast_udp() -> tuple[int, int, list[bytes]]:
         rng = random.Random(1234)
         sent = replies = 0
+        unparseable: list[bytes] = []
         with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 20)
             s.settimeout(3)
@@ -113,7 +115,11 @@ async def test_ten_thousand_hostile_packets_over_udp_and_tcp(server: Any) -> Non
                     if marker + b"\x07example" in reply:
                         break
                     replies += 1
-        return sent, replies
+                    try:  # every reply is well-formed DNS
+                        dns.message.from_wire(reply)
+                    except Exception:
+                        unparseable.append(reply)
+        return sent, replies, unparseable
 
     def blast_tcp() -> int:
         rng = random.Random(99)
@@ -138,8 +144,9 @@ async def test_ten_thousand_hostile_packets_over_udp_and_tcp(server: Any) -> Non
                 closed += 1
         return closed
 
-    sent, replies = await threads.deferToThread(blast_udp)
+    sent, replies, unparseable = await threads.deferToThread(blast_udp)
     assert sent >= 10000
+    assert unparseable == []
     assert replies > sent // 3  # most packets were read and answered or refused
     assert await threads.deferToThread(blast_tcp) == 60
 

@@ -9,14 +9,17 @@ from typing import Any
 import dns.edns
 import dns.flags
 import dns.message
+import dns.query
 import dns.rcode
 import dns.rdatatype
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task, threads
 from twisted.names import client
 from twisted.names import dns as tdns
 
 from dcrouter.config import parse_config
+from dcrouter.errors import ConfigError
 from tests.dns.conftest import ZONE, ask, dns_config, send_raw, start_dns
 from tests.support.net import free_tcp_udp_port
 
@@ -129,23 +132,30 @@ async def test_tcp_idle_timeout_and_connection_limit(tmp_path: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_rate_limit_per_client_ip(tmp_path: Any) -> None:
-    running = start_dns(dns_config(rate_limit=5), str(tmp_path))
+    running = start_dns(dns_config(rate_limit=5, rate_limit_slip=4), str(tmp_path))
     try:
-        def run() -> int:
-            answered = 0
+        def run() -> tuple[int, int]:
+            answered = slipped = 0
             with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
-                s.settimeout(0.3)
+                s.settimeout(1.0)
+                query = raw_query()
                 for qid in range(40):
-                    s.sendto(raw_query(qid=qid), ("127.0.0.1", running.udp_port))
+                    s.sendto(query, ("127.0.0.1", running.udp_port))
                 try:
                     while True:
-                        s.recv(1000)
-                        answered += 1
+                        reply = s.recv(2000)
+                        if reply[2] & 0x02:  # TC without records, no larger than the query
+                            assert struct.unpack("!HHH", reply[6:12]) == (0, 0, 0)
+                            assert len(reply) <= len(query)
+                            slipped += 1
+                        else:
+                            answered += 1
                 except socket.timeout:
                     pass
-            return answered
-        answered = await threads.deferToThread(run)
+            return answered, slipped
+        answered, slipped = await threads.deferToThread(run)
         assert 5 <= answered <= 10  # 5 a second (the burst may straddle a second)
+        assert 5 <= slipped <= 10  # every 4th of the ~35 refused
         assert running.service.get_stats()["rate_limited"] >= 30
     finally:
         await running.service.stopService()
@@ -170,7 +180,6 @@ async def test_reload_changes_answer_and_serial_without_dropping_queries(tmp_pat
                 r = dns.query.udp(dns.message.make_query("example.test", "SOA"), "127.0.0.1",
                                   port=running.udp_port, timeout=2)
                 answered.append(r.rcode())
-        import dns.query
         load = threads.deferToThread(hammer)
 
         zone = dict(ZONE)
@@ -236,9 +245,9 @@ async def test_stats_and_zones_for_the_api(server: Any) -> None:
     await ask(server.udp_port, "nope.example.test", "MX")
     await ask(server.udp_port, "example.org", "A")
     stats = server.service.get_stats()
-    assert stats["by_rcode"]["NOERROR"] >= 2
-    assert stats["by_rcode"]["NXDOMAIN"] == 1 and stats["by_rcode"]["REFUSED"] == 1
-    assert stats["by_type"]["A"] >= 3 and stats["by_type"]["MX"] == 1
+    assert stats["queries_by_rcode"]["NOERROR"] >= 2
+    assert stats["queries_by_rcode"]["NXDOMAIN"] == 1 and stats["queries_by_rcode"]["REFUSED"] == 1
+    assert stats["queries_by_type"]["A"] >= 3 and stats["queries_by_type"]["MX"] == 1
     assert stats["zones"][0]["origin"] == "example.test"
     zones = server.service.zones()
     assert zones[0]["origin"] == "example.test."
@@ -246,3 +255,114 @@ async def test_stats_and_zones_for_the_api(server: Any) -> None:
             "value": "192.0.2.10"} in zones[0]["records"]
     assert zones[0]["records"][0]["type"] == "SOA"
     assert "udp" in {p for p, _h, _port in server.service.bound_addresses()}
+
+
+@pytest_twisted.ensureDeferred
+async def test_answers_over_16k_stay_decodable_over_tcp(tmp_path: Any) -> None:
+    """Compression pointers reach 16 KiB only: later names are written in full."""
+    records = [{"name": "@", "type": "MX", "value": f"{i} mx{i}.big.test."} for i in range(1500)]
+    records += [{"name": f"mx{i}", "type": "A", "value": f"192.0.2.{i % 250}"}
+                for i in range(1500)]
+    zone = {"origin": "big.test", "records": records}
+    running = start_dns(dns_config(zones=[zone]), str(tmp_path))
+    try:
+        full = await ask(running.tcp_port, "big.test", "MX", tcp=True)
+        assert len(full.to_wire()) > 16384
+        assert sum(len(rr) for rr in full.answer) == 1500
+        addresses = {rr.name.to_text(): rr[0].address for rr in full.additional
+                     if rr.rdtype == dns.rdatatype.A}
+        assert len(addresses) == 1500
+        assert addresses["mx1499.big.test."] == "192.0.2.249"
+        udp = await ask(running.udp_port, "big.test", "MX", use_edns=0, payload=4096)
+        assert udp.flags & dns.flags.TC
+    finally:
+        await running.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_serials_keep_increasing_across_restarts(tmp_path: Any) -> None:
+    zone = dict(ZONE, records=list(ZONE["records"]) + [
+        {"name": "@", "type": "SOA", "value": "ns1 hostmaster 5 3600 600 604800 300"}])
+    data = dns_config(zones=[zone])
+    first = start_dns(data, str(tmp_path))
+    assert first.service.zone("example.test").serial == 5  # the configured serial
+    changed = dict(zone, records=list(zone["records"]) + [
+        {"name": "new", "type": "A", "value": "192.0.2.200"}])
+    new = dict(data, dns=dict(data["dns"], zones=[changed]), router={"state_dir": str(tmp_path)})
+    await defer.maybeDeferred(first.service.reconfigure, parse_config(new))
+    assert first.service.zone("example.test").serial == 6
+    await first.service.stopService()
+    # a restart with the same content keeps 6; one more change gives 7, not 5 again
+    second = start_dns(new, str(tmp_path))
+    try:
+        assert second.service.zone("example.test").serial == 6
+        soa = await ask(second.udp_port, "example.test", "SOA")
+        assert soa.answer[0][0].serial == 6
+    finally:
+        await second.service.stopService()
+    third = start_dns(data, str(tmp_path))
+    try:
+        assert third.service.zone("example.test").serial == 7
+    finally:
+        await third.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tcp_client_that_half_closes_gets_all_answers(server: Any) -> None:
+    def run() -> int:
+        with socket.create_connection(("127.0.0.1", server.tcp_port), timeout=3) as s:
+            for qid in range(1, 51):
+                q = raw_query(name=b"long.example.test", qtype=16, qid=qid)
+                s.sendall(struct.pack("!H", len(q)) + q)
+            s.shutdown(socket.SHUT_WR)
+            data = b""
+            while True:
+                chunk = s.recv(65536)
+                if not chunk:
+                    break
+                data += chunk
+        count = 0
+        while data:
+            n = struct.unpack("!H", data[:2])[0]
+            count += 1
+            data = data[2 + n:]
+        return count
+    assert await threads.deferToThread(run) == 50
+
+
+@pytest_twisted.ensureDeferred
+async def test_ipv6_listener(tmp_path: Any) -> None:
+    running = start_dns(dns_config(port=0, listen="::1"), str(tmp_path))
+    try:
+        def run() -> tuple[Any, Any]:
+            udp = dns.query.udp(dns.message.make_query("www.example.test", "AAAA"), "::1",
+                                port=running.udp_port, timeout=3)
+            tcp = dns.query.tcp(dns.message.make_query("example.test", "MX"), "::1",
+                                port=running.tcp_port, timeout=3)
+            return udp, tcp
+        udp, tcp = await threads.deferToThread(run)
+        assert [r.address for rr in udp.answer for r in rr] == ["2001:db8::10"]
+        assert len(tcp.answer[0]) == 2
+    finally:
+        await running.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_zones_replaced_at_runtime_for_the_api(server: Any) -> None:
+    service = server.service
+    serial = service.zone("example.test").serial
+    zone = dict(ZONE, records=[{"name": "www", "type": "A", "value": "192.0.2.123"}])
+    added = {"origin": "api.test", "records": [{"name": "@", "type": "TXT", "value": "hi"}]}
+    await service.update_zones([zone, added])
+    www = await ask(server.udp_port, "www.example.test", "A")
+    assert www.answer[0][0].address == "192.0.2.123"
+    assert service.zone("example.test").serial > serial
+    api = await ask(server.udp_port, "api.test", "TXT")
+    assert api.answer[0][0].strings == (b"hi",)
+    with pytest.raises(ConfigError, match=r"dns.zones\[0\].records\[0\].value"):
+        service.update_zones([{"origin": "x.test",
+                               "records": [{"name": "a", "type": "A", "value": "nope"}]}])
+    with pytest.raises(ConfigError, match=r"dns.zones\[0\].origin"):
+        service.update_zones([{"records": []}])
+    still = await ask(server.udp_port, "api.test", "TXT")
+    assert still.answer

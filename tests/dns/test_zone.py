@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import dns.rdata
+import dns.wire
 import pytest
-from twisted.names import dns
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.names import dns as tdns
 
 from dcrouter.config import parse_config
 from dcrouter.config.dns import RecordOptions, ZoneOptions
@@ -24,7 +28,7 @@ def parse(rtype: str, value: str, name: str = "x") -> object:
 
 
 def test_every_type_parses_to_its_wire_record() -> None:
-    assert parse("A", "192.0.2.1").payload == dns.Record_A("192.0.2.1", 300)
+    assert parse("A", "192.0.2.1").payload == tdns.Record_A("192.0.2.1", 300)
     assert parse("AAAA", "2001:DB8:0::1").text == "2001:db8::1"
     assert parse("CNAME", "www").text == "www.example.test."
     assert parse("CNAME", "other.test.").text == "other.test."
@@ -34,7 +38,7 @@ def test_every_type_parses_to_its_wire_record() -> None:
     assert parse("NS", "ns1.example.test.").text == "ns1.example.test."
     srv = parse("SRV", "10 60 5060 sip", name="_sip._tcp")
     assert (srv.owner, srv.text) == ("_sip._tcp.example.test", "10 60 5060 sip.example.test.")
-    assert parse("PTR", "host.example.test.").payload == dns.Record_PTR(b"host.example.test", 300)
+    assert parse("PTR", "host.example.test.").payload == tdns.Record_PTR(b"host.example.test", 300)
     caa = parse("CAA", '0 issue "ca.example.test"')
     assert caa.rtype == CAA
     assert caa_rdata_text(caa.payload.data) == '0 issue "ca.example.test"'
@@ -86,7 +90,7 @@ def test_generated_soa_and_ns_and_configured_soa() -> None:
     zone = Zone(content, 7)
     assert zone.origin == "example.test"
     assert zone.soa.text == ("ns1.example.test. hostmaster.example.test. 7 3600 600 604800 300")
-    assert [r.text for r in zone.nodes["example.test"][dns.NS]] == ["ns1.example.test."]
+    assert [r.text for r in zone.nodes["example.test"][tdns.NS]] == ["ns1.example.test."]
     configured = build_zone_content(ZoneOptions(origin="example.test", records=(
         rec("@", "SOA", "a.ns.test. admin@example.test 42 1 2 3 4"),)), "z")
     assert configured.soa.serial == 42
@@ -149,3 +153,24 @@ def test_zone_file_text_round_trips_through_dnspython() -> None:
 
 def test_tokenize_escapes() -> None:
     assert tokenize('a "b c" d\\ e', "p") == [b"a", b"b c", b"d e"]
+
+
+def _quoted(data: bytes) -> str:
+    return '"' + "".join(f"\\{b:03d}" if b in (34, 92) or not 32 <= b < 127 else chr(b)
+                         for b in data) + '"'
+
+
+def test_txt_round_trips_any_bytes_through_wire_format() -> None:
+    @settings(max_examples=200, deadline=None)
+    @given(st.lists(st.binary(max_size=700), min_size=1, max_size=4))
+    def check(strings: list[bytes]) -> None:
+        record = parse("TXT", " ".join(_quoted(s) for s in strings))
+        wire = b"".join(part for _is_name, part in record.parts)
+        decoded = dns.rdata.from_wire_parser(1, 16, dns.wire.Parser(wire))
+        assert all(len(c) <= 255 for c in decoded.strings)
+        expected = [c for s in strings for c in ([s[i:i + 255] for i in range(0, len(s), 255)]
+                                                 or [b""])]
+        assert list(decoded.strings) == expected
+        again = parse("TXT", record.text)  # the canonical text parses to the same record
+        assert again.payload.data == record.payload.data
+    check()

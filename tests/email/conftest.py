@@ -72,8 +72,9 @@ def start_server(tmp_path: Any, certs: dict[str, str]) -> Any:
         options = parse_config({"router": {"state_dir": str(tmp_path / "state")},
                                 "email": section})
         context = RouterContext(options, reactor, extensions or Extensions())
-        handler = handler or RecordingHandler()
-        handler.reactor = reactor
+        if handler is None:
+            handler = RecordingHandler()
+            handler.reactor = reactor
         assert options.email is not None
         server = UnifiedEmailServer(options.email, handler, context)
         server.startService()

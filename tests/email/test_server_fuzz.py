@@ -43,8 +43,10 @@ _ending = st.sampled_from([b"\r\n", b"\n", b"\r\r\n"])
 _batch = st.lists(st.tuples(_line, _ending), min_size=200, max_size=260)
 
 
-def _session(port: int, batch: list[tuple[bytes, bytes]]) -> bytes:
-    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+def _session(port: int, batch: list[tuple[bytes, bytes]],
+             tls: "ssl.SSLContext | None" = None) -> bytes:
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as plain:
+        sock = tls.wrap_socket(plain, server_hostname="127.0.0.1") if tls else plain
         payload = b"".join(line + end for line, end in batch)
         payload += b"\r\n.\r\n*\r\nQUIT\r\n"
         sock.sendall(payload)
@@ -189,4 +191,62 @@ def test_garbage_tls_handshakes(start_server: Any) -> None:
     finally:
         globalLogPublisher.removeObserver(watch)
     assert failures == []
+    yield _sessions_gone(run.server)
+
+
+@pytest_twisted.inlineCallbacks
+def test_random_command_lines_against_the_real_processor(start_server: Any, tmp_path: Any) -> None:
+    """The same fuzzing with MultiModeProcessor (routing, relay policy) as the handler."""
+    from dcrouter.config import parse_config
+    from dcrouter.email.processor import MultiModeProcessor
+    from dcrouter.email.routing import DomainRouter
+    from dcrouter.service import Extensions, RouterContext
+    from tests.email.support import RecordingQueue
+    rules = [{"pattern": "*@local.test", "mode": "mta",
+              "mta_options": {"allow_local_delivery": True}}]
+    options = parse_config({"router": {"state_dir": str(tmp_path / "p")},
+                            "email": {"domain_rules": rules, "relay_networks": ["10.0.0.0/8"]}})
+    assert options.email is not None
+    queue = RecordingQueue(str(tmp_path / "queue"))
+    processor = MultiModeProcessor(options.email, DomainRouter.from_options(options.email), queue,
+                                   RouterContext(options, reactor, Extensions()))
+    run = start_server(handler=processor, max_errors=100000, domain_rules=rules,
+                       relay_networks=["10.0.0.0/8"])
+    failures: list = []
+
+    def watch(event: dict) -> None:
+        if event.get("log_failure") is not None:
+            failures.append(event)
+
+    globalLogPublisher.addObserver(watch)
+
+    @settings(max_examples=15, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=_batch)
+    def fuzz(batch: list) -> None:
+        _check_output(_session(run.ports["smtp"], batch))
+
+    try:
+        yield deferToThread(fuzz)
+        yield deferToThread(_still_serving, run.ports["smtp"])
+    finally:
+        globalLogPublisher.removeObserver(watch)
+    assert failures == []
+    assert queue.requests  # the final well-formed message reached the queue
+    yield _sessions_gone(run.server)
+
+
+@pytest_twisted.inlineCallbacks
+def test_random_command_lines_over_implicit_tls(start_server: Any) -> None:
+    """The TLS transport's write path (no direct send) under the same fuzzing, with AUTH offered."""
+    run = start_server(max_errors=100000)
+    context = run.client_context()
+
+    @settings(max_examples=10, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=_batch)
+    def fuzz(batch: list) -> None:
+        _check_output(_session(run.ports["smtps"], batch, tls=context))
+
+    yield deferToThread(fuzz)
     yield _sessions_gone(run.server)

@@ -84,9 +84,12 @@ def test_data_reaches_disk_while_streaming(start_server: Any) -> None:
 def test_pool_prepares_files_in_a_thread_and_cleans_up(tmp_path: Any) -> None:
     from twisted.internet import reactor, task
     directory = str(tmp_path)
-    with open(os.path.join(directory, "old.eml"), "wb") as f:
-        f.write(b"left over by a crash")
-    assert clean_spool(directory) == 1 and os.listdir(directory) == []
+    for name in ("0123456789abcdef0123456789abcdef.eml", "0123456789abcdef0123456789abcdef.eml.ar",
+                 "dsn-abc.eml"):
+        with open(os.path.join(directory, name), "wb") as f:
+            f.write(b"left over by a crash")
+    assert clean_spool(directory) == 2 and os.listdir(directory) == ["dsn-abc.eml"]
+    os.unlink(os.path.join(directory, "dsn-abc.eml"))
     pool = SpoolFiles(directory, reactor, target=8)
     path, fd = pool.take()  # the pool is empty: made on the spot, a refill starts
     os.close(fd)

@@ -7,7 +7,7 @@ import json
 import os
 import socket
 import ssl
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pytest
 import pytest_twisted
@@ -255,17 +255,15 @@ def http_get(port: int, host_header: Optional[str], path: str = "/", extra: str 
 
 def closed_without_reply(port: int, payload: bytes, host: str = "127.0.0.1") -> bool:
     """Send ``payload``; True if the proxy closed without sending a byte."""
-    with socket.create_connection((host, port), timeout=10) as s:
-        s.sendall(payload)
-        try:
+    try:
+        with socket.create_connection((host, port), timeout=10) as s:
+            s.sendall(payload)
             return s.recv(1024) == b""
-        except ConnectionResetError:
-            return True
+    except (ConnectionResetError, BrokenPipeError):
+        return True
 
 
 def proxy_port() -> int:
     """A free loopback port for a proxy listener."""
     return free_port()
 
-
-Helper = Callable[..., Any]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import ssl
@@ -17,6 +18,7 @@ from dcrouter.config.proxy import AcmeOptions
 from dcrouter.proxy.acme import AcmeManager
 from dcrouter.proxy.certs import acme_paths
 from tests.proxy.conftest import tls_exchange
+from tests.support.router import options_from
 from tests.support.net import free_port, free_tcp_udp_port, wait_for_tcp
 
 NAME = "acme.example.test"
@@ -67,7 +69,7 @@ def pebble_root(mgmt_port: int, ca_path: str) -> bytes:
 def test_full_issuance_against_pebble_is_served(proxy_router, backends, pebble, test_ca, tmp_path):
     backend = backends("issued")
     https_port = free_port()
-    router = proxy_router({
+    proxy = {
         "acme": {"enabled": True, "directory_url": pebble["directory"],
                  "directory_ca_path": test_ca.path, "account_email": "ops@example.test"},
         "routes": [
@@ -75,7 +77,8 @@ def test_full_issuance_against_pebble_is_served(proxy_router, backends, pebble, 
              "redirect_to_https": True},
             {"name": "site", "ports": [https_port], "domains": [NAME], "tls": "terminate",
              "targets": [backend.address]},
-        ]})
+        ]}
+    router = proxy_router(proxy)
     service = router.by_name["proxy"]
     for _ in range(300):
         if service.get_stats()["acme"][NAME]["expires"]:
@@ -100,6 +103,26 @@ def test_full_issuance_against_pebble_is_served(proxy_router, backends, pebble, 
     assert "Pebble" in result["issuer"]
     # nothing is due any more: a second check orders nothing
     assert service.acme.due() == []
+    # inside the renewal threshold the certificate is renewed (a new one is served)
+    first_serial = open(cert_path).read()
+    service.acme.options = dataclasses.replace(service.acme.options,
+                                               renew_threshold_days=365 * 50)
+    assert service.acme.due() == [NAME]
+    yield service.acme.check()
+    assert open(cert_path).read() != first_serial
+    result = yield deferToThread(tls_exchange, https_port, NAME, b"again", ctx)
+    assert result["reply"] == b"issued:again"
+    # a reload that adds a name orders its certificate too
+    proxy["routes"][1]["domains"] = [NAME, "second.example.test"]
+    new_options = options_from({"proxy": {"listen": "127.0.0.1", **proxy}},
+                               router.options.router.state_dir)
+    yield router._apply(new_options)
+    for _ in range(300):
+        if service.get_stats()["acme"].get("second.example.test", {}).get("expires"):
+            break
+        yield task.deferLater(reactor, 0.1, lambda: None)
+    result = yield deferToThread(tls_exchange, https_port, "second.example.test", b"2", ctx)
+    assert result["names"] == ["second.example.test"] and result["reply"] == b"issued:2"
 
 
 @pytest_twisted.inlineCallbacks

@@ -111,3 +111,58 @@ def test_reencrypt_verifies_the_backend(proxy_router, backends, test_ca, tmp_pat
         assert all(c.received == b"" for c in backend.connections)
         errors = router.get_stats()["proxy"]["routes"]["re"]["errors"]
         assert errors.get("backend_tls") == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_stalled_handshake_is_cut_after_initial_data_timeout(proxy_router, backends):
+    from tests.proxy.test_sni import capture_client_hello
+    backend = backends("A")
+    port = proxy_port()
+    router = proxy_router({"routes": [{"name": "t", "ports": [port], "domains": ["*"],
+                                       "tls": "terminate", "targets": [backend.address],
+                                       "initial_data_timeout": 0.5}]})
+
+    def stall() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(capture_client_hello("stall.test"))   # then never answer the ServerHello
+            try:
+                while s.recv(65536):
+                    pass
+            except ConnectionResetError:
+                pass
+            return True
+    assert (yield deferToThread(stall))
+    stats = router.get_stats()["proxy"]["routes"]["t"]
+    assert stats["errors"] == {"handshake_timeout": 1}
+    assert stats["active_connections"] == 0 and backend.connections == []
+
+
+def test_unreadable_certificate_is_a_config_error_naming_the_route(tmp_path):
+    from dcrouter.errors import ConfigError
+    from dcrouter.router import make_router
+    from tests.support.router import options_from
+    options = options_from({"proxy": {"listen": "127.0.0.1", "routes": [
+        {"ports": [proxy_port()], "domains": ["a.test"], "tls": "terminate", "targets": ["127.0.0.1:1"],
+         "cert_path": str(tmp_path / "missing.crt"), "key_path": str(tmp_path / "missing.key")}]}},
+        str(tmp_path / "state"))
+    with pytest.raises(ConfigError) as e:
+        make_router(options)
+    assert e.value.path == "proxy.routes[0].cert_path" and "missing.crt" in str(e.value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_reencrypt_without_verification_accepts_any_backend_certificate(proxy_router, backends,
+                                                                        tmp_path):
+    from dcrouter.tlsutil import make_self_signed
+    cert, key = make_self_signed(["self-signed.internal"])
+    (tmp_path / "b.crt").write_bytes(cert)
+    (tmp_path / "b.key").write_bytes(key)
+    backend = backends("loose", tls=(str(tmp_path / "b.crt"), str(tmp_path / "b.key")))
+    port = proxy_port()
+    router = proxy_router({"routes": [
+        {"name": "re", "ports": [port], "domains": ["*"], "tls": "terminate-and-reencrypt",
+         "targets": [backend.address], "backend_verify": False}]})
+    result = yield deferToThread(tls_exchange, port, "front.test", b"data")
+    assert result["reply"] == b"loose:data"
+    assert backend.connections[0].received == b"data"
+    assert router.get_stats()["proxy"]["routes"]["re"]["errors"] == {}

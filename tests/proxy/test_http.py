@@ -104,3 +104,47 @@ def test_acme_challenge_is_answered_before_routes(proxy_router, backends):
     status, _h, _b = yield deferToThread(http_get, port, "any.test",
                                          "/.well-known/acme-challenge/unknown")
     assert status == 301
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300))
+def test_head_reader_never_raises(data):
+    reader = httpmod.HeadReader(max_size=200)
+    state = reader.feed(data + b"\r\n\r\n")
+    assert state in (httpmod.DONE, httpmod.INVALID)
+    if state == httpmod.DONE:
+        head = reader.head
+        head.host, head.path, httpmod.render_head(head, "192.0.2.1", "http")
+        httpmod.redirect_to_https(head)
+
+
+@pytest_twisted.inlineCallbacks
+def test_terminated_https_gets_forwarded_headers(proxy_router, backends):
+    import ssl
+    site = backends("tls-site", kind="http")
+    port = proxy_port()
+    proxy_router({"routes": [{"name": "https", "ports": [port], "domains": ["w.test"],
+                              "tls": "terminate", "targets": [site.address],
+                              "add_forwarded_headers": True}]})
+
+    def get() -> dict:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="w.test") as s:
+                s.sendall(b"GET /secure HTTP/1.1\r\nHost: w.test\r\nConnection: close\r\n\r\n")
+                data = b""
+                while b"}" not in data:
+                    chunk = s.recv(65536)
+                    if not chunk:
+                        break
+                    data += chunk
+        return json.loads(data.split(b"\r\n\r\n", 1)[1])
+    seen = yield deferToThread(get)
+    assert seen["request"] == "GET /secure HTTP/1.1"
+    assert seen["headers"]["X-Forwarded-Proto"] == "https"
+    assert seen["headers"]["X-Forwarded-For"] == "127.0.0.1"

@@ -6,6 +6,7 @@ import ipaddress
 import json
 import socket
 import struct
+import time
 
 import pytest
 import pytest_twisted
@@ -85,23 +86,41 @@ def test_client_address_survives_a_chain_of_proxies(proxy_router, backends):
     tcp_port, http_port = proxy_port(), proxy_port()
     router = proxy_router({"accept_proxy_protocol": True, "proxy_ips": ["127.0.0.1/32"], "routes": [
         {"name": "tcp", "ports": [tcp_port], "targets": [tcp_backend.address],
-         "send_proxy_protocol": "v2", "blocked_ips": ["198.51.100.0/24"]},
+         "send_proxy_protocol": "v2", "blocked_ips": ["198.51.100.0/24"],
+         "initial_data_timeout": 0.3},
         {"name": "web", "ports": [http_port], "domains": ["w.test"], "targets": [http_backend.address],
          "add_forwarded_headers": True},
     ]})
 
     def via_balancer(port: int, header: bytes, payload: bytes) -> bytes:
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(header + payload)
             try:
-                return recv_all(s) if payload.startswith(b"GET") else s.recv(1000)
-            except ConnectionResetError:
+                s.sendall(header + payload)
+                if payload.startswith(b"GET"):
+                    return recv_all(s)
+                data = b""
+                while not data.endswith(payload):   # the echo answers chunk by chunk
+                    chunk = s.recv(1000)
+                    if not chunk:
+                        break
+                    data += chunk
+                return data
+            except (ConnectionResetError, BrokenPipeError):
                 return b""
     header = proxyprotocol.encode_v1(("203.0.113.7", 40000), ("192.0.2.10", 443))
     reply = yield deferToThread(via_balancer, tcp_port, header, b"hi")
     assert reply.startswith(b"chain:") and reply.endswith(b"hi")
     src, _dst, rest = backend_parse(tcp_backend.connections[0].received)
     assert src == ("203.0.113.7", 40000) and rest == b"hi"
+    # the header's deadline does not cut the tunnel that follows it
+    def long_lived() -> bytes:
+        with socket.create_connection(("127.0.0.1", tcp_port), timeout=10) as s:
+            s.sendall(proxyprotocol.encode_v2(("203.0.113.9", 1), ("192.0.2.10", 443)) + b"a")
+            first = s.recv(1000)
+            time.sleep(0.6)
+            s.sendall(b"b")
+            return first + s.recv(1000)
+    assert (yield deferToThread(long_lived)).endswith(b"chain:b")
     # v2 header from the balancer, HTTP route: X-Forwarded-For carries the original client
     header = proxyprotocol.encode_v2(("203.0.113.8", 40001), ("192.0.2.10", 80))
     reply = yield deferToThread(via_balancer, http_port, header,
@@ -116,3 +135,16 @@ def test_client_address_survives_a_chain_of_proxies(proxy_router, backends):
     stats = router.get_stats()["proxy"]
     assert stats["routes"]["tcp"]["errors"] == {"blocked": 1}
     assert stats["unrouted"] == {"bad_proxy_header": 1}
+
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.one_of(st.binary(max_size=200),
+                 st.binary(max_size=60).map(lambda b: proxyprotocol.V2_SIGNATURE + b),
+                 st.text(max_size=80).map(lambda t: ("PROXY " + t + "\r\n").encode("utf-8"))))
+def test_header_parser_never_raises(data):
+    state = proxyprotocol.ProxyHeaderParser().feed(data)
+    assert state in (proxyprotocol.NEED_MORE, proxyprotocol.DONE, proxyprotocol.INVALID)

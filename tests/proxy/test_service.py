@@ -50,11 +50,16 @@ def test_reload_swaps_routes_rebinds_ports_and_keeps_open_tunnels(tmp_path, back
             assert s.recv(100) == b"old:1"
             return s
         held = yield deferToThread(open_held)
+        service = router.by_name["proxy"]
+        listener_p1 = [port for spec, port in service.listeners.ports.items() if spec.port == p1]
         write_config(path, config(tmp_path, [
-            {"name": "a", "ports": [p1], "targets": [new.address]},
             {"name": "b", "ports": [p2], "targets": [new.address]},
+            {"name": "a", "ports": [p1], "targets": [new.address]},
         ]))
         assert (yield router.reload()) is True
+        # p1 kept its listening socket although its route moved in the list
+        assert [port for spec, port in service.listeners.ports.items()
+                if spec.port == p1] == listener_p1
         assert (yield deferToThread(echo, p1)) == b"new:x"
         assert (yield deferToThread(echo, p2)) == b"new:x"
         assert (yield deferToThread(connect_fails, p3))
@@ -98,3 +103,54 @@ def test_drain_waits_for_tunnels_and_stop_accepting_closes_listeners(proxy_route
     yield defer.DeferredList([drained]).addCallback(lambda _: None)
     assert drained.called
     assert service.get_stats()["active_connections"] == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_proxy_figures_reach_the_metrics_endpoint(proxy_router, backends):
+    import urllib.request
+    from tests.support.net import free_port
+    backend = backends("m")
+    port, api_port = proxy_port(), free_port()
+    router = proxy_router({"routes": [{"name": "metered", "ports": [port],
+                                       "targets": [backend.address]}]},
+                          api={"listen": "127.0.0.1", "port": api_port})
+    assert (yield deferToThread(echo, port, b"12345")) == b"m:12345"
+    for _ in range(100):
+        if router.get_stats()["proxy"]["routes"]["metered"]["active_connections"] == 0:
+            break
+        yield task.deferLater(reactor, 0.02, lambda: None)
+
+    def scrape() -> str:
+        with urllib.request.urlopen(f"http://127.0.0.1:{api_port}/metrics", timeout=10) as r:
+            return r.read().decode()
+    text = yield deferToThread(scrape)
+    assert 'dcrouter_proxy_connections_total{route="metered"} 1.0' in text
+    assert 'dcrouter_proxy_bytes_total{direction="in",route="metered"} 5.0' in text
+    assert 'dcrouter_proxy_bytes_total{direction="out",route="metered"} 7.0' in text
+
+
+@pytest_twisted.inlineCallbacks
+def test_tunnels_left_at_the_shutdown_deadline_are_closed(tmp_path, backends):
+    from tests.support.router import options_from
+    backend = backends("late")
+    port = proxy_port()
+    options = options_from({"router": {"shutdown_timeout": 0.5}, "proxy": {
+        "listen": "127.0.0.1", "routes": [{"name": "l", "ports": [port],
+                                           "targets": [backend.address]}]}},
+        str(tmp_path / "state"))
+    router = start_router(options)
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        yield deferToThread(s.sendall, b"x")
+        assert (yield deferToThread(s.recv, 100)) == b"late:x"
+        yield stop_router(router)         # waits 0.5 s for the tunnel, then closes it
+
+        def closed() -> bool:
+            try:
+                return s.recv(100) == b""
+            except ConnectionResetError:
+                return True
+        assert (yield deferToThread(closed))
+        assert router.by_name["proxy"].connections == set()
+    finally:
+        s.close()

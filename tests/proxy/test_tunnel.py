@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 
@@ -35,7 +36,7 @@ def rss_kib() -> int:
 
 
 class SlowSink:
-    """A backend that waits, then reads in small pieces; counts what it got."""
+    """A backend that waits, then reads in small pieces; answers with the byte count."""
 
     def __init__(self) -> None:
         self.server = socket.create_server(("127.0.0.1", 0))
@@ -58,44 +59,141 @@ class SlowSink:
         self.server.close()
 
 
+class FastSource:
+    """A backend that sends ``total`` bytes as fast as it can, then closes."""
+
+    def __init__(self, total: int) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.total = total
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        conn, _ = self.server.accept()
+        block = b"\xcd" * (1024 * 1024)
+        with conn:
+            conn.recv(100)                      # the client's hello
+            for _ in range(self.total // len(block)):
+                conn.sendall(block)
+        self.server.close()
+
+
+def upload(port: int, total: int, tls_name: str = "") -> bytes:
+    """Send ``total`` bytes (over TLS when ``tls_name``), half-close, return the answer."""
+    block = b"\xab" * (1024 * 1024)
+    raw = socket.create_connection(("127.0.0.1", port), timeout=60)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+    sock = raw
+    if tls_name:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        sock = ctx.wrap_socket(raw, server_hostname=tls_name)
+    with sock:
+        for _ in range(total // len(block)):
+            sock.sendall(block)
+        if tls_name:
+            # no half-close in TLS: FIN the TCP side and read until the proxy closes, so the
+            # client never closes with unread bytes (which would make its kernel send a RST
+            # and drop what the proxy had not read yet)
+            sock.shutdown(socket.SHUT_WR)      # also drops the TLS layer: raw reads below
+            try:
+                return recv_all(sock)
+            except ConnectionResetError:
+                return b""
+        sock.shutdown(socket.SHUT_WR)
+        return recv_all(sock)
+
+
+def slow_download(port: int) -> int:
+    """Ask, wait while the source fills every buffer, then read slowly; returns the byte count."""
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        s.sendall(b"go")
+        time.sleep(1.0)
+        received = 0
+        while True:
+            chunk = s.recv(16384)
+            if not chunk:
+                return received
+            received += len(chunk)
+
+
+class BufferWatch:
+    """Samples, in the reactor, the largest write buffers the proxy's connections hold."""
+
+    def __init__(self, service) -> None:
+        self.service = service
+        self.peak_buffer = 0
+        self.peak_rss = 0
+        self.rss_before = rss_kib()
+        self.loop = task.LoopingCall(self.sample)
+
+    def sample(self) -> None:
+        for front in list(self.service.connections):
+            tunnel = front.tunnel
+            if tunnel is None and front.delegate is not None:      # terminated TLS
+                inner = getattr(front.delegate, "wrappedProtocol", None)
+                tunnel = getattr(inner, "tunnel", None)
+            total = buffered(front.transport) + (buffered(tunnel.backend) if tunnel else 0)
+            self.peak_buffer = max(self.peak_buffer, total)
+        self.peak_rss = max(self.peak_rss, rss_kib() - self.rss_before)
+
+    def __enter__(self) -> "BufferWatch":
+        self.loop.start(0.005)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.loop.stop()
+
+
 @pytest_twisted.inlineCallbacks
 def test_200_mb_to_a_slow_reader_keeps_proxy_buffers_bounded(proxy_router):
     sink = SlowSink()
     port = proxy_port()
     router = proxy_router({"routes": [{"name": "bulk", "ports": [port],
                                        "targets": [f"127.0.0.1:{sink.port}"]}]})
-    service = router.by_name["proxy"]
-    peak = {"buffer": 0, "rss": 0}
-    rss_before = rss_kib()
-
-    def sample() -> None:
-        for front in list(service.connections):
-            tunnel = front.tunnel
-            total = buffered(front.transport) + (buffered(tunnel.backend) if tunnel else 0)
-            peak["buffer"] = max(peak["buffer"], total)
-        peak["rss"] = max(peak["rss"], rss_kib() - rss_before)
-    sampler = task.LoopingCall(sample)
-    sampler.start(0.005)
-
-    def send() -> bytes:
-        block = b"\xab" * (1024 * 1024)
-        with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
-            for _ in range(TOTAL // len(block)):
-                s.sendall(block)
-            s.shutdown(socket.SHUT_WR)
-            return recv_all(s)
-    try:
-        reply = yield deferToThread(send)
-    finally:
-        sampler.stop()
+    with BufferWatch(router.by_name["proxy"]) as watch:
+        reply = yield deferToThread(upload, port, TOTAL)
     assert reply == str(TOTAL).encode()
     assert sink.received == TOTAL
-    stats = router.get_stats()["proxy"]["routes"]["bulk"]
-    assert stats["bytes_in"] == TOTAL
+    assert router.get_stats()["proxy"]["routes"]["bulk"]["bytes_in"] == TOTAL
     # without flow control the proxy would hold most of the 200 MB while the sink sleeps
-    assert peak["buffer"] < 2 * 1024 * 1024, peak
-    assert peak["rss"] < 64 * 1024, peak
+    assert watch.peak_buffer < 2 * 1024 * 1024, watch.peak_buffer
+    assert watch.peak_rss < 64 * 1024, watch.peak_rss
+
+
+@pytest_twisted.inlineCallbacks
+def test_200_mb_from_a_fast_target_to_a_slow_client_stays_bounded(proxy_router):
+    source = FastSource(TOTAL)
+    port = proxy_port()
+    router = proxy_router({"routes": [{"name": "down", "ports": [port],
+                                       "targets": [f"127.0.0.1:{source.port}"]}]})
+    with BufferWatch(router.by_name["proxy"]) as watch:
+        received = yield deferToThread(slow_download, port)
+    assert received == TOTAL
+    assert router.get_stats()["proxy"]["routes"]["down"]["bytes_out"] == TOTAL
+    assert watch.peak_buffer < 2 * 1024 * 1024, watch.peak_buffer
+    assert watch.peak_rss < 64 * 1024, watch.peak_rss
+
+
+@pytest_twisted.inlineCallbacks
+def test_terminated_tls_to_a_slow_reader_stays_bounded(proxy_router):
+    sink = SlowSink()
+    total = 48 * 1024 * 1024
+    port = proxy_port()
+    router = proxy_router({"routes": [{"name": "tls", "ports": [port], "domains": ["*"],
+                                       "tls": "terminate",
+                                       "targets": [f"127.0.0.1:{sink.port}"]}]})
+    with BufferWatch(router.by_name["proxy"]) as watch:
+        yield deferToThread(upload, port, total, "bulk.test")
+        for _ in range(200):
+            if sink.received == total:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+    assert sink.received == total
+    assert watch.peak_buffer < 2 * 1024 * 1024, watch.peak_buffer
+    assert watch.peak_rss < 64 * 1024, watch.peak_rss
 
 
 @pytest_twisted.inlineCallbacks

@@ -20,10 +20,20 @@ def default_config_with_free_ports(state_dir: str) -> tuple[dict[str, Any], dict
     """
     with open(os.path.join(REPO, "etc", "dcrouter.toml"), "rb") as f:
         data = tomllib.load(f)
+    taken: set[int] = set()
+
+    def unique(pick) -> int:  # type: ignore[no-untyped-def]
+        # a port freed and picked again by the kernel must not serve two listeners
+        while True:
+            port = pick()
+            if port not in taken:
+                taken.add(port)
+                return port
+
     ports = {
-        "smtp": free_port(), "submission": free_port(), "smtps": free_port(),
-        "https": free_port(), "http": free_port(), "dns": free_tcp_udp_port(),
-        "api": free_port(),
+        "dns": unique(free_tcp_udp_port),
+        "smtp": unique(free_port), "submission": unique(free_port), "smtps": unique(free_port),
+        "https": unique(free_port), "http": unique(free_port), "api": unique(free_port),
     }
     data["router"]["state_dir"] = state_dir
     email = data["email"]

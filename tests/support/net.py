@@ -6,11 +6,23 @@ import socket
 import time
 
 
+_handed_out: set[int] = set()
+
+
 def free_port(kind: int = socket.SOCK_STREAM, host: str = "127.0.0.1") -> int:
-    """A port that is free on ``host`` right now (TCP, or UDP with SOCK_DGRAM)."""
-    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
+    """A port that is free on ``host`` right now (TCP, or UDP with SOCK_DGRAM).
+
+    Never the same port twice in one test process, so several calls in a row give
+    distinct ports even though each probe socket is closed before the next.
+    """
+    for _ in range(100):
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, kind) as s:
+            s.bind((host, 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
+    raise RuntimeError("no fresh free port found")
 
 
 def free_tcp_udp_port(host: str = "127.0.0.1") -> int:
