@@ -19,15 +19,16 @@ Conventions (for writers of docs):
   checkout (``etc/``, ``docs/examples`` on PYTHONPATH) with a dcrouter running
   from ``etc/dcrouter.toml`` (state in ``var/``), so ``var/mail/alice/new/``,
   ``dcrouterctl`` and ``swaks`` work as in the text.  The documented fixed ports
-  (2525, 2587, 2465, 8443, 8080, 5353, 8088, the backends 9443, 9080, and 8444,
-  8445 for a second dcrouter) are
+  (2525, 2587, 2465, 8443, 8080, 5353, 8088, the backends 9443, 9080, 8444 and
+  8445 for a second dcrouter, and pebble's 14000, 15000, 15001, 18053, 18055) are
   replaced by the real ephemeral ones, and ``.venv/bin/`` by the test's venv.
 * Output and pictures use another language or none (``text``, ``json`` -
   which must parse -, ``yaml``, ``promql``, or a bare fence) and are not run.
 * A block that cannot run here (systemd, production ACME, placeholders) has
   ``<!-- not-run: REASON -->`` on the line before its fence.
 
-The last test checks that every block not so marked ran.
+The last test checks that every block not so marked ran (running those whose
+test was deselected).
 """
 
 from __future__ import annotations
@@ -49,7 +50,7 @@ import pytest
 
 from dcrouter.config import parse_config
 from tests.support.configs import default_config_with_free_ports, write_config
-from tests.support.net import free_port
+from tests.support.net import free_port, free_tcp_udp_port
 from tests.support.proc import REPO, TwistdProcess, twistd_env, wait_until
 
 DOC_FILES = [os.path.join(REPO, "README.md")] + sorted(glob.glob(os.path.join(REPO, "docs",
@@ -62,7 +63,9 @@ VENV_BIN = os.path.dirname(sys.executable)
 #: Documented fixed port -> key of the scratch router's port map.
 FIXED_PORTS = {2525: "smtp", 2587: "submission", 2465: "smtps", 8443: "https", 8080: "http",
                5353: "dns", 8088: "api", 9443: "backend_tls", 9080: "backend_http",
-               8444: "spare_1", 8445: "spare_2"}
+               8444: "spare_1", 8445: "spare_2",
+               14000: "pebble", 15000: "pebble_management", 15001: "pebble_tls",
+               18053: "challtestsrv_dns", 18055: "challtestsrv_management"}
 
 
 @dataclasses.dataclass
@@ -155,6 +158,9 @@ def scratch(tmp_path_factory: Any) -> Iterator[dict[str, Any]]:
     ports["backend_http"] = free_port()
     ports["spare_1"] = free_port()  # for a second dcrouter a doc starts
     ports["spare_2"] = free_port()
+    for name in ("pebble", "pebble_management", "pebble_tls", "challtestsrv_management"):
+        ports[name] = free_port()  # the local ACME server of proxy-guide.md
+    ports["challtestsrv_dns"] = free_tcp_udp_port()
     data["proxy"]["routes"][0]["targets"] = [f"127.0.0.1:{ports['backend_tls']}"]
     data["proxy"]["routes"][1]["targets"] = [f"127.0.0.1:{ports['backend_http']}"]
     write_config(os.path.join(root, "etc", "dcrouter.toml"), data)
@@ -235,9 +241,57 @@ def test_code_blocks_of_a_file_run_in_order(path: str, scratch: dict[str, Any]) 
         RAN.add(block.name)
 
 
-def test_every_unmarked_block_ran() -> None:
+def test_every_unmarked_block_ran(scratch: dict[str, Any]) -> None:
+    # blocks whose test was not selected (pytest -k ...) run here, so the count always holds
+    for block in RUN_BLOCKS:
+        if block.lang == "toml" and block.name not in RAN:
+            test_toml_block_is_a_valid_configuration(block)
+    for path in _files_with_code():
+        if any(b.name not in RAN for b in RUN_BLOCKS if b.path == path):
+            test_code_blocks_of_a_file_run_in_order(path, scratch)
     expected = {b.name for b in RUN_BLOCKS}
     assert RAN == expected, f"did not run: {sorted(expected - RAN)}"
     marked = [b for b in ALL_BLOCKS if b.not_run is not None]
     print(f"{len(RAN)} code blocks ran; {len(marked)} marked not-run")
-    assert len(RAN) >= 30
+    assert len(RAN) >= 40
+
+
+# -- links ------------------------------------------------------------------------------------
+
+def _slug(heading: str) -> str:
+    """GitHub's anchor for a heading."""
+    text = re.sub(r"[^\w\- ]", "", heading.strip().lower())
+    return text.replace(" ", "-")
+
+
+def _anchors(path: str) -> set[str]:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    return {_slug(m.group(1)) for m in re.finditer(r"^#+\s+(.*)$", text, re.M)}
+
+
+def test_relative_links_and_anchors_resolve() -> None:
+    broken = []
+    for path in DOC_FILES:
+        with open(path, encoding="utf-8") as f:
+            text = re.sub(r"```.*?```", "", f.read(), flags=re.S)
+        for target in re.findall(r"\]\(([^)\s]+)\)", text):
+            if re.match(r"[a-z]+:", target):
+                continue
+            file_part, _, anchor = target.partition("#")
+            resolved = os.path.normpath(os.path.join(os.path.dirname(path), file_part)) \
+                if file_part else path
+            if not os.path.exists(resolved):
+                broken.append(f"{os.path.relpath(path, REPO)}: {target} (no such file)")
+            elif anchor and resolved.endswith(".md") and anchor not in _anchors(resolved):
+                broken.append(f"{os.path.relpath(path, REPO)}: {target} (no such heading)")
+    assert not broken, "\n".join(broken)
+
+
+def test_every_example_file_is_shown_in_the_docs() -> None:
+    shown = {m.group(1) for b in ALL_BLOCKS if b.lang == "python"
+             for m in [re.match(r"#\s*(docs/examples/\w+\.py)\s*$", b.text.split("\n", 1)[0])] if m}
+    files = {os.path.relpath(p, REPO) for p in glob.glob(os.path.join(REPO, "docs", "examples",
+                                                                      "*.py"))}
+    assert files and files == shown, f"not shown: {sorted(files - shown)}"

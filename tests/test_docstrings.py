@@ -15,7 +15,7 @@ import ast
 import importlib
 import inspect
 import os
-from typing import Iterator
+from typing import Any, Iterator
 
 from zope.interface import implementedBy
 
@@ -55,7 +55,7 @@ def _inherited_doc(module_name: str, parts: list[str]) -> bool:
     """Does the method get a docstring from a base class (``inspect.getdoc``)?"""
     if len(parts) < 2:
         return False
-    obj = importlib.import_module(module_name)
+    obj: Any = importlib.import_module(module_name)
     for part in parts[:-1]:
         obj = getattr(obj, part, None)
         if obj is None:

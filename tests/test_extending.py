@@ -83,7 +83,7 @@ def _maildir_messages(root: str, user: str) -> list[str]:
 
 
 @pytest_twisted.inlineCallbacks
-def test_scanner_and_transformation_by_name(router: Any) -> None:
+def test_scanner_and_transformation_by_name(router: Any) -> Any:
     r, ports, paths = router
     code, text = yield deferToThread(_send, ports["smtp"], "support@help.localhost",
                                      "Printer", "It is broken again.")
@@ -99,7 +99,7 @@ def test_scanner_and_transformation_by_name(router: Any) -> None:
 
 
 @pytest_twisted.inlineCallbacks
-def test_queue_store_and_delivery_observer_through_extensions(router: Any) -> None:
+def test_queue_store_and_delivery_observer_through_extensions(router: Any) -> Any:
     r, ports, paths = router
     code, _ = yield deferToThread(_send, ports["smtp"], "alice@localhost", "hi", "hello")
     assert code == 250
@@ -137,7 +137,7 @@ def _xoauth2(port: int, user: str, token: str, ca_free: bool = True) -> tuple[in
 
 
 @pytest_twisted.inlineCallbacks
-def test_xoauth2_token_checker_by_name(router: Any) -> None:
+def test_xoauth2_token_checker_by_name(router: Any) -> Any:
     r, ports, paths = router
     good = make_token("bob", SECRET)
     code, _ = yield deferToThread(_xoauth2, ports["submission"], "bob", good)
