@@ -9,7 +9,6 @@ Its three parts: a human-readable explanation, the machine-readable
 from __future__ import annotations
 
 import email.utils
-import time
 import uuid
 from typing import Iterable
 
@@ -92,8 +91,3 @@ def build_dsn(item: QueueItem, failed: Iterable[RecipientState], reporting_mta: 
 
 def _one_line(text: str) -> str:
     return " ".join(text.split())[:500]
-
-
-def dsn_date() -> float:
-    """Now (for tests that want to compare)."""
-    return time.time()

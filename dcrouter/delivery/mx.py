@@ -9,7 +9,7 @@ failure; resolver trouble (timeout, SERVFAIL): transient.
 from __future__ import annotations
 
 import random
-from typing import Any, Optional
+from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.abstract import isIPAddress, isIPv6Address
@@ -109,8 +109,3 @@ class MxResolver:
 def _ipv6(payload: Any) -> str:
     import socket
     return socket.inet_ntop(socket.AF_INET6, payload.address)
-
-
-def first_error(errors: list[Exception]) -> Optional[Exception]:
-    """The most telling of several connection errors (the last one)."""
-    return errors[-1] if errors else None

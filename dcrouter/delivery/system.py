@@ -20,7 +20,6 @@ from __future__ import annotations
 import collections
 import os
 import tempfile
-import time
 from typing import Any, Callable, Optional
 
 from twisted.application.service import Service

@@ -337,16 +337,17 @@ class GroupCommitter:
             return
         batch, self._pending = self._pending, []
         self._running = True
-        flat = [op for ops, _ in batch for op in ops]
-        d = threads.deferToThread(self._run, flat, self.live_hint)
+        groups = [ops for ops, _ in batch]
+        d = threads.deferToThread(self._run, groups, self.live_hint)
 
         def done(result: Any) -> None:
             self._running = False
             self.batches += 1
-            self.operations += len(flat)
-            for _, waiter in batch:
-                if isinstance(result, BaseException):
-                    waiter.errback(result)
+            self.operations += sum(len(ops) for ops in groups)
+            for n, (_, waiter) in enumerate(batch):
+                error = result if isinstance(result, BaseException) else result[n]
+                if error is not None:
+                    waiter.errback(error)
                 else:
                     waiter.callback(None)
             self._kick()
@@ -377,23 +378,37 @@ class GroupCommitter:
         self._counter += 1
         return os.path.join(self.tmp_dir, f"{os.getpid()}.{threading.get_ident()}.{self._counter}")
 
-    def _run(self, ops: list[tuple[Any, ...]], live_hint: int) -> None:
+    def _run(self, groups: list[tuple[tuple[Any, ...], ...]], live_hint: int
+             ) -> list[Optional[BaseException]]:
+        """One batch; returns per submission None (durable) or the error that stopped it.
+
+        A submission whose body cannot be moved in (e.g. its spool file is gone)
+        fails alone: its records are not written, the other submissions go on.
+        """
         body_files: list[str] = []
         body_dirs: set[str] = set()
         records: list[bytes] = []
         unlinks: list[str] = []
-        for op in ops:
-            kind = op[0]
-            if kind == "body":
-                if self._move_body(op[1], op[2]):
-                    body_files.append(op[2])
-                body_dirs.add(os.path.dirname(op[2]))
-            elif kind == "put":
-                records.append(encode_put(op[1], op[2]))
-            elif kind == "del":
-                records.append(encode_delete(op[1]))
-            else:
-                unlinks.append(op[1])
+        results: list[Optional[BaseException]] = []
+        for ops in groups:
+            try:
+                for op in ops:
+                    if op[0] == "body":
+                        if self._move_body(op[1], op[2]):
+                            body_files.append(op[2])
+                        body_dirs.add(os.path.dirname(op[2]))
+            except OSError as e:
+                results.append(QueueError(f"cannot take over the message file: {e}"))
+                continue
+            results.append(None)
+            for op in ops:
+                kind = op[0]
+                if kind == "put":
+                    records.append(encode_put(op[1], op[2]))
+                elif kind == "del":
+                    records.append(encode_delete(op[1]))
+                elif kind == "unlink_body":
+                    unlinks.append(op[1])
         # bodies first, fsynced in parallel (the file system commits them together)
         self._parallel(fsync_file, body_files)
         self._parallel(fsync_dir, sorted(body_dirs))
@@ -412,6 +427,7 @@ class GroupCommitter:
             self.compacting = True
             threading.Thread(target=self._compact, args=(upto,), name="queue-compact",
                              daemon=True).start()
+        return results
 
     def _compact(self, upto: int) -> None:
         """Compaction thread: snapshot the segments up to ``upto`` while appends go on."""

@@ -192,8 +192,11 @@ class MemoryStore(LocalStore):
     def add(self, items: list[QueueItem], body_path: str) -> defer.Deferred:
         """Read the body file (then delete it) and index the items."""
         def read() -> bytes:
-            with open(body_path, "rb") as f:
-                data = f.read()
+            try:
+                with open(body_path, "rb") as f:
+                    data = f.read()
+            except OSError as e:
+                raise QueueError(f"cannot take over the message file: {e}") from None
             try:
                 os.unlink(body_path)
             except OSError:

@@ -27,7 +27,7 @@ from dcrouter.errors import QueueError, QueueFullError
 from dcrouter.logsetup import get_logger
 from dcrouter.message import DeliveryRequest, new_queue_id
 from dcrouter.queue.item import (
-    DEFERRED, DELIVERED, FAILED, PENDING, PROCESSING, STATUSES, WAITING, QueueItem,
+    DEFERRED, DELIVERED, FAILED, PENDING, STATUSES, WAITING, QueueItem,
 )
 
 log = get_logger("email.queue")
@@ -364,4 +364,4 @@ class UnifiedDeliveryQueue(Service):
         return stats
 
 
-__all__ = ["UnifiedDeliveryQueue", "build_store", "PROCESSING"]
+__all__ = ["UnifiedDeliveryQueue", "build_store"]

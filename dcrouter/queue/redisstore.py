@@ -206,8 +206,11 @@ class RedisStore:
             return None
 
         def read() -> bytes:
-            with open(body_path, "rb") as f:
-                return f.read()
+            try:
+                with open(body_path, "rb") as f:
+                    return f.read()
+            except OSError as e:
+                raise QueueError(f"cannot take over the message file: {e}") from None
         body = yield threads.deferToThread(read)
         args: list[Any] = [self.prefix, items[0].body_ref, body, len(items)]
         for item in items:

@@ -37,7 +37,8 @@ def crash_config(state_dir: str, smtp_port: int, sink_port: int) -> dict:
                               "target": {"server": "127.0.0.1", "port": sink_port}}],
             "queue": {"storage_type": "disk", "base_retry_delay": 0.2, "max_retry_delay": 1.0,
                       "check_interval": 0.1, "max_retries": 50},
-            "delivery": {"connect_timeout": 2.0, "command_timeout": 5.0},
+            "delivery": {"connect_timeout": 2.0, "command_timeout": 5.0,
+                         "per_destination_concurrency": 10, "concurrent_deliveries": 50},
         },
     }
 
@@ -77,12 +78,13 @@ def delivered_ids(sink: Sink) -> set[str]:
 
 
 def run_cycles(workdir: str, cycles: int, seed: int = 50, max_delay: float = 0.6,
-               final_timeout: float = 60.0, sink: Optional[Sink] = None) -> dict:
+               final_timeout: float = 60.0, sink: Optional[Sink] = None,
+               sink_delay: float = 0.0) -> dict:
     """Start/kill the router ``cycles`` times while sending; then check delivery."""
     rng = random.Random(seed)
     own_sink = sink is None
     sink = sink or Sink().start()
-    sink.handler.delay = 0.02
+    sink.handler.delay = sink_delay
     smtp_port = free_port()
     config = write_config(os.path.join(workdir, "dcrouter.toml"),
                           crash_config(os.path.join(workdir, "var"), smtp_port, sink.port))
@@ -106,8 +108,9 @@ def run_cycles(workdir: str, cycles: int, seed: int = 50, max_delay: float = 0.6
                 proc.kill()
         proc = TwistdProcess(workdir, config=config)
         try:
+            final_start = time.monotonic()
             wait_until(lambda: acked <= delivered_ids(sink), timeout=final_timeout, interval=0.2)
-            result = {"acked": len(acked), "delivered": len(delivered_ids(sink)),
+            result = {"final_seconds": time.monotonic() - final_start,"acked": len(acked), "delivered": len(delivered_ids(sink)),
                       "sink_messages": len(sink.messages), "cycles": cycles,
                       "kills_before_first_ack": kills_before_ack}
             proc.stop()

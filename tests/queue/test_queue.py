@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import stat
-import time
 
 import pytest
 import pytest_twisted
@@ -329,3 +328,24 @@ def test_enqueue_fails_cleanly_when_the_store_never_opens(tmp_path):
     clock.advance(queue_module.READY_TIMEOUT + 1)
     assert failures and failures[0].check(QueueError)
     assert "not ready" in str(failures[0].value)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_bad_request_fails_alone_in_its_group_commit(tmp_path):
+    from twisted.internet import defer
+    queue = make_queue(tmp_path)
+    yield queue.when_ready()
+    good = [queue.enqueue([request(spool_message(str(tmp_path)))]) for _ in range(5)]
+    gone = request(spool_message(str(tmp_path)))
+    os.unlink(gone.body_path)
+    bad = queue.enqueue([gone])
+    good += [queue.enqueue([request(spool_message(str(tmp_path)))]) for _ in range(5)]
+    ids = yield defer.gatherResults(good)
+    with pytest.raises(QueueError, match="cannot take over"):
+        yield bad
+    assert queue.get_stats()["size"] == 10
+    yield queue.stopService()
+    queue2 = make_queue(tmp_path)
+    yield queue2.when_ready()
+    assert sorted(queue2.store.items) == sorted(i for group in ids for i in group)
+    yield queue2.stopService()
