@@ -452,6 +452,9 @@ class MultiModeDeliverySystem(Service):
         return ssl.trustRootFromCertificates(certs)
 
     async def _connection(self, worker: DestinationWorker) -> None:
+        # a connection that reached no host must not open another one in its place while
+        # siblings still try: the last of them defers what is waiting (no reconnect loop)
+        gave_up = False
         try:
             try:
                 hosts = await self._hosts(worker)
@@ -482,12 +485,13 @@ class MultiModeDeliverySystem(Service):
                 last_error = f"{name}[{address}]:{port}: {client.error or 'session failed'}"
                 index += 1
             if worker.jobs:
+                gave_up = True
                 self._fail_waiting(worker, -1, f"451 4.4.1 {last_error}"
                                    if not last_error[:3].isdigit() else last_error, False,
                                    only_if_alone=True)
         finally:
             worker.connections -= 1
-            if worker.jobs:
+            if worker.jobs and not (gave_up and worker.connections > 0):
                 self._ensure_connections(worker)
             elif worker.connections == 0 and self.workers.get(worker.key) is worker:
                 del self.workers[worker.key]

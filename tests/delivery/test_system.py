@@ -371,3 +371,24 @@ async def test_utf8_addresses_need_smtputf8(tmp_path, sink):
     finally:
         await stack.stop()
         utf8.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_several_items_to_an_unreachable_target_all_defer(tmp_path):
+    """Two or more items for one dead destination open several connections; all must defer."""
+    from tests.support.net import free_port
+    stack = Stack(str(tmp_path))
+    try:
+        route = Route(kind="forward", server="127.0.0.1", port=free_port())
+        ids = []
+        for n in range(4):
+            ids += await stack.send(route, [f"r{n}@example.com"])
+
+        def all_deferred():
+            items = [stack.queue.store.items.get(i) for i in ids]
+            return all(i is not None and i.status == "deferred" for i in items) or None
+        await wait_for(all_deferred, 15)
+        workers = stack.delivery.workers
+        assert not workers or all(w.connections == 0 for w in workers.values())
+    finally:
+        await stack.stop()
