@@ -24,23 +24,27 @@ class DueSchedule:
     def __len__(self) -> int:
         return len(self._heap)
 
-    def schedule(self, item: QueueItem) -> None:
-        """(Re)schedule ``item`` at its ``next_attempt``; the older entry goes stale."""
+    def schedule(self, item: QueueItem, when: Optional[float] = None) -> None:
+        """(Re)schedule ``item`` at its ``next_attempt`` (or ``when``); the older entry goes stale."""
         seq = next(self._seq)
         item.sched = seq
-        heapq.heappush(self._heap, (item.next_attempt, seq, item.id))
+        heapq.heappush(self._heap, (item.next_attempt if when is None else when, seq, item.id))
 
     def pop_due(self, now: float, lookup: Callable[[str], Optional[QueueItem]],
                 limit: int, accept: Callable[[QueueItem], bool] = lambda item: True
                 ) -> list[QueueItem]:
         """Take up to ``limit`` items due at ``now`` (waiting, live entry, accepted).
 
-        Items refused by ``accept`` stay scheduled.
+        Items refused by ``accept`` (their destination is busy) stay due but move behind
+        the other due items, so a large backlog for one destination neither starves the
+        others nor makes every call walk the whole backlog: at most ``max_refused``
+        refusals are looked at per call.
         """
         taken: list[QueueItem] = []
         refused: list[QueueItem] = []
         heap = self._heap
-        while heap and len(taken) < limit and heap[0][0] <= now:
+        max_refused = max(64, 4 * limit)
+        while heap and len(taken) < limit and heap[0][0] <= now and len(refused) < max_refused:
             _, seq, item_id = heapq.heappop(heap)
             item = lookup(item_id)
             if item is None or item.sched != seq or item.status not in WAITING:
@@ -50,8 +54,9 @@ class DueSchedule:
                 taken.append(item)
             else:
                 refused.append(item)
+        behind = now + 1e-6   # after every entry due now, in the order they were refused
         for item in refused:
-            self.schedule(item)
+            self.schedule(item, behind)
         return taken
 
     def next_due(self, lookup: Callable[[str], Optional[QueueItem]]) -> Optional[float]:
