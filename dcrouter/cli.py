@@ -18,28 +18,15 @@ from dcrouter.errors import ConfigError
 
 
 def _rule_lines(options: DcRouterOptions) -> list[str]:
-    email = options.email
-    assert email is not None
-    try:
-        from dcrouter.email.routing import describe_rules  # type: ignore[attr-defined]
-    except ImportError:  # routing without a description helper
-        return [f"  {i + 1}. {r.pattern} -> {r.mode}" for i, r in enumerate(email.domain_rules)]
-    return describe_rules(email)
+    from dcrouter.email.routing import describe_rules
+    assert options.email is not None
+    return describe_rules(options.email)
 
 
 def _route_lines(options: DcRouterOptions) -> list[str]:
-    proxy = options.proxy
-    assert proxy is not None
-    try:
-        from dcrouter.proxy.routes import describe_routes  # type: ignore[import-not-found]
-    except ImportError:
-        lines = []
-        for route in proxy.routes:
-            ports = ",".join(str(p) for p in route.ports)
-            lines.append(f"  {route.name or '-'}: ports {ports} domains {','.join(route.domains)} "
-                         f"tls {route.tls or 'none'} -> {', '.join(route.targets) or '-'}")
-        return lines
-    return describe_routes(proxy)
+    from dcrouter.proxy.routes import describe_routes
+    assert options.proxy is not None
+    return describe_routes(options.proxy)
 
 
 def summarize(options: DcRouterOptions) -> str:
