@@ -220,8 +220,13 @@ def serve_aiosmtpd(port: int, state_dir: str) -> None:
     asyncio.run(main())
 
 
-def bench_config(port: int, state_dir: str) -> str:
-    """A TOML configuration for ``twistd -n dcrouter``: one SMTP port, disk queue."""
+def bench_config(port: int, state_dir: str, deliver: bool = True) -> str:
+    """A TOML configuration for ``twistd -n dcrouter``: one SMTP port, disk queue.
+
+    ``deliver=False`` sets the queue's check interval to an hour, so (beyond what
+    the queue hands over at once) delivery does not compete with accepting.
+    """
+    interval = "" if deliver else "check_interval = 3600.0"
     return f"""
 [router]
 state_dir = "{state_dir}"
@@ -241,6 +246,7 @@ default_mode = "mta"
 [email.queue]
 storage_type = "disk"
 persistent_path = "{state_dir}/queue"
+{interval}
 
 [[email.domain_rules]]
 pattern = "*@bench.test"
@@ -267,10 +273,10 @@ class Target:
         elif name == "aiosmtpd":
             args = [sys.executable, me, "serve-aiosmtpd", "--port", str(self.port), "--state",
                     self.state]
-        elif name == "twistd":
+        elif name in ("twistd", "twistd-nodeliver"):
             cfg = os.path.join(self.state, "dcrouter.toml")
             with open(cfg, "w") as f:
-                f.write(bench_config(self.port, self.state))
+                f.write(bench_config(self.port, self.state, deliver=name == "twistd"))
             args = [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
                     "dcrouter", "--config", cfg]
         else:
@@ -476,7 +482,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     serve_aio.add_argument("--state", required=True)
     parser.add_argument("--targets", default="server,aiosmtpd",
                         help="comma list of server (= server-parallel), server-group, "
-                        "server-none (no fsync: the accept ceiling), twistd, aiosmtpd")
+                        "server-none (no fsync: the accept ceiling), twistd, twistd-nodeliver "
+                        "(queue check interval 1 h), aiosmtpd")
     parser.add_argument("--only", choices=["throughput", "idle", "bigmsg"], default=None)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--procs", type=int, default=2)
