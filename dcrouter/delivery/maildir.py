@@ -3,12 +3,17 @@
 Each message is written to ``tmp/`` under a unique name from
 ``twisted.mail.maildir``'s generator, fsynced, renamed into ``new/`` and the
 directory fsynced.  Blocking: call :func:`deliver` in a thread.
+
+Directory fsyncs are shared (group commit): deliveries into one ``new/`` that
+finish while a directory fsync is running wait for the next one, which covers
+all of their renames at once (:class:`DirectorySyncer`).
 """
 
 from __future__ import annotations
 
 import os
 import re
+import threading
 
 from twisted.mail import maildir
 
@@ -31,6 +36,61 @@ def new_name() -> str:
     return str(_names.generate().decode("ascii"))
 
 
+class _DirState:
+    def __init__(self) -> None:
+        self.requested = 0
+        self.done = 0
+        self.running = False
+
+
+class DirectorySyncer:
+    """Makes renames into a directory durable with as few directory fsyncs as possible.
+
+    :meth:`sync` returns once an fsync of the directory that *started after the
+    call* has finished; callers that arrive while one runs share the next one.
+    Thread-safe; ``fsyncs`` counts the fsyncs done.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._changed = threading.Condition(self._lock)
+        self._dirs: dict[str, _DirState] = {}
+        self.fsyncs = 0
+
+    def sync(self, path: str) -> None:
+        """Block until ``path`` was fsynced after this call began."""
+        with self._lock:
+            state = self._dirs.setdefault(path, _DirState())
+            state.requested += 1
+            mine = state.requested
+            while True:
+                if state.done >= mine:
+                    return
+                if not state.running:
+                    state.running = True
+                    covers = state.requested
+                    break
+                self._changed.wait()
+        synced = False
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            synced = True
+        finally:
+            with self._lock:
+                state.running = False
+                if synced:   # a failed fsync covers nobody: a waiter starts another one
+                    self.fsyncs += 1
+                    state.done = max(state.done, covers)
+                self._changed.notify_all()
+
+
+_directories = DirectorySyncer()
+
+
 def deliver(root: str, recipient: str, data: bytes, name: str = "") -> str:
     """Store ``data`` in the recipient's Maildir under ``name``; returns the new file's path."""
     box = mailbox_for(root, recipient)
@@ -48,9 +108,5 @@ def deliver(root: str, recipient: str, data: bytes, name: str = "") -> str:
         os.close(fd)
     final = os.path.join(box, "new", name)
     os.rename(tmp, final)
-    dfd = os.open(os.path.join(box, "new"), os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    _directories.sync(os.path.join(box, "new"))
     return final
