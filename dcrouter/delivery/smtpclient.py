@@ -11,6 +11,7 @@ for every recipient.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import io
 import re
@@ -105,7 +106,8 @@ class DeliveryClient(smtp.ESMTPClient):
 
     debug = True
 
-    def __init__(self, settings: ClientSettings, source: JobSource) -> None:
+    def __init__(self, settings: ClientSettings, source: JobSource,
+                 counters: Optional[collections.Counter[str]] = None) -> None:
         secret = settings.auth_password.encode("utf-8") if settings.auth_user else None
         super().__init__(secret, settings.context, settings.identity)
         self.settings = settings
@@ -124,6 +126,9 @@ class DeliveryClient(smtp.ESMTPClient):
         self.pulled = 0
         self.sent = 0
         self.pipelined = 0
+        # the delivery system's counters, updated as transactions happen (not when the
+        # connection, which may stay open for reuse, finally closes)
+        self.counters = counters if counters is not None else collections.Counter()
         self.error: Optional[str] = None
         self.error_code = 0
         self.tls = False
@@ -193,6 +198,7 @@ class DeliveryClient(smtp.ESMTPClient):
             mail += b" SMTPUTF8"
         if b"PIPELINING" in self.extensions:
             self.pipelined += 1
+            self.counters["pipelined_transactions"] += 1
             self.toAddressesResult = []
             self.successAddresses = []
             self._pipeline = list(job.recipients)

@@ -466,7 +466,7 @@ class MultiModeDeliverySystem(Service):
             last_error = "no host to deliver to"
             while worker.jobs and index < len(hosts):
                 name, address, port = hosts[index]
-                client = DeliveryClient(self._settings(worker, name), worker)
+                client = DeliveryClient(self._settings(worker, name), worker, self.counters)
                 endpoint = endpoints.HostnameEndpoint(self.reactor, address, port,
                                                       timeout=self.delivery.connect_timeout)
                 try:
@@ -479,7 +479,6 @@ class MultiModeDeliverySystem(Service):
                     continue
                 await client.done
                 self.counters["connections"] += 1
-                self.counters["pipelined_transactions"] += client.pipelined
                 if client.pulled:
                     continue  # progress: go on with the same host while jobs wait
                 last_error = f"{name}[{address}]:{port}: {client.error or 'session failed'}"
