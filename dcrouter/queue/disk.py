@@ -303,6 +303,9 @@ class GroupCommitter:
         self.tmp_dir = tmp_dir
         self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=sync_threads,
                                                            thread_name_prefix="queue-fsync")
+        # deletes bodies of removed items, in order, one thread
+        self._cleanup = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                              thread_name_prefix="queue-cleanup")
         self._pending: list[tuple[tuple[tuple[Any, ...], ...], defer.Deferred]] = []
         self._running = False
         self._counter = 0
@@ -373,6 +376,11 @@ class GroupCommitter:
         """Stop the fsync threads; later submissions fail."""
         self.closed = True
         self._pool.shutdown(wait=False)
+        self._cleanup.shutdown(wait=False)
+
+    def cleanup_done(self) -> defer.Deferred:
+        """Fires when the bodies of removed items submitted so far are deleted."""
+        return threads.deferToThread(self._cleanup.submit(lambda: None).result)
 
     def _tmp(self) -> str:
         self._counter += 1
@@ -409,19 +417,17 @@ class GroupCommitter:
                     records.append(encode_delete(op[1]))
                 elif kind == "unlink_body":
                     unlinks.append(op[1])
-        # bodies first, fsynced in parallel (the file system commits them together)
-        self._parallel(fsync_file, body_files)
-        self._parallel(fsync_dir, sorted(body_dirs))
+        # bodies first: the moved files and their directories are fsynced together, in
+        # parallel (the file system commits them in one journal transaction); only then
+        # the records that refer to them
+        self._parallel_mixed([(fsync_file, path) for path in body_files] +
+                             [(fsync_dir, path) for path in sorted(body_dirs)])
         if records:
             self.journal.append(records)
-        dirs = set()
-        for path in unlinks:
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
-            dirs.add(os.path.dirname(path))
-        self._parallel(fsync_dir, sorted(dirs))
+        if unlinks:
+            # bodies of removed items go only after their removal is durable; deleting
+            # them is clean-up, off the batch's path (close() waits for it)
+            self._cleanup.submit(self._unlink_bodies, unlinks)
         if not self.compacting and self.journal.records > 2 * live_hint + self.compact_slack:
             upto = self.journal.rotate()
             self.compacting = True
@@ -443,6 +449,26 @@ class GroupCommitter:
                                    error=repr(e))
         finally:
             self.compacting = False
+
+    def _parallel_mixed(self, calls: list[tuple[Any, str]]) -> None:
+        if len(calls) <= 1:
+            for func, path in calls:
+                func(path)
+            return
+        for _ in self._pool.map(lambda call: call[0](call[1]), calls):
+            pass
+
+    @staticmethod
+    def _unlink_bodies(paths: list[str]) -> None:
+        dirs = set()
+        for path in paths:
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass
+            dirs.add(os.path.dirname(path))
+        for directory in sorted(dirs):
+            fsync_dir(directory)
 
     def _parallel(self, func: Any, paths: list[str]) -> None:
         if len(paths) <= 1:
@@ -652,6 +678,7 @@ class DiskStore(LocalStore):
     def close(self) -> defer.Deferred:
         """Let pending commits finish, then close the journal and release the lock."""
         d = self.committer.idle()
+        d.addCallback(lambda _: self.committer.cleanup_done())
 
         def finish(_: Any) -> None:
             self.committer.shutdown()
