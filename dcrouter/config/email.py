@@ -276,6 +276,11 @@ class InboundAuthOptions:
 
     enabled: bool = option(False, doc="Check SPF/DKIM/DMARC and add Authentication-Results.")
     timeout: float = option(10.0, check=check_positive, doc="Seconds for the DNS look-ups.")
+    public_suffix_list: str = option(
+        "/usr/share/publicsuffix/public_suffix_list.dat",
+        doc="Public Suffix List file (publicsuffix.org format; Debian package 'publicsuffix') "
+        "that gives DMARC its organisational domains. Missing or empty: a small built-in list "
+        "and a warning in the log.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -13,10 +13,10 @@ in a worker thread (:func:`twisted.internet.threads.deferToThread`), so the
 reactor never waits for DNS.
 
 DMARC uses the record of the From domain, else of its organisational
-domain.  Without the Public Suffix List (no downloads here) the
-organisational domain is the last two labels, or three under a few common
-second-level suffixes (``co.uk``, ``com.au``...); relaxed alignment compares
-organisational domains, strict alignment the exact domains.
+domain, which comes from the Public Suffix List (:mod:`dcrouter.psl`; the
+file of Debian's ``publicsuffix`` package by default, a small built-in list
+without it); relaxed alignment compares organisational domains, strict
+alignment the exact domains.
 """
 
 from __future__ import annotations
@@ -35,10 +35,7 @@ import spf
 from twisted.internet import threads
 
 from dcrouter.config.base import split_host_port
-
-#: Second-level labels under which organisational domains have three labels.
-_TWO_LEVEL = {"co.uk", "org.uk", "ac.uk", "gov.uk", "com.au", "net.au", "org.au", "co.jp",
-              "co.nz", "com.br", "co.za", "com.cn", "co.in"}
+from dcrouter.psl import PublicSuffixList, default_list
 
 MAX_HEADER_BYTES = 256 * 1024
 
@@ -114,20 +111,18 @@ def _thread_lookup(name: str, qtype: str, strict: bool = True, timeout: float = 
 spf.DNSLookup = _thread_lookup
 
 
-def organisational_domain(domain: str) -> str:
+def organisational_domain(domain: str, psl: Optional[PublicSuffixList] = None) -> str:
     """``a.b.example.co.uk`` -> ``example.co.uk``; ``mail.example.com`` -> ``example.com``."""
-    labels = domain.lower().rstrip(".").split(".")
-    if len(labels) >= 3 and ".".join(labels[-2:]) in _TWO_LEVEL:
-        return ".".join(labels[-3:])
-    return ".".join(labels[-2:])
+    return (psl or default_list()).organisational_domain(domain)
 
 
-def aligned(domain: str, from_domain: str, mode: str) -> bool:
+def aligned(domain: str, from_domain: str, mode: str,
+            psl: Optional[PublicSuffixList] = None) -> bool:
     """DMARC identifier alignment (``mode`` ``r`` relaxed or ``s`` strict)."""
     domain, from_domain = domain.lower().rstrip("."), from_domain.lower().rstrip(".")
     if mode == "s":
         return domain == from_domain
-    return organisational_domain(domain) == organisational_domain(from_domain)
+    return organisational_domain(domain, psl) == organisational_domain(from_domain, psl)
 
 
 def parse_dmarc(record: bytes) -> Optional[dict[str, str]]:
@@ -217,8 +212,10 @@ class InboundAuthChecker:
     """Runs SPF, DKIM and DMARC for received messages, in a thread."""
 
     def __init__(self, hostname: str, nameservers: tuple[str, ...] = (),
-                 timeout: float = 10.0, max_bytes: int = 52428800) -> None:
+                 timeout: float = 10.0, max_bytes: int = 52428800,
+                 psl: Optional[PublicSuffixList] = None) -> None:
         self.hostname = hostname
+        self.psl = psl or default_list()
         self.dns = DnsClient(nameservers, timeout)
         self.timeout = timeout
         self.max_bytes = max_bytes
@@ -273,7 +270,7 @@ class InboundAuthChecker:
         if not from_domain:
             return "none", ""
         tags = None
-        org = organisational_domain(from_domain)
+        org = organisational_domain(from_domain, self.psl)
         for name in (from_domain, org) if org != from_domain else (from_domain,):
             for record in self.dns.txt(f"_dmarc.{name}"):
                 tags = parse_dmarc(record)
@@ -287,9 +284,9 @@ class InboundAuthChecker:
         if from_domain != org and "sp" in tags:
             policy = tags["sp"].lower()
         spf_ok = spf_result == "pass" and aligned(spf_domain, from_domain,
-                                                  tags.get("aspf", "r").lower())
+                                                  tags.get("aspf", "r").lower(), self.psl)
         dkim_ok = any(s.result == "pass" and aligned(s.domain, from_domain,
-                                                     tags.get("adkim", "r").lower())
+                                                     tags.get("adkim", "r").lower(), self.psl)
                       for s in signatures)
         return ("pass" if spf_ok or dkim_ok else "fail"), policy
 

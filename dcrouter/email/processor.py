@@ -51,6 +51,7 @@ from dcrouter.errors import ConfigError, PolicyRejection, QueueFullError
 from dcrouter.interfaces import IMessageHandler
 from dcrouter.logsetup import get_logger
 from dcrouter.message import DeliveryRequest, ReceivedMessage, Route, SessionInfo
+from dcrouter.psl import suffix_list
 from zope.interface import implementer
 
 log = get_logger("email.processor")
@@ -151,7 +152,8 @@ class MultiModeProcessor:
         self.auth_checker: Optional[InboundAuthChecker] = None
         if auth.enabled or any(r.reject_on_dmarc_fail for r in options.domain_rules):
             self.auth_checker = InboundAuthChecker(options.hostname, options.delivery.nameservers,
-                                                   auth.timeout, options.max_message_size)
+                                                   auth.timeout, options.max_message_size,
+                                                   suffix_list(auth.public_suffix_list))
         self.options = options
 
     def update_options(self, email: EmailOptions) -> None:

@@ -13,6 +13,7 @@ from twisted.names import authority, dns, server
 from dcrouter.dkimkeys import DkimKeyStore, sign_message
 from dcrouter.email.authcheck import InboundAuthChecker, aligned, organisational_domain
 from dcrouter.errors import PolicyRejection
+from dcrouter.psl import PublicSuffixList
 from tests.email.support import make_processor, session, simple_message, transaction
 from tests.support.net import free_tcp_udp_port
 
@@ -51,6 +52,10 @@ def nameserver(keys: DkimKeyStore) -> Iterator[str]:
         "_dmarc.strict.test": [txt("v=DMARC1; p=quarantine; aspf=s")],
         "bounce.strict.test": [txt("v=spf1 ip4:192.0.2.10 -all")],
         "nodmarc.test": [txt("v=spf1 ?all")],
+        # two customers under a hosting suffix (like github.io): different organisations
+        "_dmarc.alice.hosting.test": [txt("v=DMARC1; p=reject")],
+        "s1._domainkey.bob.hosting.test": [txt(keys.get("bob.hosting.test", "s1")
+                                               .public_record())],
     }
     factory = server.DNSServerFactory(authorities=[MemoryAuthority(zone)])
     factory.noisy = False
@@ -173,3 +178,38 @@ def test_processor_header_and_dmarc_reject(nameserver: str, keys: DkimKeyStore,
     yield transaction(processor, tmp, forged, "alice@sender.test", ["x@lax-in.test"],
                       session("203.0.113.5", relay=False))
     assert b"dmarc=fail (p=reject)" in queue.body(queue.requests[-1])
+
+
+@pytest_twisted.inlineCallbacks
+def test_relaxed_alignment_follows_the_public_suffix_list(nameserver: str, keys: DkimKeyStore,
+                                                         tmp_path: Any) -> None:
+    """bob.hosting.test's signature does not vouch for alice.hosting.test when the
+    list says hosting.test is a public suffix (the github.io case)."""
+    list_file = tmp_path / "psl.dat"
+    list_file.write_text("// ===BEGIN PRIVATE DOMAINS===\nhosting.test\n", encoding="utf-8")
+    psl = PublicSuffixList.load(str(list_file))
+    data = signed(keys, "bob.hosting.test", simple_message(sender="alice@alice.hosting.test"))
+    path = write(tmp_path, data)
+    strict = InboundAuthChecker("mx.dcrouter.test", (nameserver,), timeout=5, psl=psl)
+    r = yield strict.check(path, "203.0.113.5", "x.test", "alice@alice.hosting.test")
+    assert r.dkim[0].result == "pass" and r.dkim[0].domain == "bob.hosting.test"
+    assert (r.dmarc, r.dmarc_policy) == ("fail", "reject") and r.dmarc_rejects
+    # without that rule, both are one organisation (hosting.test) and the signature aligns
+    naive = InboundAuthChecker("mx.dcrouter.test", (nameserver,), timeout=5,
+                               psl=PublicSuffixList([]))
+    r = yield naive.check(path, "203.0.113.5", "x.test", "alice@alice.hosting.test")
+    assert r.dmarc == "pass"
+
+
+def test_processor_uses_the_configured_list(tmp_path: Any) -> None:
+    list_file = tmp_path / "custom.dat"
+    list_file.write_text("hosting.test\n", encoding="utf-8")
+    processor, _ = make_processor(str(tmp_path), {"inbound_auth": {
+        "enabled": True, "public_suffix_list": str(list_file)}})
+    assert processor.auth_checker is not None
+    assert processor.auth_checker.psl.source == str(list_file)
+    assert processor.auth_checker.psl.organisational_domain("a.b.hosting.test") == "b.hosting.test"
+    missing, _ = make_processor(str(tmp_path), {"inbound_auth": {
+        "enabled": True, "public_suffix_list": str(tmp_path / "absent.dat")}})
+    assert missing.auth_checker.psl.source == "built-in"
+    assert missing.auth_checker.psl.organisational_domain("x.example.co.uk") == "example.co.uk"
