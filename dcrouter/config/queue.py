@@ -75,7 +75,11 @@ class DeliveryOptions:
     command_timeout: float = option(300.0, check=check_positive,
                                     doc="Seconds to wait for any reply.")
     helo_name: str = option("", doc="Name in EHLO; default email.hostname.")
-    verify_certificates: bool = option(False, doc="Verify opportunistic STARTTLS to MX hosts.")
+    verify_certificates: bool = option(False, doc="Verify opportunistic STARTTLS to MX hosts "
+                                       "(chain and MX host name); a failed check defers the "
+                                       "message instead of sending it in clear.")
+    ca_path: str = option("", doc="CA bundle (PEM) for verify_certificates; default: the "
+                          "system's CAs.")
     bounce_sender: str = option("", doc="From of DSNs; default MAILER-DAEMON@hostname.")
     suppression_ttl: float = option(2592000.0, check=check_non_negative,
                                     doc="Seconds a hard-bounced recipient stays suppressed "

@@ -429,7 +429,8 @@ class MultiModeDeliverySystem(Service):
         if route.require_tls:
             context = ssl.optionsForClientTLS(host, trustRoot=self._trust_root(route.ca_path))
         elif route.kind == "mx" and self.delivery.verify_certificates:
-            context = ssl.optionsForClientTLS(host)
+            context = ssl.optionsForClientTLS(host,
+                                              trustRoot=self._trust_root(self.delivery.ca_path))
         else:
             context = ssl.CertificateOptions()
         return ClientSettings(identity=self.delivery.helo_name or self.options.hostname,

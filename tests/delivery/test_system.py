@@ -135,7 +135,7 @@ async def test_opportunistic_starttls_and_required_tls_verification(tmp_path):
         item = await wait_for(lambda: (stack.queue.store.items.get(ids[0]) or None) and
                               stack.queue.store.items[ids[0]].status == "deferred" and
                               stack.queue.store.items[ids[0]])
-        assert item.last_error
+        assert "certificate verify failed" in item.last_error
         # required TLS to a server without STARTTLS: deferred
         ids = await stack.send(forward(plain, require_tls=True, ca_path=ca.ca_path),
                                ["c@example.com"])
@@ -392,3 +392,45 @@ async def test_several_items_to_an_unreachable_target_all_defer(tmp_path):
         assert not workers or all(w.connections == 0 for w in workers.values())
     finally:
         await stack.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_mx_starttls_verified_against_configured_ca(tmp_path):
+    """verify_certificates: the MX's chain and name are checked; a failure defers, never clear."""
+    for sub in ("good", "other", "a", "b"):
+        (tmp_path / sub).mkdir()
+    ca = CertAuthority(str(tmp_path / "good"))
+    stranger = CertAuthority(str(tmp_path / "other"))
+    sink = Sink(tls=ca).start()
+    records = {
+        "example.test": [dns.Record_MX(10, b"mx.example.test")],
+        "mx.example.test": [dns.Record_A("127.0.0.1")],
+        "misnamed.test": [dns.Record_MX(10, b"mx.misnamed.test")],   # not in the certificate
+        "mx.misnamed.test": [dns.Record_A("127.0.0.1")],
+    }
+    dns_port, dns_number = start_dns(reactor, records)
+    common = {"nameservers": (f"127.0.0.1:{dns_number}",), "mx_port": sink.port,
+              "verify_certificates": True}
+    good = Stack(str(tmp_path / "a"), delivery=dict(common, ca_path=ca.ca_path))
+    wrong_ca = Stack(str(tmp_path / "b"), delivery=dict(common, ca_path=stranger.ca_path))
+
+    def deferred(stack, item_id):
+        item = stack.queue.store.items.get(item_id)
+        return item if item is not None and item.status == "deferred" else None
+    try:
+        ids = await good.send(Route(kind="mx"), ["ok@example.test"])
+        await finished(good, ids[0], "delivered")
+        assert sink.messages[-1].tls and sink.messages[-1].rcpt_tos == ["ok@example.test"]
+        ids = await good.send(Route(kind="mx"), ["x@misnamed.test"])
+        item = await wait_for(lambda: deferred(good, ids[0]))
+        assert item.last_error.startswith("451 4.4.1") and "Mismatch" in item.last_error
+        ids = await wrong_ca.send(Route(kind="mx"), ["y@example.test"])
+        item = await wait_for(lambda: deferred(wrong_ca, ids[0]))
+        assert "certificate verify failed" in item.last_error
+        assert [m.rcpt_tos for m in sink.messages] == [["ok@example.test"]], \
+            "nothing went out unverified or in clear"
+    finally:
+        await good.stop()
+        await wrong_ca.stop()
+        sink.stop()
+        dns_port.stopListening()
