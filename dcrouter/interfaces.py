@@ -158,6 +158,25 @@ class IDeliveryObserver(Interface):
         """The attempt failed; ``permanent`` means the item bounced."""
 
 
+class IDnsChallengePublisher(Interface):
+    """Publishes the TXT records of ACME dns-01 challenges (``_acme-challenge.<name>``).
+
+    dcrouter's own DNS server implements it for the zones it serves; pass another
+    implementation as ``Extensions.dns_challenge_publisher`` to use a DNS provider's API.
+    """
+
+    def serves(name):
+        """True when a TXT record for ``name`` (an absolute name without the dot) can be
+        published."""
+
+    def add_txt(name, value):
+        """Publish ``value`` at ``name`` (next to other values there); a Deferred that fires
+        once authoritative answers carry it."""
+
+    def remove_txt(name, value):
+        """Withdraw one value published by :meth:`add_txt`; a Deferred."""
+
+
 class IDkimKeyListener(Interface):
     """Told when DKIM keys appear or change (the DNS server publishes them)."""
 

@@ -24,6 +24,7 @@ from twisted.internet.protocol import DatagramProtocol, Factory
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.dkimkeys import DkimKeyStore
 from dcrouter.errors import DcRouterError
+from dcrouter.interfaces import IDnsChallengePublisher
 from dcrouter.logsetup import get_logger
 
 log = get_logger("router")
@@ -54,6 +55,9 @@ class Extensions:
     delivery_observers: list[Any] = dataclasses.field(default_factory=list)
     email_observers: list[Any] = dataclasses.field(default_factory=list)
     resolver: Optional[Any] = None
+    #: An :class:`dcrouter.interfaces.IDnsChallengePublisher` for ACME dns-01 (default: the
+    #: DNS service, when the name lies in one of its zones).
+    dns_challenge_publisher: Optional[Any] = None
 
 
 class RouterControl(Protocol):
@@ -93,6 +97,15 @@ class RouterContext:
     def state_dir(self) -> str:
         """``router.state_dir``."""
         return self.options.router.state_dir
+
+    def dns_challenge_publisher(self) -> Optional[Any]:
+        """Who publishes ACME dns-01 records: the plug-in, else the running DNS service."""
+        if self.extensions.dns_challenge_publisher is not None:
+            return self.extensions.dns_challenge_publisher
+        dns_service = self.services.get("dns")
+        if dns_service is not None and IDnsChallengePublisher.providedBy(dns_service):
+            return dns_service
+        return None
 
 
 class ManagedService(MultiService):

@@ -132,7 +132,7 @@ class ProxyRouteOptions:
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class AcmeOptions:
-    """Automatic certificates for terminate routes (ACME http-01)."""
+    """Automatic certificates for terminate routes (ACME http-01 or dns-01)."""
 
     enabled: bool = option(False, doc="Obtain and renew certificates.")
     directory_url: str = option("https://acme-v02.api.letsencrypt.org/directory",
@@ -145,6 +145,10 @@ class AcmeOptions:
                                    doc="Seconds between renewal checks.")
     retry_backoff: float = option(300.0, check=check_positive,
                                   doc="First backoff after a failed order; doubles.")
+    challenge: str = option("http-01", check=one_of("http-01", "dns-01"),
+                            doc="'http-01' (answered on the proxy's plain HTTP ports) or "
+                            "'dns-01' (a TXT record published by dcrouter's DNS server, for "
+                            "names inside its zones). Wildcard names always use dns-01.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

@@ -18,17 +18,20 @@ import time
 from typing import Any, Mapping, Optional, Sequence
 
 from twisted.internet import defer, threads
+from zope.interface import implementer
 
 from dcrouter.config.base import build
-from dcrouter.config.dns import ZoneOptions
+from dcrouter.config.dns import RecordOptions, ZoneOptions
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.dkimkeys import DkimKey
 from dcrouter.dns.authority import Authority
 from dcrouter.dns.email_records import dkim_specs, load_dkim_keys, plan_email_records
 from dcrouter.dns.protocol import DnsDatagramProtocol, DnsTcpFactory, RateLimiter
 from dcrouter.dns.server import Responder
-from dcrouter.dns.zone import Zone, ZoneContent, ZoneSet, build_zone_content, normalize_origin
+from dcrouter.dns.zone import (Zone, ZoneContent, ZoneSet, build_zone_content, in_zone,
+                               normalize_origin)
 from dcrouter.errors import ConfigError
+from dcrouter.interfaces import IDnsChallengePublisher
 from dcrouter.logsetup import get_logger
 from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterContext
 from dcrouter.tlsutil import ensure_private_dir, write_private
@@ -107,14 +110,17 @@ def _not_a_table(index: int) -> Any:
     raise ConfigError(f"dns.zones[{index}]", "must be a table")
 
 
+@implementer(IDnsChallengePublisher)
 class DnsService(ManagedService):
-    """The authoritative DNS server (``[dns]``)."""
+    """The authoritative DNS server (``[dns]``); also publishes ACME dns-01 TXT records."""
 
     def __init__(self, context: RouterContext) -> None:
         super().__init__("dns", context)
         self.options = context.options
         self.serials = SerialKeeper(os.path.join(context.state_dir, "dns", "serials.json"))
         self.dkim_keys: list[DkimKey] = []
+        #: ACME dns-01 values being validated: absolute name -> TXT values.
+        self.challenge_records: dict[str, list[str]] = {}
         zones = self._build(self.options)
         self.zone_set = zones
         dns_options = self._dns(self.options)
@@ -142,17 +148,68 @@ class DnsService(ManagedService):
         plan = plan_email_records(options, self.dkim_keys)
         contents: list[ZoneContent] = []
         seen: dict[str, str] = {}
+        origins = [normalize_origin(z.origin, f"dns.zones[{i}].origin")
+                   for i, z in enumerate(dns_options.zones)]
+        challenges = self._challenges_by_origin(origins + [z.origin for z in plan.new_zones])
         for i, zone in enumerate(dns_options.zones):
             path = f"dns.zones[{i}]"
-            origin = normalize_origin(zone.origin, f"{path}.origin")
+            origin = origins[i]
             if origin in seen:
                 raise ConfigError(f"{path}.origin", f"zone {origin} repeats {seen[origin]}")
             seen[origin] = path
-            contents.append(build_zone_content(zone, path, plan.records.get(origin, ())))
+            contents.append(build_zone_content(zone, path, plan.records.get(origin, ()),
+                                               challenges.get(origin, ())))
         for zone in plan.new_zones:
             contents.append(build_zone_content(zone, f"dns.(zone of mail domain {zone.origin})",
-                                               plan.records.get(zone.origin, ())))
+                                               plan.records.get(zone.origin, ()),
+                                               challenges.get(zone.origin, ())))
         return ZoneSet(Zone(c, self.serials.serial_for(c)) for c in contents)
+
+    def _challenges_by_origin(self, origins: list[str]) -> dict[str, list[RecordOptions]]:
+        """Challenge TXT records, each in the zone with the longest origin containing it."""
+        out: dict[str, list[RecordOptions]] = {}
+        for name, values in self.challenge_records.items():
+            containing = [o for o in origins if in_zone(name, o)]
+            if not containing:
+                continue
+            origin = max(containing, key=len)
+            out.setdefault(origin, []).extend(
+                RecordOptions(name=name + ".", type="TXT", value=f'"{v}"', ttl=60)
+                for v in values)
+        return out
+
+    # -- ACME dns-01 (IDnsChallengePublisher) ----------------------------------------
+    def serves(self, name: str) -> bool:
+        """True when one of the served zones contains ``name``."""
+        return self.zone_set.find(name.lower().rstrip(".")) is not None
+
+    def add_txt(self, name: str, value: str) -> defer.Deferred:
+        """Serve one more TXT value at ``name`` (fires once answers carry it)."""
+        name = name.lower().rstrip(".")
+        if not self.serves(name):
+            return defer.fail(ConfigError("dns.zones", f"no served zone contains {name}"))
+        self.challenge_records.setdefault(name, []).append(value)
+        log.info("publishing an ACME challenge at {name}", name=name)
+        return self._republish()
+
+    def remove_txt(self, name: str, value: str) -> defer.Deferred:
+        """Stop serving one TXT value published by :meth:`add_txt`."""
+        name = name.lower().rstrip(".")
+        values = self.challenge_records.get(name, [])
+        if value in values:
+            values.remove(value)
+        if not values:
+            self.challenge_records.pop(name, None)
+        return self._republish()
+
+    def _republish(self) -> defer.Deferred:
+        try:
+            zones = self._build(self.options)
+        except ConfigError as e:
+            log.error("cannot publish the challenge records: {error}", error=str(e))
+            return defer.fail(e)
+        self._swap(zones)
+        return defer.succeed(None)
 
     def _swap(self, zones: ZoneSet) -> None:
         self.serials.commit(zones)

@@ -363,12 +363,15 @@ def normalize_origin(origin: str, path: str) -> str:
 
 
 def build_zone_content(options: ZoneOptions, path: str,
-                       extra: Iterable[RecordOptions] = ()) -> ZoneContent:
+                       extra: Iterable[RecordOptions] = (),
+                       transient: Iterable[RecordOptions] = ()) -> ZoneContent:
     """Parse a configured zone plus ``extra`` records (skipped where they clash).
 
     An extra record is left out when the configured zone already has data of
     its kind at that name (an explicit MX, an SPF TXT, a TXT at a DKIM or
     DMARC name, any CNAME), so the operator's records always win.
+    ``transient`` records (ACME challenge TXT values, several may share a
+    name) are added as they are.
     """
     origin = normalize_origin(options.origin, f"{path}.origin")
     records: list[ZoneRecord] = []
@@ -385,6 +388,9 @@ def build_zone_content(options: ZoneOptions, path: str,
         parsed = parse_record(rec, origin, options.ttl, f"{path}.(email record {rec.name})")
         if not _clashes(parsed, records):
             records.append(parsed)
+    for rec in transient:
+        records.append(parse_record(rec, origin, options.ttl,
+                                    f"{path}.(challenge record {rec.name})"))
     if soa is None:
         mname = (absolute_name(options.primary_ns, origin, f"{path}.primary_ns")
                  if options.primary_ns else absolute_name("ns1", origin, path))

@@ -9,7 +9,13 @@ because the ``acme`` library is blocking; the reactor only publishes the
 http-01 key authorizations (answered by the proxy's HTTP listeners before any
 route) and loads the stored certificate afterwards.
 
-Wildcard names are skipped: http-01 cannot validate them.
+Challenges: ``http-01`` by default; ``dns-01`` for wildcard names (http-01
+cannot validate them) and, with ``challenge = "dns-01"``, for every name
+inside a zone that the DNS publisher (dcrouter's own DNS server, or an
+:class:`~dcrouter.interfaces.IDnsChallengePublisher` plug-in) serves. The
+TXT record is published before the ACME server is asked to validate and
+withdrawn afterwards. A wildcard name outside every served zone is skipped,
+with the reason in the status.
 
 Files: the account key is ``state_dir/acme/account.key``; certificates and
 keys are ``state_dir/certs/acme/<name>.crt|.key``.  A failed order backs the
@@ -43,10 +49,13 @@ class AcmeIssuer:
     """The blocking ACME client (runs only in worker threads)."""
 
     def __init__(self, options: AcmeOptions, state_dir: str,
-                 publish: Callable[[str, Optional[str]], None]) -> None:
+                 publish: Callable[[str, Optional[str]], None],
+                 dns_publish: Optional[Callable[[str, str, bool], None]] = None) -> None:
         self.options = options
         self.state_dir = state_dir
         self.publish = publish      # (token, key authorization or None to remove); thread-safe
+        # (record name, value, present): blocks until the DNS answers carry the change
+        self.dns_publish = dns_publish
 
     def _account_key(self) -> Any:
         import josepy as jose
@@ -92,24 +101,37 @@ class AcmeIssuer:
                                          serialization.NoEncryption())
         order = acme_client.new_order(crypto_util.make_csr(key_pem, [name]))
         tokens: list[str] = []
+        records: list[tuple[str, str]] = []
         try:
             for authz in order.authorizations:
                 if authz.body.status == messages.STATUS_VALID:   # reused authorization
                     continue
-                chosen = [c for c in authz.body.challenges if isinstance(c.chall, challenges.HTTP01)]
+                kind = challenges.DNS01 if self.dns_publish is not None else challenges.HTTP01
+                chosen = [c for c in authz.body.challenges if isinstance(c.chall, kind)]
                 if not chosen:
-                    raise RuntimeError(f"no http-01 challenge offered for {name}")
+                    raise RuntimeError(f"no {kind.typ} challenge offered for {name}")
                 challenge = chosen[0]
                 response, validation = challenge.response_and_validation(acme_client.net.key)
-                token = challenge.chall.encode("token")
-                self.publish(token, validation)
-                tokens.append(token)
+                if self.dns_publish is not None:
+                    record = challenge.chall.validation_domain_name(authz.body.identifier.value)
+                    self.dns_publish(record, validation, True)
+                    records.append((record, validation))
+                else:
+                    token = challenge.chall.encode("token")
+                    self.publish(token, validation)
+                    tokens.append(token)
                 acme_client.answer_challenge(challenge, response)
             deadline = datetime.datetime.now() + datetime.timedelta(seconds=90)
             finished = acme_client.poll_and_finalize(order, deadline)
         finally:
             for token in tokens:
                 self.publish(token, None)
+            for record, validation in records:
+                try:
+                    self.dns_publish(record, validation, False)  # type: ignore[misc]
+                except Exception as e:  # noqa: BLE001 - clean-up must not hide the result
+                    log.warn("could not withdraw the challenge at {record}: {error}",
+                             record=record, error=repr(e))
         chain = finished.fullchain_pem.encode("ascii")
         ensure_private_dir(acme_dir(self.state_dir))
         cert_path, key_path = acme_paths(self.state_dir, name)
@@ -131,12 +153,17 @@ class AcmeManager:
     """Keeps a certificate for every ACME name; never blocks the reactor."""
 
     def __init__(self, reactor: Any, options: AcmeOptions, state_dir: str,
-                 challenges: dict[str, str], on_issued: Callable[[str], None]) -> None:
+                 challenges: dict[str, str], on_issued: Callable[[str], None],
+                 dns_publisher: Callable[[], Any] = lambda: None) -> None:
         self.reactor = reactor
         self.options = options
         self.state_dir = state_dir
         self.challenges = challenges
         self.on_issued = on_issued
+        #: Returns the current IDnsChallengePublisher, or None (services come and go).
+        self.dns_publisher = dns_publisher
+        #: Names that cannot be ordered now, with the reason (shown in the status).
+        self.skipped: dict[str, str] = {}
         self.names: list[str] = []
         self.backoff: dict[str, _Backoff] = {}
         self.expiry: dict[str, Optional[datetime.datetime]] = {}
@@ -185,6 +212,16 @@ class AcmeManager:
             self.expiry[name] = certificate_expiry(acme_paths(self.state_dir, name)[0])
         return self.expiry[name]
 
+    def _dns_for(self, name: str) -> Optional[Any]:
+        """The DNS publisher when ``name`` is validated by dns-01, else None."""
+        publisher = self.dns_publisher()
+        base = name[2:] if name.startswith("*.") else name
+        if publisher is None or not publisher.serves(base):
+            return None
+        if name.startswith("*.") or self.options.challenge == "dns-01":
+            return publisher
+        return None
+
     def due(self) -> list[str]:
         """Names without a certificate or within ``renew_threshold_days`` of expiry."""
         now = _now()
@@ -195,10 +232,27 @@ class AcmeManager:
             state = self.backoff.get(name)
             if state is not None and state.until > wall:
                 continue
+            if name.startswith("*.") and self._dns_for(name) is None:
+                if name not in self.skipped:
+                    log.warn("no certificate for {name}: a wildcard needs dns-01, and no zone "
+                             "served here contains {base}", name=name, base=name[2:])
+                self.skipped[name] = (f"wildcard needs dns-01: no served zone contains "
+                                      f"{name[2:]}")
+                continue
+            self.skipped.pop(name, None)
             expiry = self.expires(name)
             if expiry is None or expiry - now < threshold:
                 out.append(name)
         return out
+
+    def _blocking_dns(self, publisher: Any) -> Callable[[str, str, bool], None]:
+        """For the worker thread: publish/withdraw through the reactor and wait."""
+        from twisted.internet.threads import blockingCallFromThread
+
+        def change(record: str, value: str, present: bool) -> None:
+            method = publisher.add_txt if present else publisher.remove_txt
+            blockingCallFromThread(self.reactor, method, record, value)
+        return change
 
     def check(self) -> defer.Deferred:
         """Issue what is due, one name after another; fires when done."""
@@ -215,9 +269,12 @@ class AcmeManager:
     @defer.inlineCallbacks
     def _issue_all(self, names: list[str]) -> Any:
         for name in names:
-            issuer = AcmeIssuer(self.options, self.state_dir, self._publish)
-            log.info("ordering a certificate for {name} from {directory}", name=name,
-                     directory=self.options.directory_url)
+            publisher = self._dns_for(name)
+            issuer = AcmeIssuer(self.options, self.state_dir, self._publish,
+                                self._blocking_dns(publisher) if publisher else None)
+            log.info("ordering a certificate for {name} from {directory} ({challenge})",
+                     name=name, directory=self.options.directory_url,
+                     challenge="dns-01" if publisher else "http-01")
             try:
                 expiry = yield threads.deferToThreadPool(
                     self.reactor, self.reactor.getThreadPool(), issuer.issue, name)
@@ -244,6 +301,7 @@ class AcmeManager:
             state = self.backoff.get(name)
             out[name] = {"expires": expiry.isoformat() if expiry else None,
                          "failures": state.failures if state else 0,
-                         "last_error": state.last_error if state else "",
+                         "last_error": (state.last_error if state else
+                                        self.skipped.get(name, "")),
                          "retry_at": state.until if state else None}
         return out

@@ -130,12 +130,14 @@ class RouteTable:
         return None
 
     def terminate_domains(self) -> list[str]:
-        """Names (no wildcards) of terminate routes that want ACME certificates."""
+        """Names of terminate routes that want ACME certificates (``*.`` wildcards
+        included; ``*`` alone is no name)."""
         names: list[str] = []
         for route in self.routes:
             if route.tls.startswith("terminate") and route.options.acme \
                     and not route.options.cert_path:
-                names.extend(d for d in route.domains if "*" not in d and d not in names)
+                names.extend(d for d in route.domains
+                             if d != "*" and "*" not in d[2:] and d not in names)
         return names
 
 

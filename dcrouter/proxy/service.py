@@ -106,7 +106,8 @@ class ProxyService(ManagedService):
         from dcrouter.proxy.acme import AcmeManager
         if self.acme is None:
             self.acme = AcmeManager(self.reactor, proxy.acme, self.context.state_dir,
-                                    self.challenges, self._acme_issued)
+                                    self.challenges, self._acme_issued,
+                                    self.context.dns_challenge_publisher)
         self.acme.update(proxy.acme, self.table.terminate_domains())
         self.acme.start()
 

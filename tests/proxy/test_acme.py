@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -24,9 +25,10 @@ from tests.support.net import free_port, free_tcp_udp_port, wait_for_tcp
 NAME = "acme.example.test"
 
 
-@pytest.fixture
-def pebble(tmp_path, test_ca):
-    """pebble + pebble-challtestsrv on ephemeral loopback ports; yields their addresses."""
+@contextlib.contextmanager
+def running_pebble(tmp_path, test_ca, own_dns: bool = False):
+    """pebble on ephemeral loopback ports; its DNS is pebble-challtestsrv, or (``own_dns``)
+    the port in the result's "dns" where the test starts dcrouter's DNS server."""
     cert, key = test_ca.issue(["localhost", "127.0.0.1"], "pebble")
     ports = {"acme": free_port(), "mgmt": free_port(), "http": free_port(), "tls": free_port(),
              "dns": free_tcp_udp_port(), "chall_mgmt": free_port()}
@@ -38,24 +40,43 @@ def pebble(tmp_path, test_ca):
     cfg_path = tmp_path / "pebble.json"
     cfg_path.write_text(json.dumps(cfg))
     log = open(tmp_path / "pebble.log", "wb")
-    chall = subprocess.Popen(
-        ["pebble-challtestsrv", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
-         "-dns01", f"127.0.0.1:{ports['dns']}", "-http01", "", "-https01", "", "-tlsalpn01", "",
-         "-management", f"127.0.0.1:{ports['chall_mgmt']}"], stdout=log, stderr=subprocess.STDOUT)
+    procs = []
+    if not own_dns:
+        procs.append(subprocess.Popen(
+            ["pebble-challtestsrv", "-defaultIPv4", "127.0.0.1", "-defaultIPv6", "",
+             "-dns01", f"127.0.0.1:{ports['dns']}", "-http01", "", "-https01", "",
+             "-tlsalpn01", "", "-management", f"127.0.0.1:{ports['chall_mgmt']}"],
+            stdout=log, stderr=subprocess.STDOUT))
     env = dict(os.environ, PEBBLE_VA_NOSLEEP="1", PEBBLE_WFE_NONCEREJECT="0")
-    peb = subprocess.Popen(["pebble", "-config", str(cfg_path), "-dnsserver",
-                            f"127.0.0.1:{ports['dns']}", "-strict=false"],
-                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=str(tmp_path))
+    procs.append(subprocess.Popen(["pebble", "-config", str(cfg_path), "-dnsserver",
+                                   f"127.0.0.1:{ports['dns']}", "-strict=false"],
+                                  stdout=log, stderr=subprocess.STDOUT, env=env,
+                                  cwd=str(tmp_path)))
     try:
         wait_for_tcp(ports["acme"])
-        wait_for_tcp(ports["chall_mgmt"])
+        if not own_dns:
+            wait_for_tcp(ports["chall_mgmt"])
         yield {**ports, "directory": f"https://127.0.0.1:{ports['acme']}/dir",
                "log": str(tmp_path / "pebble.log")}
     finally:
-        for proc in (peb, chall):
+        for proc in procs:
             proc.terminate()
             proc.wait(10)
         log.close()
+
+
+@pytest.fixture
+def pebble(tmp_path, test_ca):
+    """pebble + pebble-challtestsrv on ephemeral loopback ports; yields their addresses."""
+    with running_pebble(tmp_path, test_ca) as addresses:
+        yield addresses
+
+
+@pytest.fixture
+def pebble_on_our_dns(tmp_path, test_ca):
+    """pebble resolving (and validating dns-01) through dcrouter's DNS on ``["dns"]``."""
+    with running_pebble(tmp_path, test_ca, own_dns=True) as addresses:
+        yield addresses
 
 
 def pebble_root(mgmt_port: int, ca_path: str) -> bytes:
@@ -145,3 +166,50 @@ def test_failed_order_backs_off_per_domain(tmp_path):
     yield manager.check()
     assert manager.status()["a.test"]["failures"] == 2
     assert manager.backoff["a.test"].until - reactor.seconds() > 200   # doubled
+
+
+@pytest_twisted.inlineCallbacks
+def test_wildcard_and_dns01_names_validated_through_our_dns(proxy_router, backends,
+                                                           pebble_on_our_dns, test_ca, tmp_path):
+    """dns-01: dcrouter's own DNS server publishes _acme-challenge TXT records that pebble
+    checks; a wildcard certificate is issued and served for any name under it."""
+    pebble = pebble_on_our_dns
+    backend = backends("wild")
+    https_port = free_port()
+    dns_section = {"listen": "127.0.0.1", "port": pebble["dns"], "rate_limit": 0,
+                   "zones": [{"origin": "example.test",
+                              "records": [{"name": "@", "type": "A", "value": "127.0.0.1"}]}]}
+    proxy = {
+        "acme": {"enabled": True, "directory_url": pebble["directory"], "challenge": "dns-01",
+                 "directory_ca_path": test_ca.path, "account_email": "ops@example.test"},
+        "routes": [
+            {"name": "site", "ports": [https_port], "tls": "terminate",
+             "domains": ["*.wild.example.test", "dns.example.test", "*.elsewhere.test"],
+             "targets": [backend.address]},
+        ]}
+    router = proxy_router(proxy, dns=dns_section)
+    service = router.by_name["proxy"]
+    wanted = ("*.wild.example.test", "dns.example.test")
+    for _ in range(300):
+        if all(service.get_stats()["acme"][n]["expires"] for n in wanted):
+            break
+        yield task.deferLater(reactor, 0.1, lambda: None)
+    stats = service.get_stats()["acme"]
+    assert all(stats[n]["expires"] for n in wanted), (stats, open(pebble["log"]).read()[-3000:])
+    # a wildcard outside every served zone is not ordered, and says why
+    assert stats["*.elsewhere.test"]["expires"] is None
+    assert "dns-01" in stats["*.elsewhere.test"]["last_error"]
+    assert "*.elsewhere.test" not in service.acme.due()
+    # pebble asked our DNS for the TXT records (one per name: wildcard and plain name)
+    assert router.by_name["dns"].get_stats()["queries_by_type"].get("TXT", 0) >= 2
+    # the challenge records were withdrawn; http-01 was never used
+    assert router.by_name["dns"].challenge_records == {} and service.challenges == {}
+    root = yield deferToThread(pebble_root, pebble["mgmt"], test_ca.path)
+    root_path = tmp_path / "pebble-root.pem"
+    root_path.write_bytes(root)
+    ctx = ssl.create_default_context(cafile=str(root_path))
+    for name in ("a.wild.example.test", "other.wild.example.test"):
+        result = yield deferToThread(tls_exchange, https_port, name, b"hi", ctx)
+        assert result["reply"] == b"wild:hi" and result["names"] == ["*.wild.example.test"]
+    result = yield deferToThread(tls_exchange, https_port, "dns.example.test", b"x", ctx)
+    assert result["names"] == ["dns.example.test"] and "Pebble" in result["issuer"]
