@@ -237,8 +237,8 @@ class Responder:
         except (MalformedQuery, struct.error):
             return None
         opt = self._opt(q, 0) if q.edns else b""
-        response = (response_header(q.id, q.flags1, dns.OK, False, True, (1, 0, 0, 1 if opt else 0),
-                            q.flags2) + q.question + opt)
+        response = (response_header(q.id, q.flags1, dns.OK, False, True,
+                                    (1, 0, 0, 1 if opt else 0), q.flags2) + q.question + opt)
         return response if len(response) <= len(data) else None
 
     def _respond(self, data: bytes, udp: bool) -> Optional[tuple[bytes, int, int]]:
@@ -247,14 +247,14 @@ class Responder:
             return None
         qid, flags1 = struct.unpack_from("!HB", data)
         if (flags1 >> 3) & 0xF != dns.OP_QUERY:
-            return self._count(response_header(qid, flags1, dns.ENOTIMP, False, False, (0, 0, 0, 0)),
-                               dns.ENOTIMP, 0)
+            return self._count(response_header(qid, flags1, dns.ENOTIMP, False, False,
+                                               (0, 0, 0, 0)), dns.ENOTIMP, 0)
         try:
             q = parse_query(data)
         except (MalformedQuery, struct.error):
             self.malformed += 1
-            return self._count(response_header(qid, flags1, dns.EFORMAT, False, False, (0, 0, 0, 0)),
-                               dns.EFORMAT, 0)
+            return self._count(response_header(qid, flags1, dns.EFORMAT, False, False,
+                                               (0, 0, 0, 0)), dns.EFORMAT, 0)
         if q.edns and q.version != 0:
             return self._count(self._encode(q, Answer(EDNS_BADVERS, False), 65535),
                                EDNS_BADVERS, q.qtype)
@@ -300,8 +300,8 @@ class Responder:
             sections = ([], [], [])
             body = q.question
         counts = (1, len(sections[0]), len(sections[1]), len(sections[2]) + (1 if opt else 0))
-        return (response_header(q.id, q.flags1, answer.rcode, answer.authoritative, tc, counts, q.flags2)
-                + body + opt)
+        return (response_header(q.id, q.flags1, answer.rcode, answer.authoritative, tc, counts,
+                                q.flags2) + body + opt)
 
     @staticmethod
     def _body(q: Query, sections: tuple[list[Entry], ...]) -> bytes:
