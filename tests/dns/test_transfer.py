@@ -197,7 +197,7 @@ async def test_large_zone_is_split_into_several_messages(tmp_path: Any) -> None:
                     head = _recv_exact(s, 2)
                     body = _recv_exact(s, struct.unpack("!H", head)[0])
                     sizes.append(len(body))
-                    msg = dns.message.from_wire(body)
+                    msg = dns.message.from_wire(body, one_rr_per_rrset=True)
                     soas += sum(1 for rrset in msg.answer if rrset.rdtype == dns.rdatatype.SOA)
             return messages, sizes, zone_from_xfr(running.tcp_port, "big.test")
         messages, sizes, received = await threads.deferToThread(run)
@@ -255,20 +255,101 @@ async def test_dig_axfr_parses(xfr_server: Any) -> None:
 
 @pytest_twisted.ensureDeferred
 async def test_allow_transfer_and_notify_are_reloaded(xfr_server: Any, tmp_path: Any) -> None:
+    service = xfr_server.service
+
     def run() -> str:
         try:
             return str(len(axfr(xfr_server.tcp_port, "example.test", source="127.0.0.1")))
         except dns.xfr.TransferError as e:
             return dns.rcode.to_text(e.rcode)
     assert await threads.deferToThread(run) == "REFUSED"
-    data = copy.deepcopy(transfer_config())
-    data["dns"]["port"] = xfr_server.udp_port
-    data["dns"]["allow_transfer"] = ["::ffff:127.0.0.0/104"]  # IPv4-mapped: 127.0.0.0/8
-    data["dns"]["notify"] = ["127.0.0.1:9"]
-    data["router"] = {"state_dir": str(tmp_path)}
-    await defer.maybeDeferred(xfr_server.service.reconfigure, parse_config(data))
-    assert (await threads.deferToThread(run)).isdigit()
-    assert [str(t) for t in xfr_server.service.notifier.targets] == ["127.0.0.1:9"]
+    secondary = Secondary()
+    try:
+        data = copy.deepcopy(transfer_config())
+        data["dns"]["port"] = xfr_server.udp_port
+        data["dns"]["allow_transfer"] = ["::ffff:127.0.0.0/104"]  # IPv4-mapped: 127.0.0.0/8
+        data["dns"]["notify"] = [f"127.0.0.1:{secondary.port}"]
+        data["router"] = {"state_dir": str(tmp_path)}
+        # a target added by a reload is told the current serials of every zone
+        receiving = threads.deferToThread(secondary.receive, 1.0, (0, 1, 2))
+        await defer.maybeDeferred(service.reconfigure, parse_config(data))
+        assert (await threads.deferToThread(run)).isdigit()
+        told = {m.question[0].name.to_text(): m.answer[0][0].serial
+                for m, _a in await receiving}
+        assert told == {f"{z.origin}.": z.serial for z in service.zone_set}
+        # a reload that changes one zone NOTIFYs that zone only, with its new serial
+        data["dns"]["zones"][0]["records"][1]["value"] = "192.0.2.11"
+        receiving = threads.deferToThread(secondary.receive, 1.0)
+        await defer.maybeDeferred(service.reconfigure, parse_config(data))
+        changed = await receiving
+        assert [(m.question[0].name.to_text(), m.answer[0][0].serial) for m, _a in changed] == [
+            ("example.test.", service.zone("example.test").serial)]
+    finally:
+        secondary.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_queries_pipelined_behind_a_transfer_are_answered_after_it(
+        xfr_server: Any) -> None:
+    def run() -> list[dns.message.Message]:
+        transfer = dns.message.make_query("example.test", "AXFR")
+        transfer.id = 1
+        query = dns.message.make_query("www.example.test", "A")
+        query.id = 2
+        wire = b"".join(struct.pack("!H", len(w)) + w for w in
+                        (transfer.to_wire(), query.to_wire()))
+        out = []
+        with socket.create_connection(("127.0.0.1", xfr_server.tcp_port), timeout=5,
+                                      source_address=(ALLOWED, 0)) as s:
+            s.sendall(wire)
+            s.shutdown(socket.SHUT_WR)  # the answers still come, then the server closes
+            while True:
+                try:
+                    head = _recv_exact(s, 2)
+                except EOFError:
+                    return out
+                body = _recv_exact(s, struct.unpack("!H", head)[0])
+                out.append(dns.message.from_wire(body, one_rr_per_rrset=True))
+    messages = await threads.deferToThread(run)
+    assert [m.id for m in messages][-1] == 2 and {m.id for m in messages[:-1]} == {1}
+    assert messages[-1].answer[0][0].address == "192.0.2.10"
+    rrsets = [r for m in messages[:-1] for r in m.answer]
+    assert rrsets[0].rdtype == rrsets[-1].rdtype == dns.rdatatype.SOA
+
+
+@pytest_twisted.ensureDeferred
+async def test_transfer_over_ipv6_with_a_record_larger_than_a_message(tmp_path: Any) -> None:
+    huge = "z" * 30000  # about 30 KB of TXT: over the 16 KiB message target, alone in one
+    zone = {"origin": "six.test", "records": [
+        {"name": "@", "type": "AAAA", "value": "2001:db8::6"},
+        {"name": "huge", "type": "TXT", "value": huge}] + [
+        {"name": f"n{i}", "type": "A", "value": "192.0.2.6"} for i in range(1000)]}
+    running = start_dns(dns_config(port=0, listen="::1", zones=[zone],
+                                   allow_transfer=["::1/128"]), str(tmp_path))
+    try:
+        def run() -> tuple[list[dns.message.Message], dns.zone.Zone]:
+            messages = list(dns.query.xfr("::1", "six.test", port=running.tcp_port, timeout=5))
+            zone = dns.zone.from_xfr(dns.query.xfr("::1", "six.test", port=running.tcp_port,
+                                                   timeout=5, relativize=False),
+                                     relativize=False)
+            return messages, zone
+        messages, received = await threads.deferToThread(run)
+        alone = [m for m in messages if any(r.rdtype == dns.rdatatype.TXT for r in m.answer)]
+        assert len(alone) == 1 and sum(len(r) for r in alone[0].answer) == 1
+        assert len(alone[0].to_wire()) > 30000
+        txt = received.find_rdataset("huge.six.test.", "TXT")
+        assert b"".join(txt[0].strings) == huge.encode()
+        assert len(list(received.iterate_rdatas("A"))) == 1000
+    finally:
+        await running.service.stopService()
+
+
+def test_txt_data_too_long_for_a_message_is_a_config_error(tmp_path: Any) -> None:
+    from dcrouter.errors import ConfigError
+    zone = {"origin": "x.test", "records": [{"name": "t", "type": "TXT", "value": "a" * 70000}]}
+    with pytest.raises(ConfigError, match=r"records\[0\].value.*too long"):
+        DnsService(RouterContext(options_from(dns_config(zones=[zone]), str(tmp_path)), reactor,
+                                 Extensions()))
 
 
 def test_acl_matches_ipv4_ipv6_and_mapped_addresses() -> None:
