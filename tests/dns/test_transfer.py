@@ -480,3 +480,61 @@ def test_notify_targets_are_checked() -> None:
         parse_config({"dns": {"allow_transfer": ["127.0.0.1/32", "everyone"]}})
     options = parse_config({"dns": {"notify": ["192.0.2.1", "[2001:db8::1]:5353"]}})
     assert options.dns is not None and options.dns.notify == ("192.0.2.1", "[2001:db8::1]:5353")
+
+
+def test_mangled_transfer_queries_never_raise(tmp_path: Any) -> None:
+    """10,000 mutated, truncated AXFR/IXFR queries straight into the transfer handler."""
+    import random
+
+    from tests.dns.test_fuzz import encode_name
+    service = DnsService(RouterContext(options_from(
+        dns_config(allow_transfer=["127.0.0.0/8"]), str(tmp_path)), reactor, Extensions()))
+    handler = service.transfers
+    rng = random.Random(1996)
+    current = service.zone("example.test").serial
+    soas = [b"\xc0\x0c" + struct.pack("!HHIH", 6, 1, 0, 22) + b"\x00\x00" +
+            struct.pack("!IIIII", serial, 0, 0, 0, 0) for serial in (current - 1, current)]
+    answered = 0
+    for _ in range(10000):
+        qtype = rng.choice([251, 252])
+        nscount = 1 if qtype == 251 and rng.random() < 0.8 else 0
+        query = bytearray(struct.pack("!HHHHHH", rng.getrandbits(16), 0, 1, 0, nscount, 0) +
+                          encode_name(rng.choice([b"example.test", b"www.example.test", b""])) +
+                          struct.pack("!HH", qtype, 1) + (rng.choice(soas) if nscount else b""))
+        for _ in range(rng.randrange(0, 4)):
+            query[rng.randrange(len(query))] = rng.getrandbits(8)
+        if rng.random() < 0.3:
+            del query[rng.randrange(len(query)):]
+        stream = handler.messages(bytes(query), "127.0.0.1")
+        if stream is not None:
+            for message in stream:
+                assert 12 <= len(message) <= 65535
+            answered += 1
+    assert answered > 2000  # many still parse: full transfers, current-SOA answers, refusals
+    assert handler.transfers > 500 and handler.up_to_date > 100
+
+
+@pytest_twisted.ensureDeferred
+async def test_notify_to_an_ipv6_secondary(tmp_path: Any) -> None:
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as sock:
+        sock.bind(("::1", 0))
+        sock.settimeout(3)
+        port = sock.getsockname()[1]
+        running = start_with_fast_retries(dns_config(port=0, listen="::1",
+                                                     notify=[f"[::1]:{port}"]), str(tmp_path))
+        try:
+            def run() -> tuple[dns.message.Message, Any]:
+                data, addr = sock.recvfrom(65535)
+                message = dns.message.from_wire(data)
+                sock.sendto(dns.message.make_response(message).to_wire(), addr)
+                return message, addr
+            message, addr = await threads.deferToThread(run)
+            assert soa_serial(message) == running.service.zone("example.test").serial
+            assert addr[0] == "::1"
+            for _ in range(20):
+                if running.service.get_stats()["notify_acknowledged"]:
+                    break
+                await threads.deferToThread(time.sleep, 0.05)
+            assert running.service.get_stats()["notify_acknowledged"] == 1
+        finally:
+            await running.service.stopService()
