@@ -373,11 +373,13 @@ class Secondary:
         self.port = self.sock.getsockname()[1]
 
     def receive(self, seconds: float, reply_to: tuple[int, ...] = (0,),
-                rcode: int = dns.rcode.NOERROR) -> list[tuple[dns.message.Message, Any]]:
-        """Everything that arrives within ``seconds``; reply to the n-th of ``reply_to``."""
+                rcode: int = dns.rcode.NOERROR, count: Optional[int] = None
+                ) -> list[tuple[dns.message.Message, Any]]:
+        """What arrives within ``seconds`` (or the first ``count``); reply to the n-th of
+        ``reply_to``."""
         got: list[tuple[dns.message.Message, Any]] = []
         end = time.monotonic() + seconds
-        while True:
+        while count is None or len(got) < count:
             left = end - time.monotonic()
             if left <= 0:
                 return got
@@ -392,6 +394,7 @@ class Secondary:
                 reply.set_rcode(rcode)
                 self.sock.sendto(reply.to_wire(), addr)
             got.append((message, addr))
+        return got
 
     def close(self) -> None:
         self.sock.close()
@@ -538,3 +541,35 @@ async def test_notify_to_an_ipv6_secondary(tmp_path: Any) -> None:
             assert running.service.get_stats()["notify_acknowledged"] == 1
         finally:
             await running.service.stopService()
+
+
+@pytest_twisted.ensureDeferred
+async def test_notify_when_a_new_dkim_key_republishes_the_email_records(tmp_path: Any) -> None:
+    secondary = Secondary()
+    data = transfer_config(notify=[f"127.0.0.1:{secondary.port}"])
+    running = start_with_fast_retries(data, str(tmp_path))
+    service = running.service
+    try:
+        await service.ready
+        zones = len(service.zone_set)
+        start = await threads.deferToThread(secondary.receive, 3.0, tuple(range(zones)),
+                                            count=zones)
+        assert len(start) == zones  # one for each zone at start, all answered
+        serial = service.zone("example.test").serial
+        receiving = threads.deferToThread(secondary.receive, 5.0, (0,), count=1)
+        # the delivery system creates a key for a new selector: the records are republished
+        await threads.deferToThread(service.context.dkim_keys.get, "example.test", "rotated")
+        told = [(m.question[0].name.to_text(), m.answer[0][0].serial)
+                for m, _a in await receiving]
+        new = service.zone("example.test").serial
+        assert new > serial
+        assert told == [("example.test.", new)]
+
+        def fetch() -> dns.zone.Zone:
+            return zone_from_xfr(running.tcp_port, "example.test")
+        zone = await threads.deferToThread(fetch)
+        key = zone.find_rdataset("rotated._domainkey.example.test.", "TXT")
+        assert b"".join(key[0].strings).startswith(b"v=DKIM1; k=rsa; p=")
+    finally:
+        await service.stopService()
+        secondary.close()
