@@ -573,3 +573,51 @@ async def test_notify_when_a_new_dkim_key_republishes_the_email_records(tmp_path
     finally:
         await service.stopService()
         secondary.close()
+
+
+def test_a_client_that_does_not_read_pauses_the_transfer(tmp_path: Any) -> None:
+    """Messages are encoded only while the transport takes them: memory stays bounded."""
+    from twisted.internet.address import IPv4Address
+    from twisted.internet.testing import StringTransport
+
+    class BufferingTransport(StringTransport):
+        """Pauses its producer above 64 KiB unread, like a real TCP transport."""
+
+        def write(self, data: bytes) -> None:
+            super().write(data)
+            if len(self.value()) > 65536 and self.producer is not None and not self.paused:
+                self.paused = True
+                self.producer.pauseProducing()
+
+        def pauseProducing(self) -> None:  # reading from the client: nothing to do here
+            pass
+
+        def resumeProducing(self) -> None:
+            pass
+
+    records = [{"name": f"h{i}", "type": "A", "value": "192.0.2.1"} for i in range(12000)]
+    service = DnsService(RouterContext(options_from(dns_config(
+        zones=[{"origin": "big.test", "records": records}], allow_transfer=["127.0.0.1/32"]),
+        str(tmp_path)), reactor, Extensions()))
+    protocol = service.tcp.buildProtocol(None)
+    transport = BufferingTransport(peerAddress=IPv4Address("TCP", "127.0.0.1", 5353))
+    transport.paused = False
+    protocol.makeConnection(transport)
+    query = dns.message.make_query("big.test", "AXFR").to_wire()
+    protocol.dataReceived(struct.pack("!H", len(query)) + query)
+    try:
+        first = len(transport.value())
+        assert 65536 < first < 65536 + 2 * 16384 + 4  # stopped right after the high-water mark
+        assert protocol.stream is not None  # the rest is not encoded yet
+        total, rounds = first, 0
+        transport.clear()
+        transport.paused = False
+        while protocol.stream is not None:
+            protocol.resumeProducing()
+            total += len(transport.value())
+            transport.clear()
+            transport.paused = False
+            rounds += 1
+        assert rounds >= 2 and total > 12000 * 16  # several pauses, every record sent
+    finally:
+        protocol.connectionLost(None)
