@@ -139,3 +139,54 @@ async def test_nsd_transfers_the_zone_and_follows_notify(tmp_path: Any) -> None:
         except subprocess.TimeoutExpired:
             nsd.kill()
         await defer.maybeDeferred(service.stopService)
+
+
+def test_nsd_follows_a_sighup_reload_of_a_twistd_dcrouter(tmp_path: Any) -> None:
+    """The production path: a dcrouter process, a changed config file, SIGHUP, NOTIFY, IXFR."""
+    import signal
+
+    from tests.support.configs import write_config
+    from tests.support.proc import TwistdProcess, wait_until
+
+    port, nsd_port = free_tcp_udp_port(), free_tcp_udp_port()
+    zone = {"origin": "example.test", "records": [
+        {"name": "www", "type": "A", "value": "192.0.2.10"},
+        {"name": "@", "type": "TXT", "value": "x" * 600}]}
+    data = {"router": {"state_dir": str(tmp_path / "var")},
+            "dns": {"listen": "127.0.0.1", "port": port, "rate_limit": 0, "zones": [zone],
+                    "allow_transfer": ["127.0.0.1/32"], "notify": [f"127.0.0.1:{nsd_port}"]}}
+    path = write_config(str(tmp_path / "dcrouter.toml"), data)
+    proc = TwistdProcess(str(tmp_path), config=path)
+    folder = str(tmp_path / "nsd")
+    os.makedirs(folder)
+    nsd: Optional[subprocess.Popen] = None
+    try:
+        def serial_at(server_port: int) -> int:
+            r = nsd_answer(server_port, "example.test", "SOA")
+            return r.answer[0][0].serial if r is not None and r.answer else 0
+        wait_until(lambda: serial_at(port) > 0, timeout=30)
+        nsd = subprocess.Popen(["nsd", "-d", "-c", nsd_config(folder, nsd_port, port)],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        first = serial_at(port)
+        wait_until(lambda: serial_at(nsd_port) == first, timeout=20)
+
+        zone["records"][0]["value"] = "192.0.2.11"
+        write_config(path, data)
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: serial_at(port) > first, timeout=20)
+        second = serial_at(port)
+        wait_until(lambda: serial_at(nsd_port) == second, timeout=20)
+        www = nsd_answer(nsd_port, "www.example.test", "A")
+        assert www is not None and www.answer[0][0].address == "192.0.2.11"
+    finally:
+        if nsd is not None:
+            nsd.terminate()
+            try:
+                nsd.wait(10)
+            except subprocess.TimeoutExpired:
+                nsd.kill()
+        status = proc.stop()
+    assert status == 0, proc.output()[-2000:]
+    with open(os.path.join(folder, "nsd.log")) as f:
+        log = f.read()
+    assert f"notify for example.test. from 127.0.0.1 serial {second}" in log
