@@ -3,10 +3,24 @@
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 from typing import Optional
 
-from dcrouter.config.base import check_non_negative, check_port, check_positive, one_of, option
+from dcrouter.config.base import (check_networks, check_non_negative, check_port, check_positive,
+                                  one_of, option, split_host_port)
 from dcrouter.errors import ConfigError
+
+def check_notify_targets(value: tuple[str, ...], path: str) -> tuple[str, ...]:
+    """Secondaries to NOTIFY: ``IP:port``, ``[IPv6]:port`` or a bare IP (port 53)."""
+    for i, item in enumerate(value):
+        host, _port = split_host_port(item, f"{path}[{i}]", default_port=53)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ConfigError(f"{path}[{i}]", f"must be an IP address with a port like "
+                              f"'192.0.2.53:53' or '[2001:db8::53]:53', got '{item}'") from None
+    return value
+
 
 RECORD_TYPES = ("A", "AAAA", "CNAME", "MX", "TXT", "NS", "SOA", "SRV", "CAA", "PTR")
 
@@ -62,3 +76,9 @@ class DnsOptions:
     max_udp_payload: int = option(1232, check=check_positive,
                                   doc="Largest UDP response with EDNS(0), in bytes (the client's "
                                   "advertised size is used when smaller; at least 512).")
+    allow_transfer: tuple[str, ...] = option((), check=check_networks,
+                                             doc="Client networks (CIDR, IPv4 or IPv6) allowed "
+                                             "zone transfers (AXFR/IXFR over TCP); empty: nobody.")
+    notify: tuple[str, ...] = option((), check=check_notify_targets,
+                                     doc="Secondaries sent a NOTIFY (UDP) when a zone's serial "
+                                     "changes: 'IP:port', '[IPv6]:port' or an IP (port 53).")

@@ -9,13 +9,16 @@
   (so a huge prefix cannot make it buffer); idle connections close after
   ``dns.tcp_timeout``; reading pauses while the client does not read its
   answers.  :class:`DnsTcpFactory` caps concurrent connections.
+* Zone transfers (:mod:`dcrouter.dns.transfer`) answer with many messages:
+  they are written one by one as the client reads them (the write buffer
+  pauses the protocol), and later pipelined queries wait their turn.
 """
 
 from __future__ import annotations
 
 import struct
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
@@ -23,6 +26,7 @@ from twisted.protocols.policies import TimeoutMixin
 from zope.interface import implementer
 
 from dcrouter.dns.server import MAX_TCP_QUERY, Responder
+from dcrouter.dns.transfer import TransferHandler
 from dcrouter.logsetup import get_logger
 
 log = get_logger("dns")
@@ -127,6 +131,8 @@ class DnsTcpProtocol(Protocol, TimeoutMixin):
         self.paused = False
         self.closing = False
         self.read_closed = False
+        #: The messages of a zone transfer still to be written.
+        self.stream: Optional[Iterator[bytes]] = None
 
     def connectionMade(self) -> None:
         """Count the connection, arm the idle timer, let the write buffer pause reads."""
@@ -152,7 +158,12 @@ class DnsTcpProtocol(Protocol, TimeoutMixin):
 
     def _process(self) -> None:
         buf = self.buffer
-        while not self.paused and not self.closing and len(buf) >= 2:
+        while not self.paused and not self.closing:
+            if self.stream is not None:
+                self._stream_next()
+                continue
+            if len(buf) < 2:
+                return
             (length,) = struct.unpack_from("!H", buf)
             if length == 0 or length > MAX_TCP_QUERY:
                 self.factory.oversized += 1
@@ -165,6 +176,11 @@ class DnsTcpProtocol(Protocol, TimeoutMixin):
             del buf[:2 + length]
             self.resetTimeout()
             try:
+                transfers = self.factory.transfers
+                if transfers is not None:
+                    self.stream = transfers.messages(message, self._peer_host())
+                    if self.stream is not None:
+                        continue
                 response = self.factory.responder.handle_tcp(message)
             except Exception as e:
                 self.factory.errors += 1
@@ -172,6 +188,27 @@ class DnsTcpProtocol(Protocol, TimeoutMixin):
                 response = None
             if response is not None:
                 self.transport.write(struct.pack("!H", len(response)) + response)
+
+    def _stream_next(self) -> None:
+        """Write the next message of a transfer (the stream ends on an encoding error)."""
+        assert self.stream is not None
+        try:
+            chunk = next(self.stream, None)
+        except Exception as e:
+            self.factory.errors += 1
+            log.error("zone transfer failed: {error}", error=repr(e))
+            chunk = None
+            self.closing = True
+            self.transport.loseConnection()
+        if chunk is None:
+            self.stream = None
+            return
+        self.resetTimeout()
+        self.transport.write(struct.pack("!H", len(chunk)) + chunk)
+
+    def _peer_host(self) -> str:
+        peer = self.transport.getPeer()
+        return str(getattr(peer, "host", ""))
 
     def readConnectionLost(self) -> None:
         """The client sent everything: close once its answers are written."""
@@ -201,7 +238,7 @@ class DnsTcpProtocol(Protocol, TimeoutMixin):
         if not self.read_closed:
             self.transport.resumeProducing()
         self._process()
-        if self.read_closed:
+        if self.read_closed and not self.paused:
             self._finish()
 
     def stopProducing(self) -> None:
@@ -222,6 +259,8 @@ class DnsTcpFactory(Factory):
         self.refused = 0
         self.oversized = 0
         self.errors = 0
+        #: Answers zone transfers; None: they get the ordinary (REFUSED) answer.
+        self.transfers: Optional[TransferHandler] = None
 
     def buildProtocol(self, addr: Any) -> Optional[Protocol]:
         """A protocol, or None (the connection is closed) when at the limit."""

@@ -41,6 +41,7 @@ CACHE_ENTRIES = 10000
 #: Queries longer than this are answered but not cached.
 CACHE_KEY_MAX = 512
 EDNS_BADVERS = 16
+TSIG = 250
 _HEADER = struct.Struct("!HBBHHHH")
 _OPT = struct.Struct("!HHBBHH")
 _RCODE_NAMES = {dns.OK: "NOERROR", dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAIL",
@@ -48,7 +49,7 @@ _RCODE_NAMES = {dns.OK: "NOERROR", dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAI
                 EDNS_BADVERS: "BADVERS"}
 
 
-def _write_name(out: bytearray, name: bytes, comp: dict[bytes, int]) -> None:
+def write_name(out: bytearray, name: bytes, comp: dict[bytes, int]) -> None:
     """Append ``name`` (dotted bytes) with RFC 1035 compression against ``comp``.
 
     Offsets a pointer cannot hold (past 16 KiB, in large TCP answers) are
@@ -77,7 +78,7 @@ class Query:
     """A parsed query: the question and EDNS parameters."""
 
     __slots__ = ("id", "flags1", "flags2", "question", "labels", "qtype", "qclass",
-                 "edns", "payload", "version", "dnssec_ok")
+                 "edns", "payload", "version", "dnssec_ok", "client_serial", "tsig")
 
     def __init__(self) -> None:
         self.id = 0
@@ -91,6 +92,10 @@ class Query:
         self.payload = 512
         self.version = 0
         self.dnssec_ok = False
+        #: The serial of the SOA in the authority section of an IXFR query (RFC 1995).
+        self.client_serial: Optional[int] = None
+        #: A TSIG record was present (not supported: such transfers are refused).
+        self.tsig = False
 
 
 def _skip_name(data: bytes, pos: int) -> int:
@@ -139,8 +144,17 @@ def parse_query(data: bytes) -> Query:
     pos += 4
     q.question = data[12:pos]
     q.labels = labels
-    if ancount or nscount:
+    if ancount or (nscount and not (q.qtype == dns.IXFR and nscount == 1)):
         raise MalformedQuery("records in the answer or authority section of a query")
+    if nscount:  # IXFR: the client's SOA; its serial is 20 bytes before the rdata's end
+        pos = _skip_name(data, pos)
+        if pos + 10 > end:
+            raise MalformedQuery("truncated authority record")
+        rtype, _rclass, _ttl, rdlen = struct.unpack_from("!HHIH", data, pos)
+        pos += 10 + rdlen
+        if rtype != dns.SOA or rdlen < 22 or pos > end:
+            raise MalformedQuery("IXFR without a valid SOA in the authority section")
+        (q.client_serial,) = struct.unpack_from("!I", data, pos - 20)
     for _ in range(arcount):
         start = pos
         pos = _skip_name(data, pos)
@@ -150,7 +164,9 @@ def parse_query(data: bytes) -> Query:
         pos += 10 + rdlen
         if pos > end:
             raise MalformedQuery("truncated rdata")
-        if rtype == dns.OPT:
+        if rtype == TSIG:
+            q.tsig = True
+        elif rtype == dns.OPT:
             if q.edns or data[start] != 0:
                 raise MalformedQuery("more than one OPT, or OPT not at the root")
             q.edns = True
@@ -160,7 +176,7 @@ def parse_query(data: bytes) -> Query:
     return q
 
 
-def _header(qid: int, flags1: int, rcode: int, aa: bool, tc: bool,
+def response_header(qid: int, flags1: int, rcode: int, aa: bool, tc: bool,
             counts: tuple[int, int, int, int], flags2: int = 0) -> bytes:
     opcode_rd = flags1 & 0x79  # opcode and RD from the query; RA stays clear
     byte3 = 0x80 | opcode_rd | (0x04 if aa else 0) | (0x02 if tc else 0)
@@ -221,8 +237,8 @@ class Responder:
         except (MalformedQuery, struct.error):
             return None
         opt = self._opt(q, 0) if q.edns else b""
-        response = (_header(q.id, q.flags1, dns.OK, False, True, (1, 0, 0, 1 if opt else 0),
-                            q.flags2) + q.question + opt)
+        response = (response_header(q.id, q.flags1, dns.OK, False, True,
+                                    (1, 0, 0, 1 if opt else 0), q.flags2) + q.question + opt)
         return response if len(response) <= len(data) else None
 
     def _respond(self, data: bytes, udp: bool) -> Optional[tuple[bytes, int, int]]:
@@ -231,14 +247,14 @@ class Responder:
             return None
         qid, flags1 = struct.unpack_from("!HB", data)
         if (flags1 >> 3) & 0xF != dns.OP_QUERY:
-            return self._count(_header(qid, flags1, dns.ENOTIMP, False, False, (0, 0, 0, 0)),
-                               dns.ENOTIMP, 0)
+            return self._count(response_header(qid, flags1, dns.ENOTIMP, False, False,
+                                               (0, 0, 0, 0)), dns.ENOTIMP, 0)
         try:
             q = parse_query(data)
         except (MalformedQuery, struct.error):
             self.malformed += 1
-            return self._count(_header(qid, flags1, dns.EFORMAT, False, False, (0, 0, 0, 0)),
-                               dns.EFORMAT, 0)
+            return self._count(response_header(qid, flags1, dns.EFORMAT, False, False,
+                                               (0, 0, 0, 0)), dns.EFORMAT, 0)
         if q.edns and q.version != 0:
             return self._count(self._encode(q, Answer(EDNS_BADVERS, False), 65535),
                                EDNS_BADVERS, q.qtype)
@@ -284,8 +300,8 @@ class Responder:
             sections = ([], [], [])
             body = q.question
         counts = (1, len(sections[0]), len(sections[1]), len(sections[2]) + (1 if opt else 0))
-        return (_header(q.id, q.flags1, answer.rcode, answer.authoritative, tc, counts, q.flags2)
-                + body + opt)
+        return (response_header(q.id, q.flags1, answer.rcode, answer.authoritative, tc, counts,
+                                q.flags2) + body + opt)
 
     @staticmethod
     def _body(q: Query, sections: tuple[list[Entry], ...]) -> bytes:
@@ -300,13 +316,13 @@ class Responder:
             offset += 1 + len(label)
         for section in sections:
             for owner, rec in section:
-                _write_name(out, owner, comp)
+                write_name(out, owner, comp)
                 out += rec.fixed
                 at = len(out)
                 out += b"\x00\x00"
                 for is_name, part in rec.parts:
                     if is_name:
-                        _write_name(out, part, comp)
+                        write_name(out, part, comp)
                     else:
                         out += part
                 struct.pack_into("!H", out, at, len(out) - at - 2)

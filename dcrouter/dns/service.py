@@ -6,7 +6,10 @@ records (:mod:`dcrouter.dns.email_records`), serves them through one
 swaps in a whole new zone set on reload, rule change or new DKIM key: a
 query is answered either from the old or from the new zones, never dropped.
 A zone's serial increases whenever its content changes (it starts at the
-configured SOA serial, or at the current Unix time).
+configured SOA serial, or at the current Unix time).  Secondaries in
+``dns.allow_transfer`` may transfer the zones over TCP
+(:mod:`dcrouter.dns.transfer`); those in ``dns.notify`` are told of every
+new serial (:mod:`dcrouter.dns.notify`).
 """
 
 from __future__ import annotations
@@ -26,8 +29,10 @@ from dcrouter.config.options import DcRouterOptions
 from dcrouter.dkimkeys import DkimKey
 from dcrouter.dns.authority import Authority
 from dcrouter.dns.email_records import dkim_specs, load_dkim_keys, plan_email_records
+from dcrouter.dns.notify import Notifier
 from dcrouter.dns.protocol import DnsDatagramProtocol, DnsTcpFactory, RateLimiter
 from dcrouter.dns.server import Responder
+from dcrouter.dns.transfer import TransferAcl, TransferHandler
 from dcrouter.dns.zone import (Zone, ZoneContent, ZoneSet, build_zone_content, in_zone,
                                normalize_origin)
 from dcrouter.errors import ConfigError
@@ -129,6 +134,9 @@ class DnsService(ManagedService):
         self.udp = DnsDatagramProtocol(self.responder, self.limiter)
         self.tcp = DnsTcpFactory(self.responder, dns_options.max_tcp_connections,
                                  dns_options.tcp_timeout)
+        self.transfers = TransferHandler(self.zone, TransferAcl(dns_options.allow_transfer))
+        self.tcp.transfers = self.transfers
+        self.notifier = Notifier(context.reactor, dns_options.notify, dns_options.listen)
         self.listeners = ListenerSet(context.reactor, self._target)
         self._refresh_lock = defer.DeferredLock()
         self.refreshes = 0
@@ -215,6 +223,8 @@ class DnsService(ManagedService):
         self.serials.commit(zones)
         self.zone_set = zones
         self.responder.set_authority(Authority(zones))
+        if self.running:
+            self.notifier.zones_changed(zones)
         log.info("DNS zones loaded: {zones}",
                  zones=", ".join(f"{z.origin or '.'} (serial {z.serial})" for z in zones))
 
@@ -268,10 +278,14 @@ class DnsService(ManagedService):
         self.ready = self.refresh_email_records()
         self.ready.addErrback(lambda f: log.error("publishing email records failed: {error}",
                                                   error=str(f.value)))
+        # every zone is announced once at start (those the refresh swapped in already are)
+        self.ready.addCallback(lambda _: self.notifier.zones_changed(self.zone_set)
+                               if self.running else None)
 
     def stopService(self) -> Any:
         """Close the listeners; let the serial file be written."""
         super().stopService()
+        self.notifier.stop()
         return defer.gatherResults([self.listeners.stop(), self.serials.saved()],
                                    consumeErrors=True)
 
@@ -293,6 +307,8 @@ class DnsService(ManagedService):
             return None
         self.options = options
         d = self._dns(options)
+        self.transfers.acl = TransferAcl(d.allow_transfer)
+        self.notifier.configure(d.notify, d.listen)
         self._swap(zones)
         self.limiter.limit = d.rate_limit
         self.limiter.slip = d.rate_limit_slip
@@ -336,6 +352,8 @@ class DnsService(ManagedService):
             "tcp_refused": self.tcp.refused,
             "tcp_oversized": self.tcp.oversized,
             "internal_errors": self.udp.errors + self.tcp.errors,
+            **self.transfers.stats(),
+            **self.notifier.stats(),
             "zones": [{"origin": z.origin, "serial": z.serial,
                        "records": len(z.content.records) + 1} for z in self.zone_set],
         })

@@ -39,6 +39,8 @@ TYPE_NAMES: dict[int, str] = {v: k for k, v in TYPE_CODES.items()}
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _CAA_TAG = re.compile(r"^[a-z0-9]{1,15}$", re.IGNORECASE)
+#: Largest rdata accepted: a record must fit one 65535-byte message with its question and owner.
+MAX_RDATA = 65000
 #: SOA timers of a generated SOA: refresh, retry, expire, minimum (negative-caching TTL cap).
 SOA_TIMERS = (3600, 600, 604800, 300)
 
@@ -270,6 +272,10 @@ def parse_record(rec: RecordOptions, origin: str, default_ttl: int, path: str) -
     elif rtype == dns.TXT:
         strings = tokenize(value, vpath) if value.startswith('"') else [value.encode("utf-8")]
         chunks = [c for s in strings for c in split_txt(s)]
+        size = sum(len(c) + 1 for c in chunks)
+        if size > MAX_RDATA:
+            raise ConfigError(vpath, f"TXT data of {size} bytes is too long for a DNS message "
+                              f"(at most {MAX_RDATA})")
         payload = dns.Record_TXT(*chunks, ttl=ttl)
         text = " ".join(_quote(c) for c in chunks)
     elif rtype == dns.SRV:
