@@ -101,6 +101,11 @@ class EmailAuthOptions:
     max_failures_per_minute: int = option(5, check=check_positive,
                                           doc="Failed AUTH attempts per client IP per minute "
                                           "before 421 and close.")
+    proxy_users: tuple[str, ...] = option((), doc="Logins allowed to give a different "
+                                          "authorization identity in AUTH PLAIN and act as "
+                                          "that user (authzid). Everyone else must leave it "
+                                          "empty or equal to the login; a different one is "
+                                          "a failed AUTH (535 5.7.8), as with Postfix/Cyrus.")
 
     def validate(self, path: str) -> None:
         """Only known mechanisms."""

@@ -3,7 +3,8 @@
 Written on :class:`twisted.internet.protocol.Protocol` rather than
 ``twisted.mail.smtp.ESMTP`` (see ``docs/decisions.md``): the session parses
 lines itself so that it can enforce the 512-octet command limit, stream DATA
-into a spool file with the size limit checked while streaming, keep reading
+and BDAT chunks (RFC 3030 CHUNKING) into a spool file with the size limit
+checked while streaming, keep reading
 pipelined commands in order while the message handler answers asynchronously,
 and reply with enhanced status codes everywhere.
 
@@ -26,7 +27,7 @@ from zope.interface import implementer
 
 from dcrouter.email.auth import ISmtpUser
 from dcrouter.email.clientcert import ClientCert
-from dcrouter.email.data import DotDecoder
+from dcrouter.email.data import ChunkReader, DotDecoder
 from dcrouter.email.sasl import Challenge, Credentials, Refusal, SaslExchange, Step
 from dcrouter.email.spool import SpoolWriter
 from dcrouter.errors import PolicyRejection
@@ -122,6 +123,9 @@ class SmtpSession(Protocol):
         self.client_cert: Optional[ClientCert] = None
         self._out: list[bytes] = []
         self._decoder = DotDecoder()
+        self._chunk: Optional[ChunkReader] = None
+        self._chunk_refusal: Optional[Callable[[], None]] = None
+        self._bdat = False
         self.mail_from: Optional[str] = None
         self.recipients: list[str] = []
         self.smtputf8 = False
@@ -285,6 +289,9 @@ class SmtpSession(Protocol):
                 if self._mode == "data":
                     if not self._consume_data():
                         break
+                elif self._mode == "bdat":
+                    if not self._consume_chunk():
+                        break
                 elif not self._consume_line():
                     break
         except _Closed:
@@ -403,7 +410,7 @@ class SmtpSession(Protocol):
         self._esmtp = True
         options = self.host.options
         lines = [options.hostname, "PIPELINING", f"SIZE {options.max_message_size}",
-                 "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+                 "ENHANCEDSTATUSCODES", "8BITMIME", "CHUNKING", "SMTPUTF8"]
         if not self.info.tls and self.host.tls_available:
             lines.append("STARTTLS")
         mechanisms = self.host.auth_mechanisms()
@@ -474,11 +481,12 @@ class SmtpSession(Protocol):
         self.body_8bitmime = False
         self.spool = None
         self.queue_id = ""
+        self._bdat = False
 
     @property
     def in_transaction(self) -> bool:
-        """MAIL given, DATA streaming, or a handler answer outstanding."""
-        return self.mail_from is not None or self.busy or self._mode == "data"
+        """MAIL given, DATA or a BDAT chunk streaming, or a handler answer outstanding."""
+        return self.mail_from is not None or self.busy or self._mode in ("data", "bdat")
 
     def do_MAIL(self, arg: str) -> None:
         """MAIL FROM: checks AUTH requirement, SIZE/BODY/SMTPUTF8, then the handler."""
@@ -577,9 +585,21 @@ class SmtpSession(Protocol):
         if self.mail_from is None:
             self._error("503 5.5.1 Error: need MAIL command")
             return
+        if self._bdat:
+            self._error("503 5.5.1 Error: DATA not allowed after BDAT in the same transaction")
+            return
         if not self.recipients:
             self._error("554 5.5.1 Error: no valid recipients")
             return
+        if not self._open_spool():
+            self._send("451 4.3.0 Temporary local problem, try again later")
+            return
+        self._mode = "data"
+        self._decoder = DotDecoder()
+        self._send("354 End data with <CR><LF>.<CR><LF>")
+
+    def _open_spool(self) -> bool:
+        """Give the transaction a queue id and a spool file holding the Received header."""
         self.queue_id = new_queue_id()
         try:
             path, fd = self.host.spool_files.take()
@@ -592,11 +612,49 @@ class SmtpSession(Protocol):
             if self.spool is not None:
                 self.spool.abort()
             self.spool = None
-            self._send("451 4.3.0 Temporary local problem, try again later")
+            return False
+        return True
+
+    def do_BDAT(self, arg: str) -> None:
+        """BDAT <size> [LAST] (RFC 3030): read exactly <size> octets into the spool.
+
+        A refused BDAT whose size could be read still has its octets read (and
+        thrown away) so that the session stays in step with the client; its
+        reply goes out after the chunk, as every BDAT reply does.
+        """
+        parts = arg.split()
+        if (not 1 <= len(parts) <= 2 or not parts[0].isdigit() or len(parts[0]) > 20
+                or (len(parts) == 2 and parts[1].upper() != "LAST")):
+            self._error("501 5.5.4 Syntax: BDAT count [LAST]")
             return
-        self._mode = "data"
-        self._decoder = DotDecoder()
-        self._send("354 End data with <CR><LF>.<CR><LF>")
+        size, last = int(parts[0]), len(parts) == 2
+        refusal: Optional[Callable[[], None]] = None
+        if self.mail_from is None:
+            refusal = self._refuse_chunk("503 5.5.1 Error: need MAIL command")
+        elif not self.recipients:
+            refusal = self._refuse_chunk("503 5.5.1 Error: need RCPT command")
+        elif self.spool is None and not self._open_spool():
+            refusal = self._refuse_chunk("451 4.3.0 Temporary local problem, try again later",
+                                         counted=False)
+        elif self.spool is not None and self.spool.size + size > self.spool.limit:
+            # It cannot fit: drop what was received and throw the chunk away unread.
+            received = self.spool.size + size
+            self.spool.abort()
+            self.spool = None
+            refusal = lambda: self._too_big(received)  # noqa: E731
+        if refusal is None:
+            self._bdat = True
+        self._chunk = ChunkReader(size, last, keep=refusal is None)
+        self._chunk_refusal = refusal
+        self._mode = "bdat"
+        if size == 0:
+            self._end_of_chunk()
+
+    def _refuse_chunk(self, reply: str, counted: bool = True) -> Callable[[], None]:
+        """A refusal of a BDAT command, to be sent once its chunk has been read."""
+        if counted:
+            return lambda: self._error(reply)
+        return lambda: self._send(reply)
 
     def _received_header(self) -> bytes:
         helo = _HELO_CLEAN.sub("?", self.info.helo)[:100]
@@ -619,7 +677,31 @@ class SmtpSession(Protocol):
             parts.append(f"\t{date}")
         return ("\r\n".join(parts) + "\r\n").encode("utf-8", "replace")
 
-    # -- DATA streaming ------------------------------------------------------------------
+    # -- DATA and BDAT streaming ---------------------------------------------------------
+
+    def _consume_chunk(self) -> bool:
+        """Move octets of the current BDAT chunk into the spool; True at its end."""
+        chunk = self._chunk
+        assert chunk is not None
+        out, self._buf, finished = chunk.feed(self._buf)
+        if out and chunk.keep and self.spool is not None:
+            self.spool.write(out)
+        if finished:
+            self._end_of_chunk()
+        return finished
+
+    def _end_of_chunk(self) -> None:
+        """A chunk was read completely: reply to its BDAT command."""
+        chunk, self._chunk = self._chunk, None
+        refusal, self._chunk_refusal = self._chunk_refusal, None
+        self._mode = "command"
+        assert chunk is not None
+        if refusal is not None:
+            refusal()
+        elif chunk.last:
+            self._end_of_data()
+        else:
+            self._send(f"250 2.0.0 {chunk.size} octets received")
 
     def _consume_data(self) -> bool:
         """Move decoded lines from the buffer into the spool; True at end of data."""
@@ -636,13 +718,7 @@ class SmtpSession(Protocol):
         spool, self.spool = self.spool, None
         assert spool is not None and self.mail_from is not None
         if spool.oversize:
-            self.host.stats.rejected("size")
-            self._emit_rejected("size", 552)
-            log.info("message too big: {size} bytes", size=spool.size,
-                     correlation_id=self.info.correlation_id)
-            self._reset_transaction()
-            self._send("552 5.3.4 Error: message file too big")
-            self.host.transaction_finished(self)
+            self._too_big(spool.size)
             return
         try:
             path = spool.finish()
@@ -677,6 +753,16 @@ class SmtpSession(Protocol):
         self.mail_from = None  # the transaction is with the handler now
         self._ask("handle_message", (message,), queued, "message",
                   on_failure=failed, finished=True)
+
+    def _too_big(self, size: int) -> None:
+        """The message passed ``max_message_size``: 552 and the transaction is over."""
+        self.host.stats.rejected("size")
+        self._emit_rejected("size", 552)
+        log.info("message too big: {size} bytes", size=size,
+                 correlation_id=self.info.correlation_id)
+        self._reset_transaction()
+        self._send("552 5.3.4 Error: message file too big")
+        self.host.transaction_finished(self)
 
     # -- asking the handler ------------------------------------------------------------------
 
@@ -788,8 +874,24 @@ class SmtpSession(Protocol):
         d = self.host.portal.login(step.creds, None, ISmtpUser)
 
         def ok(result: Any) -> None:
+            user = str(result[1])
+            if step.authzid is not None and step.authzid != user:
+                # RFC 4616 authzid: Postfix/Cyrus accept it only when the login may
+                # act for others (email.auth.proxy_users); otherwise a failed AUTH.
+                if (user not in self.host.options.auth.proxy_users
+                        or not step.authzid.isprintable() or len(step.authzid) > 255):
+                    log.info("AUTH {mechanism} for {username} refused: not authorized as "
+                             "{authzid}", mechanism=mechanism, username=user,
+                             authzid=step.authzid[:100],
+                             correlation_id=self.info.correlation_id)
+                    failed(sasl.not_authorized())
+                    return
+                log.info("AUTH {mechanism}: {username} acts as {authzid}",
+                         mechanism=mechanism, username=user, authzid=step.authzid[:100],
+                         correlation_id=self.info.correlation_id)
+                user = step.authzid
             self._end_auth()
-            self.info.auth_user = str(result[1])
+            self.info.auth_user = user
             self.host.stats.auth_succeeded += 1
             log.info("AUTH {mechanism} succeeded for {username}", mechanism=mechanism,
                      username=self.info.auth_user, correlation_id=self.info.correlation_id)
@@ -800,6 +902,9 @@ class SmtpSession(Protocol):
             if not failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
                 log.failure("AUTH checker failed", failure,
                             correlation_id=self.info.correlation_id)
+            failed(None)
+
+        def failed(answer: Optional[Step]) -> None:
             self.host.stats.auth_failed += 1
             log.info("AUTH {mechanism} failed for {username}", mechanism=mechanism,
                      username=step.username, correlation_id=self.info.correlation_id)
@@ -810,7 +915,8 @@ class SmtpSession(Protocol):
                     self._auth_rate_limited()
                 except _Closed:
                     return
-            answer = sasl.failed()
+            if answer is None:
+                answer = sasl.failed()
             if isinstance(answer, Challenge):
                 self._send(f"334 {answer.text}")
             else:
