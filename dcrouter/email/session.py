@@ -730,6 +730,7 @@ class SmtpSession(Protocol):
             self._send("451 4.3.0 Temporary local problem, try again later")
             self.host.transaction_finished(self)
             return
+        body_command = "BDAT" if self._bdat else "DATA"
         message = ReceivedMessage(queue_id=self.queue_id, mail_from=self.mail_from,
                                   recipients=list(self.recipients), spool_path=path,
                                   size=spool.total_size, session=self.info,
@@ -743,7 +744,7 @@ class SmtpSession(Protocol):
             log.info("accepted {queue_id} from <{mail_from}> for {count} recipients, "
                      "{size} bytes", queue_id=first, mail_from=message.mail_from,
                      count=len(message.recipients), size=message.size,
-                     correlation_id=self.info.correlation_id)
+                     body_command=body_command, correlation_id=self.info.correlation_id)
             self.host.emit("message_received", self.info, message, ids)
             self._send(f"250 2.0.0 Ok: queued as {first}")
 

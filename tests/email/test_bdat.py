@@ -89,7 +89,14 @@ def test_chunks_and_last_delivered_byte_exact(start_server: Any) -> None:
         c.close()
         return ehlo, replies
 
-    ehlo, replies = yield deferToThread(client)
+    from twisted.logger import globalLogPublisher
+    events: list = []
+    globalLogPublisher.addObserver(events.append)
+    try:
+        ehlo, replies = yield deferToThread(client)
+    finally:
+        globalLogPublisher.removeObserver(events.append)
+    assert [e["body_command"] for e in events if "body_command" in e] == ["BDAT"]
     assert "250-CHUNKING" in ehlo.splitlines() and "BINARYMIME" not in ehlo
     assert replies[:-1] == [f"250 2.0.0 {len(p)} octets received" for p in pieces[:-1]]
     message = run.handler.messages[0]["message"]
@@ -321,6 +328,32 @@ def test_handler_rejection_of_the_last_chunk_as_for_data(start_server: Any) -> N
     assert not spool_leftovers(run.server)
 
 
+@pytest_twisted.inlineCallbacks
+def test_drain_waits_for_the_last_chunk(start_server: Any) -> None:
+    run = start_server()
+    drains: list = []
+
+    def client() -> tuple:
+        c = Client(run.ports["smtp"])
+        c.hello()
+        c.envelope()
+        first = c.bdat(b"Subject: drain\r\n\r\n")
+        reactor.callFromThread(lambda: drains.append(run.server.drain()))
+        time.sleep(0.3)  # the drain must wait: a transaction is open
+        waiting = [d.called for d in drains]
+        last = c.bdat(b"done\r\n", last=True)
+        after = c.reply()
+        c.close()
+        return first, waiting, last, after
+
+    first, waiting, last, after = yield deferToThread(client)
+    assert first == "250 2.0.0 18 octets received" and waiting == [False]
+    assert last.startswith("250 2.0.0 Ok: queued as ")
+    assert after == "421 4.3.2 mail.dcrouter.test Service shutting down"
+    yield drains[0]
+    assert run.handler.body() == b"Subject: drain\r\n\r\ndone\r\n"
+
+
 # -- TLS and AUTH ----------------------------------------------------------------------------------
 
 @pytest_twisted.inlineCallbacks
@@ -502,3 +535,4 @@ def test_bdat_through_the_router_into_a_maildir(tmp_path: Any) -> None:
     assert stored.endswith(body)  # the client's bytes, untouched, after the trace headers
     trace = stored[:-len(body)]
     assert b"Received: from client.test ([127.0.0.1])" in trace and b"with ESMTP id" in trace
+
