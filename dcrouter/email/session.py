@@ -548,6 +548,9 @@ class SmtpSession(Protocol):
         if self.mail_from is None:
             self._error("503 5.5.1 Error: need MAIL command")
             return
+        if self._bdat:
+            self._error("503 5.5.1 Error: RCPT not allowed after BDAT")
+            return
         match = _RCPT_RE.match(arg)
         address = _parse_address(match.group(1)) if match else None
         params = _parse_params(match.group(2)) if match else None
@@ -633,9 +636,9 @@ class SmtpSession(Protocol):
             refusal = self._refuse_chunk("503 5.5.1 Error: need MAIL command")
         elif not self.recipients:
             refusal = self._refuse_chunk("503 5.5.1 Error: need RCPT command")
-        elif self.spool is None and not self._open_spool():
+        elif self.spool is None and not self._bdat and not self._open_spool():
             refusal = self._refuse_chunk("451 4.3.0 Temporary local problem, try again later",
-                                         counted=False)
+                                         counted=False, reset=True)
         elif self.spool is not None and self.spool.size + size > self.spool.limit:
             # It cannot fit: drop what was received and throw the chunk away unread.
             received = self.spool.size + size
@@ -650,11 +653,21 @@ class SmtpSession(Protocol):
         if size == 0:
             self._end_of_chunk()
 
-    def _refuse_chunk(self, reply: str, counted: bool = True) -> Callable[[], None]:
-        """A refusal of a BDAT command, to be sent once its chunk has been read."""
-        if counted:
-            return lambda: self._error(reply)
-        return lambda: self._send(reply)
+    def _refuse_chunk(self, reply: str, counted: bool = True,
+                      reset: bool = False) -> Callable[[], None]:
+        """A refusal of a BDAT command, to be sent once its chunk has been read.
+
+        ``counted``: a client error (toward ``max_errors``); ``reset``: the
+        transaction is over (its later chunks are refused too).
+        """
+        def refuse() -> None:
+            if reset:
+                self._reset_transaction()
+            if counted:
+                self._error(reply)
+            else:
+                self._send(reply)
+        return refuse
 
     def _received_header(self) -> bytes:
         helo = _HELO_CLEAN.sub("?", self.info.helo)[:100]

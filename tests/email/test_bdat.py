@@ -279,6 +279,43 @@ def test_bdat_error_replies(start_server: Any) -> None:
 
 
 @pytest_twisted.inlineCallbacks
+def test_rcpt_after_bdat_refused_and_spool_failure_ends_the_transaction(start_server: Any) -> None:
+    run = start_server()
+    spool_files = run.server.spool_files
+    take = spool_files.take
+    failures = [OSError(28, "No space left on device /secret/spool")]
+
+    def failing_take() -> Any:
+        if failures:
+            raise failures.pop()
+        return take()
+
+    spool_files.take = failing_take  # type: ignore[method-assign]
+
+    def client() -> list:
+        c = Client(run.ports["smtp"])
+        c.hello()
+        c.envelope()
+        out = [c.bdat(b"QUIT\r\n"), c.bdat(b"rest\r\n", last=True)]
+        c.envelope()
+        out += [c.bdat(b"Subject: ok\r\n\r\n"), c.cmd("RCPT TO:<late@local.test>"),
+                c.bdat(b"fine\r\n", last=True)]
+        c.close()
+        return out
+
+    out = yield deferToThread(client)
+    assert out[0] == "451 4.3.0 Temporary local problem, try again later"
+    assert out[1] == "503 5.5.1 Error: need MAIL command"  # no message from the rest alone
+    assert out[2] == "250 2.0.0 15 octets received"
+    assert out[3] == "503 5.5.1 Error: RCPT not allowed after BDAT"
+    assert out[4].startswith("250 2.0.0 Ok: queued as ")
+    assert len(run.handler.messages) == 1
+    assert run.handler.messages[0]["message"].recipients == ["b@local.test"]
+    assert run.handler.body() == b"Subject: ok\r\n\r\nfine\r\n"
+    assert "secret" not in "".join(out)
+
+
+@pytest_twisted.inlineCallbacks
 def test_rset_discards_chunks(start_server: Any) -> None:
     run = start_server()
 
