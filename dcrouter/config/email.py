@@ -309,6 +309,9 @@ class EmailOptions:
                                  doc="Recipients per message (452 4.5.3 beyond).")
     max_errors: int = option(10, check=check_positive,
                              doc="Unknown or invalid commands before 421 and close.")
+    chunking: bool = option(True, doc="Offer CHUNKING (RFC 3030 BDAT) in EHLO; false: not "
+                            "offered and BDAT answered 502 (Postfix: smtpd_discard_ehlo_keywords"
+                            " = chunking).")
     relay_networks: tuple[str, ...] = option(("127.0.0.0/8", "::1/128"), check=check_networks,
                                              doc="Clients that may relay to any domain without "
                                              "AUTH (Postfix mynetworks).")

@@ -410,7 +410,10 @@ class SmtpSession(Protocol):
         self._esmtp = True
         options = self.host.options
         lines = [options.hostname, "PIPELINING", f"SIZE {options.max_message_size}",
-                 "ENHANCEDSTATUSCODES", "8BITMIME", "CHUNKING", "SMTPUTF8"]
+                 "ENHANCEDSTATUSCODES", "8BITMIME"]
+        if options.chunking:
+            lines.append("CHUNKING")
+        lines.append("SMTPUTF8")
         if not self.info.tls and self.host.tls_available:
             lines.append("STARTTLS")
         mechanisms = self.host.auth_mechanisms()
@@ -625,6 +628,9 @@ class SmtpSession(Protocol):
         thrown away) so that the session stays in step with the client; its
         reply goes out after the chunk, as every BDAT reply does.
         """
+        if not self.host.options.chunking:
+            self._not_implemented(arg)
+            return
         parts = arg.split()
         if (not 1 <= len(parts) <= 2 or not parts[0].isdigit() or len(parts[0]) > 20
                 or (len(parts) == 2 and parts[1].upper() != "LAST")):

@@ -316,6 +316,24 @@ def test_rcpt_after_bdat_refused_and_spool_failure_ends_the_transaction(start_se
 
 
 @pytest_twisted.inlineCallbacks
+def test_chunking_switched_off(start_server: Any) -> None:
+    run = start_server(chunking=False)
+
+    def client() -> tuple:
+        c = Client(run.ports["smtp"])
+        ehlo = c.hello()
+        c.envelope()
+        bdat = c.cmd("BDAT 0 LAST")
+        c.close()
+        return ehlo, bdat
+
+    ehlo, bdat = yield deferToThread(client)
+    assert "CHUNKING" not in ehlo and "250-8BITMIME" in ehlo.splitlines()
+    assert bdat == "502 5.5.1 Error: command not implemented"
+    assert not run.handler.messages
+
+
+@pytest_twisted.inlineCallbacks
 def test_rset_discards_chunks(start_server: Any) -> None:
     run = start_server()
 
