@@ -4,9 +4,9 @@ Written on :class:`twisted.internet.protocol.Protocol` rather than
 ``twisted.mail.smtp.ESMTP`` (see ``docs/decisions.md``): the session parses
 lines itself so that it can enforce the 512-octet command limit, stream DATA
 and BDAT chunks (RFC 3030 CHUNKING) into a spool file with the size limit
-checked while streaming, keep reading
-pipelined commands in order while the message handler answers asynchronously,
-and reply with enhanced status codes everywhere.
+checked while streaming, keep reading pipelined commands in order while the
+message handler answers asynchronously, and reply with enhanced status codes
+everywhere.
 
 The session talks to its server only through the small surface of
 :class:`SessionHost` (options, handler, portal, limits, stats, events).

@@ -173,6 +173,42 @@ def test_pipelined_chunks_and_transactions_in_one_write(start_server: Any) -> No
     assert run.handler.body(2) == b"QUITRSET\r\n"  # chunk octets are never commands
 
 
+@pytest_twisted.inlineCallbacks
+def test_random_messages_and_chunk_sizes_byte_exact(start_server: Any) -> None:
+    """50 messages of random octets cut into random chunks, each transaction in one write."""
+    import random
+    run = start_server()
+    rng = random.Random(3030)
+    messages = [rng.randbytes(rng.choice([0, 1, 2, 5, 100, 1000, 70_000]))
+                + rng.choice([b"", b"\r\n.\r\n", b".", b"\r", b"\n."]) for _ in range(50)]
+
+    def client() -> list:
+        c = Client(run.ports["smtp"])
+        c.hello()
+        replies = []
+        for message in messages:
+            cuts = sorted(rng.sample(range(len(message) + 1), min(len(message) + 1, 4)))
+            pieces = [message[a:b] for a, b in zip([0] + cuts, cuts + [len(message)])]
+            wire = b"MAIL FROM:<a@local.test>\r\nRCPT TO:<b@local.test>\r\n"
+            for i, piece in enumerate(pieces):
+                last = i == len(pieces) - 1
+                wire += b"BDAT %d%s\r\n" % (len(piece), b" LAST" if last else b"") + piece
+            c.send(wire)
+            replies.append([c.reply() for _ in range(2 + len(pieces))])
+        c.close()
+        return replies
+
+    replies = yield deferToThread(client)
+    assert all(r[-1].startswith("250 2.0.0 Ok: queued as ") for r in replies), replies
+    for recorded, message in zip(run.handler.messages, messages, strict=True):
+        # (not handler.body(): a random body may start with what looks like a folded line)
+        data = recorded["data"]
+        header = data[:len(data) - len(message)]
+        assert data[len(header):] == message
+        assert header.startswith(b"Received: from client.test ([127.0.0.1])")
+        assert header.endswith(b"\r\n") and header.count(b"\r\n") == 3
+
+
 # -- limits ------------------------------------------------------------------------------------------
 
 @pytest_twisted.inlineCallbacks
