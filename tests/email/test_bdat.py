@@ -468,6 +468,10 @@ def test_bdat_over_starttls_and_implicit_tls_with_auth(start_server: Any) -> Non
         out.append(s.cmd("AUTH PLAIN " + plain))
         s.envelope("alice@local.test", "bob@remote.example")
         out.append(s.bdat(b"Subject: tls\r\n\r\n" + b"\xff" * 100_000, last=True))
+        # pipelined over TLS: a whole transaction in one write
+        s.send(b"MAIL FROM:<alice@local.test>\r\nRCPT TO:<carol@remote.example>\r\n"
+               b"BDAT 6\r\n.\r\nx\r\nBDAT 2 LAST\r\n\r\n")
+        out.append("|".join(s.reply() for _ in range(4)))
         s.close()
         sub = Client(run.ports["submission"])  # AUTH required: no transaction, chunk skipped
         sub.hello()
@@ -481,9 +485,12 @@ def test_bdat_over_starttls_and_implicit_tls_with_auth(start_server: Any) -> Non
     assert out[0].startswith("220") and "250-CHUNKING" in out[1].splitlines()
     assert out[2] == "250 2.0.0 100 octets received" and out[3].startswith("250 2.0.0 Ok")
     assert out[4].startswith("235") and out[5].startswith("250 2.0.0 Ok: queued as ")
-    assert out[6].startswith("530") and out[7] == "503 5.5.1 Error: need MAIL command"
-    assert out[8] == "250 2.0.0 Ok"
-    first, second = run.handler.messages
+    codes = out[6].split("|")
+    assert [c[:3] for c in codes] == ["250"] * 4 and codes[2] == "250 2.0.0 6 octets received"
+    assert out[7].startswith("530") and out[8] == "503 5.5.1 Error: need MAIL command"
+    assert out[9] == "250 2.0.0 Ok"
+    first, second, third = run.handler.messages
+    assert run.handler.body(2) == b".\r\nx\r\n\r\n"
     assert run.handler.body(0) == TRICKY
     assert "with ESMTPS id " + first["message"].queue_id in received_header(first["data"])
     assert run.handler.body(1) == b"Subject: tls\r\n\r\n" + b"\xff" * 100_000
