@@ -160,8 +160,9 @@ def test_pipelined_chunks_and_transactions_in_one_write(start_server: Any) -> No
 
     replies = yield deferToThread(client)
     assert [r[:3] for r in replies[:-1]] == ["250"] * 15 + ["221"], replies
+    first_id = run.handler.messages[0]["message"].queue_id
     assert replies[3:6] == ["250 2.0.0 16 octets received", "250 2.0.0 6 octets received",
-                            f"250 2.0.0 Ok: queued as {run.handler.messages[0]['message'].queue_id}"]
+                            f"250 2.0.0 Ok: queued as {first_id}"]
     assert replies[11:14] == ["250 2.0.0 4 octets received", "250 2.0.0 0 octets received",
                              "250 2.0.0 Ok: queued as "
                              + run.handler.messages[2]["message"].queue_id]
@@ -209,7 +210,7 @@ def test_random_messages_and_chunk_sizes_byte_exact(start_server: Any) -> None:
         assert header.endswith(b"\r\n") and header.count(b"\r\n") == 3
 
 
-# -- limits ------------------------------------------------------------------------------------------
+# -- limits ---------------------------------------------------------------------------------------
 
 @pytest_twisted.inlineCallbacks
 def test_size_limit_overflow_then_session_still_usable(start_server: Any) -> None:
@@ -445,7 +446,7 @@ def test_drain_waits_for_the_last_chunk(start_server: Any) -> None:
     assert run.handler.body() == b"Subject: drain\r\n\r\ndone\r\n"
 
 
-# -- TLS and AUTH ----------------------------------------------------------------------------------
+# -- TLS and AUTH ---------------------------------------------------------------------------------
 
 @pytest_twisted.inlineCallbacks
 def test_bdat_over_starttls_and_implicit_tls_with_auth(start_server: Any) -> None:
@@ -498,7 +499,7 @@ def test_bdat_over_starttls_and_implicit_tls_with_auth(start_server: Any) -> Non
     assert second["message"].session.auth_user == "alice"
 
 
-# -- a big message, memory bounded ---------------------------------------------------------------
+# -- a big message, memory bounded ----------------------------------------------------------------
 
 def rss_kib() -> int:
     with open("/proc/self/status") as f:
@@ -582,7 +583,7 @@ def test_large_message_memory_bounded(start_server: Any, chunk_mib: int, chunks:
     assert peak[0] < 8 * 1024, f"RSS grew by {peak[0]} KiB"
 
 
-# -- the whole router: BDAT into a Maildir ---------------------------------------------------------
+# -- the whole router: BDAT into a Maildir --------------------------------------------------------
 
 @defer.inlineCallbacks
 def wait_for_file(directory: str, timeout: float = 20.0) -> Any:
