@@ -101,6 +101,11 @@ class EmailAuthOptions:
     max_failures_per_minute: int = option(5, check=check_positive,
                                           doc="Failed AUTH attempts per client IP per minute "
                                           "before 421 and close.")
+    proxy_users: tuple[str, ...] = option((), doc="Logins allowed to give a different "
+                                          "authorization identity in AUTH PLAIN and act as "
+                                          "that user (authzid). Everyone else must leave it "
+                                          "empty or equal to the login; a different one is "
+                                          "a failed AUTH (535 5.7.8), as with Postfix/Cyrus.")
 
     def validate(self, path: str) -> None:
         """Only known mechanisms."""
@@ -309,6 +314,9 @@ class EmailOptions:
                                  doc="Recipients per message (452 4.5.3 beyond).")
     max_errors: int = option(10, check=check_positive,
                              doc="Unknown or invalid commands before 421 and close.")
+    chunking: bool = option(True, doc="Offer CHUNKING (RFC 3030 BDAT) in EHLO; false: not "
+                            "offered and BDAT answered 502 (Postfix: smtpd_discard_ehlo_keywords"
+                            " = chunking).")
     relay_networks: tuple[str, ...] = option(("127.0.0.0/8", "::1/128"), check=check_networks,
                                              doc="Clients that may relay to any domain without "
                                              "AUTH (Postfix mynetworks).")

@@ -1,10 +1,14 @@
-"""Decoding the SMTP DATA stream: line endings, dot-stuffing and the terminating dot.
+"""Decoding the SMTP message streams: DATA (dot-stuffed lines) and BDAT chunks (RFC 3030).
 
 :class:`DotDecoder` is fed the raw bytes as they arrive and returns message
 bytes ready for the spool: every line ends in CRLF (a bare LF counts as a line
 end), one leading dot is removed from dot-stuffed lines (RFC 5321 4.5.2), and
 the line holding only a dot ends the message.  It never holds more than one
 partial line, and splits a line longer than ``partial_flush`` bytes.
+
+:class:`ChunkReader` takes exactly the declared number of octets of one BDAT
+chunk off the input, untouched (no line or dot processing), in whatever
+pieces the network delivers them.
 """
 
 from __future__ import annotations
@@ -67,6 +71,28 @@ class DotDecoder:
             at_start = True
         self.line_start = True
         return b"".join(out), rest, False
+
+
+class ChunkReader:
+    """The octets of one BDAT chunk as they arrive: exactly ``size`` of them.
+
+    ``last`` is the chunk's LAST flag; ``keep`` is False when the chunk is read
+    only to be thrown away (a refused BDAT must still be read to stay in sync).
+    """
+
+    def __init__(self, size: int, last: bool, keep: bool = True) -> None:
+        self.size = size
+        self.last = last
+        self.keep = keep
+        self.remaining = size
+
+    def feed(self, buf: bytes) -> tuple[bytes, bytes, bool]:
+        """``(chunk octets, bytes after the chunk, chunk complete)`` for input ``buf``."""
+        take = min(self.remaining, len(buf))
+        self.remaining -= take
+        if take == len(buf):
+            return buf, b"", self.remaining == 0
+        return buf[:take], buf[take:], self.remaining == 0
 
 
 def dot_stuff(message: bytes) -> bytes:

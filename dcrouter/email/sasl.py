@@ -30,10 +30,16 @@ class Challenge:
 
 @dataclasses.dataclass
 class Credentials:
-    """Check these credentials; ``username`` is for logs and events."""
+    """Check these credentials; ``username`` is for logs and events.
+
+    ``authzid`` is the authorization identity of a PLAIN response (RFC 4616)
+    when the client asked to act as someone other than ``username``; None when
+    it left it empty or gave its own login name (the usual case).
+    """
 
     creds: Any
     username: str
+    authzid: Optional[str] = None
 
 
 @dataclasses.dataclass
@@ -74,8 +80,10 @@ class SaslExchange:
             parts = decoded.split(b"\x00")
             if len(parts) != 3 or not parts[1]:
                 return Refusal("501 5.5.2 Error: malformed PLAIN response")
+            authzid = parts[0].decode("utf-8", "replace") \
+                if parts[0] and parts[0] != parts[1] else None
             return Credentials(credentials.UsernamePassword(parts[1], parts[2]),
-                               _name(parts[1]))
+                               _name(parts[1]), authzid)
         if self.mechanism == "LOGIN":
             if self._login_user is None:
                 self._login_user = decoded
@@ -96,6 +104,12 @@ class SaslExchange:
             status = json.dumps({"status": "401", "schemes": "bearer"}).encode()
             return Challenge(base64.b64encode(status).decode())
         return Refusal("535 5.7.8 Error: authentication failed")
+
+    @staticmethod
+    def not_authorized() -> Refusal:
+        """The password was right but the client may not act as the authzid it gave."""
+        return Refusal("535 5.7.8 Error: authentication failed: not authorized to act as "
+                       "that user")
 
 
 def _name(raw: bytes) -> str:

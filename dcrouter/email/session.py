@@ -3,9 +3,10 @@
 Written on :class:`twisted.internet.protocol.Protocol` rather than
 ``twisted.mail.smtp.ESMTP`` (see ``docs/decisions.md``): the session parses
 lines itself so that it can enforce the 512-octet command limit, stream DATA
-into a spool file with the size limit checked while streaming, keep reading
-pipelined commands in order while the message handler answers asynchronously,
-and reply with enhanced status codes everywhere.
+and BDAT chunks (RFC 3030 CHUNKING) into a spool file with the size limit
+checked while streaming, keep reading pipelined commands in order while the
+message handler answers asynchronously, and reply with enhanced status codes
+everywhere.
 
 The session talks to its server only through the small surface of
 :class:`SessionHost` (options, handler, portal, limits, stats, events).
@@ -26,7 +27,7 @@ from zope.interface import implementer
 
 from dcrouter.email.auth import ISmtpUser
 from dcrouter.email.clientcert import ClientCert
-from dcrouter.email.data import DotDecoder
+from dcrouter.email.data import ChunkReader, DotDecoder
 from dcrouter.email.sasl import Challenge, Credentials, Refusal, SaslExchange, Step
 from dcrouter.email.spool import SpoolWriter
 from dcrouter.errors import PolicyRejection
@@ -122,6 +123,9 @@ class SmtpSession(Protocol):
         self.client_cert: Optional[ClientCert] = None
         self._out: list[bytes] = []
         self._decoder = DotDecoder()
+        self._chunk: Optional[ChunkReader] = None
+        self._chunk_refusal: Optional[Callable[[], None]] = None
+        self._bdat = False
         self.mail_from: Optional[str] = None
         self.recipients: list[str] = []
         self.smtputf8 = False
@@ -285,6 +289,9 @@ class SmtpSession(Protocol):
                 if self._mode == "data":
                     if not self._consume_data():
                         break
+                elif self._mode == "bdat":
+                    if not self._consume_chunk():
+                        break
                 elif not self._consume_line():
                     break
         except _Closed:
@@ -403,7 +410,10 @@ class SmtpSession(Protocol):
         self._esmtp = True
         options = self.host.options
         lines = [options.hostname, "PIPELINING", f"SIZE {options.max_message_size}",
-                 "ENHANCEDSTATUSCODES", "8BITMIME", "SMTPUTF8"]
+                 "ENHANCEDSTATUSCODES", "8BITMIME"]
+        if options.chunking:
+            lines.append("CHUNKING")
+        lines.append("SMTPUTF8")
         if not self.info.tls and self.host.tls_available:
             lines.append("STARTTLS")
         mechanisms = self.host.auth_mechanisms()
@@ -474,11 +484,12 @@ class SmtpSession(Protocol):
         self.body_8bitmime = False
         self.spool = None
         self.queue_id = ""
+        self._bdat = False
 
     @property
     def in_transaction(self) -> bool:
-        """MAIL given, DATA streaming, or a handler answer outstanding."""
-        return self.mail_from is not None or self.busy or self._mode == "data"
+        """MAIL given, DATA or a BDAT chunk streaming, or a handler answer outstanding."""
+        return self.mail_from is not None or self.busy or self._mode in ("data", "bdat")
 
     def do_MAIL(self, arg: str) -> None:
         """MAIL FROM: checks AUTH requirement, SIZE/BODY/SMTPUTF8, then the handler."""
@@ -540,6 +551,9 @@ class SmtpSession(Protocol):
         if self.mail_from is None:
             self._error("503 5.5.1 Error: need MAIL command")
             return
+        if self._bdat:
+            self._error("503 5.5.1 Error: RCPT not allowed after BDAT")
+            return
         match = _RCPT_RE.match(arg)
         address = _parse_address(match.group(1)) if match else None
         params = _parse_params(match.group(2)) if match else None
@@ -577,9 +591,21 @@ class SmtpSession(Protocol):
         if self.mail_from is None:
             self._error("503 5.5.1 Error: need MAIL command")
             return
+        if self._bdat:
+            self._error("503 5.5.1 Error: DATA not allowed after BDAT in the same transaction")
+            return
         if not self.recipients:
             self._error("554 5.5.1 Error: no valid recipients")
             return
+        if not self._open_spool():
+            self._send("451 4.3.0 Temporary local problem, try again later")
+            return
+        self._mode = "data"
+        self._decoder = DotDecoder()
+        self._send("354 End data with <CR><LF>.<CR><LF>")
+
+    def _open_spool(self) -> bool:
+        """Give the transaction a queue id and a spool file holding the Received header."""
         self.queue_id = new_queue_id()
         try:
             path, fd = self.host.spool_files.take()
@@ -592,11 +618,62 @@ class SmtpSession(Protocol):
             if self.spool is not None:
                 self.spool.abort()
             self.spool = None
-            self._send("451 4.3.0 Temporary local problem, try again later")
+            return False
+        return True
+
+    def do_BDAT(self, arg: str) -> None:
+        """BDAT <size> [LAST] (RFC 3030): read exactly <size> octets into the spool.
+
+        A refused BDAT whose size could be read still has its octets read (and
+        thrown away) so that the session stays in step with the client; its
+        reply goes out after the chunk, as every BDAT reply does.
+        """
+        if not self.host.options.chunking:
+            self._not_implemented(arg)
             return
-        self._mode = "data"
-        self._decoder = DotDecoder()
-        self._send("354 End data with <CR><LF>.<CR><LF>")
+        parts = arg.split()
+        if (not 1 <= len(parts) <= 2 or not parts[0].isdigit() or len(parts[0]) > 20
+                or (len(parts) == 2 and parts[1].upper() != "LAST")):
+            self._error("501 5.5.4 Syntax: BDAT count [LAST]")
+            return
+        size, last = int(parts[0]), len(parts) == 2
+        refusal: Optional[Callable[[], None]] = None
+        if self.mail_from is None:
+            refusal = self._refuse_chunk("503 5.5.1 Error: need MAIL command")
+        elif not self.recipients:
+            refusal = self._refuse_chunk("503 5.5.1 Error: need RCPT command")
+        elif self.spool is None and not self._bdat and not self._open_spool():
+            refusal = self._refuse_chunk("451 4.3.0 Temporary local problem, try again later",
+                                         counted=False, reset=True)
+        elif self.spool is not None and self.spool.size + size > self.spool.limit:
+            # It cannot fit: drop what was received and throw the chunk away unread.
+            received = self.spool.size + size
+            self.spool.abort()
+            self.spool = None
+            refusal = lambda: self._too_big(received)  # noqa: E731
+        if refusal is None:
+            self._bdat = True
+        self._chunk = ChunkReader(size, last, keep=refusal is None)
+        self._chunk_refusal = refusal
+        self._mode = "bdat"
+        if size == 0:
+            self._end_of_chunk()
+
+    def _refuse_chunk(self, reply: str, counted: bool = True,
+                      reset: bool = False) -> Callable[[], None]:
+        """A refusal of a BDAT command, to be sent once its chunk has been read.
+
+        ``counted``: a client error (toward ``max_errors``); ``reset``: the
+        transaction is over (its later chunks are refused too).
+        """
+        def refuse() -> None:
+            if reset:
+                self._reset_transaction()
+            if counted:
+                self._error(reply)
+            else:
+                self._send(reply)
+        return refuse
 
     def _received_header(self) -> bytes:
         helo = _HELO_CLEAN.sub("?", self.info.helo)[:100]
@@ -619,7 +696,31 @@ class SmtpSession(Protocol):
             parts.append(f"\t{date}")
         return ("\r\n".join(parts) + "\r\n").encode("utf-8", "replace")
 
-    # -- DATA streaming ------------------------------------------------------------------
+    # -- DATA and BDAT streaming ---------------------------------------------------------
+
+    def _consume_chunk(self) -> bool:
+        """Move octets of the current BDAT chunk into the spool; True at its end."""
+        chunk = self._chunk
+        assert chunk is not None
+        out, self._buf, finished = chunk.feed(self._buf)
+        if out and chunk.keep and self.spool is not None:
+            self.spool.write(out)
+        if finished:
+            self._end_of_chunk()
+        return finished
+
+    def _end_of_chunk(self) -> None:
+        """A chunk was read completely: reply to its BDAT command."""
+        chunk, self._chunk = self._chunk, None
+        refusal, self._chunk_refusal = self._chunk_refusal, None
+        self._mode = "command"
+        assert chunk is not None
+        if refusal is not None:
+            refusal()
+        elif chunk.last:
+            self._end_of_data()
+        else:
+            self._send(f"250 2.0.0 {chunk.size} octets received")
 
     def _consume_data(self) -> bool:
         """Move decoded lines from the buffer into the spool; True at end of data."""
@@ -636,13 +737,7 @@ class SmtpSession(Protocol):
         spool, self.spool = self.spool, None
         assert spool is not None and self.mail_from is not None
         if spool.oversize:
-            self.host.stats.rejected("size")
-            self._emit_rejected("size", 552)
-            log.info("message too big: {size} bytes", size=spool.size,
-                     correlation_id=self.info.correlation_id)
-            self._reset_transaction()
-            self._send("552 5.3.4 Error: message file too big")
-            self.host.transaction_finished(self)
+            self._too_big(spool.size)
             return
         try:
             path = spool.finish()
@@ -654,6 +749,7 @@ class SmtpSession(Protocol):
             self._send("451 4.3.0 Temporary local problem, try again later")
             self.host.transaction_finished(self)
             return
+        body_command = "BDAT" if self._bdat else "DATA"
         message = ReceivedMessage(queue_id=self.queue_id, mail_from=self.mail_from,
                                   recipients=list(self.recipients), spool_path=path,
                                   size=spool.total_size, session=self.info,
@@ -667,7 +763,7 @@ class SmtpSession(Protocol):
             log.info("accepted {queue_id} from <{mail_from}> for {count} recipients, "
                      "{size} bytes", queue_id=first, mail_from=message.mail_from,
                      count=len(message.recipients), size=message.size,
-                     correlation_id=self.info.correlation_id)
+                     body_command=body_command, correlation_id=self.info.correlation_id)
             self.host.emit("message_received", self.info, message, ids)
             self._send(f"250 2.0.0 Ok: queued as {first}")
 
@@ -677,6 +773,16 @@ class SmtpSession(Protocol):
         self.mail_from = None  # the transaction is with the handler now
         self._ask("handle_message", (message,), queued, "message",
                   on_failure=failed, finished=True)
+
+    def _too_big(self, size: int) -> None:
+        """The message passed ``max_message_size``: 552 and the transaction is over."""
+        self.host.stats.rejected("size")
+        self._emit_rejected("size", 552)
+        log.info("message too big: {size} bytes", size=size,
+                 correlation_id=self.info.correlation_id)
+        self._reset_transaction()
+        self._send("552 5.3.4 Error: message file too big")
+        self.host.transaction_finished(self)
 
     # -- asking the handler ------------------------------------------------------------------
 
@@ -788,8 +894,24 @@ class SmtpSession(Protocol):
         d = self.host.portal.login(step.creds, None, ISmtpUser)
 
         def ok(result: Any) -> None:
+            user = str(result[1])
+            if step.authzid is not None and step.authzid != user:
+                # RFC 4616 authzid: Postfix/Cyrus accept it only when the login may
+                # act for others (email.auth.proxy_users); otherwise a failed AUTH.
+                if (user not in self.host.options.auth.proxy_users
+                        or not step.authzid.isprintable() or len(step.authzid) > 255):
+                    log.info("AUTH {mechanism} for {username} refused: not authorized as "
+                             "{authzid}", mechanism=mechanism, username=user,
+                             authzid=step.authzid[:100],
+                             correlation_id=self.info.correlation_id)
+                    failed(sasl.not_authorized())
+                    return
+                log.info("AUTH {mechanism}: {username} acts as {authzid}",
+                         mechanism=mechanism, username=user, authzid=step.authzid[:100],
+                         correlation_id=self.info.correlation_id)
+                user = step.authzid
             self._end_auth()
-            self.info.auth_user = str(result[1])
+            self.info.auth_user = user
             self.host.stats.auth_succeeded += 1
             log.info("AUTH {mechanism} succeeded for {username}", mechanism=mechanism,
                      username=self.info.auth_user, correlation_id=self.info.correlation_id)
@@ -800,6 +922,9 @@ class SmtpSession(Protocol):
             if not failure.check(cred_error.UnauthorizedLogin, cred_error.UnhandledCredentials):
                 log.failure("AUTH checker failed", failure,
                             correlation_id=self.info.correlation_id)
+            failed(None)
+
+        def failed(answer: Optional[Step]) -> None:
             self.host.stats.auth_failed += 1
             log.info("AUTH {mechanism} failed for {username}", mechanism=mechanism,
                      username=step.username, correlation_id=self.info.correlation_id)
@@ -810,7 +935,8 @@ class SmtpSession(Protocol):
                     self._auth_rate_limited()
                 except _Closed:
                     return
-            answer = sasl.failed()
+            if answer is None:
+                answer = sasl.failed()
             if isinstance(answer, Challenge):
                 self._send(f"334 {answer.text}")
             else:

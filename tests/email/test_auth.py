@@ -22,6 +22,7 @@ from dcrouter.email.auth import (
 from dcrouter.errors import ConfigError
 from dcrouter.interfaces import IXOAuth2Credentials
 from dcrouter.service import Extensions
+from tests.email.conftest import PASSWORD
 from tests.email.test_server import MSG
 
 
@@ -224,10 +225,94 @@ def test_sasl_exchanges_step_by_step() -> None:
     assert login.failed() == Refusal("535 5.7.8 Error: authentication failed")
     plain = SaslExchange("PLAIN")
     assert plain.start("=") == Refusal("501 5.5.2 Error: malformed PLAIN response")
-    assert isinstance(SaslExchange("PLAIN").start(b64(b"authz\x00u\x00p").decode()), Credentials)
+    step = SaslExchange("PLAIN").start(b64(b"authz\x00u\x00p").decode())
+    assert isinstance(step, Credentials) and step.authzid == "authz" and step.username == "u"
+    for same in (b"\x00u\x00p", b"u\x00u\x00p"):  # empty or equal: no authzid to check
+        step = SaslExchange("PLAIN").start(b64(same).decode())
+        assert isinstance(step, Credentials) and step.authzid is None
     assert SaslExchange("PLAIN").respond(b"*") == Refusal("501 5.7.0 Authentication aborted")
     oauth = SaslExchange("XOAUTH2")
     step = oauth.start(b64(b"user=u@x\x01auth=Bearer t\x01\x01").decode())
     assert isinstance(step, Credentials) and step.creds.token == b"t"
     assert isinstance(oauth.failed(), Challenge)
     assert oauth.respond(b"") == Refusal("535 5.7.8 Error: authentication failed")
+
+
+def _plain(authzid: bytes, authcid: bytes = b"alice",
+           password: bytes = PASSWORD.encode()) -> str:
+    return "AUTH PLAIN " + base64.b64encode(authzid + b"\x00" + authcid + b"\x00" +
+                                            password).decode()
+
+
+@pytest_twisted.inlineCallbacks
+def test_auth_plain_authzid_empty_or_equal_accepted_other_refused(start_server: Any) -> None:
+    from tests.email.handlers import RecordingObserver
+    run = start_server(auth={"max_failures_per_minute": 3}, relay_networks=["10.0.0.0/8"])
+    observer = RecordingObserver()
+    run.server.add_observer(observer)
+
+    def client() -> tuple:
+        out = []
+        for authzid in (b"", b"alice"):
+            with run.smtps() as s:
+                s.ehlo("client.test")
+                out.append(s.docmd(_plain(authzid)))
+                s.sendmail("alice@local.test", ["bob@remote.example"], MSG)
+        with run.smtps() as s:
+            s.ehlo("client.test")
+            out.append(s.docmd(_plain(b"bob")))  # right password, someone else's identity
+            out.append(s.docmd("MAIL FROM:<alice@local.test>"))
+            out.append(s.docmd("RCPT TO:<x@remote.example>"))  # not authenticated: no relay
+            out.append(s.docmd("RSET"))
+            out.append(s.docmd(_plain(b"bob", password=b"wrong")))
+            out.append(s.docmd(_plain(b"carol")))  # the third failure: limit reached
+            try:
+                out.append(s.docmd("NOOP"))
+            except smtplib.SMTPServerDisconnected:
+                out.append("closed")
+        return tuple(out)
+
+    out = yield deferToThread(client)
+    assert out[0][0] == 235 and out[1][0] == 235
+    assert out[2] == (535, b"5.7.8 Error: authentication failed: not authorized to act as "
+                           b"that user")
+    assert out[3][0] == 250 and out[4] == (554, b"5.7.1 Relay access denied")
+    assert out[6] == (535, b"5.7.8 Error: authentication failed")
+    assert out[7][0] == 421 and out[8] == "closed"
+    assert [m["message"].session.auth_user for m in run.handler.messages] == ["alice", "alice"]
+    stats = run.server.get_stats()
+    assert stats["auth_succeeded"] == 2 and stats["auth_failed"] == 3
+    assert stats["rejected_by_reason"]["auth_rate_limit"] == 1
+    failures = [e[1][1:] for e in observer.events if e[0] == "auth_failed"]
+    assert failures == [("alice", "PLAIN")] * 3
+
+
+@pytest_twisted.inlineCallbacks
+def test_auth_plain_authzid_for_proxy_users_and_login_unaffected(start_server: Any) -> None:
+    run = start_server(auth={"users": [{"username": "alice", "password": PASSWORD},
+                                       {"username": "relay", "password": "relay-pw"}],
+                             "proxy_users": ["relay"]})
+
+    def client() -> tuple:
+        out = []
+        with run.smtps() as s:
+            s.ehlo("client.test")
+            out.append(s.docmd(_plain(b"someone@local.test", b"relay", b"relay-pw")))
+            s.sendmail("someone@local.test", ["bob@remote.example"], MSG)
+        with run.smtps() as s:  # a proxy user with a control character in the authzid
+            s.ehlo("client.test")
+            out.append(s.docmd(_plain(b"evil\r\nX: y", b"relay", b"relay-pw")))
+        with run.smtps() as s:  # not a proxy user
+            s.ehlo("client.test")
+            out.append(s.docmd(_plain(b"relay", b"alice")))
+        with run.smtps() as s:  # LOGIN has no authzid
+            s.ehlo("client.test")
+            s.user, s.password = "alice", PASSWORD
+            out.append(s.auth("LOGIN", s.auth_login))
+        return tuple(out)
+
+    out = yield deferToThread(client)
+    assert out[0][0] == 235
+    assert run.handler.messages[0]["message"].session.auth_user == "someone@local.test"
+    assert out[1][0] == 535 and out[2][0] == 535
+    assert out[3][0] == 235
