@@ -30,6 +30,7 @@ may adopt the directory afterwards.
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import errno
 import gc
@@ -41,6 +42,7 @@ import zlib
 from typing import Any, Optional
 
 from twisted.internet import defer, threads
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.errors import QueueError
@@ -295,7 +297,7 @@ class GroupCommitter:
     """Runs queued operations in batches in one thread; shares the fsyncs.
 
     Operations: ``("body", src, dest)``, ``("put", id, json)``, ``("del", id)``,
-    ``("unlink_body", path)``.
+    ``("unlink_body", path)``, ``("keep_body", path, directory)`` (moved aside instead).
     """
 
     def __init__(self, journal: Journal, tmp_dir: str, sync_threads: int = 16) -> None:
@@ -397,6 +399,7 @@ class GroupCommitter:
         body_dirs: set[str] = set()
         records: list[bytes] = []
         unlinks: list[str] = []
+        moves: list[tuple[str, str]] = []
         results: list[Optional[BaseException]] = []
         for ops in groups:
             try:
@@ -417,6 +420,8 @@ class GroupCommitter:
                     records.append(encode_delete(op[1]))
                 elif kind == "unlink_body":
                     unlinks.append(op[1])
+                elif kind == "keep_body":
+                    moves.append((op[1], op[2]))
         # bodies first: the moved files and their directories are fsynced together, in
         # parallel (the file system commits them in one journal transaction); only then
         # the records that refer to them
@@ -424,10 +429,10 @@ class GroupCommitter:
                              [(fsync_dir, path) for path in sorted(body_dirs)])
         if records:
             self.journal.append(records)
-        if unlinks:
+        if unlinks or moves:
             # bodies of removed items go only after their removal is durable; deleting
             # them is clean-up, off the batch's path (close() waits for it)
-            self._cleanup.submit(self._unlink_bodies, unlinks)
+            self._cleanup.submit(self._unlink_bodies, unlinks, moves)
         if not self.compacting and self.journal.records > 2 * live_hint + self.compact_slack:
             upto = self.journal.rotate()
             self.compacting = True
@@ -459,7 +464,7 @@ class GroupCommitter:
             pass
 
     @staticmethod
-    def _unlink_bodies(paths: list[str]) -> None:
+    def _unlink_bodies(paths: list[str], moves: list[tuple[str, str]]) -> None:
         dirs = set()
         for path in paths:
             try:
@@ -467,6 +472,12 @@ class GroupCommitter:
             except FileNotFoundError:
                 pass
             dirs.add(os.path.dirname(path))
+        for path, directory in moves:
+            try:
+                os.rename(path, os.path.join(directory, os.path.basename(path)))
+            except FileNotFoundError:
+                continue
+            dirs.update((os.path.dirname(path), directory))
         for directory in sorted(dirs):
             fsync_dir(directory)
 
@@ -496,6 +507,15 @@ class GroupCommitter:
             return False
         os.chmod(dest, 0o600)
         return True
+
+
+def _list_bodies(directory: str) -> list[str]:
+    """Body refs stored in one shard directory."""
+    try:
+        names = os.listdir(directory)
+    except FileNotFoundError:
+        return []
+    return [name[:-4] for name in names if name.endswith(".eml")]
 
 
 class DirectoryLock:
@@ -547,6 +567,12 @@ class DiskStore(LocalStore):
         self.committer = GroupCommitter(self.journal, self.tmp_dir)
         self.recovered = 0
         self.corrupt = 0
+        #: Body refs being moved in whose items are not indexed yet.
+        self._adding: collections.Counter[str] = collections.Counter()
+        #: Bodies no item referred to, deleted after the start (left by a crash).
+        self.orphans_removed = 0
+        #: Fires when the start's sweep for orphaned bodies is done.
+        self.swept: defer.Deferred = defer.succeed(0)
 
     def body_file(self, body_ref: str) -> str:
         """Where a body lives."""
@@ -615,7 +641,40 @@ class DiskStore(LocalStore):
         self.committer.live_hint = len(self.items)
         log.info("disk queue {root} opened: {count} items recovered, {corrupt} damaged records",
                  root=self.root, count=len(found), corrupt=len(bad))
+        self.swept = defer.ensureDeferred(self._sweep_orphans())
+        self.swept.addErrback(lambda f: log.error("orphaned body sweep failed: {error}",
+                                                  error=str(f.value)))
         return found
+
+    async def _sweep_orphans(self) -> int:
+        """Delete bodies that no item refers to, one shard directory at a time.
+
+        A crash between moving a body in and its record becoming durable (the
+        client got no 250 and sends again), or between a removal's record and
+        the unlink, leaves such files. Listing runs in a thread; the check runs in
+        the reactor against the index and the adds in flight, and the unlinks go
+        through the committer, so they follow every removal record already queued.
+        """
+        removed = 0
+        # with damaged records at the start, a body without an item may belong to one of
+        # them: it is moved to corrupt/ beside them rather than deleted
+        keep = self.corrupt > 0
+        for shard in _SHARDS:
+            directory = os.path.join(self.bodies_dir, shard)
+            names = await threads.deferToThread(_list_bodies, directory)
+            orphans = [self.body_file(ref) for ref in names
+                       if ref not in self.body_refs and ref not in self._adding]
+            if not orphans or self.committer.closed:
+                continue
+            await self.committer.submit(*[("keep_body", path, self.corrupt_dir) if keep
+                                          else ("unlink_body", path) for path in orphans])
+            removed += len(orphans)
+        if removed:
+            log.warn("{action} {count} orphaned message bodies of {root} (left by a crash)",
+                     action="moved to corrupt/" if keep else "removed", count=removed,
+                     root=self.root, event="queue.orphans")
+        self.orphans_removed += removed
+        return removed
 
     # -- changes ----------------------------------------------------------------
     def add(self, items: list[QueueItem], body_path: str) -> defer.Deferred:
@@ -623,17 +682,25 @@ class DiskStore(LocalStore):
         if not items:
             return defer.succeed(None)
         ops: list[tuple[Any, ...]] = []
-        if items[0].body_ref not in self.body_refs:
-            ops.append(("body", body_path, self.body_file(items[0].body_ref)))
+        ref = items[0].body_ref
+        if ref not in self.body_refs:
+            ops.append(("body", body_path, self.body_file(ref)))
         for item in items:
             ops.append(("put", item.id, item.journal_payload()))
+        self._adding[ref] += 1
         d = self.committer.submit(*ops)
 
-        def index(_: Any) -> None:
+        def index(result: Any) -> Any:
+            self._adding[ref] -= 1
+            if self._adding[ref] <= 0:
+                del self._adding[ref]
+            if isinstance(result, Failure):
+                return result
             for item in items:
                 self._index_add(item)
             self.committer.live_hint = len(self.items)
-        return d.addCallback(index)
+            return None
+        return d.addBoth(index)
 
     def _persist(self, item: QueueItem) -> defer.Deferred:
         if item.status == PROCESSING:
@@ -677,7 +744,7 @@ class DiskStore(LocalStore):
 
     def close(self) -> defer.Deferred:
         """Let pending commits finish, then close the journal and release the lock."""
-        d = self.committer.idle()
+        d = self.swept.addCallback(lambda _: self.committer.idle())
         d.addCallback(lambda _: self.committer.cleanup_done())
 
         def finish(_: Any) -> None:
@@ -692,4 +759,5 @@ class DiskStore(LocalStore):
         out["commit_batches"] = self.committer.batches
         out["commit_operations"] = self.committer.operations
         out["journal_compactions"] = self.committer.compactions
+        out["orphaned_bodies_removed"] = self.orphans_removed
         return out

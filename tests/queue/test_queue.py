@@ -7,7 +7,7 @@ import stat
 
 import pytest
 import pytest_twisted
-from twisted.internet import threads
+from twisted.internet import defer, threads
 
 from dcrouter.config.queue import QueueOptions
 from dcrouter.errors import QueueError, QueueFullError
@@ -121,7 +121,13 @@ def test_disk_files_private_and_recovered_after_crash(tmp_path):
     assert stats["by_status"]["deferred"] == 1
     back = yield queue2.get_item(deferred.id)
     assert back.last_error == "451 try later" and back.attempts == 1
-    assert len(os.listdir(os.path.join(root, "corrupt"))) == 2
+    # the damaged record's body has no item any more: kept beside it in corrupt/
+    yield queue2.store.swept
+    yield queue2.store.committer.cleanup_done()
+    assert sorted(n.endswith(".eml") for n in os.listdir(os.path.join(root, "corrupt"))) == [
+        False, False, True]
+    assert os.path.exists(os.path.join(root, "corrupt", os.path.basename(
+        queue2.store.body_file(victim))))
     due = yield queue2.claim(10)
     assert {i.id for i in due} == set(ids) - {deferred.id, victim}
     body = yield queue2.read_body(due[0])
@@ -349,4 +355,31 @@ def test_a_bad_request_fails_alone_in_its_group_commit(tmp_path):
     queue2 = make_queue(tmp_path)
     yield queue2.when_ready()
     assert sorted(queue2.store.items) == sorted(i for group in ids for i in group)
+    yield queue2.stopService()
+
+
+@pytest_twisted.inlineCallbacks
+def test_orphaned_bodies_removed_at_start(tmp_path):
+    """Bodies left without an item by a crash (no 250 was given for them) are deleted."""
+    queue = make_queue(tmp_path)
+    yield queue.when_ready()
+    ids = []
+    for n in range(3):
+        ids += yield queue.enqueue([request(spool_message(str(tmp_path), b"live%d\r\n" % n))])
+    yield queue.stopService()
+    store = queue.store
+    orphans = [store.body_file(ref) for ref in ("orphan0", "orphanZ", "01JORPHANK")]
+    for path in orphans:
+        with open(path, "wb") as f:
+            f.write(b"never acknowledged\r\n")
+    queue2 = make_queue(tmp_path)
+    yield queue2.when_ready()
+    removed = yield queue2.store.swept
+    yield queue2.store.committer.cleanup_done()
+    assert removed == 3 and not any(os.path.exists(p) for p in orphans)
+    assert queue2.get_stats()["orphaned_bodies_removed"] == 3
+    claimed = yield queue2.claim(10)
+    assert sorted(i.id for i in claimed) == sorted(ids)
+    bodies = yield defer.gatherResults([queue2.read_body(i) for i in claimed])
+    assert sorted(bodies) == [b"live0\r\n", b"live1\r\n", b"live2\r\n"]
     yield queue2.stopService()
