@@ -177,7 +177,8 @@ def parse_query(data: bytes) -> Query:
 
 
 def response_header(qid: int, flags1: int, rcode: int, aa: bool, tc: bool,
-            counts: tuple[int, int, int, int], flags2: int = 0) -> bytes:
+                    counts: tuple[int, int, int, int], flags2: int = 0) -> bytes:
+    """The 12-byte header of a response to a query with ``flags1`` (opcode and RD kept)."""
     opcode_rd = flags1 & 0x79  # opcode and RD from the query; RA stays clear
     byte3 = 0x80 | opcode_rd | (0x04 if aa else 0) | (0x02 if tc else 0)
     return _HEADER.pack(qid, byte3, (flags2 & 0x10) | (rcode & 0xF), *counts)
