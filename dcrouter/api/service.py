@@ -17,6 +17,7 @@ from typing import Any, Optional
 from twisted.internet import defer
 
 from dcrouter.api.auth import TokenAuthenticator
+from dcrouter.api.authshare import SharedFailureLimiter
 from dcrouter.api.handlers import ApiHandlers
 from dcrouter.api.metrics import ApiMetrics
 from dcrouter.api.openapi import build_document
@@ -40,7 +41,9 @@ class ApiService(ManagedService):
         super().__init__("api", context)
         options = self._options(context.options)
         self.metrics = ApiMetrics(context)
-        self.authenticator = TokenAuthenticator(options.token, options.max_auth_failures_per_minute)
+        self.shared_limiter = self._shared_limiter(context, options)
+        self.authenticator = TokenAuthenticator(options.token, options.max_auth_failures_per_minute,
+                                                shared=self.shared_limiter)
         self._document: Optional[dict] = None
         self.handlers = ApiHandlers(context, self.metrics, self.openapi_document)
         self.root = RootResource(self.handlers, self.authenticator, self.metrics,
@@ -54,6 +57,16 @@ class ApiService(ManagedService):
     @staticmethod
     def _options(options: DcRouterOptions) -> ApiOptions:
         return options.api if options.api is not None else ApiOptions()
+
+    @staticmethod
+    def _shared_limiter(context: RouterContext,
+                        api: ApiOptions) -> Optional[SharedFailureLimiter]:
+        """The Redis-shared failed-token limit when the queue is in Redis (several nodes)."""
+        email = context.options.email
+        if email is None or email.queue.storage_type != "redis":
+            return None
+        return SharedFailureLimiter(email.queue.redis_url, email.queue.redis_prefix,
+                                    api.max_auth_failures_per_minute, reactor=context.reactor)
 
     def openapi_document(self) -> dict:
         """The OpenAPI document (built once)."""
@@ -99,9 +112,13 @@ class ApiService(ManagedService):
                      host=options.listen)
 
     def stopService(self) -> Any:
-        """Close the listener."""
+        """Close the listener (and the Redis connection of the shared limit)."""
         super().stopService()
-        return self.listeners.stop()
+        d = self.listeners.stop()
+        if self.shared_limiter is not None:
+            limiter = self.shared_limiter
+            d.addBoth(lambda result: limiter.close().addCallback(lambda _: result))
+        return d
 
     def stop_accepting(self) -> Optional[defer.Deferred]:
         """The API stops first on shutdown: close the listener."""
@@ -128,5 +145,6 @@ class ApiService(ManagedService):
             "requests": self.root.requests,
             "auth_failures": self.authenticator.failures,
             "auth_rate_limited": self.authenticator.rate_limited,
+            "auth_limit_shared": self.shared_limiter is not None,
             "tls": self.tls is not None and self._options(self.context.options).https,
         }

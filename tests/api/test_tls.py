@@ -132,6 +132,10 @@ async def test_self_signed_default_certificate(tmp_path):
             await threads.deferToThread(get, f"http://127.0.0.1:{port}/api/status", None)
         assert not isinstance(plain.value, urllib.error.HTTPError)
         assert api.get_stats()["tls"] is True
+        # dcrouterctl pins the self-signed certificate with --cacert
+        code, _, err = await ctl("--url", f"https://127.0.0.1:{port}", "--cacert", str(cert),
+                                 "status")
+        assert code == 0, err
     finally:
         await stop_router(router)
 
