@@ -197,6 +197,24 @@ async def test_configured_certificate_and_wrong_ca(tmp_path, pki):
             await threads.deferToThread(get, url, client_context(pki["other_ca"]))
         assert isinstance(caught.value.reason, ssl.SSLCertVerificationError)
         assert not (tmp_path / "api").exists(), "no self-signed certificate when files are given"
+        # the status page's own origin over HTTPS is accepted, a foreign one refused
+        def page() -> bytes:
+            with urllib.request.urlopen(f"https://127.0.0.1:{port}/", timeout=10,
+                                        context=client_context(pki["ca"])) as response:
+                return response.read()
+        assert b"<html" in (await threads.deferToThread(page)).lower()
+
+        def with_origin(origin: str) -> int:
+            request = urllib.request.Request(url, headers={
+                "Origin": origin, "Authorization": f"Bearer {TOKEN}"})
+            try:
+                with urllib.request.urlopen(request, timeout=10,
+                                            context=client_context(pki["ca"])) as response:
+                    return response.status
+            except urllib.error.HTTPError as e:
+                return e.code
+        assert await threads.deferToThread(with_origin, f"https://127.0.0.1:{port}") == 200
+        assert await threads.deferToThread(with_origin, "https://evil.example") == 403
     finally:
         await stop_router(router)
 
