@@ -369,3 +369,35 @@ def test_unreadable_files_name_their_key(tmp_path, pki):
     with pytest.raises(ConfigError) as caught:  # key of another certificate
         start_api(str(tmp_path / "d"), tls_cert=cert, tls_key=pki["client"][1])
     assert caught.value.path == "api.tls_cert"
+
+
+@pytest_twisted.ensureDeferred
+async def test_dcrouterctl_reload_over_https_switches_the_certificate(tmp_path, pki):
+    from tests.support.configs import write_config
+    cert, key = pki["server"]
+    port = free_port()
+    section = {"listen": "127.0.0.1", "port": port, "token": TOKEN, "tls_cert": cert,
+               "tls_key": key}
+    data = {"router": {"state_dir": str(tmp_path / "var")}, "api": dict(section)}
+    path = write_config(str(tmp_path / "dcrouter.toml"), data)
+    router = start_router(options_from(data, str(tmp_path / "var")), config_path=path)
+    url = f"https://127.0.0.1:{port}"
+    try:
+        other_cert, other_key = pki["other_server"]
+        data["api"].update(tls_cert=other_cert, tls_key=other_key)
+        write_config(path, data)
+        code, _, err = await ctl("--url", url, "--cacert", pki["ca"], "reload")
+        assert code == 0, err
+        code, _, err = await ctl("--url", url, "--cacert", pki["ca"], "status")
+        assert code == 3 and "not trusted" in err, err
+        code, _, err = await ctl("--url", url, "--cacert", pki["other_ca"], "status")
+        assert code == 0, err
+        # a certificate path that does not exist: the reload is refused, the API keeps serving
+        data["api"].update(tls_cert=str(tmp_path / "missing.crt"))
+        write_config(path, data)
+        code, _, err = await ctl("--url", url, "--cacert", pki["other_ca"], "reload")
+        assert code == 1 and "not reloaded" in err, err  # the log names api.tls_cert
+        code, _, err = await ctl("--url", url, "--cacert", pki["other_ca"], "status")
+        assert code == 0, err
+    finally:
+        await stop_router(router)
