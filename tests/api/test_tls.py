@@ -401,3 +401,50 @@ async def test_dcrouterctl_reload_over_https_switches_the_certificate(tmp_path, 
         assert code == 0, err
     finally:
         await stop_router(router)
+
+
+@pytest_twisted.ensureDeferred
+async def test_status_page_over_https_in_chromium(tmp_path):
+    import shutil
+    import tempfile
+
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    from tests.api.test_status_page import CHROMEDRIVER, CHROMIUM
+
+    router, port = start_api(str(tmp_path / "var"), tls=True)
+    profile = tempfile.mkdtemp(prefix="dcrouter-chromium-")
+    driver = None
+    try:
+        def load() -> dict:
+            nonlocal driver
+            options = webdriver.ChromeOptions()
+            options.binary_location = CHROMIUM
+            for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                         "--no-first-run", "--disable-background-networking",
+                         "--disable-component-update", "--disable-sync",
+                         "--disable-dev-shm-usage", "--ignore-certificate-errors",
+                         f"--user-data-dir={profile}"):
+                options.add_argument(flag)
+            driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+            driver.set_page_load_timeout(30)
+            driver.get(f"https://127.0.0.1:{port}/?interval=0.5#token={TOKEN}")
+            WebDriverWait(driver, 20, poll_frequency=0.1).until(
+                lambda d: len(d.find_elements(By.CSS_SELECTOR, "#services tr")) == 1)
+            row = driver.find_element(By.CSS_SELECTOR, "#services tr")
+            return {"service": row.get_attribute("data-service"),
+                    "cells": [c.text for c in row.find_elements(By.TAG_NAME, "td")],
+                    "url": driver.current_url}
+
+        page = await threads.deferToThread(load)
+        assert page["service"] == "api" and page["cells"][1] == "running"
+        assert f"127.0.0.1:{port}" in page["cells"][2] and "tls" in page["cells"][2]
+        assert page["url"].startswith("https://") and "token" not in page["url"]
+    finally:
+        if driver is not None:
+            await threads.deferToThread(driver.quit)
+        shutil.rmtree(profile, ignore_errors=True)
+        await stop_router(router)
