@@ -10,6 +10,10 @@ a Markdown table.
 
 ``--queue-items N`` first pauses the queue and sends N messages over SMTP, so ``/api/queue``,
 ``/api/stats`` and ``/metrics`` work on a queue holding N items.
+
+``--tls`` serves the API over HTTPS (``api.tls = true``, the self-signed certificate): the
+endpoints run over keep-alive TLS connections, and one more row opens a new TLS connection
+(full handshake) for every request.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import json
 import os
 import shutil
 import smtplib
+import ssl
 import statistics
 import subprocess
 import sys
@@ -36,18 +41,34 @@ from tests.support.proc import TWISTD, TwistdProcess, twistd_env  # noqa: E402
 TOKEN = "bench-token"
 
 
-def load(port: int, path: str, seconds: float, clients: int, token: str = "") -> dict:
-    """``clients`` threads hammer ``path`` for ``seconds``; returns rate and latencies."""
+def load(port: int, path: str, seconds: float, clients: int, token: str = "",
+         tls: bool = False, reconnect: bool = False) -> dict:
+    """``clients`` threads hammer ``path`` for ``seconds``; returns rate and latencies.
+
+    ``tls``: HTTPS (certificate not verified: a benchmark); ``reconnect``: a new
+    connection for every request instead of keep-alive.
+    """
     latencies: list[list[float]] = [[] for _ in range(clients)]
     errors = [0] * clients
     size = [0]
     deadline = time.monotonic() + seconds
     headers = {"Authorization": f"Bearer {token}"} if token else {}
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+
+    def connect() -> http.client.HTTPConnection:
+        if tls:
+            return http.client.HTTPSConnection("127.0.0.1", port, timeout=30, context=context)
+        return http.client.HTTPConnection("127.0.0.1", port, timeout=30)
 
     def worker(index: int) -> None:
-        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+        conn = connect()
         while time.monotonic() < deadline:
             started = time.perf_counter()
+            if reconnect:
+                conn.close()
+                conn = connect()
             try:
                 conn.request("GET", path, headers=headers)
                 response = conn.getresponse()
@@ -58,7 +79,7 @@ def load(port: int, path: str, seconds: float, clients: int, token: str = "") ->
             except (OSError, http.client.HTTPException):
                 errors[index] += 1
                 conn.close()
-                conn = http.client.HTTPConnection("127.0.0.1", port, timeout=30)
+                conn = connect()
                 continue
             latencies[index].append(time.perf_counter() - started)
         conn.close()
@@ -102,11 +123,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=4)
     parser.add_argument("--queue-items", type=int, default=0)
+    parser.add_argument("--tls", action="store_true", help="the API over HTTPS")
     args = parser.parse_args()
 
     work = tempfile.mkdtemp(prefix="dcrouter-api-bench-")
     data, ports = default_config_with_free_ports(os.path.join(work, "var"))
     data["api"]["token"] = TOKEN
+    data["api"]["tls"] = args.tls
     data["router"]["log_level"] = "warn"
     data["email"]["domain_rules"].append({"pattern": "*@bench.invalid", "mode": "forward",
                                           "target": {"server": "127.0.0.1",
@@ -128,22 +151,33 @@ def main() -> None:
         wait_for_tcp(peer_port, timeout=60)
         queued = 0
         if args.queue_items:
-            pause = http.client.HTTPConnection("127.0.0.1", ports["api"], timeout=30)
+            unverified = ssl.create_default_context()
+            unverified.check_hostname = False
+            unverified.verify_mode = ssl.CERT_NONE
+            pause = (http.client.HTTPSConnection("127.0.0.1", ports["api"], timeout=30,
+                                                 context=unverified) if args.tls else
+                     http.client.HTTPConnection("127.0.0.1", ports["api"], timeout=30))
             pause.request("POST", "/api/queue/pause", headers={"Authorization": f"Bearer {TOKEN}"})
             assert pause.getresponse().status == 200
             pause.close()
             queued = queue_messages(ports["smtp"], args.queue_items)
         rows = []
-        for label, port, path, token in (
-                ("peer: twistd web, static 60-byte JSON", peer_port, "/status.json", ""),
-                ("GET /api/status", ports["api"], "/api/status", TOKEN),
-                ("GET /api/stats", ports["api"], "/api/stats", TOKEN),
-                ("GET /api/queue?limit=100", ports["api"], "/api/queue?limit=100", TOKEN),
-                ("GET /metrics", ports["api"], "/metrics", TOKEN)):
-            result = load(port, path, args.seconds, args.clients, token)
+        scheme = "https " if args.tls else ""
+        cases = [
+            ("peer: twistd web, static 60-byte JSON", peer_port, "/status.json", "", False),
+            (f"{scheme}GET /api/status", ports["api"], "/api/status", TOKEN, args.tls),
+            (f"{scheme}GET /api/stats", ports["api"], "/api/stats", TOKEN, args.tls),
+            (f"{scheme}GET /api/queue?limit=100", ports["api"], "/api/queue?limit=100", TOKEN,
+             args.tls),
+            (f"{scheme}GET /metrics", ports["api"], "/metrics", TOKEN, args.tls)]
+        for label, port, path, token, tls in cases:
+            result = load(port, path, args.seconds, args.clients, token, tls)
             rows.append((label, result))
+        if args.tls:
+            rows.append(("https GET /api/status, new TLS connection per request", load(
+                ports["api"], "/api/status", args.seconds, args.clients, TOKEN, True, True)))
         print(f"cores: {os.cpu_count()}, clients: {args.clients}, seconds per endpoint: "
-              f"{args.seconds}, queued messages: {queued}")
+              f"{args.seconds}, queued messages: {queued}, api over https: {args.tls}")
         print()
         print("| endpoint | requests/s | p50 ms | p99 ms | body bytes | errors |")
         print("| --- | ---: | ---: | ---: | ---: | ---: |")

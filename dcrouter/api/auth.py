@@ -16,8 +16,10 @@ import hmac
 import ipaddress
 import math
 import time
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 from urllib.parse import urlsplit
+
+from twisted.internet import defer
 
 from dcrouter.api.errors import forbidden, too_many_requests, unauthorized
 from dcrouter.logsetup import get_logger
@@ -80,20 +82,28 @@ class FailureLimiter:
 
 
 class TokenAuthenticator:
-    """Checks ``Authorization: Bearer <token>`` headers; raises ApiError 401/429."""
+    """Checks ``Authorization: Bearer <token>`` headers; raises ApiError 401/429.
+
+    With a ``shared`` limiter (:class:`~dcrouter.api.authshare.SharedFailureLimiter`,
+    Redis) :meth:`verify` counts failures across every node as well; the
+    in-process count always applies too, so a Redis outage still limits guesses.
+    """
 
     def __init__(self, token: str, max_failures_per_minute: int,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic, shared: Any = None) -> None:
         self.token = token
         self.limiter = FailureLimiter(max_failures_per_minute, clock)
+        self.shared = shared
         self.failures = 0
         self.rate_limited = 0
-        self._announced: dict[str, Optional[float]] = {}
+        self._announced: dict[str, Any] = {}
 
     def update(self, token: str, max_failures_per_minute: int) -> None:
         """Apply a reloaded ``[api]`` section."""
         self.token = token
         self.limiter.limit = max_failures_per_minute
+        if self.shared is not None:
+            self.shared.limit = max_failures_per_minute
 
     @property
     def enabled(self) -> bool:
@@ -101,28 +111,65 @@ class TokenAuthenticator:
         return bool(self.token)
 
     def check(self, authorization: Optional[bytes], client_ip: str, path: str) -> None:
-        """Accept the request or raise :class:`~dcrouter.api.errors.ApiError` (401 or 429)."""
+        """Accept the request or raise :class:`~dcrouter.api.errors.ApiError` (401 or 429),
+        counting failures in this process only."""
         if not self.enabled:
             return
-        wait = self.limiter.blocked_for(client_ip)
-        if wait:
-            self.rate_limited += 1
-            if self._announced.get(client_ip) != self.limiter.block_key(client_ip):
-                self._announced[client_ip] = self.limiter.block_key(client_ip)
-                log.warn("API requests from {client_ip} refused for {retry_after}s: too many "
-                         "failed authentications", client_ip=client_ip, path=path,
-                         retry_after=wait)
-            raise too_many_requests(wait)
+        self._refuse_if_blocked(self.limiter.blocked_for(client_ip),
+                                self.limiter.block_key(client_ip), client_ip, path)
+        if self._accepts(authorization, client_ip, path):
+            return
+        self._refuse_wrong(client_ip, path, self.limiter.record(client_ip))
+
+    def verify(self, authorization: Optional[bytes], client_ip: str,
+               path: str) -> defer.Deferred:
+        """As :meth:`check`, as a Deferred, consulting the shared limit when there is one."""
+        if self.shared is None or not self.enabled:
+            return defer.maybeDeferred(self.check, authorization, client_ip, path)
+        return defer.ensureDeferred(self._verify_shared(authorization, client_ip, path))
+
+    async def _verify_shared(self, authorization: Optional[bytes], client_ip: str,
+                             path: str) -> None:
+        shared_wait = await self.shared.blocked_for(client_ip)
+        local_wait = self.limiter.blocked_for(client_ip)
+        if local_wait >= shared_wait:
+            self._refuse_if_blocked(local_wait, self.limiter.block_key(client_ip), client_ip,
+                                    path)
+        else:  # one block announces once: mark it by when it ends
+            self._refuse_if_blocked(shared_wait, ("shared", round(time.time() + shared_wait)),
+                                    client_ip, path)
+        if self._accepts(authorization, client_ip, path):
+            return
+        local = self.limiter.record(client_ip)
+        shared = await self.shared.record(client_ip)
+        self._refuse_wrong(client_ip, path, shared if shared is not None else local)
+
+    def _refuse_if_blocked(self, wait: int, block: Any, client_ip: str, path: str) -> None:
+        if not wait:
+            return
+        self.rate_limited += 1
+        if self._announced.get(client_ip) != block:
+            self._announced[client_ip] = block
+            log.warn("API requests from {client_ip} refused for {retry_after}s: too many "
+                     "failed authentications", client_ip=client_ip, path=path,
+                     retry_after=wait)
+        raise too_many_requests(wait)
+
+    def _accepts(self, authorization: Optional[bytes], client_ip: str, path: str) -> bool:
+        """True for the right token; raises 401 without a token; False for a wrong one."""
         presented = _bearer(authorization)
         if presented is not None and hmac.compare_digest(presented.encode("utf-8"),
                                                          self.token.encode("utf-8")):
-            return
+            return True
         self.failures += 1
         if presented is None:  # no guess was made: refuse, but do not count towards the limit
             log.info("API request from {client_ip} without a bearer token", client_ip=client_ip,
                      path=path)
             raise unauthorized()
-        count = self.limiter.record(client_ip)
+        return False
+
+    @staticmethod
+    def _refuse_wrong(client_ip: str, path: str, count: int) -> None:
         log.warn("API authentication failed from {client_ip} (wrong token)", client_ip=client_ip,
                  path=path, failures_last_minute=count)
         raise unauthorized()

@@ -18,7 +18,12 @@ Human tables by default, ``--json`` for scripts.  Exit codes scripts can trust:
   or authentication refused (401, or 429 after too many failures).
 
 The URL defaults to http://127.0.0.1:8088 (``--url`` or ``DCROUTER_API_URL``);
-the token comes from ``--token`` or ``DCROUTER_API_TOKEN``.
+the token comes from ``--token`` or ``DCROUTER_API_TOKEN``.  For an HTTPS API
+(``--url https://...``) the server certificate is verified against the
+system's CAs, or ``--cacert FILE`` (``DCROUTER_API_CACERT``) - e.g. the
+router's self-signed ``state_dir/api/certs/*.crt``; ``--insecure`` skips the
+verification.  ``--cert``/``--key`` (``DCROUTER_API_CERT``/``DCROUTER_API_KEY``)
+present a client certificate when the API requires mutual TLS.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import argparse
 import http.client
 import json
 import os
+import ssl
 import sys
 import time
 import urllib.error
@@ -55,10 +61,12 @@ class CtlError(Exception):
 class ApiClient:
     """A small blocking client of the management API (urllib, no dependencies)."""
 
-    def __init__(self, url: str, token: str = "", timeout: float = 10.0) -> None:
+    def __init__(self, url: str, token: str = "", timeout: float = 10.0,
+                 ssl_context: Optional[ssl.SSLContext] = None) -> None:
         self.url = url.rstrip("/")
         self.token = token
         self.timeout = timeout
+        self.ssl_context = ssl_context
 
     def call(self, method: str, path: str, body: Any = None,
              query: Optional[dict[str, Any]] = None) -> Any:
@@ -74,10 +82,28 @@ class ApiClient:
         if self.token:
             request.add_header("Authorization", f"Bearer {self.token}")
         try:
-            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+            with urllib.request.urlopen(request, timeout=self.timeout,
+                                        context=self.ssl_context) as response:
                 raw = response.read()
         except urllib.error.HTTPError as e:
             raise self._http_error(e) from None
+        except ssl.SSLCertVerificationError as e:
+            raise CtlError(EXIT_CONNECTION, f"the certificate of {self.url} is not trusted: "
+                           f"{e.verify_message} (pass --cacert FILE with the API's certificate "
+                           "or its CA, or --insecure)") from None
+        except ssl.SSLError as e:
+            raise CtlError(EXIT_CONNECTION, f"TLS with {self.url} failed: {e.reason or e}"
+                           f"{_tls_hint(e)}") from None
+        except urllib.error.URLError as e:
+            if isinstance(e.reason, ssl.SSLCertVerificationError):
+                raise CtlError(EXIT_CONNECTION, f"the certificate of {self.url} is not trusted: "
+                               f"{e.reason.verify_message} (pass --cacert FILE with the API's "
+                               "certificate or its CA, or --insecure)") from None
+            if isinstance(e.reason, ssl.SSLError):
+                raise CtlError(EXIT_CONNECTION, f"TLS with {self.url} failed: "
+                               f"{e.reason.reason or e.reason}{_tls_hint(e.reason)}") from None
+            raise CtlError(EXIT_CONNECTION, f"cannot reach the dcrouter API at {self.url}: "
+                           f"{e.reason}") from None
         except http.client.HTTPException as e:
             raise CtlError(EXIT_CONNECTION, f"{self.url} did not answer like the dcrouter API "
                            f"({type(e).__name__})") from None
@@ -107,6 +133,37 @@ class ApiClient:
         if error.code == 429:
             return CtlError(EXIT_CONNECTION, f"authentication refused: {message}", body)
         return CtlError(EXIT_API_ERROR, f"{message} (HTTP {error.code})", body)
+
+
+def _tls_hint(error: ssl.SSLError) -> str:
+    if "CERTIFICATE_REQUIRED" in str(error) or "HANDSHAKE_FAILURE" in str(error):
+        return " (does the API require a client certificate? pass --cert/--key)"
+    if "WRONG_VERSION_NUMBER" in str(error):
+        return " (is the API speaking plain HTTP? use an http:// URL)"
+    return ""
+
+
+def make_ssl_context(cacert: str = "", insecure: bool = False, cert: str = "",
+                     key: str = "") -> ssl.SSLContext:
+    """A client TLS context: TLS 1.2 or newer, verifying against ``cacert`` (or system CAs).
+
+    Raises :class:`CtlError` (usage) for unreadable files.
+    """
+    try:
+        context = ssl.create_default_context(cafile=cacert or None)
+    except (OSError, ssl.SSLError) as e:
+        raise CtlError(EXIT_USAGE, f"cannot load --cacert {cacert}: {e}") from None
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if insecure:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    if cert or key:
+        try:
+            context.load_cert_chain(cert or key, key or None)
+        except (OSError, ssl.SSLError) as e:
+            raise CtlError(EXIT_USAGE, f"cannot load the client certificate {cert or key}: "
+                           f"{e}") from None
+    return context
 
 
 # -- formatting ----------------------------------------------------------------
@@ -426,7 +483,8 @@ EPILOG = """exit codes:
   3  cannot talk to the API (connection refused, timeout, not dcrouter) or
      authentication refused (401; 429 after too many failed attempts)
 
-environment: DCROUTER_API_URL, DCROUTER_API_TOKEN
+environment: DCROUTER_API_URL, DCROUTER_API_TOKEN, DCROUTER_API_CACERT,
+             DCROUTER_API_CERT, DCROUTER_API_KEY
 """
 
 
@@ -439,6 +497,17 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"API base URL (default {DEFAULT_URL}, or DCROUTER_API_URL)")
     parser.add_argument("--token", default=None,
                         help="API bearer token (default: DCROUTER_API_TOKEN)")
+    parser.add_argument("--cacert", default=os.environ.get("DCROUTER_API_CACERT", ""),
+                        metavar="FILE", help="PEM CA or certificate that the HTTPS API's "
+                        "certificate must chain to (default: system CAs, or DCROUTER_API_CACERT)")
+    parser.add_argument("--insecure", action="store_true",
+                        help="HTTPS without verifying the API's certificate")
+    parser.add_argument("--cert", default=os.environ.get("DCROUTER_API_CERT", ""),
+                        metavar="FILE", help="client certificate (PEM) for mutual TLS "
+                        "(or DCROUTER_API_CERT)")
+    parser.add_argument("--key", default=os.environ.get("DCROUTER_API_KEY", ""),
+                        metavar="FILE", help="private key of --cert when not in the same file "
+                        "(or DCROUTER_API_KEY)")
     parser.add_argument("--json", action="store_true", help="print the API's JSON")
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds per request")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -512,12 +581,15 @@ def main(argv: Optional[Sequence[str]] = None, stdout: Optional[TextIO] = None,
     except SystemExit as e:  # argparse: --help (0) or a usage error (2)
         return int(e.code or 0)
     token = args.token if args.token is not None else os.environ.get("DCROUTER_API_TOKEN", "")
-    client = ApiClient(args.url, token, args.timeout)
 
     def out(text: str) -> None:
         out_stream.write(text + "\n")
 
     try:
+        context = None
+        if urllib.parse.urlsplit(args.url).scheme == "https":
+            context = make_ssl_context(args.cacert, args.insecure, args.cert, args.key)
+        client = ApiClient(args.url, token, args.timeout, context)
         result = args.func(client, args, out)
     except CtlError as e:
         if args.json and e.body is not None:

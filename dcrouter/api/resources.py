@@ -95,7 +95,7 @@ class RootResource(resource.Resource):
         finished = [False]
         request.notifyFinish().addBoth(lambda _: finished.__setitem__(0, True))
         d = defer.maybeDeferred(self._dispatch, request, method, path)
-        if not d.called:
+        if not d.called or d.paused:  # no result yet (paused: waiting on a chained Deferred)
             d.addTimeout(self.timeout, self.reactor)
         d.addErrback(self._to_api_error, method, path)
         d.addCallback(self._write, request, method, path, finished, started)
@@ -129,12 +129,22 @@ class RootResource(resource.Resource):
         client_ip = _client_ip(request)
         check_browser_safety(request.getHeader(b"host"), request.getHeader(b"origin"),
                              open_api=not self.authenticator.enabled)
-        if not endpoint.public:
-            try:
-                self.authenticator.check(request.getHeader(b"authorization"), client_ip, path)
-            except errors.ApiError as e:
-                self.metrics.api_auth_failures.labels(status=str(e.status)).inc()
-                raise
+        if endpoint.public:
+            return self._handle(endpoint, params, request, method, path, client_ip)
+        d = self.authenticator.verify(request.getHeader(b"authorization"), client_ip, path)
+
+        def refused(failure: Failure) -> Failure:
+            if failure.check(errors.ApiError):
+                status = failure.value.status  # type: ignore[union-attr]
+                self.metrics.api_auth_failures.labels(status=str(status)).inc()
+            return failure
+        d.addErrback(refused)
+        d.addCallback(lambda _: self._handle(endpoint, params, request, method, path, client_ip))
+        return d
+
+    def _handle(self, endpoint: Endpoint, params: dict[str, str], request: Request,
+                method: str, path: str, client_ip: str) -> Any:
+        """Run an authenticated (or public) endpoint's handler."""
         if endpoint.handler == "prometheus_metrics":
             body, content_type = self.metrics.render(
                 (request.getHeader(b"accept") or b"").decode("latin-1"))

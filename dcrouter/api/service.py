@@ -4,7 +4,10 @@ Builds one :class:`~dcrouter.api.metrics.ApiMetrics` (its own Prometheus
 registry and the event observers), the bearer-token authenticator, the
 endpoint handlers and the ``twisted.web`` site, and keeps the listener in a
 :class:`~dcrouter.service.ListenerSet` so a reload re-binds only when
-``api.listen`` or ``api.port`` changed.
+``api.listen``, ``api.port`` or HTTPS on/off changed.  With HTTPS
+(``api.tls``, ``api.tls_cert``, ``api.tls_client_ca``) the listener's TLS
+options come from :mod:`dcrouter.api.tls`; a reload re-reads the certificate
+files without closing the port.
 """
 
 from __future__ import annotations
@@ -14,10 +17,12 @@ from typing import Any, Optional
 from twisted.internet import defer
 
 from dcrouter.api.auth import TokenAuthenticator
+from dcrouter.api.authshare import SharedFailureLimiter
 from dcrouter.api.handlers import ApiHandlers
 from dcrouter.api.metrics import ApiMetrics
 from dcrouter.api.openapi import build_document
 from dcrouter.api.resources import ApiSite, RootResource
+from dcrouter.api.tls import SwitchableContext, build_api_tls
 from dcrouter.config.api import ApiOptions
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.logsetup import get_logger
@@ -36,17 +41,32 @@ class ApiService(ManagedService):
         super().__init__("api", context)
         options = self._options(context.options)
         self.metrics = ApiMetrics(context)
-        self.authenticator = TokenAuthenticator(options.token, options.max_auth_failures_per_minute)
+        self.shared_limiter = self._shared_limiter(context, options)
+        self.authenticator = TokenAuthenticator(options.token, options.max_auth_failures_per_minute,
+                                                shared=self.shared_limiter)
         self._document: Optional[dict] = None
         self.handlers = ApiHandlers(context, self.metrics, self.openapi_document)
         self.root = RootResource(self.handlers, self.authenticator, self.metrics,
                                  context.reactor)
         self.site = ApiSite(self.root, timeout=IDLE_TIMEOUT)
-        self.listeners = ListenerSet(context.reactor, lambda spec: self.site)
+        self.tls: Optional[SwitchableContext] = None
+        self._load_tls(options)
+        self.listeners = ListenerSet(context.reactor, lambda spec: self.site,
+                                     self._context_for)
 
     @staticmethod
     def _options(options: DcRouterOptions) -> ApiOptions:
         return options.api if options.api is not None else ApiOptions()
+
+    @staticmethod
+    def _shared_limiter(context: RouterContext,
+                        api: ApiOptions) -> Optional[SharedFailureLimiter]:
+        """The Redis-shared failed-token limit when the queue is in Redis (several nodes)."""
+        email = context.options.email
+        if email is None or email.queue.storage_type != "redis":
+            return None
+        return SharedFailureLimiter(email.queue.redis_url, email.queue.redis_prefix,
+                                    api.max_auth_failures_per_minute, reactor=context.reactor)
 
     def openapi_document(self) -> dict:
         """The OpenAPI document (built once)."""
@@ -54,8 +74,22 @@ class ApiService(ManagedService):
             self._document = build_document()
         return self._document
 
+    def _load_tls(self, options: ApiOptions) -> None:
+        """Build (or replace) the HTTPS options; ConfigError leaves the old ones in place."""
+        if not options.https:
+            return
+        certificate_options = build_api_tls(options, self.context.state_dir)
+        if self.tls is None:
+            self.tls = SwitchableContext(certificate_options)
+        else:
+            self.tls.switch(certificate_options)
+
+    def _context_for(self, spec: ListenSpec) -> SwitchableContext:
+        assert self.tls is not None
+        return self.tls
+
     def _specs(self, options: ApiOptions) -> list[ListenSpec]:
-        return [ListenSpec("tcp", options.listen, options.port, "api.port")]
+        return [ListenSpec("tcp", options.listen, options.port, "api.port", tls=options.https)]
 
     def startService(self) -> None:
         """Bind the listener (a ListenError names ``api.port``)."""
@@ -63,15 +97,28 @@ class ApiService(ManagedService):
         self.metrics.wire_observers()
         super().startService()
         options = self._options(self.context.options)
-        log.info("management API on http://{host}:{port}/ ({auth})", host=options.listen,
-                 port=self.listeners.port_for("api.port"),
+        scheme = "https" if options.https else "http"
+        log.info("management API on {scheme}://{host}:{port}/ ({auth})", scheme=scheme,
+                 host=options.listen, port=self.listeners.port_for("api.port"),
                  auth="bearer token required" if self.authenticator.enabled
                  else "no token: loopback only")
+        self._warn_plaintext(options)
+
+    @staticmethod
+    def _warn_plaintext(options: ApiOptions) -> None:
+        if not options.https and not options.loopback:
+            log.warn("management API on {host} without TLS: the token and every answer cross "
+                     "the network in clear text; set api.tls = true or api.tls_cert/tls_key",
+                     host=options.listen)
 
     def stopService(self) -> Any:
-        """Close the listener."""
+        """Close the listener (and the Redis connection of the shared limit)."""
         super().stopService()
-        return self.listeners.stop()
+        d = self.listeners.stop()
+        if self.shared_limiter is not None:
+            limiter = self.shared_limiter
+            d.addBoth(lambda result: limiter.close().addCallback(lambda _: result))
+        return d
 
     def stop_accepting(self) -> Optional[defer.Deferred]:
         """The API stops first on shutdown: close the listener."""
@@ -80,10 +127,12 @@ class ApiService(ManagedService):
     def reconfigure(self, options: DcRouterOptions) -> Optional[defer.Deferred]:
         """Apply a new ``[api]``: token and limit at once, re-bind when listen/port changed."""
         api = self._options(options)
+        self._load_tls(api)
         self.authenticator.update(api.token, api.max_auth_failures_per_minute)
         self.metrics.wire_observers()
         if not self.running:
             return None
+        self._warn_plaintext(api)
         return self.listeners.update(self._specs(api))
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
@@ -96,4 +145,6 @@ class ApiService(ManagedService):
             "requests": self.root.requests,
             "auth_failures": self.authenticator.failures,
             "auth_rate_limited": self.authenticator.rate_limited,
+            "auth_limit_shared": self.shared_limiter is not None,
+            "tls": self.tls is not None and self._options(self.context.options).https,
         }

@@ -5,8 +5,16 @@ from __future__ import annotations
 import dataclasses
 import ipaddress
 
-from dcrouter.config.base import check_port, check_positive, option
+from dcrouter.config.base import check_port, check_positive, one_of, option
 from dcrouter.errors import ConfigError
+
+
+def is_loopback(listen: str) -> bool:
+    """True for a loopback address (127.0.0.0/8, ::1) or ``localhost``."""
+    try:
+        return ipaddress.ip_address(listen).is_loopback
+    except ValueError:
+        return listen == "localhost"
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -24,13 +32,34 @@ class ApiOptions:
                                  "exists it replaces email.domain_rules at start and on reload "
                                  "(delete it to return to the file's rules). false: API "
                                  "changes last until the next restart or reload.")
+    tls: bool = option(False, doc="Serve HTTPS. Without tls_cert/tls_key the router's "
+                       "self-signed certificate (state_dir/api/certs/) is used; setting "
+                       "tls_cert or tls_client_ca turns HTTPS on as well.", reload="rebind")
+    tls_cert: str = option("", doc="PEM certificate (chain) of the HTTPS listener; needs "
+                           "tls_key. Re-read on reload.")
+    tls_key: str = option("", doc="PEM private key of tls_cert.")
+    tls_client_ca: str = option("", doc="PEM CA certificate(s): clients must present a "
+                                "certificate they signed (mutual TLS), in addition to the "
+                                "token.")
+    tls_min_version: str = option("TLSv1.2", check=one_of("TLSv1.2", "TLSv1.3"),
+                                  doc="Lowest TLS version of the HTTPS listener.")
+
+    @property
+    def https(self) -> bool:
+        """Whether the listener speaks HTTPS."""
+        return self.tls or bool(self.tls_cert) or bool(self.tls_client_ca)
+
+    @property
+    def loopback(self) -> bool:
+        """Whether ``listen`` is a loopback address."""
+        return is_loopback(self.listen)
 
     def validate(self, path: str) -> None:
-        """A non-loopback listener needs a token."""
-        try:
-            loopback = ipaddress.ip_address(self.listen).is_loopback
-        except ValueError:
-            loopback = self.listen == "localhost"
-        if not loopback and not self.token:
+        """A non-loopback listener needs a token; certificate and key come together."""
+        if not self.loopback and not self.token:
             raise ConfigError(f"{path}.token",
                               f"required when api.listen ({self.listen}) is not a loopback address")
+        if self.tls_cert and not self.tls_key:
+            raise ConfigError(f"{path}.tls_key", "required when api.tls_cert is set")
+        if self.tls_key and not self.tls_cert:
+            raise ConfigError(f"{path}.tls_cert", "required when api.tls_key is set")

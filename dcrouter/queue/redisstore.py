@@ -8,6 +8,10 @@ Keys (``P`` is ``redis_prefix``)::
     P:owner           hash   item id -> worker holding the lease
     P:ids             zset   every item id, score 0 (lexicographic listing)
     P:dest            hash   destination -> item count
+    P:wstatus         hash   item id -> its waiting status (pending or deferred)
+    P:counts          hash   pending/deferred: items waiting in P:due by status;
+                             bytes: message bytes of all items; v: format marker
+    P:created         zset   item id, score = creation time (oldest item)
     P:body:<ref>      string message body
     P:bodyref:<ref>   int    items using that body
 
@@ -18,6 +22,13 @@ one worker at a time; workers renew the leases of items in delivery.  Delivery
 is at-least-once: a worker whose lease expired mid-delivery may deliver an item
 that another worker delivers as well.  Redis's own persistence settings
 (``appendonly``/``appendfsync``) decide what survives a Redis crash.
+
+Counts by status are kept by the same scripts (``P:counts``; processing is
+the size of ``P:lease``), so :meth:`RedisStore.stats` never scans the items.
+The figures are cached here and re-read by one script on every claim and at
+least every :attr:`RedisStore.refresh_interval` seconds, so they include what
+other nodes did.  A queue written by a version without ``P:counts`` gets its
+counters rebuilt once, atomically, when a node opens it.
 """
 
 from __future__ import annotations
@@ -32,7 +43,9 @@ from zope.interface import implementer
 from dcrouter.errors import QueueError
 from dcrouter.interfaces import IQueueStore
 from dcrouter.logsetup import get_logger
-from dcrouter.queue.item import PROCESSING, STATUSES, WAITING, QueueItem
+from dcrouter.queue.item import (
+    DEFERRED, DELIVERED, FAILED, PENDING, PROCESSING, STATUSES, WAITING, QueueItem,
+)
 
 log = get_logger("email.queue")
 
@@ -40,21 +53,27 @@ _ADD = """
 local p = ARGV[1]
 local ref = ARGV[2]
 local n = tonumber(ARGV[4])
+local w = 7
 if redis.call('EXISTS', p..':body:'..ref) == 0 then
   redis.call('SET', p..':body:'..ref, ARGV[3])
 end
 for i = 0, n - 1 do
-  if redis.call('HEXISTS', p..':items', ARGV[5 + i * 4]) == 1 then
-    return redis.error_reply('queue item '..ARGV[5 + i * 4]..' exists already')
+  if redis.call('HEXISTS', p..':items', ARGV[5 + i * w]) == 1 then
+    return redis.error_reply('queue item '..ARGV[5 + i * w]..' exists already')
   end
 end
 redis.call('INCRBY', p..':bodyref:'..ref, n)
 for i = 0, n - 1 do
-  local id = ARGV[5 + i * 4]
-  redis.call('HSET', p..':items', id, ARGV[6 + i * 4])
-  redis.call('ZADD', p..':due', ARGV[7 + i * 4], id)
+  local b = 5 + i * w
+  local id = ARGV[b]
+  redis.call('HSET', p..':items', id, ARGV[b + 1])
+  redis.call('ZADD', p..':due', ARGV[b + 2], id)
   redis.call('ZADD', p..':ids', 0, id)
-  redis.call('HINCRBY', p..':dest', ARGV[8 + i * 4], 1)
+  redis.call('HINCRBY', p..':dest', ARGV[b + 3], 1)
+  redis.call('HSET', p..':wstatus', id, ARGV[b + 4])
+  redis.call('HINCRBY', p..':counts', ARGV[b + 4], 1)
+  redis.call('HINCRBY', p..':counts', 'bytes', ARGV[b + 5])
+  redis.call('ZADD', p..':created', ARGV[b + 6], id)
 end
 return n
 """
@@ -67,7 +86,10 @@ for _, id in ipairs(expired) do
   redis.call('ZREM', p..':lease', id)
   redis.call('HDEL', p..':owner', id)
   if redis.call('HEXISTS', p..':items', id) == 1 then
-    redis.call('ZADD', p..':due', now, id)
+    if redis.call('ZADD', p..':due', now, id) == 1 then
+      local st = redis.call('HGET', p..':wstatus', id)
+      if st then redis.call('HINCRBY', p..':counts', st, 1) end
+    end
   end
 end
 local ids = redis.call('ZRANGEBYSCORE', p..':due', '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
@@ -76,6 +98,8 @@ for _, id in ipairs(ids) do
   redis.call('ZREM', p..':due', id)
   local data = redis.call('HGET', p..':items', id)
   if data then
+    local st = redis.call('HGET', p..':wstatus', id)
+    if st then redis.call('HINCRBY', p..':counts', st, -1) end
     redis.call('ZADD', p..':lease', ARGV[5], id)
     redis.call('HSET', p..':owner', id, ARGV[4])
     table.insert(out, data)
@@ -93,7 +117,12 @@ if redis.call('HEXISTS', p..':items', id) == 0 then return 0 end
 redis.call('HSET', p..':items', id, ARGV[4])
 redis.call('ZREM', p..':lease', id)
 redis.call('HDEL', p..':owner', id)
-redis.call('ZADD', p..':due', ARGV[5], id)
+if redis.call('ZADD', p..':due', ARGV[5], id) == 0 then
+  local old = redis.call('HGET', p..':wstatus', id)
+  if old then redis.call('HINCRBY', p..':counts', old, -1) end
+end
+redis.call('HSET', p..':wstatus', id, ARGV[6])
+redis.call('HINCRBY', p..':counts', ARGV[6], 1)
 return 1
 """
 
@@ -101,7 +130,13 @@ _REMOVE = """
 local p = ARGV[1]
 local id = ARGV[2]
 if redis.call('HDEL', p..':items', id) == 0 then return 0 end
-redis.call('ZREM', p..':due', id)
+local st = redis.call('HGET', p..':wstatus', id)
+if redis.call('ZREM', p..':due', id) == 1 and st then
+  redis.call('HINCRBY', p..':counts', st, -1)
+end
+redis.call('HDEL', p..':wstatus', id)
+redis.call('ZREM', p..':created', id)
+redis.call('HINCRBY', p..':counts', 'bytes', -tonumber(ARGV[5]))
 redis.call('ZREM', p..':lease', id)
 redis.call('ZREM', p..':ids', id)
 redis.call('HDEL', p..':owner', id)
@@ -128,9 +163,47 @@ return n
 
 _RESCHEDULE = """
 local p = ARGV[1]
+local wanted = {}
+for i = 3, #ARGV do wanted[ARGV[i]] = true end
 local ids = redis.call('ZRANGEBYSCORE', p..':due', '('..ARGV[2], '+inf')
+local n = 0
 for _, id in ipairs(ids) do
-  redis.call('ZADD', p..':due', ARGV[2], id)
+  local st = redis.call('HGET', p..':wstatus', id)
+  if (not st) or wanted[st] then
+    redis.call('ZADD', p..':due', ARGV[2], id)
+    n = n + 1
+  end
+end
+return n
+"""
+
+_STATS = """
+local p = ARGV[1]
+local oldest = redis.call('ZRANGE', p..':created', 0, 0, 'WITHSCORES')
+return {redis.call('HLEN', p..':items'), redis.call('ZCARD', p..':lease'),
+        redis.call('HGETALL', p..':counts'), redis.call('HGETALL', p..':dest'),
+        oldest[2] or ''}
+"""
+
+#: Rebuilds P:counts, P:wstatus and P:created from the items, once (queues of older versions).
+_REBUILD = """
+local p = ARGV[1]
+if redis.call('HEXISTS', p..':counts', 'v') == 1 then return 0 end
+redis.call('DEL', p..':counts', p..':wstatus', p..':created')
+redis.call('HSET', p..':counts', 'v', 1, 'pending', 0, 'deferred', 0, 'bytes', 0)
+local ids = redis.call('HKEYS', p..':items')
+for _, id in ipairs(ids) do
+  local ok, item = pcall(cjson.decode, redis.call('HGET', p..':items', id))
+  if ok and type(item) == 'table' then
+    local st = item['status']
+    if st ~= 'deferred' then st = 'pending' end
+    redis.call('HSET', p..':wstatus', id, st)
+    if redis.call('ZSCORE', p..':due', id) then
+      redis.call('HINCRBY', p..':counts', st, 1)
+    end
+    redis.call('HINCRBY', p..':counts', 'bytes', tonumber(item['size']) or 0)
+    redis.call('ZADD', p..':created', tonumber(item['created']) or 0, id)
+  end
 end
 return #ids
 """
@@ -146,6 +219,8 @@ class RedisStore:
 
     durable = True
     shared = True
+    #: Seconds between re-reads of the cached counts (they include other nodes' changes).
+    refresh_interval = 1.0
 
     def __init__(self, connect: Callable[[], defer.Deferred], prefix: str = "dcrouter",
                  description: str = "") -> None:
@@ -153,7 +228,9 @@ class RedisStore:
         self.prefix = prefix
         self.description = description
         self.redis: Any = None
-        self._cache: dict[str, Any] = {"size": 0, "due": 0, "lease": 0, "dest": {}}
+        self._cache: dict[str, Any] = _empty_cache()
+        self._refresher: Any = None
+        self._refresh_failed = False
 
     @classmethod
     def from_url(cls, url: str, prefix: str = "dcrouter") -> "RedisStore":
@@ -180,20 +257,44 @@ class RedisStore:
     def open(self) -> Any:
         """Connect; nothing to recover locally (Redis holds everything)."""
         self.redis = yield self._connect()
+        rebuilt = yield self._eval(_REBUILD, [self.prefix])
+        if int(rebuilt or 0):
+            log.info("redis queue {where}: status counters rebuilt for {count} items",
+                     where=self.description, count=int(rebuilt))
         yield self.refresh()
         log.info("redis queue {where} opened: {count} items", where=self.description,
                  count=self._cache["size"])
+        self._start_refresher()
         return []
+
+    def _start_refresher(self) -> None:
+        from twisted.internet import task
+        if self.refresh_interval <= 0:
+            return
+        self._refresher = task.LoopingCall(self._refresh_quietly)
+        self._refresher.start(self.refresh_interval, now=False)
+
+    def _refresh_quietly(self) -> Any:
+        if self.redis is None:
+            return None
+
+        def ok(_: Any) -> None:
+            self._refresh_failed = False
+
+        def failed(failure: Any) -> None:
+            if not self._refresh_failed:  # log once per outage
+                log.warn("redis queue {where}: cannot read the counts: {error}",
+                         where=self.description, error=str(failure.value))
+            self._refresh_failed = True
+        return self.refresh().addCallbacks(ok, failed)
 
     @defer.inlineCallbacks
     def refresh(self) -> Any:
-        """Re-read the counters behind ``count`` and ``stats``."""
-        size = yield self.redis.hlen(self._key("items"))
-        due = yield self.redis.zcard(self._key("due"))
-        lease = yield self.redis.zcard(self._key("lease"))
-        dest = yield self.redis.hgetall(self._key("dest"))
-        self._cache = {"size": int(size), "due": int(due), "lease": int(lease),
-                       "dest": {_s(k): int(v) for k, v in (dest or {}).items()}}
+        """Re-read the counters behind ``count`` and ``stats`` (one script, no scan)."""
+        size, lease, counts, dest, oldest = yield self._eval(_STATS, [self.prefix])
+        self._cache = {"size": int(size), "lease": int(lease), "counts": _pairs(counts),
+                       "dest": _pairs(dest),
+                       "oldest": float(oldest) if _s(oldest) else None}
 
     def _eval(self, script: str, args: list[Any]) -> defer.Deferred:
         return self.redis.eval(script, [], args)
@@ -214,12 +315,18 @@ class RedisStore:
         body = yield threads.deferToThread(read)
         args: list[Any] = [self.prefix, items[0].body_ref, body, len(items)]
         for item in items:
-            args += [item.id, item.to_json(), repr(item.next_attempt), item.destination]
+            args += [item.id, item.to_json(), repr(item.next_attempt), item.destination,
+                     item.status if item.status in WAITING else PENDING, item.size,
+                     repr(item.created_at)]
         yield self._eval(_ADD, args)
         self._cache["size"] += len(items)
+        counts = self._cache["counts"]
         for item in items:
             dest = self._cache["dest"]
             dest[item.destination] = dest.get(item.destination, 0) + 1
+            status = item.status if item.status in WAITING else PENDING
+            counts[status] = counts.get(status, 0) + 1
+            counts["bytes"] = counts.get("bytes", 0) + item.size
         yield threads.deferToThread(_unlink, body_path)
         return None
 
@@ -256,11 +363,12 @@ class RedisStore:
         if item.status not in WAITING:
             return defer.succeed(0)
         return self._eval(_UPDATE, [self.prefix, item.id, owner, item.to_json(),
-                                    repr(item.next_attempt)])
+                                    repr(item.next_attempt), item.status])
 
     def remove(self, item: QueueItem) -> defer.Deferred:
         """Delete an item (and its body when unused)."""
-        d = self._eval(_REMOVE, [self.prefix, item.id, item.destination, item.body_ref])
+        d = self._eval(_REMOVE, [self.prefix, item.id, item.destination, item.body_ref,
+                                 item.size])
 
         def done(removed: Any) -> Any:
             if int(removed or 0):
@@ -318,8 +426,11 @@ class RedisStore:
         return page, (page[-1].id if more and page else None)
 
     def reschedule(self, when: float, statuses: tuple[str, ...] = WAITING) -> defer.Deferred:
-        """Every waiting item due at ``when`` (Redis does not tell pending from deferred)."""
-        return self._eval(_RESCHEDULE, [self.prefix, repr(when)]).addCallback(int)
+        """Every waiting item with a status in ``statuses`` due at ``when``."""
+        wanted = [s for s in statuses if s in WAITING]
+        if not wanted:
+            return defer.succeed(0)
+        return self._eval(_RESCHEDULE, [self.prefix, repr(when)] + wanted).addCallback(int)
 
     def count(self, destination: Optional[str] = None) -> int:
         """Cached counts (refreshed on every claim)."""
@@ -328,23 +439,42 @@ class RedisStore:
         return int(self._cache["dest"].get(destination, 0))
 
     def stats(self, top: int = 10) -> dict[str, Any]:
-        """Cached figures: queued (due), processing (leased), top destinations."""
+        """Cached figures (see :meth:`refresh`): counts by status as the local stores give
+        them, top destinations, oldest item, bytes."""
         dest = sorted(self._cache["dest"].items(), key=lambda kv: -kv[1])[:top]
+        counts = self._cache["counts"]
         return {
             "size": self._cache["size"],
-            "by_status": {"pending": self._cache["due"], "processing": self._cache["lease"],
-                          "deferred": 0, "delivered": 0, "failed": 0},
+            "by_status": {PENDING: max(0, counts.get(PENDING, 0)),
+                          PROCESSING: self._cache["lease"],
+                          DEFERRED: max(0, counts.get(DEFERRED, 0)),
+                          DELIVERED: 0, FAILED: 0},
             "by_destination": dict(dest),
-            "oldest_created_at": None,
-            "bytes": 0,
+            "oldest_created_at": self._cache["oldest"],
+            "bytes": max(0, counts.get("bytes", 0)),
         }
 
     def close(self) -> defer.Deferred:
-        """Disconnect."""
+        """Stop the refresher and disconnect."""
+        if self._refresher is not None and self._refresher.running:
+            self._refresher.stop()
+        self._refresher = None
         if self.redis is None:
             return defer.succeed(None)
         redis, self.redis = self.redis, None
         return defer.maybeDeferred(redis.disconnect)
+
+
+def _empty_cache() -> dict[str, Any]:
+    return {"size": 0, "lease": 0, "counts": {}, "dest": {}, "oldest": None}
+
+
+def _pairs(flat: Any) -> dict[str, int]:
+    """HGETALL through EVAL (a flat list) or directly (a dict), as {str: int}."""
+    if isinstance(flat, dict):
+        return {_s(k): int(v) for k, v in flat.items()}
+    items = list(flat or [])
+    return {_s(items[i]): int(items[i + 1]) for i in range(0, len(items) - 1, 2)}
 
 
 def _unlink(path: str) -> None:

@@ -1,11 +1,17 @@
-"""Helpers for queue tests: spool files and delivery requests."""
+"""Helpers for queue tests: spool files, delivery requests, a redis-server."""
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Optional
+import shutil
+import signal
+import subprocess
+import tempfile
+from typing import Iterator, Optional
 
 from dcrouter.message import DeliveryRequest, Route, new_correlation_id, new_queue_id
+from tests.support.net import free_port, wait_for_tcp
 
 
 def spool_message(state_dir: str, body: bytes = b"Subject: t\r\n\r\nhello\r\n") -> str:
@@ -28,3 +34,21 @@ def request(body_path: str, recipients: Optional[list[str]] = None,
                            route=route or Route(kind="forward", server="127.0.0.1", port=2525),
                            body_path=body_path, correlation_id=new_correlation_id(),
                            size=os.path.getsize(body_path))
+
+
+@contextlib.contextmanager
+def redis_server() -> Iterator[str]:
+    """A redis-server on an ephemeral loopback port (no persistence); yields its URL."""
+    port = free_port()
+    workdir = tempfile.mkdtemp(prefix="redis-")
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
+                             "--save", "", "--appendonly", "no", "--daemonize", "no",
+                             "--dir", workdir], stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        wait_for_tcp(port)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(10)
+        shutil.rmtree(workdir, ignore_errors=True)

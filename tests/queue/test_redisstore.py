@@ -6,9 +6,7 @@ import os
 import signal
 import subprocess
 import sys
-import tempfile
 
-import pytest
 import pytest_twisted
 
 from dcrouter.config.queue import QueueOptions
@@ -18,24 +16,7 @@ from dcrouter.queue.redisstore import RedisStore
 from tests.delivery.harness import wait_for
 from tests.delivery.peers import Sink
 from tests.queue.helpers import request, spool_message
-from tests.support.net import free_port, wait_for_tcp
 from tests.support.proc import REPO, twistd_env
-
-
-@pytest.fixture(scope="module")
-def redis_url():
-    port = free_port()
-    workdir = tempfile.mkdtemp(prefix="redis-")
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1",
-                             "--save", "", "--appendonly", "no", "--daemonize", "no",
-                             "--dir", workdir], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    try:
-        wait_for_tcp(port)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(10)
 
 
 def make_queue(tmp_path, url, prefix, **opts):
