@@ -264,6 +264,9 @@ class DcRouter(MultiService):
     def _apply(self, new: DcRouterOptions) -> Any:
         old_names = set(self.by_name)
         old_options = self.options
+        for name in SERVICE_ORDER:
+            if name in old_names and getattr(new, name) is not None:
+                self.by_name[name].check_options(new)   # ConfigError: nothing changed
         if "email" in old_names and new.email is not None:
             # validated first: a ConfigError (e.g. an unknown transformation) changes nothing
             try:

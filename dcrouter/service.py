@@ -128,6 +128,13 @@ class ManagedService(MultiService):
         """``(protocol, host, port)`` of every listener, with real port numbers."""
         return []
 
+    def check_options(self, options: DcRouterOptions) -> None:
+        """Raise ConfigError if ``options`` cannot be applied (nothing changes yet).
+
+        The router asks every running service before a reload changes any of them,
+        so a reload is applied whole or not at all.
+        """
+
     def reconfigure(self, options: DcRouterOptions) -> Optional[defer.Deferred]:
         """Apply new options (SIGHUP or API); re-bind changed listeners."""
         return None

@@ -13,7 +13,7 @@ from dcrouter.config.base import build
 from dcrouter.config.email import DomainRuleOptions
 from dcrouter.config.toml_writer import dumps
 from dcrouter.errors import ConfigError
-from tests.support.net import free_port
+from tests.support.net import free_port, free_tcp_udp_port
 from tests.support.router import options_from, port_of, start_router, stop_router
 
 
@@ -114,5 +114,38 @@ def test_reload_with_unknown_transformation_keeps_running_config(tmp_path):
         assert rule.transformations[0].type == "add_header"
         assert router.by_name["email"].domain_router.get_rules()[0].transformations[0].type == \
             "add_header"
+    finally:
+        yield stop_router(router)
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_is_all_or_nothing_across_services(tmp_path):
+    """A bad API certificate or a bad zone refuses the whole reload: DNS (applied before the
+    API) keeps its running zones too."""
+    state = str(tmp_path / "state")
+    api_port, dns_port = free_port(), free_tcp_udp_port()
+
+    def config(**api_extra: str) -> dict:
+        return {"router": {"state_dir": state},
+                "api": {"listen": "127.0.0.1", "port": api_port, **api_extra},
+                "dns": {"listen": "127.0.0.1", "port": dns_port,
+                        "zones": [{"origin": "first.test"}]}}
+
+    path = tmp_path / "dcrouter.toml"
+    path.write_text(dumps(config()))
+    router = start_router(parse_config(config()), config_path=str(path))
+    try:
+        changed = config(tls_cert=str(tmp_path / "missing.crt"),
+                         tls_key=str(tmp_path / "missing.key"))
+        changed["dns"]["zones"] = [{"origin": "second.test"}]
+        path.write_text(dumps(changed))
+        assert (yield router.reload()) is False
+        assert [z["origin"] for z in router.by_name["dns"].zones()] == ["first.test."]
+        assert router.options.dns.zones[0].origin == "first.test"
+        # the same change without the broken certificate applies
+        del changed["api"]["tls_cert"], changed["api"]["tls_key"]
+        path.write_text(dumps(changed))
+        assert (yield router.reload()) is True
+        assert [z["origin"] for z in router.by_name["dns"].zones()] == ["second.test."]
     finally:
         yield stop_router(router)

@@ -74,6 +74,12 @@ class ApiService(ManagedService):
             self._document = build_document()
         return self._document
 
+    def check_options(self, options: DcRouterOptions) -> None:
+        """The new certificate files must load (ConfigError naming the key otherwise)."""
+        api = self._options(options)
+        if api.https:
+            build_api_tls(api, self.context.state_dir)
+
     def _load_tls(self, options: ApiOptions) -> None:
         """Build (or replace) the HTTPS options; ConfigError leaves the old ones in place."""
         if not options.https:

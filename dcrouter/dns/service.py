@@ -293,6 +293,10 @@ class DnsService(ManagedService):
         """The UDP and TCP listeners."""
         return self.listeners.addresses()
 
+    def check_options(self, options: DcRouterOptions) -> None:
+        """The new zones must build (ConfigError naming the key otherwise)."""
+        self._build(options)
+
     @defer.inlineCallbacks
     def reconfigure(self, options: DcRouterOptions) -> Any:
         """New zones (swapped atomically), limits, and a re-bind when the address changed.
