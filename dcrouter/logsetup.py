@@ -101,18 +101,57 @@ class JsonLinesObserver:
             pass
 
 
-def make_observer(options: RouterOptions, out: Optional[IO[str]] = None) -> ILogObserver:
+@implementer(ILogObserver)
+class RouterLogObserver:
+    """The process's observer for ``[router]``: format, file, levels and sampling.
+
+    :meth:`apply` swaps all of them in place (the observer object stays the one
+    twistd registered), and reopens ``log_file`` so that a reload after
+    logrotate moved the file writes to a new one, as Postfix and HAProxy users
+    expect from SIGHUP.
+    """
+
+    def __init__(self, options: RouterOptions, out: Optional[IO[str]] = None) -> None:
+        self._fixed_stream = out
+        self._opened: Optional[IO[str]] = None
+        self._current: ILogObserver = self._build(options)
+
+    def _build(self, options: RouterOptions) -> ILogObserver:
+        stream = self._fixed_stream
+        if stream is None:
+            if options.log_file:
+                self._opened = open(options.log_file, "a", encoding="utf-8")
+                stream = self._opened
+            else:
+                stream = sys.stdout
+        inner: ILogObserver
+        if options.log_format == "json":
+            inner = JsonLinesObserver(stream)
+        else:
+            inner = textFileLogObserver(stream)
+        return FilteringLogObserver(inner, [level_predicate(options),
+                                            SamplingPredicate(options.log_sample_rate)])
+
+    def apply(self, options: RouterOptions) -> None:
+        """Use new settings from now on (OSError if the new log file cannot be opened;
+        the old settings then stay)."""
+        previous = self._opened
+        self._opened = None
+        try:
+            self._current = self._build(options)
+        except OSError:
+            self._opened = previous
+            raise
+        if previous is not None:
+            previous.close()
+
+    def __call__(self, event: dict) -> None:
+        self._current(event)
+
+
+def make_observer(options: RouterOptions, out: Optional[IO[str]] = None) -> RouterLogObserver:
     """The observer for ``[router]``: format, levels and sampling applied."""
-    stream = out
-    if stream is None:
-        stream = open(options.log_file, "a", encoding="utf-8") if options.log_file else sys.stdout
-    inner: ILogObserver
-    if options.log_format == "json":
-        inner = JsonLinesObserver(stream)
-    else:
-        inner = textFileLogObserver(stream)
-    return FilteringLogObserver(inner, [level_predicate(options),
-                                        SamplingPredicate(options.log_sample_rate)])
+    return RouterLogObserver(options, out)
 
 
-__all__ = ["JsonLinesObserver", "SamplingPredicate", "get_logger", "make_observer", "eventAsJSON"]
+__all__ = ["JsonLinesObserver", "RouterLogObserver", "SamplingPredicate", "get_logger", "make_observer", "eventAsJSON"]

@@ -267,6 +267,11 @@ class DcRouter(MultiService):
         for name in SERVICE_ORDER:
             if name in old_names and getattr(new, name) is not None:
                 self.by_name[name].check_options(new)   # ConfigError: nothing changed
+        try:
+            self.log_observer.apply(new.router)     # reopens log_file (logrotate)
+        except OSError as e:
+            raise ConfigError("router.log_file", f"cannot open {new.router.log_file}: "
+                              f"{e.strerror}") from None
         if "email" in old_names and new.email is not None:
             # validated first: a ConfigError (e.g. an unknown transformation) changes nothing
             try:

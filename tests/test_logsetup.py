@@ -4,11 +4,16 @@ from __future__ import annotations
 
 import io
 import json
+import os
+
+import pytest_twisted
 
 from twisted.logger import Logger
 
 from dcrouter.config import parse_config
+from dcrouter.config.toml_writer import dumps
 from dcrouter.logsetup import SamplingPredicate, get_logger, make_observer
+from tests.support.router import start_router, stop_router
 
 
 def _emit(observer, namespace: str, level: str, **fields):
@@ -63,3 +68,39 @@ def test_sample_rate_from_config():
 
 def test_get_logger_namespace():
     assert get_logger("email.delivery").namespace == "dcrouter.email.delivery"
+
+
+def test_apply_changes_levels_and_format_in_place():
+    out = io.StringIO()
+    observer = make_observer(parse_config({"router": {"log_level": "warn"}}).router, out)
+    _emit(observer, "dcrouter.email.server", "info", n=1)
+    observer.apply(parse_config({"router": {"log_level": "info", "log_format": "json"}}).router)
+    _emit(observer, "dcrouter.email.server", "info", n=2)
+    assert [json.loads(l)["message"] for l in out.getvalue().splitlines()] == ["event 2"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_reload_reopens_the_log_file_after_logrotate(tmp_path):
+    """SIGHUP after logrotate moved the file: new lines go to a new file at the same path."""
+    log_path = tmp_path / "dcrouter.log"
+    config = tmp_path / "dcrouter.toml"
+    data = {"router": {"state_dir": str(tmp_path / "state"), "log_file": str(log_path)}}
+    config.write_text(dumps(data))
+    router = start_router(parse_config(data), config_path=str(config))
+    try:
+        _emit(router.log_observer, "dcrouter.router", "warn", n=1)
+        os.rename(log_path, tmp_path / "dcrouter.log.1")
+        _emit(router.log_observer, "dcrouter.router", "warn", n=2)   # still the old file
+        assert (yield router.reload()) is True
+        _emit(router.log_observer, "dcrouter.router", "warn", n=3)
+        rotated = (tmp_path / "dcrouter.log.1").read_text()
+        assert "event 1" in rotated and "event 2" in rotated and "event 3" not in rotated
+        assert "event 3" in log_path.read_text()
+        # a log file that cannot be opened refuses the reload and keeps the current one
+        data["router"]["log_file"] = str(tmp_path / "no-such-dir" / "x.log")
+        config.write_text(dumps(data))
+        assert (yield router.reload()) is False
+        _emit(router.log_observer, "dcrouter.router", "warn", n=4)
+        assert "event 4" in log_path.read_text()
+    finally:
+        yield stop_router(router)

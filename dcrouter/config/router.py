@@ -40,16 +40,15 @@ class RouterOptions:
     state_dir: str = option("var", doc="Directory for the queue, spool, certificates, DKIM keys "
                             "and Maildirs; created with mode 0700.", reload="restart")
     log_format: str = option("text", doc="'text' (human lines) or 'json' (one JSON object a line).",
-                             check=one_of("text", "json"), reload="restart")
-    log_level: str = option("info", doc="Default minimum log level.", check=one_of(*LOG_LEVELS),
-                           reload="restart")
+                             check=one_of("text", "json"))
+    log_level: str = option("info", doc="Default minimum log level.", check=one_of(*LOG_LEVELS))
     log_levels: Mapping[str, str] = option(
-        default_factory=dict, check=_check_log_levels, reload="restart",
+        default_factory=dict, check=_check_log_levels,
         doc="Minimum log level per subsystem, e.g. { \"email.delivery\" = \"debug\" }.")
-    log_sample_rate: float = option(1.0, check=_check_rate, reload="restart",
+    log_sample_rate: float = option(1.0, check=_check_rate,
                                     doc="Fraction (0..1] of high-volume events that are logged.")
-    log_file: str = option("", doc="Write logs here instead of standard output.",
-                           reload="restart")
+    log_file: str = option("", doc="Write logs here instead of standard output; reopened on "
+                           "every reload, so logrotate's postrotate can send SIGHUP.")
     shutdown_timeout: float = option(30.0, check=check_non_negative,
                                      doc="Seconds in-flight SMTP transactions and proxied "
                                      "connections get to finish on SIGTERM.")
