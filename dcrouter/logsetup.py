@@ -113,6 +113,9 @@ class RouterLogObserver:
 
     def __init__(self, options: RouterOptions, out: Optional[IO[str]] = None) -> None:
         self._fixed_stream = out
+        # standard output as it is now: once twistd begins logging, sys.stdout is its
+        # LoggingFile, and writing log lines there would feed them back into the log
+        self._stdout = sys.stdout
         self._opened: Optional[IO[str]] = None
         self._current: ILogObserver = self._build(options)
 
@@ -123,7 +126,7 @@ class RouterLogObserver:
                 self._opened = open(options.log_file, "a", encoding="utf-8")
                 stream = self._opened
             else:
-                stream = sys.stdout
+                stream = self._stdout
         inner: ILogObserver
         if options.log_format == "json":
             inner = JsonLinesObserver(stream)
