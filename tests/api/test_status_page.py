@@ -8,6 +8,7 @@ import tempfile
 import pytest_twisted
 from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
+from selenium.common.exceptions import StaleElementReferenceException
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
 from twisted.internet import threads
@@ -34,11 +35,26 @@ def _start_browser(profile: str) -> webdriver.Chrome:
 
 
 def _text(driver: webdriver.Chrome, element_id: str) -> str:
-    return driver.find_element(By.ID, element_id).text
+    # one script call: the page re-renders every interval, so a found element may be
+    # replaced before its text is read
+    return driver.execute_script(
+        "const e = document.getElementById(arguments[0]); return e ? e.innerText.trim() : '';",
+        element_id)
+
+
+def _rows(driver: webdriver.Chrome) -> dict:
+    """The services table at one instant: data-service -> cell texts."""
+    pairs = driver.execute_script(
+        "return Array.from(document.querySelectorAll('#services tr')).map(r => "
+        "[r.getAttribute('data-service'), Array.from(r.querySelectorAll('td'))"
+        ".map(c => c.innerText.trim())]);")
+    return {name: cells for name, cells in pairs}
 
 
 def _wait(driver: webdriver.Chrome, predicate, timeout: float = 20.0) -> None:
-    WebDriverWait(driver, timeout, poll_frequency=0.1).until(lambda d: predicate(d))
+    WebDriverWait(driver, timeout, poll_frequency=0.1,
+                  ignored_exceptions=(StaleElementReferenceException,)).until(
+        lambda d: predicate(d))
 
 
 def _number(text: str) -> float:
@@ -59,11 +75,7 @@ async def test_status_page_shows_services_queue_depth_and_rates(running):
         def load_with_token() -> dict:
             driver.get(f"{client.base}/?interval=0.5#token={TOKEN}")
             _wait(driver, lambda d: len(d.find_elements(By.CSS_SELECTOR, "#services tr")) == 4)
-            rows = {}
-            for row in driver.find_elements(By.CSS_SELECTOR, "#services tr"):
-                cells = [c.text for c in row.find_elements(By.TAG_NAME, "td")]
-                rows[row.get_attribute("data-service")] = cells
-            return {"rows": rows, "version": _text(driver, "version"),
+            return {"rows": _rows(driver), "version": _text(driver, "version"),
                     "depth": _text(driver, "queue-depth"), "url": driver.current_url,
                     "queue_state": _text(driver, "queue-state"),
                     "form_shown": driver.find_element(By.ID, "token-form").is_displayed()}

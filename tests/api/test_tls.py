@@ -410,6 +410,7 @@ async def test_status_page_over_https_in_chromium(tmp_path):
 
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
@@ -432,12 +433,15 @@ async def test_status_page_over_https_in_chromium(tmp_path):
             driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
             driver.set_page_load_timeout(30)
             driver.get(f"https://127.0.0.1:{port}/?interval=0.5#token={TOKEN}")
-            WebDriverWait(driver, 20, poll_frequency=0.1).until(
+            WebDriverWait(driver, 20, poll_frequency=0.1,
+                          ignored_exceptions=(StaleElementReferenceException,)).until(
                 lambda d: len(d.find_elements(By.CSS_SELECTOR, "#services tr")) == 1)
-            row = driver.find_element(By.CSS_SELECTOR, "#services tr")
-            return {"service": row.get_attribute("data-service"),
-                    "cells": [c.text for c in row.find_elements(By.TAG_NAME, "td")],
-                    "url": driver.current_url}
+            # read the row in one script call: the page re-renders it every interval
+            service, cells = driver.execute_script(
+                "const r = document.querySelector('#services tr'); return "
+                "[r.getAttribute('data-service'), Array.from(r.querySelectorAll('td'))"
+                ".map(c => c.innerText.trim())];")
+            return {"service": service, "cells": cells, "url": driver.current_url}
 
         page = await threads.deferToThread(load)
         assert page["service"] == "api" and page["cells"][1] == "running"
