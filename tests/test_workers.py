@@ -1,0 +1,262 @@
+"""Multi-worker mode: a real twistd master, real worker processes, real clients.
+
+Workers log JSON lines tagged with ``worker`` and ``pid``, so which process
+served a connection is read from the shared output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import smtplib
+import socket
+import urllib.request
+
+import dns.message
+import dns.query
+import pytest
+import pytest_twisted
+
+from dcrouter.queue.disk import DiskStore
+from dcrouter.message import Route
+from dcrouter.queue.item import QueueItem, RecipientState
+from dcrouter.queue.shards import shard_layout, sharded_store
+from tests.delivery.peers import Sink
+from tests.support.configs import default_config_with_free_ports, write_config
+from tests.support.net import free_port, wait_for_tcp
+from tests.support.proc import TwistdProcess, wait_until
+
+
+def _events(proc: TwistdProcess) -> list[dict]:
+    out = []
+    for line in proc.output().splitlines():
+        if line.startswith("{"):
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+def _ready_pids(proc: TwistdProcess) -> dict[int, list[int]]:
+    """{worker index: [pid of each start, oldest first]} from the master's log."""
+    pids: dict[int, list[int]] = {}
+    for e in _events(proc):
+        if e.get("message", "").endswith(") ready") and "worker_pid" in e:
+            pids.setdefault(e["index"], []).append(e["worker_pid"])
+    return pids
+
+
+def _alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[1][0] != "Z"
+    except (FileNotFoundError, IndexError):
+        return False
+
+
+def _start(tmp_path, workers: int = 2, edit=None) -> tuple[TwistdProcess, dict[str, int]]:
+    data, ports = default_config_with_free_ports(str(tmp_path / "var"))
+    data["router"]["workers"] = workers
+    data["router"]["log_format"] = "json"
+    data["router"]["shutdown_timeout"] = 5
+    if edit is not None:
+        edit(data)
+    write_config(str(tmp_path / "dcrouter.toml"), data)
+    proc = TwistdProcess(str(tmp_path), config="dcrouter.toml")
+    try:
+        wait_until(lambda: len(_ready_pids(proc)) == workers or proc.proc.poll() is not None,
+                   timeout=30)
+        wait_for_tcp(ports["smtp"], timeout=10)
+    except TimeoutError:
+        proc.kill()
+        raise AssertionError(proc.output())
+    assert proc.proc.poll() is None, proc.output()
+    return proc, ports
+
+
+def _send(port: int, rcpt: str, n: int) -> None:
+    for i in range(n):
+        with smtplib.SMTP("127.0.0.1", port, timeout=10) as smtp:
+            smtp.sendmail("me@localhost", [rcpt], f"Subject: m{i}\r\n\r\nbody {i}\r\n".encode())
+
+
+def test_two_workers_share_smtp_dns_and_stop_cleanly(tmp_path):
+    proc, ports = _start(tmp_path)
+    try:
+        pids = {i: p[-1] for i, p in _ready_pids(proc).items()}
+        assert sorted(pids) == [0, 1] and pids[0] != pids[1] != proc.proc.pid
+        _send(ports["smtp"], "alice@localhost", 24)
+        maildir = tmp_path / "var" / "mail" / "alice" / "new"
+        wait_until(lambda: maildir.exists() and len(os.listdir(maildir)) == 24, timeout=20)
+        served = {e["pid"] for e in _events(proc)
+                  if e.get("message", "").startswith("connection from")}
+        assert served == set(pids.values()), served
+        # each worker queued into its own shard of the disk queue
+        queue = tmp_path / "var" / "queue"
+        assert {"worker-0", "worker-1"} <= set(os.listdir(queue))
+        # DNS over UDP and TCP on the shared port
+        query = dns.message.make_query("dcrouter.test.", "A")
+        for _ in range(6):
+            reply = dns.query.udp(query, "127.0.0.1", port=ports["dns"], timeout=5)
+            assert reply.answer and reply.answer[0].to_text().endswith("127.0.0.1")
+        assert dns.query.tcp(query, "127.0.0.1", port=ports["dns"], timeout=5).answer
+        # the API runs in worker 0 and says so
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['api']}/api/stats",
+                                    timeout=10) as r:
+            stats = json.loads(r.read())
+        assert stats["worker"] == {"index": 0, "count": 2, "pid": pids[0]}
+    finally:
+        status = proc.stop()
+    assert status == 0, proc.output()
+    wait_until(lambda: not any(_alive(p) for p in pids.values()), timeout=10)
+    assert "Traceback" not in proc.output()
+
+
+def test_killed_worker_is_respawned_and_delivers_its_shard(tmp_path):
+    sink_port = free_port()
+
+    def forward_to_sink(data):
+        data["email"]["domain_rules"].insert(0, {
+            "pattern": "*@relay.test", "mode": "forward",
+            "target": {"server": "127.0.0.1", "port": sink_port, "use_tls": False}})
+        data["email"]["queue"].update(base_retry_delay=1, max_retry_delay=1, max_retries=100,
+                                      check_interval=0.2)
+    proc, ports = _start(tmp_path, edit=forward_to_sink)
+    sink = Sink(port=sink_port)
+    try:
+        old = {i: p[-1] for i, p in _ready_pids(proc).items()}
+        _send(ports["smtp"], "bob@relay.test", 16)  # the sink is down: everything waits
+
+        def queued_by(pid: int) -> int:
+            return sum(1 for e in _events(proc)
+                       if e.get("pid") == pid and e.get("message", "").startswith("queued "))
+        wait_until(lambda: queued_by(old[0]) + queued_by(old[1]) == 16, timeout=20)
+        in_shard_1 = queued_by(old[1])
+        assert in_shard_1 > 0
+        os.kill(old[1], signal.SIGKILL)
+        wait_until(lambda: len(_ready_pids(proc).get(1, [])) == 2, timeout=20)
+        new = _ready_pids(proc)[1][-1]
+        assert new != old[1] and _alive(new)
+        died = [e for e in _events(proc) if e.get("event") == "worker.died"]
+        assert died and died[0]["signal"] == signal.SIGKILL and died[0]["index"] == 1
+        recovered = [e for e in _events(proc) if e.get("pid") == new and
+                     "items recovered" in e.get("message", "")]
+        assert recovered and recovered[0]["count"] == in_shard_1
+        sink.start()
+        wait_until(lambda: len(sink.messages) == 16, timeout=20)
+        delivered_by_new = [e for e in _events(proc) if e.get("pid") == new and
+                            e.get("message", "").startswith("delivered ")]
+        assert len(delivered_by_new) == in_shard_1
+    finally:
+        status = proc.stop()
+        sink.stop()
+    assert status == 0, proc.output()
+
+
+def test_worker_that_cannot_bind_stops_the_master(tmp_path):
+    data, ports = default_config_with_free_ports(str(tmp_path / "var"))
+    data["router"]["workers"] = 2
+    write_config(str(tmp_path / "dcrouter.toml"), data)
+    with socket.socket() as taken:  # without SO_REUSEPORT: the workers cannot share it
+        taken.bind(("127.0.0.1", ports["smtp"]))
+        taken.listen()
+        proc = TwistdProcess(str(tmp_path), config="dcrouter.toml")
+        status = proc.wait(30)
+    assert status == 1, proc.output()
+    assert "email.ports" in proc.output() and "before it was ready" in proc.output()
+
+
+def test_master_killed_takes_its_workers_along(tmp_path):
+    proc, _ = _start(tmp_path)
+    pids = [p[-1] for p in _ready_pids(proc).values()]
+    proc.kill()  # SIGKILL: no chance to stop them; their stdin pipe closes
+    wait_until(lambda: not any(_alive(p) for p in pids), timeout=15)
+
+
+# -- shards (real disk, in-process) ----------------------------------------------------------
+
+def _item(i: int) -> QueueItem:
+    return QueueItem(id=f"item{i:04d}", mode="mta", rule_pattern="*@x.test",
+                     mail_from="a@example.test", recipients=[RecipientState(f"r{i}@x.test")],
+                     route=Route(kind="mx"), body_ref=f"body{i:04d}", destination="x.test")
+
+
+@pytest_twisted.inlineCallbacks
+def _fill(root: str, ids: range):
+    store = DiskStore(root)
+    yield store.open()
+    for i in ids:
+        body = os.path.join(root, f"in{i}.eml")
+        with open(body, "wb") as f:
+            f.write(b"Subject: x\r\n\r\nbody %d\r\n" % i)
+        yield store.add([_item(i)], body)
+    yield store.close()
+
+
+def test_shard_layout_after_resizing(tmp_path):
+    q = str(tmp_path)
+    for j in range(5):
+        os.makedirs(os.path.join(q, f"worker-{j}"))
+    assert shard_layout(q, 0, 2) == (os.path.join(q, "worker-0"),
+                                     [os.path.join(q, "worker-2"), os.path.join(q, "worker-4")])
+    assert shard_layout(q, 1, 2) == (os.path.join(q, "worker-1"), [os.path.join(q, "worker-3")])
+    assert shard_layout(q, 0, 1)[1] == [os.path.join(q, f"worker-{j}") for j in range(5)]
+    assert shard_layout(q, 2, 8)[1] == []
+
+
+@pytest_twisted.inlineCallbacks
+def test_shrunk_worker_count_adopts_orphaned_shards(tmp_path):
+    q = str(tmp_path / "queue")
+    yield _fill(os.path.join(q, "worker-1"), range(0, 3))
+    yield _fill(os.path.join(q, "worker-3"), range(3, 7))
+    # workers lowered from 4 to 2: worker 1 owns worker-1 and adopts worker-3
+    store = sharded_store(q, 1, 2)
+    found = yield store.open()
+    try:
+        assert sorted(i.id for i in found) == [f"item{i:04d}" for i in range(7)]
+        assert store.adopted == 4
+        assert not os.path.exists(os.path.join(q, "worker-3"))
+        body = yield store.read_body(store.items["item0005"])
+        assert body.endswith(b"body 5\r\n")
+    finally:
+        yield store.close()
+    # the adopted records are in worker-1's own journal now
+    again = DiskStore(os.path.join(q, "worker-1"))
+    found = yield again.open()
+    yield again.close()
+    assert len(found) == 7
+
+
+@pytest_twisted.inlineCallbacks
+def test_one_to_many_and_back(tmp_path):
+    q = str(tmp_path / "queue")
+    yield _fill(q, range(0, 2))                        # single process, un-sharded
+    w0 = sharded_store(q, 0, 2)                       # now two workers: worker 0 adopts it
+    found = yield w0.open()
+    yield w0.close()
+    assert len(found) == 2 and not os.path.exists(os.path.join(q, "journal"))
+    single = sharded_store(q, 0, 1)                   # back to one process: adopts worker-0
+    found = yield single.open()
+    yield single.close()
+    assert len(found) == 2 and not os.path.exists(os.path.join(q, "worker-0"))
+
+
+@pytest_twisted.inlineCallbacks
+def test_locked_shard_is_not_adopted(tmp_path):
+    q = str(tmp_path / "queue")
+    yield _fill(os.path.join(q, "worker-2"), range(0, 1))
+    owner = DiskStore(os.path.join(q, "worker-2"))
+    yield owner.open()                                # still owned by a live process
+    try:
+        store = sharded_store(q, 0, 2)
+        found = yield store.open()
+        yield store.close()
+        assert found == [] and os.path.exists(os.path.join(q, "worker-2"))
+    finally:
+        yield owner.close()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(pytest.main([__file__, "-q"]))
