@@ -265,11 +265,11 @@ class DcRouter(MultiService):
             raise ConfigError("email", "the email service is not configured")
         email = dataclasses.replace(self.options.email, domain_rules=tuple(rules))
         email.validate("email")
-        d = self.update_email_config(email)
-        if self.peer_reload is not None:
-            # other workers read the rules again (persisted by the API: state_dir/rules.toml)
-            d.addCallback(self._tell_peers)
-        return d
+        return self.update_email_config(email)
+
+    def rules_saved(self) -> None:
+        """The API wrote its rules to state_dir/rules.toml: other workers read them now."""
+        self._tell_peers(True)
 
     # -- reload -------------------------------------------------------------
     def reload(self, from_signal: bool = False) -> defer.Deferred:

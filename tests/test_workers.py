@@ -107,6 +107,21 @@ def test_two_workers_share_smtp_dns_and_stop_cleanly(tmp_path):
                                     timeout=10) as r:
             stats = json.loads(r.read())
         assert stats["worker"] == {"index": 0, "count": 2, "pid": pids[0]}
+        # a rule added through worker 0's API reaches worker 1 too (saved, then reloaded there)
+        mail2 = tmp_path / "var" / "mail2"
+        rule = {"pattern": "*@api.test", "mode": "mta",
+                "mta_options": {"allow_local_delivery": True, "local_delivery_path": str(mail2)}}
+        request = urllib.request.Request(f"http://127.0.0.1:{ports['api']}/api/email/rules",
+                                         data=json.dumps(rule).encode(), method="POST",
+                                         headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.status == 201
+        wait_until(lambda: any(e.get("pid") == pids[1] and
+                               e.get("message", "").startswith("configuration applied")
+                               for e in _events(proc)), timeout=10)
+        _send(ports["smtp"], "carol@api.test", 12)
+        inbox = mail2 / "carol" / "new"
+        wait_until(lambda: inbox.exists() and len(os.listdir(inbox)) == 12, timeout=20)
     finally:
         status = proc.stop()
     assert status == 0, proc.output()
