@@ -273,5 +273,30 @@ def test_locked_shard_is_not_adopted(tmp_path):
         yield owner.close()
 
 
+def test_two_workers_generating_one_dkim_key_end_up_with_the_same(tmp_path):
+    """Workers share state_dir: the key a second process generates loses to the stored one."""
+    from dcrouter.dkimkeys import DkimKeyStore
+    first = DkimKeyStore(str(tmp_path)).get("race.test")
+    second_store = DkimKeyStore(str(tmp_path))
+    path = second_store.path_for("race.test")
+    os.unlink(path)
+    # simulate the other worker winning between our existence check and our write
+    from dcrouter import dkimkeys
+    real = dkimkeys.generate_private_key_pem
+
+    def racing(bits: int = 2048) -> bytes:
+        mine = real(bits)
+        with open(path, "wb") as f:
+            f.write(first.private_pem)
+        return mine
+    dkimkeys.generate_private_key_pem = racing
+    try:
+        second = second_store.get("race.test")
+    finally:
+        dkimkeys.generate_private_key_pem = real
+    assert second.private_pem == first.private_pem
+    assert [n for n in os.listdir(os.path.dirname(path)) if ".tmp." in n] == []
+
+
 if __name__ == "__main__":  # pragma: no cover
     raise SystemExit(pytest.main([__file__, "-q"]))
