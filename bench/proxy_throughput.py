@@ -377,11 +377,17 @@ def main() -> None:
               f"connections/s {w['conn_s'] / d['conn_s']:.2f}")
     if args.terminate:
         print("\nTLS termination (full handshake per connection):")
-        results = measure([("haproxy", start_haproxy), ("dcrouter", start_dcrouter)],
-                          backend_port, args, hello, terminate=True)
+        peers = [("haproxy", start_haproxy), ("dcrouter", start_dcrouter)]
+        if args.router_workers > 1:
+            peers.append((workers_name, start_dcrouter_workers(args.router_workers)))
+        results = measure(peers, backend_port, args, hello, terminate=True)
         d, h = results["dcrouter"], results["haproxy"]
         print(f"dcrouter/haproxy (terminate): bulk {d['mib_s'] / h['mib_s']:.2f}, "
               f"connections/s {d['conn_s'] / h['conn_s']:.2f}")
+        if workers_name in results:
+            w = results[workers_name]
+            print(f"{workers_name}/dcrouter (terminate): bulk {w['mib_s'] / d['mib_s']:.2f}, "
+                  f"connections/s {w['conn_s'] / d['conn_s']:.2f}")
     backend.terminate()
 
 

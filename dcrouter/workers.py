@@ -313,7 +313,7 @@ class TaggedObserver:
         self.worker = worker
 
     def __call__(self, event: dict) -> None:
-        event = dict(event)
+        # this is the process's only observer: tag the event in place
         if event.get("log_system", "-") == "-":
             event["log_system"] = self.system
         if self.worker is not None:
