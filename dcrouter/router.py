@@ -180,6 +180,10 @@ class DcRouter(MultiService):
             self.reactor.callWhenRunning(self._install_stop_signals)
         log.info("dcrouter {version} started: {services}", version=__version__,
                  services=", ".join(self.by_name))
+        if self.context.worker is None and self.options.router.effective_workers > 1:
+            log.warn("router.workers = {workers} applies to `twistd dcrouter --config FILE`; "
+                     "this process (a .tac or embedded router) runs alone",
+                     workers=self.options.router.workers)
 
     def _install_sighup(self) -> None:
         if not hasattr(signal, "SIGHUP"):

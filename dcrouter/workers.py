@@ -10,9 +10,10 @@ HAProxy master-worker shape:
 
 * worker 0 starts first and alone (it creates shared state such as the
   self-signed certificates and DKIM keys); the others start once it reported
-  ready.  A worker that fails before it was ever ready (a port in use, a
-  configuration the master could read but the worker could not use) stops
-  the master with the worker's exit status.
+  ready.  A worker that fails before every worker was ready once (a port in
+  use) stops the master with the worker's exit status; later, a worker that
+  cannot start (say the file on disk was broken since) is retried with the
+  back-off below while the others keep serving.
 * a worker that dies later is restarted after a back-off (0.5 s, doubling up
   to 30 s; reset after a worker ran a minute), logged with its exit status.
   The new worker adopts the dead one's disk-queue shard.
@@ -92,6 +93,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.started = time.monotonic()
         self.ready = False
         self.ended = False
+        self.reload_pending = False
         self._buffer = b""
 
     def connectionMade(self) -> None:
@@ -147,6 +149,8 @@ class WorkerMaster(Service):
         self.backoff: dict[int, float] = {}
         self.restarts = 0
         self.exit_code = 0
+        #: Every worker was ready once: later start failures are retried, not fatal.
+        self.started = False
         self._timers: dict[int, Any] = {}
         self._stopping = False
         self._all_ended: Optional[defer.Deferred] = None
@@ -187,6 +191,12 @@ class WorkerMaster(Service):
     def worker_ready(self, proc: WorkerProcess) -> None:
         """A worker bound its ports; after worker 0, start the others."""
         log.info("worker {index} (pid {worker_pid}) ready", index=proc.index, worker_pid=proc.pid)
+        if not self.started and len(self.workers) == self.count and \
+                all(p.ready for p in self.workers.values()):
+            self.started = True  # from now on a worker that fails to start is retried
+        if proc.reload_pending:
+            proc.reload_pending = False
+            proc.signal("HUP")
         if proc.index == 0 and not self._stopping:
             for index in range(1, self.count):
                 if index not in self.workers:
@@ -203,7 +213,7 @@ class WorkerMaster(Service):
             if not self.workers and self._all_ended is not None and not self._all_ended.called:
                 self._all_ended.callback(None)
             return
-        if not proc.ready:
+        if not proc.ready and not self.started:
             log.critical("worker {index} (pid {worker_pid}) {outcome} before it was ready; "
                          "stopping", index=proc.index, worker_pid=proc.pid, outcome=text,
                          exit_status=code, signal=sig)
@@ -258,8 +268,12 @@ class WorkerMaster(Service):
     def forward_reload(self, exclude: Optional[int] = None) -> None:
         """Send SIGHUP to every worker (but ``exclude``, which reloaded already)."""
         for index, proc in sorted(self.workers.items()):
-            if index != exclude:
+            if index == exclude:
+                continue
+            if proc.ready:
                 proc.signal("HUP")
+            else:  # still starting (SIGHUP ignored until it runs): reload once it is ready
+                proc.reload_pending = True
         log.info("reload forwarded to the workers")
 
     # -- stop -------------------------------------------------------------------
@@ -353,6 +367,9 @@ def run_worker(config_path: str, index: int, count: int) -> int:
     from twisted.logger import globalLogBeginner
 
     from dcrouter.router import make_router
+    # a reload forwarded while this worker is still starting must not kill it (the default
+    # action of SIGHUP); the router installs its own handler once it runs
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         options = load_config(config_path)
     except ConfigError as e:

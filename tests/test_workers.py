@@ -11,6 +11,7 @@ import os
 import signal
 import smtplib
 import socket
+import ssl
 import urllib.request
 
 import dns.message
@@ -107,6 +108,20 @@ def test_two_workers_share_smtp_dns_and_stop_cleanly(tmp_path):
                                     timeout=10) as r:
             stats = json.loads(r.read())
         assert stats["worker"] == {"index": 0, "count": 2, "pid": pids[0]}
+        # implicit TLS and STARTTLS on the shared ports, both workers
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        for _ in range(8):
+            with smtplib.SMTP_SSL("127.0.0.1", ports["smtps"], timeout=10, context=ctx) as smtp:
+                assert smtp.ehlo("client.test")[0] == 250
+            with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=10) as smtp:
+                smtp.starttls(context=ctx)
+                assert smtp.ehlo("client.test")[0] == 250
+        tls_served = {e["pid"] for e in _events(proc)
+                      if e.get("message", "").startswith("connection from")
+                      and e.get("local_port") == ports["smtps"]}
+        assert tls_served == set(pids.values()), tls_served
         # a rule added through worker 0's API reaches worker 1 too (saved, then reloaded there)
         mail2 = tmp_path / "var" / "mail2"
         rule = {"pattern": "*@api.test", "mode": "mta",
@@ -168,6 +183,47 @@ def test_killed_worker_is_respawned_and_delivers_its_shard(tmp_path):
         status = proc.stop()
         sink.stop()
     assert status == 0, proc.output()
+
+
+def test_sighup_reloads_every_worker_and_a_stopped_worker_comes_back(tmp_path):
+    proc, ports = _start(tmp_path)
+    try:
+        pids = {i: p[-1] for i, p in _ready_pids(proc).items()}
+
+        def applied(pid: int) -> int:
+            return sum(1 for e in _events(proc) if e.get("pid") == pid and
+                       e.get("message", "").startswith("configuration applied"))
+        config = tmp_path / "dcrouter.toml"
+        text = config.read_text().replace("workers = 2", "workers = 3")
+        config.write_text(text.replace('hostname = "localhost"', 'hostname = "reloaded.test"'))
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: applied(pids[0]) == 1 and applied(pids[1]) == 1, timeout=15)
+        assert "router.workers changes need a restart" in proc.output()
+        for _ in range(6):  # both workers greet with the reloaded hostname
+            with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=10) as smtp:
+                assert b"reloaded.test" in smtp.ehlo("client.test")[1]
+        # a broken file: the master refuses it, workers keep running untouched
+        config.write_text(text.replace("[email]", "[email]\nports = [99999]", 1))
+        proc.signal(signal.SIGHUP)
+        wait_until(lambda: "reload refused" in proc.output(), timeout=10)
+        # SIGTERM to one worker: it stops gracefully and the master starts it again; while the
+        # file is broken the new worker cannot start and is retried, the other one serves
+        os.kill(pids[1], signal.SIGTERM)
+
+        def deaths(status: int) -> int:
+            return sum(1 for e in _events(proc) if e.get("event") == "worker.died"
+                       and e.get("index") == 1 and e.get("exit_status") == status)
+        wait_until(lambda: deaths(0) == 1 and deaths(2) >= 1, timeout=20)
+        assert proc.proc.poll() is None and _alive(pids[0])
+        with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=10) as smtp:
+            assert smtp.noop()[0] == 250
+        config.write_text(text)
+        wait_until(lambda: len(_ready_pids(proc).get(1, [])) == 2, timeout=20)
+        assert _alive(pids[0]) and not _alive(pids[1])
+    finally:
+        status = proc.stop()
+    assert status == 0, proc.output()
+    assert applied(pids[0]) == 1  # the broken file reached no worker
 
 
 def test_worker_that_cannot_bind_stops_the_master(tmp_path):
