@@ -209,8 +209,12 @@ class ListenerSet:
         """Bind with SO_REUSEPORT, then hand the socket to the reactor (adopt*Port)."""
         udp = spec.protocol == "udp"
         kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
-        infos = socket.getaddrinfo(spec.host or None, spec.port, 0, kind, 0, socket.AI_PASSIVE)
-        family, _, _, _, address = infos[0]
+        # as listenTCP/listenUDP: an IPv6 literal binds IPv6, anything else IPv4 ("" = all)
+        if ":" in spec.host:
+            family = socket.AF_INET6
+            address = socket.getaddrinfo(spec.host, spec.port, family, kind)[0][4]
+        else:
+            family, address = socket.AF_INET, (spec.host or "0.0.0.0", spec.port)
         sock = socket.socket(family, kind)
         try:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

@@ -18,6 +18,8 @@ import dns.message
 import dns.query
 import pytest
 import pytest_twisted
+from twisted.internet import threads
+from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 
 from dcrouter.queue.disk import DiskStore
 from dcrouter.message import Route
@@ -244,6 +246,86 @@ def test_master_killed_takes_its_workers_along(tmp_path):
     pids = [p[-1] for p in _ready_pids(proc).values()]
     proc.kill()  # SIGKILL: no chance to stop them; their stdin pipe closes
     wait_until(lambda: not any(_alive(p) for p in pids), timeout=15)
+
+
+# -- SO_REUSEPORT listeners (in-process: two ListenerSets stand for two workers) ------------
+
+class _Hello(Protocol):
+    def connectionMade(self) -> None:
+        self.transport.write(self.factory.word)  # type: ignore[attr-defined]
+        self.transport.loseConnection()
+
+
+class _Echo(DatagramProtocol):
+    def __init__(self, word: bytes) -> None:
+        self.word = word
+
+    def datagramReceived(self, data: bytes, addr) -> None:  # type: ignore[no-untyped-def]
+        self.transport.write(self.word, addr)
+
+
+def _hello_factory(word: bytes) -> Factory:
+    factory = Factory.forProtocol(_Hello)
+    factory.word = word  # type: ignore[attr-defined]
+    return factory
+
+
+@pytest_twisted.inlineCallbacks
+def test_reuse_port_listener_sets_share_tcp_tls_and_udp_ports(tmp_path, monkeypatch):
+    from twisted.internet import reactor
+    from dcrouter.service import ListenerSet, ListenSpec
+    from dcrouter.tlsutil import server_context_factory
+    monkeypatch.setattr(ListenerSet, "reuse_port", True)
+    tcp, tls, udp = free_port(), free_port(), free_port(socket.SOCK_DGRAM)
+    v6 = free_port(host="::1")
+    specs = [ListenSpec("tcp", "127.0.0.1", tcp, "t"),
+             ListenSpec("tcp", "127.0.0.1", tls, "s", True),
+             ListenSpec("udp", "127.0.0.1", udp, "u"), ListenSpec("tcp", "::1", v6, "v")]
+    context = server_context_factory(str(tmp_path), "localhost")
+    sets = []
+    for word in (b"A", b"B"):
+        echo = _Echo(word)
+        factory = _hello_factory(word)
+        listeners = ListenerSet(reactor, lambda spec, f=factory, e=echo:
+                                e if spec.protocol == "udp" else f, lambda spec: context)
+        listeners.start(specs)
+        sets.append(listeners)
+    try:
+        assert sorted(p for _, _, p in sets[0].addresses()) == sorted([tcp, tls, udp, v6])
+
+        def clients() -> dict[str, set[bytes]]:
+            seen: dict[str, set[bytes]] = {"tcp": set(), "tls": set(), "udp": set(), "v6": set()}
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+            for _ in range(24):
+                with socket.create_connection(("127.0.0.1", tcp), timeout=5) as c:
+                    seen["tcp"].add(c.recv(1))
+                with socket.create_connection(("::1", v6), timeout=5) as c:
+                    seen["v6"].add(c.recv(1))
+                with ctx.wrap_socket(socket.create_connection(("127.0.0.1", tls), timeout=5),
+                                     server_hostname="localhost") as c:
+                    seen["tls"].add(c.recv(1))
+                with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as u:
+                    u.settimeout(5)
+                    u.sendto(b"?", ("127.0.0.1", udp))
+                    seen["udp"].add(u.recvfrom(10)[0])
+            return seen
+        seen = yield threads.deferToThread(clients)
+        assert seen == {k: {b"A", b"B"} for k in seen}, seen
+    finally:
+        for listeners in sets:
+            yield listeners.stop()
+
+
+def test_workers_option(tmp_path):
+    from dcrouter.config import parse_config
+    from dcrouter.errors import ConfigError
+    assert parse_config({"router": {"workers": 0}}).router.effective_workers == os.cpu_count()
+    assert parse_config({}).router.effective_workers == 1
+    with pytest.raises(ConfigError) as e:
+        parse_config({"router": {"workers": 1000}})
+    assert e.value.path == "router.workers"
 
 
 # -- shards (real disk, in-process) ----------------------------------------------------------
