@@ -6,12 +6,14 @@ served a connection is read from the shared output.
 
 from __future__ import annotations
 
+import http.server
 import json
 import os
 import signal
 import smtplib
 import socket
 import ssl
+import threading
 import urllib.request
 
 import dns.message
@@ -85,9 +87,29 @@ def _send(port: int, rcpt: str, n: int) -> None:
             smtp.sendmail("me@localhost", [rcpt], f"Subject: m{i}\r\n\r\nbody {i}\r\n".encode())
 
 
+class _Backend(http.server.BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        self.send_response(200)
+        self.send_header("Content-Length", "7")
+        self.end_headers()
+        self.wfile.write(b"backend")
+
+    def log_message(self, *args) -> None:  # type: ignore[no-untyped-def]
+        pass
+
+
 def test_two_workers_share_smtp_dns_and_stop_cleanly(tmp_path):
-    proc, ports = _start(tmp_path)
+    backend = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Backend)
+    threading.Thread(target=backend.serve_forever, daemon=True).start()
+
+    def to_backend(data):
+        data["proxy"]["routes"][1]["targets"] = [f"127.0.0.1:{backend.server_address[1]}"]
+    proc, ports = _start(tmp_path, edit=to_backend)
     try:
+        # the proxy on its shared port, through both workers
+        for _ in range(10):
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports['http']}/", timeout=10) as r:
+                assert r.read() == b"backend"
         pids = {i: p[-1] for i, p in _ready_pids(proc).items()}
         assert sorted(pids) == [0, 1] and pids[0] != pids[1] != proc.proc.pid
         _send(ports["smtp"], "alice@localhost", 24)
@@ -141,6 +163,7 @@ def test_two_workers_share_smtp_dns_and_stop_cleanly(tmp_path):
         wait_until(lambda: inbox.exists() and len(os.listdir(inbox)) == 12, timeout=20)
     finally:
         status = proc.stop()
+        backend.shutdown()
     assert status == 0, proc.output()
     wait_until(lambda: not any(_alive(p) for p in pids.values()), timeout=10)
     assert "Traceback" not in proc.output()
