@@ -32,7 +32,6 @@ import argparse
 import os
 import signal
 import sys
-import time
 from typing import Any, Optional, Sequence
 
 from twisted.application.service import Service
@@ -90,7 +89,7 @@ class WorkerProcess(protocol.ProcessProtocol):
         self.master = master
         self.index = index
         self.pid: Optional[int] = None
-        self.started = time.monotonic()
+        self.started = master.reactor.seconds()
         self.ready = False
         self.ended = False
         self.reload_pending = False
@@ -173,8 +172,13 @@ class WorkerMaster(Service):
         self.reactor.callWhenRunning(self._install_signals)
 
     def spawn(self, index: int) -> WorkerProcess:
-        """Start worker ``index``."""
-        self._timers.pop(index, None)
+        """Start worker ``index`` (unless it runs already)."""
+        timer = self._timers.pop(index, None)
+        if timer is not None and timer.active():
+            timer.cancel()
+        running = self.workers.get(index)
+        if running is not None and not running.ended:
+            return running
         proc = WorkerProcess(self, index)
         env = dict(os.environ)
         root = _package_root()
@@ -199,8 +203,8 @@ class WorkerMaster(Service):
             proc.signal("HUP")
         if proc.index == 0 and not self._stopping:
             for index in range(1, self.count):
-                if index not in self.workers:
-                    self.spawn(index)
+                if index not in self.workers and index not in self._timers:
+                    self.spawn(index)  # (one waiting for its restart back-off keeps waiting)
 
     def worker_ended(self, proc: WorkerProcess, reason: Any) -> None:
         """Restart a worker that died; give up when one fails before it ever started."""
@@ -220,7 +224,7 @@ class WorkerMaster(Service):
             self.exit_code = code if code else 1
             self._stop_reactor()
             return
-        ran = time.monotonic() - proc.started
+        ran = self.reactor.seconds() - proc.started
         delay = FIRST_BACKOFF if ran >= STABLE_AFTER else \
             min(MAX_BACKOFF, self.backoff.get(proc.index, FIRST_BACKOFF / 2) * 2)
         self.backoff[proc.index] = delay

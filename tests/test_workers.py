@@ -15,12 +15,15 @@ import socket
 import ssl
 import threading
 import urllib.request
+from typing import Optional
 
 import dns.message
 import dns.query
 import pytest
 import pytest_twisted
 from twisted.internet import threads
+from twisted.internet.task import Clock
+from twisted.python.failure import Failure
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 
 from dcrouter.queue.disk import DiskStore
@@ -269,6 +272,115 @@ def test_master_killed_takes_its_workers_along(tmp_path):
     pids = [p[-1] for p in _ready_pids(proc).values()]
     proc.kill()  # SIGKILL: no chance to stop them; their stdin pipe closes
     wait_until(lambda: not any(_alive(p) for p in pids), timeout=15)
+
+
+# -- the master's decisions (in-process, a fake process reactor) -------------------------------
+
+class _FakeTransport:
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.signals: list[str] = []
+
+    def signalProcess(self, sig: str) -> None:  # noqa: N802 (Twisted's name)
+        self.signals.append(sig)
+
+
+class _ProcessClock(Clock):
+    """A clock that records spawnProcess calls instead of starting processes."""
+
+    running = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[int, object]] = []
+        self.stopped = False
+
+    def spawnProcess(self, proto, executable, args, env, path, childFDs):  # type: ignore
+        proto.makeConnection(_FakeTransport(1000 + len(self.spawned)))
+        self.spawned.append((int(args[args.index("--index") + 1]), proto))
+
+    def callWhenRunning(self, f, *a, **kw):  # type: ignore[no-untyped-def]
+        pass
+
+    def stop(self) -> None:
+        self.stopped = True
+
+
+class _Exit(Exception):
+    def __init__(self, code: Optional[int] = None, sig: Optional[int] = None) -> None:
+        self.exitCode, self.signal = code, sig
+
+
+def _master(tmp_path, workers: int = 3):  # type: ignore[no-untyped-def]
+    from dcrouter.config import parse_config
+    from dcrouter.workers import WorkerMaster
+    options = parse_config({"router": {"workers": workers, "state_dir": str(tmp_path)}})
+    clock = _ProcessClock()
+    master = WorkerMaster(options, str(tmp_path / "x.toml"), reactor=clock, exit_on_error=False)
+    master.startService()
+    return master, clock
+
+
+def _ready(proto) -> None:  # type: ignore[no-untyped-def]
+    proto.childDataReceived(3, b"ready\n")
+
+
+def _die(proto, code: Optional[int] = None, sig: Optional[int] = None) -> None:  # type: ignore
+    proto.processEnded(Failure(_Exit(code, sig)))
+
+
+def test_master_starts_worker_0_first_then_the_others(tmp_path):
+    master, clock = _master(tmp_path)
+    assert [i for i, _ in clock.spawned] == [0]
+    _ready(clock.spawned[0][1])
+    assert [i for i, _ in clock.spawned] == [0, 1, 2]
+    for _, proto in clock.spawned[1:]:
+        _ready(proto)
+    assert master.started
+
+
+def test_master_restarts_with_back_off_and_resets_it(tmp_path):
+    master, clock = _master(tmp_path)
+    _ready(clock.spawned[0][1])
+    for _, proto in clock.spawned[1:]:
+        _ready(proto)
+    delays = []
+    for _ in range(3):  # worker 2 keeps dying at once
+        _die(master.workers[2], sig=9)
+        delays.append(master.backoff[2])
+        assert 2 not in master.workers
+        # worker 0 being ready again must not start worker 2 early
+        master.worker_ready(master.workers[0])
+        assert 2 not in master.workers
+        clock.advance(delays[-1])
+        _ready(master.workers[2])
+    assert delays == [0.5, 1.0, 2.0]
+    clock.advance(61)  # a worker that ran a minute starts over at the first delay
+    _die(master.workers[2], code=1)
+    assert master.backoff[2] == 0.5 and master.restarts == 4
+    assert len([i for i, _ in clock.spawned if i == 2]) == 4
+
+
+def test_master_gives_up_when_a_worker_fails_during_the_first_start(tmp_path):
+    master, clock = _master(tmp_path)
+    _die(clock.spawned[0][1], code=1)
+    assert clock.stopped and master.exit_code == 1
+
+
+def test_master_forwards_sighup_to_ready_workers_and_later_to_starting_ones(tmp_path):
+    (tmp_path / "x.toml").write_text("[router]\nworkers = 3\n")
+    master, clock = _master(tmp_path)
+    _ready(clock.spawned[0][1])
+    _ready(clock.spawned[1][1])
+    assert master.reload() is True
+    sent = {i: p.transport.signals for i, p in clock.spawned}
+    assert sent == {0: ["HUP"], 1: ["HUP"], 2: []}
+    _ready(clock.spawned[2][1])
+    assert sent[2] == ["HUP"]
+    clock.spawned[0][1].childDataReceived(3, b"reload-all\n")  # an API reload in worker 0
+    assert sent == {0: ["HUP"], 1: ["HUP", "HUP"], 2: ["HUP", "HUP"]}
+    (tmp_path / "x.toml").write_text("[router]\nworkers = -1\n")
+    assert master.reload() is False
 
 
 # -- SO_REUSEPORT listeners (in-process: two ListenerSets stand for two workers) ------------
