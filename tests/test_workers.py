@@ -139,7 +139,7 @@ def test_two_workers_share_smtp_dns_and_stop_cleanly(tmp_path):
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
-        for _ in range(8):
+        for _ in range(16):  # 16 connections: all on one worker has odds of 1 in 32,768
             with smtplib.SMTP_SSL("127.0.0.1", ports["smtps"], timeout=10, context=ctx) as smtp:
                 assert smtp.ehlo("client.test")[0] == 250
             with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=10) as smtp:
@@ -252,6 +252,36 @@ def test_sighup_reloads_every_worker_and_a_stopped_worker_comes_back(tmp_path):
         status = proc.stop()
     assert status == 0, proc.output()
     assert applied(pids[0]) == 1  # the broken file reached no worker
+
+
+def test_sigterm_lets_each_worker_finish_its_open_transactions(tmp_path):
+    proc, ports = _start(tmp_path)
+    sessions = []
+    try:
+        for i in range(14):  # spread over both workers, each left in the middle of DATA
+            smtp = smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=20)
+            smtp.ehlo("client.test")
+            assert smtp.mail("me@localhost")[0] == 250
+            assert smtp.rcpt("dave@localhost")[0] == 250
+            smtp.putcmd("DATA")
+            assert smtp.getreply()[0] == 354
+            smtp.send(f"Subject: in flight {i}\r\n\r\nfirst half\r\n".encode())
+            sessions.append(smtp)
+        pids = {e["pid"] for e in _events(proc)
+                if e.get("message", "").startswith("connection from")}
+        assert len(pids) == 2, pids
+        proc.signal(signal.SIGTERM)
+        wait_until(lambda: "stopping the workers gracefully" in proc.output(), timeout=10)
+        for smtp in sessions:
+            smtp.send(b"second half\r\n.\r\n")
+            code, reply = smtp.getreply()
+            assert code == 250 and b"queued as" in reply
+            smtp.close()
+        assert proc.wait(20) == 0, proc.output()
+    finally:
+        if proc.proc.poll() is None:
+            proc.kill()
+    assert not any(_alive(p) for p in pids)
 
 
 def test_worker_that_cannot_bind_stops_the_master(tmp_path):
