@@ -284,6 +284,39 @@ def test_sigterm_lets_each_worker_finish_its_open_transactions(tmp_path):
     assert not any(_alive(p) for p in pids)
 
 
+def test_workers_share_a_redis_queue_and_its_rate_limits(tmp_path):
+    from tests.email.peers import start_redis
+    redis = start_redis(str(tmp_path))
+
+    def on_redis(data):
+        data["email"]["queue"].update(storage_type="redis",
+                                      redis_url=f"redis://127.0.0.1:{redis.port}/0")
+        data["email"]["domain_rules"][0]["rate_limits"] = {"max_messages_per_minute": 10}
+    proc, ports = _start(tmp_path, edit=on_redis)
+    try:
+        codes = []
+        for i in range(20):
+            with smtplib.SMTP("127.0.0.1", ports["smtp"], timeout=10) as smtp:
+                smtp.ehlo("client.test")
+                smtp.mail("me@localhost")
+                code = smtp.rcpt("erin@localhost")[0]  # the rule's limit answers at RCPT
+                if code == 250:
+                    code = smtp.data(f"Subject: r{i}\r\n\r\nhi\r\n".encode())[0]
+                codes.append(code)
+        served = {e["pid"] for e in _events(proc)
+                  if e.get("message", "").startswith("connection from")}
+        assert len(served) == 2
+        # one budget of 10 a minute for the rule, shared by both workers through Redis
+        assert codes.count(250) == 10 and set(codes) == {250, 451}, codes
+        maildir = tmp_path / "var" / "mail" / "erin" / "new"
+        wait_until(lambda: maildir.exists() and len(os.listdir(maildir)) == 10, timeout=20)
+        assert not (tmp_path / "var" / "queue").exists()  # no disk shards with Redis
+    finally:
+        status = proc.stop()
+        redis.stop()
+    assert status == 0, proc.output()
+
+
 def test_worker_that_cannot_bind_stops_the_master(tmp_path):
     data, ports = default_config_with_free_ports(str(tmp_path / "var"))
     data["router"]["workers"] = 2
