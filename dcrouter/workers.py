@@ -313,11 +313,6 @@ class WorkerMaster(Service):
             sys.stderr.flush()
             os._exit(self.exit_code)
 
-    def get_stats(self) -> dict:
-        """Worker pids and restart count."""
-        return {"workers": {str(i): p.pid for i, p in sorted(self.workers.items())},
-                "restarts": self.restarts}
-
 
 # -- the worker side -----------------------------------------------------------------------
 
