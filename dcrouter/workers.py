@@ -24,18 +24,24 @@ HAProxy master-worker shape:
 * each worker's standard input is a pipe from the master: when the master
   dies (even by SIGKILL) the worker sees end-of-file and stops gracefully,
   so no worker outlives its master.  Workers report readiness on fd 3.
+* the management API runs in worker 0; every worker writes its figures to a
+  snapshot file that worker 0 reports as its ``workers`` service
+  (:class:`WorkerStats`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import signal
 import sys
+import time
 from typing import Any, Optional, Sequence
 
 from twisted.application.service import Service
-from twisted.internet import defer, protocol
+from twisted.internet import defer, protocol, threads
+from twisted.internet.task import LoopingCall
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 from zope.interface import implementer
@@ -43,7 +49,7 @@ from zope.interface import implementer
 from dcrouter.config import DcRouterOptions, load_config
 from dcrouter.errors import ConfigError
 from dcrouter.logsetup import get_logger, make_observer
-from dcrouter.service import ListenerSet, WorkerIdentity
+from dcrouter.service import ListenerSet, ManagedService, WorkerIdentity
 
 log = get_logger("router")
 
@@ -56,6 +62,8 @@ MAX_BACKOFF = 30.0
 STABLE_AFTER = 60.0
 #: The worker's file descriptor on which it tells the master it is ready.
 READY_FD = 3
+#: Seconds between the snapshots of each worker's figures (for worker 0's API).
+SNAPSHOT_INTERVAL = 2.0
 
 
 def _package_root() -> str:
@@ -335,6 +343,88 @@ class TaggedObserver:
         self.inner(event)
 
 
+class WorkerStats(ManagedService):
+    """Every worker's figures, for worker 0's API (``/api/stats``, ``/metrics``).
+
+    Each worker writes its ``get_stats()`` every :data:`SNAPSHOT_INTERVAL`
+    seconds to ``state_dir/workers/worker-<i>.json`` (atomically, in a
+    thread); worker 0 reads the others' files (in a thread) and reports them
+    as its ``workers`` service: ``{"count": N, "workers": {"1": {"pid", "age",
+    <that worker's services>}, ...}}``.  Worker 0's own figures stay where
+    they always are, beside this block.
+    """
+
+    def __init__(self, context: Any, router: Any, identity: WorkerIdentity) -> None:
+        super().__init__("workers", context)
+        self.router = router
+        self.identity = identity
+        self.directory = os.path.join(context.state_dir, "workers")
+        self.others: dict[str, dict] = {}
+        self._loop: Optional[LoopingCall] = None
+
+    def path_for(self, index: int) -> str:
+        """The snapshot file of worker ``index``."""
+        return os.path.join(self.directory, f"worker-{index}.json")
+
+    def startService(self) -> None:
+        """Write a first snapshot now, then every SNAPSHOT_INTERVAL seconds."""
+        super().startService()
+        self._loop = LoopingCall(self.tick)
+        self._loop.clock = self.context.reactor
+        self._loop.start(SNAPSHOT_INTERVAL, now=True).addErrback(
+            lambda f: log.failure("worker figures failed", f))
+
+    def stopService(self) -> Any:
+        """Stop writing."""
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    def tick(self) -> defer.Deferred:
+        """Write this worker's figures; in worker 0 also read the others'."""
+        stats = {k: v for k, v in self.router.get_stats().items() if k != "workers"}
+        data = json.dumps({"pid": os.getpid(), "time": time.time(), "stats": stats},
+                          default=str).encode("utf-8")
+        d: defer.Deferred = threads.deferToThread(self._write, data)
+        if self.identity.index == 0:
+            d.addCallback(lambda _: threads.deferToThread(self._read_others))
+            d.addCallback(self._keep)
+        d.addErrback(lambda f: log.warn("worker figures not exchanged: {error}",
+                                        error=f.getErrorMessage()))
+        return d
+
+    def _write(self, data: bytes) -> None:
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        path = self.path_for(self.identity.index)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+
+    def _read_others(self) -> dict[str, dict]:
+        out: dict[str, dict] = {}
+        for index in range(1, self.identity.count):
+            try:
+                with open(self.path_for(index), "rb") as f:
+                    out[str(index)] = json.loads(f.read())
+            except (OSError, ValueError):
+                continue
+        return out
+
+    def _keep(self, others: dict[str, dict]) -> None:
+        self.others = others
+
+    def get_stats(self) -> dict:
+        """The other workers' latest figures, with their age in seconds."""
+        now = time.time()
+        workers: dict[str, Any] = {}
+        for index, snapshot in self.others.items():
+            entry = {"pid": snapshot.get("pid"), "age": round(now - snapshot.get("time", now), 1)}
+            entry.update(snapshot.get("stats", {}))
+            workers[index] = entry
+        return {"count": self.identity.count, "index": self.identity.index, "workers": workers}
+
+
 class MasterLink(protocol.Protocol):
     """The worker's end of its pipes to the master (stdin from it, fd 3 to it).
 
@@ -381,6 +471,10 @@ def run_worker(config_path: str, index: int, count: int) -> int:
         [TaggedObserver(router.log_observer, f"worker-{index}", index)],
         redirectStandardIO=False)
     link = MasterLink(reactor, router)
+    figures = WorkerStats(router.context, router, WorkerIdentity(index, count))
+    figures.setServiceParent(router)
+    if index == 0:
+        router.context.services["workers"] = figures  # reported by the API beside the others
 
     def start() -> None:
         stdio.StandardIO(link, stdin=0, stdout=READY_FD,  # type: ignore[call-arg]

@@ -135,6 +135,25 @@ def test_two_workers_share_smtp_dns_and_stop_cleanly(tmp_path):
                                     timeout=10) as r:
             stats = json.loads(r.read())
         assert stats["worker"] == {"index": 0, "count": 2, "pid": pids[0]}
+        # ... and reports worker 1's figures beside its own (snapshots, a few seconds old)
+        connections = {e["pid"]: 0 for e in _events(proc)}
+        for e in _events(proc):
+            if e.get("message", "").startswith("connection from"):
+                connections[e["pid"]] += 1
+
+        def worker_1_figures() -> dict:
+            with urllib.request.urlopen(f"http://127.0.0.1:{ports['api']}/api/stats",
+                                        timeout=10) as r:
+                return json.loads(r.read())["workers"]["workers"].get("1", {})
+        wait_until(lambda: worker_1_figures().get("email", {}).get("server", {})
+                   .get("connections_total") == connections[pids[1]], timeout=10)
+        assert worker_1_figures()["pid"] == pids[1]
+        assert stats["email"]["server"]["connections_total"] == connections[pids[0]]
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['api']}/metrics",
+                                    timeout=10) as r:
+            metrics = r.read().decode()
+        assert (f'dcrouter_service_stat{{key="workers.1.email.server.connections_total",'
+                f'service="workers"}} {connections[pids[1]]}.0') in metrics
         # implicit TLS and STARTTLS on the shared ports, both workers
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
