@@ -223,9 +223,12 @@ def test_killed_worker_is_respawned_and_delivers_its_shard(tmp_path):
         assert recovered and recovered[0]["count"] == in_shard_1
         sink.start()
         wait_until(lambda: len(sink.messages) == 16, timeout=20)
-        delivered_by_new = [e for e in _events(proc) if e.get("pid") == new and
-                            e.get("message", "").startswith("delivered ")]
-        assert len(delivered_by_new) == in_shard_1
+
+        def delivered_by(pid: int) -> int:  # logged once the sink's 250 is back
+            return sum(1 for e in _events(proc) if e.get("pid") == pid and
+                       e.get("message", "").startswith("delivered "))
+        wait_until(lambda: delivered_by(new) + delivered_by(old[0]) == 16, timeout=10)
+        assert delivered_by(new) == in_shard_1
     finally:
         status = proc.stop()
         sink.stop()

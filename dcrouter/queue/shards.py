@@ -35,7 +35,7 @@ from typing import Any, Optional
 from dcrouter.errors import QueueError
 from dcrouter.logsetup import get_logger
 from dcrouter.queue.disk import (
-    DirectoryLock, DiskStore, Journal, encode_put, fsync_dir, fsync_file,
+    DirectoryLock, DiskStore, Journal, _shard, encode_put, fsync_dir, fsync_file,
 )
 from dcrouter.queue.item import PENDING, PROCESSING, StoredItem
 
@@ -44,6 +44,11 @@ log = get_logger("email.queue")
 _SHARD_NAME = re.compile(r"^worker-(\d+)$")
 #: What an un-sharded store keeps in the queue directory (removed once adopted).
 _STORE_PARTS = ("journal", "bodies", "tmp")
+
+
+def _body_file(directory: str, body_ref: str) -> str:
+    """Where the store in ``directory`` keeps a body (the layout of DiskStore.body_file)."""
+    return os.path.join(directory, "bodies", _shard(body_ref), body_ref + ".eml")
 
 
 def shard_name(index: int) -> str:
@@ -127,7 +132,6 @@ class ShardedDiskStore(DiskStore):
             items: list[Any] = []
             if os.path.isdir(journal_dir):
                 os.makedirs(corrupt_dir, mode=0o700, exist_ok=True)
-                foreign = DiskStore(directory)  # for its body paths only
                 live, _bad = Journal(journal_dir, corrupt_dir).replay()
                 records = []
                 for item_id, (buf, start, end) in live.items():
@@ -140,7 +144,7 @@ class ShardedDiskStore(DiskStore):
                         continue  # left in the old shard's corrupt/ by replay
                     if item.status == PROCESSING:
                         item.status = PENDING
-                    self._copy_body(foreign.body_file(item.body_ref), item.body_ref)
+                    self._copy_body(_body_file(directory, item.body_ref), item.body_ref)
                     records.append(encode_put(item_id, data))
                     items.append(item)
                 if records:
