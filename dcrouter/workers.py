@@ -190,8 +190,11 @@ class WorkerMaster(Service):
         proc = WorkerProcess(self, index)
         env = dict(os.environ)
         root = _package_root()
-        env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH")
-                                    else "")
+        if os.path.basename(root) not in ("site-packages", "dist-packages"):
+            # a checkout: the workers import this very dcrouter (an installed one is found
+            # anyway, and site-packages must not go before the standard library)
+            env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"]
+                                        if env.get("PYTHONPATH") else "")
         self.reactor.spawnProcess(proc, sys.executable,
                                   worker_command(self.config_path, index, self.count),
                                   env=env, path=os.getcwd(),
