@@ -20,6 +20,10 @@ and measures, for the backend directly and through each proxy:
 Medians of ``--runs`` runs.  Usage::
 
     python bench/proxy_throughput.py [--mib 512] [--seconds 2] [--runs 3] [--workers 2] [--terminate]
+                                     [--router-workers 2] [--only-workers]
+
+``--router-workers N`` (default 2) adds dcrouter with ``router.workers = N``:
+N processes sharing the port with SO_REUSEPORT (0 leaves it out).
 
 ``--terminate`` adds the same two figures for TLS termination (a self-signed
 certificate; HAProxy ``bind ... ssl crt``), each new connection a full handshake.
@@ -207,7 +211,8 @@ def write_cert(tmp: str) -> tuple[str, str, str]:
     return paths[0], paths[1], paths[2]
 
 
-def start_dcrouter(tmp: str, port: int, backend: int, terminate: bool = False) -> subprocess.Popen:
+def start_dcrouter(tmp: str, port: int, backend: int, terminate: bool = False,
+                   router_workers: int = 1) -> subprocess.Popen:
     tls = "passthrough"
     extra = ""
     if terminate:
@@ -219,6 +224,7 @@ def start_dcrouter(tmp: str, port: int, backend: int, terminate: bool = False) -
         f.write(f"""[router]
 state_dir = "{tmp}/state"
 log_level = "warn"
+workers = {router_workers}
 
 [proxy]
 listen = "127.0.0.1"
@@ -239,7 +245,16 @@ max_connections_per_ip = 100000
                             cwd=tmp, env=env, stdout=open(os.path.join(tmp, "dcrouter.log"), "wb"),
                             stderr=subprocess.STDOUT)
     wait_for(port)
+    if router_workers > 1:
+        time.sleep(2.0)  # worker 0 answers first; the others start once it is ready
     return proc
+
+
+def start_dcrouter_workers(n: int):  # type: ignore[no-untyped-def]
+    """A starter for dcrouter with ``router.workers = n`` (processes sharing the port)."""
+    def start(tmp: str, port: int, backend: int, terminate: bool = False) -> subprocess.Popen:
+        return start_dcrouter(tmp, port, backend, terminate, router_workers=n)
+    return start
 
 
 def start_haproxy(tmp: str, port: int, backend: int, terminate: bool = False) -> subprocess.Popen:
@@ -329,6 +344,10 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=2.0)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--router-workers", type=int, default=2,
+                        help="also measure dcrouter with router.workers = N (0: skip)")
+    parser.add_argument("--only-workers", action="store_true",
+                        help="passthrough only: haproxy, dcrouter and dcrouter with workers")
     parser.add_argument("--terminate", action="store_true",
                         help="also measure TLS termination (dcrouter vs HAProxy with ssl)")
     args = parser.parse_args()
@@ -338,21 +357,37 @@ def main() -> None:
     backend.start()
     wait_for(backend_port)
     print("SNI passthrough:")
-    results = measure([("direct", None), ("haproxy", start_haproxy),
-                       ("twisted-portforward", start_portforward), ("dcrouter", start_dcrouter)],
-                      backend_port, args, hello, terminate=False)
+    peers = [("direct", None), ("haproxy", start_haproxy),
+             ("twisted-portforward", start_portforward), ("dcrouter", start_dcrouter)]
+    if args.only_workers:
+        peers = [("haproxy", start_haproxy), ("dcrouter", start_dcrouter)]
+    workers_name = f"dcrouter-workers={args.router_workers}"
+    if args.router_workers > 1:
+        peers.append((workers_name, start_dcrouter_workers(args.router_workers)))
+    results = measure(peers, backend_port, args, hello, terminate=False)
     d, h = results["dcrouter"], results["haproxy"]
     print(f"\ncores: {os.cpu_count()}; {args.mib} MiB bulk, {args.seconds}s x {args.workers} "
           f"workers for connections, medians of {args.runs}")
     print(f"dcrouter/haproxy: bulk {d['mib_s'] / h['mib_s']:.2f}, "
           f"connections/s {d['conn_s'] / h['conn_s']:.2f}")
+    if workers_name in results:
+        w = results[workers_name]
+        print(f"{workers_name}/haproxy: bulk {w['mib_s'] / h['mib_s']:.2f}, "
+              f"connections/s {w['conn_s'] / h['conn_s']:.2f}; {workers_name}/dcrouter: "
+              f"connections/s {w['conn_s'] / d['conn_s']:.2f}")
     if args.terminate:
         print("\nTLS termination (full handshake per connection):")
-        results = measure([("haproxy", start_haproxy), ("dcrouter", start_dcrouter)],
-                          backend_port, args, hello, terminate=True)
+        peers = [("haproxy", start_haproxy), ("dcrouter", start_dcrouter)]
+        if args.router_workers > 1:
+            peers.append((workers_name, start_dcrouter_workers(args.router_workers)))
+        results = measure(peers, backend_port, args, hello, terminate=True)
         d, h = results["dcrouter"], results["haproxy"]
         print(f"dcrouter/haproxy (terminate): bulk {d['mib_s'] / h['mib_s']:.2f}, "
               f"connections/s {d['conn_s'] / h['conn_s']:.2f}")
+        if workers_name in results:
+            w = results[workers_name]
+            print(f"{workers_name}/dcrouter (terminate): bulk {w['mib_s'] / d['mib_s']:.2f}, "
+                  f"connections/s {w['conn_s'] / d['conn_s']:.2f}")
     backend.terminate()
 
 

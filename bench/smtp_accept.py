@@ -8,6 +8,8 @@ Targets (each a separate server process on loopback):
   thread) before the 250 is sent.
 * ``twistd``  - a real ``twistd -n dcrouter`` with a disk queue (``--config``
   from ``bench_config()``); meaningful once the processor and disk queue are in.
+* ``twistd-workersN`` - the same with ``router.workers = N``: a master and N
+  worker processes sharing the port (SO_REUSEPORT); server CPU counts them all.
 * ``aiosmtpd`` - the peer: aiosmtpd whose handler writes each message to its own
   file and fsyncs it (in the default thread pool) before answering 250.
 
@@ -66,11 +68,35 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
-def cpu_seconds(pid: int) -> float:
-    """User + system CPU time of ``pid`` (all threads) in seconds."""
+def _own_cpu_seconds(pid: int) -> float:
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rpartition(")")[2].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _children(pid: int) -> list[int]:
+    out = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat") as f:
+                    if int(f.read().rpartition(")")[2].split()[1]) == pid:
+                        out.append(int(name))
+            except (OSError, ValueError, IndexError):
+                continue
+    return out
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of ``pid`` (all threads) and its live child processes
+    (the workers of a ``router.workers`` > 1 dcrouter), in seconds."""
+    total = _own_cpu_seconds(pid)
+    for child in _children(pid):
+        try:
+            total += _own_cpu_seconds(child)
+        except OSError:
+            continue
+    return total
 
 
 def wait_port(port: int, timeout: float = 30.0) -> None:
@@ -273,10 +299,13 @@ class Target:
         elif name == "aiosmtpd":
             args = [sys.executable, me, "serve-aiosmtpd", "--port", str(self.port), "--state",
                     self.state]
-        elif name in ("twistd", "twistd-nodeliver"):
+        elif name in ("twistd", "twistd-nodeliver") or name.startswith("twistd-workers"):
             cfg = os.path.join(self.state, "dcrouter.toml")
+            workers = int(name[len("twistd-workers"):]) if name.startswith("twistd-workers") \
+                else 1
             with open(cfg, "w") as f:
-                f.write(bench_config(self.port, self.state, deliver=name == "twistd"))
+                f.write(bench_config(self.port, self.state, deliver=name != "twistd-nodeliver")
+                        .replace('log_level = "warn"', f'log_level = "warn"\nworkers = {workers}'))
             args = [os.path.join(os.path.dirname(sys.executable), "twistd"), "-n", "--pidfile=",
                     "dcrouter", "--config", cfg]
         else:
@@ -285,6 +314,8 @@ class Target:
         self.proc = subprocess.Popen(args, env=env, stdout=self.log, stderr=subprocess.STDOUT,
                                      cwd=self.state)
         wait_port(self.port)
+        if name.startswith("twistd-workers"):
+            time.sleep(2.0)  # worker 0 answers first; the others start once it is ready
 
     def stop(self) -> None:
         self.proc.terminate()
@@ -483,7 +514,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--targets", default="server,aiosmtpd",
                         help="comma list of server (= server-parallel), server-group, "
                         "server-none (no fsync: the accept ceiling), twistd, twistd-nodeliver "
-                        "(queue check interval 1 h), aiosmtpd")
+                        "(queue check interval 1 h), twistd-workersN (router.workers = N), "
+                        "aiosmtpd")
     parser.add_argument("--only", choices=["throughput", "idle", "bigmsg"], default=None)
     parser.add_argument("--clients", type=int, default=50)
     parser.add_argument("--procs", type=int, default=2)

@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from dcrouter.errors import ConfigError
-from dcrouter.tlsutil import ensure_private_dir, write_private
+from dcrouter.tlsutil import ensure_private_dir
 
 _SAFE = re.compile(r"^[A-Za-z0-9.\-_]+$")
 DEFAULT_SELECTOR = "dcrouter"
@@ -113,9 +113,8 @@ class DkimKeyStore:
                 elif not create:
                     return None
                 else:
-                    pem = generate_private_key_pem()
                     ensure_private_dir(os.path.dirname(path))
-                    write_private(path, pem)
+                    pem = _create_once(path, generate_private_key_pem())
                     created = True
             key = DkimKey(domain, selector, pem, path)
             self._keys[(domain, selector)] = key
@@ -144,6 +143,28 @@ class DkimKeyStore:
         with self._lock:
             self._keys.pop((domain.lower().rstrip("."), selector), None)
         self._notify()
+
+
+def _create_once(path: str, pem: bytes) -> bytes:
+    """Store a new key at ``path`` unless another process (worker) stored one first.
+
+    Returns the key that is on disk, so every worker signs with the key DNS publishes.
+    """
+    tmp = f"{path}.tmp.{os.getpid()}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(fd, pem)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # atomic, and fails if the name exists
+    except FileExistsError:
+        with open(path, "rb") as f:
+            pem = f.read()
+    finally:
+        os.unlink(tmp)
+    return pem
 
 
 def generate_private_key_pem(bits: int = 2048) -> bytes:

@@ -16,6 +16,7 @@ from typing import Any, Callable, Optional
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
+from twisted.internet.error import ReactorNotRunning
 from twisted.logger import ILogObserver
 from twisted.python.components import Componentized
 
@@ -24,7 +25,9 @@ from dcrouter.config import DcRouterOptions, load_config
 from dcrouter.config.email import DomainRuleOptions, EmailOptions
 from dcrouter.errors import ConfigError, DcRouterError
 from dcrouter.logsetup import get_logger, make_observer
-from dcrouter.service import Extensions, ListenError, ManagedService, RouterContext
+from dcrouter.service import (
+    Extensions, ListenError, ManagedService, RouterContext, WorkerIdentity,
+)
 from dcrouter.tlsutil import ensure_private_dir
 
 log = get_logger("router")
@@ -45,7 +48,7 @@ def _build_email(context: RouterContext) -> ManagedService:
     email = options.email
     assert email is not None
     queue = UnifiedDeliveryQueue.from_options(email.queue, options.router.state_dir,
-                                              store=context.extensions.queue_store,
+                                              store=_queue_store(context),
                                               reactor=context.reactor)
     delivery = MultiModeDeliverySystem(queue, email, context.dkim_keys,
                                        state_dir=options.router.state_dir,
@@ -60,6 +63,19 @@ def _build_email(context: RouterContext) -> ManagedService:
     server = UnifiedEmailServer(email, processor, context)
     return EmailGateway(context, server=server, processor=processor,
                         domain_router=domain_router, queue=queue, delivery=delivery)
+
+
+def _queue_store(context: RouterContext) -> Any:
+    """The extension's store, or for a disk queue this process's shard (adopting orphans)."""
+    queue = context.options.email.queue if context.options.email else None
+    if context.extensions.queue_store is not None or queue is None or \
+            queue.storage_type != "disk":
+        return context.extensions.queue_store
+    from dcrouter.queue.shards import sharded_store
+    worker = context.worker
+    queue_dir = queue.persistent_path or os.path.join(context.options.router.state_dir or ".",
+                                                      "queue")
+    return sharded_store(queue_dir, worker.index if worker else 0, worker.count if worker else 1)
 
 
 def _build_proxy(context: RouterContext) -> ManagedService:
@@ -92,7 +108,7 @@ class DcRouter(MultiService):
 
     def __init__(self, options: DcRouterOptions, config_path: Optional[str] = None,
                  extensions: Optional[Extensions] = None, reactor: Any = None,
-                 exit_on_error: bool = False) -> None:
+                 exit_on_error: bool = False, worker: Optional[WorkerIdentity] = None) -> None:
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -105,14 +121,23 @@ class DcRouter(MultiService):
         ensure_private_dir(options.router.state_dir)
         options = _persisted_rules(options)
         self.options = options
-        self.context = RouterContext(options, reactor, extensions or Extensions(), config_path)
+        self.context = RouterContext(options, reactor, extensions or Extensions(), config_path,
+                                     worker=worker)
         self.context.router = self
         self.log_observer = make_observer(options.router)
         self._previous_sighup: Any = None
         self._stopping = False
+        #: In a worker process: asks the master to reload the other workers (set by
+        #: dcrouter.workers); called after a reload or rule change made through the API.
+        self.peer_reload: Optional[Callable[[], None]] = None
         for name in SERVICE_ORDER:
-            if getattr(options, name) is not None:
+            if getattr(options, name) is not None and self._runs_here(name):
                 self._add(name)
+
+    def _runs_here(self, name: str) -> bool:
+        """Every service runs in every process, except the API: worker 0 only."""
+        worker = self.context.worker
+        return name != "api" or worker is None or worker.runs_api
 
     # -- tree -------------------------------------------------------------
     def _add(self, name: str) -> ManagedService:
@@ -155,13 +180,18 @@ class DcRouter(MultiService):
             self.reactor.callWhenRunning(self._install_stop_signals)
         log.info("dcrouter {version} started: {services}", version=__version__,
                  services=", ".join(self.by_name))
+        if self.context.worker is None and self.options.router.effective_workers > 1:
+            log.warn("router.workers = {workers} applies to `twistd dcrouter --config FILE`; "
+                     "this process (a .tac or embedded router) runs alone",
+                     workers=self.options.router.workers)
 
     def _install_sighup(self) -> None:
         if not hasattr(signal, "SIGHUP"):
             return
         try:
             self._previous_sighup = signal.signal(
-                signal.SIGHUP, lambda signum, frame: self.reactor.callFromThread(self.reload))
+                signal.SIGHUP,
+                lambda signum, frame: self.reactor.callFromThread(self.reload, from_signal=True))
         except ValueError:  # not in the main thread (some test runners)
             self._previous_sighup = None
 
@@ -178,7 +208,10 @@ class DcRouter(MultiService):
 
     def _stop_reactor(self) -> None:
         if self.reactor.running:
-            self.reactor.stop()
+            try:
+                self.reactor.stop()
+            except ReactorNotRunning:  # a second signal (e.g. Ctrl-C to the process group)
+                pass
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
@@ -210,6 +243,10 @@ class DcRouter(MultiService):
             "version": __version__,
             "uptime": (time.time() - self.started_at) if self.started_at else 0.0,
         }
+        if self.context.worker is not None:
+            # figures below are this worker process's own (see docs/operations.md)
+            stats["worker"] = {"index": self.context.worker.index,
+                               "count": self.context.worker.count, "pid": os.getpid()}
         for name, service in self.by_name.items():
             stats[name] = service.get_stats()
         return stats
@@ -234,9 +271,17 @@ class DcRouter(MultiService):
         email.validate("email")
         return self.update_email_config(email)
 
+    def rules_saved(self) -> None:
+        """The API wrote its rules to state_dir/rules.toml: other workers read them now."""
+        self._tell_peers(True)
+
     # -- reload -------------------------------------------------------------
-    def reload(self) -> defer.Deferred:
-        """Re-read the configuration file (SIGHUP); a bad file keeps the old config."""
+    def reload(self, from_signal: bool = False) -> defer.Deferred:
+        """Re-read the configuration file (SIGHUP); a bad file keeps the old config.
+
+        In a worker, a reload asked through the API is passed on to the other
+        workers (through the master); a SIGHUP already reached them all.
+        """
         if self.config_path is None:
             log.warn("reload requested but dcrouter was not started from a file")
             return defer.succeed(False)
@@ -251,6 +296,8 @@ class DcRouter(MultiService):
                      state_dir=self.options.router.state_dir)
         d = self._apply(new)
         d.addCallback(lambda _: True)
+        if self.peer_reload is not None and not from_signal:
+            d.addCallback(self._tell_peers)
 
         def refused(failure: Any) -> bool:
             failure.trap(ConfigError)
@@ -259,6 +306,12 @@ class DcRouter(MultiService):
             return False
         d.addErrback(refused)
         return d
+
+    def _tell_peers(self, result: Any) -> Any:
+        """After an API change in a worker: have the master reload the other workers."""
+        if result is not False and self.peer_reload is not None:
+            self.peer_reload()
+        return result
 
     @defer.inlineCallbacks
     def _apply(self, new: DcRouterOptions) -> Any:
@@ -284,7 +337,7 @@ class DcRouter(MultiService):
         for name in SERVICE_ORDER:
             if name == "email" and name in old_names and new.email is not None:
                 continue
-            present = getattr(new, name) is not None
+            present = getattr(new, name) is not None and self._runs_here(name)
             if present and name in old_names:
                 yield defer.maybeDeferred(self.by_name[name].reconfigure, new)
             elif present:
@@ -312,10 +365,15 @@ def _fields(error: Exception) -> dict:
 
 def make_router(options: DcRouterOptions, config_path: Optional[str] = None,
                 extensions: Optional[Extensions] = None, reactor: Any = None,
-                exit_on_error: bool = False) -> DcRouter:
-    """Build the service tree for ``options``: the one entry point of the plugin and .tac."""
+                exit_on_error: bool = False,
+                worker: Optional[WorkerIdentity] = None) -> DcRouter:
+    """Build the service tree for ``options``: the one entry point of the plugin and .tac.
+
+    ``worker`` is set in the worker processes of a multi-worker dcrouter
+    (:mod:`dcrouter.workers`).
+    """
     return DcRouter(options, config_path=config_path, extensions=extensions, reactor=reactor,
-                    exit_on_error=exit_on_error)
+                    exit_on_error=exit_on_error, worker=worker)
 
 
 def make_router_from_file(path: str, extensions: Optional[Extensions] = None,

@@ -60,6 +60,19 @@ class Extensions:
     dns_challenge_publisher: Optional[Any] = None
 
 
+@dataclasses.dataclass(frozen=True)
+class WorkerIdentity:
+    """Which worker process this is: ``index`` of ``count`` (``router.workers``)."""
+
+    index: int = 0
+    count: int = 1
+
+    @property
+    def runs_api(self) -> bool:
+        """The management API runs in worker 0 only."""
+        return self.index == 0
+
+
 class RouterControl(Protocol):
     """What services may ask of the router (implemented by DcRouter; used by the API)."""
 
@@ -80,11 +93,14 @@ class RouterContext:
     """Shared state handed to every service by :class:`dcrouter.router.DcRouter`."""
 
     def __init__(self, options: DcRouterOptions, reactor: Any, extensions: Extensions,
-                 config_path: Optional[str] = None) -> None:
+                 config_path: Optional[str] = None,
+                 worker: Optional[WorkerIdentity] = None) -> None:
         self.options = options
         self.reactor = reactor
         self.extensions = extensions
         self.config_path = config_path
+        #: Set in a worker process of a multi-worker dcrouter (None: the only process).
+        self.worker = worker
         self.dkim_keys = DkimKeyStore(options.router.state_dir)
         #: Other services by name, filled in by the router (for the API).
         self.services: dict[str, "ManagedService"] = {}
@@ -166,7 +182,15 @@ class ListenerSet:
     (UDP) for a spec; ``context_for(spec)`` the TLS context factory when
     ``spec.tls``.  Binding is synchronous so errors surface at start, as
     :class:`ListenError` naming the configuration key.
+
+    In a worker process (``router.workers`` > 1) :attr:`reuse_port` is true:
+    every socket is made here with ``SO_REUSEPORT`` and adopted by the
+    reactor, so the worker processes share each port and the kernel spreads
+    connections and datagrams over them.
     """
+
+    #: Set by the worker runner (:mod:`dcrouter.workers`) for the whole process.
+    reuse_port: bool = False
 
     def __init__(self, reactor: IReactorCore, factory_for: Callable[[ListenSpec], Any],
                  context_for: Optional[Callable[[ListenSpec], Any]] = None,
@@ -181,6 +205,8 @@ class ListenerSet:
         host = spec.host
         try:
             target = self.factory_for(spec)
+            if self.reuse_port:
+                return self._bind_shared(spec, target)
             if spec.protocol == "udp":
                 assert isinstance(target, DatagramProtocol)
                 return self.reactor.listenUDP(spec.port, target, interface=host,  # type: ignore
@@ -198,6 +224,38 @@ class ListenerSet:
             raise ListenError(spec.key_path, host, spec.port, str(reason)) from None
         except (socket.gaierror, OSError) as e:
             raise ListenError(spec.key_path, host, spec.port, str(e)) from None
+
+    def _bind_shared(self, spec: ListenSpec, target: Any) -> IListeningPort:
+        """Bind with SO_REUSEPORT, then hand the socket to the reactor (adopt*Port)."""
+        udp = spec.protocol == "udp"
+        kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
+        # as listenTCP/listenUDP: an IPv6 literal binds IPv6, anything else IPv4 ("" = all)
+        if ":" in spec.host:
+            family = socket.AF_INET6
+            address = socket.getaddrinfo(spec.host, spec.port, family, kind)[0][4]
+        else:
+            family, address = socket.AF_INET, (spec.host or "0.0.0.0", spec.port)
+        sock = socket.socket(family, kind)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            sock.bind(address)
+            sock.setblocking(False)
+            if udp:
+                assert isinstance(target, DatagramProtocol)
+                return self.reactor.adoptDatagramPort(  # type: ignore[attr-defined,no-any-return]
+                    sock.fileno(), family, target, maxPacketSize=65535)
+            assert isinstance(target, Factory)
+            sock.listen(self.backlog)
+            if spec.tls:
+                from twisted.protocols.tls import TLSMemoryBIOFactory
+                assert self.context_for is not None
+                target = TLSMemoryBIOFactory(self.context_for(spec), False, target)
+                target.noisy = False
+            return self.reactor.adoptStreamPort(  # type: ignore[attr-defined,no-any-return]
+                sock.fileno(), family, target)
+        finally:
+            sock.close()  # the reactor holds its own duplicate of the descriptor
 
     def start(self, specs: list[ListenSpec]) -> None:
         """Bind every spec; on failure, unbind what was bound and raise."""

@@ -36,7 +36,14 @@ class Options(usage.Options):
 
 
 def makeService(options: Options) -> Any:
-    """Build the router's service tree from the validated options."""
+    """Build the router's service tree from the validated options.
+
+    With ``router.workers`` > 1 this process becomes the master of that many
+    worker processes (:class:`dcrouter.workers.WorkerMaster`).
+    """
+    if options["options"].router.effective_workers > 1:
+        from dcrouter.workers import WorkerMaster
+        return WorkerMaster(options["options"], options["config"])
     from dcrouter.router import make_router
     try:
         return make_router(options["options"], config_path=options["config"], exit_on_error=True)

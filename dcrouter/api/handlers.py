@@ -17,6 +17,7 @@ method that is absent gives a clear 503, never an AttributeError.
 from __future__ import annotations
 
 import dataclasses
+import os
 import re
 import time
 from typing import Any, Callable, Optional
@@ -151,6 +152,9 @@ class RouterEndpoints:
             "version": __version__,
             "uptime": (time.time() - started) if started else 0.0,
         }
+        worker = getattr(self.context, "worker", None)
+        if worker is not None:  # router.workers > 1: these figures are worker 0's own
+            out["worker"] = {"index": worker.index, "count": worker.count, "pid": os.getpid()}
         for name, service in list(self.context.services.items()):
             try:
                 out[name] = jsonable(service.get_stats())

@@ -150,6 +150,8 @@ class RuleEndpoints:
             if self._persist_enabled():
                 state_dir = self.context.options.router.state_dir
                 yield threads.deferToThread(save_rules, state_dir, rules)
+                # router.workers > 1: the other worker processes re-read the saved rules
+                getattr(self.context.router, "rules_saved", lambda: None)()
             log.info("domain rule {pattern} {verb} through the API", pattern=pattern, verb=verb,
                      client_ip=request.client_ip, rules=len(rules))
             return result

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from typing import Mapping
 
 from dcrouter.config.base import check_non_negative, one_of, option
@@ -15,6 +16,8 @@ LOG_SUBSYSTEMS = (
     "email.scanning", "email.delivery", "queue", "proxy", "proxy.acme", "dns", "api",
 )
 LOG_LEVELS = ("debug", "info", "warn", "error", "critical")
+#: Upper bound of ``router.workers`` (a typo such as 400 should not fork 400 processes).
+MAX_WORKERS = 256
 
 
 def _check_log_levels(value: Mapping[str, str], path: str) -> Mapping[str, str]:
@@ -24,6 +27,12 @@ def _check_log_levels(value: Mapping[str, str], path: str) -> Mapping[str, str]:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(f"{path}.{subsystem}", f"unknown subsystem{hint}")
         one_of(*LOG_LEVELS)(level, f"{path}.{subsystem}")
+    return value
+
+
+def _check_workers(value: int, path: str) -> int:
+    if not 0 <= value <= MAX_WORKERS:
+        raise ConfigError(path, f"must be 0..{MAX_WORKERS} (0: one per CPU), got {value}")
     return value
 
 
@@ -52,6 +61,16 @@ class RouterOptions:
     shutdown_timeout: float = option(30.0, check=check_non_negative,
                                      doc="Seconds in-flight SMTP transactions and proxied "
                                      "connections get to finish on SIGTERM.")
+    workers: int = option(1, check=_check_workers, reload="restart",
+                          doc="Worker processes. 1: one process, as always. N > 1: a master "
+                          "process starts N workers that share every listening port "
+                          "(SO_REUSEPORT), each with its own disk-queue shard "
+                          "(queue/worker-<i>); the API runs in worker 0. 0: one per CPU.")
+
+    @property
+    def effective_workers(self) -> int:
+        """``workers``, with 0 resolved to the number of CPUs."""
+        return self.workers or os.cpu_count() or 1
 
     def validate(self, path: str) -> None:
         """Cross-field checks."""
