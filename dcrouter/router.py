@@ -54,7 +54,8 @@ def _build_email(context: RouterContext) -> ManagedService:
                                        state_dir=options.router.state_dir,
                                        resolver=context.extensions.resolver,
                                        observers=context.extensions.delivery_observers,
-                                       reactor=context.reactor)
+                                       reactor=context.reactor,
+                                       suppression_file=_suppression_file(context))
     domain_router = DomainRouter.from_options(email)
     processor = MultiModeProcessor(email, domain_router, queue, context,
                                    suppression=delivery.suppression)
@@ -63,6 +64,14 @@ def _build_email(context: RouterContext) -> ManagedService:
     server = UnifiedEmailServer(email, processor, context)
     return EmailGateway(context, server=server, processor=processor,
                         domain_router=domain_router, queue=queue, delivery=delivery)
+
+
+def _suppression_file(context: RouterContext) -> str:
+    """Each worker process writes its own suppression file and reads the others'."""
+    worker = context.worker
+    if worker is None or worker.count <= 1:
+        return "suppression.json"
+    return f"suppression-worker-{worker.index}.json"
 
 
 def _queue_store(context: RouterContext) -> Any:

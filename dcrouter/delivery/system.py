@@ -41,6 +41,9 @@ from dcrouter.queue.item import DELIVERED, FAILED, QueueItem
 
 log = get_logger("email.delivery")
 
+#: Seconds between looks at the other worker processes' suppression files.
+SUPPRESSION_SYNC_INTERVAL = 5.0
+
 
 class DestinationWorker:
     """Jobs waiting for one destination and the connections serving them."""
@@ -70,7 +73,7 @@ class MultiModeDeliverySystem(Service):
 
     def __init__(self, queue: Any, options: EmailOptions, dkim_keys: Any, state_dir: str = "",
                  resolver: Any = None, observers: Optional[list[Any]] = None,
-                 reactor: Any = None) -> None:
+                 reactor: Any = None, suppression_file: str = "suppression.json") -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -85,7 +88,7 @@ class MultiModeDeliverySystem(Service):
         store = getattr(queue, "store", None)
         shared = getattr(store, "shared", False)
         self.suppression = SuppressionList(
-            os.path.join(state_dir, "suppression.json") if state_dir else "",
+            os.path.join(state_dir, suppression_file) if state_dir else "",
             options.delivery.suppression_ttl,
             redis=(lambda: getattr(store, "redis", None)) if shared else None,
             redis_key=f"{getattr(store, 'prefix', 'dcrouter')}:suppression")
@@ -99,6 +102,7 @@ class MultiModeDeliverySystem(Service):
         self._pump_again = False
         self._loop: Optional[task.LoopingCall] = None
         self._renew_loop: Optional[task.LoopingCall] = None
+        self._sync_loop: Optional[task.LoopingCall] = None
         self._drain_waiters: list[defer.Deferred] = []
         queue.add_listener(self.wake)
 
@@ -117,6 +121,11 @@ class MultiModeDeliverySystem(Service):
         self._loop.clock = self.reactor
         self._loop.start(self.queue.options.check_interval, now=True).addErrback(
             lambda f: log.failure("delivery loop stopped", f))
+        if self.suppression.path:
+            # other worker processes' bounces (their own suppression files)
+            self._sync_loop = task.LoopingCall(self.suppression.sync)
+            self._sync_loop.clock = self.reactor
+            self._sync_loop.start(SUPPRESSION_SYNC_INTERVAL, now=False)
         if getattr(self.queue.store, "shared", False):
             self._renew_loop = task.LoopingCall(self._renew)
             self._renew_loop.clock = self.reactor
@@ -125,7 +134,7 @@ class MultiModeDeliverySystem(Service):
     def stopService(self) -> Optional[defer.Deferred]:
         """Stop taking items; wait a little for deliveries in flight."""
         super().stopService()
-        for loop in (self._loop, self._renew_loop):
+        for loop in (self._loop, self._renew_loop, self._sync_loop):
             if loop is not None and loop.running:
                 loop.stop()
         if not self.in_flight:
