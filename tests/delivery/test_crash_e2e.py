@@ -94,7 +94,11 @@ def run_cycles(workdir: str, cycles: int, seed: int = 50, max_delay: float = 0.6
         for _ in range(cycles):
             proc = TwistdProcess(workdir, config=config)
             try:
-                wait_for_tcp(smtp_port, timeout=30)
+                try:
+                    wait_for_tcp(smtp_port, timeout=30)
+                except TimeoutError:
+                    raise AssertionError("dcrouter did not start:\n" +
+                                         proc.output()[-3000:]) from None
                 sender = Sender(smtp_port, acked)
                 before = len(acked)
                 sender.start()
