@@ -458,8 +458,10 @@ class HttpRelay:
     def _close_all(self) -> None:
         self.closing = True
         link = self.link
-        if link is not None and link.transport is not None and not link.ended:
-            link.transport.loseConnection()
+        if link is not None and not link.ended:
+            link.ended = True               # its close is ours, not news
+            if link.transport is not None:
+                link.transport.loseConnection()
         if self.client_open:
             self.client.loseConnection()
 

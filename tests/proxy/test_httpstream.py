@@ -1,0 +1,601 @@
+"""Per-request HTTP/1.1 relaying: framing, re-routing per request, forwarded headers, upgrades."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import ssl
+import threading
+import time
+from collections import deque
+from typing import Any, Callable, Optional
+
+import pytest
+import pytest_twisted
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import reactor, task
+from twisted.internet.threads import deferToThread
+from twisted.logger import globalLogPublisher
+from twisted.web import resource, server
+
+from dcrouter.proxy.httpstream import (BODY, COMPLETE, DATA, END, HEAD, UPGRADE, FramingError,
+                                       RequestFramer, ResponseFramer)
+from tests.proxy.conftest import proxy_port
+from tests.proxy.test_tunnel import buffered, rss_kib
+
+
+# -- framing units -------------------------------------------------------------------
+
+def frame_requests(data: bytes) -> list[tuple[str, Any]]:
+    framer = RequestFramer()
+    framer.feed(data)
+    events = []
+    while (event := framer.next_event()) is not None:
+        events.append(event)
+    return events
+
+
+def test_request_framer_bodies_pipelining_and_chunk_syntax() -> None:
+    chunked = (b"POST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+               b"5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n")
+    data = chunked + b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n" \
+        + b"PUT /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc"
+    events = frame_requests(data)
+    kinds = [e[0] for e in events]
+    assert kinds == [HEAD, BODY, END, HEAD, END, HEAD, BODY, END]
+    assert events[1][1] == b"5;ext=1\r\nhello\r\n0\r\nX-Trailer: t\r\n\r\n"   # verbatim
+    assert events[3][1].target == "/next" and events[6][1] == b"abc"
+    # byte by byte gives the same body bytes
+    framer = RequestFramer()
+    body = b""
+    for i in range(len(chunked)):
+        framer.feed(chunked[i:i + 1])
+        while (event := framer.next_event()) is not None:
+            if event[0] == BODY:
+                body += event[1]
+    assert body == chunked[chunked.index(b"\r\n\r\n") + 4:]
+
+
+@pytest.mark.parametrize("head", [
+    b"POST / HTTP/1.1\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: 3, 4\r\n\r\n",
+    b"POST / HTTP/1.1\r\nContent-Length: +3\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST / HTTP/1.1\r\nX: a\nTransfer-Encoding: chunked\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
+    b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n",
+])
+def test_request_smuggling_shapes_are_refused(head: bytes) -> None:
+    with pytest.raises(FramingError):
+        frame_requests(head)
+
+
+def test_request_identical_content_lengths_are_accepted() -> None:
+    events = frame_requests(b"POST / HTTP/1.1\r\nContent-Length: 2\r\nContent-Length: 2\r\n\r\nok")
+    assert [e[0] for e in events] == [HEAD, BODY, END]
+
+
+def frame_responses(methods: list[str], data: bytes) -> tuple[list, ResponseFramer]:
+    queue: deque[str] = deque(methods)
+    framer = ResponseFramer(queue)
+    return framer.feed(data), framer
+
+
+def test_response_framer_statuses_methods_and_bodies() -> None:
+    data = (b"HTTP/1.1 100 Continue\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello"
+            b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n"              # HEAD: no body
+            b"HTTP/1.1 204 No Content\r\n\r\n"
+            b"HTTP/1.1 304 Not Modified\r\nContent-Length: 10\r\n\r\n"
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    events, framer = frame_responses(["POST", "HEAD", "GET", "GET", "GET"], data)
+    assert [k for k, _ in events].count(COMPLETE) == 5
+    assert b"".join(raw for kind, raw in events if kind == DATA) == data
+    assert framer.idle and not framer.error
+    # until close
+    events, framer = frame_responses(["GET"], b"HTTP/1.0 200 OK\r\n\r\npart")
+    assert framer.close_delimited and framer.backend_closed() and framer.idle
+    # a cut response is not clean
+    events, framer = frame_responses(["GET"], b"HTTP/1.1 200 OK\r\nContent-Length: 9\r\n\r\nabc")
+    assert not framer.backend_closed()
+    # 101: tunnel afterwards
+    events, framer = frame_responses(["GET"], b"HTTP/1.1 101 Switching\r\nUpgrade: x\r\n\r\nRAW")
+    assert [k for k, _ in events] == [DATA, UPGRADE, DATA] and events[2][1] == b"RAW"
+
+
+@pytest.mark.parametrize("data", [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxEXTRA",           # bytes nobody asked for
+    b"garbage\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nnothex\r\n",
+])
+def test_response_framer_reports_errors(data: bytes) -> None:
+    _events, framer = frame_responses(["GET"], data)
+    assert framer.error
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.integers(min_value=1, max_value=50))
+def test_framers_never_raise_anything_but_framing_errors(data: bytes, cut: int) -> None:
+    framer = RequestFramer()
+    try:
+        for i in range(0, len(data), cut):
+            framer.feed(data[i:i + cut])
+            while framer.next_event() is not None:
+                pass
+    except FramingError:
+        pass
+    response = ResponseFramer(deque(["GET", "HEAD", "GET"]))
+    for i in range(0, len(data), cut):
+        response.feed(data[i:i + cut])
+    response.backend_closed()
+
+
+# -- backends and a blocking client ------------------------------------------------------
+
+class EchoResource(resource.Resource):
+    """Answers with JSON: its tag, the request line parts, headers and body digest."""
+
+    isLeaf = True
+
+    def __init__(self, tag: str) -> None:
+        super().__init__()
+        self.tag = tag
+
+    def render(self, request: Any) -> Any:
+        path = request.path
+        if path == b"/204":
+            request.setResponseCode(204)
+            return b""
+        if path == b"/304":
+            request.setResponseCode(304)
+            return b""
+        body = request.content.read()
+        data = json.dumps({
+            "tag": self.tag, "method": request.method.decode(), "uri": request.uri.decode(),
+            "headers": {k.decode().lower(): [v.decode() for v in vs]
+                        for k, vs in request.requestHeaders.getAllRawHeaders()},
+            "body_len": len(body), "body_sha": hashlib.sha256(body).hexdigest(),
+            "client_port": request.getClientAddress().port}).encode()
+        if path == b"/chunked":            # no length: twisted.web sends it chunked
+            request.write(data[:7])
+            request.write(data[7:])
+            request.finish()
+            return server.NOT_DONE_YET
+        return data
+
+
+class WebBackend:
+    """A twisted.web server (keep-alive, pipelining, chunked) on 127.0.0.1."""
+
+    def __init__(self, tag: str) -> None:
+        site = server.Site(EchoResource(tag))
+        site.noisy = False
+        site.log = lambda request: None  # type: ignore[method-assign]
+        self.port = reactor.listenTCP(0, site, interface="127.0.0.1")
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port.getHost().port}"
+
+
+@pytest.fixture
+def web_backends() -> Any:
+    made: list[WebBackend] = []
+
+    def make(tag: str) -> WebBackend:
+        backend = WebBackend(tag)
+        made.append(backend)
+        return backend
+    yield make
+    for b in made:
+        pytest_twisted.blockon(b.port.stopListening())
+
+
+class RawBackend:
+    """A thread serving one connection with ``handler(conn)`` (scripted HTTP)."""
+
+    def __init__(self, handler: Callable[[socket.socket], None]) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self.address = f"127.0.0.1:{self.port}"
+        self.handler = handler
+        self.error: Optional[BaseException] = None
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        try:
+            self.server.settimeout(30)
+            conn, _ = self.server.accept()
+            with conn:
+                conn.settimeout(30)
+                self.handler(conn)
+        except BaseException as e:        # reported by the test
+            self.error = e
+        finally:
+            self.server.close()
+
+
+class Reader:
+    """Reads HTTP/1.1 responses from a blocking socket (an independent, simple parser)."""
+
+    def __init__(self, sock: Any) -> None:
+        self.sock = sock
+        self.buf = b""
+        self.raw = b""
+
+    def _fill(self) -> None:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise EOFError("closed")
+        self.buf += chunk
+
+    def until(self, marker: bytes) -> bytes:
+        while marker not in self.buf:
+            self._fill()
+        out, self.buf = self.buf.split(marker, 1)
+        self.raw += out + marker
+        return out
+
+    def exact(self, n: int) -> bytes:
+        while len(self.buf) < n:
+            self._fill()
+        out, self.buf = self.buf[:n], self.buf[n:]
+        self.raw += out
+        return out
+
+    def response(self, method: str = "GET") -> tuple[int, dict, bytes]:
+        head = self.until(b"\r\n\r\n").decode("latin-1").split("\r\n")
+        status = int(head[0].split(" ")[1])
+        headers = {k.lower(): v for k, v in (line.split(": ", 1) for line in head[1:])}
+        body = b""
+        if method == "HEAD" or status in (204, 304) or 100 <= status < 200:
+            pass
+        elif headers.get("transfer-encoding") == "chunked":
+            while True:
+                size = int(self.until(b"\r\n").split(b";")[0], 16)
+                if size == 0:
+                    while self.until(b"\r\n"):     # trailer lines, then the empty one
+                        pass
+                    break
+                body += self.exact(size)
+                self.exact(2)
+        elif "content-length" in headers:
+            body = self.exact(int(headers["content-length"]))
+        return status, headers, body
+
+    def closed(self) -> bool:
+        try:
+            self._fill()
+        except (EOFError, ConnectionResetError):
+            return True
+        return False
+
+
+def req(method: str, host: str, path: str = "/", extra: str = "", body: bytes = b"") -> bytes:
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}"]
+    if extra:
+        lines.append(extra)
+    if body:
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode() + body
+
+
+def connect(port: int, tls_name: str = "") -> Any:
+    sock: Any = socket.create_connection(("127.0.0.1", port), timeout=20)
+    if tls_name:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        sock = ctx.wrap_socket(sock, server_hostname=tls_name)
+    return sock
+
+
+# -- end to end ---------------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_each_request_is_routed_and_gets_its_own_forwarded_for(proxy_router, web_backends):
+    alpha, beta = web_backends("alpha"), web_backends("beta")
+    port = proxy_port()
+    router = proxy_router({"routes": [
+        {"name": "a", "ports": [port], "domains": ["a.test"], "targets": [alpha.address],
+         "add_forwarded_headers": True},
+        {"name": "b", "ports": [port], "domains": ["b.test"], "targets": [beta.address],
+         "add_forwarded_headers": True},
+    ]})
+
+    def client() -> list[dict]:
+        seen = []
+        with connect(port) as s:
+            reader = Reader(s)
+            for host, extra in [("a.test", ""), ("b.test", "X-Forwarded-For: 6.6.6.6"),
+                                ("b.test", "X-Forwarded-For: 7.7.7.7"),
+                                ("a.test", "X-Forwarded-Proto: https")]:
+                s.sendall(req("GET", host, f"/{host}", extra))
+                status, _h, body = reader.response()
+                assert status == 200
+                seen.append(json.loads(body))
+        return seen
+    seen = yield deferToThread(client)
+    assert [s["tag"] for s in seen] == ["alpha", "beta", "beta", "alpha"]
+    for s in seen:
+        assert s["headers"]["x-forwarded-proto"] == ["http"]
+        assert len(s["headers"]["x-forwarded-for"]) == 1
+        assert s["headers"]["x-forwarded-for"][0].split(", ")[-1] == "127.0.0.1"
+    assert seen[0]["headers"]["x-forwarded-for"] == ["127.0.0.1"]
+    assert seen[1]["headers"]["x-forwarded-for"] == ["6.6.6.6, 127.0.0.1"]
+    assert seen[2]["headers"]["x-forwarded-for"] == ["7.7.7.7, 127.0.0.1"]
+    assert seen[1]["client_port"] == seen[2]["client_port"]      # same backend connection
+    stats = router.get_stats()["proxy"]["routes"]
+    for _ in range(100):                  # the proxy notices the client's close
+        if not stats["a"]["active_connections"]:
+            break
+        yield task.deferLater(reactor, 0.02, lambda: None)
+        stats = router.get_stats()["proxy"]["routes"]
+    assert stats["a"]["total_connections"] == 2 and stats["b"]["total_connections"] == 1
+    assert stats["a"]["active_connections"] == 0 and stats["b"]["active_connections"] == 0
+    assert stats["b"]["bytes_out"] > 0 and stats["b"]["bytes_in"] > 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_requests_head_204_304_and_chunked_responses(proxy_router, web_backends):
+    alpha = web_backends("alpha")
+    port = proxy_port()
+    proxy_router({"routes": [{"name": "a", "ports": [port], "domains": ["*"],
+                              "targets": [alpha.address], "add_forwarded_headers": True}]})
+
+    def client() -> list:
+        with connect(port) as s:
+            s.sendall(req("GET", "x.test", "/one") + req("HEAD", "x.test", "/two")
+                      + req("GET", "x.test", "/204") + req("GET", "x.test", "/304")
+                      + req("GET", "x.test", "/chunked")
+                      + req("POST", "x.test", "/post", body=b"payload")
+                      + req("GET", "x.test", "/last", "Connection: close"))
+            reader = Reader(s)
+            out = [reader.response(m) for m in ["GET", "HEAD", "GET", "GET", "GET", "POST",
+                                                "GET"]]
+            return out + [reader.closed(), reader.raw]
+    *out, closed, raw = yield deferToThread(client)
+    assert [o[0] for o in out] == [200, 200, 204, 304, 200, 200, 200]
+    assert json.loads(out[0][2])["uri"] == "/one"
+    assert out[1][2] == b"" and int(out[1][1]["content-length"]) > 0          # HEAD
+    assert out[4][1]["transfer-encoding"] == "chunked"
+    assert json.loads(out[4][2])["uri"] == "/chunked"
+    post = json.loads(out[5][2])
+    assert post["body_len"] == 7 and post["method"] == "POST"
+    assert json.loads(out[6][2])["uri"] == "/last"
+    assert closed
+    assert raw.count(b"HTTP/1.1 ") == 7
+
+
+CHUNKED_REQUEST = (b"POST /up HTTP/1.1\r\nHost: c.test\r\nTransfer-Encoding: chunked\r\n\r\n"
+                   b"4;name=\"v\"\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n"
+                   b"0\r\nExpires: never\r\n\r\n")
+CHUNKED_RESPONSE = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"7;ext\r\nchunked\r\n1\r\n!\r\n0\r\nX-Sum: 8\r\n\r\n")
+
+
+@pytest_twisted.inlineCallbacks
+def test_chunked_bodies_relay_byte_exact_and_smuggling_gets_400(proxy_router):
+    received: list[bytes] = []
+
+    def script(conn: socket.socket) -> None:
+        data = b""
+        while not data.endswith(b"0\r\nExpires: never\r\n\r\n"):
+            data += conn.recv(65536)
+        received.append(data)
+        conn.sendall(CHUNKED_RESPONSE)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        received.append(data)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        received.append(conn.recv(65536))        # the smuggled request must never come
+
+    backend = RawBackend(script)
+    port = proxy_port()
+    router = proxy_router({"routes": [{"name": "c", "ports": [port], "domains": ["c.test"],
+                                       "targets": [backend.address],
+                                       "add_forwarded_headers": True}]})
+
+    def client() -> tuple:
+        with connect(port) as s:
+            s.sendall(CHUNKED_REQUEST)
+            reader = Reader(s)
+            status, _h, body = reader.response()
+            first = reader.raw
+            s.sendall(req("GET", "c.test", "/after"))
+            second = reader.response()
+            s.sendall(b"POST /x HTTP/1.1\r\nHost: c.test\r\nContent-Length: 4\r\n"
+                      b"Transfer-Encoding: chunked\r\n\r\n0\r\n\r\nGET /admin HTTP/1.1\r\n\r\n")
+            third = reader.response()
+            return first, body, second, third, reader.closed()
+    first, body, second, third, closed = yield deferToThread(client)
+    assert first == CHUNKED_RESPONSE and body == b"chunked!"
+    head, _, rest = CHUNKED_REQUEST.partition(b"\r\n\r\n")
+    assert received[0] == head + b"\r\nX-Forwarded-For: 127.0.0.1\r\nX-Forwarded-Proto: http" \
+        b"\r\n\r\n" + rest
+    assert second[0] == 200 and second[2] == b"ok"
+    assert third[0] == 400 and closed
+    backend.thread.join(10)
+    assert received[2] == b""          # the backend saw the proxy close, not the smuggled bytes
+    assert router.get_stats()["proxy"]["routes"]["c"]["errors"].get("bad_http") == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_upgrade_101_becomes_a_tunnel(proxy_router, web_backends):
+    plain = web_backends("plain")
+
+    def script(conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        assert b"X-Forwarded-For: 127.0.0.1" in data
+        conn.sendall(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                     b"Connection: Upgrade\r\n\r\nserver-first")
+        while True:
+            chunk = conn.recv(65536)
+            if not chunk:
+                break
+            conn.sendall(chunk.upper())
+
+    ws = RawBackend(script)
+    port = proxy_port()
+    proxy_router({"routes": [
+        {"name": "ws", "ports": [port], "domains": ["ws.test"], "targets": [ws.address],
+         "add_forwarded_headers": True},
+        {"name": "plain", "ports": [port], "domains": ["*"], "targets": [plain.address]},
+    ]})
+
+    def client() -> tuple:
+        with connect(port) as s:
+            reader = Reader(s)
+            s.sendall(req("GET", "other.test", "/before"))
+            before = json.loads(reader.response()[2])["tag"]
+            s.sendall(req("GET", "ws.test", "/chat", "Upgrade: websocket\r\nConnection: Upgrade"))
+            status, headers, _b = reader.response()
+            first = reader.exact(len(b"server-first"))
+            # raw bytes that look like HTTP go through untouched now
+            s.sendall(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\nhello")
+            echoed = reader.exact(len(b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\nhello"))
+            s.shutdown(socket.SHUT_WR)
+            return before, status, first, echoed, reader.closed()
+    before, status, first, echoed, closed = yield deferToThread(client)
+    assert before == "plain" and status == 101 and first == b"server-first"
+    assert echoed == b"GET / HTTP/1.1\r\nHOST: OTHER.TEST\r\n\r\nHELLO"
+    assert closed
+    assert ws.error is None
+
+
+@pytest_twisted.inlineCallbacks
+def test_unparseable_response_closes_both_without_traceback(proxy_router):
+    failures: list[dict] = []
+
+    def observer(event: dict) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            failures.append(event)
+
+    def script(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"NONSENSE\r\n\r\n")
+        conn.recv(65536)
+
+    backend = RawBackend(script)
+    port = proxy_port()
+    router = proxy_router({"routes": [{"name": "bad", "ports": [port], "domains": ["x.test"],
+                                       "targets": [backend.address]}]})
+    globalLogPublisher.addObserver(observer)
+    try:
+        def client() -> bytes:
+            with connect(port) as s:
+                s.sendall(req("GET", "x.test"))
+                data = b""
+                while chunk := s.recv(65536):
+                    data += chunk
+                return data
+        assert (yield deferToThread(client)) == b""
+        backend.thread.join(10)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+    assert not failures
+    assert router.get_stats()["proxy"]["routes"]["bad"]["errors"] == {"bad_response": 1}
+
+
+@pytest_twisted.inlineCallbacks
+def test_terminated_tls_route_rewrites_every_request(proxy_router, web_backends):
+    site = web_backends("tls-site")
+    port = proxy_port()
+    proxy_router({"routes": [{"name": "https", "ports": [port], "domains": ["w.test"],
+                              "tls": "terminate", "targets": [site.address],
+                              "add_forwarded_headers": True}]})
+
+    def client() -> list:
+        with connect(port, "w.test") as s:
+            reader = Reader(s)
+            s.sendall(req("GET", "w.test", "/1"))
+            first = json.loads(reader.response()[2])
+            s.sendall(req("POST", "w.test", "/2", "X-Forwarded-For: 6.6.6.6\r\n"
+                                                  "X-Forwarded-Proto: http", body=b"x" * 70000))
+            second = json.loads(reader.response()[2])
+            s.sendall(req("GET", "w.test", "/3", "Transfer-Encoding: chunked\r\nContent-Length: 1"))
+            third = reader.response()
+            return [first, second, third[0], reader.closed()]
+    first, second, third, closed = yield deferToThread(client)
+    assert first["headers"]["x-forwarded-for"] == ["127.0.0.1"]
+    assert second["headers"]["x-forwarded-for"] == ["6.6.6.6, 127.0.0.1"]
+    assert second["headers"]["x-forwarded-proto"] == ["https"] and second["body_len"] == 70000
+    assert first["client_port"] == second["client_port"]
+    assert third == 400 and closed
+
+
+BIG = 50 * 1024 * 1024
+
+
+@pytest_twisted.inlineCallbacks
+def test_50_mb_post_to_a_slow_backend_stays_bounded(proxy_router):
+    counted: list[int] = []
+
+    def slow(conn: socket.socket) -> None:
+        conn.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(16384)
+        rest = data.split(b"\r\n\r\n", 1)[1]
+        time.sleep(1.0)                           # the client is far ahead by now
+        received = len(rest)
+        while received < BIG:
+            chunk = conn.recv(16384)
+            if not chunk:
+                break
+            received += len(chunk)
+        counted.append(received)
+        body = str(received).encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body) + body)
+        conn.recv(100)
+
+    backend = RawBackend(slow)
+    port = proxy_port()
+    router = proxy_router({"routes": [{"name": "up", "ports": [port], "domains": ["*"],
+                                       "targets": [backend.address],
+                                       "add_forwarded_headers": True}]})
+    service = router.by_name["proxy"]
+    peak = {"buffer": 0, "rss": 0}
+    rss_before = rss_kib()
+
+    def sample() -> None:
+        for front in list(service.connections):
+            relay = front.relay
+            link = relay.link if relay is not None else None
+            total = buffered(front.transport) + buffered(link.transport if link else None) \
+                + (len(relay.framer.buffer) if relay is not None else 0)
+            peak["buffer"] = max(peak["buffer"], total)
+        peak["rss"] = max(peak["rss"], rss_kib() - rss_before)
+    loop = task.LoopingCall(sample)
+    loop.start(0.005)
+
+    def client() -> bytes:
+        block = b"\xab" * (1024 * 1024)
+        with connect(port) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 64 * 1024)
+            s.sendall(f"POST /big HTTP/1.1\r\nHost: u.test\r\nContent-Length: {BIG}\r\n\r\n"
+                      .encode())
+            for _ in range(BIG // len(block)):
+                s.sendall(block)
+            return Reader(s).response()[2]
+    try:
+        answer = yield deferToThread(client)
+    finally:
+        loop.stop()
+    assert answer == str(BIG).encode() and counted == [BIG]
+    assert router.get_stats()["proxy"]["routes"]["up"]["bytes_in"] > BIG
+    assert peak["buffer"] < 2 * 1024 * 1024, peak["buffer"]
+    assert peak["rss"] < 64 * 1024, peak["rss"]
+    yield task.deferLater(reactor, 0, lambda: None)
