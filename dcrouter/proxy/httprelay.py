@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from dcrouter.logsetup import get_logger
 from dcrouter.proxy import http as httpmod
 from dcrouter.proxy.httpstream import (BODY, COMPLETE, DATA, END, HEAD, UPGRADE, FramingError,
-                                       RequestFramer, ResponseFramer)
+                                       RequestFramer, ResponseFramer, wants_close)
 from dcrouter.proxy.routes import Route
 from dcrouter.proxy.stats import RouteStats
 
@@ -74,6 +74,9 @@ class BackendLink:
         self.methods: deque[str] = deque()
         self.framer = ResponseFramer(self.methods)
         self.connecting = True
+        self.sent = 0                   # requests sent on this connection
+        self.answered = 0               # final responses relayed
+        self.last_request = 0           # the request that said "Connection: close" (0: none)
         self.ended = False
         self.eof = False
 
@@ -131,6 +134,7 @@ class HttpRelay:
         self.barrier = False
         self.upgraded = False
         self.closing = False
+        self.close_after = False        # the client's last request said Connection: close
         self.client_open = True
         self.client_eof = False
         self.first = True
@@ -165,6 +169,9 @@ class HttpRelay:
             kind, value = event
             if kind == HEAD:
                 assert isinstance(value, httpmod.RequestHead)
+                if self.close_after:            # requests after "Connection: close"
+                    self.framer.take_buffer()
+                    break
                 self._on_head(value)
             elif kind == BODY:
                 assert isinstance(value, bytes)
@@ -252,6 +259,10 @@ class HttpRelay:
         else:
             raw = httpmod.render_head(head)
         link.methods.append(head.method)
+        link.sent += 1
+        if wants_close(head.version, head.headers):
+            self.close_after = True
+            link.last_request = link.sent
         if head.method == "CONNECT" or head.header("upgrade") is not None:
             self.barrier = True                 # no HTTP parsing until its answer
         link.write(raw)
@@ -356,6 +367,11 @@ class HttpRelay:
                 self.client.write(raw)
             elif kind == UPGRADE:
                 self._upgrade(link)
+            elif kind == COMPLETE:
+                link.answered += 1
+                if raw == b"close" or link.answered == link.last_request:
+                    self._close_all()           # after relaying it, as announced
+                    return
         if link.framer.error:
             link.stats.error("bad_response")
             log.warn("route {route}: unparseable response: {error}", route=link.route.key,
@@ -416,7 +432,7 @@ class HttpRelay:
         self.link = None
         if link.owned:
             link.connection.release()
-        if close_delimited:
+        if close_delimited or link.framer.close_after or self.close_after:
             self._close_client()            # the client learns the end by our close
             return
         if self.blocked:

@@ -33,7 +33,7 @@ HEAD = "head"          # a request head (RequestHead)
 BODY = "body"          # raw body bytes
 END = "end"            # the current message is complete
 DATA = "data"          # raw response bytes to relay
-COMPLETE = "complete"  # a final response ended
+COMPLETE = "complete"  # a final response ended (raw b"close" when it ends the connection)
 UPGRADE = "upgrade"    # 101 / CONNECT: from now on a byte tunnel
 
 MAX_LINE = 4096        # chunk-size and trailer lines
@@ -136,6 +136,14 @@ def _check_head_bytes(raw: bytes) -> None:
         raise FramingError("bare CR, LF or NUL in head")
 
 
+def wants_close(version: str, headers: list[tuple[str, str]]) -> bool:
+    """Whether a message ends its connection (``Connection: close``, or HTTP/1.0 by default)."""
+    tokens = [t.lower() for t in _values(headers, "connection")]
+    if "close" in tokens:
+        return True
+    return version == "HTTP/1.0" and "keep-alive" not in tokens
+
+
 def request_body(head: RequestHead) -> Optional[BodyFramer]:
     """How the body of ``head`` is framed (None: no body); FramingError for smuggling shapes."""
     has_te = _has(head.headers, "transfer-encoding")
@@ -220,6 +228,7 @@ class ResponseFramer:
         self.body: Optional[BodyFramer] = None
         self.tunnel = False
         self.error = ""
+        self.close_after = False      # the last final response announced the connection's end
 
     @property
     def close_delimited(self) -> bool:
@@ -259,7 +268,7 @@ class ResponseFramer:
                     return
                 self.body = None
                 self.methods.popleft()
-                events.append((COMPLETE, b""))
+                events.append((COMPLETE, b"close" if self.close_after else b""))
                 continue
             end = self.buffer.find(b"\r\n\r\n")
             if end < 0:
@@ -272,7 +281,7 @@ class ResponseFramer:
                 raise FramingError("response without a request")
             raw = self.buffer[:end + 4]
             self.buffer = self.buffer[end + 4:]
-            status, headers = parse_response_head(raw[:-4])
+            version, status, headers = parse_response_head(raw[:-4])
             events.append((DATA, raw))
             method = self.methods[0]
             if status == 101 or (method == "CONNECT" and 200 <= status < 300):
@@ -283,9 +292,10 @@ class ResponseFramer:
             if 100 <= status < 200:
                 continue                                # interim: the final one follows
             body = _response_body(method, status, headers)
+            self.close_after = wants_close(version, headers)
             if body is None:
                 self.methods.popleft()
-                events.append((COMPLETE, b""))
+                events.append((COMPLETE, b"close" if self.close_after else b""))
             else:
                 self.body = body
 
@@ -298,8 +308,8 @@ class ResponseFramer:
         return self.idle
 
 
-def parse_response_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:
-    """Status code and headers of a response head (without the blank line)."""
+def parse_response_head(raw: bytes) -> tuple[str, int, list[tuple[str, str]]]:
+    """Version, status code and headers of a response head (without the blank line)."""
     _check_head_bytes(raw)
     lines = raw.decode("latin-1").split("\r\n")
     parts = lines[0].split(" ", 2)
@@ -310,7 +320,7 @@ def parse_response_head(raw: bytes) -> tuple[int, list[tuple[str, str]]]:
         headers = parse_headers(lines[1:])
     except ValueError as e:
         raise FramingError(str(e)) from None
-    return int(parts[1]), headers
+    return parts[0], int(parts[1]), headers
 
 
 def _response_body(method: str, status: int,

@@ -599,3 +599,85 @@ def test_50_mb_post_to_a_slow_backend_stays_bounded(proxy_router):
     assert peak["buffer"] < 2 * 1024 * 1024, peak["buffer"]
     assert peak["rss"] < 64 * 1024, peak["rss"]
     yield task.deferLater(reactor, 0, lambda: None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_pipelined_requests_for_two_routes_switch_in_order(proxy_router, web_backends):
+    alpha, beta = web_backends("alpha"), web_backends("beta")
+    port = proxy_port()
+    router = proxy_router({"routes": [
+        {"name": "a", "ports": [port], "domains": ["a.test"], "targets": [alpha.address],
+         "add_forwarded_headers": True},
+        {"name": "b", "ports": [port], "domains": ["b.test"], "targets": [beta.address],
+         "add_forwarded_headers": True, "blocked_ips": ["127.0.0.0/8"]},
+        {"name": "r", "ports": [port], "domains": ["r.test"], "redirect_to_https": True},
+        {"name": "c", "ports": [port], "domains": ["c.test"], "targets": [beta.address]},
+    ]})
+
+    def pipelined() -> list:
+        with connect(port) as s:
+            s.sendall(req("GET", "a.test", "/1") + req("POST", "c.test", "/2", body=b"x" * 999)
+                      + req("GET", "a.test", "/3", "X-Forwarded-For: 1.2.3.4")
+                      + req("GET", "nowhere.test", "/4") + req("GET", "a.test", "/5"))
+            reader = Reader(s)
+            out = [reader.response() for _ in range(4)]
+            return out + [reader.closed()]
+
+    def redirected() -> list:
+        with connect(port) as s:
+            reader = Reader(s)
+            s.sendall(req("GET", "a.test", "/1"))
+            first = reader.response()
+            s.sendall(req("GET", "r.test", "/p?q"))
+            return [first, reader.response(), reader.closed()]
+
+    def blocked() -> list:
+        with connect(port) as s:
+            reader = Reader(s)
+            s.sendall(req("GET", "a.test", "/1"))
+            first = reader.response()
+            s.sendall(req("GET", "b.test", "/2"))
+            return [first, reader.closed()]
+    *out, closed = yield deferToThread(pipelined)
+    seen = [json.loads(o[2]) for o in out[:3]]
+    assert [(s["tag"], s["uri"]) for s in seen] == [("alpha", "/1"), ("beta", "/2"),
+                                                    ("alpha", "/3")]
+    assert seen[1]["body_len"] == 999 and "x-forwarded-for" not in seen[1]["headers"]
+    assert seen[2]["headers"]["x-forwarded-for"] == ["1.2.3.4, 127.0.0.1"]
+    assert out[3][0] == 404 and closed             # /5 after the 404 is never served
+    first, second, closed = yield deferToThread(redirected)
+    assert json.loads(first[2])["tag"] == "alpha"
+    assert second[0] == 301 and second[1]["location"] == "https://r.test/p?q" and closed
+    first, closed = yield deferToThread(blocked)
+    assert first[0] == 200 and closed
+    stats = router.get_stats()["proxy"]["routes"]
+    assert stats["b"]["errors"] == {"blocked": 1} and stats["b"]["total_connections"] == 0
+    assert stats["a"]["total_connections"] == 4 and stats["c"]["total_connections"] == 1
+
+
+@pytest_twisted.inlineCallbacks
+def test_connection_close_from_either_side_closes_after_the_response(proxy_router, web_backends):
+    alpha = web_backends("alpha")
+
+    def script(conn: socket.socket) -> None:
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 3\r\nConnection: close\r\n\r\nbye")
+        conn.settimeout(10)
+        conn.recv(65536)                  # the proxy closes; the backend does not
+
+    raw = RawBackend(script)
+    port = proxy_port()
+    proxy_router({"routes": [
+        {"name": "a", "ports": [port], "domains": ["a.test"], "targets": [alpha.address]},
+        {"name": "r", "ports": [port], "domains": ["r.test"], "targets": [raw.address]},
+    ]})
+
+    def client(host: str, extra: str) -> tuple:
+        with connect(port) as s:
+            s.sendall(req("GET", host, "/", extra))
+            reader = Reader(s)
+            return reader.response(), reader.closed()
+    (status, _h, body), closed = yield deferToThread(client, "a.test", "Connection: close")
+    assert status == 200 and json.loads(body)["tag"] == "alpha" and closed
+    (status, _h, body), closed = yield deferToThread(client, "r.test", "")
+    assert status == 200 and body == b"bye" and closed
