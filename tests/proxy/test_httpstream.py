@@ -681,3 +681,62 @@ def test_connection_close_from_either_side_closes_after_the_response(proxy_route
     assert status == 200 and json.loads(body)["tag"] == "alpha" and closed
     (status, _h, body), closed = yield deferToThread(client, "r.test", "")
     assert status == 200 and body == b"bye" and closed
+
+
+@pytest_twisted.inlineCallbacks
+def test_big_response_to_a_slow_client_then_a_route_switch_stays_bounded(proxy_router,
+                                                                          web_backends):
+    total = 30 * 1024 * 1024
+    other = web_backends("other")
+
+    def fast(conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % total)
+        block = b"\xcd" * (1024 * 1024)
+        for _ in range(total // len(block)):
+            conn.sendall(block)
+        conn.recv(100)
+
+    source = RawBackend(fast)
+    port = proxy_port()
+    router = proxy_router({"routes": [
+        {"name": "big", "ports": [port], "domains": ["big.test"], "targets": [source.address]},
+        {"name": "other", "ports": [port], "domains": ["other.test"], "targets": [other.address]},
+    ]})
+    service = router.by_name["proxy"]
+    peak = {"buffer": 0}
+
+    def sample() -> None:
+        for front in list(service.connections):
+            relay = front.relay
+            link = relay.link if relay is not None else None
+            peak["buffer"] = max(peak["buffer"], buffered(front.transport)
+                                 + buffered(link.transport if link else None))
+    loop = task.LoopingCall(sample)
+    loop.start(0.005)
+
+    def client() -> tuple:
+        with connect(port) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 * 1024)
+            s.sendall(req("GET", "big.test", "/big") + req("GET", "other.test", "/small"))
+            time.sleep(1.0)
+            reader = Reader(s)
+            head = reader.until(b"\r\n\r\n")
+            size = int(head.split(b"Content-Length: ")[1].split(b"\r\n")[0])
+            got = len(reader.buf)
+            reader.buf = b""
+            while got < size:
+                chunk = s.recv(min(16384, size - got))
+                if not chunk:
+                    break
+                got += len(chunk)
+            reader.raw = b""
+            return got, json.loads(reader.response()[2])["tag"]
+    try:
+        got, tag = yield deferToThread(client)
+    finally:
+        loop.stop()
+    assert got == total and tag == "other"
+    assert peak["buffer"] < 2 * 1024 * 1024, peak["buffer"]
