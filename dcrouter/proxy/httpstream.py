@@ -169,6 +169,7 @@ class RequestFramer:
         self.buffer = b""
         self.body: Optional[BodyFramer] = None
         self.in_message = False
+        self._scanned = 0         # head bytes already searched for the blank line
 
     def feed(self, data: bytes) -> None:
         """Add bytes from the client."""
@@ -176,7 +177,7 @@ class RequestFramer:
 
     def take_buffer(self) -> bytes:
         """Everything not yet framed (for a switch to tunnel mode)."""
-        data, self.buffer = self.buffer, b""
+        data, self.buffer, self._scanned = self.buffer, b"", 0
         return data
 
     @property
@@ -189,10 +190,12 @@ class RequestFramer:
         if not self.in_message:
             while self.buffer.startswith(b"\r\n"):          # RFC 9112 2.2: stray CRLF
                 self.buffer = self.buffer[2:]
-            end = self.buffer.find(b"\r\n\r\n")
+                self._scanned = 0
+            end = self.buffer.find(b"\r\n\r\n", self._scanned)
             if end < 0:
                 if len(self.buffer) > MAX_HEAD:
                     raise FramingError("request head too large")
+                self._scanned = max(0, len(self.buffer) - 3)   # a head sent byte by byte
                 return None
             if end > MAX_HEAD:
                 raise FramingError("request head too large")
@@ -204,6 +207,7 @@ class RequestFramer:
                 raise FramingError(str(e)) from None
             self.body = request_body(head)
             self.buffer = self.buffer[end + 4:]
+            self._scanned = 0
             self.in_message = True
             return HEAD, head
         if self.body is None:

@@ -122,6 +122,36 @@ def test_response_framer_reports_errors(data: bytes) -> None:
     assert framer.error
 
 
+STREAM = (b"\r\nPOST /up HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+          b"5;ext=1\r\nhello\r\n10\r\n0123456789abcdef\r\n0\r\nX-Trailer: t\r\n\r\n"
+          b"GET /next HTTP/1.1\r\nHost: b\r\n\r\n"
+          b"PUT /x HTTP/1.1\r\nContent-Length: 3\r\n\r\nabc")
+
+
+def summary(pieces: list[bytes]) -> list:
+    framer = RequestFramer()
+    out: list = []
+    for piece in pieces:
+        framer.feed(piece)
+        while (event := framer.next_event()) is not None:
+            kind, value = event
+            if kind == BODY and out and out[-1][0] == BODY:
+                out[-1] = (BODY, out[-1][1] + value)
+            else:
+                out.append((kind, (value.method, value.target, value.headers)
+                            if kind == HEAD else value))
+    return out
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(st.integers(min_value=0, max_value=len(STREAM)), max_size=12))
+def test_request_framing_does_not_depend_on_segmentation(cuts: list[int]) -> None:
+    points = [0] + sorted(cuts) + [len(STREAM)]
+    pieces = [STREAM[a:b] for a, b in zip(points, points[1:])]
+    assert summary(pieces) == summary([STREAM])
+    assert [e[0] for e in summary([STREAM])] == [HEAD, BODY, END, HEAD, END, HEAD, BODY, END]
+
+
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=400), st.integers(min_value=1, max_value=50))
 def test_framers_never_raise_anything_but_framing_errors(data: bytes, cut: int) -> None:
@@ -740,3 +770,67 @@ def test_big_response_to_a_slow_client_then_a_route_switch_stays_bounded(proxy_r
         loop.stop()
     assert got == total and tag == "other"
     assert peak["buffer"] < 2 * 1024 * 1024, peak["buffer"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_half_close_http10_expect_continue_and_idle_timeout(proxy_router, web_backends):
+    alpha = web_backends("alpha")
+
+    def continue_script(conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n")
+        body = data.split(b"\r\n\r\n", 1)[1]
+        while len(body) < 5:
+            body += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 5\r\n\r\n" + body.upper())
+        conn.recv(100)
+
+    cont = RawBackend(continue_script)
+    port = proxy_port()
+    router = proxy_router({"routes": [
+        {"name": "a", "ports": [port], "domains": ["a.test"], "targets": [alpha.address],
+         "connection_timeout": 0.8},
+        {"name": "c", "ports": [port], "domains": ["c.test"], "targets": [cont.address]},
+    ]})
+
+    def half_close() -> tuple:
+        with connect(port) as s:
+            s.sendall(req("GET", "a.test", "/1") + req("GET", "a.test", "/2"))
+            s.shutdown(socket.SHUT_WR)
+            reader = Reader(s)
+            return reader.response(), reader.response(), reader.closed()
+
+    def http10() -> tuple:
+        with connect(port) as s:
+            s.sendall(b"GET /old HTTP/1.0\r\nHost: a.test\r\n\r\n")
+            reader = Reader(s)
+            return reader.response(), reader.closed()
+
+    def expect_continue() -> tuple:
+        with connect(port) as s:
+            s.sendall(b"PUT /c HTTP/1.1\r\nHost: c.test\r\nContent-Length: 5\r\n"
+                      b"Expect: 100-continue\r\n\r\n")
+            reader = Reader(s)
+            interim = reader.response()
+            s.sendall(b"hello")
+            return interim, reader.response()
+
+    def idle() -> tuple:
+        with connect(port) as s:
+            reader = Reader(s)
+            s.sendall(req("GET", "a.test", "/1"))
+            first = reader.response()
+            started = time.monotonic()
+            return first, reader.closed(), time.monotonic() - started
+    first, second, closed = yield deferToThread(half_close)
+    assert json.loads(first[2])["uri"] == "/1" and json.loads(second[2])["uri"] == "/2"
+    assert closed
+    (status, _h, body), closed = yield deferToThread(http10)
+    assert status == 200 and json.loads(body)["uri"] == "/old" and closed
+    interim, final = yield deferToThread(expect_continue)
+    assert interim[0] == 100 and final[0] == 201 and final[2] == b"HELLO"
+    first, closed, waited = yield deferToThread(idle)
+    assert first[0] == 200 and closed and waited < 10
+    assert router.get_stats()["proxy"]["routes"]["a"]["errors"] == {"idle_timeout": 1}
