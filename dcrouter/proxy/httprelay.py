@@ -465,6 +465,9 @@ class HttpRelay:
                 if self.link.eof:
                     self._close_all()
             return
+        if self.framer.in_message and not self.blocked:
+            self._close_all()                   # a request cut short can never be answered
+            return
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:

@@ -834,3 +834,83 @@ def test_half_close_http10_expect_continue_and_idle_timeout(proxy_router, web_ba
     first, closed, waited = yield deferToThread(idle)
     assert first[0] == 200 and closed and waited < 10
     assert router.get_stats()["proxy"]["routes"]["a"]["errors"] == {"idle_timeout": 1}
+
+
+RESPONSE_PIECES = [
+    b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nok\r\n0\r\n\r\n",
+    b"HTTP/1.1 204 No Content\r\n\r\n", b"HTTP/1.1 100 Continue\r\n\r\n",
+    b"HTTP/1.1 101 Switching Protocols\r\n\r\n", b"HTTP/1.0 200 OK\r\n\r\nuntil close",
+    b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n", b"\x00\xff garbage",
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", b"\r\n", b"",
+]
+REQUEST_PIECES = [
+    b"GET / HTTP/1.1\r\nHost: f.test\r\n\r\n", b"HEAD / HTTP/1.1\r\nHost: g.test\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: f.test\r\nTransfer-Encoding: chunked\r\n\r\n",
+    b"3\r\nabc\r\n", b"0\r\n\r\n", b"POST / HTTP/1.1\r\nHost: g.test\r\nContent-Length: 4\r\n\r\n",
+    b"data", b"GET / HTTP/1.1\r\nHost: f.test\r\nUpgrade: x\r\n\r\n", b"\x16\x03\x01 junk",
+    b"GET / HTTP/1.1\r\nHost: nowhere.test\r\n\r\n", b"GET /\r\n\r\n", b"\r\n",
+]
+
+
+@pytest_twisted.inlineCallbacks
+def test_random_conversations_never_log_a_failure(proxy_router):
+    import random
+    from twisted.internet.protocol import Factory, Protocol
+
+    rng = random.Random(5)
+
+    class Chaos(Protocol):
+        def dataReceived(self, data: bytes) -> None:
+            for _ in range(rng.randint(0, 2)):
+                self.transport.write(rng.choice(RESPONSE_PIECES))  # type: ignore[union-attr]
+            if rng.random() < 0.1:
+                self.transport.loseConnection()  # type: ignore[union-attr]
+
+    factory = Factory.forProtocol(Chaos)
+    factory.noisy = False
+    listening = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    target = f"127.0.0.1:{listening.getHost().port}"
+    port = proxy_port()
+    router = proxy_router({"routes": [
+        {"name": "f", "ports": [port], "domains": ["f.test"], "targets": [target],
+         "add_forwarded_headers": True, "connection_timeout": 0.5},
+        {"name": "g", "ports": [port], "domains": ["g.test"], "targets": [target],
+         "connection_timeout": 0.5},
+    ]})
+    failures: list[dict] = []
+
+    def observer(event: dict) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            failures.append(event)
+    conversations = [[rng.choice(REQUEST_PIECES) for _ in range(rng.randint(1, 6))]
+                     for _ in range(40)]
+
+    def talk() -> None:
+        for pieces in conversations:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=5) as s:
+                    for piece in pieces:
+                        s.sendall(piece)
+                        time.sleep(0.002)
+                    s.shutdown(socket.SHUT_WR)
+                    s.settimeout(3)
+                    while s.recv(65536):
+                        pass
+            except OSError:
+                pass
+    globalLogPublisher.addObserver(observer)
+    try:
+        yield deferToThread(talk)
+        for _ in range(100):
+            if not router.by_name["proxy"].connections:
+                break
+            yield task.deferLater(reactor, 0.05, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(observer)
+        yield listening.stopListening()
+    assert not failures, failures[:1]
+    assert not router.by_name["proxy"].connections
+    stats = router.get_stats()["proxy"]["routes"]
+    assert stats["f"]["active_connections"] == 0 and stats["g"]["active_connections"] == 0
+    assert router.by_name["proxy"].admission.active() == 0
