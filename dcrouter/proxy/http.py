@@ -21,10 +21,6 @@ from typing import Optional
 MAX_HEAD = 32 * 1024
 ACME_PREFIX = "/.well-known/acme-challenge/"
 
-NEED_MORE = "need-more"
-DONE = "done"
-INVALID = "invalid"
-
 _TOKENS = set(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
 
@@ -95,37 +91,6 @@ def parse_headers(lines: list[str]) -> list[tuple[str, str]]:
             raise ValueError("bad header line")
         headers.append((name, value.strip()))
     return headers
-
-
-class HeadReader:
-    """Collects bytes until the end of the first request head."""
-
-    def __init__(self, max_size: int = MAX_HEAD) -> None:
-        self.max_size = max_size
-        self.buffer = b""
-        self.state = NEED_MORE
-        self.head: Optional[RequestHead] = None
-        self.rest = b""
-        self.error = ""
-
-    def feed(self, data: bytes) -> str:
-        """Add bytes; returns the new state."""
-        if self.state != NEED_MORE:
-            return self.state
-        self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buffer) > self.max_size:
-                self.state, self.error = INVALID, "request head too large"
-            return self.state
-        try:
-            self.head = parse_head(self.buffer[:end])
-        except ValueError as e:
-            self.state, self.error = INVALID, str(e)
-            return self.state
-        self.rest = self.buffer[end + 4:]
-        self.state = DONE
-        return self.state
 
 
 def render_head(head: RequestHead, client_ip: Optional[str] = None,
