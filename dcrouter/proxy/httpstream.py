@@ -10,7 +10,7 @@ so it must know where each message ends without buffering it:
   smuggling are refused with :class:`FramingError`: both ``Content-Length``
   and ``Transfer-Encoding``, differing ``Content-Length`` values, a transfer
   coding list whose final coding is not ``chunked``, an invalid chunk size,
-  bare CR or LF in a head.
+  bare CR or LF in a head, more than one ``Host``.
 * :class:`ResponseFramer` follows the backend's responses, paired with the
   methods of the requests sent (a FIFO, so pipelining works): no body for
   ``HEAD``, 1xx, 204 and 304; chunked; ``Content-Length``; else until the
@@ -146,6 +146,8 @@ def wants_close(version: str, headers: list[tuple[str, str]]) -> bool:
 
 def request_body(head: RequestHead) -> Optional[BodyFramer]:
     """How the body of ``head`` is framed (None: no body); FramingError for smuggling shapes."""
+    if sum(1 for key, _ in head.headers if key.lower() == "host") > 1:
+        raise FramingError("more than one Host")    # RFC 9112 3.2: routing would be ambiguous
     has_te = _has(head.headers, "transfer-encoding")
     has_cl = _has(head.headers, "content-length")
     if has_te and has_cl:

@@ -69,6 +69,7 @@ def test_request_framer_bodies_pipelining_and_chunk_syntax() -> None:
     b"POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
     b"POST / HTTP/1.1\r\nX: a\nTransfer-Encoding: chunked\r\n\r\n",
     b"POST / HTTP/1.1\r\nTransfer-Encoding : chunked\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: b.test\r\n\r\n",
     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\n",
     b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabcX\r\n",
