@@ -165,7 +165,8 @@ def request_body(head: RequestHead) -> Optional[BodyFramer]:
 
 
 class RequestFramer:
-    """Cuts a client's bytes into request heads, body pieces and ends (pull with :meth:`next_event`)."""
+    """Cuts a client's bytes into request heads, body pieces and ends (pulled by
+    :meth:`next_event`)."""
 
     def __init__(self) -> None:
         self.buffer = b""
