@@ -246,10 +246,15 @@ class RawBackend:
     def _run(self) -> None:
         try:
             self.server.settimeout(30)
-            conn, _ = self.server.accept()
-            with conn:
+            while True:
+                conn, _ = self.server.accept()
                 conn.settimeout(30)
-                self.handler(conn)
+                if not conn.recv(1, socket.MSG_PEEK):      # a health check probe
+                    conn.close()
+                    continue
+                with conn:
+                    self.handler(conn)
+                return
         except BaseException as e:        # reported by the test
             self.error = e
         finally:
@@ -456,7 +461,7 @@ def test_chunked_bodies_relay_byte_exact_and_smuggling_gets_400(proxy_router):
         b"\r\n\r\n" + rest
     assert second[0] == 200 and second[2] == b"ok"
     assert third[0] == 400 and closed
-    backend.thread.join(10)
+    yield deferToThread(backend.thread.join, 10)
     assert received[2] == b""          # the backend saw the proxy close, not the smuggled bytes
     assert router.get_stats()["proxy"]["routes"]["c"]["errors"].get("bad_http") == 1
 
@@ -533,7 +538,7 @@ def test_unparseable_response_closes_both_without_traceback(proxy_router):
                     data += chunk
                 return data
         assert (yield deferToThread(client)) == b""
-        backend.thread.join(10)
+        yield deferToThread(backend.thread.join, 10)
     finally:
         globalLogPublisher.removeObserver(observer)
     assert not failures
@@ -923,3 +928,42 @@ def test_random_conversations_never_log_a_failure(proxy_router):
     stats = router.get_stats()["proxy"]["routes"]
     assert stats["f"]["active_connections"] == 0 and stats["g"]["active_connections"] == 0
     assert router.by_name["proxy"].admission.active() == 0
+
+
+@pytest_twisted.inlineCallbacks
+def test_each_backend_connection_gets_its_proxy_header(proxy_router):
+    seen: list[bytes] = []
+
+    def script(conn: socket.socket) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        seen.append(data)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        conn.recv(100)
+
+    one, two = RawBackend(script), RawBackend(script)
+    port = proxy_port()
+    proxy_router({"routes": [
+        {"name": "one", "ports": [port], "domains": ["one.test"], "targets": [one.address],
+         "send_proxy_protocol": "v1"},
+        {"name": "two", "ports": [port], "domains": ["two.test"], "targets": [two.address],
+         "send_proxy_protocol": "v1"},
+    ]})
+
+    def client() -> tuple:
+        with connect(port) as s:
+            reader = Reader(s)
+            s.sendall(req("GET", "one.test", "/a"))
+            first = reader.response()
+            s.sendall(req("GET", "two.test", "/b"))
+            return first, reader.response(), s.getsockname()[1]
+    first, second, client_port = yield deferToThread(client)
+    assert first[2] == b"ok" and second[2] == b"ok"
+    yield deferToThread(one.thread.join, 10)          # never block the reactor on a join
+    yield deferToThread(two.thread.join, 10)
+    assert len(seen) == 2
+    for data, path in zip(seen, ["/a", "/b"]):
+        line, _, rest = data.partition(b"\r\n")
+        assert line.startswith(b"PROXY TCP4 127.0.0.1 127.0.0.1 %d %d" % (client_port, port))
+        assert rest.startswith(b"GET %s HTTP/1.1\r\n" % path.encode())
