@@ -7,8 +7,9 @@ A connection goes through these stages, as its listener's mode requires:
 2. ``tls`` - the ClientHello is read (:mod:`dcrouter.proxy.sni`) and the
    route chosen by SNI; ``passthrough`` replays the bytes to a target,
    ``terminate*`` feeds them into a server TLS engine whose plain side is
-   relayed; ``http`` - the first request head is read
-   (:mod:`dcrouter.proxy.http`) and the route chosen by ``Host`` and path;
+   relayed; ``http`` - an :class:`~dcrouter.proxy.httprelay.HttpRelay`
+   routes every request by ``Host`` and path (terminated routes that add
+   forwarded headers use one too, on their route);
    ``tcp`` - the route is chosen by port and client address alone;
 3. admission (:mod:`dcrouter.proxy.limits`, the same call for every mode),
    then a :class:`~dcrouter.proxy.tunnel.Tunnel` to a target chosen by the
@@ -32,13 +33,13 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.logsetup import get_logger
-from dcrouter.proxy import http as httpmod
 from dcrouter.proxy import proxyprotocol, sni
+from dcrouter.proxy.httprelay import HttpRelay
 from dcrouter.proxy.balancer import Target, connect_with_failover, target_endpoint
 from dcrouter.proxy.limits import Admission, IPAddress, LimitExceeded, Ticket, normalize_ip
 from dcrouter.proxy.routes import Route, RouteTable
 from dcrouter.proxy.stats import RouteStats
-from dcrouter.proxy.tunnel import BackendProtocol, Tunnel
+from dcrouter.proxy.tunnel import BackendProtocol, BackendSink, Tunnel
 
 log = get_logger("proxy")
 
@@ -87,7 +88,7 @@ def _no_delay(transport: Any) -> None:
 class _Backend(BackendProtocol):
     """Target side that first sends a PROXY header and, for re-encrypt, starts TLS."""
 
-    def __init__(self, tunnel: Tunnel, preamble: bytes, tls_options: Any) -> None:
+    def __init__(self, tunnel: BackendSink, preamble: bytes, tls_options: Any) -> None:
         super().__init__(tunnel)
         self.preamble = preamble
         self.tls_options = tls_options
@@ -110,7 +111,7 @@ class _Backend(BackendProtocol):
 class _BackendFactory(Factory):
     noisy = False
 
-    def __init__(self, tunnel: Tunnel, preamble: bytes, tls_options: Any) -> None:
+    def __init__(self, tunnel: BackendSink, preamble: bytes, tls_options: Any) -> None:
         self.tunnel = tunnel
         self.preamble = preamble
         self.tls_options = tls_options
@@ -143,14 +144,21 @@ class Connection:
         if self.target is not None:
             self.target.active -= 1
 
-    def open_tunnel(self, client: Any, initial: bytes, client_addr: tuple[str, int],
-                    local_addr: tuple[str, int], on_fail: Any = None) -> Tunnel:
-        """Pause ``client``, connect a target (with failover), then relay."""
+    def use_target(self, target: Target) -> None:
+        """Count this connection on ``target`` (moving the count on a reconnect)."""
+        if self.target is not None:
+            self.target.active -= 1
+        self.target = target
+        target.active += 1
+
+    def connect(self, sink: BackendSink, client_addr: tuple[str, int],
+                local_addr: tuple[str, int]) -> defer.Deferred:
+        """Connect a target of the route (with failover); fires ``(target, protocol)``.
+
+        ``sink`` receives the target's bytes and closes (a :class:`Tunnel`
+        or an HTTP relay's backend link).
+        """
         route, core = self.route, self.core
-        client.pauseProducing()
-        tunnel = Tunnel(core.reactor, client, self.stats, route.options.connection_timeout,
-                        on_done=self.release)
-        self.tunnel = tunnel
         preamble = b""
         if route.options.send_proxy_protocol:
             preamble = proxyprotocol.encode(route.options.send_proxy_protocol, client_addr,
@@ -162,18 +170,27 @@ class Connection:
                 if route.tls == "terminate-and-reencrypt" else None
             endpoint = target_endpoint(core.reactor, target.host, target.port, timeout,
                                        version=target.ip_version)
-            return endpoint.connect(_BackendFactory(tunnel, preamble, tls_options))
+            return endpoint.connect(_BackendFactory(sink, preamble, tls_options))
 
-        d = connect_with_failover(route.balancer, connect,
-                                  mark_down=route.options.health_check_interval > 0)
+        return connect_with_failover(route.balancer, connect,
+                                     mark_down=route.options.health_check_interval > 0)
+
+    def open_tunnel(self, client: Any, initial: bytes, client_addr: tuple[str, int],
+                    local_addr: tuple[str, int], on_fail: Any = None) -> Tunnel:
+        """Pause ``client``, connect a target (with failover), then relay."""
+        route = self.route
+        client.pauseProducing()
+        tunnel = Tunnel(self.core.reactor, client, self.stats, route.options.connection_timeout,
+                        on_done=self.release)
+        self.tunnel = tunnel
+        d = self.connect(tunnel, client_addr, local_addr)
 
         def connected(result: tuple[Target, Any]) -> None:
             target, protocol = result
             if tunnel.done or not tunnel.client_open:     # the client left meanwhile
                 protocol.transport.loseConnection()
                 return
-            self.target = target
-            target.active += 1
+            self.use_target(target)
             tunnel.attach(protocol.transport, initial)
 
         def failed(failure: Failure) -> None:
@@ -196,7 +213,7 @@ class _TerminatedProtocol(Protocol):
     def __init__(self, front: "FrontProtocol", connection: Connection) -> None:
         self.front = front
         self.connection = connection
-        self.reader: Optional[httpmod.HeadReader] = None
+        self.relay: Optional[HttpRelay] = None
         self.tunnel: Optional[Tunnel] = None
         self.lost = False
         self.handshake_done = False
@@ -224,7 +241,12 @@ class _TerminatedProtocol(Protocol):
         self.handshake_done = True
         route = self.connection.route
         if route.options.add_forwarded_headers:
-            self.reader = httpmod.HeadReader()     # the timer now covers the request head
+            # HTTP request by request; the timer now covers the first request head
+            front = self.front
+            self.relay = HttpRelay(front.core, self.transport, "https", front.port,
+                                   front.client_ip, front.client_addr, front.local_addr,
+                                   admit=lambda route: None, on_first_head=self._cancel_timer,
+                                   fixed=self.connection)
         else:
             self._open(b"")
 
@@ -238,28 +260,16 @@ class _TerminatedProtocol(Protocol):
     def dataReceived(self, data: bytes) -> None:
         if self.tunnel is not None:
             self.tunnel.client_data(data)
-            return
-        if self.reader is None:
-            return
-        state = self.reader.feed(data)
-        if state == httpmod.INVALID:
-            self._cancel_timer()
-            self.connection.stats.error("bad_http")
-            assert self.transport is not None
-            self.transport.write(httpmod.response(400, "Bad Request", b"bad request\n"))
-            self.transport.loseConnection()
-        elif state == httpmod.DONE:
-            assert self.reader.head is not None
-            head = httpmod.render_head(self.reader.head, self.front.client_addr[0], "https")
-            rest = self.reader.rest
-            self.reader = None
-            self._open(head + rest)
+        elif self.relay is not None:
+            self.relay.client_data(data)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         self.lost = True
         self._cancel_timer()
         if self.tunnel is not None:
             self.tunnel.client_lost(reason)
+        elif self.relay is not None:
+            self.relay.client_lost()
         else:
             if not self.handshake_done and not self.timed_out:
                 self.connection.stats.error("tls_handshake")
@@ -290,6 +300,7 @@ class FrontProtocol(Protocol):
         self.parser: Any = None
         self.connection: Optional[Connection] = None
         self.tunnel: Optional[Tunnel] = None
+        self.relay: Optional[HttpRelay] = None
         self.delegate: Optional[Protocol] = None
         self.client_ip: IPAddress = IPv4Address("0.0.0.0")
         self.client_addr: tuple[str, int] = ("", 0)
@@ -324,8 +335,13 @@ class FrontProtocol(Protocol):
             self._proxy(route, leftover)
             return
         self.stage = mode
-        self.parser = sni.ClientHelloParser() if mode == "tls" else httpmod.HeadReader()
         self._start_timer()
+        if mode == "tls":
+            self.parser = sni.ClientHelloParser()
+        else:
+            self.relay = HttpRelay(self.core, self.transport, "http", self.port, self.client_ip,
+                                   self.client_addr, self.local_addr, admit=self._admit,
+                                   on_first_head=self._cancel_timer)
         if leftover:
             self.dataReceived(leftover)
 
@@ -365,12 +381,12 @@ class FrontProtocol(Protocol):
             self.delegate.dataReceived(data)
         elif self.tunnel is not None:
             self.tunnel.client_data(data)
+        elif self.relay is not None:
+            self.relay.client_data(data)
         elif self.stage == "proxy":
             self._on_proxy_header(data)
         elif self.stage == "tls":
             self._on_tls(data)
-        elif self.stage == "http":
-            self._on_http(data)
         # other stages (waiting for a target, closing): bytes are dropped only after close
 
     def _on_proxy_header(self, data: bytes) -> None:
@@ -405,53 +421,6 @@ class FrontProtocol(Protocol):
             self._proxy(route, buffered)
         else:
             self._terminate(route, buffered)
-
-    def _on_http(self, data: bytes) -> None:
-        state = self.parser.feed(data)
-        if state == httpmod.NEED_MORE:
-            return
-        self._cancel_timer()
-        if state == httpmod.INVALID:
-            self._refuse("bad_http", reply=httpmod.response(400, "Bad Request", b"bad request\n"))
-            return
-        head = self.parser.head
-        rest = self.parser.rest
-        self.parser = None
-        token = httpmod.acme_token(head.path)
-        if token is not None:
-            answer = self.core.acme_answer(token)
-            if answer is not None:
-                self.stage = "closing"
-                assert self.transport is not None
-                self.transport.write(httpmod.response(200, "OK", answer.encode("ascii")))
-                self.transport.loseConnection()
-                return
-        route = self.table.match(self.port, head.host, self.client_ip, head.path)
-        if route is None:
-            self._refuse("no_route", reply=httpmod.response(404, "Not Found", b"no route\n"))
-            return
-        connection = self._admit(route)
-        if connection is None:
-            return
-        if route.options.redirect_to_https:
-            self.stage = "closing"
-            assert self.transport is not None
-            self.transport.write(httpmod.redirect_to_https(head))
-            self.transport.loseConnection()
-            connection.release()
-            return
-        if route.options.add_forwarded_headers:
-            initial = httpmod.render_head(head, self.client_addr[0], "http") + rest
-        else:
-            initial = httpmod.render_head(head) + rest
-        self._relay(connection, initial,
-                    on_fail=lambda: self._reply_and_close(httpmod.response(
-                        502, "Bad Gateway", b"no target reachable\n")))
-
-    def _reply_and_close(self, reply: bytes) -> None:
-        if self.transport is not None and not self.closed:
-            self.transport.write(reply)
-            self.transport.loseConnection()
 
     # -- routing outcomes --------------------------------------------------------
     def _admit(self, route: Route) -> Optional[Connection]:
@@ -496,6 +465,8 @@ class FrontProtocol(Protocol):
     def readConnectionLost(self) -> None:
         if self.tunnel is not None:
             self.tunnel.client_read_closed()
+        elif self.relay is not None:
+            self.relay.client_read_closed()
         elif self.transport is not None:
             self.transport.loseConnection()
 
@@ -509,6 +480,8 @@ class FrontProtocol(Protocol):
             self.delegate.connectionLost(reason)
         elif self.tunnel is not None:
             self.tunnel.client_lost(reason)
+        elif self.relay is not None:
+            self.relay.client_lost()
         elif self.connection is not None:
             self.connection.release()
         self.core.untrack(self)
@@ -517,6 +490,8 @@ class FrontProtocol(Protocol):
         """Close now (shutdown deadline passed)."""
         if self.tunnel is not None:
             self.tunnel.abort()
+        if self.relay is not None:
+            self.relay.abort()
         if self.transport is not None:
             self.transport.abortConnection()  # type: ignore[attr-defined]
 

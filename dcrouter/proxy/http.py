@@ -1,10 +1,13 @@
-"""HTTP on plain proxy ports: reading the request head, routing by ``Host``, small replies.
+"""HTTP on plain proxy ports: request heads, routing helpers and small replies.
 
-The proxy reads only the first request head of a connection (up to
-:data:`MAX_HEAD` bytes), chooses the route by ``Host`` and path, may add
-``X-Forwarded-For``/``X-Forwarded-Proto`` to it, and then relays the rest of
-the connection as a byte stream (like HAProxy's tunnel mode): later requests
-on a kept-alive connection go to the same target.
+:func:`parse_head` and :func:`render_head` read and write one request head (up
+to :data:`MAX_HEAD` bytes).  The connection itself is handled request by
+request by :mod:`dcrouter.proxy.httprelay` with the framing of
+:mod:`dcrouter.proxy.httpstream` (HAProxy's keep-alive mode): every request
+head of a kept-alive connection is routed by ``Host`` and path on its own and
+gets its own ``X-Forwarded-For``/``X-Forwarded-Proto`` when its route asks;
+only a ``101 Switching Protocols`` answer (WebSocket) turns the rest of the
+connection into a plain byte tunnel.
 
 ``/.well-known/acme-challenge/`` is answered from the ACME responder before
 any route is consulted; ``redirect_to_https`` routes answer ``301``.
@@ -17,10 +20,6 @@ from typing import Optional
 
 MAX_HEAD = 32 * 1024
 ACME_PREFIX = "/.well-known/acme-challenge/"
-
-NEED_MORE = "need-more"
-DONE = "done"
-INVALID = "invalid"
 
 _TOKENS = set(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz")
 
@@ -76,8 +75,13 @@ def parse_head(raw: bytes) -> RequestHead:
     if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[0] \
             or not set(parts[0].encode()) <= _TOKENS or not parts[1]:
         raise ValueError("bad request line")
+    return RequestHead(parts[0], parts[1], parts[2], parse_headers(lines[1:]))
+
+
+def parse_headers(lines: list[str]) -> list[tuple[str, str]]:
+    """Header lines as (name, value) pairs; ValueError on folding or a malformed line."""
     headers: list[tuple[str, str]] = []
-    for line in lines[1:]:
+    for line in lines:
         if not line:
             continue
         if line[0] in " \t":
@@ -86,38 +90,7 @@ def parse_head(raw: bytes) -> RequestHead:
         if not sep or not name or not set(name.encode()) <= _TOKENS:
             raise ValueError("bad header line")
         headers.append((name, value.strip()))
-    return RequestHead(parts[0], parts[1], parts[2], headers)
-
-
-class HeadReader:
-    """Collects bytes until the end of the first request head."""
-
-    def __init__(self, max_size: int = MAX_HEAD) -> None:
-        self.max_size = max_size
-        self.buffer = b""
-        self.state = NEED_MORE
-        self.head: Optional[RequestHead] = None
-        self.rest = b""
-        self.error = ""
-
-    def feed(self, data: bytes) -> str:
-        """Add bytes; returns the new state."""
-        if self.state != NEED_MORE:
-            return self.state
-        self.buffer += data
-        end = self.buffer.find(b"\r\n\r\n")
-        if end < 0:
-            if len(self.buffer) > self.max_size:
-                self.state, self.error = INVALID, "request head too large"
-            return self.state
-        try:
-            self.head = parse_head(self.buffer[:end])
-        except ValueError as e:
-            self.state, self.error = INVALID, str(e)
-            return self.state
-        self.rest = self.buffer[end + 4:]
-        self.state = DONE
-        return self.state
+    return headers
 
 
 def render_head(head: RequestHead, client_ip: Optional[str] = None,

@@ -15,6 +15,7 @@ a long-lived tunnel that carries traffic, such as a WebSocket, is never cut.
 from __future__ import annotations
 
 from typing import Any, Callable, Optional
+from typing import Protocol as Protocol_
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
@@ -158,11 +159,26 @@ class Tunnel:
         self._idle_call = self.reactor.callLater(self.idle_timeout - idle, self._check_idle)
 
 
+class BackendSink(Protocol_):
+    """What a :class:`BackendProtocol` reports to: a :class:`Tunnel` or an HTTP backend link."""
+
+    stats: RouteStats
+
+    def backend_data(self, data: bytes) -> None:
+        """Bytes from the target."""
+
+    def backend_read_closed(self) -> None:
+        """The target half-closed."""
+
+    def backend_lost(self, reason: Optional[Failure] = None) -> None:
+        """The target connection is gone."""
+
+
 @implementer(IHalfCloseableProtocol)
 class BackendProtocol(Protocol):
     """The target side of a tunnel."""
 
-    def __init__(self, tunnel: Tunnel) -> None:
+    def __init__(self, tunnel: BackendSink) -> None:
         self.tunnel = tunnel
 
     def dataReceived(self, data: bytes) -> None:

@@ -6,26 +6,32 @@ import json
 import socket
 import urllib.request
 
+import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from dcrouter.proxy import http as httpmod
+from dcrouter.proxy.httpstream import HEAD, FramingError, RequestFramer
 from tests.proxy.conftest import http_get, proxy_port, recv_all
 
 
 def test_head_parsing_and_rendering() -> None:
-    reader = httpmod.HeadReader()
-    assert reader.feed(b"GET /a?b=1 HTTP/1.1\r\nHost: Example.Test:8080\r\n") == httpmod.NEED_MORE
-    assert reader.feed(b"X-Forwarded-For: 10.0.0.1\r\n\r\nbody") == httpmod.DONE
-    head = reader.head
-    assert head.host == "example.test" and head.path == "/a?b=1" and reader.rest == b"body"
+    framer = RequestFramer()
+    framer.feed(b"GET /a?b=1 HTTP/1.1\r\nHost: Example.Test:8080\r\n")
+    assert framer.next_event() is None
+    framer.feed(b"X-Forwarded-For: 10.0.0.1\r\n\r\nbody")
+    kind, head = framer.next_event()
+    assert kind == HEAD
+    assert head.host == "example.test" and head.path == "/a?b=1" and framer.buffer == b"body"
     rendered = httpmod.render_head(head, "192.0.2.7", "http").decode()
     assert "X-Forwarded-For: 10.0.0.1, 192.0.2.7\r\n" in rendered
     assert "X-Forwarded-Proto: http\r\n" in rendered
-    assert httpmod.HeadReader().feed(b"NOT HTTP\r\n\r\n") == httpmod.INVALID
-    assert httpmod.HeadReader().feed(b"GET / HTTP/1.1\r\n bad\r\n\r\n") == httpmod.INVALID
-    too_big = httpmod.HeadReader(max_size=100)
-    assert too_big.feed(b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 30) == httpmod.INVALID
+    for bad in [b"NOT HTTP\r\n\r\n", b"GET / HTTP/1.1\r\n bad\r\n\r\n",
+                b"GET / HTTP/1.1\r\n" + b"X: y\r\n" * 6000]:
+        framer = RequestFramer()
+        framer.feed(bad)
+        with pytest.raises(FramingError):
+            framer.next_event()
     assert httpmod.acme_token("/.well-known/acme-challenge/abc") == "abc"
     assert httpmod.acme_token("/.well-known/acme-challenge/a/b") is None
     assert httpmod.parse_head(b"GET http://h.test:81/x HTTP/1.1").host == "h.test"
@@ -112,14 +118,19 @@ from hypothesis import strategies as st  # noqa: E402
 
 @settings(max_examples=300, deadline=None)
 @given(st.binary(max_size=300))
-def test_head_reader_never_raises(data):
-    reader = httpmod.HeadReader(max_size=200)
-    state = reader.feed(data + b"\r\n\r\n")
-    assert state in (httpmod.DONE, httpmod.INVALID)
-    if state == httpmod.DONE:
-        head = reader.head
-        head.host, head.path, httpmod.render_head(head, "192.0.2.1", "http")
-        httpmod.redirect_to_https(head)
+def test_head_framing_never_raises_anything_else(data):
+    framer = RequestFramer()
+    framer.feed(data + b"\r\n\r\n")
+    try:
+        event = framer.next_event()
+    except FramingError:
+        return
+    if event is None:           # only stray CRLFs
+        return
+    kind, head = event
+    assert kind == HEAD
+    head.host, head.path, httpmod.render_head(head, "192.0.2.1", "http")
+    httpmod.redirect_to_https(head)
 
 
 @pytest_twisted.inlineCallbacks
