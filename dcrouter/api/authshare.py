@@ -57,7 +57,7 @@ class SharedFailureLimiter:
         path = parts.path.strip("/")
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 6379
-        self.dbid = int(path) if path.isdigit() else 0
+        self.dbid = int(path) if path.isascii() and path.isdigit() else 0
         self.password = parts.password
         self.prefix = prefix
         self.limit = limit

@@ -402,7 +402,7 @@ def _rule_from_args(args: argparse.Namespace) -> dict:
     rule: dict[str, Any] = {"pattern": args.pattern, "mode": args.mode}
     if args.target:
         host, sep, port = args.target.rpartition(":")
-        if not sep or not port.isdigit():
+        if not sep or not (port.isascii() and port.isdigit()):
             host, port = args.target, "25"
         target: dict[str, Any] = {"server": host.strip("[]"), "port": int(port)}
         if args.tls:

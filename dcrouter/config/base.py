@@ -284,7 +284,7 @@ def split_host_port(value: str, path: str, default_port: Optional[int] = None) -
         if default_port is None:
             raise ConfigError(path, f"must be host:port, got '{value}'")
         return host, default_port
-    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+    if not (port_text.isascii() and port_text.isdigit()) or not 1 <= int(port_text) <= 65535:
         raise ConfigError(path, f"port must be 1..65535, got '{port_text}'")
     return host, int(port_text)
 

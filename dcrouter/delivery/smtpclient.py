@@ -65,7 +65,7 @@ class Job:
 
     def fail_all(self, code: int, message: str, permanent: bool) -> None:
         """The same failure for every recipient."""
-        text = message if message[:3].isdigit() or code <= 0 else f"{code} {message}"
+        text = message if (message[:3].isascii() and message[:3].isdigit()) or code <= 0 else f"{code} {message}"
         self.finish({r: Outcome(code, text, False, permanent) for r in self.recipients})
 
 

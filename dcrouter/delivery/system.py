@@ -62,7 +62,7 @@ class DestinationWorker:
 
 def _error_outcome(error: Exception) -> tuple[int, str, bool]:
     text = str(error)
-    code = int(text[:3]) if text[:3].isdigit() else -1
+    code = int(text[:3]) if text[:3].isascii() and text[:3].isdigit() else -1
     return code, text, isinstance(error, PermanentDeliveryError)
 
 
@@ -496,7 +496,7 @@ class MultiModeDeliverySystem(Service):
             if worker.jobs:
                 gave_up = True
                 self._fail_waiting(worker, -1, f"451 4.4.1 {last_error}"
-                                   if not last_error[:3].isdigit() else last_error, False,
+                                   if not (last_error[:3].isascii() and last_error[:3].isdigit()) else last_error, False,
                                    only_if_alone=True)
         finally:
             worker.connections -= 1

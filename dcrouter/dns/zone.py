@@ -120,7 +120,7 @@ def tokenize(value: str, path: str) -> list[bytes]:
                 break
             if c == "\\" and i + 1 < n:
                 nxt = value[i + 1:i + 4]
-                if len(nxt) == 3 and nxt.isdigit() and int(nxt) < 256:
+                if len(nxt) == 3 and nxt.isascii() and nxt.isdigit() and int(nxt) < 256:
                     buf.append(int(nxt))
                     i += 4
                     continue

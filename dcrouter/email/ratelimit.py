@@ -158,7 +158,7 @@ class RedisRateLimiter:
         path = parts.path.strip("/")
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 6379
-        self.dbid = int(path) if path.isdigit() else 0
+        self.dbid = int(path) if path.isascii() and path.isdigit() else 0
         self.password = parts.password
         self.prefix = prefix
         self.clock = clock

@@ -518,7 +518,7 @@ class SmtpSession(Protocol):
             return
         for key, value in params.items():
             if key == "SIZE":
-                if not value.isdigit():
+                if not (value.isascii() and value.isdigit()):
                     self._error("501 5.5.4 Bad SIZE parameter")
                     return
                 if int(value) > self.host.options.max_message_size:
@@ -632,8 +632,8 @@ class SmtpSession(Protocol):
             self._not_implemented(arg)
             return
         parts = arg.split()
-        if (not 1 <= len(parts) <= 2 or not parts[0].isdigit() or len(parts[0]) > 20
-                or (len(parts) == 2 and parts[1].upper() != "LAST")):
+        if (not 1 <= len(parts) <= 2 or not (parts[0].isascii() and parts[0].isdigit())
+                or len(parts[0]) > 20 or (len(parts) == 2 and parts[1].upper() != "LAST")):
             self._error("501 5.5.4 Syntax: BDAT count [LAST]")
             return
         size, last = int(parts[0]), len(parts) == 2

@@ -116,7 +116,7 @@ class Journal:
     def _numbers(self, suffix: str) -> list[int]:
         out = []
         for name in os.listdir(self.directory):
-            if name.endswith(suffix) and name[:-len(suffix)].isdigit():
+            if name.endswith(suffix) and name[:-len(suffix)].isascii() and name[:-len(suffix)].isdigit():
                 out.append(int(name[:-len(suffix)]))
         return sorted(out)
 

@@ -169,3 +169,9 @@ def test_log_levels_table():
         "router.log_levels.email.delivry: unknown subsystem (did you mean 'email.delivery'?)"
     assert error_of('[router]\nlog_levels = { "dns" = "loud" }\n').startswith(
         "router.log_levels.dns: must be one of")
+
+
+def test_non_ascii_digits_in_a_port_are_a_config_error():
+    """'¹' passes str.isdigit() but not int(): a clear error, never a traceback."""
+    assert error_of('[email.delivery]\nnameservers = ["127.0.0.1:\u00b9"]\n') == \
+        "email.delivery.nameservers[0]: port must be 1..65535, got '\u00b9'"

@@ -288,7 +288,8 @@ def test_bdat_error_replies(start_server: Any) -> None:
         c.cmd("RCPT TO:<b@local.test>")
         out["syntax"] = [c.cmd(line) for line in
                          ("BDAT", "BDAT abc", "BDAT -1", "BDAT 5 NOTLAST", "BDAT 5 LAST x",
-                          "BDAT 1e3", "BDAT " + "9" * 21)]
+                          "BDAT 1e3", "BDAT " + "9" * 21,
+                          "BDAT \u00b9", "BDAT \uff15 LAST")]   # non-ASCII digits (¹, fullwidth 5)
         out["long"] = c.cmd("BDAT 1" + " " * 520)
         out["first"] = c.bdat(b"Subject: x\r\n\r\n")
         out["data"] = c.cmd("DATA")  # not after BDAT in the same transaction
@@ -303,7 +304,7 @@ def test_bdat_error_replies(start_server: Any) -> None:
     assert out["before_mail"] == "503 5.5.1 Error: need MAIL command"
     assert out["noop1"] == "250 2.0.0 Ok"
     assert out["before_rcpt"] == "503 5.5.1 Error: need RCPT command"
-    assert out["syntax"] == ["501 5.5.4 Syntax: BDAT count [LAST]"] * 7
+    assert out["syntax"] == ["501 5.5.4 Syntax: BDAT count [LAST]"] * 9
     assert out["long"] == "500 5.5.2 Error: line too long"
     assert out["first"] == "250 2.0.0 14 octets received"
     assert out["data"] == "503 5.5.1 Error: DATA not allowed after BDAT in the same transaction"
