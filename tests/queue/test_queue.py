@@ -110,7 +110,8 @@ def test_disk_files_private_and_recovered_after_crash(tmp_path):
     with open(journal, "rb") as f:
         data = f.read()
     start = data.index(b" P " + victim.encode())
-    data = data[:start + 20] + b"X" + data[start + 21:]
+    flipped = b"Y" if data[start + 20:start + 21] == b"X" else b"X"   # always a change
+    data = data[:start + 20] + flipped + data[start + 21:]
     with open(journal, "wb") as f:
         f.write(data + b"0badc0de P torn-off-rec")
     queue2 = make_queue(tmp_path)
