@@ -34,6 +34,10 @@ def summarize(options: DcRouterOptions) -> str:
     out = [f"state_dir: {options.router.state_dir}"]
     services = [n for n in ("email", "proxy", "dns", "api") if getattr(options, n) is not None]
     out.append(f"services: {', '.join(services) or 'none'}")
+    workers = options.router.effective_workers
+    out.append("processes: one" if workers <= 1 else
+               f"processes: a master and {workers} workers sharing every port (SO_REUSEPORT)"
+               f"{'; the API in worker 0' if options.api is not None else ''}")
     if options.email is not None:
         e = options.email
         out.append("")
@@ -51,7 +55,8 @@ def summarize(options: DcRouterOptions) -> str:
         out.append(f"proxy: on {options.proxy.listen}")
         out.extend(_route_lines(options))
         if options.proxy.acme.enabled:
-            out.append(f"  acme: {options.proxy.acme.directory_url}")
+            out.append(f"  acme: {options.proxy.acme.directory_url} "
+                       f"({options.proxy.acme.challenge}; wildcards by dns-01)")
     if options.dns is not None:
         d = options.dns
         out.append("")
@@ -61,7 +66,9 @@ def summarize(options: DcRouterOptions) -> str:
     if options.api is not None:
         a = options.api
         out.append("")
-        out.append(f"api: http://{a.listen}:{a.port}/ (token {'set' if a.token else 'not set'})")
+        scheme = "https" if a.https else "http"
+        out.append(f"api: {scheme}://{a.listen}:{a.port}/ (token {'set' if a.token else 'not set'}"
+                   f"{', client certificates required' if a.tls_client_ca else ''})")
     return "\n".join(out)
 
 

@@ -18,6 +18,20 @@ def test_check_config_summarises_what_would_run():
     assert "port 2465/tcp (implicit TLS)" in out
     assert "port 2587/tcp (STARTTLS, AUTH required)" in out
     assert "*@localhost" in out
+    assert "processes: one" in out and "api: http://127.0.0.1:8088/" in out
+
+
+def test_check_config_shows_workers_https_and_acme(tmp_path):
+    config = tmp_path / "dcrouter.toml"
+    config.write_text('[router]\nworkers = 3\n[api]\nlisten = "127.0.0.1"\ntls = true\n'
+                      '[proxy]\n[proxy.acme]\nenabled = true\nchallenge = "dns-01"\n')
+    result = run_cli("check-config", str(config))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "processes: a master and 3 workers sharing every port (SO_REUSEPORT); " \
+        "the API in worker 0" in out
+    assert "api: https://127.0.0.1:" in out
+    assert "(dns-01; wildcards by dns-01)" in out
 
 
 def test_check_config_error_is_one_line(tmp_path):
