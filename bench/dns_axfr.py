@@ -37,6 +37,7 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
 from bench.dns_qps import free_port, wait_udp  # noqa: E402
+from bench.dns_qps import start_nsd as start_nsd_with  # noqa: E402
 from dcrouter.config import parse_config  # noqa: E402
 from dcrouter.dns.zone import Zone, build_zone_content  # noqa: E402
 
@@ -80,38 +81,11 @@ def start_dcrouter(work: str, port: int, count: int) -> subprocess.Popen:
 
 
 def start_nsd(work: str, port: int, count: int) -> subprocess.Popen:
-    folder = os.path.join(work, "nsd")
-    os.makedirs(folder, exist_ok=True)
+    """NSD with the same zone, allowing transfers to loopback."""
     options = parse_config({"dns": {"zones": [zone_options(count)]}})
     assert options.dns is not None
     zone = Zone(build_zone_content(options.dns.zones[0], "bench"), 2026112501)
-    with open(os.path.join(folder, "bench.test.zone"), "w") as f:
-        f.write(zone.to_zone_file())
-    conf = os.path.join(folder, "nsd.conf")
-    with open(conf, "w") as f:
-        f.write(f"""server:
-  ip-address: 127.0.0.1
-  port: {port}
-  username: ""
-  chroot: ""
-  zonesdir: "{folder}"
-  pidfile: "{folder}/nsd.pid"
-  zonelistfile: "{folder}/zone.list"
-  xfrdfile: "{folder}/xfrd.state"
-  xfrdir: "{folder}"
-  database: ""
-  server-count: 1
-  rrl-ratelimit: 0
-  verbosity: 0
-remote-control:
-  control-enable: no
-zone:
-  name: "bench.test"
-  zonefile: "bench.test.zone"
-  provide-xfr: 127.0.0.1 NOKEY
-""")
-    return subprocess.Popen(["nsd", "-d", "-c", conf], stdout=subprocess.DEVNULL,
-                            stderr=open(os.path.join(folder, "nsd.err"), "wb"))
+    return start_nsd_with(work, port, zone.to_zone_file(), "  provide-xfr: 127.0.0.1 NOKEY\n")
 
 
 def _recv_exact(s: socket.socket, n: int) -> bytes:

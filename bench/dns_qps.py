@@ -110,11 +110,14 @@ def start_dcrouter(work: str, port: int) -> subprocess.Popen:
                             stderr=open(os.path.join(work, "dcrouter.err"), "wb"))
 
 
-def start_nsd(work: str, port: int) -> subprocess.Popen:
+def start_nsd(work: str, port: int, zone_text: str = "", zone_options: str = ""
+              ) -> subprocess.Popen:
+    """NSD serving ``bench.test`` (``zone_text``, default this benchmark's zone) on loopback;
+    ``zone_options`` adds lines to its zone block (e.g. provide-xfr)."""
     folder = os.path.join(work, "nsd")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, "bench.test.zone"), "w") as f:
-        f.write(zone_file_text())
+        f.write(zone_text or zone_file_text())
     conf = os.path.join(folder, "nsd.conf")
     with open(conf, "w") as f:
         f.write(f"""server:
@@ -137,7 +140,7 @@ remote-control:
 zone:
   name: "bench.test"
   zonefile: "bench.test.zone"
-""")
+{zone_options}""")
     return subprocess.Popen(["nsd", "-d", "-c", conf], stdout=subprocess.DEVNULL,
                             stderr=open(os.path.join(folder, "nsd.err"), "wb"))
 

@@ -27,7 +27,8 @@ from twisted.names import dns
 
 from dcrouter.config.base import split_host_port
 from dcrouter.dns.server import response_header, write_name
-from dcrouter.dns.transfer import encode_record, normalize_address
+from dcrouter.dns.server import encode_record
+from dcrouter.dns.transfer import normalize_address
 from dcrouter.dns.zone import Zone
 from dcrouter.logsetup import get_logger
 

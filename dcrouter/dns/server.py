@@ -32,7 +32,7 @@ from typing import Optional
 from twisted.names import dns
 
 from dcrouter.dns.authority import Answer, Authority, Entry
-from dcrouter.dns.zone import type_name
+from dcrouter.dns.zone import ZoneRecord, type_name
 
 #: Largest TCP query accepted; longer length prefixes close the connection.
 MAX_TCP_QUERY = 16384
@@ -68,6 +68,21 @@ def write_name(out: bytearray, name: bytes, comp: dict[bytes, int]) -> None:
         out.append(len(label))
         out += label
     out.append(0)
+
+
+def encode_record(out: bytearray, owner: bytes, rec: ZoneRecord,
+                  comp: dict[bytes, int]) -> None:
+    """Append ``rec`` with owner ``owner`` to the message body ``out`` (names compressed)."""
+    write_name(out, owner, comp)
+    out += rec.fixed
+    at = len(out)
+    out += b"\x00\x00"
+    for is_name, part in rec.parts:
+        if is_name:
+            write_name(out, part, comp)
+        else:
+            out += part
+    struct.pack_into("!H", out, at, len(out) - at - 2)
 
 
 class MalformedQuery(ValueError):
@@ -317,16 +332,7 @@ class Responder:
             offset += 1 + len(label)
         for section in sections:
             for owner, rec in section:
-                write_name(out, owner, comp)
-                out += rec.fixed
-                at = len(out)
-                out += b"\x00\x00"
-                for is_name, part in rec.parts:
-                    if is_name:
-                        write_name(out, part, comp)
-                    else:
-                        out += part
-                struct.pack_into("!H", out, at, len(out) - at - 2)
+                encode_record(out, owner, rec, comp)
         return bytes(out)
 
     def stats(self) -> dict:

@@ -25,7 +25,8 @@ from typing import Callable, Iterable, Iterator, Optional, Sequence, Union
 
 from twisted.names import dns
 
-from dcrouter.dns.server import MalformedQuery, Query, parse_query, response_header, write_name
+from dcrouter.dns.server import (MalformedQuery, Query, encode_record, parse_query,
+                                 response_header)
 from dcrouter.dns.zone import Zone, ZoneRecord
 from dcrouter.logsetup import get_logger
 
@@ -79,21 +80,6 @@ class TransferAcl:
 def serial_newer(a: int, b: int) -> bool:
     """RFC 1982 serial arithmetic: ``a`` is newer than ``b``."""
     return a != b and ((a - b) & 0xFFFFFFFF) < 0x80000000
-
-
-def encode_record(out: bytearray, owner: bytes, rec: ZoneRecord,
-                  comp: dict[bytes, int]) -> None:
-    """Append ``rec`` with owner ``owner`` to the message body ``out`` (names compressed)."""
-    write_name(out, owner, comp)
-    out += rec.fixed
-    at = len(out)
-    out += b"\x00\x00"
-    for is_name, part in rec.parts:
-        if is_name:
-            write_name(out, part, comp)
-        else:
-            out += part
-    struct.pack_into("!H", out, at, len(out) - at - 2)
 
 
 def _start(q: Query) -> tuple[bytearray, dict[bytes, int]]:
