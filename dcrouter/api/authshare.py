@@ -15,11 +15,11 @@ import math
 import os
 import time
 from typing import Any, Callable, Optional
-from urllib.parse import urlsplit
 
 from twisted.internet import defer
 
 from dcrouter.logsetup import get_logger
+from dcrouter.redisaddr import RedisAddress
 
 log = get_logger("api.auth")
 
@@ -53,12 +53,7 @@ class SharedFailureLimiter:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
-        parts = urlsplit(redis_url)
-        path = parts.path.strip("/")
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 6379
-        self.dbid = int(path) if path.isascii() and path.isdigit() else 0
-        self.password = parts.password
+        self.address = RedisAddress.parse(redis_url)
         self.prefix = prefix
         self.limit = limit
         self.window = window
@@ -81,10 +76,7 @@ class SharedFailureLimiter:
             return None
         try:
             if self.redis is None:
-                import txredisapi
-                d = txredisapi.Connection(self.host, self.port, dbid=self.dbid, reconnect=False,
-                                          password=self.password, connectTimeout=self.timeout,
-                                          replyTimeout=self.timeout)
+                d = self.address.connect(reconnect=False, timeout=self.timeout)
                 d.addTimeout(self.timeout, self.reactor)
                 self.redis = yield d
             d = self.redis.eval(script, [key], args)

@@ -9,6 +9,7 @@ from dcrouter.config.base import (
     check_non_negative, check_port, check_positive, one_of, option, split_host_port,
 )
 from dcrouter.errors import ConfigError
+from dcrouter.redisaddr import RedisAddress
 
 
 def _check_nameservers(value: tuple[str, ...], path: str) -> tuple[str, ...]:
@@ -18,8 +19,10 @@ def _check_nameservers(value: tuple[str, ...], path: str) -> tuple[str, ...]:
 
 
 def _check_redis_url(value: str, path: str) -> str:
-    if not (value.startswith("redis://") or value.startswith("unix://")):
-        raise ConfigError(path, f"must be a redis:// or unix:// URL, got '{value}'")
+    try:
+        RedisAddress.parse(value)
+    except ValueError as e:
+        raise ConfigError(path, str(e)) from None
     return value
 
 

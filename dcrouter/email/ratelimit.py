@@ -18,11 +18,11 @@ from __future__ import annotations
 import collections
 import time
 from typing import Any, Callable, Optional
-from urllib.parse import urlsplit
 
 from twisted.internet import defer
 
 from dcrouter.logsetup import get_logger
+from dcrouter.redisaddr import RedisAddress
 
 log = get_logger("email.ratelimit")
 
@@ -154,12 +154,7 @@ class RedisRateLimiter:
             reactor = default_reactor
         self.reactor = reactor
         self.timeout = timeout
-        parts = urlsplit(redis_url)
-        path = parts.path.strip("/")
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 6379
-        self.dbid = int(path) if path.isascii() and path.isdigit() else 0
-        self.password = parts.password
+        self.address = RedisAddress.parse(redis_url)
         self.prefix = prefix
         self.clock = clock
         self.retry_interval = retry_interval
@@ -173,10 +168,7 @@ class RedisRateLimiter:
     @defer.inlineCallbacks
     def _connection(self) -> Any:
         if self.redis is None:
-            import txredisapi
-            d = txredisapi.Connection(self.host, self.port, dbid=self.dbid, reconnect=False,
-                                      password=self.password, connectTimeout=self.timeout,
-                                      replyTimeout=self.timeout)
+            d = self.address.connect(reconnect=False, timeout=self.timeout)
             d.addTimeout(self.timeout, self.reactor)
             self.redis = yield d
         return self.redis

@@ -34,7 +34,6 @@ counters rebuilt once, atomically, when a node opens it.
 from __future__ import annotations
 
 import time
-import urllib.parse
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
@@ -43,6 +42,7 @@ from zope.interface import implementer
 from dcrouter.errors import QueueError
 from dcrouter.interfaces import IQueueStore
 from dcrouter.logsetup import get_logger
+from dcrouter.redisaddr import RedisAddress
 from dcrouter.queue.item import (
     DEFERRED, DELIVERED, FAILED, PENDING, PROCESSING, STATUSES, WAITING, QueueItem,
 )
@@ -235,20 +235,8 @@ class RedisStore:
     @classmethod
     def from_url(cls, url: str, prefix: str = "dcrouter") -> "RedisStore":
         """A store for ``redis://host:port/db`` or ``unix:///path?db=N``."""
-        import txredisapi
-        parsed = urllib.parse.urlparse(url)
-        if parsed.scheme == "unix":
-            query = urllib.parse.parse_qs(parsed.query)
-            db = int(query.get("db", ["0"])[0])
-            return cls(lambda: txredisapi.UnixConnection(parsed.path, dbid=db, charset=None,
-                                                         convertNumbers=False, reconnect=True),
-                       prefix, url)
-        db = int((parsed.path or "/0").strip("/") or 0)
-        return cls(lambda: txredisapi.Connection(parsed.hostname or "127.0.0.1",
-                                                 parsed.port or 6379, dbid=db, charset=None,
-                                                 convertNumbers=False, reconnect=True,
-                                                 password=parsed.password),
-                   prefix, f"{parsed.hostname}:{parsed.port or 6379}/{db}")
+        address = RedisAddress.parse(url)
+        return cls(lambda: address.connect(reconnect=True, raw=True), prefix, address.label)
 
     def _key(self, name: str) -> str:
         return f"{self.prefix}:{name}"
