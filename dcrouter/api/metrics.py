@@ -308,6 +308,9 @@ class StatsCollector(Collector):
                                           "Bytes proxied per route and direction "
                                           "(in: client to target, out: target to client).",
                                           labels=["route", "direction"])
+        requests = CounterMetricFamily("dcrouter_proxy_http_requests",
+                                       "HTTP requests relayed per route (HTTP routes).",
+                                       labels=["route"])
         failures = CounterMetricFamily("dcrouter_proxy_errors",
                                        "Proxy errors per route and kind.",
                                        labels=["route", "kind"])
@@ -317,6 +320,8 @@ class StatsCollector(Collector):
             total = _first(figures, ("connections_total", "connections", "total_connections"))
             if total is not None:
                 connections.add_metric([str(name)], total)
+            if isinstance(figures.get("requests"), (int, float)):
+                requests.add_metric([str(name)], figures["requests"])
             current = _first(figures, ("active_connections", "active", "connections_active"))
             if current is not None:
                 active.add_metric([str(name)], current)
@@ -333,6 +338,7 @@ class StatsCollector(Collector):
                         failures.add_metric([str(name), str(kind)], value)
         yield connections
         yield active
+        yield requests
         yield transferred
         yield failures
 

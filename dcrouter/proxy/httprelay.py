@@ -275,6 +275,7 @@ class HttpRelay:
             raw = httpmod.render_head(head)
         link.methods.append(head.method)
         link.sent += 1
+        link.stats.requests += 1
         if wants_close(head.version, head.headers):
             self.close_after = True
             link.last_request = link.sent

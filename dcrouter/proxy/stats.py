@@ -6,11 +6,12 @@ from typing import Any
 
 
 class RouteStats:
-    """Connections, bytes each way and errors by kind for one route."""
+    """Connections, HTTP requests, bytes each way and errors by kind for one route."""
 
     def __init__(self) -> None:
         self.active = 0
         self.total = 0
+        self.requests = 0       # HTTP requests relayed (HTTP routes only)
         self.bytes_in = 0       # client -> target
         self.bytes_out = 0      # target -> client
         self.errors: dict[str, int] = {}
@@ -22,5 +23,5 @@ class RouteStats:
     def as_dict(self) -> dict[str, Any]:
         """JSON-serialisable figures."""
         return {"active_connections": self.active, "total_connections": self.total,
-                "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
+                "requests": self.requests, "bytes_in": self.bytes_in, "bytes_out": self.bytes_out,
                 "errors": dict(self.errors)}

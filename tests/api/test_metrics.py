@@ -154,7 +154,7 @@ def test_collector_labels_proxy_routes_dns_rcodes_and_scan_verdicts(tmp_path):
                             Extensions())
     context.services["proxy"] = _Figures("proxy", context, {"routes": {
         "web": {"connections_total": 7, "active_connections": 2, "bytes_in": 100,
-                "bytes_out": 900}}})
+                "bytes_out": 900, "requests": 31}}})
     context.services["dns"] = _Figures("dns", context, {"queries_by_rcode": {
         "NOERROR": 40, "NXDOMAIN": 3}, "queries_total": 43})
     context.services["email"] = _Figures("email", context, {
@@ -169,6 +169,7 @@ def test_collector_labels_proxy_routes_dns_rcodes_and_scan_verdicts(tmp_path):
     samples = _samples(generate_latest(registry).decode())
     assert samples[("dcrouter_proxy_connections_total", (("route", "web"),))] == 7
     assert samples[("dcrouter_proxy_connections_active", (("route", "web"),))] == 2
+    assert samples[("dcrouter_proxy_http_requests_total", (("route", "web"),))] == 31
     assert samples[("dcrouter_proxy_bytes_total", (("direction", "in"), ("route", "web")))] == 100
     assert samples[("dcrouter_proxy_bytes_total", (("direction", "out"), ("route", "web")))] == 900
     assert samples[("dcrouter_dns_queries_total", (("rcode", "NXDOMAIN"),))] == 3

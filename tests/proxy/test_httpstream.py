@@ -379,6 +379,7 @@ def test_each_request_is_routed_and_gets_its_own_forwarded_for(proxy_router, web
     assert stats["a"]["total_connections"] == 2 and stats["b"]["total_connections"] == 1
     assert stats["a"]["active_connections"] == 0 and stats["b"]["active_connections"] == 0
     assert stats["b"]["bytes_out"] > 0 and stats["b"]["bytes_in"] > 0
+    assert stats["a"]["requests"] == 2 and stats["b"]["requests"] == 2
 
 
 @pytest_twisted.inlineCallbacks
