@@ -13,6 +13,8 @@ import signal
 import smtplib
 import socket
 import ssl
+import subprocess
+import sys
 import threading
 import urllib.request
 from typing import Optional
@@ -33,7 +35,7 @@ from dcrouter.queue.shards import shard_layout, sharded_store
 from tests.delivery.peers import Sink
 from tests.support.configs import default_config_with_free_ports, write_config
 from tests.support.net import free_port, wait_for_tcp
-from tests.support.proc import TwistdProcess, wait_until
+from tests.support.proc import TwistdProcess, twistd_env, wait_until
 
 
 def _events(proc: TwistdProcess) -> list[dict]:
@@ -135,6 +137,17 @@ def test_two_workers_share_smtp_dns_and_stop_cleanly(tmp_path):
                                     timeout=10) as r:
             stats = json.loads(r.read())
         assert stats["worker"] == {"index": 0, "count": 2, "pid": pids[0]}
+        # the queue listing says it covers worker 0's shard only, and dcrouterctl repeats it
+        with urllib.request.urlopen(f"http://127.0.0.1:{ports['api']}/api/queue",
+                                    timeout=10) as r:
+            assert json.loads(r.read())["scope"]["workers"] == 2
+        env = dict(twistd_env(), DCROUTER_API_URL=f"http://127.0.0.1:{ports['api']}")
+        env.pop("DCROUTER_API_TOKEN", None)
+        listed = subprocess.run([os.path.join(os.path.dirname(sys.executable), "dcrouterctl"),
+                                 "queue", "list"], env=env, capture_output=True, text=True,
+                                timeout=60)
+        assert listed.returncode == 0, listed.stderr
+        assert "worker 0's queue shard only; the other 1 workers" in listed.stdout
         # ... and reports worker 1's figures beside its own (snapshots, a few seconds old)
         connections = {e["pid"]: 0 for e in _events(proc)}
         for e in _events(proc):

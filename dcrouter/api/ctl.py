@@ -302,17 +302,21 @@ def cmd_queue_list(client: ApiClient, args: argparse.Namespace, out: Printer) ->
     """Every item (following cursors), postqueue -p style."""
     items: list[dict] = []
     cursor = None
+    scope = None
     while True:
         page_size = min(500, args.limit - len(items)) if args.limit else 500
         page = client.call("GET", "/api/queue",
                            query={"status": args.status, "limit": page_size, "cursor": cursor})
         items.extend(page.get("items", []))
+        scope = page.get("scope", scope)
         cursor = page.get("next_cursor")
         if not cursor or (args.limit and len(items) >= args.limit):
             break
     if args.json:
-        return {"items": items, "count": len(items)}
+        return {"items": items, "count": len(items), **({"scope": scope} if scope else {})}
     out(format_queue(items))
+    if scope:
+        out(f"-- {scope.get('note', 'part of the queue only')}")
     return None
 
 

@@ -63,8 +63,23 @@ class QueueEndpoints:
             items, next_cursor = result
         else:
             items, next_cursor = result, None
-        return {"items": [jsonable(i) for i in items], "next_cursor": next_cursor,
-                "count": len(items)}
+        out = {"items": [jsonable(i) for i in items], "next_cursor": next_cursor,
+               "count": len(items)}
+        scope = self._scope()
+        if scope is not None:
+            out["scope"] = scope
+        return out
+
+    def _scope(self) -> Any:
+        """With several worker processes and per-worker queue shards: what this API sees."""
+        worker = self.context.worker
+        email = self.context.services.get("email")
+        store = getattr(getattr(email, "queue", None), "store", None)
+        if worker is None or worker.count <= 1 or getattr(store, "shared", False):
+            return None
+        return {"worker": worker.index, "workers": worker.count,
+                "note": f"worker {worker.index}'s queue shard only; the other "
+                        f"{worker.count - 1} workers queue their own mail"}
 
     @defer.inlineCallbacks
     def get_item(self, request: ApiRequest) -> Any:
