@@ -79,6 +79,8 @@ def write_into(path: str) -> None:
     """Replace the generated block of ``path`` (docs/configuration.md) with a fresh one."""
     with open(path, encoding="utf-8") as f:
         text = f.read()
+    if BEGIN not in text or END not in text:
+        raise ValueError(f"{path} has no generated block ({BEGIN} ... {END})")
     head = text[:text.index(BEGIN) + len(BEGIN)]
     tail = text[text.index(END):]
     with open(path, "w", encoding="utf-8") as f:
@@ -88,6 +90,10 @@ def write_into(path: str) -> None:
 if __name__ == "__main__":
     import sys
     if len(sys.argv) == 3 and sys.argv[1] == "--write":
-        write_into(sys.argv[2])
+        try:
+            write_into(sys.argv[2])
+        except (OSError, ValueError) as e:
+            sys.stderr.write(f"dcrouter.config.reference: {e}\n")
+            sys.exit(2)
     else:
         print(render())
