@@ -138,13 +138,19 @@ class SigningPolicy:
         domain = params.get("domain") or ""
         if not isinstance(selector, str) or not isinstance(domain, str):
             raise ConfigError(path, "dkim_sign: domain and selector must be strings")
-        selector = check_dkim_selector(selector, f"{path}.selector")
-        key_path = params.get("private_key_path") or ""
+        identities = self.transform_identities(
+            check_dkim_domain(domain, f"{path}.domain"),
+            check_dkim_selector(selector, f"{path}.selector"),
+            str(params.get("private_key_path") or ""))
+        return tuple(self._add(identity, path) for identity in identities)
+
+    def transform_identities(self, domain: str, selector: str, private_key_path: str = ""
+                             ) -> tuple[SigningIdentity, ...]:
+        """What a ``dkim_sign`` transformation with these (checked) parameters signs with;
+        registers nothing (safe from the worker thread a transformation runs in)."""
         if domain:
-            return (self._add(SigningIdentity(check_dkim_domain(domain, f"{path}.domain"),
-                                              selector, str(key_path)), path),)
-        return tuple(self._add(SigningIdentity(g.domain, selector), path)
-                     for g in self.global_identities)
+            return (SigningIdentity(domain, selector, private_key_path),)
+        return tuple(SigningIdentity(g.domain, selector) for g in self.global_identities)
 
     def identities(self) -> list[SigningIdentity]:
         """Every key the configuration signs with (to create at start and on reload)."""

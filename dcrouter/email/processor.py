@@ -327,8 +327,10 @@ class MultiModeProcessor:
             authors: dict[str, Optional[str]] = {}
             for n, group in enumerate(groups):
                 route = self._route(group.rule, message.mail_from)
-                dkim = None if group.dkim_signed else (yield self.signing.decide(
-                    session, group.rule, group.body_path, authors))
+                dkim = None
+                if self.signing.active and not group.dkim_signed:
+                    dkim = yield self.signing.decide(session, group.rule, group.body_path,
+                                                     authors)
                 size = message.size if group.body_path == message.spool_path else \
                     os.path.getsize(group.body_path)
                 requests.append(DeliveryRequest(

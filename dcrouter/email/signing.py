@@ -44,16 +44,15 @@ class SigningDecider:
         self.counters: collections.Counter[str] = collections.Counter()
         self._preparing: Optional[defer.Deferred] = None
         self._generation = 0
+        #: Does the configuration sign anything at all? (checked per message: kept cheap)
+        self.active = False
 
     def configure(self, options: EmailOptions) -> None:
         """Switch to ``options`` (ConfigError: nothing changes) and load or create its keys."""
         self.policy = SigningPolicy(options)
+        self.active = bool(self.policy.identities())
         self._prepare()
 
-    @property
-    def active(self) -> bool:
-        """Does the configuration sign anything at all?"""
-        return bool(self.policy.identities())
 
     def _prepare(self) -> None:
         identities = self.policy.identities()

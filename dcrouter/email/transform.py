@@ -179,9 +179,8 @@ class DkimSign:
             return
         data = b"".join(context.prepend) + mime.to_bytes(message)
         author = author_domain_of_header(data)
-        candidates = signer.policy.for_transform(
-            {"domain": self.domain, "selector": self.selector,
-             "private_key_path": self.private_key_path}, "dkim_sign")
+        candidates = signer.policy.transform_identities(self.domain, self.selector,
+                                                        self.private_key_path)
         identity = signer.policy.choose(author, candidates)
         if identity is None or not signer.key_ready(identity):
             log.info("dkim_sign: not signing: {why}", why=(
