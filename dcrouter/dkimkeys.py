@@ -2,9 +2,11 @@
 
 The delivery system signs with these keys; the DNS server publishes
 ``<selector>._domainkey.<domain>`` TXT records from the same store, so the
-two can never disagree.  Keys are RSA-2048, generated on first use into
-``state_dir/dkim/<domain>/<selector>.key`` (mode 0600, directory 0700), or
-taken from a configured path.
+two can never disagree.  Keys are RSA-2048, generated into
+``state_dir/dkim/<domain>/<selector>.key`` (mode 0600, directories 0700), or
+taken from a configured path.  Only the configured signing identities
+(:mod:`dcrouter.dkimpolicy`) are created, by :meth:`DkimKeyStore.ensure` at
+start and on reload; looking a key up never creates one unless asked to.
 """
 
 from __future__ import annotations
@@ -12,14 +14,18 @@ from __future__ import annotations
 import base64
 import os
 import re
+import stat
 import threading
-from typing import Callable, Optional
+from typing import Any, Callable, Iterable, Optional
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
-from dcrouter.errors import ConfigError
+from dcrouter.errors import ConfigError, DcRouterError
+from dcrouter.logsetup import get_logger
 from dcrouter.tlsutil import ensure_private_dir
+
+log = get_logger("dkim")
 
 _SAFE = re.compile(r"^[A-Za-z0-9.\-_]+$")
 DEFAULT_SELECTOR = "dcrouter"
@@ -82,12 +88,12 @@ class DkimKeyStore:
         return os.path.join(self.root, domain, f"{selector}.key")
 
     def get(self, domain: str, selector: str = DEFAULT_SELECTOR,
-            private_key_path: str = "", private_key: str = "", create: bool = True
+            private_key_path: str = "", private_key: str = "", create: bool = False
             ) -> Optional[DkimKey]:
-        """The key for (domain, selector): configured, on disk, or newly generated.
+        """The key for (domain, selector): cached, configured, on disk, or (``create``) new.
 
         Blocking (file I/O, maybe key generation): call through
-        ``deferToThread`` from the reactor thread when the key may not exist yet.
+        ``deferToThread`` from the reactor thread when the key may not be cached.
         """
         domain = domain.lower().rstrip(".")
         with self._lock:
@@ -121,6 +127,45 @@ class DkimKeyStore:
         if created:
             self._notify()
         return key
+
+    def ensure(self, identities: Iterable[Any]) -> set[tuple[str, str]]:
+        """Load or create the key of every configured identity (blocking: in a thread).
+
+        ``identities`` have ``domain``, ``selector``, ``private_key_path`` and
+        ``private_key`` (:class:`dcrouter.dkimpolicy.SigningIdentity`).  Returns the
+        ``(domain, selector)`` names now usable; the others are logged.  Also tightens
+        ``state_dir/dkim`` and its domain folders to 0700 (older versions left them 0755).
+        """
+        self.tighten()
+        ready: set[tuple[str, str]] = set()
+        for identity in identities:
+            try:
+                key = self.get(identity.domain, identity.selector,
+                               private_key_path=identity.private_key_path,
+                               private_key=identity.private_key, create=True)
+            except (ConfigError, OSError, ValueError) as e:
+                log.error("cannot load the DKIM key {selector}._domainkey.{domain}: {error}",
+                          domain=identity.domain, selector=identity.selector, error=str(e))
+                continue
+            if key is not None:
+                ready.add((key.domain, key.selector))
+        return ready
+
+    def tighten(self) -> None:
+        """Make ``state_dir/dkim`` and the folders in it 0700 when they are ours and wider."""
+        if not os.path.isdir(self.root):
+            return
+        folders = [self.root] + [os.path.join(self.root, name) for name in os.listdir(self.root)]
+        for folder in folders:
+            try:
+                st = os.lstat(folder)
+                if stat.S_ISDIR(st.st_mode) and st.st_mode & 0o077 and st.st_uid == os.geteuid():
+                    os.chmod(folder, 0o700)
+                    log.warn("{folder} was mode {mode:o}: now 0700 (it holds private keys)",
+                             folder=folder, mode=stat.S_IMODE(st.st_mode))
+            except OSError as e:
+                log.error("cannot check the mode of {folder}: {error}", folder=folder,
+                          error=e.strerror)
 
     def known_keys(self) -> list[DkimKey]:
         """Every key generated or configured so far, plus those found on disk."""
@@ -181,18 +226,29 @@ SIGNED_HEADERS = (b"from", b"to", b"cc", b"subject", b"date", b"message-id", b"r
                   b"content-transfer-encoding", b"list-id", b"list-unsubscribe")
 
 
+class DkimSignError(DcRouterError):
+    """A message could not be signed (no From: header, a key dkimpy refuses, ...)."""
+
+
 def sign_message(message: bytes, key: DkimKey) -> bytes:
     """The ``DKIM-Signature:`` header line (with CRLF) for ``message`` signed with ``key``.
 
     Relaxed/relaxed canonicalisation, rsa-sha256. CPU-bound (a few ms):
-    call it in a thread for large messages.
+    call it in a thread for large messages.  Raises :class:`DkimSignError`
+    (never a dkimpy exception) when the message cannot be signed - for one,
+    without a ``From:`` header, which RFC 6376 5.4 requires to be signed.
     """
     import dkim  # dkimpy
 
     present = {line.split(b":", 1)[0].strip().lower()
                for line in message.split(b"\r\n\r\n", 1)[0].split(b"\r\n") if b":" in line}
-    include = [h for h in SIGNED_HEADERS if h in present] or [b"from"]
-    signature = dkim.sign(message, key.selector.encode("ascii"), key.domain.encode("ascii"),
-                          key.private_pem, canonicalize=(b"relaxed", b"relaxed"),
-                          include_headers=include, linesep=b"\r\n")
+    if b"from" not in present:
+        raise DkimSignError("no From: header to sign")
+    include = [h for h in SIGNED_HEADERS if h in present]
+    try:
+        signature = dkim.sign(message, key.selector.encode("ascii"), key.domain.encode("ascii"),
+                              key.private_pem, canonicalize=(b"relaxed", b"relaxed"),
+                              include_headers=include, linesep=b"\r\n")
+    except (dkim.DKIMException, ValueError, TypeError) as e:   # ParameterError, KeyFormatError
+        raise DkimSignError(f"{type(e).__name__}: {e}") from None
     return bytes(signature)

@@ -14,7 +14,7 @@ import dataclasses
 import os
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 _BASE32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -111,9 +111,6 @@ class Route:
     auth_password: str = ""
     ca_path: str = ""
     local_path: str = ""
-    dkim_domain: str = ""
-    dkim_selector: str = ""
-    dkim_key_path: str = ""
 
     def destination(self, recipient_domain: str = "") -> str:
         """The key used for per-destination limits and connection reuse."""
@@ -132,6 +129,16 @@ class Route:
         """Inverse of :meth:`to_dict`; unknown keys are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+class DkimSigning(NamedTuple):
+    """What to DKIM-sign a queued message with: ``d=`` and ``s=`` (the key stays in the store).
+
+    Decided when the message is accepted (:mod:`dcrouter.email.signing`), applied at delivery.
+    """
+
+    domain: str
+    selector: str
 
 
 @dataclasses.dataclass
@@ -155,3 +162,4 @@ class DeliveryRequest:
     size: int = 0
     is_bounce: bool = False
     extra: Optional[dict[str, Any]] = None
+    dkim: Optional[DkimSigning] = None

@@ -73,8 +73,27 @@ def write_private(path: str, data: bytes) -> None:
 
 
 def ensure_private_dir(path: str) -> str:
-    """Create ``path`` (and parents) with mode 0700 if missing; return it."""
-    os.makedirs(path, mode=0o700, exist_ok=True)
+    """Create ``path`` and every missing parent with mode 0700; return it.
+
+    ``os.makedirs`` applies its mode to the last directory only (parents get
+    0777 minus the umask, 0755 usually): here each directory this call
+    creates is 0700.  Existing directories are left as they are.
+    """
+    try:
+        os.mkdir(path, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(path):
+            raise
+    except FileNotFoundError:
+        parent = os.path.dirname(os.path.abspath(path))
+        if parent == os.path.abspath(path):
+            raise
+        ensure_private_dir(parent)
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:  # created meanwhile (another thread or worker)
+            if not os.path.isdir(path):
+                raise
     return path
 
 

@@ -13,7 +13,8 @@ def test_generated_key_signs_and_verifies(tmp_path):
     store = DkimKeyStore(str(tmp_path))
     seen = []
     store.add_listener(lambda: seen.append(1))
-    key = store.get("Example.TEST")
+    assert store.get("Example.TEST") is None   # looking up never creates
+    key = store.get("Example.TEST", create=True)
     assert key.domain == "example.test" and key.selector == "dcrouter"
     assert os.stat(key.path).st_mode & 0o777 == 0o600
     assert os.stat(os.path.dirname(key.path)).st_mode & 0o777 == 0o700
@@ -26,7 +27,7 @@ def test_generated_key_signs_and_verifies(tmp_path):
 
 
 def test_key_survives_restart_and_is_listed(tmp_path):
-    first = DkimKeyStore(str(tmp_path)).get("a.test", "s1")
+    first = DkimKeyStore(str(tmp_path)).get("a.test", "s1", create=True)
     again = DkimKeyStore(str(tmp_path))
     assert again.get("a.test", "s1", create=False).private_pem == first.private_pem
     assert [(k.domain, k.selector) for k in DkimKeyStore(str(tmp_path)).known_keys()] == \

@@ -647,7 +647,7 @@ def test_locked_shard_is_not_adopted(tmp_path):
 def test_two_workers_generating_one_dkim_key_end_up_with_the_same(tmp_path):
     """Workers share state_dir: the key a second process generates loses to the stored one."""
     from dcrouter.dkimkeys import DkimKeyStore
-    first = DkimKeyStore(str(tmp_path)).get("race.test")
+    first = DkimKeyStore(str(tmp_path)).get("race.test", create=True)
     second_store = DkimKeyStore(str(tmp_path))
     path = second_store.path_for("race.test")
     os.unlink(path)
@@ -662,7 +662,7 @@ def test_two_workers_generating_one_dkim_key_end_up_with_the_same(tmp_path):
         return mine
     dkimkeys.generate_private_key_pem = racing
     try:
-        second = second_store.get("race.test")
+        second = second_store.get("race.test", create=True)
     finally:
         dkimkeys.generate_private_key_pem = real
     assert second.private_pem == first.private_pem

@@ -139,12 +139,78 @@ class TargetOptions:
             raise ConfigError(f"{path}.port", "must be 1..65535, got 0")
 
 
+_DKIM_LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
+
+
+def check_dkim_domain(value: str, path: str) -> str:
+    """A signing domain (``d=``): lower-cased, IDNA A-labels, no trailing dot; '' stays ''."""
+    domain = value.strip().rstrip(".").lower()
+    if not domain:
+        if value.strip():
+            raise ConfigError(path, f"{value!r} is not a domain name")
+        return ""
+    if not domain.isascii():
+        try:
+            domain = domain.encode("idna").decode("ascii")
+        except UnicodeError:
+            raise ConfigError(path, f"{value!r} is not a valid domain name") from None
+    labels = domain.split(".")
+    if len(domain) > 253 or not all(_DKIM_LABEL.match(label) for label in labels):
+        raise ConfigError(path, f"{value!r} is not a valid domain name")
+    return domain
+
+
+def check_dkim_selector(value: str, path: str) -> str:
+    """A selector (``s=``, RFC 6376 3.1): dot-separated labels of letters, digits, '-', '_'."""
+    selector = value.strip()
+    if not selector or not all(_DKIM_LABEL.match(label.lower()) for label in selector.split(".")):
+        raise ConfigError(path, f"{value!r} is not a valid DKIM selector")
+    return selector
+
+
+def _check_dkim_domains(value: tuple[str, ...], path: str) -> tuple[str, ...]:
+    out: list[str] = []
+    for i, domain in enumerate(value):
+        checked = check_dkim_domain(domain, f"{path}[{i}]")
+        if not checked:
+            raise ConfigError(f"{path}[{i}]", "must not be empty")
+        if checked not in out:
+            out.append(checked)
+    return tuple(out)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DkimSigningOptions:
+    """DKIM signing of mail from clients that may relay (OpenDKIM's Domain and Selector).
+
+    dcrouter signs only mail from clients that authenticated with AUTH or are
+    inside ``relay_networks``, and only when the ``From:`` header's domain is a
+    signing domain: ``domains`` here (on every route), or a rule's own signing
+    domain (``mta_options.dkim_sign``).  Keys exist for these domains only,
+    created at start or on reload, never because of a message.
+    """
+
+    domains: tuple[str, ...] = option((), check=_check_dkim_domains,
+                                      doc="Signing domains (d=): mail from relay-permitted or "
+                                      "authenticated clients whose From: domain is one of these "
+                                      "is signed, whatever its route. Keys: "
+                                      "state_dir/dkim/<domain>/<selector>.key, created at start.")
+    selector: str = option("dcrouter", check=check_dkim_selector,
+                           doc="s= selector of the keys of `domains`.")
+    sign_subdomains: bool = option(False, doc="Also sign mail whose From: domain is a "
+                                   "subdomain of a signing domain, with the parent's d= "
+                                   "(OpenDKIM's SubDomains; relaxed DMARC alignment).")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DkimOptions:
-    """An explicit DKIM key for signing; without it a key is generated per domain."""
+    """The rule's own DKIM signing identity; without it the rule's literal domain, generated key."""
 
-    domain_name: str = option("", doc="d= domain; default: the sender's domain.")
-    key_selector: str = option("dcrouter", doc="s= selector.")
+    domain_name: str = option("", check=check_dkim_domain,
+                              doc="d= domain this rule signs with (mail whose From: domain "
+                              "is this domain); default: the domain of the rule's pattern "
+                              "when it names one ('*@example.com').")
+    key_selector: str = option("dcrouter", check=check_dkim_selector, doc="s= selector.")
     private_key_path: str = option("", doc="PEM RSA private key; empty: generated under "
                                    "state_dir/dkim/<domain>/<selector>.key.")
     private_key: str = option("", doc="The PEM key inline (prefer private_key_path).")
@@ -158,8 +224,11 @@ class MtaOptions:
     allow_local_delivery: bool = option(False, doc="Deliver to Maildirs instead of MX hosts.")
     local_delivery_path: str = option("", doc="Maildir root; one Maildir per local part. "
                                       "Default: state_dir/mail.")
-    dkim_sign: bool = option(False, doc="Sign outgoing mail with DKIM.")
-    dkim_options: Optional[DkimOptions] = option(None, doc="Key to sign with.")
+    dkim_sign: bool = option(False, doc="DKIM-sign this rule's mail from relay-permitted or "
+                             "authenticated clients whose From: domain is the rule's signing "
+                             "domain (or one of email.dkim.domains).")
+    dkim_options: Optional[DkimOptions] = option(None, doc="The rule's signing domain, "
+                                                 "selector and key.")
 
 
 def _check_scanner_type(value: str, path: str) -> str:
@@ -346,6 +415,8 @@ class EmailOptions:
                                            doc="Global rate limits.")
     inbound_auth: InboundAuthOptions = option(default_factory=InboundAuthOptions,
                                               doc="SPF/DKIM/DMARC checking.")
+    dkim: DkimSigningOptions = option(default_factory=DkimSigningOptions,
+                                      doc="DKIM signing domains and selector.")
 
     @property
     def effective_submission_ports(self) -> tuple[int, ...]:

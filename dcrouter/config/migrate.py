@@ -132,8 +132,8 @@ def _transformations(src: list, m: Migration, path: str) -> list[dict[str, Any]]
             if key == "type":
                 continue
             if kind == "dkimSign" and key == "domains":
-                m.note(f"{path}[{i}].domains", "dkim_sign signs with the sender's domain key; "
-                       "the domain list was dropped")
+                m.note(f"{path}[{i}].domains", "dkim_sign signs for email.dkim.domains (or its "
+                       "own 'domain'): move the listed domains there")
                 continue
             item[_snake(key)] = value
         out.append(item)

@@ -1,8 +1,10 @@
 """Local delivery into Maildirs: ``<root>/<local part>/{tmp,new,cur}``.
 
 Each message is written to ``tmp/`` under a unique name from
-``twisted.mail.maildir``'s generator, fsynced, renamed into ``new/`` and the
-directory fsynced.  Blocking: call :func:`deliver` in a thread.
+``twisted.mail.maildir``'s generator (mode 0600), fsynced, renamed into
+``new/`` and the directory fsynced.  Directories it creates - the root, the
+mailbox and its ``tmp``, ``new``, ``cur`` - are 0700.  Blocking: call
+:func:`deliver` in a thread.
 
 Directory fsyncs are shared (group commit): deliveries into one ``new/`` that
 finish while a directory fsync is running wait for the next one, which covers
@@ -18,6 +20,7 @@ import threading
 from twisted.mail import maildir
 
 from dcrouter.errors import PermanentDeliveryError
+from dcrouter.tlsutil import ensure_private_dir
 
 _SAFE_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+\-=?^_`{|}~][A-Za-z0-9!#$%&'*+\-=?^_`{|}~.]*$")
 _names = maildir._MaildirNameGenerator(maildir.reactor)  # type: ignore[attr-defined]
@@ -95,7 +98,8 @@ def deliver(root: str, recipient: str, data: bytes, name: str = "") -> str:
     """Store ``data`` in the recipient's Maildir under ``name``; returns the new file's path."""
     box = mailbox_for(root, recipient)
     for sub in ("tmp", "new", "cur"):
-        os.makedirs(os.path.join(box, sub), mode=0o700, exist_ok=True)
+        # the root and the mailbox too, when this creates them: 0700 all the way down
+        ensure_private_dir(os.path.join(box, sub))
     name = name or new_name()
     tmp = os.path.join(box, "tmp", name)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)

@@ -1,6 +1,7 @@
 """MultiModeDeliverySystem: takes due items from the queue and delivers them.
 
-For each item: read the body, DKIM-sign it when the route says so, then
+For each item: read the body, DKIM-sign it when the item says so (the
+processor decided at accept time; :mod:`dcrouter.delivery.dkimsign`), then
 deliver by route kind - **forward** to ``route.server:route.port``, **mx** to
 the recipient domain's MX hosts, **local** into Maildirs - and record every
 recipient's outcome: delivered; deferred with exponential backoff (4xx,
@@ -26,14 +27,13 @@ from twisted.application.service import Service
 from twisted.internet import defer, endpoints, ssl, task, threads
 
 from dcrouter.config.email import EmailOptions
-from dcrouter.delivery import maildir
+from dcrouter.delivery import dkimsign, maildir
 from dcrouter.delivery.bounce import build_dsn
 from dcrouter.delivery.classify import classify
 from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.reputation import SenderReputation
 from dcrouter.delivery.smtpclient import ClientSettings, DeliveryClient, Job, Outcome
 from dcrouter.delivery.suppression import SuppressionList
-from dcrouter.dkimkeys import DEFAULT_SELECTOR, sign_message
 from dcrouter.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from dcrouter.logsetup import get_logger
 from dcrouter.message import DeliveryRequest, Route, new_queue_id
@@ -266,8 +266,10 @@ class MultiModeDeliverySystem(Service):
         data = b""
         try:
             data = await self.queue.read_body(item)
-            if item.route.dkim_domain:
-                data = await threads.deferToThread(self._sign, item.route, data)
+            if item.dkim is not None:
+                data, ok = await threads.deferToThread(dkimsign.signed, self.dkim_keys, item.dkim,
+                                                       data, item.id, item.correlation_id)
+                self.counters["dkim_signed" if ok else "dkim_unsigned"] += 1
             results = await self._send(item, data, recipients)
         except DeliveryError as e:
             code, text, permanent = _error_outcome(e)
@@ -278,13 +280,6 @@ class MultiModeDeliverySystem(Service):
             results = {r: Outcome(-1, f"451 4.3.0 internal error: {type(e).__name__}", False,
                                   False) for r in recipients}
         await self._record(item, results, data)
-
-    def _sign(self, route: Route, data: bytes) -> bytes:
-        key = self.dkim_keys.get(route.dkim_domain, route.dkim_selector or DEFAULT_SELECTOR,
-                                 private_key_path=route.dkim_key_path)
-        if key is None:
-            return data
-        return bytes(sign_message(data, key)) + data
 
     async def _record(self, item: QueueItem, results: dict[str, Outcome], data: bytes) -> None:
         sender_domain = item.mail_from.rpartition("@")[2]

@@ -27,9 +27,11 @@ address, so the MX target resolves.  Records the operator configured win:
 an explicit MX, SPF TXT, or TXT at a DKIM/DMARC name is kept and the
 generated one left out.
 
-Keys are created on first start, in a thread, for ``mta`` rules with
-``mta_options.dkim_sign`` (``dkim_options`` choose domain, selector and key
-file); the publisher re-reads the store when it reports a new key.
+Keys are created at start and on reload, in a thread, for the configured
+signing identities (:mod:`dcrouter.dkimpolicy`: ``email.dkim.domains``, rules
+with ``mta_options.dkim_sign``, ``dkim_sign`` transformations) and never for
+a domain only a message named; the publisher re-reads the store when it
+reports a new key.
 """
 
 from __future__ import annotations
@@ -40,7 +42,8 @@ from typing import Iterable, Optional
 
 from dcrouter.config.dns import RecordOptions, ZoneOptions
 from dcrouter.config.options import DcRouterOptions
-from dcrouter.dkimkeys import DEFAULT_SELECTOR, DkimKey, DkimKeyStore
+from dcrouter.dkimkeys import DkimKey, DkimKeyStore
+from dcrouter.dkimpolicy import SigningIdentity, SigningPolicy
 from dcrouter.dns.zone import in_zone, normalize_origin, to_ascii
 from dcrouter.errors import ConfigError
 from dcrouter.logsetup import get_logger
@@ -111,47 +114,25 @@ def _hostname_zone(options: DcRouterOptions) -> Optional[str]:
     return _containing(_hostname(options), _configured_origins(options))
 
 
-@dataclasses.dataclass(frozen=True)
-class DkimSpec:
-    """A key an mta rule signs with: domain, selector and where the key comes from."""
-
-    domain: str
-    selector: str = DEFAULT_SELECTOR
-    private_key_path: str = ""
-    private_key: str = ""
+#: A key the configuration signs with (domain, selector, key source).
+DkimSpec = SigningIdentity
 
 
 def dkim_specs(options: DcRouterOptions) -> list[DkimSpec]:
-    """The keys ``mta`` rules with ``dkim_sign`` need (generated when missing)."""
-    out: list[DkimSpec] = []
+    """The keys the configuration signs with (:mod:`dcrouter.dkimpolicy`): created when
+    missing, so DNS publishes exactly the keys the delivery system signs with."""
     if options.email is None:
-        return out
-    for rule in options.email.domain_rules:
-        mta = rule.mta_options
-        if rule.mode != "mta" or mta is None or not mta.dkim_sign:
-            continue
-        dk = mta.dkim_options
-        domain = (dk.domain_name if dk and dk.domain_name else "") or \
-            literal_domain(rule.pattern) or ""
-        if not domain:
-            continue
-        spec = DkimSpec(domain.lower().rstrip("."),
-                        (dk.key_selector if dk else "") or DEFAULT_SELECTOR,
-                        dk.private_key_path if dk else "", dk.private_key if dk else "")
-        if spec not in out:
-            out.append(spec)
-    return out
+        return []
+    try:
+        return SigningPolicy(options.email).identities()
+    except ConfigError as e:
+        log.error("DKIM signing identities not published: {error}", error=str(e))
+        return []
 
 
 def load_dkim_keys(store: DkimKeyStore, specs: Iterable[DkimSpec]) -> list[DkimKey]:
     """Blocking (run in a thread): make sure ``specs`` exist, then every key the store knows."""
-    for spec in specs:
-        try:
-            store.get(spec.domain, spec.selector, private_key_path=spec.private_key_path,
-                      private_key=spec.private_key, create=True)
-        except (ConfigError, OSError, ValueError) as e:
-            log.error("cannot load the DKIM key of {domain}: {error}", domain=spec.domain,
-                      selector=spec.selector, error=str(e))
+    store.ensure(specs)
     keys: dict[tuple[str, str], DkimKey] = {}
     for key in store.known_keys():
         keys[(key.domain, key.selector)] = key

@@ -3,7 +3,9 @@
 * :func:`verify_password` compares a password with a stored value that may be
   plain text or one of ``{SCRYPT}``, ``{SHA512-CRYPT}``, ``{SSHA512}`` (the
   Dovecot spellings), always in constant time; :func:`hash_password` makes them.
-* :class:`ConfigUserChecker` is a ``twisted.cred`` checker over ``email.auth.users``.
+* :class:`ConfigUserChecker` is a ``twisted.cred`` checker over ``email.auth.users``;
+  an unknown user name costs one verification of :func:`dummy_stored_password`,
+  the same work as a known one.
 * :class:`XOAuth2Credentials` carries SASL XOAUTH2 user and token to a checker
   that users plug in (``email.auth.checker = "module:Class"`` or
   ``Extensions.auth_checkers``).
@@ -120,6 +122,57 @@ def verify_password(stored: str, given: str) -> bool:
     return hmac.compare_digest(stored.encode("utf-8"), secret)
 
 
+def _scheme_of(stored: str) -> tuple[Any, ...]:
+    """What verifying ``stored`` costs: its scheme and the parameters that set the work."""
+    upper = stored.upper()
+    try:
+        if upper.startswith("{SCRYPT}"):
+            _, n, r, p, salt, digest = stored[len("{SCRYPT}"):].split("$")
+            return ("SCRYPT", int(n), int(r), int(p), len(base64.b64decode(salt)),
+                    len(base64.b64decode(digest)))
+        if upper.startswith("{SHA512-CRYPT}"):
+            parts = stored[len("{SHA512-CRYPT}"):].split("$")
+            rounds = int(parts[2][len("rounds="):]) if len(parts) > 2 and \
+                parts[2].startswith("rounds=") else 0
+            return ("SHA512-CRYPT", rounds)
+        if upper.startswith("{SSHA512}"):
+            return ("SSHA512", len(base64.b64decode(stored[len("{SSHA512}"):])) - 64)
+    except (ValueError, TypeError):
+        pass
+    if upper.startswith("{PLAIN}"):
+        stored = stored[len("{PLAIN}"):]
+    return ("PLAIN", len(stored.encode("utf-8")))
+
+
+#: Costliest first: breaks ties between equally common schemes.
+_COST_ORDER = ("SCRYPT", "SHA512-CRYPT", "SSHA512", "PLAIN")
+
+
+def dummy_stored_password(stored_values: Iterable[str]) -> Optional[str]:
+    """A stored value no password matches whose verification costs what the configured
+    users' does: the most common scheme among ``stored_values`` with the same parameters
+    (scrypt N/r/p and lengths, SHA-512-crypt rounds, salt length).  None without users.
+
+    Verified for unknown user names, so they take as long as known ones (no timing oracle).
+    """
+    kinds = collections.Counter(_scheme_of(v) for v in stored_values)
+    if not kinds:
+        return None
+    kind = max(kinds, key=lambda k: (kinds[k], -_COST_ORDER.index(k[0])))
+    scheme = kind[0]
+    if scheme == "SCRYPT":
+        _, n, r, p, salt_len, digest_len = kind
+        return (f"{{SCRYPT}}${n}${r}${p}${_b64(os.urandom(salt_len))}"
+                f"${_b64(os.urandom(digest_len))}")
+    if scheme == "SHA512-CRYPT":
+        crypt = _crypt_module()
+        salt = crypt.mksalt(crypt.METHOD_SHA512, rounds=kind[1] or None)
+        return "{SHA512-CRYPT}" + crypt.crypt(_b64(os.urandom(24)), salt)
+    if scheme == "SSHA512":
+        return "{SSHA512}" + _b64(os.urandom(64 + max(0, kind[1])))
+    return "{PLAIN}" + _b64(os.urandom(max(1, kind[1])))[:max(1, kind[1])]
+
+
 # -- credentials and checkers --------------------------------------------------------
 
 @implementer(IXOAuth2Credentials)
@@ -149,14 +202,17 @@ class ConfigUserChecker:
     """Checks user name + password against ``email.auth.users`` (plain or hashed).
 
     Hash verification (scrypt, SHA-512 crypt) runs in a thread so the reactor
-    never waits on it.  Unknown users cost a comparison too (no timing oracle
-    for user names).
+    never waits on it.  An unknown user name costs the same work as a known
+    one: its password is verified against :func:`dummy_stored_password` (the
+    configured users' scheme and parameters), in the same thread pool, and
+    then refused - so the answer's timing does not tell which names exist.
     """
 
     credentialInterfaces = (credentials.IUsernamePassword,)
 
     def __init__(self, users: Iterable[UserOptions]) -> None:
         self.users = {u.username: u.password for u in users}
+        self.dummy = dummy_stored_password(self.users.values())
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred:
         """Check the credentials; fires with the avatar id or fails with UnauthorizedLogin."""
@@ -165,12 +221,14 @@ class ConfigUserChecker:
         password = creds.password.decode("utf-8", "replace") \
             if isinstance(creds.password, bytes) else creds.password
         stored = self.users.get(username)
+        known = stored is not None
         if stored is None:
-            hmac.compare_digest(b"x" * 16, password.encode("utf-8", "replace")[:16])
-            return defer.fail(error.UnauthorizedLogin())
+            stored = self.dummy
+            if stored is None:   # no users at all: there is no name to find out about
+                return defer.fail(error.UnauthorizedLogin())
 
         def result(ok: bool) -> Any:
-            if ok:
+            if ok and known:
                 return username
             raise error.UnauthorizedLogin()
 

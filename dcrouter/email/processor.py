@@ -18,9 +18,13 @@ The SMTP server calls it through :class:`dcrouter.interfaces.IMessageHandler`:
   mode      scan   transform  delivery route
   ========  =====  =========  =========================================
   forward   -      -          ``forward`` to the rule's target
-  mta       -      -          ``local`` Maildir or ``mx``; DKIM key named
+  mta       -      -          ``local`` Maildir or ``mx``
   process   yes    yes        ``forward`` if a target, else as mta
   ========  =====  =========  =========================================
+
+  Whether a group is DKIM-signed at delivery, and with which ``d=``, is
+  decided here too (:mod:`dcrouter.email.signing`): only for sessions that
+  may relay, only with a configured domain aligned with ``From:``.
 
   Scanning runs before the reply to DATA: a ``reject`` verdict raises
   ``550 5.7.1`` and nothing is queued.  Groups without changes share the
@@ -39,13 +43,13 @@ from twisted.internet import defer, threads
 from dcrouter.config.email import (
     DomainRuleOptions, EmailOptions, ScannerOptions, check_address_pattern,
 )
-from dcrouter.dkimkeys import DEFAULT_SELECTOR
 from dcrouter.email.authcheck import InboundAuthChecker
 from dcrouter.email.ratelimit import make_rate_limiter
 from dcrouter.email.routing import ANY_DOMAIN, DomainRouter, pattern_rank, split_address
 from dcrouter.email.scanning import (
     ClamdClient, ScanContext, ScannerError, ScanResult, SpamdClient, build_scanner, mime,
 )
+from dcrouter.email.signing import SigningDecider
 from dcrouter.email.transform import TransformContext, build_transformation
 from dcrouter.errors import ConfigError, PolicyRejection, QueueFullError
 from dcrouter.interfaces import IMessageHandler
@@ -111,6 +115,7 @@ class _Group:
     scan_error: bool = False
     subject_prefixes: list[str] = dataclasses.field(default_factory=list)
     body_path: str = ""
+    dkim_signed: bool = False   # a dkim_sign transformation signed the body already
 
 
 @implementer(IMessageHandler)
@@ -131,7 +136,7 @@ class MultiModeProcessor:
         self.rejections: collections.Counter = collections.Counter()
         self.scan_verdicts: dict[str, collections.Counter] = collections.defaultdict(
             collections.Counter)
-        self._dkim_ready: set[tuple[str, str]] = set()
+        self.signing = SigningDecider(context.dkim_keys)
         self._pipelines: dict[int, tuple[DomainRuleOptions, RulePipeline]] = {}
         self.options = options
         self._apply(options)
@@ -154,6 +159,7 @@ class MultiModeProcessor:
             self.auth_checker = InboundAuthChecker(options.hostname, options.delivery.nameservers,
                                                    auth.timeout, options.max_message_size,
                                                    suffix_list(auth.public_suffix_list))
+        self.signing.configure(options)   # last: its ConfigError leaves it unchanged
         self.options = options
 
     def update_options(self, email: EmailOptions) -> None:
@@ -196,21 +202,6 @@ class MultiModeProcessor:
             route = Route(kind="local", local_path=path)
         else:
             route = Route(kind="mx")
-        if mta is not None and mta.dkim_sign:
-            dkim = mta.dkim_options
-            domain = (dkim.domain_name if dkim and dkim.domain_name else
-                      split_address(mail_from)[1] or mta.domain)
-            selector = (dkim.key_selector if dkim else "") or DEFAULT_SELECTOR
-            try:
-                key_path = (dkim.private_key_path if dkim and dkim.private_key_path
-                            else self.context.dkim_keys.path_for(domain, selector))
-            except ConfigError:  # a sender domain unfit for a file name: send unsigned
-                log.warn("not signing for unusable DKIM domain {domain!r}", domain=domain)
-                domain = ""
-            if domain:
-                route.dkim_domain = domain.lower()
-                route.dkim_selector = selector
-                route.dkim_key_path = key_path
         return route
 
     def route_for_address(self, address: str) -> Route:
@@ -333,17 +324,20 @@ class MultiModeProcessor:
                 else:
                     group.body_path = base_path
             requests = []
+            authors: dict[str, Optional[str]] = {}
             for n, group in enumerate(groups):
                 route = self._route(group.rule, message.mail_from)
-                if route.dkim_domain:
-                    yield self._ensure_dkim_key(group.rule, route)
+                dkim = None
+                if self.signing.active and not group.dkim_signed:
+                    dkim = yield self.signing.decide(session, group.rule, group.body_path,
+                                                     authors)
                 size = message.size if group.body_path == message.spool_path else \
                     os.path.getsize(group.body_path)
                 requests.append(DeliveryRequest(
                     queue_id=message.queue_id if n == 0 else f"{message.queue_id}-{n}",
                     mode=group.mode, rule_pattern=group.key, mail_from=message.mail_from,
                     recipients=list(group.recipients), route=route, body_path=group.body_path,
-                    correlation_id=cid, size=size))
+                    correlation_id=cid, size=size, dkim=dkim))
             ids = yield self.queue.enqueue(requests)
         except PolicyRejection as e:
             self.rejections[e.reason] += 1
@@ -454,30 +448,20 @@ class MultiModeProcessor:
             _apply_scan_headers(msg, group)
         context = TransformContext(mail_from=message.mail_from, recipients=group.recipients,
                                    rule_pattern=group.key, dkim_keys=self.context.dkim_keys,
-                                   correlation_id=message.session.correlation_id)
+                                   correlation_id=message.session.correlation_id,
+                                   session=message.session, dkim_signer=self.signing)
+        if self.signing.active:
+            yield self.signing.wait_ready()
         for transformation in group.pipeline.transformations:
             if getattr(transformation, "thread_safe", False):
                 yield threads.deferToThread(transformation.transform, msg, context)
             else:
                 yield defer.maybeDeferred(transformation.transform, msg, context)
+        group.dkim_signed = bool(context.dkim_signed)
         path = f"{message.spool_path}.{n}"
         created.append(path)
         yield threads.deferToThread(_write_message, path, msg, context.prepend)
         return path
-
-    @defer.inlineCallbacks
-    def _ensure_dkim_key(self, rule: Optional[DomainRuleOptions], route: Route) -> Any:
-        """Make sure the signing key exists (generation takes ~100 ms: in a thread)."""
-        key = (route.dkim_domain, route.dkim_selector)
-        if key in self._dkim_ready:
-            return None
-        dkim = rule.mta_options.dkim_options if rule is not None and rule.mta_options else None
-        yield threads.deferToThread(
-            self.context.dkim_keys.get, route.dkim_domain, route.dkim_selector,
-            private_key_path=dkim.private_key_path if dkim else "",
-            private_key=dkim.private_key if dkim else "")
-        self._dkim_ready.add(key)
-        return None
 
     def close(self) -> defer.Deferred:
         """Release the rate limiter's Redis connection (call when the gateway stops)."""
@@ -491,7 +475,8 @@ class MultiModeProcessor:
                 "scan_verdicts": {name: dict(v) for name, v in self.scan_verdicts.items()},
                 "open_transactions": len(self._transactions),
                 "rate_limits": self.limiter.get_stats(),
-                "routing": self.domain_router.get_stats()}
+                "routing": self.domain_router.get_stats(),
+                "dkim": self.signing.get_stats()}
 
 
 def _names_a_domain(rule: DomainRuleOptions) -> bool:

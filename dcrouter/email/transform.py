@@ -6,9 +6,11 @@ type's parameters.  Built in:
 * ``add_header`` - ``header``, ``value``: append a header.
 * ``remove_header`` - ``header``: remove every occurrence.
 * ``rewrite_subject`` - ``prefix`` and/or ``suffix`` (not doubled when already there).
-* ``dkim_sign`` - ``domain`` (default: the From domain), ``selector`` (default
-  ``dcrouter``), ``private_key_path`` (default: generated under state_dir/dkim):
-  signs the message as it stands, so put it last.
+* ``dkim_sign`` - ``domain`` (default: the signing domains of ``[email.dkim]``),
+  ``selector`` (default ``dcrouter``), ``private_key_path`` (default: generated
+  under state_dir/dkim at start): signs the message as it stands, so put it
+  last - but only mail from a session that may relay whose ``From:`` domain is
+  that domain (:mod:`dcrouter.dkimpolicy`); other mail passes unsigned.
 * ``add_footer`` - ``text`` and optionally ``html`` (default: the text,
   HTML-escaped): appended to the message's plain and HTML bodies; MIME
   structure and attachments are kept; signed or encrypted messages are left
@@ -31,11 +33,16 @@ from typing import Any, Callable, Mapping, Optional
 
 from zope.interface import implementer
 
-from dcrouter.config.email import TransformationOptions
-from dcrouter.dkimkeys import DEFAULT_SELECTOR, DkimKeyStore, sign_message
+from dcrouter.config.email import TransformationOptions, check_dkim_domain, check_dkim_selector
+from dcrouter.dkimkeys import DEFAULT_SELECTOR, DkimKeyStore, DkimSignError, sign_message
+from dcrouter.dkimpolicy import author_domain_of_header
 from dcrouter.email.scanning import mime
 from dcrouter.errors import ConfigError, DcRouterError
 from dcrouter.interfaces import ITransformation
+from dcrouter.logsetup import get_logger
+from dcrouter.message import SessionInfo
+
+log = get_logger("email.transform")
 
 
 class TransformationError(DcRouterError):
@@ -48,7 +55,9 @@ class TransformContext:
 
     ``prepend`` collects raw header lines (bytes with CRLF) written before the
     serialised message; ``dkim_sign`` puts its signature there so the signed
-    bytes are exactly the bytes stored.
+    bytes are exactly the bytes stored, and the ``d=`` it signed with in
+    ``dkim_signed``.  ``session`` is the SMTP session the message came in;
+    ``dkim_signer`` the processor's :class:`~dcrouter.email.signing.SigningDecider`.
     """
 
     mail_from: str
@@ -57,6 +66,9 @@ class TransformContext:
     dkim_keys: Optional[DkimKeyStore] = None
     correlation_id: str = ""
     prepend: list[bytes] = dataclasses.field(default_factory=list)
+    session: Optional[SessionInfo] = None
+    dkim_signer: Any = None
+    dkim_signed: list[str] = dataclasses.field(default_factory=list)
 
 
 def _required(params: Mapping[str, Any], name: str, kind: str) -> str:
@@ -147,21 +159,46 @@ class DkimSign:
     def __init__(self, domain: str = "", selector: str = DEFAULT_SELECTOR,
                  private_key_path: str = "", **extra: Any) -> None:
         _reject_extra("dkim_sign", extra)
-        self.domain = domain
-        self.selector = selector
+        for name, value in (("domain", domain), ("selector", selector),
+                            ("private_key_path", private_key_path)):
+            if not isinstance(value, str):
+                raise ConfigError(name, "must be a string")
+        self.domain = check_dkim_domain(domain, "domain")
+        self.selector = check_dkim_selector(selector, "selector")
         self.private_key_path = private_key_path
 
     def transform(self, message: Message, context: TransformContext) -> None:
-        """Compute the signature over the serialised message; prepend it."""
-        domain = self.domain or _from_domain(message) or _domain_of(context.mail_from)
-        if not domain:
-            raise TransformationError("dkim_sign: no domain to sign for (no From domain)")
-        if context.dkim_keys is None:
-            raise TransformationError("dkim_sign: no key store")
-        key = context.dkim_keys.get(domain, self.selector, private_key_path=self.private_key_path)
-        assert key is not None
+        """Sign the serialised message and prepend the signature - when the policy allows."""
+        signer = context.dkim_signer
+        if signer is None or context.dkim_keys is None:
+            raise TransformationError("dkim_sign: no DKIM signer in this context")
+        session = context.session
+        if session is None or not session.may_relay:
+            log.info("dkim_sign: not signing mail from a client that may not relay",
+                     correlation_id=context.correlation_id)
+            return
         data = b"".join(context.prepend) + mime.to_bytes(message)
-        context.prepend.insert(0, sign_message(data, key))
+        author = author_domain_of_header(data)
+        candidates = signer.policy.transform_identities(self.domain, self.selector,
+                                                        self.private_key_path)
+        identity = signer.policy.choose(author, candidates)
+        if identity is None or not signer.key_ready(identity):
+            log.info("dkim_sign: not signing: {why}", why=(
+                "no single From: address" if not author else
+                f"From: domain {author} is not a signing domain" if identity is None else
+                f"the key of {identity.domain} is not loaded"),
+                correlation_id=context.correlation_id)
+            return
+        key = context.dkim_keys.get(identity.domain, identity.selector)
+        if key is None:
+            return
+        try:
+            context.prepend.insert(0, sign_message(data, key))
+        except DkimSignError as e:
+            log.error("dkim_sign: not signing: {error}", error=str(e),
+                      correlation_id=context.correlation_id)
+            return
+        context.dkim_signed.append(identity.domain)
 
 
 @implementer(ITransformation)
@@ -208,15 +245,6 @@ class AddFooter:
 
 def _escape(text: str) -> str:
     return html.escape(text).replace("\n", "<br>")
-
-
-def _domain_of(address: str) -> str:
-    return address.rsplit("@", 1)[1].lower() if "@" in address else ""
-
-
-def _from_domain(message: Message) -> str:
-    from email.utils import parseaddr
-    return _domain_of(parseaddr(mime.header_text(message, "From") or "")[1])
 
 
 def _reject_extra(kind: str, extra: Mapping[str, Any]) -> None:

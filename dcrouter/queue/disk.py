@@ -50,6 +50,7 @@ from dcrouter.interfaces import IQueueStore
 from dcrouter.logsetup import get_logger
 from dcrouter.queue.item import PENDING, PROCESSING, QueueItem, StoredItem
 from dcrouter.queue.memory import LocalStore
+from dcrouter.tlsutil import ensure_private_dir
 
 log = get_logger("email.queue")
 
@@ -585,7 +586,7 @@ class DiskStore(LocalStore):
     # -- start ------------------------------------------------------------------
     def open(self) -> defer.Deferred:
         """Lock the directory (now), then replay the journal in a thread."""
-        os.makedirs(self.root, mode=0o700, exist_ok=True)
+        ensure_private_dir(self.root)  # parents it creates are 0700 too
         os.chmod(self.root, 0o700)
         self.lock.acquire()
         # a million new objects would trigger many full collections: pause the cyclic GC

@@ -13,7 +13,7 @@ import time
 import urllib.parse
 from typing import Any, Optional
 
-from dcrouter.message import DeliveryRequest, Route
+from dcrouter.message import DeliveryRequest, DkimSigning, Route
 
 #: Item states.
 PENDING = "pending"
@@ -66,7 +66,7 @@ class QueueItem:
     __slots__ = ("id", "mode", "rule_pattern", "mail_from", "recipients", "status", "attempts",
                  "next_attempt", "last_error", "created_at", "updated_at", "delivered_at",
                  "correlation_id", "route", "body_ref", "size", "is_bounce", "destination",
-                 "sched", "lease_owner", "stored_status")
+                 "sched", "lease_owner", "stored_status", "dkim")
 
     def __init__(self, *, id: str, mode: str, rule_pattern: str, mail_from: str,
                  recipients: list[RecipientState], route: Route, body_ref: str,
@@ -74,8 +74,9 @@ class QueueItem:
                  status: str = PENDING, attempts: int = 0, next_attempt: float = 0.0,
                  last_error: str = "", created_at: Optional[float] = None,
                  updated_at: Optional[float] = None, delivered_at: float = 0.0,
-                 destination: str = "") -> None:
+                 destination: str = "", dkim: Optional[DkimSigning] = None) -> None:
         now = time.time()
+        self.dkim = dkim  # d= and s= to sign with at delivery (None: unsigned)
         self.id = id
         self.mode = mode
         self.rule_pattern = rule_pattern
@@ -107,7 +108,7 @@ class QueueItem:
                    mail_from=request.mail_from,
                    recipients=[RecipientState(r) for r in rcpts], route=request.route,
                    body_ref=body_ref, correlation_id=request.correlation_id,
-                   size=request.size, is_bounce=request.is_bounce)
+                   size=request.size, is_bounce=request.is_bounce, dkim=request.dkim)
 
     @property
     def open_recipients(self) -> list[RecipientState]:
@@ -129,6 +130,7 @@ class QueueItem:
             "attempts": self.attempts, "next": self.next_attempt, "err": self.last_error,
             "created": self.created_at, "updated": self.updated_at,
             "delivered": self.delivered_at, "dest": self.destination,
+            **({"dkim": list(self.dkim)} if self.dkim else {}),
         }, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -149,7 +151,8 @@ class QueueItem:
                    next_attempt=float(d["next"]), last_error=str(d["err"]),
                    created_at=float(d["created"]), updated_at=float(d["updated"]),
                    delivered_at=float(d["delivered"]),
-                   destination=sys.intern(str(d["dest"])))
+                   destination=sys.intern(str(d["dest"])),
+                   dkim=DkimSigning(*map(str, d["dkim"][:2])) if d.get("dkim") else None)
 
     def journal_payload(self) -> bytes:
         """Index fields, then the JSON: what the disk journal stores (see :class:`StoredItem`)."""
@@ -168,6 +171,7 @@ class QueueItem:
             "updated_at": self.updated_at, "delivered_at": self.delivered_at,
             "correlation_id": self.correlation_id, "route": self.route.to_dict(),
             "destination": self.destination, "size": self.size, "is_bounce": self.is_bounce,
+            "dkim": self.dkim._asdict() if self.dkim else None,
         }
 
     def __repr__(self) -> str:

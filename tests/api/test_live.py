@@ -220,7 +220,7 @@ async def test_dkim_rotation_step_publish_a_new_selector_with_reload(tmp_path):
         assert await threads.deferToThread(_txt, dns_port, name) == []
         # step 1, as an operator does it: another process writes the key into state_dir/dkim
         key = await threads.deferToThread(
-            lambda: DkimKeyStore(state_dir).get("localhost", "2026b"))
+            lambda: DkimKeyStore(state_dir).get("localhost", "2026b", create=True))
         assert os.path.exists(os.path.join(state_dir, "dkim", "localhost", "2026b.key"))
         # step 2: reload, and the DNS publishes it
         assert (await client.post("/api/reload")).status == 200

@@ -12,7 +12,7 @@ from dcrouter.config.email import EmailOptions
 from dcrouter.config.queue import DeliveryOptions, QueueOptions
 from dcrouter.delivery import MultiModeDeliverySystem
 from dcrouter.dkimkeys import DkimKeyStore
-from dcrouter.message import DeliveryRequest, Route, new_correlation_id, new_queue_id
+from dcrouter.message import DeliveryRequest, DkimSigning, Route, new_correlation_id, new_queue_id
 from dcrouter.queue import UnifiedDeliveryQueue
 
 
@@ -45,7 +45,8 @@ class Stack:
         self.delivery.startService()
 
     def send(self, route: Route, recipients: list[str], body: bytes = b"",
-             mail_from: str = "sender@example.org") -> defer.Deferred:
+             mail_from: str = "sender@example.org",
+             dkim: Optional[DkimSigning] = None) -> defer.Deferred:
         """Spool ``body`` and enqueue it; fires with the item ids."""
         body = body or (b"From: <" + mail_from.encode() + b">\r\nTo: <" +
                         recipients[0].encode() + b">\r\nSubject: test " +
@@ -59,7 +60,7 @@ class Stack:
         request = DeliveryRequest(queue_id=new_queue_id(), mode="forward", rule_pattern="*",
                                   mail_from=mail_from, recipients=recipients, route=route,
                                   body_path=path, correlation_id=new_correlation_id(),
-                                  size=len(body))
+                                  size=len(body), dkim=dkim)
         return self.queue.enqueue([request])
 
     @defer.inlineCallbacks

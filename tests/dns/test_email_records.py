@@ -127,8 +127,9 @@ async def test_new_keys_and_rule_changes_are_published(mail_dns: Any) -> None:
     port = mail_dns.udp_port
     serial = service.zone("example.test").serial
     refreshes = service.refreshes
-    # the delivery system creates a key for a new selector: the listener republishes
-    await threads.deferToThread(service.context.dkim_keys.get, "example.test", "rotated")
+    # an operator creates a key for a new selector: the listener republishes
+    await threads.deferToThread(service.context.dkim_keys.get, "example.test", "rotated",
+                                create=True)
     for _ in range(100):
         if service.refreshes > refreshes and service.zone("example.test").serial > serial:
             break

@@ -557,8 +557,9 @@ async def test_notify_when_a_new_dkim_key_republishes_the_email_records(tmp_path
         assert len(start) == zones  # one for each zone at start, all answered
         serial = service.zone("example.test").serial
         receiving = threads.deferToThread(secondary.receive, 5.0, (0,), count=1)
-        # the delivery system creates a key for a new selector: the records are republished
-        await threads.deferToThread(service.context.dkim_keys.get, "example.test", "rotated")
+        # an operator creates a key for a new selector: the records are republished
+        await threads.deferToThread(service.context.dkim_keys.get, "example.test", "rotated",
+                                    create=True)
         told = [(m.question[0].name.to_text(), m.answer[0][0].serial)
                 for m, _a in await receiving]
         new = service.zone("example.test").serial

@@ -55,6 +55,88 @@ def test_config_checker_unknown_user_and_wrong_password() -> None:
             yield checker.requestAvatarId(credentials.UsernamePassword(user, password))
 
 
+def _recording(monkeypatch: Any, module: Any, name: str, describe: Any) -> list[Any]:
+    """Replace ``module.name`` by a wrapper that records ``describe(*args, **kw)`` per call
+    (and whether it ran outside the reactor thread)."""
+    import threading
+    real = getattr(module, name)
+    calls: list[Any] = []
+
+    def wrapper(*args: Any, **kw: Any) -> Any:
+        calls.append((describe(*args, **kw),
+                      threading.current_thread() is not threading.main_thread()))
+        return real(*args, **kw)
+    monkeypatch.setattr(module, name, wrapper)
+    return calls
+
+
+@pytest_twisted.inlineCallbacks
+def test_unknown_user_costs_the_same_scrypt_as_a_known_one_over_smtp(
+        start_server: Any, monkeypatch: Any) -> None:
+    """AUTH for a name that does not exist runs one scrypt with the configured users'
+    parameters, in the thread pool, like a known name with a wrong password does."""
+    import hashlib
+    run = start_server(auth={"users": [{"username": "alice",
+                                        "password": hash_password(PASSWORD)}]})
+    calls = _recording(monkeypatch, hashlib, "scrypt", lambda secret, salt, n, r, p, dklen,
+                       maxmem=0: (n, r, p, dklen, len(salt)))
+
+    def attempt(user: str, mechanism: str = "PLAIN") -> int:
+        with run.smtps() as s:
+            s.ehlo("client.test")
+            s.user, s.password = user, "wrong-password"
+            try:
+                s.auth(mechanism, s.auth_plain if mechanism == "PLAIN" else s.auth_login)
+            except smtplib.SMTPAuthenticationError as e:
+                return e.smtp_code
+            return 235
+
+    assert (yield deferToThread(attempt, "alice")) == 535
+    known = list(calls)
+    assert (yield deferToThread(attempt, "nobody")) == 535
+    assert (yield deferToThread(attempt, "nobody-either", "LOGIN")) == 535
+    assert len(known) == 1 and known[0] == ((16384, 8, 1, 32, 16), True)
+    assert calls == known * 3
+
+
+@pytest_twisted.inlineCallbacks
+def test_dummy_verification_follows_the_configured_scheme(monkeypatch: Any) -> None:
+    import hashlib
+    import threading
+    from dcrouter.email import auth
+    crypt = auth._crypt_module()
+    stored = "{SHA512-CRYPT}" + crypt.crypt("pw", crypt.mksalt(crypt.METHOD_SHA512,
+                                                                rounds=20000))
+    checker = ConfigUserChecker([UserOptions(username="u", password=stored)])
+    calls = _recording(monkeypatch, crypt, "crypt", lambda word, salt: salt.split("$")[2])
+    for user in (b"u", b"nobody"):
+        with pytest.raises(error.UnauthorizedLogin):
+            yield checker.requestAvatarId(credentials.UsernamePassword(user, b"bad"))
+    assert calls == [("rounds=20000", True)] * 2
+    # SSHA512: one SHA-512 over password + a salt of the configured length
+    ssha = ConfigUserChecker([UserOptions(username="u", password=hash_password(
+        "pw", "SSHA512"))])
+    sha = _recording(monkeypatch, hashlib, "sha512", lambda data=b"": len(data))
+    for user in (b"u", b"nobody"):
+        with pytest.raises(error.UnauthorizedLogin):
+            yield ssha.requestAvatarId(credentials.UsernamePassword(user, b"bad"))
+    assert sha == [(3 + 16, True)] * 2
+    # the most common scheme wins; plain-text users are compared in the reactor, as known
+    # plain-text users are
+    mixed = auth.dummy_stored_password(["p1", "p2", hash_password("x")])
+    assert mixed is not None and mixed.startswith("{PLAIN}")
+    assert auth.dummy_stored_password([]) is None
+    plain = ConfigUserChecker([UserOptions(username="u", password="pw")])
+    d = plain.requestAvatarId(credentials.UsernamePassword(b"nobody", b"pw"))
+    assert threading.current_thread() is threading.main_thread()
+    with pytest.raises(error.UnauthorizedLogin):
+        yield d
+    # an unknown name never logs in, whatever its password
+    for candidate in (b"", b"pw", mixed.encode()):
+        with pytest.raises(error.UnauthorizedLogin):
+            yield plain.requestAvatarId(credentials.UsernamePassword(b"nobody", candidate))
+
+
 def test_limiter_window() -> None:
     now = [1000.0]
     limiter = AuthFailureLimiter(3, clock=lambda: now[0])

@@ -36,7 +36,10 @@ def txt(text: str) -> dns.Record_TXT:
 
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory: pytest.TempPathFactory) -> DkimKeyStore:
-    return DkimKeyStore(str(tmp_path_factory.mktemp("dkim")))
+    store = DkimKeyStore(str(tmp_path_factory.mktemp("dkim")))
+    for domain in ("sender.test", "thirdparty.test", "bob.hosting.test"):
+        store.get(domain, "s1", create=True)   # looking a key up never creates it
+    return store
 
 
 @pytest.fixture(scope="module")

@@ -10,14 +10,18 @@ import pytest_twisted
 from twisted.internet import defer, reactor
 from zope.interface import implementer
 
+from dcrouter.email.processor import MultiModeProcessor
+from dcrouter.email.routing import DomainRouter
 from dcrouter.email.scanning import ScanResult
 from dcrouter.email.scanning.virus import EICAR
 from dcrouter.errors import ConfigError, PolicyRejection
 from dcrouter.interfaces import IContentScanner, ITransformation
-from dcrouter.service import Extensions
+from dcrouter.service import Extensions, RouterContext
 from tests.email.support import (
-    Suppression, make_processor, multipart, session, simple_message, spool, transaction,
+    RecordingQueue, Suppression, make_processor, multipart, session, simple_message, spool,
+    transaction,
 )
+from tests.support.router import options_from
 from tests.support.net import free_port
 
 FORWARD = {"pattern": "*@fwd.test", "mode": "forward",
@@ -61,8 +65,8 @@ def test_split_by_rule_into_modes(tmp_path) -> None:  # type: ignore[no-untyped-
     local = by["*@local.test"]
     assert local.route.kind == "local" and local.route.local_path == os.path.join(tmp, "mail")
     mx = by["*@mx.test"]
-    assert mx.route.kind == "mx" and mx.route.dkim_domain == "sender.test"
-    assert mx.route.dkim_selector == "dcrouter" and os.path.exists(mx.route.dkim_key_path)
+    # From: alice@sender.test is not the rule's signing domain (mx.test): unsigned
+    assert mx.route.kind == "mx" and mx.dkim is None
     proc = by["*@proc.test"]
     assert proc.route.kind == "mx" and proc.mode == "process"
     default = by[""]
@@ -118,13 +122,8 @@ def test_route_for_address(tmp_path) -> None:  # type: ignore[no-untyped-def]
     processor, _ = make_processor(str(tmp_path), {"domain_rules": [FORWARD, LOCAL, MX]})
     assert processor.route_for_address("a@fwd.test").server == "127.0.0.1"
     assert processor.route_for_address("a@local.test").kind == "local"
-    assert processor.route_for_address("a@mx.test").dkim_domain == "mx.test"
+    assert processor.route_for_address("a@mx.test").kind == "mx"
     assert processor.route_for_address("a@other.test").kind == "mx"
-    assert processor.route_for_address("a@mx.test").dkim_key_path.endswith(
-        os.path.join("dkim", "mx.test", "dcrouter.key"))
-    # a sender domain that cannot name a key file is sent unsigned, not refused
-    assert processor._route(processor.domain_router.match_rule("a@mx.test"),
-                            "x@bad/../domain").dkim_domain == ""
 
 
 @pytest_twisted.inlineCallbacks
@@ -445,16 +444,27 @@ def test_bad_scanner_types(tmp_path, scanner: dict, message: str) -> None:  # ty
 
 @pytest_twisted.inlineCallbacks
 def test_dkim_key_generated_in_thread_listeners_told_in_reactor(tmp_path) -> None:  # type: ignore
+    """The rule's key is made when the configuration is applied, in a thread; a message
+    from a new sender domain makes none."""
     import threading
     tmp = str(tmp_path)
-    processor, queue = make_processor(tmp, {"domain_rules": [MX]})
     told = []
-    processor.context.dkim_keys.add_listener(lambda: told.append(threading.current_thread()))
-    yield transaction(processor, tmp, simple_message(), "a@fresh.test", ["x@mx.test"])
+    options = options_from({"email": {"domain_rules": [MX]}}, tmp)
+    context = RouterContext(options, reactor, Extensions())
+    context.dkim_keys.add_listener(lambda: told.append(threading.current_thread()))
+    queue = RecordingQueue(os.path.join(tmp, "queue"))
+    processor = MultiModeProcessor(options.email, DomainRouter.from_options(options.email),
+                                   queue, context)
+    yield processor.signing.wait_ready()
     from twisted.internet import task
     yield task.deferLater(reactor, 0.05, lambda: None)
     assert told == [threading.main_thread()]
-    assert os.path.exists(queue.requests[0].route.dkim_key_path)
+    assert os.listdir(os.path.join(tmp, "dkim")) == ["mx.test"]
+    yield transaction(processor, tmp, simple_message(sender="a@fresh.test"), "a@fresh.test",
+                      ["x@mx.test"])
+    assert os.listdir(os.path.join(tmp, "dkim")) == ["mx.test"] and told == [
+        threading.main_thread()]
+    assert queue.requests[0].dkim is None
 
 
 @pytest_twisted.inlineCallbacks

@@ -3,14 +3,18 @@
 from __future__ import annotations
 
 import base64
+import os
 from typing import Any
 
 import dkim
 import pytest
 from zope.interface import implementer
 
+from dcrouter.config import parse_config
 from dcrouter.config.email import TransformationOptions
 from dcrouter.dkimkeys import DkimKeyStore
+from dcrouter.dkimpolicy import SigningPolicy
+from dcrouter.email.signing import SigningDecider
 from dcrouter.email.scanning.mime import parse_bytes, to_bytes
 from dcrouter.email.transform import (
     AddFooter, AddHeader, DkimSign, RemoveHeader, RewriteSubject, TransformContext,
@@ -18,7 +22,7 @@ from dcrouter.email.transform import (
 )
 from dcrouter.errors import ConfigError
 from dcrouter.interfaces import ITransformation
-from tests.email.support import simple_message
+from tests.email.support import session, simple_message
 
 
 def ctx(**kw: Any) -> TransformContext:
@@ -93,12 +97,32 @@ def test_add_footer_leaves_signed_messages_alone() -> None:
     assert apply(AddFooter(text="footer"), data) == data
 
 
+def signer(tmp_path: Any, domains: tuple[str, ...] = ("sender.test",),
+           rules: tuple[dict[str, Any], ...] = ()) -> SigningDecider:
+    """A SigningDecider whose keys are ready (made here, synchronously)."""
+    options = parse_config({"router": {"state_dir": str(tmp_path)},
+                            "email": {"dkim": {"domains": list(domains)},
+                                      "domain_rules": list(rules)}}).email
+    assert options is not None
+    decider = SigningDecider(DkimKeyStore(str(tmp_path)))
+    decider.policy = SigningPolicy(options)
+    decider.ready_keys = decider.store.ensure(decider.policy.identities())
+    return decider
+
+
+def signing_ctx(decider: SigningDecider, relay: bool = True) -> TransformContext:
+    return ctx(dkim_keys=decider.store, dkim_signer=decider,
+               session=session(relay=relay))
+
+
 def test_dkim_sign_verifies_with_public_key(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    store = DkimKeyStore(str(tmp_path))
-    context = ctx(dkim_keys=store)
+    decider = signer(tmp_path, rules=({"pattern": "*@p.test", "mode": "process",
+                                       "transformations": [{"type": "dkim_sign",
+                                                            "selector": "s1"}]},))
+    context = signing_ctx(decider)
     out = apply(DkimSign(selector="s1"), simple_message(), context)
-    assert out.startswith(b"DKIM-Signature: ")
-    key = store.get("sender.test", "s1")
+    assert out.startswith(b"DKIM-Signature: ") and context.dkim_signed == ["sender.test"]
+    key = decider.store.get("sender.test", "s1")
     record = key.public_record().encode()
     asked = []
 
@@ -114,21 +138,41 @@ def test_dkim_sign_verifies_with_public_key(tmp_path) -> None:  # type: ignore[n
 
 def test_dkim_sign_after_other_transformations(tmp_path) -> None:  # type: ignore
     """Transformations before dkim_sign are covered by the signature."""
-    store = DkimKeyStore(str(tmp_path))
-    context = ctx(dkim_keys=store)
-    msg = parse_bytes(simple_message())
+    decider = signer(tmp_path, domains=(), rules=(
+        {"pattern": "*@p.test", "mode": "process",
+         "transformations": [{"type": "dkim_sign", "domain": "signer.test"}]},))
+    context = signing_ctx(decider)
+    msg = parse_bytes(simple_message(sender="news@signer.test"))
     for t in (AddHeader(header="X-A", value="1"), AddFooter(text="footer"),
               DkimSign(domain="signer.test")):
         t.transform(msg, context)
     out = b"".join(context.prepend) + to_bytes(msg)
-    record = store.get("signer.test").public_record().encode()
+    record = decider.store.get("signer.test").public_record().encode()
     assert dkim.verify(out, dnsfunc=lambda name, timeout=5: record)
 
 
-def test_dkim_sign_without_domain_fails_clearly(tmp_path) -> None:  # type: ignore
-    context = TransformContext(mail_from="", recipients=[], dkim_keys=DkimKeyStore(str(tmp_path)))
-    with pytest.raises(TransformationError, match="no domain"):
-        DkimSign().transform(parse_bytes(b"Subject: x\r\n\r\nbody\r\n"), context)
+def test_dkim_sign_only_for_relay_clients_and_aligned_from(tmp_path) -> None:  # type: ignore
+    """Outsiders, unconfigured or unaligned From: domains and a missing From: pass unsigned;
+    nothing creates a key."""
+    decider = signer(tmp_path)
+    keys_before = sorted(os.listdir(os.path.join(str(tmp_path), "dkim")))
+    cases = [
+        (simple_message(), False),                                     # outsider
+        (simple_message(sender="ceo@forged.test"), True),              # not a signing domain
+        (simple_message(sender="a@news.sender.test"), True),           # subdomain: not by default
+        (b"Subject: x\r\n\r\nbody\r\n", True),                         # no From: at all
+        (b"From: a@sender.test\r\nFrom: b@sender.test\r\n\r\nx\r\n", True),  # two From:
+        (b'From: "ceo@sender.test" <x@evil.test>\r\n\r\nx\r\n', True),       # display-name trick
+    ]
+    for data, relay in cases:
+        context = signing_ctx(decider, relay=relay)
+        assert apply(DkimSign(), data, context) == to_bytes(parse_bytes(data))
+        assert context.dkim_signed == [] and context.prepend == []
+    assert sorted(os.listdir(os.path.join(str(tmp_path), "dkim"))) == keys_before
+    with pytest.raises(TransformationError, match="no DKIM signer"):
+        DkimSign().transform(parse_bytes(simple_message()), ctx())
+    with pytest.raises(ConfigError):
+        DkimSign(domain="bad/../domain")
 
 
 @implementer(ITransformation)
