@@ -74,6 +74,7 @@ class Entry:
     compressed: int
     size: int
     offset: int
+    crc: int = 0
     unicode_name: str = ""
 
 
@@ -157,7 +158,7 @@ def read_directory(f: IO[bytes], size: int, where: str, budget: Budget) -> tuple
     while pos < cd_size:
         if pos + _CENTRAL.size > cd_size:
             raise _broken(where, "central directory entry truncated")
-        (sig, _made, _need, flags, method, _t, _d, _crc, csize, usize, nlen, xlen, clen,
+        (sig, _made, _need, flags, method, _t, _d, crc, csize, usize, nlen, xlen, clen,
          _disk, _ia, _ea, offset) = _CENTRAL.unpack_from(directory, pos)
         if sig != b"PK\x01\x02":
             raise _broken(where, "bad central directory entry")
@@ -182,7 +183,7 @@ def read_directory(f: IO[bytes], size: int, where: str, budget: Budget) -> tuple
                     csize = value
                 else:
                     offset = value
-        entry = Entry(_decode_name(raw_name, flags), flags, method, csize, usize, offset)
+        entry = Entry(_decode_name(raw_name, flags), flags, method, csize, usize, offset, crc)
         upath = extra.get(0x7075, b"")
         if len(upath) > 5 and upath[0] == 1:
             entry.unicode_name = upath[5:].decode("utf-8", "replace")
@@ -254,6 +255,7 @@ def _stream(f: IO[bytes], entry: Entry, data_start: int, where: str, budget: Bud
     left = entry.compressed
     consumed = 0
     unpacked = 0
+    crc = 0
     head = b""
     f.seek(data_start)
     try:
@@ -279,6 +281,7 @@ def _stream(f: IO[bytes], entry: Entry, data_start: int, where: str, budget: Bud
             budget.charge_bytes(len(out), where)
             budget.check_file_size(unpacked, where)
             budget.check_ratio(unpacked, consumed - len(inflater.pending), where)
+            crc = zlib.crc32(out, crc)
             if sink is not None:
                 sink.feed(out)
             if spool is not None:
@@ -287,6 +290,10 @@ def _stream(f: IO[bytes], entry: Entry, data_start: int, where: str, budget: Bud
                 return head
     except (zlib.error, OSError, EOFError, ValueError) as e:
         raise _broken(where, f"cannot unpack: {e}") from None
+    if not inflater.finished:
+        raise _broken(where, "compressed data ends early")
+    if crc != entry.crc:
+        raise _broken(where, "CRC mismatch")
     return head
 
 
