@@ -165,8 +165,10 @@ class ScanPool:
 
     def get_stats(self) -> dict[str, Any]:
         """Workers, busy, queued and the counters (jobs, timeouts, killed, crashed...)."""
+        counters = {k: self.stats[k] for k in ("jobs", "done", "errors", "timeouts", "killed",
+                                                "crashed", "spawned")}
         return {"workers": len(self.workers), "busy": sum(1 for w in self.workers if w.job),
-                "queued": len(self.queue), **dict(self.stats)}
+                "queued": len(self.queue), **counters}
 
     # -- jobs -----------------------------------------------------------------------
 
