@@ -31,12 +31,13 @@ def cpu_ticks(pid: int) -> int:
 
 
 def alive(pid: int) -> bool:
-    """Running (not gone, not a zombie)."""
+    """Running (not gone, not a zombie) and still a child of this process (PIDs get reused)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rpartition(")")[2].split()[0] != "Z"
+            fields = f.read().rpartition(")")[2].split()
     except FileNotFoundError:
         return False
+    return fields[0] != "Z" and int(fields[1]) == os.getpid()
 
 
 def sleep(seconds: float) -> defer.Deferred:
