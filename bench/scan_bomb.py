@@ -16,7 +16,8 @@ Bomb shapes (each about 15 MB as a message): ``42`` (42.zip shape, 16 x 16 x 16 
 1 MiB, repeated to fill the message: stopped by MaxScanSize after 100 MiB inflated - the
 most work the limits allow), ``liar`` (one member declaring 1 KB that inflates to ~10 GB:
 stopped by the real ratio), ``ratio`` (declared truthfully: stopped before inflating),
-``overlap`` (200,000 entries sharing one kernel: MaxFiles / overlap).
+``overlap`` (60,000 entries sharing one kernel: refused on the directory, before
+anything is inflated).
 
 Usage::
 
@@ -120,7 +121,7 @@ def make_bombs(shapes: list[str]) -> dict[str, bytes]:
             bombs[shape] = mime_attachment(raw_zip([RawEntry(
                 "zeros.bin", deflate_zeros(size), size, 0)]))
         elif shape == "overlap":
-            bombs[shape] = mime_attachment(overlap_bomb(200000, 1 << 20))
+            bombs[shape] = mime_attachment(overlap_bomb(60000, 1 << 20, 180))
         else:
             raise SystemExit(f"unknown shape {shape!r}")
     return bombs

@@ -132,12 +132,13 @@ def nested_bomb(width: int, depth: int, leaf_size: int) -> bytes:
     return level
 
 
-def overlap_bomb(files: int, kernel_size: int) -> bytes:
-    """``files`` central entries, every one pointing at the same compressed kernel."""
+def overlap_bomb(files: int, kernel_size: int, name_length: int = 0) -> bytes:
+    """``files`` central entries (at most 65535), every one pointing at the same compressed
+    kernel; names padded to ``name_length`` to make the directory as large as wanted."""
     kernel = deflate_zeros(kernel_size)
     first = RawEntry("0.bin", kernel, kernel_size, crc_zeros(kernel_size))
-    return raw_zip([first] + [dataclasses.replace(first, name=f"{i}.bin", offset_of=0)
-                              for i in range(1, files)])
+    return raw_zip([first] + [dataclasses.replace(first, name=f"{i}.bin".rjust(name_length, "x"),
+                                                  offset_of=0) for i in range(1, files)])
 
 
 def deep_zip(depth: int, name: str, data: bytes) -> bytes:
