@@ -60,6 +60,18 @@ def bomb_file(tmp_path_factory: pytest.TempPathFactory) -> str:
     return path
 
 
+@defer.inlineCallbacks
+def busy(pool: ScanPool) -> Any:
+    """Wait until a worker runs the job; its PID."""
+    for _ in range(200):
+        if pool.get_stats()["busy"]:
+            break
+        yield sleep(0.02)
+    yield sleep(0.2)   # well into the bomb
+    (pid,) = pool.worker_pids()
+    return pid
+
+
 def write(tmp_path: Any, data: bytes) -> str:
     path = os.path.join(str(tmp_path), "m.eml")
     with open(path, "wb") as f:
@@ -80,7 +92,9 @@ def test_report_from_a_worker(pool: ScanPool, tmp_path: Any) -> None:
 
 
 @pytest_twisted.inlineCallbacks
-def test_deadline_stops_the_work_and_the_worker_idles(pool: ScanPool, bomb_file: str) -> None:
+def test_deadline_stops_the_work_and_the_worker_idles(pool: ScanPool, bomb_file: str,
+                                                       tmp_path: Any) -> None:
+    yield pool.analyse(write(tmp_path, b"Subject: warm\r\n\r\nup\r\n"), ["spam"], Limits(), 30)
     with pytest.raises(ScannerError, match="timed out after 0.5s"):
         yield pool.analyse(bomb_file, ["eicar"], UNLIMITED, 0.5)
     (pid,) = pool.worker_pids()
@@ -113,8 +127,7 @@ def test_a_stuck_worker_is_killed(pool: ScanPool, tmp_path: Any) -> None:
 @pytest_twisted.inlineCallbacks
 def test_cancelling_a_scan_kills_its_worker(pool: ScanPool, bomb_file: str) -> None:
     d = pool.analyse(bomb_file, ["eicar"], UNLIMITED, 30)
-    yield sleep(0.3)
-    (pid,) = pool.worker_pids()
+    pid = yield busy(pool)
     d.cancel()
     with pytest.raises(ScannerError, match="cancelled"):
         yield d
@@ -129,8 +142,7 @@ def test_cancelling_a_scan_kills_its_worker(pool: ScanPool, bomb_file: str) -> N
 def test_a_worker_that_dies_is_an_error_and_replaced(pool: ScanPool, bomb_file: str,
                                                       tmp_path: Any) -> None:
     d = pool.analyse(bomb_file, ["eicar"], UNLIMITED, 30)
-    yield sleep(0.3)
-    (pid,) = pool.worker_pids()
+    pid = yield busy(pool)
     os.kill(pid, signal.SIGKILL)
     with pytest.raises(ScannerError, match="killed by signal 9"):
         yield d
@@ -145,7 +157,7 @@ def test_jobs_wait_for_a_free_worker_within_their_time(pool: ScanPool, bomb_file
     busy = pool.analyse(bomb_file, ["eicar"], UNLIMITED, 1.0)
     path = write(tmp_path, b"Subject: x\r\n\r\nhi\r\n")
     waiting = pool.analyse(path, ["spam"], Limits(), 0.2)
-    with pytest.raises(ScannerError, match="timed out"):
+    with pytest.raises(ScannerError, match="no scan worker free within 0.2s"):
         yield waiting
     with pytest.raises(ScannerError, match="timed out"):
         yield busy
@@ -161,5 +173,35 @@ def test_memory_cap_and_a_large_member_streamed(tmp_path: Any) -> None:
         path = write(tmp_path, mime_attachment(ratio_bomb(300 * 1024 * 1024)))
         report = yield p.analyse(path, ["eicar"], UNLIMITED, 30)
         assert report["verdict"] is None and report["spent"]["bytes"] > 300 * 1024 * 1024
+    finally:
+        yield p.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_reply_lists_only_blocked_names(pool: ScanPool, tmp_path: Any) -> None:
+    """9,000 long member names: the worker sends back the one that matters, and a count."""
+    from tests.email.zipcraft import RawEntry, raw_zip
+    members = [RawEntry(f"{i:05d}-" + "n" * 200 + ".txt", b"", 0, 0, method=0)
+               for i in range(9000)]
+    members.append(RawEntry("tools/run.exe", b"MZ", 2, 0x1a3b4c5d, method=0))
+    import zlib
+    members[-1].crc = zlib.crc32(b"MZ")
+    path = write(tmp_path, mime_attachment(raw_zip(members)))
+    report = yield pool.analyse(path, ["names", "archives"], Limits(), 10, [".exe", ".bat"])
+    assert report["names"] == [["archive.zip/tools/run.exe", "tools/run.exe", True]]
+    assert report["names_seen"] == 9002   # the attachment's own name too
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_worker_that_cannot_start_fails_fast_without_a_respawn_storm(tmp_path: Any) -> None:
+    p = ScanPool(reactor, size=2, python="/bin/false")
+    try:
+        path = write(tmp_path, b"Subject: x\r\n\r\nhi\r\n")
+        started = reactor.seconds()
+        with pytest.raises(ScannerError, match="failed to start"):
+            yield p.analyse(path, ["spam"], Limits(), 10)
+        assert reactor.seconds() - started < 5
+        yield sleep(0.5)
+        assert p.get_stats()["spawned"] == 1 and p.get_stats()["start_failures"] == 1
     finally:
         yield p.close()

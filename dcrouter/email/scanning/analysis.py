@@ -8,7 +8,9 @@ that JSON carries from the worker to the gateway):
 ``names``
     ``[display, name, archived]`` for every attachment name (Content-Disposition
     ``filename``, Content-Type ``name``, RFC 2231 and RFC 2047 decoded) and
-    every name inside a ZIP: the attachment scanner checks them.
+    every name inside a ZIP: the attachment scanner checks them.  Given
+    ``blocked`` extensions, only the names they block are listed (the reply
+    stays small whatever the archive holds); ``names_seen`` counts them all.
 ``eicar``
     the EICAR test string was in a decoded part or an unpacked member.
 ``spam``
@@ -102,9 +104,12 @@ class _EicarSearch:
 class Findings:
     """What the walk found (names, EICAR, text, notes); also the archive reader's sink."""
 
-    def __init__(self, features: Iterable[str]) -> None:
+    def __init__(self, features: Iterable[str],
+                 blocked: Optional[tuple[str, ...]] = None) -> None:
         self.features = set(features)
+        self.blocked = blocked
         self.names: list[list[Any]] = []
+        self.names_seen = 0
         self.eicar = False
         self.notes: list[str] = []
         self.texts: list[tuple[str, str]] = []
@@ -112,7 +117,12 @@ class Findings:
         self.top: Optional[Message] = None
 
     def add_name(self, display: str, name: str, archived: bool) -> None:
-        """A name seen (kept once)."""
+        """A name seen (kept once; only blocked ones when ``blocked`` was given)."""
+        self.names_seen += 1
+        if self.blocked is not None:
+            from dcrouter.email.scanning.attachment import blocked_reason
+            if not blocked_reason(name, self.blocked):
+                return
         entry = [display[:2 * MAX_NAME], name[:MAX_NAME], archived]
         if entry not in self.names[-8:]:
             self.names.append(entry)
@@ -234,12 +244,13 @@ class _Analyser:
 
 
 def analyse_file(path: str, features: Iterable[str], limits: Limits, timeout: float = 0.0,
-                 tmp_dir: Optional[str] = None) -> dict[str, Any]:
+                 tmp_dir: Optional[str] = None,
+                 blocked: Optional[Iterable[str]] = None) -> dict[str, Any]:
     """Walk the message at ``path`` (blocking); see the module docstring for the report.
 
     Raises ScanTimeExceeded when ``timeout`` seconds pass first."""
     started = resource.getrusage(resource.RUSAGE_SELF)
-    findings = Findings(features)
+    findings = Findings(features, tuple(blocked) if blocked is not None else None)
     budget = Budget(limits, timeout)
     verdict: Optional[dict[str, str]] = None
     with open(path, "rb") as f:
@@ -249,7 +260,8 @@ def analyse_file(path: str, features: Iterable[str], limits: Limits, timeout: fl
         except ScanVerdict as e:
             verdict = {"kind": "limits" if isinstance(e, LimitExceeded) else "unscannable",
                        "signature": e.signature, "detail": e.detail}
-    report: dict[str, Any] = {"names": findings.names, "eicar": findings.eicar,
+    report: dict[str, Any] = {"names": findings.names, "names_seen": findings.names_seen,
+                              "eicar": findings.eicar,
                               "verdict": verdict, "notes": findings.notes,
                               "spent": budget.summary()}
     if "spam" in findings.features:

@@ -40,8 +40,8 @@ class BuiltinScanner:
             from dcrouter.email.scanning.runner import ContentAnalysis
             analysis = self.analysis = ContentAnalysis(ScanPool.shared(reactor))
         try:
-            report: Optional[dict] = yield analysis.analyse(context.spool_path,
-                                                            list(self.features))
+            report: Optional[dict] = yield analysis.analyse(
+                context.spool_path, list(self.features), list(getattr(self, "blocked", ())))
         except ScannerError as e:
             return None, str(e)
         return report, ""

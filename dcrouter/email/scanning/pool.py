@@ -11,6 +11,10 @@ limit covers waiting for a worker and the scan itself:
   deadline - stuck, or stopped - is killed with SIGKILL, and a new one is
   started for the next job; so is the worker of a cancelled job.
 
+A new worker takes jobs once it has said it is ready (its imports done), so
+its start-up never counts against a scan's deadline, only against the time a
+job may wait.
+
 Every failure is a :class:`~dcrouter.email.scanning.types.ScannerError`, so
 the gateway's ``scan_fail_mode`` decides what the client is told.  One pool
 serves a process (:meth:`ScanPool.shared`), it stops its workers when the
@@ -53,8 +57,9 @@ class _Job:
     """One analysis request on its way."""
 
     def __init__(self, number: int, path: str, features: list[str], limits: Limits,
-                 timeout: float, started: float) -> None:
+                 timeout: float, started: float, blocked: Optional[list[str]] = None) -> None:
         self.number = number
+        self.blocked = blocked
         self.path = path
         self.features = features
         self.limits = limits
@@ -85,6 +90,7 @@ class _Worker(protocol.ProcessProtocol):
         self.job: Optional[_Job] = None
         self.buffer = b""
         self.stderr = b""
+        self.ready = False      # imports done: takes jobs
         self.dead = False       # killed or ended: takes no more jobs
 
     def connectionMade(self) -> None:
@@ -107,7 +113,7 @@ class _Worker(protocol.ProcessProtocol):
 
     def send(self, job: _Job, timeout: float) -> None:
         request = {"id": job.number, "path": job.path, "features": job.features,
-                   "limits": job.limits.to_dict(), "timeout": timeout}
+                   "limits": job.limits.to_dict(), "timeout": timeout, "blocked": job.blocked}
         self.transport.write(json.dumps(request).encode("ascii") + b"\n")  # type: ignore
 
     def kill(self, why: str) -> None:
@@ -130,10 +136,13 @@ class ScanPool:
 
     _shared: dict[int, "ScanPool"] = {}
 
-    def __init__(self, reactor: Any, size: int = 2, memory: int = 0) -> None:
+    def __init__(self, reactor: Any, size: int = 2, memory: int = 0,
+                 python: str = sys.executable) -> None:
         self.reactor = reactor
         self.size = size
         self.memory = memory
+        self.python = python
+        self._spawn_after = 0.0   # back-off after a worker that failed to start
         self.workers: list[_Worker] = []
         self.idle: list[_Worker] = []
         self.queue: collections.deque[_Job] = collections.deque()
@@ -166,25 +175,27 @@ class ScanPool:
     def get_stats(self) -> dict[str, Any]:
         """Workers, busy, queued and the counters (jobs, timeouts, killed, crashed...)."""
         counters = {k: self.stats[k] for k in ("jobs", "done", "errors", "timeouts", "killed",
-                                                "crashed", "spawned")}
+                                                "crashed", "spawned", "start_failures")}
         return {"workers": len(self.workers), "busy": sum(1 for w in self.workers if w.job),
                 "queued": len(self.queue), **counters}
 
     # -- jobs -----------------------------------------------------------------------
 
     def analyse(self, path: str, features: list[str], limits: Limits,
-                timeout: float) -> defer.Deferred:
-        """Fires with the report of the file at ``path``; ScannerError on any failure."""
+                timeout: float, blocked: Optional[list[str]] = None) -> defer.Deferred:
+        """Fires with the report of the file at ``path``; ScannerError on any failure.
+
+        ``blocked``: list only names with these extensions (see scanning.analysis)."""
         if self._closed:
             return defer.fail(ScannerError("content scanning is shutting down"))
         job = _Job(next(self._numbers), path, list(features), limits, timeout,
-                   self.reactor.seconds())
+                   self.reactor.seconds(), blocked)
 
         def cancel(_d: defer.Deferred) -> None:
             self._abandon(job, "cancelled")
 
         job.deferred = defer.Deferred(cancel)
-        job.timer = self.reactor.callLater(timeout + KILL_GRACE, self._timed_out, job)
+        job.timer = self.reactor.callLater(timeout, self._timed_out, job)  # while queued
         self.stats["jobs"] += 1
         self.queue.append(job)
         self._dispatch()
@@ -204,6 +215,9 @@ class ScanPool:
                 continue
             job.worker = worker
             worker.job = job
+            if job.timer is not None and job.timer.active():
+                job.timer.cancel()
+            job.timer = self.reactor.callLater(left + KILL_GRACE, self._timed_out, job)
             worker.send(job, left)
 
     def _idle_worker(self) -> Optional[_Worker]:
@@ -211,8 +225,10 @@ class ScanPool:
             worker = self.idle.pop()
             if not worker.dead:
                 return worker
-        if len(self.workers) < self.size:
-            return self._spawn()
+        starting = any(not w.ready and not w.dead for w in self.workers)
+        if len(self.workers) < self.size and not starting:
+            if self.reactor.seconds() >= self._spawn_after:
+                self._spawn()   # takes jobs once it says it is ready
         return None
 
     def _spawn(self) -> _Worker:
@@ -222,9 +238,9 @@ class ScanPool:
         if os.path.basename(root) not in ("site-packages", "dist-packages"):
             env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"]
                                         if env.get("PYTHONPATH") else "")
-        args = [sys.executable, "-m", "dcrouter.email.scanning.worker",
+        args = [self.python, "-m", "dcrouter.email.scanning.worker",
                 "--memory", str(self.memory)]
-        self.reactor.spawnProcess(worker, sys.executable, args, env=env,
+        self.reactor.spawnProcess(worker, self.python, args, env=env,
                                   childFDs={0: "w", 1: "r", 2: "r"})
         self.workers.append(worker)
         self.stats["spawned"] += 1
@@ -245,6 +261,12 @@ class ScanPool:
         except ValueError:
             worker.kill("unreadable reply")
             reply = None
+        if isinstance(reply, dict) and reply.get("ready") is True and not worker.ready:
+            worker.ready = True
+            if not worker.dead:
+                self.idle.append(worker)
+            self._dispatch()
+            return
         if job is None or not isinstance(reply, dict) or reply.get("id") != job.number:
             if job is not None:
                 self._abandon(job, "answered out of turn")
@@ -268,6 +290,10 @@ class ScanPool:
     def _timed_out(self, job: _Job) -> None:
         job.timer = None
         self.stats["timeouts"] += 1
+        if job.worker is None:
+            self._abandon(job, "queued", ScannerError(
+                f"no scan worker free within {job.timeout:g}s", kind="time"))
+            return
         self._abandon(job, f"no answer {KILL_GRACE:g}s after the {job.timeout:g}s deadline",
                       ScannerError(f"content scan timed out after {job.timeout:g}s",
                                    kind="time"))
@@ -291,6 +317,16 @@ class ScanPool:
         if worker in self.idle:
             self.idle.remove(worker)
         job, worker.job = worker.job, None
+        if not worker.ready and not self._closed:
+            # it never started: fail what waits now, and do not start another for a second
+            self.stats["start_failures"] += 1
+            self._spawn_after = self.reactor.seconds() + 1.0
+            log.error("scan worker {worker_pid} failed to start: {output}",
+                      worker_pid=worker.pid,
+                      output=worker.stderr.decode("utf-8", "replace")[-2000:])
+            while self.queue:
+                self.queue.popleft().finish(ScannerError("scan worker failed to start"))
+            return
         if job is not None:
             self.stats["crashed"] += 1
             code = getattr(reason.value, "exitCode", None)
@@ -303,6 +339,9 @@ class ScanPool:
             waiters, self._ended_waiters = self._ended_waiters, []
             for d in waiters:
                 d.callback(None)
+        if not self._closed and len(self.workers) < self.size and \
+                not any(not w.ready and not w.dead for w in self.workers):
+            self._spawn()   # a replacement starts now, not when the next message waits
         self._dispatch()
 
     def close(self) -> defer.Deferred:

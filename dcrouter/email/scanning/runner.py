@@ -44,9 +44,13 @@ class ContentAnalysis:
         self.limits = limits
         self.timeout = timeout
 
-    def analyse(self, path: str, features: list[str]) -> defer.Deferred:
-        """Fires with the report (see scanning.analysis); ScannerError on failure."""
-        return self.pool.analyse(path, sorted(set(features)), self.limits, self.timeout)
+    def analyse(self, path: str, features: list[str],
+                blocked: Optional[list[str]] = None) -> defer.Deferred:
+        """Fires with the report (see scanning.analysis); ScannerError on failure.
+
+        ``blocked``: the extensions of the attachment scanners (only those names come back)."""
+        return self.pool.analyse(path, sorted(set(features)), self.limits, self.timeout,
+                                 sorted(set(blocked)) if blocked is not None else None)
 
 
 @dataclasses.dataclass
@@ -100,10 +104,13 @@ class ScanRunner:
         cid = context.correlation_id
         if builtin:
             features: list[str] = []
+            blocked: list[str] = []
             for scanner, _opts in builtin:
                 features.extend(scanner.features)
+                blocked.extend(getattr(scanner, "blocked", ()))
             try:
-                context.analysis = yield self.analysis.analyse(context.spool_path, features)
+                context.analysis = yield self.analysis.analyse(context.spool_path, features,
+                                                               blocked)
             except ScannerError as e:
                 context.analysis_error = str(e)
                 log.warn("content scan failed: {error}", error=str(e),

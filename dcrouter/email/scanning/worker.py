@@ -1,8 +1,9 @@
 """A scan worker process: ``python -m dcrouter.email.scanning.worker [--memory BYTES]``.
 
 Reads one JSON request a line on stdin (``id``, ``path``, ``features``,
-``limits``, ``timeout``), runs :func:`~dcrouter.email.scanning.analysis.analyse_file`
-and writes one JSON reply a line on stdout: ``{"id", "report"}`` or
+``limits``, ``timeout``, ``blocked``), runs :func:`~dcrouter.email.scanning.analysis.analyse_file`
+and writes one JSON reply a line on stdout (after ``{"ready": true}`` once its
+imports are done): ``{"id", "report"}`` or
 ``{"id", "error", "text"}`` (``error`` is ``time``, ``memory``, ``io`` or
 ``internal``).  It exits at the end of stdin, that is when the gateway goes.
 
@@ -50,7 +51,8 @@ def handle(request: dict[str, Any]) -> dict[str, Any]:
         report = analyse_file(str(request["path"]), request.get("features", ()),
                               Limits.from_mapping(request.get("limits", {})),
                               float(request.get("timeout", 0.0)),
-                              request.get("tmp_dir") or None)
+                              request.get("tmp_dir") or None,
+                              request.get("blocked"))
         return {"id": job, "report": report}
     except ScanTimeExceeded as e:
         return {"id": job, "error": "time", "text": str(e)}
@@ -89,6 +91,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     restrict(args.memory)
     import dcrouter.email.scanning.analysis  # noqa: F401 - import before the first request
+    sys.stdout.buffer.write(b'{"ready": true}\n')   # the pool sends jobs from now on
+    sys.stdout.buffer.flush()
     serve(sys.stdin.buffer, sys.stdout.buffer)
     return 0
 
