@@ -263,3 +263,15 @@ def test_time_budget_raises_between_chunks() -> None:
     with pytest.raises(ScanTimeExceeded):
         analyse(mime_attachment(ratio_bomb(200 * MB)), timeout=0.05, max_ratio=0,
                 max_file_size=0, max_scan_size=0)
+
+
+def test_raw_utf8_names_and_an_8bit_boundary() -> None:
+    data = ("From: a@b.test\r\nMIME-Version: 1.0\r\n"
+            "Content-Type: multipart/mixed; boundary=\"Grenze-ä\"\r\n\r\n"
+            "--Grenze-ä\r\nContent-Type: text/plain\r\n\r\nHallo\r\n--Grenze-ä\r\n"
+            "Content-Disposition: attachment; filename=\"Rechnung März.pdf.exe\"\r\n\r\n"
+            "MZ\r\n--Grenze-ä--\r\n").encode("utf-8")
+    report = analyse(data)
+    assert report["spent"]["files"] == 3
+    assert find_blocked(report["names"], (".exe",)) == [
+        "Rechnung März.pdf.exe: extension .exe"]

@@ -61,6 +61,14 @@ def _decode_words(value: str) -> str:
         return value
 
 
+def _unescape(value: str) -> str:
+    """Raw 8-bit header bytes (read as Latin-1 by the walker) as UTF-8 when they are."""
+    try:
+        return value.encode("latin-1").decode("utf-8")
+    except (UnicodeEncodeError, UnicodeDecodeError):
+        return value
+
+
 def part_names(headers: Message) -> list[str]:
     """Every name a part carries: Content-Disposition filename and Content-Type name."""
     names: list[str] = []
@@ -76,7 +84,7 @@ def part_names(headers: Message) -> list[str]:
                 value = collapse_rfc2231_value(value)
             except (LookupError, UnicodeError, TypeError):
                 value = value[2]
-        text = _decode_words(str(value)).strip().strip('"')[:MAX_NAME]
+        text = _decode_words(_unescape(str(value))).strip().strip('"')[:MAX_NAME]
         if text and text not in names:
             names.append(text)
     return names

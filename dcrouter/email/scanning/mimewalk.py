@@ -7,7 +7,8 @@ hands each entity to a handler as it is reached:
 
 * ``handler.entity(headers, path, depth)`` for every entity (the message,
   each part, each attached message), headers parsed by :mod:`email`
-  (compat32: never raises on malformed input);
+  (compat32, read as Latin-1: never raises on malformed input, and 8-bit
+  values map back to their bytes);
 * ``handler.leaf(headers, path, depth)`` returns a sink (``feed(bytes)``,
   ``close()``) for a leaf's body with the transfer encoding removed, or None.
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import binascii
 import dataclasses
 from email.message import Message
-from email.parser import BytesHeaderParser
+from email.parser import HeaderParser
 from email.policy import compat32
 from typing import IO, Any, Optional, Protocol
 
@@ -217,7 +218,9 @@ class _Frame:
 
 
 def _parse_headers(lines: list[bytes]) -> Message:
-    return BytesHeaderParser(policy=compat32).parsebytes(b"".join(lines))
+    """The header block as a Message; read as Latin-1 so that every value maps back to
+    its bytes (8-bit names and boundaries survive; see analysis.part_names)."""
+    return HeaderParser(policy=compat32).parsestr(b"".join(lines).decode("latin-1"))
 
 
 def walk(f: IO[bytes], budget: Budget, handler: Handler, where: str = "message",
@@ -242,7 +245,12 @@ def walk(f: IO[bytes], budget: Budget, handler: Handler, where: str = "message",
         if isinstance(boundary, tuple):
             boundary = boundary[2]
         if boundary:
-            delimiter = b"--" + str(boundary).strip().encode("utf-8", "replace")
+            text = str(boundary).strip()
+            try:   # the header's own bytes (headers are read as Latin-1)
+                raw = text.encode("latin-1")
+            except UnicodeEncodeError:
+                raw = text.encode("utf-8", "replace")
+            delimiter = b"--" + raw
             frames.append(_Frame(delimiter, level, path))
             return "preamble"
         if ctype == "message/rfc822" and cte in ("", "7bit", "8bit", "binary"):
