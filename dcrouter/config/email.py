@@ -332,6 +332,43 @@ class ClamdOptions:
     chunk_size: int = option(65536, check=check_positive, doc="INSTREAM chunk size.")
 
 
+def _check_recursion(value: int, path: str) -> int:
+    if not 1 <= value <= 100:
+        raise ConfigError(path, f"must be 1..100, got {value}")
+    return value
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class ScanLimitsOptions:
+    """Budgets of the built-in scanners' pass over a message (as clamd.conf's Max* limits).
+
+    A message that passes one, or holds an archive that cannot be read (broken,
+    entries sharing data), gets the 'unscannable' verdict
+    (Heuristics.Limits.Exceeded.MaxRatio ...). 0 turns a limit off."""
+
+    max_scan_size: int = option(100 * 1024 * 1024, check=check_non_negative,
+                                doc="Bytes decoded and unpacked per message, all parts and "
+                                "archive members together (clamd MaxScanSize).")
+    max_file_size: int = option(25 * 1024 * 1024, check=check_non_negative,
+                                doc="Unpacked bytes of one archive member, declared or real "
+                                "(clamd MaxFileSize).")
+    max_files: int = option(10000, check=check_non_negative,
+                            doc="MIME parts and archive members per message (clamd MaxFiles).")
+    max_recursion: int = option(17, check=_check_recursion,
+                                doc="Nesting of multiparts, attached messages and archives "
+                                "(clamd MaxRecursion), 1..100.")
+    max_ratio: float = option(100.0, check=check_non_negative,
+                              doc="Unpacked-to-packed ratio of an archive member once it is "
+                              "over 1 MiB (zip bombs inflate by 1000:1).")
+    max_memory: int = option(1024 * 1024 * 1024, check=check_non_negative,
+                             doc="Address space of a scan worker process in bytes "
+                             "(RLIMIT_AS).")
+    action: str = option("reject", check=one_of("reject", "tag"),
+                         doc="'reject': 554 5.7.1 at DATA, whatever scan_fail_mode says; "
+                         "'tag': accept, noted in X-Dcrouter-Scan (clamd without "
+                         "AlertExceedsMax).")
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class GlobalRateLimits:
     """Rate limits across all rules (token buckets)."""
@@ -400,10 +437,18 @@ class EmailOptions:
     case_sensitive: bool = option(False, doc="Compare local parts case-sensitively.")
     route_cache_size: int = option(10000, check=check_non_negative,
                                    doc="Entries in the routing LRU cache (0 disables it).")
-    scan_fail_mode: str = option("open", check=one_of("open", "closed"),
-                                 doc="When a scanner fails or times out: 'open' tags and logs, "
-                                 "'closed' answers 451.")
-    scan_timeout: float = option(30.0, check=check_positive, doc="Seconds per scanner.")
+    scan_fail_mode: str = option("closed", check=one_of("open", "closed"),
+                                 doc="When a scanner fails or times out (scan worker, spamd, "
+                                 "clamd, plug-in): 'closed' answers 451 4.7.0 so the sender "
+                                 "retries; 'open' accepts, tags X-Dcrouter-Scan and logs.")
+    scan_timeout: float = option(30.0, check=check_positive,
+                                 doc="Seconds per scanner; the built-in scan's worker process "
+                                 "is killed when it overruns.")
+    scan_workers: int = option(2, check=check_positive,
+                               doc="Scan worker processes (the built-in scanners' CPU work "
+                               "runs there, never in the gateway).")
+    scan_limits: ScanLimitsOptions = option(default_factory=ScanLimitsOptions,
+                                            doc="Budgets of the built-in scan.")
     tls: EmailTlsOptions = option(default_factory=EmailTlsOptions, doc="TLS settings.")
     auth: EmailAuthOptions = option(default_factory=EmailAuthOptions, doc="AUTH settings.")
     domain_rules: tuple[DomainRuleOptions, ...] = option((), doc="Routing rules.")

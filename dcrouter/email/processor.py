@@ -26,8 +26,10 @@ The SMTP server calls it through :class:`dcrouter.interfaces.IMessageHandler`:
   decided here too (:mod:`dcrouter.email.signing`): only for sessions that
   may relay, only with a configured domain aligned with ``From:``.
 
-  Scanning runs before the reply to DATA: a ``reject`` verdict raises
-  ``550 5.7.1`` and nothing is queued.  Groups without changes share the
+  Scanning runs before the reply to DATA (:mod:`dcrouter.email.scanning.runner`,
+  the built-in scanners' work in killable worker processes): a ``reject``
+  verdict raises ``550 5.7.1``, a passed scan limit ``554 5.7.1``, a failed
+  scanner ``451 4.7.0`` (``scan_fail_mode = "closed"``), and nothing is queued.  Groups without changes share the
   spool file as their body; changed groups get their own file.
 """
 
@@ -47,7 +49,7 @@ from dcrouter.email.authcheck import InboundAuthChecker
 from dcrouter.email.ratelimit import make_rate_limiter
 from dcrouter.email.routing import ANY_DOMAIN, DomainRouter, pattern_rank, split_address
 from dcrouter.email.scanning import (
-    ClamdClient, ScanContext, ScannerError, ScanResult, SpamdClient, build_scanner, mime,
+    ClamdClient, ScanContext, ScanResult, ScanRunner, SpamdClient, build_scanner, mime,
 )
 from dcrouter.email.signing import SigningDecider
 from dcrouter.email.transform import TransformContext, build_transformation
@@ -88,7 +90,8 @@ class RulePipeline:
         if rule.content_scanning:
             for k, opts in enumerate(rule.scanners):
                 self.scanners.append((build_scanner(opts, processor.spamd, processor.clamd,
-                                                    f"{path}.scanners[{k}]"), opts))
+                                                    f"{path}.scanners[{k}]",
+                                                    processor.scan_runner.analysis), opts))
             for plugin in processor.context.extensions.scanners:
                 self.scanners.append((plugin, None))
         for j, t in enumerate(rule.transformations):
@@ -137,6 +140,7 @@ class MultiModeProcessor:
         self.scan_verdicts: dict[str, collections.Counter] = collections.defaultdict(
             collections.Counter)
         self.signing = SigningDecider(context.dkim_keys)
+        self.scan_runner = ScanRunner(self.reactor, self.scan_verdicts)
         self._pipelines: dict[int, tuple[DomainRuleOptions, RulePipeline]] = {}
         self.options = options
         self._apply(options)
@@ -153,6 +157,7 @@ class MultiModeProcessor:
             pipelines[id(rule)] = (rule, RulePipeline(rule, f"email.domain_rules[{i}]", self))
         self._pipelines = pipelines
         self._default_pipeline = RulePipeline(None, "email", self)
+        self.scan_runner.configure(options)
         auth = options.inbound_auth
         self.auth_checker: Optional[InboundAuthChecker] = None
         if auth.enabled or any(r.reject_on_dmarc_fail for r in options.domain_rules):
@@ -394,48 +399,18 @@ class MultiModeProcessor:
 
     @defer.inlineCallbacks
     def _scan(self, group: _Group, message: ReceivedMessage, base_path: str) -> Any:
-        """Run the group's scanners; reject, tag or note errors."""
-        group.message = yield threads.deferToThread(mime.parse_file, base_path)
+        """Run the group's scanners (scanning.runner): reject, tempfail, or tag."""
         session = message.session
-        for scanner, opts in group.pipeline.scanners:
-            context = ScanContext(mail_from=message.mail_from, recipients=group.recipients,
-                                  size=message.size, spool_path=base_path, session=session,
-                                  rule_pattern=group.key, options=opts,
-                                  correlation_id=session.correlation_id)
-            name = getattr(scanner, "name", type(scanner).__name__)
-            try:
-                d = defer.maybeDeferred(scanner.scan, group.message, context)
-                d.addTimeout(self.options.scan_timeout, self.reactor)
-                result = yield d
-            except (ScannerError, defer.TimeoutError) as e:
-                result = ScanResult(name, "error", error=str(e) or "timed out")
-            except Exception as e:  # noqa: BLE001 - a broken plug-in must not become a 5xx
-                log.failure("scanner {scanner} failed", scanner=name,
-                            correlation_id=session.correlation_id)
-                result = ScanResult(name, "error", error=type(e).__name__)
-            self.scan_verdicts[name][result.verdict] += 1
-            group.scan_results.append(result)
-            if result.verdict == "error" or result.error:
-                log.warn("scanner {scanner} failed: {error}", scanner=name, error=result.error,
-                         fail_mode=self.options.scan_fail_mode,
-                         correlation_id=session.correlation_id)
-                if self.options.scan_fail_mode == "closed":
-                    raise PolicyRejection(451, "4.7.0", "Temporary content scanning failure, "
-                                          "try again later", reason="scan_error")
-                group.scan_error = True
-                if result.verdict == "error":
-                    continue
-            if not result.flagged:
-                continue
-            action = (opts.action if opts is not None else result.action) or "tag"
-            log.info("scanner {scanner}: {verdict} ({details}), action {action}", scanner=name,
-                     verdict=result.verdict, details=", ".join(result.details[:5]),
-                     action=action, correlation_id=session.correlation_id)
-            if action == "reject":
-                raise PolicyRejection(550, "5.7.1", f"Message rejected: {result.reason_text}",
-                                      reason=result.verdict)
-            if opts is not None and opts.subject_prefix:
-                group.subject_prefixes.append(opts.subject_prefix)
+        context = ScanContext(mail_from=message.mail_from, recipients=group.recipients,
+                              size=message.size, spool_path=base_path, session=session,
+                              rule_pattern=group.key, correlation_id=session.correlation_id)
+        outcome = yield self.scan_runner.run(
+            group.pipeline.scanners, context,
+            lambda: threads.deferToThread(mime.parse_file, base_path))
+        group.message = outcome.message
+        group.scan_results = outcome.results
+        group.scan_error = outcome.scan_error
+        group.subject_prefixes = outcome.subject_prefixes
 
     @defer.inlineCallbacks
     def _rewrite(self, group: _Group, message: ReceivedMessage, base_path: str, n: int,
@@ -473,6 +448,7 @@ class MultiModeProcessor:
                 "counters": dict(self.stats),
                 "rejections": dict(self.rejections),
                 "scan_verdicts": {name: dict(v) for name, v in self.scan_verdicts.items()},
+                "scan_workers": self.scan_runner.pool.get_stats(),
                 "open_transactions": len(self._transactions),
                 "rate_limits": self.limiter.get_stats(),
                 "routing": self.domain_router.get_stats(),

@@ -293,7 +293,8 @@ class KeywordScanner:
 def test_scanner_failure_open_tags(tmp_path) -> None:  # type: ignore[no-untyped-def]
     tmp = str(tmp_path)
     rule = dict(PROCESS, transformations=[])
-    processor, queue = make_processor(tmp, {"domain_rules": [rule], "scan_timeout": 0.2},
+    processor, queue = make_processor(tmp, {"domain_rules": [rule], "scan_timeout": 0.2,
+                                            "scan_fail_mode": "open"},
                                       extensions=Extensions(scanners=[BrokenScanner(),
                                                                       HangingScanner()]))
     yield transaction(processor, tmp, simple_message(), "a@b.test", ["y@proc.test"])
@@ -475,7 +476,8 @@ def test_spamd_down_built_in_verdict_still_counts(tmp_path) -> None:  # type: ig
             "scanners": [{"type": "spam", "action": "tag", "subject_prefix": "[SPAM]"},
                          {"type": "virus", "action": "reject"}]}
     processor, queue = make_processor(tmp, {
-        "domain_rules": [rule], "spamd": {"host": "127.0.0.1", "port": free_port(), "timeout": 2},
+        "domain_rules": [rule], "scan_fail_mode": "open",
+        "spamd": {"host": "127.0.0.1", "port": free_port(), "timeout": 2},
         "clamd": {"host": "127.0.0.1", "port": free_port(), "timeout": 2}})
     yield transaction(processor, tmp, simple_message(subject="Hi", body=GTUBE), "a@b.test",
                       ["y@proc.test"])

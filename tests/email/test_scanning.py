@@ -1,22 +1,50 @@
-"""Built-in scanners: spam rules, EICAR, blocked attachments (nested MIME, ZIP, RFC 2231)."""
+"""Built-in scanners: spam rules, EICAR, blocked attachments (nested MIME, ZIP, RFC 2231).
+
+The checks run on the scan worker's report (scanning.analysis over a file);
+the scanner classes are driven through a real worker process.
+"""
 
 from __future__ import annotations
 
 import base64
 import io
+import os
+import tempfile
 import zipfile
+from typing import Any
 
 import pytest
 import pytest_twisted
 
 from dcrouter.email.scanning import AttachmentScanner, ScanContext, SpamScanner, VirusScanner
-from dcrouter.email.scanning.attachment import blocked_reason, find_blocked
+from dcrouter.email.scanning.analysis import FEATURES, analyse_file
+from dcrouter.email.scanning.attachment import blocked_reason, find_blocked as blocked_in
+from dcrouter.email.scanning.limits import Limits
 from dcrouter.email.scanning.mime import parse_bytes
 from dcrouter.email.scanning.spam import GTUBE, score_message
-from dcrouter.email.scanning.virus import EICAR, find_eicar
+from dcrouter.email.scanning.virus import EICAR
 from tests.email.support import multipart, simple_message
 
 BLOCKED = (".exe", ".bat", ".vbs")
+
+
+def analyse(data: bytes, features: Any = FEATURES, **limits: Any) -> dict:
+    """The report of the built-in pass over ``data`` (in this process)."""
+    fd, path = tempfile.mkstemp(suffix=".eml")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return analyse_file(path, features, Limits(**limits), timeout=30)
+    finally:
+        os.unlink(path)
+
+
+def find_blocked(data: bytes, blocked: tuple[str, ...], scan_zip: bool = True) -> list[str]:
+    return blocked_in(analyse(data)["names"], blocked, scan_zip)
+
+
+def find_eicar(data: bytes) -> bool:
+    return bool(analyse(data)["eicar"])
 
 
 def zip_of(*members: tuple[str, bytes]) -> bytes:
@@ -27,15 +55,22 @@ def zip_of(*members: tuple[str, bytes]) -> bytes:
     return buf.getvalue()
 
 
-def ctx() -> ScanContext:
-    return ScanContext(mail_from="a@sender.test", recipients=["b@example.test"], size=0,
-                       spool_path="/nonexistent")
+def ctx(tmp_path: Any, data: bytes) -> ScanContext:
+    """A context whose spool file holds ``data`` (the scanners' worker reads it)."""
+    path = os.path.join(str(tmp_path), f"spool-{len(os.listdir(str(tmp_path)))}")
+    with open(path, "wb") as f:
+        f.write(data)
+    return ScanContext(mail_from="a@sender.test", recipients=["b@example.test"],
+                       size=len(data), spool_path=path)
 
 
 # -- spam rules -------------------------------------------------------------------
 
 def rules_of(data: bytes) -> list[str]:
-    return score_message(parse_bytes(data))[1]
+    """The rules as the scan worker finds them (streamed text); the same as on a parsed message."""
+    report = analyse(data, ["spam"])
+    assert report["spam"]["rules"] == score_message(parse_bytes(data))[1]
+    return list(report["spam"]["rules"])
 
 
 def test_clean_message_scores_zero() -> None:
@@ -118,13 +153,13 @@ def test_gtube() -> None:
 
 
 @pytest_twisted.inlineCallbacks
-def test_spam_scanner_threshold() -> None:
-    msg = parse_bytes(simple_message(subject="URGENT ACCOUNT NOTICE",
-                                     body="Your account has been suspended. Verify your account."))
-    result = yield SpamScanner(threshold=4.5).scan(msg, ctx())
+def test_spam_scanner_threshold(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    msg = simple_message(subject="URGENT ACCOUNT NOTICE",
+                         body="Your account has been suspended. Verify your account.")
+    result = yield SpamScanner(threshold=4.5).scan(None, ctx(tmp_path, msg))
     assert result.details == ["SUBJECT_ALL_CAPS", "PHISHING_PHRASE"]
     assert result.verdict == "spam" and result.score == 4.5
-    high = yield SpamScanner(threshold=50.0).scan(msg, ctx())
+    high = yield SpamScanner(threshold=50.0).scan(None, ctx(tmp_path, msg))
     assert high.verdict == "clean" and high.score == result.score
     assert result.summary().startswith("spam=flagged(")
 
@@ -134,7 +169,7 @@ def test_spam_scanner_threshold() -> None:
 def test_eicar_in_base64_attachment() -> None:
     data = multipart([("Content-Type: application/octet-stream",
                        "Content-Disposition: attachment; filename=\"test.com\"", EICAR)])
-    assert find_eicar(parse_bytes(data))
+    assert find_eicar(data)
 
 
 def test_eicar_in_nested_message_and_zip() -> None:
@@ -145,22 +180,22 @@ def test_eicar_in_nested_message_and_zip() -> None:
              b"Content-Type: multipart/mixed; boundary=OUTER\r\n\r\n--OUTER\r\n"
              b"Content-Type: text/plain\r\n\r\nforwarded\r\n--OUTER\r\n"
              b"Content-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--OUTER--\r\n")
-    assert find_eicar(parse_bytes(outer))
+    assert find_eicar(outer)
 
 
 def test_no_eicar_in_clean_message() -> None:
     data = multipart([("Content-Type: application/pdf",
                        "Content-Disposition: attachment; filename=\"a.pdf\"", b"%PDF-1.4 ...")])
-    assert not find_eicar(parse_bytes(data))
+    assert not find_eicar(data)
 
 
 @pytest_twisted.inlineCallbacks
-def test_virus_scanner_builtin() -> None:
+def test_virus_scanner_builtin(tmp_path) -> None:  # type: ignore[no-untyped-def]
     data = multipart([("Content-Type: application/octet-stream",
                        "Content-Disposition: attachment; filename=\"x.bin\"", EICAR)])
-    result = yield VirusScanner().scan(parse_bytes(data), ctx())
+    result = yield VirusScanner().scan(None, ctx(tmp_path, data))
     assert result.verdict == "virus" and result.reason_text == "virus detected"
-    clean = yield VirusScanner().scan(parse_bytes(simple_message()), ctx())
+    clean = yield VirusScanner().scan(None, ctx(tmp_path, simple_message()))
     assert clean.verdict == "clean"
 
 
@@ -189,8 +224,8 @@ def test_blocked_by_filename_and_by_name_param() -> None:
                                  "Content-Disposition: attachment; filename=\"a.exe\"", b"MZ")])
     by_name = multipart([("Content-Type: application/octet-stream; name=\"b.bat\"",
                           "Content-Disposition: attachment", b"echo")])
-    assert find_blocked(parse_bytes(by_disposition), BLOCKED) == ["a.exe: extension .exe"]
-    assert find_blocked(parse_bytes(by_name), BLOCKED) == ["b.bat: extension .bat"]
+    assert find_blocked((by_disposition), BLOCKED) == ["a.exe: extension .exe"]
+    assert find_blocked((by_name), BLOCKED) == ["b.bat: extension .bat"]
 
 
 def test_rfc2231_encoded_and_continued_names() -> None:
@@ -203,10 +238,10 @@ def test_rfc2231_encoded_and_continued_names() -> None:
     encoded_word = multipart([("Content-Type: application/octet-stream; "
                                "name=\"=?utf-8?B?" + base64.b64encode(b"r\xc3\xa9sum\xc3\xa9.exe")
                                .decode() + "?=\"", "Content-Disposition: attachment", b"MZ")])
-    assert find_blocked(parse_bytes(encoded), BLOCKED) == [
+    assert find_blocked((encoded), BLOCKED) == [
         "Rechnung März.pdf.exe: extension .exe"]
-    assert find_blocked(parse_bytes(continued), BLOCKED) == ["long-name-part.vbs: extension .vbs"]
-    assert find_blocked(parse_bytes(encoded_word), BLOCKED) != []
+    assert find_blocked((continued), BLOCKED) == ["long-name-part.vbs: extension .vbs"]
+    assert find_blocked((encoded_word), BLOCKED) != []
 
 
 def test_blocked_in_nested_multipart_and_attached_message() -> None:
@@ -218,7 +253,7 @@ def test_blocked_in_nested_multipart_and_attached_message() -> None:
              b"Content-Type: multipart/alternative; boundary=ALT\r\n\r\n--ALT\r\n"
              b"Content-Type: text/plain\r\n\r\ntext\r\n--ALT--\r\n--OUTER\r\n"
              b"Content-Type: message/rfc822\r\n\r\n" + inner + b"\r\n--OUTER--\r\n")
-    assert find_blocked(parse_bytes(outer), BLOCKED) == ["deep.exe: extension .exe"]
+    assert find_blocked((outer), BLOCKED) == ["deep.exe: extension .exe"]
 
 
 def test_blocked_inside_zip_and_nested_zip() -> None:
@@ -227,30 +262,34 @@ def test_blocked_inside_zip_and_nested_zip() -> None:
                        "Content-Disposition: attachment; filename=\"docs.zip\"",
                        zip_of(("readme.txt", b"hi"), ("bin/setup.exe", b"MZ"),
                               ("more.zip", inner_zip)))])
-    found = find_blocked(parse_bytes(data), BLOCKED)
+    found = find_blocked((data), BLOCKED)
     assert "docs.zip/bin/setup.exe: extension .exe" in found
     assert "docs.zip/more.zip/tool.vbs: extension .vbs" in found
-    assert find_blocked(parse_bytes(data), BLOCKED, scan_zip=False) == []
+    assert find_blocked((data), BLOCKED, scan_zip=False) == []
 
 
 def test_zip_detected_by_magic_name_less() -> None:
     data = multipart([("Content-Type: application/x-zip-compressed",
                        "Content-Disposition: attachment", zip_of(("x.bat", b"x")))])
-    assert find_blocked(parse_bytes(data), BLOCKED) == ["zip/x.bat: extension .bat"]
+    assert find_blocked((data), BLOCKED) == ["message/2/x.bat: extension .bat"]  # MIME path
 
 
-def test_corrupt_zip_is_not_an_error() -> None:
+def test_corrupt_zip_is_a_verdict_not_an_error() -> None:
+    """What cannot be read cannot be cleared: a broken ZIP is 'unscannable', never a traceback."""
     data = multipart([("Content-Type: application/zip",
                        "Content-Disposition: attachment; filename=\"bad.zip\"", b"PK\x03\x04junk")])
-    assert find_blocked(parse_bytes(data), BLOCKED) == []
+    report = analyse(data)
+    assert report["verdict"] == {"kind": "unscannable", "signature": "Heuristics.Broken.Zip",
+                                 "detail": "bad.zip: no end of central directory record"}
+    assert blocked_in(report["names"], BLOCKED) == []
 
 
 @pytest_twisted.inlineCallbacks
-def test_attachment_scanner_normalises_extensions() -> None:
+def test_attachment_scanner_normalises_extensions(tmp_path) -> None:  # type: ignore
     scanner = AttachmentScanner(["EXE", ".Bat"])
     data = multipart([("Content-Type: application/octet-stream",
                        "Content-Disposition: attachment; filename=\"x.exe\"", b"MZ")])
-    result = yield scanner.scan(parse_bytes(data), ctx())
+    result = yield scanner.scan(None, ctx(tmp_path, data))
     assert result.verdict == "blocked" and result.reason_text == "blocked attachment type"
-    clean = yield scanner.scan(parse_bytes(simple_message()), ctx())
+    clean = yield scanner.scan(None, ctx(tmp_path, simple_message()))
     assert clean.verdict == "clean"

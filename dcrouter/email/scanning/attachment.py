@@ -1,13 +1,15 @@
 """The attachment scanner: blocked file extensions in MIME names and inside ZIPs.
 
-Every leaf part is checked (nested multiparts and attached messages
-included) by both its Content-Disposition ``filename`` and Content-Type
-``name`` (RFC 2231 encodings decoded); names inside ZIP attachments (and
-ZIPs inside those) too.  Trailing dots and spaces, which Windows ignores,
-are stripped first, so ``invoice.pdf.exe.`` counts as ``.exe``; a name
-whose last extension is blocked is caught whatever comes before it
-(``invoice.pdf.exe``), and a blocked extension hidden before a harmless
-one (``payload.exe.txt``) is reported as a double extension too.
+Every part is checked (nested multiparts and attached messages included, as
+far as ``[email.scan_limits]`` allows) by both its Content-Disposition
+``filename`` and Content-Type ``name`` (RFC 2231 and RFC 2047 decoded);
+names inside ZIP attachments (and ZIPs inside those) too - the names come
+from the scan worker's report (:mod:`dcrouter.email.scanning.analysis`).
+Trailing dots and spaces, which Windows ignores, are stripped first, so
+``invoice.pdf.exe.`` counts as ``.exe``; a name whose last extension is
+blocked is caught whatever comes before it (``invoice.pdf.exe``), and a
+blocked extension hidden before a harmless one (``payload.exe.txt``) is
+reported as a double extension too.
 """
 
 from __future__ import annotations
@@ -16,10 +18,10 @@ import posixpath
 from email.message import Message
 from typing import Any, Iterable, Optional
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from zope.interface import implementer
 
-from dcrouter.email.scanning import mime
+from dcrouter.email.scanning.builtin import BuiltinScanner
 from dcrouter.email.scanning.types import ScanContext, ScanResult
 from dcrouter.interfaces import IContentScanner
 
@@ -45,36 +47,37 @@ def blocked_reason(name: str, blocked: tuple[str, ...]) -> Optional[str]:
     return None
 
 
-def find_blocked(message: Message, blocked: tuple[str, ...], scan_zip: bool = True
+def find_blocked(names: Iterable[Any], blocked: tuple[str, ...], scan_zip: bool = True
                  ) -> list[str]:
-    """``"name: why"`` for every blocked name in the message (blocking)."""
+    """``"path: why"`` for every blocked name of a report's ``names``."""
     found: list[str] = []
-    for part in mime.leaf_parts(message):
-        names = mime.part_filenames(part)
-        for name in names:
-            why = blocked_reason(name, blocked)
-            if why:
-                found.append(f"{name}: {why}")
-        if scan_zip and mime.is_zip(part, names):
-            for member in mime.zip_member_names(mime.decoded_payload(part)):
-                why = blocked_reason(member, blocked)
-                if why:
-                    found.append(f"{names[0] if names else 'zip'}/{member}: {why}")
+    for display, name, archived in names:
+        if archived and not scan_zip:
+            continue
+        why = blocked_reason(name, blocked)
+        if why:
+            found.append(f"{display}: {why}")
     return found
 
 
 @implementer(IContentScanner)
-class AttachmentScanner:
+class AttachmentScanner(BuiltinScanner):
     """Refuses (or tags) messages carrying files with blocked extensions."""
 
     name = "attachment"
 
-    def __init__(self, blocked_extensions: Iterable[str], scan_zip: bool = True) -> None:
+    def __init__(self, blocked_extensions: Iterable[str], scan_zip: bool = True,
+                 analysis: Any = None) -> None:
+        super().__init__(analysis)
         self.blocked = normalise_extensions(blocked_extensions)
         self.scan_zip = scan_zip
+        self.features = ("names", "archives") if scan_zip else ("names",)
 
     @defer.inlineCallbacks
-    def scan(self, message: Message, context: ScanContext) -> Any:
-        """Fires with a ScanResult (verdict blocked or clean)."""
-        found = yield threads.deferToThread(find_blocked, message, self.blocked, self.scan_zip)
+    def scan(self, message: Optional[Message], context: ScanContext) -> Any:
+        """Fires with a ScanResult (verdict blocked or clean; error without a report)."""
+        report, error = yield self.report(context)
+        if report is None:
+            return ScanResult(self.name, "error", error=error)
+        found = find_blocked(report["names"], self.blocked, self.scan_zip)
         return ScanResult(self.name, "blocked" if found else "clean", details=found)

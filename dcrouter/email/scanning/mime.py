@@ -1,19 +1,19 @@
-"""MIME helpers for scanners: parse a spool file, walk parts, text and attachment names.
+"""MIME helpers for plug-in scanners and transformations: parse, walk parts, text, names.
 
 Parsing uses the standard ``email`` package with the modern policy (CRLF
 output, original header folding kept).  The server bounds a message by
-``max_message_size``, and scanners read at most :data:`MAX_PART_BYTES` of
-any one decoded part, so memory stays bounded.  All functions here are
-blocking (CPU-bound on large messages): call them in a thread.
+``max_message_size``, and these helpers read at most :data:`MAX_PART_BYTES`
+of any one decoded part.  All functions here are blocking (CPU-bound on
+large messages): call them in a thread.  The built-in scanners do not use
+them: their pass over the message is :mod:`dcrouter.email.scanning.mimewalk`
+in a scan worker, under the scan limits.
 """
 
 from __future__ import annotations
 
 import email.errors
 import email.policy
-import io
 import re
-import zipfile
 from email.header import decode_header, make_header
 from email.message import EmailMessage, Message
 from email.parser import BytesParser
@@ -107,55 +107,6 @@ def text_parts(message: Message) -> Iterator[tuple[str, str]]:
         except LookupError:
             text = raw.decode("utf-8", "replace")
         yield subtype, text
-
-
-def is_zip(part: Message, names: list[str]) -> bool:
-    """Does the part look like a ZIP archive (by type, name or magic)?"""
-    ctype = part.get_content_type()
-    if ctype in ("application/zip", "application/x-zip-compressed", "application/x-zip"):
-        return True
-    return any(n.lower().endswith(".zip") for n in names)
-
-
-def zip_member_names(data: bytes, depth: int = 2) -> list[str]:
-    """Names inside a ZIP (and inside ZIPs nested up to ``depth``); [] if not a ZIP."""
-    if not data.startswith(b"PK"):
-        return []
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError, OSError):
-        return []
-    out: list[str] = []
-    with archive:
-        for info in archive.infolist()[:10000]:
-            out.append(info.filename)
-            if depth > 1 and info.filename.lower().endswith(".zip") \
-                    and info.file_size <= MAX_PART_BYTES and not info.flag_bits & 0x1:
-                try:
-                    inner = archive.read(info)
-                except (zipfile.BadZipFile, RuntimeError, ValueError, OSError,
-                        NotImplementedError):
-                    continue
-                out.extend(f"{info.filename}/{n}" for n in zip_member_names(inner, depth - 1))
-    return out
-
-
-def zip_member_data(data: bytes, limit: int = MAX_PART_BYTES) -> Iterator[bytes]:
-    """Contents of unencrypted members of a ZIP, each bounded by ``limit``."""
-    if not data.startswith(b"PK"):
-        return
-    try:
-        archive = zipfile.ZipFile(io.BytesIO(data))
-    except (zipfile.BadZipFile, ValueError, OSError):
-        return
-    with archive:
-        for info in archive.infolist()[:1000]:
-            if info.flag_bits & 0x1 or info.file_size > limit:
-                continue
-            try:
-                yield archive.read(info)
-            except (zipfile.BadZipFile, RuntimeError, ValueError, OSError, NotImplementedError):
-                continue
 
 
 def header_text(message: Message, name: str) -> Optional[str]:

@@ -28,10 +28,11 @@ from html.parser import HTMLParser
 from typing import Any, Optional
 from urllib.parse import urlsplit
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from zope.interface import implementer
 
 from dcrouter.email.scanning import mime
+from dcrouter.email.scanning.builtin import BuiltinScanner
 from dcrouter.email.scanning.types import ScanContext, ScannerError, ScanResult
 from dcrouter.interfaces import IContentScanner
 
@@ -88,10 +89,17 @@ def _same_site(a: str, b: str) -> bool:
     return a == b or a.endswith("." + b) or b.endswith("." + a)
 
 
-def score_message(message: Message) -> tuple[float, list[str]]:
-    """The built-in score and the names of the rules that fired (blocking)."""
+def score_message(message: Message, texts: Optional[list[tuple[str, str]]] = None
+                  ) -> tuple[float, list[str]]:
+    """The built-in score and the names of the rules that fired (blocking).
+
+    ``texts`` are the ``(subtype, text)`` of the message's text parts; by
+    default they are taken from ``message`` (then a fully parsed message).
+    The scan worker passes the top-level headers and the text it collected.
+    """
     hits: list[tuple[str, float]] = []
-    texts = list(mime.text_parts(message))
+    if texts is None:
+        texts = list(mime.text_parts(message))
     if any(GTUBE in text for _s, text in texts):
         hits.append(("GTUBE", 1000.0))
     if mime.header_text(message, "Date") is None:
@@ -154,32 +162,40 @@ def _forged_display(from_header: str) -> bool:
 
 
 @implementer(IContentScanner)
-class SpamScanner:
+class SpamScanner(BuiltinScanner):
     """Built-in rules, and spamd's score when a client is given (the higher verdict wins).
 
     The score reported is spamd's when spamd answered, else the built-in
-    score; the message is spam when either reaches its threshold.
+    score; the message is spam when either reaches its threshold.  The
+    built-in rules run in the scan worker, over the first 512 KiB of text.
     """
 
     name = "spam"
+    features = ("spam",)
 
-    def __init__(self, threshold: float = 5.0, spamd: Any = None) -> None:
+    def __init__(self, threshold: float = 5.0, spamd: Any = None, analysis: Any = None) -> None:
+        super().__init__(analysis)
         self.threshold = threshold
         self.spamd = spamd
 
     @defer.inlineCallbacks
-    def scan(self, message: Message, context: ScanContext) -> Any:
+    def scan(self, message: Optional[Message], context: ScanContext) -> Any:
         """Score the message; fires with a ScanResult (verdict spam or clean)."""
-        score, rules = yield threads.deferToThread(score_message, message)
-        error = ""
+        report, error = yield self.report(context)
+        score, rules = 0.0, []
+        if report is not None:
+            score, rules = float(report["spam"]["score"]), list(report["spam"]["rules"])
+        spamd_result = None
         if self.spamd is not None:
             try:
                 spamd_result = yield self.spamd.check_file(context.spool_path, context.size)
             except ScannerError as e:  # the built-in verdict still counts; the error is noted
-                error, spamd_result = str(e), None
+                error = f"{error}; {e}" if error else str(e)
             if spamd_result is not None:
                 rules = rules + [f"SPAMD_{r}" for r in spamd_result.symbols]
                 score = max(score, spamd_result.score)
+        if report is None and spamd_result is None:
+            return ScanResult(self.name, "error", error=error)
         verdict = "spam" if score >= self.threshold else "clean"
         return ScanResult(self.name, verdict, score=score, threshold=self.threshold,
                           details=rules, error=error)

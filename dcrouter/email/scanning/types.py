@@ -8,13 +8,15 @@ from typing import Any, Optional
 from dcrouter.errors import DcRouterError
 
 #: Verdicts a scanner may return; everything except clean and error is "flagged".
-VERDICTS = ("clean", "spam", "virus", "blocked", "error")
+#: ``unscannable``: the built-in scan passed one of its limits or met a broken archive.
+VERDICTS = ("clean", "spam", "virus", "blocked", "unscannable", "error")
 
 #: What the client is told for each flagged verdict (a class, never internals).
 REASON_TEXT = {
     "spam": "spam detected",
     "virus": "virus detected",
     "blocked": "blocked attachment type",
+    "unscannable": "content exceeds scanning limits",
 }
 
 
@@ -38,6 +40,10 @@ class ScanContext:
     rule_pattern: str = ""
     options: Any = None
     correlation_id: str = ""
+    #: The scan worker's report for built-in scanners (see scanning.analysis), once made.
+    analysis: Optional[dict] = None
+    #: Why there is no report (the worker failed or timed out), if so.
+    analysis_error: str = ""
 
 
 @dataclasses.dataclass
@@ -57,6 +63,8 @@ class ScanResult:
     details: list[str] = dataclasses.field(default_factory=list)
     action: Optional[str] = None
     error: str = ""
+    #: Client-facing reason when the verdict's class is not enough.
+    reason: str = ""
 
     @property
     def flagged(self) -> bool:
@@ -66,6 +74,8 @@ class ScanResult:
     @property
     def reason_text(self) -> str:
         """Client-facing reason class (``virus detected``)."""
+        if self.reason:
+            return self.reason
         return REASON_TEXT.get(self.verdict, f"{self.verdict} detected")
 
     def summary(self) -> str:

@@ -1,54 +1,54 @@
-"""The virus scanner: the EICAR test signature built in, clamd when configured."""
+"""The virus scanner: the EICAR test signature built in, clamd when configured.
+
+The built-in check is the scan worker's: the EICAR string in any decoded
+part or unpacked ZIP member (:mod:`dcrouter.email.scanning.analysis`).
+"""
 
 from __future__ import annotations
 
 from email.message import Message
-from typing import Any
+from typing import Any, Optional
 
-from twisted.internet import defer, threads
+from twisted.internet import defer
 from zope.interface import implementer
 
-from dcrouter.email.scanning import mime
+from dcrouter.email.scanning.analysis import EICAR
+from dcrouter.email.scanning.builtin import BuiltinScanner
 from dcrouter.email.scanning.types import ScanContext, ScannerError, ScanResult
 from dcrouter.interfaces import IContentScanner
 
-#: The EICAR anti-virus test file (68 bytes); split so this source is not itself flagged.
-EICAR = (b"X5O!P%@AP[4\\PZX54(P^)7CC)7}$" + b"EICAR-STANDARD-ANTIVIRUS-TEST-FILE!$H+H*")
-
-
-def find_eicar(message: Message) -> bool:
-    """Is the EICAR string in any decoded part, or in a file inside a ZIP attachment?"""
-    for part in mime.leaf_parts(message):
-        data = mime.decoded_payload(part)
-        if EICAR in data:
-            return True
-        if data.startswith(b"PK"):
-            for member in mime.zip_member_data(data):
-                if EICAR in member:
-                    return True
-    return False
-
 
 @implementer(IContentScanner)
-class VirusScanner:
-    """EICAR detection in every MIME part (and ZIP member), then clamd's verdict if given."""
+class VirusScanner(BuiltinScanner):
+    """EICAR in every MIME part (and ZIP member), then clamd's verdict if given."""
 
     name = "virus"
+    features = ("eicar",)
 
-    def __init__(self, clamd: Any = None) -> None:
+    def __init__(self, clamd: Any = None, analysis: Any = None) -> None:
+        super().__init__(analysis)
         self.clamd = clamd
 
     @defer.inlineCallbacks
-    def scan(self, message: Message, context: ScanContext) -> Any:
-        """Fires with a ScanResult (verdict virus or clean)."""
-        found = yield threads.deferToThread(find_eicar, message)
-        if found:
+    def scan(self, message: Optional[Message], context: ScanContext) -> Any:
+        """Fires with a ScanResult (verdict virus or clean; error when nothing could look)."""
+        report, error = yield self.report(context)
+        if report is not None and report["eicar"]:
             return ScanResult(self.name, "virus", details=["Eicar-Test-Signature"])
         if self.clamd is not None:
             try:
                 signature = yield self.clamd.scan_file(context.spool_path)
             except ScannerError as e:  # clean as far as the built-in check sees; error noted
+                if report is None:
+                    return ScanResult(self.name, "error", error=f"{error}; {e}")
                 return ScanResult(self.name, "clean", error=str(e))
             if signature:
                 return ScanResult(self.name, "virus", details=[signature])
+            if report is None:   # clamd looked; the built-in check could not
+                return ScanResult(self.name, "clean", error=error)
+        if report is None:
+            return ScanResult(self.name, "error", error=error)
         return ScanResult(self.name, "clean")
+
+
+__all__ = ["EICAR", "VirusScanner"]
