@@ -88,7 +88,7 @@ class Probe:
         query = dns.message.make_query(
             dns.name.from_text(self.name), self.rdtype, self.rdclass,
             use_edns=self.edns if self.edns >= 0 else False, payload=self.payload,
-            want_dnssec=self.dnssec)
+            want_dnssec=self.dnssec and self.edns >= 0)  # DO would add an OPT record
         query.id = qid
         query.flags = (dns.flags.RD if self.rd else 0) | (dns.flags.CD if self.cd else 0)
         return query.to_wire()
