@@ -79,6 +79,9 @@ class LeaseKeeper:
             return defer.succeed(0)
         self._busy = True
         d = self.store.renew(items, self.owner, self.lease_time)
+        # an answer later than a lease is worthless, and a connection that hangs must not
+        # stop the heartbeat for good
+        d.addTimeout(self.lease_time, self.reactor)
 
         def done(lost_ids: Any) -> int:
             self._busy = False
@@ -107,8 +110,8 @@ class LeaseKeeper:
     def _mark_lost(self, item: QueueItem) -> None:
         item.lease_owner = LOST
         self.lost += 1
-        log.warn("lease on {queue_id} lost: another node holds it now, so this node will not "
-                 "record the outcome of its delivery", queue_id=item.id,
+        log.warn("lease on {queue_id} lost: another node holds it now (or it was deleted), "
+                 "so this node will not record the outcome of its delivery", queue_id=item.id,
                  correlation_id=item.correlation_id, event="queue.lease_lost")
 
     # -- claims and acknowledgements ------------------------------------------------------
@@ -136,6 +139,10 @@ class LeaseKeeper:
         """The delivery is done with ``item`` (it is about to be acknowledged): stop
         renewing it. False when its lease was lost: it must not be acknowledged."""
         self.held.pop(item.id, None)  # whatever the answer, the lease ends with the ack
+        return item.lease_owner != LOST
+
+    def holds(self, item: QueueItem) -> bool:
+        """False once this node knows it lost ``item``'s lease."""
         return item.lease_owner != LOST
 
     def leased(self) -> list[QueueItem]:

@@ -253,6 +253,11 @@ class UnifiedDeliveryQueue(Service):
             return defer.succeed(0)
         return self.leases.renew()
 
+    def holds_lease(self, item: QueueItem) -> bool:
+        """False when this node learnt that another node took ``item`` (shared stores):
+        side effects of its delivery (a bounce) are then the other node's to produce."""
+        return self.leases is None or self.leases.holds(item)
+
     def _lease_lost(self, item: QueueItem, what: str) -> bool:
         """True (logged, counted) when this node lost ``item``'s lease: its outcome must not
         be recorded here. Either way the lease is no longer renewed."""

@@ -320,5 +320,18 @@ async def test_heartbeat_renews_all_leases_in_one_call_with_an_injected_clock(
             await queue.complete(item)
         clock.advance(3.0)
         assert calls == [50, 30]  # acknowledged items are no longer renewed
+        # Redis stops answering (CLIENT PAUSE): a renewal that hangs for a whole lease is
+        # given up, so the heartbeat goes on once Redis answers again
+        assert queue.leases is not None
+        while queue.leases._busy:
+            await task.deferLater(reactor, 0.02, lambda: None)
+        assert redis_call(redis_url, "CLIENT", "PAUSE", "1000", "ALL") == b"OK"
+        clock.advance(3.0)
+        assert calls == [50, 30, 30] and queue.leases._busy
+        clock.advance(9.0)  # lease_time
+        assert not queue.leases._busy
+        await task.deferLater(reactor, 1.2, lambda: None)  # the pause ends
+        clock.advance(3.0)
+        assert calls == [50, 30, 30, 30]
     finally:
         await queue.stopService()
