@@ -7,7 +7,8 @@ under delegations, empty non-terminals), names outside every zone, labels
 with an escaped dot or odd bytes, random case, every record type plus DS,
 DNSKEY, ANY, unknown, meta and zone-transfer types, the classes IN, ANY, CH,
 HS, NONE and unassigned ones, with and without EDNS (small, odd and large
-buffer sizes, DO, version 1), RD and CD, over UDP and TCP.
+buffer sizes, DO, version 1, a cookie, NSID, padding or unknown option), RD
+and CD, over UDP and TCP.
 
 :func:`compare` reduces both responses to a canonical form (records sorted
 within a section: order inside a section is not meaningful, TTLs kept: both
@@ -48,6 +49,7 @@ import struct
 from collections import Counter
 from typing import Optional
 
+import dns.edns
 import dns.flags
 import dns.message
 import dns.name
@@ -82,13 +84,20 @@ class Probe:
     rd: bool
     cd: bool
     tcp: bool
+    option: int = 0     # an EDNS option code to send (0: none)
 
     def wire(self, qid: int) -> bytes:
         """The query bytes."""
+        options = []
+        if self.edns >= 0 and self.option:
+            data = {10: b"\x01\x02\x03\x04\x05\x06\x07\x08", 3: b"", 12: b"\x00" * 16}.get(
+                self.option, b"opaque")
+            options.append(dns.edns.GenericOption(self.option, data))
         query = dns.message.make_query(
             dns.name.from_text(self.name), self.rdtype, self.rdclass,
             use_edns=self.edns if self.edns >= 0 else False, payload=self.payload,
-            want_dnssec=self.dnssec and self.edns >= 0)  # DO would add an OPT record
+            want_dnssec=self.dnssec and self.edns >= 0,  # DO would add an OPT record
+            options=options or None)
         query.id = qid
         query.flags = (dns.flags.RD if self.rd else 0) | (dns.flags.CD if self.cd else 0)
         return query.to_wire()
@@ -98,7 +107,8 @@ class Probe:
             "+do" if self.dnssec else "")
         return (f"{self.name} {dns.rdataclass.to_text(self.rdclass)} "
                 f"{dns.rdatatype.to_text(self.rdtype)} {edns}{' rd' if self.rd else ''}"
-                f"{' cd' if self.cd else ''} {'tcp' if self.tcp else 'udp'}")
+                f"{' cd' if self.cd else ''}{f' opt{self.option}' if self.option else ''} "
+                f"{'tcp' if self.tcp else 'udp'}")
 
 
 def _names(zones: ZoneSet) -> list[str]:
@@ -166,7 +176,7 @@ def generate(zones: ZoneSet, seed: int = 20260401, extra: int = 1200) -> list[Pr
         probes.append(Probe(
             name, dns.rdatatype.from_text(rng.choice(ALL_TYPES)), rng.choice(CLASSES), edns,
             rng.choice(PAYLOADS), rng.random() < 0.3, rng.random() < 0.5, rng.random() < 0.1,
-            rng.random() < 0.15))
+            rng.random() < 0.15, rng.choice([0, 0, 0, 10, 3, 12, 65001])))
     return probes
 
 
