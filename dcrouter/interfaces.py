@@ -124,7 +124,13 @@ class IQueueStore(Interface):
         """
 
     def renew(items, owner, seconds):
-        """Extend the leases ``owner`` holds on ``items``."""
+        """Extend the leases ``owner`` holds on ``items`` to ``seconds`` from now.
+
+        Shared stores fire with the ids ``owner`` no longer holds (taken by another
+        worker, or gone), and refuse ``update``/``remove`` of an item whose
+        ``lease_owner`` does not hold it (firing with 0); local stores, whose leases
+        never expire, may fire with None.
+        """
 
     def get(item_id):
         """Fires with the item or None."""

@@ -49,17 +49,33 @@ class QueueOptions:
                                       doc="Items queued at most for one destination.")
     check_interval: float = option(1.0, check=check_positive,
                                    doc="Seconds between looks for due items.")
-    lease_time: float = option(300.0, check=check_positive,
-                               doc="Seconds a worker holds an item (redis) before another "
-                               "may take it.")
+    lease_time: float = option(15.0, check=check_positive,
+                               doc="Seconds a node's lease on an item lasts without renewal "
+                               "(redis): the others take a dead node's items after this "
+                               "long at most. The holder renews its leases every "
+                               "lease_renew_interval while it works on them.")
+    lease_renew_interval: float = option(0.0, check=check_non_negative,
+                                         doc="Seconds between renewals of a node's leases "
+                                         "(redis; one call for all of them); 0: a third of "
+                                         "lease_time.")
     keep_delivered: float = option(3600.0, check=check_non_negative,
                                    doc="Seconds delivered/failed items stay listed.")
 
     def validate(self, path: str) -> None:
-        """max_retry_delay must not be below base_retry_delay."""
+        """max_retry_delay must not be below base_retry_delay; renewals must come at least
+        twice a lease, so one missed renewal does not lose the leases."""
         if self.max_retry_delay < self.base_retry_delay:
             raise ConfigError(f"{path}.max_retry_delay",
                               f"must be at least base_retry_delay ({self.base_retry_delay})")
+        if self.lease_renew_interval and self.lease_renew_interval > self.lease_time / 2:
+            raise ConfigError(f"{path}.lease_renew_interval",
+                              f"must be at most half of lease_time ({self.lease_time / 2:g}s)"
+                              f", so one missed renewal does not lose the leases")
+
+    @property
+    def renew_interval(self) -> float:
+        """Seconds between lease renewals (``lease_renew_interval`` or lease_time / 3)."""
+        return self.lease_renew_interval or self.lease_time / 3
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

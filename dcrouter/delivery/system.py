@@ -101,7 +101,6 @@ class MultiModeDeliverySystem(Service):
         self._pumping = False
         self._pump_again = False
         self._loop: Optional[task.LoopingCall] = None
-        self._renew_loop: Optional[task.LoopingCall] = None
         self._sync_loop: Optional[task.LoopingCall] = None
         self._drain_waiters: list[defer.Deferred] = []
         queue.add_listener(self.wake)
@@ -126,15 +125,11 @@ class MultiModeDeliverySystem(Service):
             self._sync_loop = task.LoopingCall(self.suppression.sync)
             self._sync_loop.clock = self.reactor
             self._sync_loop.start(SUPPRESSION_SYNC_INTERVAL, now=False)
-        if getattr(self.queue.store, "shared", False):
-            self._renew_loop = task.LoopingCall(self._renew)
-            self._renew_loop.clock = self.reactor
-            self._renew_loop.start(max(0.5, self.queue.options.lease_time / 3), now=False)
 
     def stopService(self) -> Optional[defer.Deferred]:
         """Stop taking items; wait a little for deliveries in flight."""
         super().stopService()
-        for loop in (self._loop, self._renew_loop, self._sync_loop):
+        for loop in (self._loop, self._sync_loop):
             if loop is not None and loop.running:
                 loop.stop()
         if not self.in_flight:
@@ -225,13 +220,6 @@ class MultiModeDeliverySystem(Service):
     @staticmethod
     def _crashed(failure: Any, item_id: str) -> None:
         log.failure("delivery of {queue_id} crashed", failure, queue_id=item_id)
-
-    def _renew(self) -> defer.Deferred:
-        items = list(self.in_flight.values())
-        if not items:
-            return defer.succeed(None)
-        return self.queue.renew(items).addErrback(
-            lambda f: log.failure("could not renew leases", f))
 
     def _finished(self, item: QueueItem) -> None:
         self.in_flight.pop(item.id, None)

@@ -1,22 +1,28 @@
 """Authoritative answers from a :class:`~dcrouter.dns.zone.ZoneSet`.
 
-The rules (RFC 1034 section 4.3.2, RFC 2308, RFC 4592, RFC 6604):
+The rules (RFC 1034 section 4.3.2, RFC 2308, RFC 4592, RFC 6604, RFC 8482,
+RFC 9471), checked against NSD serving the same zones (tests/dns/test_nsd_diff.py):
 
 * a name outside every zone gets REFUSED: dcrouter is not a resolver;
 * inside a zone answers carry the AA flag; a name that does not exist gets
   NXDOMAIN, a name that exists without the asked type (including empty
   non-terminals) gets NOERROR with no answer (NODATA); both carry the zone's
   SOA in the authority section with TTL min(SOA TTL, minimum);
-* CNAMEs are followed inside the zone (loops and long chains stop); the
-  rcode reflects the last name of the chain;
+* CNAMEs are followed, into any zone served here (step 3a restarts the
+  search at step 2); loops and long chains stop; the rcode reflects the last
+  name of the chain and the SOA is that name's zone's; a chain that runs into
+  a delegation ends with the referral (NS in the authority section, glue);
 * ``*.<closest encloser>`` answers for names that do not exist below it,
   with the query name as owner;
-* MX, NS and SRV answers get the A/AAAA records of their targets, when
-  dcrouter serves them, in the additional section;
+* QTYPE ANY gets one RRset, the first at the name (RFC 8482, as NSD does);
+* MX, NS and SRV answers get the A/AAAA records of their targets in the
+  additional section when the same zone holds them;
 * NS records below the apex delegate: a name at or below such a cut gets a
   referral (no AA, the NS records in the authority section, glue addresses
-  in the additional section), except DS at the cut itself, which the parent
-  answers.
+  in the additional section: in-domain glue first, marked as required so the
+  encoder sets TC when it does not fit, RFC 9471), except DS at the cut
+  itself, which the parent answers - also when the child zone is served here
+  (RFC 4035 section 3.1.4.1).
 """
 
 from __future__ import annotations
@@ -28,8 +34,9 @@ from twisted.names import dns
 
 from dcrouter.dns.zone import Zone, ZoneRecord, ZoneSet, in_zone
 
-#: CNAME links followed at most.
-MAX_CHAIN = 12
+#: CNAME links followed at most (loops stop at the first repeated name; NSD has no
+#: fixed limit, so this only differs for chains no real zone has).
+MAX_CHAIN = 32
 DS = 43
 
 
@@ -39,13 +46,18 @@ Entry = tuple[bytes, ZoneRecord]
 
 @dataclasses.dataclass
 class Answer:
-    """The sections and flags of one response, before encoding."""
+    """The sections and flags of one response, before encoding.
+
+    The first ``required`` additional entries are in-domain glue of a
+    referral: when they do not all fit, the response gets TC (RFC 9471).
+    """
 
     rcode: int
     authoritative: bool
     answers: list[Entry] = dataclasses.field(default_factory=list)
     authority: list[Entry] = dataclasses.field(default_factory=list)
     additional: list[Entry] = dataclasses.field(default_factory=list)
+    required: int = 0
 
 
 REFUSED = Answer(dns.EREFUSED, False)
@@ -64,13 +76,18 @@ class Authority:
         records at the query name (case preserved, and it compresses against
         the question).
         """
-        zone = self.zones.find(name)
+        zone = self._zone_for(name, qtype)
         if zone is None:
             return Answer(dns.EREFUSED, False)
+        if qtype == DS and zone.origin != name and name not in zone.names and \
+                self.zones.zones.get(name) is not None:
+            # DS at the apex of a served zone its (served) parent does not delegate: the
+            # name exists here, so NODATA from the parent (as NSD), not a NXDOMAIN that
+            # would deny the whole child zone (RFC 8020)
+            return self._negative(zone, dns.OK, [])
         if owner is None:
             owner = name.encode("latin-1")
         answers: list[Entry] = []
-        final: list[ZoneRecord] = []
         seen: set[str] = set()
         current, current_owner = name, owner
         for _ in range(MAX_CHAIN):
@@ -78,9 +95,7 @@ class Authority:
             if zone.cuts:
                 cut = _cut_above(zone, current, qtype)
                 if cut is not None:
-                    if answers:  # a CNAME led into delegated space: the chain ends here
-                        return Answer(dns.OK, True, answers)
-                    return self._referral(zone, cut)
+                    return self._referral(zone, cut, answers)
             node = zone.nodes.get(current)
             if node is None:
                 if current in zone.names:
@@ -88,8 +103,8 @@ class Authority:
                 node = _wildcard(zone, current)
                 if node is None:
                     return self._negative(zone, dns.ENAME, answers)
-            if qtype == dns.ALL_RECORDS:
-                final = [r for rrset in node.values() for r in rrset]
+            if qtype == dns.ALL_RECORDS:  # RFC 8482: one RRset, the first at the name
+                final = next(iter(node.values()))
                 break
             rrset = node.get(qtype)
             if rrset:
@@ -101,40 +116,81 @@ class Authority:
             link = cnames[0]
             answers.append((current_owner, link))
             target = link.target()
-            if target is None or target in seen or not in_zone(target, zone.origin):
+            if target is None or target in seen:
                 return Answer(dns.OK, True, answers)
-            current, current_owner = target, target.encode("ascii")
+            # RFC 1034 4.3.2 step 3a: start over with the target, in whichever zone holds it
+            next_zone = self._zone_for(target, qtype)
+            if next_zone is None:
+                return Answer(dns.OK, True, answers)
+            zone, current, current_owner = next_zone, target, target.encode("ascii")
         else:
             return Answer(dns.OK, True, answers)
         answers.extend((current_owner, r) for r in final)
-        return Answer(dns.OK, True, answers, [], self._additional(final))
+        return Answer(dns.OK, True, answers, [], self._additional(zone, final))
 
-    def _referral(self, zone: Zone, cut: str) -> Answer:
+    def _zone_for(self, name: str, qtype: int) -> Optional[Zone]:
+        """The zone that answers ``name``: the closest one, except for DS at a served
+        zone's apex, which its parent zone answers when served too (RFC 4035 3.1.4.1)."""
+        zone = self.zones.find(name)
+        if zone is not None and qtype == DS and name == zone.origin and name:
+            parent = self.zones.find(name.partition(".")[2])
+            if parent is not None:
+                return parent
+        return zone
+
+    def _referral(self, zone: Zone, cut: str, answers: list[Entry]) -> Answer:
+        """NS of ``cut`` in the authority section, glue in the additional; AA only when a
+        CNAME of ours led here (the answer section then holds it)."""
         ns = zone.nodes[cut][dns.NS]
         owner = cut.encode("ascii")
-        return Answer(dns.OK, False, [], [(owner, r) for r in ns], self._additional(ns))
+        inside: list[str] = []
+        outside: list[str] = []
+        for rec in ns:
+            target = rec.target()
+            if target and target not in inside and target not in outside:
+                (inside if in_zone(target, cut) else outside).append(target)
+        glue = _addresses(zone, inside, glue=True)
+        return Answer(dns.OK, bool(answers), answers, [(owner, r) for r in ns],
+                      glue + _addresses(zone, outside, glue=True), required=len(glue))
 
     def _negative(self, zone: Zone, rcode: int, answers: list[Entry]) -> Answer:
         soa = zone.negative_soa
         return Answer(rcode, True, answers, [(soa.owner.encode("ascii"), soa)])
 
-    def _additional(self, records: list[ZoneRecord]) -> list[Entry]:
-        out: list[Entry] = []
-        done: set[str] = set()
+    @staticmethod
+    def _additional(zone: Zone, records: list[ZoneRecord]) -> list[Entry]:
+        """A/AAAA of the MX, NS and SRV targets that ``zone`` holds (as NSD: same zone,
+        wildcards apply, nothing from below a delegation)."""
+        targets: list[str] = []
         for rec in records:
-            if rec.rtype not in (dns.MX, dns.NS, dns.SRV):
-                continue
-            target = rec.target()
-            if not target or target in done:
-                continue
-            done.add(target)
-            zone = self.zones.find(target)
-            node = zone.nodes.get(target) if zone is not None else None
-            if node is None:
-                continue
-            for rtype in (dns.A, dns.AAAA):
-                out.extend((r.owner.encode("ascii"), r) for r in node.get(rtype, ()))
-        return out
+            if rec.rtype in (dns.MX, dns.NS, dns.SRV):
+                target = rec.target()
+                if target and target not in targets:
+                    targets.append(target)
+        return _addresses(zone, targets, glue=False) if targets else []
+
+
+def _addresses(zone: Zone, names: list[str], glue: bool) -> list[Entry]:
+    """The A records of ``names`` in ``zone``, then their AAAA records (NSD's order).
+
+    ``glue``: for a referral, the records as they are (glue lives below cuts);
+    otherwise names below a cut are skipped and a wildcard answers for a name
+    that does not exist.
+    """
+    nodes: list[tuple[bytes, dict[int, list[ZoneRecord]]]] = []
+    for name in names:
+        node = zone.nodes.get(name)
+        if not glue and zone.cuts and _cut_above(zone, name, dns.A) is not None:
+            continue
+        if node is None and not glue and name not in zone.names:
+            node = _wildcard(zone, name)
+        if node is not None:
+            nodes.append((name.encode("ascii"), node))
+    out: list[Entry] = []
+    for rtype in (dns.A, dns.AAAA):
+        for owner, node in nodes:
+            out.extend((owner, r) for r in node.get(rtype, ()))
+    return out
 
 
 def _cut_above(zone: Zone, name: str, qtype: int) -> Optional[str]:

@@ -11,12 +11,20 @@ twisted.names' record encoders:
 * EDNS(0) (RFC 6891): the UDP limit is the client's payload size, at least
   512 and at most ``dns.max_udp_payload``; DO is copied; a version other
   than 0 gets BADVERS;
-* over the limit the additional section is dropped first; if the answer
-  still does not fit, the response is the question with TC set, so the
-  client retries over TCP, where the whole answer is sent;
+* over the limit additional RRsets are left out from the last one that does
+  not fit (TC is set when that drops in-domain glue of a referral, RFC
+  9471); if the answer and authority sections do not fit, the response is
+  the question with TC set, so the client retries over TCP, where the whole
+  answer is sent;
+* QCLASS ANY is answered like IN but without AA, and without the SOA of
+  negative answers (RFC 1035 6.2, as NSD does); a name with a dot inside a
+  label (``a\\.b.example.test``) is a name no zone holds: NXDOMAIN, or what
+  a wildcard or delegation above it gives;
 * malformed queries get FORMERR when their header can be read, responses
-  (QR set) and runts are dropped, other opcodes get NOTIMP, zone transfers
-  and other classes REFUSED.
+  (QR set) and runts are dropped, other opcodes get NOTIMP, other classes
+  REFUSED; AXFR over UDP gets NOTIMP, a transfer of a name that is not a
+  zone apex NOTAUTH, IXFR over UDP REFUSED (all as NSD); every other type,
+  meta and reserved ones included, is looked up like any type.
 
 UDP responses are cached per query bytes after the ID (which include the
 name as spelled, the type, the flags and the OPT record): a zone swap
@@ -25,6 +33,7 @@ starts a new cache, so a cached answer never outlives its zone data.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from collections import Counter
 from typing import Optional
@@ -41,12 +50,16 @@ CACHE_ENTRIES = 10000
 #: Queries longer than this are answered but not cached.
 CACHE_KEY_MAX = 512
 EDNS_BADVERS = 16
+NOTAUTH = 9
 TSIG = 250
+#: The owner that stands for the query name when one of its labels holds a dot: a key
+#: no joined name can equal (labels are never empty), seeded to the question's offset.
+QNAME_KEY = b"."
 _HEADER = struct.Struct("!HBBHHHH")
 _OPT = struct.Struct("!HHBBHH")
 _RCODE_NAMES = {dns.OK: "NOERROR", dns.EFORMAT: "FORMERR", dns.ESERVER: "SERVFAIL",
                 dns.ENAME: "NXDOMAIN", dns.ENOTIMP: "NOTIMP", dns.EREFUSED: "REFUSED",
-                EDNS_BADVERS: "BADVERS"}
+                NOTAUTH: "NOTAUTH", EDNS_BADVERS: "BADVERS"}
 
 
 def write_name(out: bytearray, name: bytes, comp: dict[bytes, int]) -> None:
@@ -83,6 +96,14 @@ def encode_record(out: bytearray, owner: bytes, rec: ZoneRecord,
         else:
             out += part
     struct.pack_into("!H", out, at, len(out) - at - 2)
+
+
+def _last_dotted(labels: list[bytes]) -> int:
+    """The index of the last label with a dot in it, or -1."""
+    for i in range(len(labels) - 1, -1, -1):
+        if b"." in labels[i]:
+            return i
+    return -1
 
 
 class MalformedQuery(ValueError):
@@ -272,27 +293,52 @@ class Responder:
             return self._count(response_header(qid, flags1, dns.EFORMAT, False, False,
                                                (0, 0, 0, 0)), dns.EFORMAT, 0)
         if q.edns and q.version != 0:
+            q.dnssec_ok = False  # nothing of the query is answered, DO neither (as NSD)
             return self._count(self._encode(q, Answer(EDNS_BADVERS, False), 65535),
                                EDNS_BADVERS, q.qtype)
-        if q.qtype in (dns.OPT, 0):
-            self.malformed += 1
-            return self._count(self._encode(q, Answer(dns.EFORMAT, False), 65535),
-                               dns.EFORMAT, q.qtype)
         if udp:
             limit = min(max(q.payload, 512), self.max_udp_payload) if q.edns else 512
         else:
             limit = 65535
-        answer = self._answer(q)
+        answer = self._answer(q, udp)
         return self._count(self._encode(q, answer, limit), answer.rcode, q.qtype)
 
-    def _answer(self, q: Query) -> Answer:
-        if q.qclass not in (dns.IN, dns.ANY) or q.qtype in (dns.AXFR, dns.IXFR, dns.MAILA,
-                                                             dns.MAILB):
+    def _answer(self, q: Query, udp: bool) -> Answer:
+        if q.qclass not in (dns.IN, dns.ANY):
             return Answer(dns.EREFUSED, False)
-        if b"." in q.question and any(b"." in label for label in q.labels):
-            return Answer(dns.EREFUSED, False)  # a label with a dot in it: no zone has one
-        owner = b".".join(q.labels)
-        return self.authority.lookup(owner.lower().decode("latin-1"), q.qtype, owner)
+        if q.qtype in (dns.AXFR, dns.IXFR):
+            return self._transfer_refusal(q, udp)
+        labels = q.labels
+        dotted = _last_dotted(labels) if b"." in q.question else -1
+        if dotted < 0:
+            owner = b".".join(labels)
+            name = owner.lower().decode("latin-1")
+        else:
+            # a label with a dot in it (a\.b.example.test): such a name exists in no zone,
+            # nor does any name below it; look up a stand-in no zone can hold in its place
+            # (so wildcards and delegations above it still apply) and write the owner as a
+            # pointer to the question, which keeps the label as sent
+            owner = QNAME_KEY
+            name = ".".join(["\x00"] + [x.lower().decode("latin-1")
+                                          for x in labels[dotted + 1:]])
+        answer = self.authority.lookup(name, q.qtype, owner)
+        if q.qclass == dns.ANY:
+            # RFC 1035 6.2: an answer for every class cannot be authoritative (NSD clears
+            # AA too), and a negative one has no SOA to cache
+            answer = dataclasses.replace(answer, authoritative=False, authority=[
+                e for e in answer.authority if e[1].rtype != dns.SOA])
+        return answer
+
+    def _transfer_refusal(self, q: Query, udp: bool) -> Answer:
+        """Transfers are served over TCP (:mod:`dcrouter.dns.transfer`); what reaches the
+        responder gets NSD's answers: AXFR over UDP NOTIMP (RFC 5936 4.2), a name that is
+        not a zone's apex NOTAUTH, the rest REFUSED."""
+        if udp and q.qtype == dns.AXFR:
+            return Answer(dns.ENOTIMP, False)
+        name = b".".join(q.labels).lower().decode("latin-1")
+        if name not in self.authority.zones.zones or _last_dotted(q.labels) >= 0:
+            return Answer(NOTAUTH, False)
+        return Answer(dns.EREFUSED, False)
 
     def _count(self, response: bytes, rcode: int, qtype: int) -> tuple[bytes, int, int]:
         self.by_rcode[rcode] += 1
@@ -304,36 +350,72 @@ class Responder:
                                    0x8000 if q.dnssec_ok else 0, 0)
 
     def _encode(self, q: Query, answer: Answer, limit: int) -> bytes:
+        """The response within ``limit`` bytes.
+
+        The answer and authority sections go whole or not at all (TC and only
+        the question); additional RRsets follow in order while they fit, and
+        TC is set when one of the ``required`` in-domain glue records of a
+        referral is left out (RFC 9471); other additional data is optional
+        (RFC 2181 section 9).
+        """
         opt = self._opt(q, answer.rcode) if q.edns else b""
-        sections = (answer.answers, answer.authority, answer.additional)
-        body = self._body(q, sections)
-        if 12 + len(body) + len(opt) > limit and answer.additional:
-            sections = (answer.answers, answer.authority, [])
-            body = self._body(q, sections)
-        tc = 12 + len(body) + len(opt) > limit
+        room = limit - 12 - len(opt)
+        out, comp = self._start(q)
+        for section in (answer.answers, answer.authority):
+            for owner, rec in section:
+                encode_record(out, owner, rec, comp)
+        counts = [1, len(answer.answers), len(answer.authority), 0]
+        tc = len(out) > room
+        if tc:
+            out = bytearray(q.question)
+            counts = [1, 0, 0, 0]
+        else:
+            additional = answer.additional
+            i, n = 0, len(additional)
+            while i < n:
+                owner, rec = additional[i]
+                j = i + 1
+                while j < n and additional[j][0] == owner and additional[j][1].rtype == rec.rtype:
+                    j += 1
+                mark = len(out)
+                for k in range(i, j):
+                    encode_record(out, additional[k][0], additional[k][1], comp)
+                if len(out) > room:  # this RRset does not fit: it and the rest stay out
+                    del out[mark:]
+                    break
+                i = j
+            counts[3] = i
+            tc = i < answer.required
         if tc:
             self.truncated += 1
-            sections = ([], [], [])
-            body = q.question
-        counts = (1, len(sections[0]), len(sections[1]), len(sections[2]) + (1 if opt else 0))
-        return (response_header(q.id, q.flags1, answer.rcode, answer.authoritative, tc, counts,
-                                q.flags2) + body + opt)
+        if opt:
+            counts[3] += 1
+        return (response_header(q.id, q.flags1, answer.rcode, answer.authoritative, tc,
+                                (counts[0], counts[1], counts[2], counts[3]), q.flags2)
+                + bytes(out) + opt)
 
     @staticmethod
-    def _body(q: Query, sections: tuple[list[Entry], ...]) -> bytes:
+    def _start(q: Query) -> tuple[bytearray, dict[bytes, int]]:
+        """The message body so far (the question) and the compression table seeded with
+        the question's names as spelled and in lower case (not those that include a
+        label with a dot in it: the query name itself is then known as
+        :data:`QNAME_KEY`)."""
         out = bytearray(q.question)
-        if not any(sections):
-            return bytes(out)
         comp: dict[bytes, int] = {}
         offset = 12
         labels = q.labels
+        first = _last_dotted(labels) + 1 if b"." in q.question else 0
+        if first:
+            comp[QNAME_KEY] = offset
         for i, label in enumerate(labels):
-            comp.setdefault(b".".join(labels[i:]), offset)
+            if i >= first:
+                suffix = b".".join(labels[i:])
+                comp.setdefault(suffix, offset)
+                # zone data is lower case: let it point into a question spelled otherwise,
+                # as NSD does (names compare without case), so answers are as small
+                comp.setdefault(suffix.lower(), offset)
             offset += 1 + len(label)
-        for section in sections:
-            for owner, rec in section:
-                encode_record(out, owner, rec, comp)
-        return bytes(out)
+        return out, comp
 
     def stats(self) -> dict:
         """Queries by rcode and type, malformed, dropped and truncated counts."""

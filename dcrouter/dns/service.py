@@ -134,7 +134,8 @@ class DnsService(ManagedService):
         self.udp = DnsDatagramProtocol(self.responder, self.limiter)
         self.tcp = DnsTcpFactory(self.responder, dns_options.max_tcp_connections,
                                  dns_options.tcp_timeout)
-        self.transfers = TransferHandler(self.zone, TransferAcl(dns_options.allow_transfer))
+        self.transfers = TransferHandler(self.zone, TransferAcl(dns_options.allow_transfer),
+                                         self.responder.max_udp_payload)
         self.tcp.transfers = self.transfers
         self.notifier = Notifier(context.reactor, dns_options.notify, dns_options.listen)
         self.listeners = ListenerSet(context.reactor, self._target)
@@ -317,6 +318,7 @@ class DnsService(ManagedService):
         self.limiter.limit = d.rate_limit
         self.limiter.slip = d.rate_limit_slip
         self.responder.max_udp_payload = max(512, d.max_udp_payload)
+        self.transfers.udp_payload = self.responder.max_udp_payload
         self.tcp.max_connections = d.max_tcp_connections
         self.tcp.timeout = d.tcp_timeout
         if self.running:

@@ -139,9 +139,11 @@ class TransferHandler:
     swapped meanwhile.
     """
 
-    def __init__(self, zones: ZoneLookup, acl: TransferAcl) -> None:
+    def __init__(self, zones: ZoneLookup, acl: TransferAcl, udp_payload: int = 1232) -> None:
         self.zones = zones
         self.acl = acl
+        #: The UDP size advertised in the OPT record of responses (as the responder's).
+        self.udp_payload = udp_payload
         self.transfers = 0
         self.refused = 0
         self.up_to_date = 0
@@ -158,17 +160,19 @@ class TransferHandler:
             return None
         kind = "AXFR" if q.qtype == dns.AXFR else "IXFR"
         name = b".".join(q.labels).decode("latin-1").lower()
+        zone = self.zones(name) if not any(b"." in label for label in q.labels) else None
+        if q.qclass not in (dns.IN, dns.ANY):
+            return self._refuse(q, dns.EREFUSED, kind, name, client, "class is not IN")
+        if zone is None:  # checked early, as NSD does (which zones exist is public anyway)
+            return self._refuse(q, NOTAUTH, kind, name, client, "not a zone served here")
+        if q.qclass != dns.IN:
+            return self._refuse(q, dns.EREFUSED, kind, name, client, "class is not IN")
         if not self.acl.allows(client):
             return self._refuse(q, dns.EREFUSED, kind, name, client,
                                 "client not in dns.allow_transfer")
         if q.tsig:
             return self._refuse(q, dns.EREFUSED, kind, name, client, "TSIG is not supported")
-        if q.qclass != dns.IN:
-            return self._refuse(q, dns.EREFUSED, kind, name, client, "class is not IN")
-        zone = self.zones(name)
-        if zone is None:
-            return self._refuse(q, NOTAUTH, kind, name, client, "not a zone served here")
-        opt = _opt(q)
+        opt = _opt(q, self.udp_payload)
         if (q.qtype == dns.IXFR and q.client_serial is not None
                 and not serial_newer(zone.serial, q.client_serial)):
             self.up_to_date += 1
@@ -186,7 +190,7 @@ class TransferHandler:
         self.refused += 1
         log.warn("{kind} {zone} refused to {client}: {reason}", kind=kind, zone=name or ".",
                  client=client, reason=reason, event="dns.transfer_refused")
-        opt = _opt(q)
+        opt = _opt(q, self.udp_payload)
         header = response_header(q.id, q.flags1, rcode, False, False,
                                  (1, 0, 0, 1 if opt else 0), q.flags2)
         return iter([header + q.question + opt])
@@ -197,10 +201,10 @@ class TransferHandler:
                 "transfers_up_to_date": self.up_to_date}
 
 
-def _opt(q: Query) -> bytes:
-    """The OPT record of a response to an EDNS query (payload: the TCP maximum)."""
+def _opt(q: Query, udp_payload: int) -> bytes:
+    """The OPT record of a response to an EDNS query (payload: what UDP answers may be)."""
     if not q.edns:
         return b""
-    return b"\x00" + struct.pack("!HHBBHH", dns.OPT, MAX_MESSAGE, 0, 0,
+    return b"\x00" + struct.pack("!HHBBHH", dns.OPT, udp_payload, 0, 0,
                                  0x8000 if q.dnssec_ok else 0, 0)
 

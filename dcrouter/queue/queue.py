@@ -8,6 +8,11 @@ records outcomes (``defer_item``/``complete``).  MX items are split per
 recipient domain so every item has one destination.  Delivered and failed
 items leave the store at once and stay listed in memory for
 ``keep_delivered`` seconds.
+
+On a shared store (Redis) the queue holds its claimed items on short leases
+and renews them itself (:class:`~dcrouter.queue.leases.LeaseKeeper`): a node
+that dies leaves its items to the others for ``lease_time`` at most, and a
+node that lost a lease does not acknowledge the item.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from dcrouter.message import DeliveryRequest, new_queue_id
 from dcrouter.queue.item import (
     DEFERRED, DELIVERED, FAILED, PENDING, STATUSES, WAITING, QueueItem,
 )
+from dcrouter.queue.leases import LeaseKeeper
 
 log = get_logger("email.queue")
 
@@ -71,6 +77,10 @@ class UnifiedDeliveryQueue(Service):
         self.finished: "collections.OrderedDict[str, tuple[float, QueueItem]]" = \
             collections.OrderedDict()
         self.counters = collections.Counter[str]()
+        #: Renews this node's leases on a shared store (None for local stores).
+        self.leases: Optional[LeaseKeeper] = LeaseKeeper(
+            self.store, self.owner, options.lease_time, options.renew_interval, reactor
+        ) if getattr(self.store, "shared", False) else None
 
     @classmethod
     def from_options(cls, options: QueueOptions, state_dir: str, store: Any = None,
@@ -93,6 +103,8 @@ class UnifiedDeliveryQueue(Service):
 
     def _on_open(self, _: Any) -> None:
         self._opened = True
+        if self.leases is not None and self.running:
+            self.leases.start()
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(None)
@@ -105,9 +117,23 @@ class UnifiedDeliveryQueue(Service):
             d.errback(failure)
 
     def stopService(self) -> Optional[defer.Deferred]:
-        """Close the store."""
+        """Give the leases still held back (the other nodes take those items at once), then
+        close the store."""
         super().stopService()
-        return defer.maybeDeferred(self.store.close)
+        d: defer.Deferred = defer.succeed(None)
+        if self.leases is not None:
+            self.leases.stop()
+            held = self.leases.leased()
+            give_back = getattr(self.store, "give_back", None)
+            if held and self._opened and give_back is not None:
+                d = give_back(held, self.owner, time.time())
+                d.addCallback(lambda n: log.info("gave {count} leases back to the queue",
+                                                 count=n) if n else None)
+                d.addErrback(lambda f: log.warn("could not give leases back ({error}): they "
+                                                "run out in {seconds:.0f}s",
+                                                error=str(f.value),
+                                                seconds=self.options.lease_time))
+        return d.addCallback(lambda _: self.store.close())
 
     def when_ready(self, timeout: Optional[float] = None) -> defer.Deferred:
         """Fires once the store is open (items recovered); QueueError after ``timeout``."""
@@ -205,8 +231,11 @@ class UnifiedDeliveryQueue(Service):
         """Take up to ``limit`` due items for delivery (none while paused or opening)."""
         if self.paused or not self._opened or limit <= 0:
             return defer.succeed([])
-        return self.store.claim_due(time.time(), limit, self.owner, self.options.lease_time,
-                                    accept)
+        d = self.store.claim_due(time.time(), limit, self.owner, self.options.lease_time,
+                                 accept)
+        if self.leases is not None:
+            d.addCallback(self.leases.adopt)
+        return d
 
     def next_due(self) -> Optional[float]:
         """When the next item is due, if the store can tell cheaply."""
@@ -217,9 +246,42 @@ class UnifiedDeliveryQueue(Service):
         """The item's message bytes."""
         return self.store.read_body(item)
 
-    def renew(self, items: list[QueueItem]) -> defer.Deferred:
-        """Extend the leases of items in delivery (Redis)."""
-        return self.store.renew(items, self.owner, self.options.lease_time)
+    def renew(self) -> defer.Deferred:
+        """Renew this node's leases now (the heartbeat does it every ``renew_interval``);
+        fires with how many were renewed."""
+        if self.leases is None:
+            return defer.succeed(0)
+        return self.leases.renew()
+
+    def holds_lease(self, item: QueueItem) -> bool:
+        """False when this node learnt that another node took ``item`` (shared stores):
+        side effects of its delivery (a bounce) are then the other node's to produce."""
+        return self.leases is None or self.leases.holds(item)
+
+    def _lease_lost(self, item: QueueItem, what: str) -> bool:
+        """True (logged, counted) when this node lost ``item``'s lease: its outcome must not
+        be recorded here. Either way the lease is no longer renewed."""
+        if self.leases is None or self.leases.settle(item):
+            return False
+        self.counters["lease_lost"] += 1
+        log.warn("{what} of {queue_id} not recorded: its lease was lost to another node",
+                 what=what, queue_id=item.id, correlation_id=item.correlation_id)
+        return True
+
+    def _acknowledge(self, item: QueueItem, store_call: Any, what: str) -> defer.Deferred:
+        """Run ``store_call`` (an update or removal of ``item``); on a shared store a refusal
+        (another node took the item meanwhile, or it is gone) is logged and counted."""
+        d = defer.maybeDeferred(store_call, item)
+        if self.leases is not None:
+            def refused(changed: Any) -> Any:
+                if changed is not None and not int(changed):
+                    self.counters["lease_lost"] += 1
+                    log.warn("{what} of {queue_id} not recorded: another node holds it, or "
+                             "it is gone", what=what, queue_id=item.id,
+                             correlation_id=item.correlation_id)
+                return changed
+            d.addCallback(refused)
+        return d
 
     def retry_delay(self, attempts: int) -> float:
         """Exponential backoff with +-10% jitter, capped at max_retry_delay."""
@@ -230,24 +292,30 @@ class UnifiedDeliveryQueue(Service):
     def defer_item(self, item: QueueItem, error: str, delay: Optional[float] = None
                    ) -> defer.Deferred:
         """Schedule another attempt of ``item`` (status deferred)."""
+        if self._lease_lost(item, "deferral"):
+            return defer.succeed(0)
         now = time.time()
         item.status = DEFERRED
         item.last_error = error
         item.updated_at = now
         item.next_attempt = now + (self.retry_delay(item.attempts) if delay is None else delay)
         self.counters["deferred"] += 1
-        d = self.store.update(item)
+        d = self._acknowledge(item, self.store.update, "deferral")
         d.addCallback(lambda _: self._schedule_wakeup(item.next_attempt))
         return d
 
     def release(self, item: QueueItem) -> defer.Deferred:
         """Give an unattempted item back (pending, due now)."""
+        if self._lease_lost(item, "release"):
+            return defer.succeed(0)
         item.status = PENDING
         item.next_attempt = time.time()
-        return self.store.update(item)
+        return self._acknowledge(item, self.store.update, "release")
 
     def complete(self, item: QueueItem) -> defer.Deferred:
         """Every recipient is delivered or failed: drop the item from the store."""
+        if self._lease_lost(item, "completion"):
+            return defer.succeed(0)
         now = time.time()
         item.updated_at = now
         if any(r.status == FAILED for r in item.recipients):
@@ -258,7 +326,7 @@ class UnifiedDeliveryQueue(Service):
             item.delivered_at = now
             self.counters["delivered"] += 1
         self._remember(item)
-        return self.store.remove(item)
+        return self._acknowledge(item, self.store.remove, "completion")
 
     def _remember(self, item: QueueItem) -> None:
         keep = self.options.keep_delivered
@@ -349,8 +417,10 @@ class UnifiedDeliveryQueue(Service):
         self._notify()
 
     def update_options(self, options: QueueOptions) -> None:
-        """Apply new limits and retry settings (the store type needs a restart)."""
+        """Apply new limits, retry and lease settings (the store type needs a restart)."""
         self.options = options
+        if self.leases is not None:
+            self.leases.configure(options.lease_time, options.renew_interval)
 
     def get_stats(self) -> dict[str, Any]:
         """Counts by status, top destinations, oldest age, bytes, counters."""
@@ -361,6 +431,9 @@ class UnifiedDeliveryQueue(Service):
         stats["storage"] = type(self.store).__name__
         stats["counters"] = dict(self.counters)
         stats["recently_finished"] = len(self.finished)
+        if self.leases is not None:
+            stats["leases_held"] = len(self.leases.leased())
+            stats["leases_lost"] = self.leases.lost
         return stats
 
 

@@ -18,10 +18,17 @@ Keys (``P`` is ``redis_prefix``)::
 Every change is one Lua script, so it is atomic: ``claim`` first returns
 expired leases to ``P:due`` (a worker that died loses its items), then moves
 due ids to ``P:lease`` with an expiry and returns them - each item to exactly
-one worker at a time; workers renew the leases of items in delivery.  Delivery
-is at-least-once: a worker whose lease expired mid-delivery may deliver an item
-that another worker delivers as well.  Redis's own persistence settings
-(``appendonly``/``appendfsync``) decide what survives a Redis crash.
+one worker at a time.  Leases (:mod:`dcrouter.queue.queue` keeps them short,
+``email.queue.lease_time``) are renewed by their holder in one script per
+heartbeat for all its items, and are fenced: ``P:owner`` names the worker
+that holds each item, and renewing, updating or removing an item another
+worker has taken (or that is gone) does nothing and says so, so a worker that
+lost a lease never acknowledges the item a second time.  Lease times are
+Redis's clock (``TIME`` inside the scripts), so clock skew between nodes
+cannot expire a live lease.  Delivery is at-least-once: a worker whose lease
+expired mid-delivery (it could not reach Redis for a whole lease) may deliver
+an item that another worker delivers as well.  Redis's own persistence
+settings (``appendonly``/``appendfsync``) decide what survives a Redis crash.
 
 Counts by status are kept by the same scripts (``P:counts``; processing is
 the size of ``P:lease``), so :meth:`RedisStore.stats` never scans the items.
@@ -33,7 +40,6 @@ counters rebuilt once, atomically, when a node opens it.
 
 from __future__ import annotations
 
-import time
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
@@ -78,10 +84,17 @@ end
 return n
 """
 
-_CLAIM = """
+#: Lua: Redis's clock in seconds (effects replication, so TIME may precede writes).
+_TIME = """
+if redis.replicate_commands then pcall(redis.replicate_commands) end
+local t = redis.call('TIME')
+local snow = tonumber(t[1]) + tonumber(t[2]) / 1000000
+"""
+
+_CLAIM = _TIME + """
 local p = ARGV[1]
 local now = tonumber(ARGV[2])
-local expired = redis.call('ZRANGEBYSCORE', p..':lease', '-inf', now, 'LIMIT', 0, 1000)
+local expired = redis.call('ZRANGEBYSCORE', p..':lease', '-inf', snow, 'LIMIT', 0, 1000)
 for _, id in ipairs(expired) do
   redis.call('ZREM', p..':lease', id)
   redis.call('HDEL', p..':owner', id)
@@ -94,13 +107,14 @@ for _, id in ipairs(expired) do
 end
 local ids = redis.call('ZRANGEBYSCORE', p..':due', '-inf', now, 'LIMIT', 0, tonumber(ARGV[3]))
 local out = {}
+local expiry = snow + tonumber(ARGV[5])
 for _, id in ipairs(ids) do
   redis.call('ZREM', p..':due', id)
   local data = redis.call('HGET', p..':items', id)
   if data then
     local st = redis.call('HGET', p..':wstatus', id)
     if st then redis.call('HINCRBY', p..':counts', st, -1) end
-    redis.call('ZADD', p..':lease', ARGV[5], id)
+    redis.call('ZADD', p..':lease', expiry, id)
     redis.call('HSET', p..':owner', id, ARGV[4])
     table.insert(out, data)
   end
@@ -111,8 +125,7 @@ return out
 _UPDATE = """
 local p = ARGV[1]
 local id = ARGV[2]
-local cur = redis.call('HGET', p..':owner', id)
-if cur and cur ~= ARGV[3] then return 0 end
+if (redis.call('HGET', p..':owner', id) or '') ~= ARGV[3] then return 0 end
 if redis.call('HEXISTS', p..':items', id) == 0 then return 0 end
 redis.call('HSET', p..':items', id, ARGV[4])
 redis.call('ZREM', p..':lease', id)
@@ -129,6 +142,7 @@ return 1
 _REMOVE = """
 local p = ARGV[1]
 local id = ARGV[2]
+if (redis.call('HGET', p..':owner', id) or '') ~= ARGV[6] then return 0 end
 if redis.call('HDEL', p..':items', id) == 0 then return 0 end
 local st = redis.call('HGET', p..':wstatus', id)
 if redis.call('ZREM', p..':due', id) == 1 and st then
@@ -149,12 +163,47 @@ end
 return 1
 """
 
-_RENEW = """
+#: Renews the leases ARGV[2] holds on the ids ARGV[4..] to Redis time + ARGV[3] seconds: one
+#: HMGET and one ZADD per 1,000 ids, whatever the count; returns the ids it no longer holds.
+_RENEW = _TIME + """
+local p = ARGV[1]
+local expiry = snow + tonumber(ARGV[3])
+local lost = {}
+local i = 4
+while i <= #ARGV do
+  local j = math.min(i + 999, #ARGV)
+  local ids = {}
+  for k = i, j do ids[#ids + 1] = ARGV[k] end
+  local owners = redis.call('HMGET', p..':owner', unpack(ids))
+  local args = {}
+  for k, id in ipairs(ids) do
+    if owners[k] == ARGV[2] then
+      args[#args + 1] = expiry
+      args[#args + 1] = id
+    else
+      lost[#lost + 1] = id
+    end
+  end
+  if #args > 0 then redis.call('ZADD', p..':lease', 'XX', unpack(args)) end
+  i = j + 1
+end
+return lost
+"""
+
+#: Gives the leases ARGV[2] holds on ARGV[4..] back: due at ARGV[3], nothing else changed.
+_GIVE_BACK = """
 local p = ARGV[1]
 local n = 0
 for i = 4, #ARGV do
-  if redis.call('HGET', p..':owner', ARGV[i]) == ARGV[2] then
-    redis.call('ZADD', p..':lease', 'XX', ARGV[3], ARGV[i])
+  local id = ARGV[i]
+  if redis.call('HGET', p..':owner', id) == ARGV[2] then
+    redis.call('ZREM', p..':lease', id)
+    redis.call('HDEL', p..':owner', id)
+    if redis.call('HEXISTS', p..':items', id) == 1 and
+        redis.call('ZADD', p..':due', ARGV[3], id) == 1 then
+      local st = redis.call('HGET', p..':wstatus', id)
+      if st then redis.call('HINCRBY', p..':counts', st, 1) end
+    end
     n = n + 1
   end
 end
@@ -321,9 +370,10 @@ class RedisStore:
     @defer.inlineCallbacks
     def claim_due(self, now: float, limit: int, owner: str, lease_seconds: float,
                   accept: Callable[[QueueItem], bool] = lambda item: True) -> Any:
-        """Lease up to ``limit`` due items (expired leases are reclaimed first)."""
+        """Lease up to ``limit`` items due at ``now`` for ``lease_seconds`` of Redis time
+        (expired leases are reclaimed first)."""
         rows = yield self._eval(_CLAIM, [self.prefix, repr(now), limit, owner,
-                                         repr(now + lease_seconds)])
+                                         repr(lease_seconds)])
         items = []
         for row in rows or []:
             try:
@@ -338,14 +388,25 @@ class RedisStore:
         return items
 
     def renew(self, items: list[QueueItem], owner: str, seconds: float) -> defer.Deferred:
-        """Extend the leases this worker still holds."""
+        """Extend the leases ``owner`` holds on ``items`` to ``seconds`` from now (one
+        script); fires with the ids it no longer holds (taken by another worker, or gone)."""
+        if not items:
+            return defer.succeed([])
+        d = self._eval(_RENEW, [self.prefix, owner, repr(seconds)] + [item.id for item in items])
+        return d.addCallback(lambda lost: [_s(i) for i in lost or []])
+
+    def give_back(self, items: list[QueueItem], owner: str, when: float) -> defer.Deferred:
+        """Drop the leases ``owner`` holds on ``items``, due again at ``when`` (a node that
+        stops hands its work to the others at once); fires with the count."""
         if not items:
             return defer.succeed(0)
-        return self._eval(_RENEW, [self.prefix, owner, repr(time.time() + seconds)] +
-                          [item.id for item in items])
+        return self._eval(_GIVE_BACK, [self.prefix, owner, repr(when)] +
+                          [item.id for item in items]).addCallback(int)
 
     def update(self, item: QueueItem) -> defer.Deferred:
-        """Store a waiting item back (drops the lease); ignored if another worker holds it."""
+        """Store a waiting item back (drops the lease); fires with 0, changing nothing,
+        when ``item.lease_owner`` does not hold it (another worker does, or nobody while
+        the item says it is leased)."""
         owner = item.lease_owner
         item.lease_owner = ""
         if item.status not in WAITING:
@@ -354,9 +415,11 @@ class RedisStore:
                                     repr(item.next_attempt), item.status])
 
     def remove(self, item: QueueItem) -> defer.Deferred:
-        """Delete an item (and its body when unused)."""
+        """Delete an item (and its body when unused); fires with 0, changing nothing, when
+        ``item.lease_owner`` does not hold it or it is gone."""
+        owner, item.lease_owner = item.lease_owner, ""
         d = self._eval(_REMOVE, [self.prefix, item.id, item.destination, item.body_ref,
-                                 item.size])
+                                 item.size, owner])
 
         def done(removed: Any) -> Any:
             if int(removed or 0):

@@ -12,7 +12,9 @@ import socket
 import struct
 from typing import Any
 
+import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
 import pytest_twisted
 from twisted.internet import threads
@@ -164,3 +166,55 @@ async def test_ten_thousand_hostile_packets_over_udp_and_tcp(server: Any) -> Non
     assert still.answer[0][0].address == "192.0.2.10"
     over_tcp = await ask(server.tcp_port, "long.example.test", "TXT", tcp=True)
     assert b"".join(over_tcp.answer[0][0].strings) == b"x" * 600
+
+
+def _random_label(rng: random.Random) -> bytes:
+    """A label of any bytes, often with dots, NULs and upper case in it."""
+    alphabet = b"aAbBzZ09-_.\\\x00\xff *"
+    return bytes(rng.choice(alphabet) for _ in range(rng.randrange(1, 12)))
+
+
+def test_every_generated_query_gets_a_well_formed_answer_within_the_limit() -> None:
+    """The differential generator's queries plus names of random bytes over the rich zone
+    set, through the responder directly: no exception, a parseable response to the same ID
+    and question, and never more than the UDP limit (512, or the EDNS size up to 1232)."""
+    from dcrouter.dns.authority import Authority
+    from dcrouter.dns.server import Responder
+    from tests.dns import differential
+    from tests.dns.richzones import zone_set
+
+    zones = zone_set()
+    responder = Responder(Authority(zones), max_udp_payload=1232)
+    rng = random.Random(13)
+    probes = differential.generate(zones, seed=77, extra=2000)
+    suffixes = [z.origin for z in zones] + ["wild.example.test", "deleg.example.test", ""]
+    for i in range(2000):
+        labels = b".".join(_random_label(rng).replace(b".", b"\\.").replace(b"\\\\.", b"\\.")
+                           for _ in range(rng.randrange(1, 4)))
+        name = labels.decode("latin-1") + "." + rng.choice(suffixes)
+        try:
+            dns.name.from_text(name)
+        except Exception:
+            continue
+        probes.append(differential.Probe(name, rng.choice([1, 5, 15, 16, 43, 255]),
+                                         rng.choice([1, 1, 255]), rng.choice([-1, 0]),
+                                         rng.choice([0, 512, 1232, 4096]), False, True,
+                                         False, i % 5 == 0))
+    for i, probe in enumerate(probes):
+        query = probe.wire(i & 0xFFFF)
+        if probe.tcp:
+            reply = responder.handle_tcp(query)
+            limit = 65535
+        else:
+            reply = responder.handle_udp(query)
+            limit = 512 if probe.edns != 0 else min(max(probe.payload, 512), 1232)
+        assert reply is not None, probe
+        assert len(reply) <= limit, (str(probe), len(reply))
+        msg = dns.message.from_wire(reply, ignore_trailing=False)
+        assert msg.id == i & 0xFFFF and msg.flags & dns.flags.QR
+        end = 12
+        while query[end]:
+            end += 1 + query[end]
+        question = query[12:end + 5]
+        assert reply[4:6] == b"\x00\x01" and reply[12:end + 5] == question, str(probe)
+    assert responder.malformed == 0

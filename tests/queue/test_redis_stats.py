@@ -152,8 +152,10 @@ async def test_second_node_sees_the_counts_and_expired_leases(tmp_path, redis_ur
         await b.store.refresh()
         assert b.get_stats()["by_status"] == {"pending": 1, "processing": 1, "deferred": 1,
                                               "delivered": 0, "failed": 0}
-        # a dies: its lease expires, b's next claim takes the item back (counted pending)
+        # a dies (its lease heartbeat stops): its lease expires, b's next claim takes the
+        # item back (counted pending)
         from twisted.internet import reactor, task
+        a.leases.stop()
         await task.deferLater(reactor, 0.5, lambda: None)
         got = await b.claim(10)
         assert {i.id for i in got} >= {taken[1].id}
@@ -187,6 +189,10 @@ async def test_old_format_queue_gets_counters_rebuilt_once(tmp_path, redis_url):
         expected = (await figures(queue))
         assert expected["by_status"]["pending"] == 1 and expected["by_status"]["deferred"] == 1
         assert leased.status == "processing"
+        # stop as a crash would: the lease stays in Redis (a clean stop gives it back)
+        assert queue.leases is not None
+        queue.leases.stop()
+        queue.leases.held.clear()
     finally:
         await queue.stopService()
     # drop what a version without counters would not have written
