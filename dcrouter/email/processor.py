@@ -15,12 +15,16 @@ The SMTP server calls it through :class:`dcrouter.interfaces.IMessageHandler`:
   with the stages its mode enables:
 
   ========  =====  =========  =========================================
-  mode      scan   transform  delivery route
+  mode      scan   transform  delivery (resolved at delivery time)
   ========  =====  =========  =========================================
   forward   -      -          ``forward`` to the rule's target
   mta       -      -          ``local`` Maildir or ``mx``; DKIM key named
   process   yes    yes        ``forward`` if a target, else as mta
   ========  =====  =========  =========================================
+
+  The queue request names the rule (its pattern), not a resolved route: the
+  delivery system looks the target and its credentials up at every attempt
+  (:mod:`dcrouter.delivery.transport`), so nothing secret is queued.
 
   Scanning runs before the reply to DATA: a ``reject`` verdict raises
   ``550 5.7.1`` and nothing is queued.  Groups without changes share the
@@ -39,6 +43,7 @@ from twisted.internet import defer, threads
 from dcrouter.config.email import (
     DomainRuleOptions, EmailOptions, ScannerOptions, check_address_pattern,
 )
+from dcrouter.delivery.transport import transport_for_rule
 from dcrouter.dkimkeys import DEFAULT_SELECTOR
 from dcrouter.email.authcheck import InboundAuthChecker
 from dcrouter.email.ratelimit import make_rate_limiter
@@ -50,7 +55,7 @@ from dcrouter.email.transform import TransformContext, build_transformation
 from dcrouter.errors import ConfigError, PolicyRejection, QueueFullError
 from dcrouter.interfaces import IMessageHandler
 from dcrouter.logsetup import get_logger
-from dcrouter.message import DeliveryRequest, ReceivedMessage, Route, SessionInfo
+from dcrouter.message import RULE_DESTINATION, DeliveryRequest, ReceivedMessage, SessionInfo
 from dcrouter.psl import suffix_list
 from zope.interface import implementer
 
@@ -177,46 +182,35 @@ class MultiModeProcessor:
 
     # -- routes ------------------------------------------------------------------
 
-    def _route(self, rule: Optional[DomainRuleOptions], mail_from: str = "") -> Route:
-        if rule is None:
-            if self.options.default_mode == "forward":
-                return Route(kind="forward", server=self.options.default_server,
-                             port=self.options.default_port,
-                             require_tls=self.options.default_tls)
-            return Route(kind="mx")
-        if rule.target is not None and rule.mode in ("forward", "process"):
-            t = rule.target
-            auth = t.authentication
-            return Route(kind="forward", server=t.server, port=t.port, require_tls=t.use_tls,
-                         auth_user=auth.user if auth else "",
-                         auth_password=auth.password if auth else "", ca_path=t.ca_path)
-        mta = rule.mta_options
-        if mta is not None and mta.allow_local_delivery:
-            path = mta.local_delivery_path or os.path.join(self.context.state_dir, "mail")
-            route = Route(kind="local", local_path=path)
-        else:
-            route = Route(kind="mx")
-        if mta is not None and mta.dkim_sign:
-            dkim = mta.dkim_options
-            domain = (dkim.domain_name if dkim and dkim.domain_name else
-                      split_address(mail_from)[1] or mta.domain)
-            selector = (dkim.key_selector if dkim else "") or DEFAULT_SELECTOR
-            try:
-                key_path = (dkim.private_key_path if dkim and dkim.private_key_path
-                            else self.context.dkim_keys.path_for(domain, selector))
-            except ConfigError:  # a sender domain unfit for a file name: send unsigned
-                log.warn("not signing for unusable DKIM domain {domain!r}", domain=domain)
-                domain = ""
-            if domain:
-                route.dkim_domain = domain.lower()
-                route.dkim_selector = selector
-                route.dkim_key_path = key_path
-        return route
+    def _destination(self, rule: Optional[DomainRuleOptions], recipient: str) -> str:
+        """The scheduling key of mail for ``recipient`` under ``rule`` (the queue's limits).
 
-    def route_for_address(self, address: str) -> Route:
-        """How mail to ``address`` would be delivered (the delivery system routes bounces so)."""
-        rule = self.domain_router.match_rule(address)
-        return self._route(rule, address)
+        Only a key: the queue holds the rule reference, and the delivery system
+        resolves the transport (target, TLS, credentials) at every attempt.
+        """
+        return transport_for_rule(rule, self.options, self.context.state_dir,
+                                  split_address(recipient)[1]).destination
+
+    def _dkim(self, rule: Optional[DomainRuleOptions], mail_from: str) -> tuple[str, str, str]:
+        """(domain, selector, key path) to sign a group's mail with; an empty domain: unsigned."""
+        if rule is None or (rule.target is not None and rule.mode in ("forward", "process")):
+            return "", "", ""
+        mta = rule.mta_options
+        if mta is None or not mta.dkim_sign:
+            return "", "", ""
+        dkim = mta.dkim_options
+        domain = (dkim.domain_name if dkim and dkim.domain_name else
+                  split_address(mail_from)[1] or mta.domain)
+        selector = (dkim.key_selector if dkim else "") or DEFAULT_SELECTOR
+        try:
+            key_path = (dkim.private_key_path if dkim and dkim.private_key_path
+                        else self.context.dkim_keys.path_for(domain, selector))
+        except ConfigError:  # a sender domain unfit for a file name: send unsigned
+            log.warn("not signing for unusable DKIM domain {domain!r}", domain=domain)
+            return "", "", ""
+        if not domain:
+            return "", "", ""
+        return domain.lower(), selector, key_path
 
     # -- SMTP envelope checks ------------------------------------------------------
 
@@ -281,11 +275,10 @@ class MultiModeProcessor:
                 and seen >= limits.max_recipients_per_message:
             self.rejections["recipients"] += 1
             raise PolicyRejection(452, "4.5.3", "Too many recipients", reason="recipients")
-        route = self._route(rule, mail_from)
         check_capacity = getattr(self.queue, "check_capacity", None)
         try:
             if check_capacity is not None:
-                check_capacity([route.destination(split_address(recipient)[1])])
+                check_capacity([self._destination(rule, recipient)])
         except QueueFullError:
             self.rejections["queue_full"] += 1
             raise PolicyRejection(452, "4.3.1", "Insufficient system storage",
@@ -334,16 +327,22 @@ class MultiModeProcessor:
                     group.body_path = base_path
             requests = []
             for n, group in enumerate(groups):
-                route = self._route(group.rule, message.mail_from)
-                if route.dkim_domain:
-                    yield self._ensure_dkim_key(group.rule, route)
+                dkim_domain, dkim_selector, dkim_key_path = self._dkim(group.rule,
+                                                                       message.mail_from)
+                if dkim_domain:
+                    yield self._ensure_dkim_key(group.rule, dkim_domain, dkim_selector)
                 size = message.size if group.body_path == message.spool_path else \
                     os.path.getsize(group.body_path)
+                # the rule is kept by reference (its pattern); MX mail is split per domain
+                hop = transport_for_rule(group.rule, self.options, self.context.state_dir)
+                key = "" if hop.kind == "mx" else hop.destination
                 requests.append(DeliveryRequest(
                     queue_id=message.queue_id if n == 0 else f"{message.queue_id}-{n}",
                     mode=group.mode, rule_pattern=group.key, mail_from=message.mail_from,
-                    recipients=list(group.recipients), route=route, body_path=group.body_path,
-                    correlation_id=cid, size=size))
+                    recipients=list(group.recipients), via=RULE_DESTINATION,
+                    body_path=group.body_path, correlation_id=cid, size=size,
+                    destination=key, dkim_domain=dkim_domain, dkim_selector=dkim_selector,
+                    dkim_key_path=dkim_key_path))
             ids = yield self.queue.enqueue(requests)
         except PolicyRejection as e:
             self.rejections[e.reason] += 1
@@ -466,14 +465,15 @@ class MultiModeProcessor:
         return path
 
     @defer.inlineCallbacks
-    def _ensure_dkim_key(self, rule: Optional[DomainRuleOptions], route: Route) -> Any:
+    def _ensure_dkim_key(self, rule: Optional[DomainRuleOptions], domain: str,
+                         selector: str) -> Any:
         """Make sure the signing key exists (generation takes ~100 ms: in a thread)."""
-        key = (route.dkim_domain, route.dkim_selector)
+        key = (domain, selector)
         if key in self._dkim_ready:
             return None
         dkim = rule.mta_options.dkim_options if rule is not None and rule.mta_options else None
         yield threads.deferToThread(
-            self.context.dkim_keys.get, route.dkim_domain, route.dkim_selector,
+            self.context.dkim_keys.get, domain, selector,
             private_key_path=dkim.private_key_path if dkim else "",
             private_key=dkim.private_key if dkim else "")
         self._dkim_ready.add(key)
