@@ -24,7 +24,7 @@ import dataclasses
 import io
 from typing import Any, Optional, Protocol
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
@@ -368,3 +368,17 @@ class DeliveryClient(smtp.ESMTPClient):
                                            f"{reason.getErrorMessage()}"), -1
         if not self.done.called:
             self.done.callback(self)
+
+
+class OneConnection(protocol.Factory):
+    """Hands one :class:`DeliveryClient` to an endpoint, quietly (no "Starting factory" line
+    for every outbound connection)."""
+
+    noisy = False
+
+    def __init__(self, client: DeliveryClient) -> None:
+        self.client = client
+
+    def buildProtocol(self, addr: Any) -> DeliveryClient:
+        """The client, once."""
+        return self.client

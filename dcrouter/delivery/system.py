@@ -37,7 +37,7 @@ from dcrouter.delivery.lines import normalise
 from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.reputation import SenderReputation
 from dcrouter.delivery.smtpclient import (
-    ClientSettings, DeliveryClient, Job, Outcome, has_reply_code,
+    ClientSettings, DeliveryClient, Job, OneConnection, Outcome, has_reply_code,
 )
 from dcrouter.delivery.suppression import SuppressionList
 from dcrouter.delivery.transport import Resolution, RuleLookup, Transport, TransportResolver
@@ -529,7 +529,7 @@ class MultiModeDeliverySystem(Service):
                 endpoint = endpoints.HostnameEndpoint(self.reactor, address, port,
                                                       timeout=self.delivery.connect_timeout)
                 try:
-                    await endpoints.connectProtocol(endpoint, client)
+                    await endpoint.connect(OneConnection(client))
                 except Exception as e:
                     last_error = (f"connect to {name}[{address}]:{port} failed: "
                                   f"{type(e).__name__}: {e}")
