@@ -14,7 +14,7 @@ import dataclasses
 import os
 import time
 import uuid
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 _BASE32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
@@ -188,6 +188,16 @@ _ROUTE_DEFAULTS = Route(kind="").to_dict()
 RULE_DESTINATION = Destination(BY_RULE)
 
 
+class DkimSigning(NamedTuple):
+    """What to DKIM-sign a queued message with: ``d=`` and ``s=`` (the key stays in the store).
+
+    Decided when the message is accepted, applied at delivery.
+    """
+
+    domain: str
+    selector: str
+
+
 @dataclasses.dataclass
 class DeliveryRequest:
     """What the processor asks the queue to deliver: one rule's recipients of one message.
@@ -195,8 +205,8 @@ class DeliveryRequest:
     ``via`` says how the transport is found at delivery time (by default: the rule
     named by ``rule_pattern``); ``destination`` is the scheduling key for
     per-destination limits (``host:port``, ``local``; empty: the recipient domain,
-    and the queue splits the request by domain).  ``dkim_*`` is the signing
-    decision taken at enqueue (empty domain: unsigned).
+    and the queue splits the request by domain).  ``dkim`` is the signing
+    decision taken at enqueue (None: unsigned).
 
     ``body_path`` is a complete message file; the queue takes it over (moves or
     links it into its own storage) before ``enqueue`` fires.  Several requests
@@ -215,7 +225,5 @@ class DeliveryRequest:
     size: int = 0
     is_bounce: bool = False
     destination: str = ""
-    dkim_domain: str = ""
-    dkim_selector: str = ""
-    dkim_key_path: str = ""
     extra: Optional[dict[str, Any]] = None
+    dkim: Optional[DkimSigning] = None

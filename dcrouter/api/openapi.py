@@ -77,7 +77,8 @@ _QUEUE_ITEM: dict[str, Any] = {
         "destination": {"type": "string", "description": "Scheduling key: host:port, "
                         "'local' or the recipient domain."},
         "size": {"type": "integer"}, "is_bounce": {"type": "boolean"},
-        "dkim_domain": {"type": "string"},
+        "dkim": {"type": "object", "nullable": True, "properties": {
+            "domain": {"type": "string"}, "selector": {"type": "string"}}},
     },
     "additionalProperties": True,
 }

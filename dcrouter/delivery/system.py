@@ -322,13 +322,18 @@ class MultiModeDeliverySystem(Service):
         """Line discipline for SMTP, then the DKIM signature over exactly those bytes."""
         if smtp:
             data = normalise(data)
-        if item.dkim_domain:
+        if item.dkim is not None:
             data = self._sign(item, data)
         return data
 
     def _sign(self, item: QueueItem, data: bytes) -> bytes:
-        key = self.dkim_keys.get(item.dkim_domain, item.dkim_selector or DEFAULT_SELECTOR,
-                                 private_key_path=item.dkim_key_path)
+        assert item.dkim is not None
+        # the key as configured now (the rule's own key file, or the store's)
+        rule = self.transports.rule(item.rule_pattern)
+        dkim = rule.mta_options.dkim_options if rule and rule.mta_options else None
+        key = self.dkim_keys.get(item.dkim.domain, item.dkim.selector or DEFAULT_SELECTOR,
+                                 private_key_path=dkim.private_key_path if dkim else "",
+                                 private_key=dkim.private_key if dkim else "")
         if key is None:
             return data
         return bytes(sign_message(data, key)) + data
@@ -583,7 +588,7 @@ class _Body:
         if found is not None:
             return found
         raw = await self.read()
-        if self.item.dkim_domain or len(raw) > INLINE_PREPARE_LIMIT:
+        if self.item.dkim is not None or len(raw) > INLINE_PREPARE_LIMIT:
             data = await threads.deferToThread(self.system._prepare, self.item, raw, smtp)
         else:
             data = self.system._prepare(self.item, raw, smtp)

@@ -174,8 +174,9 @@ class TransportResolver:
         """A new ``[email]`` section (the default route; the rules come from ``rules``)."""
         self.options = options
 
-    def _rule(self, pattern: str) -> Optional[DomainRuleOptions]:
-        if self.rules is None:
+    def rule(self, pattern: str) -> Optional[DomainRuleOptions]:
+        """The rule in force with ``pattern`` ("" or unknown: None)."""
+        if self.rules is None or not pattern:
             return None
         try:
             return self.rules.get_rule(pattern)
@@ -200,7 +201,7 @@ class TransportResolver:
         pattern = item.rule_pattern
         rule: Optional[DomainRuleOptions] = None
         if pattern:
-            rule = self._rule(pattern)
+            rule = self.rule(pattern)
             if rule is None:
                 return [Resolution(None, list(recipients), rule_gone(pattern))]
         return self._group(recipients, lambda r: transport_for_rule(rule, self.options,

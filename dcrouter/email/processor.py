@@ -55,7 +55,9 @@ from dcrouter.email.transform import TransformContext, build_transformation
 from dcrouter.errors import ConfigError, PolicyRejection, QueueFullError
 from dcrouter.interfaces import IMessageHandler
 from dcrouter.logsetup import get_logger
-from dcrouter.message import RULE_DESTINATION, DeliveryRequest, ReceivedMessage, SessionInfo
+from dcrouter.message import (
+    RULE_DESTINATION, DeliveryRequest, DkimSigning, ReceivedMessage, SessionInfo,
+)
 from dcrouter.psl import suffix_list
 from zope.interface import implementer
 
@@ -191,26 +193,26 @@ class MultiModeProcessor:
         return transport_for_rule(rule, self.options, self.context.state_dir,
                                   split_address(recipient)[1]).destination
 
-    def _dkim(self, rule: Optional[DomainRuleOptions], mail_from: str) -> tuple[str, str, str]:
-        """(domain, selector, key path) to sign a group's mail with; an empty domain: unsigned."""
+    def _dkim(self, rule: Optional[DomainRuleOptions], mail_from: str) -> Optional[DkimSigning]:
+        """d= and s= to sign a group's mail with at delivery; None: unsigned."""
         if rule is None or (rule.target is not None and rule.mode in ("forward", "process")):
-            return "", "", ""
+            return None
         mta = rule.mta_options
         if mta is None or not mta.dkim_sign:
-            return "", "", ""
+            return None
         dkim = mta.dkim_options
         domain = (dkim.domain_name if dkim and dkim.domain_name else
                   split_address(mail_from)[1] or mta.domain)
         selector = (dkim.key_selector if dkim else "") or DEFAULT_SELECTOR
         try:
-            key_path = (dkim.private_key_path if dkim and dkim.private_key_path
-                        else self.context.dkim_keys.path_for(domain, selector))
+            if not (dkim and dkim.private_key_path):
+                self.context.dkim_keys.path_for(domain, selector)
         except ConfigError:  # a sender domain unfit for a file name: send unsigned
             log.warn("not signing for unusable DKIM domain {domain!r}", domain=domain)
-            return "", "", ""
+            return None
         if not domain:
-            return "", "", ""
-        return domain.lower(), selector, key_path
+            return None
+        return DkimSigning(domain.lower(), selector)
 
     # -- SMTP envelope checks ------------------------------------------------------
 
@@ -327,10 +329,9 @@ class MultiModeProcessor:
                     group.body_path = base_path
             requests = []
             for n, group in enumerate(groups):
-                dkim_domain, dkim_selector, dkim_key_path = self._dkim(group.rule,
-                                                                       message.mail_from)
-                if dkim_domain:
-                    yield self._ensure_dkim_key(group.rule, dkim_domain, dkim_selector)
+                dkim = self._dkim(group.rule, message.mail_from)
+                if dkim is not None:
+                    yield self._ensure_dkim_key(group.rule, dkim.domain, dkim.selector)
                 size = message.size if group.body_path == message.spool_path else \
                     os.path.getsize(group.body_path)
                 # the rule is kept by reference (its pattern); MX mail is split per domain
@@ -341,8 +342,7 @@ class MultiModeProcessor:
                     mode=group.mode, rule_pattern=group.key, mail_from=message.mail_from,
                     recipients=list(group.recipients), via=RULE_DESTINATION,
                     body_path=group.body_path, correlation_id=cid, size=size,
-                    destination=key, dkim_domain=dkim_domain, dkim_selector=dkim_selector,
-                    dkim_key_path=dkim_key_path))
+                    destination=key, dkim=dkim))
             ids = yield self.queue.enqueue(requests)
         except PolicyRejection as e:
             self.rejections[e.reason] += 1

@@ -22,7 +22,7 @@ import urllib.parse
 from typing import Any, Optional
 
 from dcrouter.message import (
-    BY_ADDRESS, RULE_DESTINATION, DeliveryRequest, Destination,
+    BY_ADDRESS, RULE_DESTINATION, DeliveryRequest, Destination, DkimSigning,
 )
 
 #: Item states.
@@ -81,7 +81,7 @@ class QueueItem:
     __slots__ = ("id", "mode", "rule_pattern", "mail_from", "recipients", "status", "attempts",
                  "next_attempt", "last_error", "created_at", "updated_at", "delivered_at",
                  "correlation_id", "via", "body_ref", "size", "is_bounce", "destination",
-                 "dkim_domain", "dkim_selector", "dkim_key_path",
+                 "dkim",
                  "sched", "lease_owner", "stored_status")
 
     def __init__(self, *, id: str, mode: str, rule_pattern: str, mail_from: str,
@@ -91,8 +91,7 @@ class QueueItem:
                  status: str = PENDING, attempts: int = 0, next_attempt: float = 0.0,
                  last_error: str = "", created_at: Optional[float] = None,
                  updated_at: Optional[float] = None, delivered_at: float = 0.0,
-                 destination: str = "", dkim_domain: str = "", dkim_selector: str = "",
-                 dkim_key_path: str = "") -> None:
+                 destination: str = "", dkim: Optional[DkimSigning] = None) -> None:
         now = time.time()
         self.id = id
         self.mode = mode
@@ -112,9 +111,7 @@ class QueueItem:
         self.updated_at = updated_at if updated_at is not None else now
         self.delivered_at = delivered_at
         self.destination = destination or compute_destination(via, recipients)
-        self.dkim_domain = dkim_domain
-        self.dkim_selector = dkim_selector
-        self.dkim_key_path = dkim_key_path
+        self.dkim = dkim  # d= and s= to sign with at delivery (None: unsigned)
         self.sched = 0          # sequence number of the item's live heap entry
         self.lease_owner = ""   # who holds it while processing
         self.stored_status = ""  # the status a store counted it under
@@ -129,8 +126,7 @@ class QueueItem:
                    recipients=[RecipientState(r) for r in rcpts], via=request.via,
                    body_ref=body_ref, correlation_id=request.correlation_id,
                    size=request.size, is_bounce=request.is_bounce,
-                   destination=request.destination, dkim_domain=request.dkim_domain,
-                   dkim_selector=request.dkim_selector, dkim_key_path=request.dkim_key_path)
+                   destination=request.destination, dkim=request.dkim)
 
     @property
     def open_recipients(self) -> list[RecipientState]:
@@ -155,8 +151,8 @@ class QueueItem:
         }
         if self.via is not RULE_DESTINATION:
             data["via"] = self.via.to_dict()
-        if self.dkim_domain:
-            data["dkim"] = [self.dkim_domain, self.dkim_selector, self.dkim_key_path]
+        if self.dkim:
+            data["dkim"] = list(self.dkim)
         return json.dumps(data, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -173,9 +169,8 @@ class QueueItem:
             via, dkim = _from_v1(d)
         else:
             via = shared_destination(d["via"]) if "via" in d else RULE_DESTINATION
-            dkim = [str(x) for x in d.get("dkim") or ("", "", "")]
-            if len(dkim) != 3:
-                raise ValueError("malformed dkim field")
+            dkim = DkimSigning(*map(sys.intern, map(str, d["dkim"][:2]))) if d.get("dkim") \
+                else None
         return cls(id=str(d["id"]), mode=sys.intern(str(d["mode"])),
                    rule_pattern=sys.intern(str(d["rule"])), mail_from=str(d["from"]),
                    recipients=[RecipientState.from_list(r) for r in d["rcpt"]],
@@ -185,9 +180,7 @@ class QueueItem:
                    next_attempt=float(d["next"]), last_error=str(d["err"]),
                    created_at=float(d["created"]), updated_at=float(d["updated"]),
                    delivered_at=float(d["delivered"]),
-                   destination=sys.intern(str(d["dest"])),
-                   dkim_domain=sys.intern(dkim[0]), dkim_selector=sys.intern(dkim[1]),
-                   dkim_key_path=sys.intern(dkim[2]))
+                   destination=sys.intern(str(d["dest"])), dkim=dkim)
 
     def journal_payload(self) -> bytes:
         """Index fields, then the JSON: what the disk journal stores (see :class:`StoredItem`)."""
@@ -206,7 +199,7 @@ class QueueItem:
             "updated_at": self.updated_at, "delivered_at": self.delivered_at,
             "correlation_id": self.correlation_id, "via": self.via.to_dict(),
             "destination": self.destination, "size": self.size, "is_bounce": self.is_bounce,
-            "dkim_domain": self.dkim_domain,
+            "dkim": self.dkim._asdict() if self.dkim else None,
         }
 
     def __repr__(self) -> str:
@@ -236,8 +229,8 @@ def shared_destination(data: dict[str, Any]) -> Destination:
     return found
 
 
-def _from_v1(d: dict[str, Any]) -> tuple[Destination, list[str]]:
-    """A version 1 record's frozen route as a destination and its DKIM fields.
+def _from_v1(d: dict[str, Any]) -> tuple[Destination, Optional[DkimSigning]]:
+    """A version 1 record's frozen route as a destination and its DKIM decision.
 
     The route named the transport the processor had resolved; now the rule is
     looked up again (``rule`` "" is the default route), a bounce is routed by its
@@ -248,7 +241,8 @@ def _from_v1(d: dict[str, Any]) -> tuple[Destination, list[str]]:
         raise ValueError("malformed route")
     via = Destination(BY_ADDRESS) if d.get("bounce") or d.get("mode") == "bounce" \
         else RULE_DESTINATION
-    dkim = [str(route.get(k) or "") for k in ("dkim_domain", "dkim_selector", "dkim_key_path")]
+    domain = str(route.get("dkim_domain") or "")
+    dkim = DkimSigning(domain, str(route.get("dkim_selector") or "dcrouter")) if domain else None
     return via, dkim
 
 

@@ -14,7 +14,7 @@ from twisted.names import dns
 
 from dcrouter.delivery.lines import LINE_LIMIT, dot_stuff, normalise
 from dcrouter.delivery.smtpclient import wire_data
-from dcrouter.message import Route
+from dcrouter.message import DkimSigning, Route
 from tests.delivery.harness import Stack, wait_for
 from tests.delivery.peers import start_dns
 from tests.delivery.rawpeer import RawNextHop
@@ -90,7 +90,7 @@ async def test_the_dkim_signature_covers_the_bytes_sent(tmp_path):
     stack = Stack(str(tmp_path))
     try:
         await stack.send(Route("forward", peer.host, peer.port), ["a@example.com"], body=UGLY,
-                         dkim_domain="example.org", dkim_selector="sel1")
+                         dkim=DkimSigning("example.org", "sel1"))
         await wait_for(lambda: peer.data)
         lines = assert_clean_wire(peer.data[0])
         received = b"\r\n".join(lines) + b"\r\n"

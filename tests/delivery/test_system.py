@@ -12,7 +12,7 @@ import pytest_twisted
 from twisted.internet import reactor, threads
 from twisted.names import dns
 
-from dcrouter.message import Route
+from dcrouter.message import DkimSigning, Route
 from tests.delivery.harness import Stack, wait_for
 from tests.delivery.peers import Sink, CertAuthority, port_free_on, start_dns
 
@@ -342,8 +342,8 @@ async def test_maildir_delivery(tmp_path):
 async def test_dkim_signature_verifies(tmp_path, sink):
     stack = Stack(str(tmp_path))
     try:
-        ids = await stack.send(forward(sink), ["alice@example.com"], dkim_domain="example.org",
-                               dkim_selector="sel1")
+        ids = await stack.send(forward(sink), ["alice@example.com"],
+                               dkim=DkimSigning("example.org", "sel1"))
         await finished(stack, ids[0], "delivered")
         key = stack.dkim_keys.get("example.org", "sel1", create=False)
         record = key.public_record().encode()

@@ -69,9 +69,10 @@ def test_split_by_rule_into_modes(tmp_path) -> None:  # type: ignore[no-untyped-
     assert hop.kind == "local" and hop.local_path == os.path.join(tmp, "mail")
     assert local.destination == "local"
     mx = by["*@mx.test"]
-    assert transport_of(processor, mx).kind == "mx" and mx.dkim_domain == "sender.test"
+    assert transport_of(processor, mx).kind == "mx" and mx.dkim.domain == "sender.test"
     assert mx.destination == "", "MX requests are split by recipient domain in the queue"
-    assert mx.dkim_selector == "dcrouter" and os.path.exists(mx.dkim_key_path)
+    assert mx.dkim.selector == "dcrouter"
+    assert os.path.exists(processor.context.dkim_keys.path_for("sender.test", "dcrouter"))
     proc = by["*@proc.test"]
     assert transport_of(processor, proc).kind == "mx" and proc.mode == "process"
     default = by[""]
@@ -133,11 +134,9 @@ def test_transport_and_signing_per_address(tmp_path) -> None:  # type: ignore[no
     assert resolver.for_address("a@local.test").kind == "local"
     assert resolver.for_address("a@other.test").kind == "mx"
     mx_rule = processor.domain_router.match_rule("a@mx.test")
-    domain, _, key_path = processor._dkim(mx_rule, "a@mx.test")
-    assert domain == "mx.test"
-    assert key_path.endswith(os.path.join("dkim", "mx.test", "dcrouter.key"))
+    assert processor._dkim(mx_rule, "a@mx.test") == ("mx.test", "dcrouter")
     # a sender domain that cannot name a key file is sent unsigned, not refused
-    assert processor._dkim(mx_rule, "x@bad/../domain")[0] == ""
+    assert processor._dkim(mx_rule, "x@bad/../domain") is None
 
 
 @pytest_twisted.inlineCallbacks
@@ -468,7 +467,7 @@ def test_dkim_key_generated_in_thread_listeners_told_in_reactor(tmp_path) -> Non
     from twisted.internet import task
     yield task.deferLater(reactor, 0.05, lambda: None)
     assert told == [threading.main_thread()]
-    assert os.path.exists(queue.requests[0].dkim_key_path)
+    assert os.path.exists(processor.context.dkim_keys.path_for("fresh.test", "dcrouter"))
 
 
 @pytest_twisted.inlineCallbacks

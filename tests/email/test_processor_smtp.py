@@ -123,7 +123,7 @@ def test_each_mode_over_smtp(stack: Any) -> None:
     hop = transport_of(st.processor, by["*@fwd.test"])
     assert (hop.kind, hop.port) == ("forward", 2626)
     assert transport_of(st.processor, by["*@local.test"]).kind == "local"
-    assert by["*@mx.test"].dkim_domain == "sender.test"
+    assert by["*@mx.test"].dkim.domain == "sender.test"
     assert transport_of(st.processor, by[""]).kind == "mx"   # default mode for a relay client
     processed = st.queue.body(by["*@proc.test"])
     assert b"X-Gateway: dcrouter" in processed and b"X-Dcrouter-Scan: spam=clean" in processed

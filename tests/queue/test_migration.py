@@ -14,7 +14,7 @@ import shutil
 import pytest_twisted
 
 from dcrouter.config.queue import QueueOptions
-from dcrouter.message import BY_ADDRESS, BY_RULE
+from dcrouter.message import BY_ADDRESS, BY_RULE, DkimSigning
 from dcrouter.queue import UnifiedDeliveryQueue
 from dcrouter.queue.disk import DiskStore
 from dcrouter.queue.redisstore import RedisStore
@@ -62,8 +62,7 @@ def _check_loaded(items: dict, deferred: bool) -> None:
     assert [r.address for r in fwd.recipients] == ["a@fwd.test", "b@fwd.test"]
     assert OLD_SECRET not in fwd.to_json() and b"relay" not in fwd.to_json()
     mx = items[MX]
-    assert (mx.dkim_domain, mx.dkim_selector, mx.dkim_key_path) == (
-        "example.org", "dcrouter", "/var/lib/dcrouter/dkim/example.org.dcrouter.pem")
+    assert mx.dkim == DkimSigning("example.org", "dcrouter")
     assert items[LOCAL].via.kind == BY_RULE and items[LOCAL].rule_pattern == "*@local.test"
     bounce = items[BOUNCE]
     assert bounce.is_bounce and bounce.via.kind == BY_ADDRESS
@@ -71,7 +70,7 @@ def _check_loaded(items: dict, deferred: bool) -> None:
 
 async def _deliver_all_but_mx(stack: Stack, tmp_path, fwd_sink: Sink, bounce_sink: Sink):
     await stack.queue.when_ready()
-    assert await stack.queue.delete(MX)      # its DKIM key file does not exist here
+    assert await stack.queue.delete(MX)      # no rule *@mx.test here
     stack.queue.resume()
 
     def finished(item_id):
