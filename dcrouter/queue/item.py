@@ -8,9 +8,9 @@ An item holds a :class:`~dcrouter.message.Destination` (a reference: its rule,
 the recipients' addresses, or a literal next hop without credentials), never a
 resolved transport: the delivery system resolves it at every attempt
 (:mod:`dcrouter.delivery.transport`).  Format version 2 stores that; version 1
-records (which froze the whole route, passwords included) still load: the
-route's DKIM fields are kept, the rest becomes the rule reference or, for a
-bounce, routing by address, and the credentials are dropped.
+records (which froze the whole route, passwords included) still load: the route
+becomes the rule reference or, for a bounce, routing by address; the
+credentials and the DKIM fields (``d=`` came from the envelope) are dropped.
 """
 
 from __future__ import annotations
@@ -230,20 +230,20 @@ def shared_destination(data: dict[str, Any]) -> Destination:
 
 
 def _from_v1(d: dict[str, Any]) -> tuple[Destination, Optional[DkimSigning]]:
-    """A version 1 record's frozen route as a destination and its DKIM decision.
+    """A version 1 record's frozen route as a destination (and no DKIM decision).
 
     The route named the transport the processor had resolved; now the rule is
     looked up again (``rule`` "" is the default route), a bounce is routed by its
     recipient's address (as its route was made), and the credentials are dropped.
+    Its ``dkim_*`` fields are ignored: that version took ``d=`` from the envelope,
+    which an outsider chose, so such items go out unsigned.
     """
     route = d.get("route") or {}
     if not isinstance(route, dict):
         raise ValueError("malformed route")
     via = Destination(BY_ADDRESS) if d.get("bounce") or d.get("mode") == "bounce" \
         else RULE_DESTINATION
-    domain = str(route.get("dkim_domain") or "")
-    dkim = DkimSigning(domain, str(route.get("dkim_selector") or "dcrouter")) if domain else None
-    return via, dkim
+    return via, None
 
 
 class StoredItem:

@@ -85,6 +85,26 @@ async def test_forward_mx_and_dsn_send_only_crlf_and_short_lines(tmp_path):
 
 
 @pytest_twisted.ensureDeferred
+async def test_an_envelope_with_a_line_break_is_never_sent(tmp_path):
+    """A CR or LF in an envelope address would inject a command: refused before MAIL."""
+    peer = RawNextHop().start()
+    stack = Stack(str(tmp_path))
+    try:
+        ids = await stack.send(Route("forward", peer.host, peer.port),
+                               ["a@example.com\r\nRCPT TO:<b@evil.test>"], mail_from="")
+        item = await wait_for(lambda: (stack.queue.finished.get(ids[0]) or (0, None))[1])
+        assert item.status == "failed" and item.recipients[0].code == 553
+        ids = await stack.send(Route("forward", peer.host, peer.port), ["ok@example.com"],
+                               mail_from="x\n@example.org")
+        item = await wait_for(lambda: (stack.queue.finished.get(ids[0]) or (0, None))[1])
+        assert item.status == "failed" and "5.1.3" in item.recipients[0].message
+        assert "MAIL" not in peer.commands and "RCPT" not in peer.commands
+    finally:
+        await stack.stop()
+        peer.stop()
+
+
+@pytest_twisted.ensureDeferred
 async def test_the_dkim_signature_covers_the_bytes_sent(tmp_path):
     peer = RawNextHop().start()
     stack = Stack(str(tmp_path))
