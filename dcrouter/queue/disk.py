@@ -553,6 +553,19 @@ class DirectoryLock:
 _FORMAT_1 = b'{"v":1,'
 
 
+def current_record(item_id: str, payload: bytes) -> tuple[StoredItem, bytes, bool]:
+    """A journal payload as a StoredItem of the current format: (item, payload, rewritten).
+
+    Format 1 payloads (route and credentials frozen in) are rewritten; raises
+    ValueError/KeyError/TypeError/IndexError when the record is damaged.
+    """
+    item = StoredItem(item_id, payload)
+    if not item.raw.startswith(_FORMAT_1):
+        return item, payload, False
+    payload = item.materialize().journal_payload()
+    return StoredItem(item_id, payload), payload, True
+
+
 @implementer(IQueueStore)
 class DiskStore(LocalStore):
     """Item journal and body files, made durable with group-committed fsyncs."""
@@ -622,10 +635,8 @@ class DiskStore(LocalStore):
         for item_id, (buf, start, end) in live.items():
             data = buf[start:end]
             try:
-                item = StoredItem(item_id, data)
-                if item.raw.startswith(_FORMAT_1):
-                    payload = item.materialize().journal_payload()
-                    item = StoredItem(item_id, payload)
+                item, payload, rewritten = current_record(item_id, data)
+                if rewritten:
                     upgraded.append(encode_put(item_id, payload))
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 path = self.journal._save_bad(0, len(found), data)

@@ -119,6 +119,25 @@ async def test_disk_queue_of_format_1_loads_forgets_the_password_and_delivers(tm
         await again.stopService()
 
 
+@pytest_twisted.ensureDeferred
+async def test_an_adopted_shard_of_format_1_is_rewritten_too(tmp_path):
+    """Workers 2 -> 1: the shard of the old format is adopted in the current one."""
+    from dcrouter.queue.shards import sharded_store
+    queue_dir = str(tmp_path / "queue")
+    os.makedirs(queue_dir)
+    shutil.copytree(os.path.join(FIXTURES, "v1-disk"), os.path.join(queue_dir, "worker-1"))
+    store = sharded_store(queue_dir, 0, 1)
+    queue = UnifiedDeliveryQueue(QueueOptions(storage_type="disk"), str(tmp_path), store=store)
+    queue.startService()
+    try:
+        await queue.when_ready()
+        assert store.adopted == 4 and not os.path.exists(os.path.join(queue_dir, "worker-1"))
+        _check_loaded({i: store.items[i].materialize() for i in store.items}, True)
+        assert _files_holding(queue_dir, OLD_SECRET) == []
+    finally:
+        await queue.stopService()
+
+
 async def _restore(store: RedisStore, dump: dict) -> None:
     redis = store.redis
     for key, entry in dump.items():
