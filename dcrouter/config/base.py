@@ -163,10 +163,17 @@ def build(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(join_path(path, key), f"unknown key{hint}")
         field_path = join_path(path, key)
-        converted = convert(hints[field.name], value, field_path)
-        check = field.metadata.get("check")
-        if check is not None and converted is not None:
-            converted = check(converted, field_path)
+        try:
+            converted = convert(hints[field.name], value, field_path)
+            check = field.metadata.get("check")
+            if check is not None and converted is not None:
+                converted = check(converted, field_path)
+        except ConfigError as e:
+            if not field.metadata.get("secret"):
+                raise
+            # the error goes to logs and API answers: never with the secret in it
+            raise ConfigError(e.path, f"must be {_type_name(hints[field.name])} (a secret: "
+                              "its value is not shown)") from None
         kwargs[field.name] = converted
     for key, field in by_key.items():
         if field.name == extra_field:
