@@ -35,6 +35,7 @@ from dcrouter.delivery.bounce import build_dsn
 from dcrouter.delivery.classify import classify
 from dcrouter.delivery.lines import normalise
 from dcrouter.delivery.mx import MxResolver, make_resolver
+from dcrouter.delivery.payload import Payload
 from dcrouter.delivery.reputation import SenderReputation
 from dcrouter.delivery.smtpclient import (
     ClientSettings, DeliveryClient, Job, OneConnection, Outcome, has_reply_code,
@@ -51,9 +52,6 @@ log = get_logger("email.delivery")
 
 #: Seconds between looks at the other worker processes' suppression files.
 SUPPRESSION_SYNC_INTERVAL = 5.0
-
-#: Bodies up to this size are normalised in the reactor; larger ones (and signing) in a thread.
-INLINE_PREPARE_LIMIT = 262144
 
 
 class DestinationWorker:
@@ -278,7 +276,9 @@ class MultiModeDeliverySystem(Service):
         self._notify("on_delivery_start", item)
         recipients = [r.address for r in item.open_recipients]
         results: dict[str, Outcome] = {}
-        body = _Body(self, item)
+        body = Payload(lambda: self.queue.read_body(item),
+                       lambda data, smtp: self._prepare(item, data, smtp),
+                       in_thread=item.dkim is not None)
         try:
             groups = self.transports.resolve(item, recipients)
             for group in groups:
@@ -307,7 +307,7 @@ class MultiModeDeliverySystem(Service):
                                   False) for r in recipients}
         await self._record(item, results, body)
 
-    async def _send_group(self, item: QueueItem, group: Resolution, body: "_Body"
+    async def _send_group(self, item: QueueItem, group: Resolution, body: "Payload"
                           ) -> dict[str, Outcome]:
         transport = group.transport
         assert transport is not None
@@ -338,7 +338,7 @@ class MultiModeDeliverySystem(Service):
             return data
         return bytes(sign_message(data, key)) + data
 
-    async def _record(self, item: QueueItem, results: dict[str, Outcome], body: "_Body"
+    async def _record(self, item: QueueItem, results: dict[str, Outcome], body: "Payload"
                       ) -> None:
         sender_domain = item.mail_from.rpartition("@")[2]
         newly_failed = []
@@ -398,7 +398,7 @@ class MultiModeDeliverySystem(Service):
             self._notify("on_delivery_failed", item, error, False)
 
     # -- bounces --------------------------------------------------------------------------------
-    async def _bounce(self, item: QueueItem, failed: list[Any], body: "_Body") -> None:
+    async def _bounce(self, item: QueueItem, failed: list[Any], body: "Payload") -> None:
         if item.is_bounce or not item.mail_from:
             log.info("no DSN for {queue_id}: {why}", queue_id=item.id,
                      why="it is a bounce" if item.is_bounce else "null sender",
@@ -565,35 +565,6 @@ class MultiModeDeliverySystem(Service):
             return
         while worker.jobs:
             worker.jobs.popleft().fail_all(code, text, permanent)
-
-
-class _Body:
-    """One attempt's message bytes: read once, prepared once per kind (SMTP or Maildir)."""
-
-    def __init__(self, system: MultiModeDeliverySystem, item: QueueItem) -> None:
-        self.system = system
-        self.item = item
-        self.raw: Optional[bytes] = None
-        self._prepared: dict[bool, bytes] = {}
-
-    async def read(self) -> bytes:
-        """The stored body."""
-        if self.raw is None:
-            self.raw = await self.system.queue.read_body(self.item)
-        return self.raw
-
-    async def prepared(self, smtp: bool) -> bytes:
-        """The bytes to deliver (normalised for SMTP, then signed when the item says so)."""
-        found = self._prepared.get(smtp)
-        if found is not None:
-            return found
-        raw = await self.read()
-        if self.item.dkim is not None or len(raw) > INLINE_PREPARE_LIMIT:
-            data = await threads.deferToThread(self.system._prepare, self.item, raw, smtp)
-        else:
-            data = self.system._prepare(self.item, raw, smtp)
-        self._prepared[smtp] = data
-        return data
 
 
 __all__ = ["MultiModeDeliverySystem", "DestinationWorker", "TransientDeliveryError"]
