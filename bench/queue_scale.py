@@ -40,7 +40,7 @@ def fill(directory: str, items: int, concurrency: int, body_size: int) -> dict:
     from twisted.internet import defer, task
 
     from dcrouter.config.queue import QueueOptions
-    from dcrouter.message import DeliveryRequest, Route, new_queue_id
+    from dcrouter.message import RULE_DESTINATION, DeliveryRequest, new_queue_id
     from dcrouter.queue import UnifiedDeliveryQueue
 
     spool = os.path.join(directory, "spool")
@@ -53,7 +53,8 @@ def fill(directory: str, items: int, concurrency: int, body_size: int) -> dict:
             QueueOptions(persistent_path=os.path.join(directory, "queue")), directory)
         queue.startService()
         await queue.when_ready()
-        routes = [Route(kind="forward", server=f"10.0.0.{i}", port=25) for i in range(50)]
+        # items as the processor queues them: the rule by reference, 50 next hops as keys
+        dests = [f"10.0.0.{i}:25" for i in range(50)]
         started = time.perf_counter()
 
         async def one(n: int) -> None:
@@ -63,7 +64,8 @@ def fill(directory: str, items: int, concurrency: int, body_size: int) -> dict:
             await queue.enqueue([DeliveryRequest(
                 queue_id=new_queue_id(), mode="forward", rule_pattern="*@example.com",
                 mail_from="bench@example.org", recipients=[f"user{n}@example.com"],
-                route=routes[n % 50], body_path=path, correlation_id="bench",
+                via=RULE_DESTINATION, destination=dests[n % 50], body_path=path,
+                correlation_id="bench",
                 size=len(body))])
 
         n = 0
@@ -88,7 +90,7 @@ def fill(directory: str, items: int, concurrency: int, body_size: int) -> dict:
 
 def write_direct(directory: str, items: int, body_size: int) -> None:
     """N items in the disk store's format, written directly (no fsync per message)."""
-    from dcrouter.message import Route, new_queue_id
+    from dcrouter.message import new_queue_id
     from dcrouter.queue.disk import DiskStore, encode_put
     from dcrouter.queue.item import QueueItem, RecipientState
 
@@ -98,7 +100,8 @@ def write_direct(directory: str, items: int, body_size: int) -> None:
     store._scan()
     store.journal.close()
     body = b"Subject: bench\r\n\r\n" + b"x" * max(0, body_size - 20) + b"\r\n"
-    routes = [Route(kind="forward", server=f"10.0.0.{i}", port=25) for i in range(50)]
+    # items as the processor queues them: the rule by reference, 50 next hops as keys
+    dests = [f"10.0.0.{i}:25" for i in range(50)]
     path = store.journal._path(store.journal.segment + 1)
     with open(path, "wb") as journal:
         chunk = []
@@ -107,7 +110,7 @@ def write_direct(directory: str, items: int, body_size: int) -> None:
             item = QueueItem(id=item_id, mode="forward", rule_pattern="*@example.com",
                              mail_from="bench@example.org",
                              recipients=[RecipientState(f"user{n}@example.com")],
-                             route=routes[n % 50], body_ref=item_id, correlation_id="bench",
+                             destination=dests[n % 50], body_ref=item_id, correlation_id="bench",
                              size=len(body))
             chunk.append(encode_put(item_id, item.journal_payload()))
             if len(chunk) == 10000:

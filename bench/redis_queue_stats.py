@@ -57,7 +57,7 @@ async def measure(url: str, prefix: str, items: int, concurrency: int, workdir: 
     from twisted.internet import defer
 
     from dcrouter.config.queue import QueueOptions
-    from dcrouter.message import DeliveryRequest, Route, new_queue_id
+    from dcrouter.message import RULE_DESTINATION, DeliveryRequest, new_queue_id
     from dcrouter.queue import UnifiedDeliveryQueue
     from dcrouter.queue.redisstore import _STATS
 
@@ -68,7 +68,8 @@ async def measure(url: str, prefix: str, items: int, concurrency: int, workdir: 
     spool = os.path.join(workdir, "spool")
     os.makedirs(spool, exist_ok=True)
     body = b"Subject: bench\r\n\r\n" + b"x" * 2000 + b"\r\n"
-    routes = [Route(kind="forward", server=f"10.0.0.{i}", port=25) for i in range(50)]
+    # items as the processor queues them: the rule by reference, 50 next hops as keys
+    dests = [f"10.0.0.{i}:25" for i in range(50)]
 
     async def one(n: int) -> None:
         path = os.path.join(spool, f"{n}.eml")
@@ -77,7 +78,8 @@ async def measure(url: str, prefix: str, items: int, concurrency: int, workdir: 
         await queue.enqueue([DeliveryRequest(
             queue_id=new_queue_id(), mode="forward", rule_pattern="*@example.com",
             mail_from="bench@example.org", recipients=[f"user{n}@example.com"],
-            route=routes[n % 50], body_path=path, correlation_id="bench", size=len(body))])
+            via=RULE_DESTINATION, destination=dests[n % 50], body_path=path,
+            correlation_id="bench", size=len(body))])
 
     started = time.perf_counter()
     n = 0

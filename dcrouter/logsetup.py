@@ -8,20 +8,24 @@ passing facts as event fields, never pre-formatted strings::
              correlation_id=cid)
 
 :func:`make_observer` builds the process's observer from ``[router]``:
-JSON lines or text, per-subsystem minimum levels, and sampling of events
-marked ``sampled=True`` (high-volume events such as per-connection logs).
+JSON lines or text, per-subsystem minimum levels, sampling of events
+marked ``sampled=True`` (high-volume events such as per-connection logs), and
+none of Twisted's per-connection chatter (``Starting factory``, and the UDP
+port lines of every DNS query the MX resolver sends).
 """
 
 from __future__ import annotations
 
 import json
 import random
+import re
 import sys
 from typing import IO, Any, Callable, Optional
 
 from twisted.logger import (
     FilteringLogObserver, ILogFilterPredicate, ILogObserver, LogLevel, LogLevelFilterPredicate,
-    Logger, PredicateResult, eventAsJSON, formatEventAsClassicLogText, textFileLogObserver,
+    Logger, PredicateResult, eventAsJSON, formatEvent, formatEventAsClassicLogText,
+    textFileLogObserver,
 )
 from zope.interface import implementer
 
@@ -50,6 +54,24 @@ class SamplingPredicate:
 
     def __call__(self, event: dict) -> PredicateResult:
         if event.get("sampled") and self.rate < 1.0 and self._rng() >= self.rate:
+            return PredicateResult.no
+        return PredicateResult.maybe
+
+
+#: Twisted's legacy lines that come once per outbound connection or DNS query.
+_CHATTER = re.compile(r"(Starting|Stopping) factory |(Starting|Stopping) protocol "
+                      r"<twisted\.names\.dns\.DNSDatagramProtocol |DNSDatagramProtocol starting "
+                      r"on \d+$|\(UDP Port \d+ Closed\)$")
+
+
+@implementer(ILogFilterPredicate)
+class ChatterPredicate:
+    """Drops Twisted's per-connection lines (factories whose ``noisy`` is not off, and the
+    UDP port a DNS client query opens and closes)."""
+
+    def __call__(self, event: dict) -> PredicateResult:
+        if event.get("log_namespace") == "log_legacy" and \
+                _CHATTER.match(formatEvent(event) or ""):
             return PredicateResult.no
         return PredicateResult.maybe
 
@@ -133,7 +155,8 @@ class RouterLogObserver:
         else:
             inner = textFileLogObserver(stream)
         return FilteringLogObserver(inner, [level_predicate(options),
-                                            SamplingPredicate(options.log_sample_rate)])
+                                            SamplingPredicate(options.log_sample_rate),
+                                            ChatterPredicate()])
 
     def apply(self, options: RouterOptions) -> None:
         """Use new settings from now on (OSError if the new log file cannot be opened;
@@ -157,4 +180,4 @@ def make_observer(options: RouterOptions, out: Optional[IO[str]] = None) -> Rout
     return RouterLogObserver(options, out)
 
 
-__all__ = ["JsonLinesObserver", "RouterLogObserver", "SamplingPredicate", "get_logger", "make_observer", "eventAsJSON"]
+__all__ = ["ChatterPredicate", "JsonLinesObserver", "RouterLogObserver", "SamplingPredicate", "get_logger", "make_observer", "eventAsJSON"]

@@ -3,7 +3,7 @@
 These are the stored-message format's in-memory shapes: what the SMTP server
 knows about a session (:class:`SessionInfo`), what it received
 (:class:`ReceivedMessage`), and what the processor asks the queue to deliver
-(:class:`DeliveryRequest` with its :class:`Route`).  They sit below
+(:class:`DeliveryRequest` with its :class:`Destination`).  They sit below
 ``email/``, ``queue/`` and ``delivery/`` so each can import them without
 importing the others.
 """
@@ -95,20 +95,20 @@ class ReceivedMessage:
     body_8bit: bool = False
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Route:
-    """How a queue item is to be delivered.
+    """A literal next hop: how to deliver without looking a rule up.
 
     ``kind`` is ``"forward"`` (relay to ``server:port``), ``"mx"`` (look up the
     recipient domain's MX hosts) or ``"local"`` (Maildir under ``local_path``).
+    It never carries credentials: those are looked up at delivery time
+    (:mod:`dcrouter.delivery.transport`), so nothing secret reaches a queue store.
     """
 
     kind: str
     server: str = ""
     port: int = 25
     require_tls: bool = False
-    auth_user: str = ""
-    auth_password: str = ""
     ca_path: str = ""
     local_path: str = ""
 
@@ -126,15 +126,72 @@ class Route:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "Route":
-        """Inverse of :meth:`to_dict`; unknown keys are ignored."""
+        """Inverse of :meth:`to_dict`; unknown keys (the credentials and DKIM fields of the
+        version 1 queue format among them) are ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in data.items() if k in names})
+
+
+#: Destination kinds: how a queue item's transport is found at delivery time.
+BY_RULE = "rule"        # the domain rule named by ``rule_pattern`` ("" = the default route)
+BY_ADDRESS = "address"  # each recipient's address is matched against the rules (DSNs)
+NEXTHOP = "nexthop"     # a literal :class:`Route` (plug-ins and tests; never credentials)
+DESTINATION_KINDS = (BY_RULE, BY_ADDRESS, NEXTHOP)
+
+
+@dataclasses.dataclass(frozen=True)
+class Destination:
+    """Where a queue item goes, as a reference resolved again at every delivery attempt.
+
+    The queue keeps this, not a resolved transport: like Postfix's queue manager
+    asking trivial-rewrite and transport(5) each time, a reload reaches queued
+    mail and no password is ever stored.  ``BY_RULE`` items name their rule by the
+    item's ``rule_pattern``; ``NEXTHOP`` items carry ``nexthop``.
+    """
+
+    kind: str = BY_RULE
+    nexthop: Optional[Route] = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in DESTINATION_KINDS:
+            raise ValueError(f"unknown destination kind {self.kind!r}")
+        if (self.kind == NEXTHOP) != (self.nexthop is not None):
+            raise ValueError("a nexthop destination needs a route, and only it has one")
+
+    @classmethod
+    def to(cls, route: Route) -> "Destination":
+        """A literal next hop."""
+        return cls(NEXTHOP, route)
+
+    @property
+    def per_domain(self) -> bool:
+        """Is the scheduling key the recipient domain (MX delivery, or not known here)?"""
+        return self.nexthop is None or self.nexthop.kind == "mx"
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for storage and the API (the next hop's non-default fields only)."""
+        out: dict[str, Any] = {"kind": self.kind}
+        if self.nexthop is not None:
+            out["nexthop"] = {k: v for k, v in self.nexthop.to_dict().items()
+                              if k == "kind" or v != _ROUTE_DEFAULTS[k]}
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "Destination":
+        """Inverse of :meth:`to_dict` (ValueError/TypeError when malformed)."""
+        hop = data.get("nexthop")
+        return cls(str(data["kind"]), Route.from_dict(hop) if isinstance(hop, dict) else None)
+
+
+_ROUTE_DEFAULTS = Route(kind="").to_dict()
+#: The destination of every item that names its rule (shared: most items are these).
+RULE_DESTINATION = Destination(BY_RULE)
 
 
 class DkimSigning(NamedTuple):
     """What to DKIM-sign a queued message with: ``d=`` and ``s=`` (the key stays in the store).
 
-    Decided when the message is accepted (:mod:`dcrouter.email.signing`), applied at delivery.
+    Decided when the message is accepted, applied at delivery.
     """
 
     domain: str
@@ -144,6 +201,12 @@ class DkimSigning(NamedTuple):
 @dataclasses.dataclass
 class DeliveryRequest:
     """What the processor asks the queue to deliver: one rule's recipients of one message.
+
+    ``via`` says how the transport is found at delivery time (by default: the rule
+    named by ``rule_pattern``); ``destination`` is the scheduling key for
+    per-destination limits (``host:port``, ``local``; empty: the recipient domain,
+    and the queue splits the request by domain).  ``dkim`` is the signing
+    decision taken at enqueue (None: unsigned).
 
     ``body_path`` is a complete message file; the queue takes it over (moves or
     links it into its own storage) before ``enqueue`` fires.  Several requests
@@ -156,10 +219,11 @@ class DeliveryRequest:
     rule_pattern: str
     mail_from: str
     recipients: list[str]
-    route: Route
+    via: Destination
     body_path: str
     correlation_id: str
     size: int = 0
     is_bounce: bool = False
+    destination: str = ""
     extra: Optional[dict[str, Any]] = None
     dkim: Optional[DkimSigning] = None

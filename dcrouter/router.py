@@ -50,17 +50,18 @@ def _build_email(context: RouterContext) -> ManagedService:
     queue = UnifiedDeliveryQueue.from_options(email.queue, options.router.state_dir,
                                               store=_queue_store(context),
                                               reactor=context.reactor)
+    domain_router = DomainRouter.from_options(email)
+    # the delivery system resolves every queued destination with the rules in force
+    # (reloads reach queued mail; bounces are routed like mail to their recipient)
     delivery = MultiModeDeliverySystem(queue, email, context.dkim_keys,
                                        state_dir=options.router.state_dir,
                                        resolver=context.extensions.resolver,
                                        observers=context.extensions.delivery_observers,
                                        reactor=context.reactor,
-                                       suppression_file=_suppression_file(context))
-    domain_router = DomainRouter.from_options(email)
+                                       suppression_file=_suppression_file(context),
+                                       rules=domain_router)
     processor = MultiModeProcessor(email, domain_router, queue, context,
                                    suppression=delivery.suppression)
-    # bounces go to the envelope sender the way mail to that address would go
-    delivery.bounce_route = processor.route_for_address
     server = UnifiedEmailServer(email, processor, context)
     return EmailGateway(context, server=server, processor=processor,
                         domain_router=domain_router, queue=queue, delivery=delivery)

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from twisted.internet.protocol import DatagramProtocol, Factory, Protocol
 
 from dcrouter.queue.disk import DiskStore
-from dcrouter.message import Route
+from dcrouter.message import Destination, Route
 from dcrouter.queue.item import QueueItem, RecipientState
 from dcrouter.queue.shards import shard_layout, sharded_store
 from tests.delivery.peers import Sink
@@ -566,7 +566,7 @@ def test_workers_option(tmp_path):
 def _item(i: int) -> QueueItem:
     return QueueItem(id=f"item{i:04d}", mode="mta", rule_pattern="*@x.test",
                      mail_from="a@example.test", recipients=[RecipientState(f"r{i}@x.test")],
-                     route=Route(kind="mx"), body_ref=f"body{i:04d}", destination="x.test")
+                     via=Destination.to(Route(kind="mx")), body_ref=f"body{i:04d}", destination="x.test")
 
 
 @pytest_twisted.inlineCallbacks

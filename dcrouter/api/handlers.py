@@ -226,7 +226,7 @@ class RouterEndpoints:
         per_route = figures.get("routes", {}) if isinstance(figures, dict) else {}
         routes = []
         for i, route in enumerate(proxy.routes):
-            entry = unbuild(route)
+            entry = unbuild(route, redact=True)
             name = route.name or f"routes[{i}]"
             entry["name"] = name
             stats = per_route.get(name) if isinstance(per_route, dict) else None
@@ -245,7 +245,7 @@ class RouterEndpoints:
         if callable(zones_of):
             zones = yield defer.maybeDeferred(zones_of)
             return {"zones": jsonable(zones)}
-        return {"zones": [unbuild(z) for z in dns.zones]}
+        return {"zones": [unbuild(z, redact=True) for z in dns.zones]}
 
     def _suppression(self) -> Any:
         email = self.context.services.get("email")

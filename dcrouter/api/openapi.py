@@ -67,9 +67,18 @@ _QUEUE_ITEM: dict[str, Any] = {
         "attempts": {"type": "integer"}, "next_attempt": {"type": "number"},
         "last_error": {"type": "string"}, "created_at": {"type": "number"},
         "updated_at": {"type": "number"}, "delivered_at": {"type": "number"},
-        "correlation_id": {"type": "string"}, "route": _OBJ,
-        "destination": {"type": "string"}, "size": {"type": "integer"},
-        "is_bounce": {"type": "boolean"},
+        "correlation_id": {"type": "string"},
+        "via": {"type": "object", "description": "How delivery finds the transport at each "
+                "attempt: kind 'rule' (the rule named by rule_pattern; '' is the default "
+                "route), 'address' (each recipient matched against the rules: DSNs) or "
+                "'nexthop' (a literal next hop, never credentials).", "properties": {
+                    "kind": {"type": "string", "enum": ["rule", "address", "nexthop"]},
+                    "nexthop": _OBJ}},
+        "destination": {"type": "string", "description": "Scheduling key: host:port, "
+                        "'local' or the recipient domain."},
+        "size": {"type": "integer"}, "is_bounce": {"type": "boolean"},
+        "dkim": {"type": "object", "nullable": True, "properties": {
+            "domain": {"type": "string"}, "selector": {"type": "string"}}},
     },
     "additionalProperties": True,
 }

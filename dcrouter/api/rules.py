@@ -6,18 +6,23 @@ through ``DcRouter.update_domain_rules`` so the router's options stay the
 single source of truth and the next message is routed by it.  Changes are
 serialised by a lock and, with ``api.persist_rules``, written to
 ``state_dir/rules.toml`` (:mod:`dcrouter.api.persist`).
+
+Answers never carry a secret: a target's password (and an inline DKIM key)
+is shown as ``********``.  A rule sent back with that placeholder keeps the
+secret of the rule it replaces, so a client can read, edit and write a rule
+without ever holding the password.
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from twisted.internet import defer, threads
 
 from dcrouter.api import errors
 from dcrouter.api.persist import save_rules
 from dcrouter.api.types import ApiRequest, Reply, router_method
-from dcrouter.config.base import build, unbuild
+from dcrouter.config.base import build, restore_redacted, unbuild
 from dcrouter.config.email import DomainRuleOptions, check_address_pattern
 from dcrouter.errors import ConfigError
 from dcrouter.logsetup import get_logger
@@ -54,19 +59,22 @@ class RuleEndpoints:
     def list_rules(self, request: ApiRequest) -> dict:
         """The rules in the order the router holds them."""
         email = self._email_options()
-        return {"rules": [unbuild(r) for r in email.domain_rules],
+        return {"rules": [_shown(r) for r in email.domain_rules],
                 "persisted": self._persist_enabled()}
 
     def get_rule(self, request: ApiRequest) -> dict:
         """One rule by pattern."""
         rules = self._email_options().domain_rules
-        return {"rule": unbuild(rules[self._find(rules, request.params["pattern"])])}
+        return {"rule": _shown(rules[self._find(rules, request.params["pattern"])])}
 
     @staticmethod
-    def _build_rule(data: Any, where: str = "rule") -> DomainRuleOptions:
+    def _build_rule(data: Any, where: str = "rule",
+                    current: Optional[DomainRuleOptions] = None) -> DomainRuleOptions:
         if not isinstance(data, dict):
             raise errors.bad_request("the body must be a JSON object (one domain rule)")
         try:
+            data = restore_redacted(data, unbuild(current) if current is not None else {},
+                                    where)
             return build(DomainRuleOptions, data, where)
         except ConfigError as e:
             raise errors.invalid_config(e) from None
@@ -94,7 +102,7 @@ class RuleEndpoints:
                 if not 0 <= index <= len(rules):
                     raise errors.bad_request(f"position must be 0..{len(rules)}, got {index}")
             rules.insert(index, rule)
-            return Reply({"rule": unbuild(rule), "position": index}, status=201)
+            return Reply({"rule": _shown(rule), "position": index}, status=201)
 
         return self._change_rules(change, request, "added", rule.pattern)
 
@@ -104,7 +112,9 @@ class RuleEndpoints:
         pattern = request.params["pattern"]
         if isinstance(data, dict) and "pattern" not in data:
             data = dict(data, pattern=pattern)
-        rule = self._build_rule(data)
+        email = self._email_options()
+        current = email.domain_rules[self._find(email.domain_rules, pattern)]
+        rule = self._build_rule(data, current=current)
 
         def change(rules: list) -> dict:
             index = self._find(tuple(rules), pattern)
@@ -116,7 +126,7 @@ class RuleEndpoints:
             else:
                 raise errors.conflict(f"another rule has pattern '{rule.pattern}'")
             rules[index] = rule
-            return {"rule": unbuild(rule), "position": index}
+            return {"rule": _shown(rule), "position": index}
 
         return self._change_rules(change, request, "replaced", pattern)
 
@@ -126,7 +136,7 @@ class RuleEndpoints:
 
         def change(rules: list) -> dict:
             removed = rules.pop(self._find(tuple(rules), pattern))
-            return {"removed": unbuild(removed)}
+            return {"removed": _shown(removed)}
 
         return self._change_rules(change, request, "removed", pattern)
 
@@ -156,3 +166,9 @@ class RuleEndpoints:
                      client_ip=request.client_ip, rules=len(rules))
             return result
         return self._rules_lock.run(locked)
+
+
+def _shown(rule: DomainRuleOptions) -> dict:
+    """A rule as answers show it: secrets redacted."""
+    result: dict = unbuild(rule, redact=True)
+    return result

@@ -24,7 +24,8 @@ class ApiOptions:
     listen: str = option("127.0.0.1", doc="Address; non-loopback needs a token.",
                          reload="rebind")
     port: int = option(8088, check=check_port, doc="Port.", reload="rebind")
-    token: str = option("", doc="Bearer token; required when listen is not loopback.")
+    token: str = option("", doc="Bearer token; required when listen is not loopback.",
+                        secret=True)
     max_auth_failures_per_minute: int = option(10, check=check_positive,
                                                doc="Failed token attempts per IP per minute.")
     persist_rules: bool = option(True, doc="Rule changes via the API are written to "

@@ -10,7 +10,9 @@ metadata may add:
 * ``check``: a callable ``check(value, path) -> value`` that validates and
   may normalise the value, raising :class:`~dcrouter.errors.ConfigError`;
 * ``reload``: how a change takes effect (``"hot"``: SIGHUP applies it,
-  ``"rebind"``: SIGHUP re-binds the listener, ``"restart"``: needs a restart).
+  ``"rebind"``: SIGHUP re-binds the listener, ``"restart"``: needs a restart);
+* ``secret``: the value is a password or a key: ``unbuild(..., redact=True)``
+  (what API answers use) shows :data:`REDACTED` instead.
 
 A class may define ``validate(self, path)`` for checks across its fields and
 ``__extra_field__`` naming a ``Mapping`` field that collects unknown keys
@@ -33,12 +35,15 @@ T = TypeVar("T")
 
 Check = Callable[[Any, str], Any]
 
+#: Shown instead of a secret option's value (API answers, logs).
+REDACTED = "********"
+
 
 def option(default: Any = dataclasses.MISSING, *, doc: str = "", key: Optional[str] = None,
            check: Optional[Check] = None, reload: str = "hot",
-           default_factory: Any = dataclasses.MISSING) -> Any:
+           default_factory: Any = dataclasses.MISSING, secret: bool = False) -> Any:
     """Declare an option field: a dataclass field with documentation metadata."""
-    metadata = {"doc": doc, "key": key, "check": check, "reload": reload}
+    metadata = {"doc": doc, "key": key, "check": check, "reload": reload, "secret": secret}
     if default_factory is not dataclasses.MISSING:
         return dataclasses.field(default_factory=default_factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -158,10 +163,17 @@ def build(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
             hint = f" (did you mean '{close[0]}'?)" if close else ""
             raise ConfigError(join_path(path, key), f"unknown key{hint}")
         field_path = join_path(path, key)
-        converted = convert(hints[field.name], value, field_path)
-        check = field.metadata.get("check")
-        if check is not None and converted is not None:
-            converted = check(converted, field_path)
+        try:
+            converted = convert(hints[field.name], value, field_path)
+            check = field.metadata.get("check")
+            if check is not None and converted is not None:
+                converted = check(converted, field_path)
+        except ConfigError as e:
+            if not field.metadata.get("secret"):
+                raise
+            # the error goes to logs and API answers: never with the secret in it
+            raise ConfigError(e.path, f"must be {_type_name(hints[field.name])} (a secret: "
+                              "its value is not shown)") from None
         kwargs[field.name] = converted
     for key, field in by_key.items():
         if field.name == extra_field:
@@ -178,25 +190,55 @@ def build(cls: type[T], data: Mapping[str, Any], path: str = "") -> T:
     return instance
 
 
-def unbuild(options: Any) -> Any:
-    """The inverse of :func:`build`: option objects back to plain TOML data."""
+def unbuild(options: Any, redact: bool = False) -> Any:
+    """The inverse of :func:`build`: option objects back to plain TOML data.
+
+    ``redact``: secret options (passwords, inline keys) that are set become
+    :data:`REDACTED` - for answers and logs, never for files dcrouter reads back.
+    """
     if dataclasses.is_dataclass(options) and not isinstance(options, type):
         out: dict[str, Any] = {}
         extra_field = getattr(options, "__extra_field__", None)
         for f in dataclasses.fields(options):
             value = getattr(options, f.name)
             if f.name == extra_field:
-                out.update({k: unbuild(v) for k, v in value.items()})
+                out.update({k: unbuild(v, redact) for k, v in value.items()})
                 continue
             if value is None:
                 continue
-            out[f.metadata.get("key") or f.name] = unbuild(value)
+            if redact and f.metadata.get("secret") and value:
+                out[f.metadata.get("key") or f.name] = REDACTED
+                continue
+            out[f.metadata.get("key") or f.name] = unbuild(value, redact)
         return out
     if isinstance(options, (tuple, list)):
-        return [unbuild(v) for v in options]
+        return [unbuild(v, redact) for v in options]
     if isinstance(options, Mapping):
-        return {k: unbuild(v) for k, v in options.items()}
+        return {k: unbuild(v, redact) for k, v in options.items()}
     return options
+
+
+def restore_redacted(data: Any, current: Any, path: str = "") -> Any:
+    """``data`` (plain TOML data sent back by a client) with every :data:`REDACTED` value
+    replaced by the value at the same place in ``current`` (plain data of the options in
+    force), so a rule read from the API and written back keeps its password.
+
+    A placeholder with nothing to restore is a :class:`ConfigError` naming the key.
+    """
+    if isinstance(data, str) and data == REDACTED:
+        if not isinstance(current, str) or not current or current == REDACTED:
+            raise ConfigError(path or "value", f"is the redacted placeholder {REDACTED!r} and "
+                              "there is no stored secret to keep: send the value")
+        return current
+    if isinstance(data, dict):
+        here = current if isinstance(current, dict) else {}
+        return {k: restore_redacted(v, here.get(k), join_path(path, str(k)))
+                for k, v in data.items()}
+    if isinstance(data, list):
+        here_list = current if isinstance(current, list) else []
+        return [restore_redacted(v, here_list[i] if i < len(here_list) else None,
+                                 f"{path}[{i}]") for i, v in enumerate(data)]
+    return data
 
 
 # -- reusable checks -------------------------------------------------------

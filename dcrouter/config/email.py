@@ -80,7 +80,7 @@ class UserOptions:
 
     username: str = option(doc="Login name.")
     password: str = option(doc="Plain text, or '{SCRYPT}...', '{SHA512-CRYPT}$6$...', "
-                           "'{SSHA512}...' hashes.")
+                           "'{SSHA512}...' hashes.", secret=True)
 
     def validate(self, path: str) -> None:
         """Usernames must not be empty."""
@@ -118,7 +118,8 @@ class TargetAuthOptions:
     """Credentials dcrouter uses to log in to a forward target."""
 
     user: str = option("", doc="Username at the target.")
-    password: str = option("", key="pass", doc="Password at the target.")
+    password: str = option("", key="pass", doc="Password at the target (shown as '********' "
+                           "by the API; sent only over TLS).", secret=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -213,7 +214,8 @@ class DkimOptions:
     key_selector: str = option("dcrouter", check=check_dkim_selector, doc="s= selector.")
     private_key_path: str = option("", doc="PEM RSA private key; empty: generated under "
                                    "state_dir/dkim/<domain>/<selector>.key.")
-    private_key: str = option("", doc="The PEM key inline (prefer private_key_path).")
+    private_key: str = option("", doc="The PEM key inline (prefer private_key_path).",
+                              secret=True)
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)

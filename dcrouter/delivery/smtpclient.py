@@ -7,6 +7,14 @@ after one message it sends RSET and takes the next), pipelines ``MAIL``/``RCPT``
 when the server offers PIPELINING (RFC 2920), passes ``SIZE=`` and refuses
 locally a message larger than the server's SIZE limit, and reports a result
 for every recipient.
+
+Two defences of Postfix's SMTP client are built in: at STARTTLS every byte the
+server sent after its ``220`` in clear text is discarded (CVE-2011-0411 class:
+a line injected there must not be read as the reply to the encrypted EHLO),
+and AUTH is never sent over a connection without TLS
+(``smtp_sasl_security_options = noplaintext``): the attempt fails with a reason
+and the message is deferred.  Data goes out with CRLF line ends only and no line
+over 998 octets (:mod:`dcrouter.delivery.lines`).
 """
 
 from __future__ import annotations
@@ -14,14 +22,16 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
-import re
 from typing import Any, Optional, Protocol
 
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
-_BARE_LF = re.compile(rb"(?<!\r)\n")
+from dcrouter.delivery.lines import dot_stuff, normalise
+from dcrouter.logsetup import get_logger
+
+log = get_logger("email.delivery")
 
 
 @dataclasses.dataclass
@@ -35,13 +45,9 @@ class Outcome:
 
 
 def wire_data(message: bytes) -> bytes:
-    """``message`` with CRLF line endings, dot-stuffed, ending in CRLF (for DATA)."""
-    data = _BARE_LF.sub(b"\r\n", message)
-    if not data.endswith(b"\r\n"):
-        data += b"\r\n"
-    if data.startswith(b"."):
-        data = b"." + data
-    return data.replace(b"\r\n.", b"\r\n..")
+    """``message`` as DATA carries it: CRLF line ends only, no line over 998 octets,
+    ending in CRLF, dot-stuffed (a no-op but the stuffing for normalised data)."""
+    return dot_stuff(normalise(message))
 
 
 class Job:
@@ -57,6 +63,8 @@ class Job:
         self.deferred: defer.Deferred = defer.Deferred()
         self.host = ""
         self.needs_smtputf8 = not (mail_from.isascii() and all(r.isascii() for r in recipients))
+        # never a bare CR or LF on the wire, in the envelope either (RFC 5321 2.3.8)
+        self.bad_envelope = any(_control(a) for a in [mail_from, *recipients])
 
     def finish(self, results: dict[str, Outcome]) -> None:
         """Report outcomes (once)."""
@@ -65,8 +73,17 @@ class Job:
 
     def fail_all(self, code: int, message: str, permanent: bool) -> None:
         """The same failure for every recipient."""
-        text = message if (message[:3].isascii() and message[:3].isdigit()) or code <= 0 else f"{code} {message}"
+        text = message if has_reply_code(message) or code <= 0 else f"{code} {message}"
         self.finish({r: Outcome(code, text, False, permanent) for r in self.recipients})
+
+
+def has_reply_code(text: str) -> bool:
+    """Does ``text`` start with an SMTP reply code (``451 ...``; not an IP address)?"""
+    return len(text) >= 4 and text[:3].isascii() and text[:3].isdigit() and text[3] in " -"
+
+
+def _control(address: str) -> bool:
+    return any(ord(c) < 32 or ord(c) == 127 for c in address)
 
 
 class JobSource(Protocol):
@@ -85,7 +102,7 @@ class ClientSettings:
     context: Any = None
     require_tls: bool = False
     auth_user: str = ""
-    auth_password: str = ""
+    auth_password: str = dataclasses.field(default="", repr=False)
     reuse_limit: int = 100
     host: str = ""
 
@@ -104,7 +121,9 @@ def _text(resp: Any) -> str:
 class DeliveryClient(smtp.ESMTPClient):
     """Sends jobs from a :class:`JobSource` over one SMTP connection."""
 
-    debug = True
+    # no conversation log: Twisted puts it into its exceptions, and it would hold the
+    # base64 AUTH exchange
+    debug = False
 
     def __init__(self, settings: ClientSettings, source: JobSource,
                  counters: Optional[collections.Counter[str]] = None) -> None:
@@ -148,9 +167,32 @@ class DeliveryClient(smtp.ESMTPClient):
         super().esmtpState_serverConfig(code, resp)
 
     def esmtpState_starttls(self, code: int, resp: bytes) -> None:
-        """STARTTLS accepted: note it, then let Twisted start TLS and re-EHLO."""
+        """STARTTLS accepted: drop what came after the 220 in clear, start TLS, re-EHLO.
+
+        Bytes the server sent behind its 220 in the same packet were never
+        protected by TLS; read after the handshake they would pass for the reply
+        to the new EHLO (a forged ``250 PIPELINING``, or no STARTTLS/AUTH at all).
+        Postfix purges its input buffer here; so does this client.
+        """
+        injected = self.clearLineBuffer()
+        if injected:
+            log.warn("{host} sent {count} bytes after its 220 to STARTTLS in clear text: "
+                     "discarded", host=self.settings.host, count=len(injected),
+                     event="delivery.starttls_injection")
+            self.counters["starttls_injections"] += 1
         self.tls = True
         super().esmtpState_starttls(code, resp)
+
+    def authenticate(self, code: int, resp: bytes, items: Any) -> None:
+        """AUTH only inside TLS (noplaintext): without it the session fails, nothing is sent."""
+        if self.secret and not self._tlsMode:
+            reason = (f"refusing to send AUTH credentials to {self.settings.host} without TLS "
+                      "(it offered no STARTTLS)")
+            log.warn("{reason}", reason=reason, host=self.settings.host,
+                     event="delivery.auth_without_tls")
+            self.sendError(smtp.SMTPClientError(-1, reason.encode("utf-8")))
+            return
+        super().authenticate(code, resp, items)
 
     def _size_limit(self) -> int:
         value = self.extensions.get(b"SIZE")
@@ -171,6 +213,10 @@ class DeliveryClient(smtp.ESMTPClient):
             if limit and len(job.data) > limit:
                 job.fail_all(552, f"552 5.3.4 message size {len(job.data)} exceeds the limit "
                              f"{limit} of {self.settings.host}", permanent=True)
+                continue
+            if job.bad_envelope:
+                job.fail_all(553, "553 5.1.3 an envelope address holds a line break or a "
+                             "control character; not sent", permanent=True)
                 continue
             if job.needs_smtputf8 and b"SMTPUTF8" not in self.extensions:
                 job.fail_all(553, f"553 5.6.7 non-ASCII address and {self.settings.host} does "
@@ -204,8 +250,6 @@ class DeliveryClient(smtp.ESMTPClient):
             self._pipeline = list(job.recipients)
             self._mail_reply = None
             lines = [mail] + [b"RCPT TO:" + quote_address(r) for r in job.recipients]
-            for line in lines:
-                self.log.append(b">>> " + line)
             self.transport.write(b"\r\n".join(lines) + b"\r\n")
             self._expected = range(0, 1000)
             self._okresponse = self._pipelined_reply
@@ -324,3 +368,17 @@ class DeliveryClient(smtp.ESMTPClient):
                                            f"{reason.getErrorMessage()}"), -1
         if not self.done.called:
             self.done.callback(self)
+
+
+class OneConnection(protocol.Factory):
+    """Hands one :class:`DeliveryClient` to an endpoint, quietly (no "Starting factory" line
+    for every outbound connection)."""
+
+    noisy = False
+
+    def __init__(self, client: DeliveryClient) -> None:
+        self.client = client
+
+    def buildProtocol(self, addr: Any) -> DeliveryClient:
+        """The client, once."""
+        return self.client

@@ -1,19 +1,22 @@
 """MultiModeDeliverySystem: takes due items from the queue and delivers them.
 
-For each item: read the body, DKIM-sign it when the item says so (the
-processor decided at accept time; :mod:`dcrouter.delivery.dkimsign`), then
-deliver by route kind - **forward** to ``route.server:route.port``, **mx** to
-the recipient domain's MX hosts, **local** into Maildirs - and record every
-recipient's outcome: delivered; deferred with exponential backoff (4xx,
-timeouts, connection trouble); or failed (5xx, null MX, retries exhausted),
-which sends an RFC 3464 DSN to the envelope sender (never for the null
-sender, never for a bounce) and, for hard bounces, suppresses the recipient.
+For each item: resolve its destination to transports with the rules in force
+(:mod:`dcrouter.delivery.transport`: a reload reaches queued mail, credentials
+are looked up now and never stored), read the body, bring it to CRLF lines of
+at most 998 octets for SMTP (:mod:`dcrouter.delivery.lines`), DKIM-sign it when
+the item says so (after that, so the signature covers the bytes sent), then
+deliver by transport - **forward** to ``server:port``, **mx** to the recipient
+domain's MX hosts, **local** into Maildirs - and record every recipient's
+outcome: delivered; deferred with exponential backoff (4xx, timeouts,
+connection trouble, a rule that no longer exists); or failed (5xx, null MX,
+retries exhausted), which queues an RFC 3464 DSN to the envelope sender (never
+for the null sender, never for a bounce) - an ordinary item routed by its
+recipient's address - and, for hard bounces, suppresses the recipient.
 
-SMTP deliveries go through one :class:`DestinationWorker` per destination
-(and connection settings): its jobs wait in a deque and at most
-``per_destination_concurrency`` connections take jobs from it, each sending
-up to ``connection_reuse`` messages before QUIT.  ``concurrent_deliveries``
-caps the items in flight overall.
+SMTP deliveries go through one :class:`DestinationWorker` per transport: its
+jobs wait in a deque and at most ``per_destination_concurrency`` connections
+take jobs from it, each sending up to ``connection_reuse`` messages before
+QUIT.  ``concurrent_deliveries`` caps the items in flight overall.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from __future__ import annotations
 import collections
 import os
 import tempfile
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from twisted.application.service import Service
 from twisted.internet import defer, endpoints, ssl, task, threads
@@ -30,13 +33,18 @@ from dcrouter.config.email import EmailOptions
 from dcrouter.delivery import dkimsign, maildir
 from dcrouter.delivery.bounce import build_dsn
 from dcrouter.delivery.classify import classify
+from dcrouter.delivery.lines import normalise
 from dcrouter.delivery.mx import MxResolver, make_resolver
+from dcrouter.delivery.payload import Payload
 from dcrouter.delivery.reputation import SenderReputation
-from dcrouter.delivery.smtpclient import ClientSettings, DeliveryClient, Job, Outcome
+from dcrouter.delivery.smtpclient import (
+    ClientSettings, DeliveryClient, Job, OneConnection, Outcome, has_reply_code,
+)
 from dcrouter.delivery.suppression import SuppressionList
+from dcrouter.delivery.transport import Resolution, RuleLookup, Transport, TransportResolver
 from dcrouter.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from dcrouter.logsetup import get_logger
-from dcrouter.message import DeliveryRequest, Route, new_queue_id
+from dcrouter.message import BY_ADDRESS, DeliveryRequest, Destination, new_queue_id
 from dcrouter.queue.item import DELIVERED, FAILED, QueueItem
 
 log = get_logger("email.delivery")
@@ -46,12 +54,12 @@ SUPPRESSION_SYNC_INTERVAL = 5.0
 
 
 class DestinationWorker:
-    """Jobs waiting for one destination and the connections serving them."""
+    """Jobs waiting for one transport and the connections serving them."""
 
-    def __init__(self, key: tuple[Any, ...], route: Route, destination: str) -> None:
-        self.key = key
-        self.route = route
-        self.destination = destination
+    def __init__(self, transport: Transport) -> None:
+        self.key = transport
+        self.transport = transport
+        self.destination = transport.destination
         self.jobs: collections.deque[Job] = collections.deque()
         self.connections = 0
 
@@ -62,7 +70,7 @@ class DestinationWorker:
 
 def _error_outcome(error: Exception) -> tuple[int, str, bool]:
     text = str(error)
-    code = int(text[:3]) if text[:3].isascii() and text[:3].isdigit() else -1
+    code = int(text[:3]) if has_reply_code(text) else -1
     return code, text, isinstance(error, PermanentDeliveryError)
 
 
@@ -73,7 +81,8 @@ class MultiModeDeliverySystem(Service):
 
     def __init__(self, queue: Any, options: EmailOptions, dkim_keys: Any, state_dir: str = "",
                  resolver: Any = None, observers: Optional[list[Any]] = None,
-                 reactor: Any = None, suppression_file: str = "suppression.json") -> None:
+                 reactor: Any = None, suppression_file: str = "suppression.json",
+                 rules: Optional[RuleLookup] = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -93,10 +102,11 @@ class MultiModeDeliverySystem(Service):
             redis=(lambda: getattr(store, "redis", None)) if shared else None,
             redis_key=f"{getattr(store, 'prefix', 'dcrouter')}:suppression")
         self.reputation = SenderReputation(options.delivery.reputation_window)
-        self.bounce_route: Callable[[str], Route] = lambda address: Route(kind="mx")
+        #: Destinations to transports, with the rules in force (``rules``: the DomainRouter).
+        self.transports = TransportResolver(options, rules, state_dir)
         self.in_flight: dict[str, QueueItem] = {}
         self.dest_in_flight: collections.Counter[str] = collections.Counter()
-        self.workers: dict[tuple[Any, ...], DestinationWorker] = {}
+        self.workers: dict[Transport, DestinationWorker] = {}
         self.counters: collections.Counter[str] = collections.Counter()
         self._pumping = False
         self._pump_again = False
@@ -145,6 +155,7 @@ class MultiModeDeliverySystem(Service):
         if options.delivery.nameservers != self.options.delivery.nameservers:
             self._mx = None
         self.options = options
+        self.transports.update_options(options)
         self.suppression.ttl = options.delivery.suppression_ttl
         self.reputation.window = options.delivery.reputation_window
 
@@ -251,25 +262,68 @@ class MultiModeDeliverySystem(Service):
         item.attempts += 1
         self._notify("on_delivery_start", item)
         recipients = [r.address for r in item.open_recipients]
-        data = b""
+        results: dict[str, Outcome] = {}
+        body = Payload(lambda: self.queue.read_body(item),
+                       lambda data, smtp: self._prepare(item, data, smtp),
+                       in_thread=item.dkim is not None)
         try:
-            data = await self.queue.read_body(item)
-            if item.dkim is not None:
-                data, ok = await threads.deferToThread(dkimsign.signed, self.dkim_keys, item.dkim,
-                                                       data, item.id, item.correlation_id)
-                self.counters["dkim_signed" if ok else "dkim_unsigned"] += 1
-            results = await self._send(item, data, recipients)
+            groups = self.transports.resolve(item, recipients)
+            for group in groups:
+                if group.transport is None:
+                    log.info("{queue_id} not resolved: {reason}", queue_id=item.id,
+                             reason=group.error, correlation_id=item.correlation_id)
+                    results.update({r: Outcome(-1, group.error, False, False)
+                                    for r in group.recipients})
+            sendable = [g for g in groups if g.transport is not None]
+            if sendable:
+                await body.read()
+                done = await defer.gatherResults(
+                    [defer.ensureDeferred(self._send_group(item, g, body)) for g in sendable],
+                    consumeErrors=True)
+                for outcomes in done:
+                    results.update(outcomes)
         except DeliveryError as e:
             code, text, permanent = _error_outcome(e)
             results = {r: Outcome(code, text, False, permanent) for r in recipients}
         except Exception as e:
+            if isinstance(e, defer.FirstError):
+                e = e.subFailure.value  # type: ignore[assignment]
             log.failure("delivery of {queue_id} failed unexpectedly", queue_id=item.id,
                         correlation_id=item.correlation_id)
             results = {r: Outcome(-1, f"451 4.3.0 internal error: {type(e).__name__}", False,
                                   False) for r in recipients}
-        await self._record(item, results, data)
+        await self._record(item, results, body)
 
-    async def _record(self, item: QueueItem, results: dict[str, Outcome], data: bytes) -> None:
+    async def _send_group(self, item: QueueItem, group: Resolution, body: "Payload"
+                          ) -> dict[str, Outcome]:
+        transport = group.transport
+        assert transport is not None
+        try:
+            data = await body.prepared(transport.smtp)
+            return await self._send(item, transport, data, group.recipients)
+        except DeliveryError as e:
+            code, text, permanent = _error_outcome(e)
+            return {r: Outcome(code, text, False, permanent) for r in group.recipients}
+
+    def _prepare(self, item: QueueItem, data: bytes, smtp: bool) -> bytes:
+        """Line discipline for SMTP, then the DKIM signature over exactly those bytes."""
+        if smtp:
+            data = normalise(data)
+        if item.dkim is not None:
+            data = self._sign(item, data)
+        return data
+
+    def _sign(self, item: QueueItem, data: bytes) -> bytes:
+        """The DKIM signature the processor decided on (:mod:`dkimsign`); unsigned on trouble."""
+        data, ok = dkimsign.signed(self.dkim_keys, item.dkim, data, item.id,
+                                   item.correlation_id)
+        # _prepare may run in a thread: count in the reactor
+        self.reactor.callFromThread(self.counters.update,
+                                    {"dkim_signed" if ok else "dkim_unsigned": 1})
+        return data
+
+    async def _record(self, item: QueueItem, results: dict[str, Outcome], body: "Payload"
+                      ) -> None:
         sender_domain = item.mail_from.rpartition("@")[2]
         newly_failed = []
         errors = []
@@ -309,7 +363,7 @@ class MultiModeDeliverySystem(Service):
                      status=verdict.status, reply=rcpt.message[:300],
                      correlation_id=item.correlation_id)
         if newly_failed:
-            await self._bounce(item, newly_failed, data)
+            await self._bounce(item, newly_failed, body)
         if item.finished:
             await self.queue.complete(item)
             if item.status == DELIVERED:
@@ -328,7 +382,7 @@ class MultiModeDeliverySystem(Service):
             self._notify("on_delivery_failed", item, error, False)
 
     # -- bounces --------------------------------------------------------------------------------
-    async def _bounce(self, item: QueueItem, failed: list[Any], data: bytes) -> None:
+    async def _bounce(self, item: QueueItem, failed: list[Any], body: "Payload") -> None:
         if item.is_bounce or not item.mail_from:
             log.info("no DSN for {queue_id}: {why}", queue_id=item.id,
                      why="it is a bounce" if item.is_bounce else "null sender",
@@ -337,19 +391,20 @@ class MultiModeDeliverySystem(Service):
         hostname = self.delivery.helo_name or self.options.hostname
         sender = self.delivery.bounce_sender or f"MAILER-DAEMON@{hostname}"
         status_for = {r.address: classify(r.code, r.message).status for r in failed}
-        if not data:
-            try:
-                data = await self.queue.read_body(item)
-            except Exception:
-                data = b""
+        try:
+            data = normalise(await body.read(), limit=0)
+        except Exception:
+            data = b""
         dsn = build_dsn(item, failed, hostname, sender, data, status_for)
         spool = os.path.join(self.state_dir or tempfile.gettempdir(), "spool")
         path = await threads.deferToThread(self._write_spool, spool, dsn)
-        route = self.bounce_route(item.mail_from)
+        # an ordinary item: routed by its recipient's address when it is delivered
+        transport = self.transports.for_address(item.mail_from)
         request = DeliveryRequest(queue_id=new_queue_id(), mode="bounce", rule_pattern="",
-                                  mail_from="", recipients=[item.mail_from], route=route,
-                                  body_path=path, correlation_id=item.correlation_id,
-                                  size=len(dsn), is_bounce=True)
+                                  mail_from="", recipients=[item.mail_from],
+                                  via=Destination(BY_ADDRESS), body_path=path,
+                                  correlation_id=item.correlation_id, size=len(dsn),
+                                  is_bounce=True, destination=transport.destination)
         ids = await self.queue.enqueue([request])
         self.counters["bounces"] += 1
         log.info("DSN {dsn_id} for {queue_id} queued to {sender}", dsn_id=ids[0],
@@ -366,27 +421,24 @@ class MultiModeDeliverySystem(Service):
         return path
 
     # -- sending --------------------------------------------------------------------------------
-    async def _send(self, item: QueueItem, data: bytes, recipients: list[str]
-                    ) -> dict[str, Outcome]:
-        route = item.route
-        if route.kind == "local":
-            return await self._send_local(route, data, recipients)
-        if route.kind not in ("forward", "mx"):
-            raise PermanentDeliveryError(f"554 5.3.5 unknown route kind {route.kind!r}")
-        key = (item.destination, route.kind, route.server, route.port, route.require_tls,
-               route.auth_user, route.auth_password, route.ca_path)
-        worker = self.workers.get(key)
+    async def _send(self, item: QueueItem, transport: Transport, data: bytes,
+                    recipients: list[str]) -> dict[str, Outcome]:
+        if transport.kind == "local":
+            return await self._send_local(transport, data, recipients)
+        if not transport.smtp:
+            raise PermanentDeliveryError(f"554 5.3.5 unknown transport {transport.kind!r}")
+        worker = self.workers.get(transport)
         if worker is None:
-            worker = self.workers[key] = DestinationWorker(key, route, item.destination)
+            worker = self.workers[transport] = DestinationWorker(transport)
         job = Job(item.id, item.mail_from, recipients, data, item.correlation_id)
         worker.jobs.append(job)
         self._ensure_connections(worker)
         results: dict[str, Outcome] = await job.deferred
         return results
 
-    async def _send_local(self, route: Route, data: bytes, recipients: list[str]
+    async def _send_local(self, transport: Transport, data: bytes, recipients: list[str]
                           ) -> dict[str, Outcome]:
-        root = route.local_path or os.path.join(self.state_dir or ".", "mail")
+        root = transport.local_path or os.path.join(self.state_dir or ".", "mail")
         results = {}
         for rcpt in recipients:
             try:
@@ -410,25 +462,28 @@ class MultiModeDeliverySystem(Service):
                 lambda f: log.failure("connection worker failed", f))
 
     async def _hosts(self, worker: DestinationWorker) -> list[tuple[str, str, int]]:
-        route = worker.route
-        if route.kind == "forward":
-            return [(route.server, route.server, route.port)]
-        hosts = await self.mx.hosts_for(worker.destination)
+        transport = worker.transport
+        if transport.kind == "forward":
+            return [(transport.server, transport.server, transport.port)]
+        hosts = await self.mx.hosts_for(transport.server)
         return [(name, ip, self.delivery.mx_port) for name, ip in hosts]
 
     def _settings(self, worker: DestinationWorker, host: str) -> ClientSettings:
-        route = worker.route
-        if route.require_tls:
-            context = ssl.optionsForClientTLS(host, trustRoot=self._trust_root(route.ca_path))
-        elif route.kind == "mx" and self.delivery.verify_certificates:
+        transport = worker.transport
+        if transport.require_tls:
+            context = ssl.optionsForClientTLS(host,
+                                              trustRoot=self._trust_root(transport.ca_path))
+        elif transport.kind == "mx" and self.delivery.verify_certificates:
             context = ssl.optionsForClientTLS(host,
                                               trustRoot=self._trust_root(self.delivery.ca_path))
         else:
             context = ssl.CertificateOptions()
+        credentials = transport.credentials
         return ClientSettings(identity=self.delivery.helo_name or self.options.hostname,
                               command_timeout=self.delivery.command_timeout, context=context,
-                              require_tls=route.require_tls, auth_user=route.auth_user,
-                              auth_password=route.auth_password,
+                              require_tls=transport.require_tls,
+                              auth_user=credentials.user if credentials else "",
+                              auth_password=credentials.password if credentials else "",
                               reuse_limit=max(1, self.delivery.connection_reuse), host=host)
 
     @staticmethod
@@ -463,7 +518,7 @@ class MultiModeDeliverySystem(Service):
                 endpoint = endpoints.HostnameEndpoint(self.reactor, address, port,
                                                       timeout=self.delivery.connect_timeout)
                 try:
-                    await endpoints.connectProtocol(endpoint, client)
+                    await endpoint.connect(OneConnection(client))
                 except Exception as e:
                     last_error = (f"connect to {name}[{address}]:{port} failed: "
                                   f"{type(e).__name__}: {e}")
@@ -479,7 +534,7 @@ class MultiModeDeliverySystem(Service):
             if worker.jobs:
                 gave_up = True
                 self._fail_waiting(worker, -1, f"451 4.4.1 {last_error}"
-                                   if not (last_error[:3].isascii() and last_error[:3].isdigit()) else last_error, False,
+                                   if not has_reply_code(last_error) else last_error, False,
                                    only_if_alone=True)
         finally:
             worker.connections -= 1

@@ -15,7 +15,7 @@ The SMTP server calls it through :class:`dcrouter.interfaces.IMessageHandler`:
   with the stages its mode enables:
 
   ========  =====  =========  =========================================
-  mode      scan   transform  delivery route
+  mode      scan   transform  delivery (resolved at delivery time)
   ========  =====  =========  =========================================
   forward   -      -          ``forward`` to the rule's target
   mta       -      -          ``local`` Maildir or ``mx``
@@ -25,6 +25,10 @@ The SMTP server calls it through :class:`dcrouter.interfaces.IMessageHandler`:
   Whether a group is DKIM-signed at delivery, and with which ``d=``, is
   decided here too (:mod:`dcrouter.email.signing`): only for sessions that
   may relay, only with a configured domain aligned with ``From:``.
+
+  The queue request names the rule (its pattern), not a resolved route: the
+  delivery system looks the target and its credentials up at every attempt
+  (:mod:`dcrouter.delivery.transport`), so nothing secret is queued.
 
   Scanning runs before the reply to DATA (:mod:`dcrouter.email.scanning.runner`,
   the built-in scanners' work in killable worker processes): a ``reject``
@@ -45,6 +49,7 @@ from twisted.internet import defer, threads
 from dcrouter.config.email import (
     DomainRuleOptions, EmailOptions, ScannerOptions, check_address_pattern,
 )
+from dcrouter.delivery.transport import transport_for_rule
 from dcrouter.email.authcheck import InboundAuthChecker
 from dcrouter.email.ratelimit import make_rate_limiter
 from dcrouter.email.routing import ANY_DOMAIN, DomainRouter, pattern_rank, split_address
@@ -56,7 +61,9 @@ from dcrouter.email.transform import TransformContext, build_transformation
 from dcrouter.errors import ConfigError, PolicyRejection, QueueFullError
 from dcrouter.interfaces import IMessageHandler
 from dcrouter.logsetup import get_logger
-from dcrouter.message import DeliveryRequest, ReceivedMessage, Route, SessionInfo
+from dcrouter.message import (
+    RULE_DESTINATION, DeliveryRequest, DkimSigning, ReceivedMessage, SessionInfo,
+)
 from dcrouter.psl import suffix_list
 from zope.interface import implementer
 
@@ -188,31 +195,14 @@ class MultiModeProcessor:
 
     # -- routes ------------------------------------------------------------------
 
-    def _route(self, rule: Optional[DomainRuleOptions], mail_from: str = "") -> Route:
-        if rule is None:
-            if self.options.default_mode == "forward":
-                return Route(kind="forward", server=self.options.default_server,
-                             port=self.options.default_port,
-                             require_tls=self.options.default_tls)
-            return Route(kind="mx")
-        if rule.target is not None and rule.mode in ("forward", "process"):
-            t = rule.target
-            auth = t.authentication
-            return Route(kind="forward", server=t.server, port=t.port, require_tls=t.use_tls,
-                         auth_user=auth.user if auth else "",
-                         auth_password=auth.password if auth else "", ca_path=t.ca_path)
-        mta = rule.mta_options
-        if mta is not None and mta.allow_local_delivery:
-            path = mta.local_delivery_path or os.path.join(self.context.state_dir, "mail")
-            route = Route(kind="local", local_path=path)
-        else:
-            route = Route(kind="mx")
-        return route
+    def _destination(self, rule: Optional[DomainRuleOptions], recipient: str) -> str:
+        """The scheduling key of mail for ``recipient`` under ``rule`` (the queue's limits).
 
-    def route_for_address(self, address: str) -> Route:
-        """How mail to ``address`` would be delivered (the delivery system routes bounces so)."""
-        rule = self.domain_router.match_rule(address)
-        return self._route(rule, address)
+        Only a key: the queue holds the rule reference, and the delivery system
+        resolves the transport (target, TLS, credentials) at every attempt.
+        """
+        return transport_for_rule(rule, self.options, self.context.state_dir,
+                                  split_address(recipient)[1]).destination
 
     # -- SMTP envelope checks ------------------------------------------------------
 
@@ -277,11 +267,10 @@ class MultiModeProcessor:
                 and seen >= limits.max_recipients_per_message:
             self.rejections["recipients"] += 1
             raise PolicyRejection(452, "4.5.3", "Too many recipients", reason="recipients")
-        route = self._route(rule, mail_from)
         check_capacity = getattr(self.queue, "check_capacity", None)
         try:
             if check_capacity is not None:
-                check_capacity([route.destination(split_address(recipient)[1])])
+                check_capacity([self._destination(rule, recipient)])
         except QueueFullError:
             self.rejections["queue_full"] += 1
             raise PolicyRejection(452, "4.3.1", "Insufficient system storage",
@@ -331,18 +320,21 @@ class MultiModeProcessor:
             requests = []
             authors: dict[str, Optional[str]] = {}
             for n, group in enumerate(groups):
-                route = self._route(group.rule, message.mail_from)
                 dkim = None
                 if self.signing.active and not group.dkim_signed:
                     dkim = yield self.signing.decide(session, group.rule, group.body_path,
                                                      authors)
                 size = message.size if group.body_path == message.spool_path else \
                     os.path.getsize(group.body_path)
+                # the rule is kept by reference (its pattern); MX mail is split per domain
+                hop = transport_for_rule(group.rule, self.options, self.context.state_dir)
+                key = "" if hop.kind == "mx" else hop.destination
                 requests.append(DeliveryRequest(
                     queue_id=message.queue_id if n == 0 else f"{message.queue_id}-{n}",
                     mode=group.mode, rule_pattern=group.key, mail_from=message.mail_from,
-                    recipients=list(group.recipients), route=route, body_path=group.body_path,
-                    correlation_id=cid, size=size, dkim=dkim))
+                    recipients=list(group.recipients), via=RULE_DESTINATION,
+                    body_path=group.body_path, correlation_id=cid, size=size,
+                    destination=key, dkim=dkim))
             ids = yield self.queue.enqueue(requests)
         except PolicyRejection as e:
             self.rejections[e.reason] += 1

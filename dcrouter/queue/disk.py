@@ -550,6 +550,23 @@ class DirectoryLock:
             self._fd = None
 
 
+#: How the JSON of a queue format 1 record starts (it held the resolved route).
+_FORMAT_1 = b'{"v":1,'
+
+
+def current_record(item_id: str, payload: bytes) -> tuple[StoredItem, bytes, bool]:
+    """A journal payload as a StoredItem of the current format: (item, payload, rewritten).
+
+    Format 1 payloads (route and credentials frozen in) are rewritten; raises
+    ValueError/KeyError/TypeError/IndexError when the record is damaged.
+    """
+    item = StoredItem(item_id, payload)
+    if not item.raw.startswith(_FORMAT_1):
+        return item, payload, False
+    payload = item.materialize().journal_payload()
+    return StoredItem(item_id, payload), payload, True
+
+
 @implementer(IQueueStore)
 class DiskStore(LocalStore):
     """Item journal and body files, made durable with group-committed fsyncs."""
@@ -568,6 +585,8 @@ class DiskStore(LocalStore):
         self.committer = GroupCommitter(self.journal, self.tmp_dir)
         self.recovered = 0
         self.corrupt = 0
+        #: Records of queue format 1 rewritten at the start.
+        self.upgraded = 0
         #: Body refs being moved in whose items are not indexed yet.
         self._adding: collections.Counter[str] = collections.Counter()
         #: Bodies no item referred to, deleted after the start (left by a crash).
@@ -613,10 +632,13 @@ class DiskStore(LocalStore):
             os.unlink(os.path.join(self.tmp_dir, name))
         live, bad = self.journal.replay()
         found: list[Any] = []
+        upgraded: list[bytes] = []
         for item_id, (buf, start, end) in live.items():
             data = buf[start:end]
             try:
-                item = StoredItem(item_id, data)
+                item, payload, rewritten = current_record(item_id, data)
+                if rewritten:
+                    upgraded.append(encode_put(item_id, payload))
             except (ValueError, KeyError, TypeError, IndexError) as e:
                 path = self.journal._save_bad(0, len(found), data)
                 bad.append((path, f"item {item_id}: {str(e)[:200]}"))
@@ -626,6 +648,12 @@ class DiskStore(LocalStore):
             found.append(item)
         del live
         self.journal.open_for_append()
+        if upgraded:
+            # format 1 froze credentials into the records: rewrite them, then compact, so
+            # no segment keeps an old record
+            self.journal.append(upgraded)
+            self.journal.compact()
+            self.upgraded = len(upgraded)
         if bad:
             fsync_dir(self.corrupt_dir)
         return found, bad
@@ -642,6 +670,10 @@ class DiskStore(LocalStore):
         self.committer.live_hint = len(self.items)
         log.info("disk queue {root} opened: {count} items recovered, {corrupt} damaged records",
                  root=self.root, count=len(found), corrupt=len(bad))
+        if self.upgraded:
+            log.info("disk queue {root}: {count} records of queue format 1 rewritten (the "
+                     "destination is now resolved at delivery; stored credentials dropped)",
+                     root=self.root, count=self.upgraded, event="queue.upgraded")
         self.swept = defer.ensureDeferred(self._sweep_orphans())
         self.swept.addErrback(lambda f: log.error("orphaned body sweep failed: {error}",
                                                   error=str(f.value)))

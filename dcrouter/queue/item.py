@@ -1,8 +1,16 @@
-"""Queue items: one message's envelope for one route, with per-recipient state.
+"""Queue items: one message's envelope for one destination, with per-recipient state.
 
 A :class:`QueueItem` is what every store keeps and what the delivery system
 works on (the seed's ``IQueueItem``).  It serialises to compact JSON for the
 disk and Redis stores and to a plain dict for the management API.
+
+An item holds a :class:`~dcrouter.message.Destination` (a reference: its rule,
+the recipients' addresses, or a literal next hop without credentials), never a
+resolved transport: the delivery system resolves it at every attempt
+(:mod:`dcrouter.delivery.transport`).  Format version 2 stores that; version 1
+records (which froze the whole route, passwords included) still load: the route
+becomes the rule reference or, for a bounce, routing by address; the
+credentials and the DKIM fields (``d=`` came from the envelope) are dropped.
 """
 
 from __future__ import annotations
@@ -13,7 +21,9 @@ import time
 import urllib.parse
 from typing import Any, Optional
 
-from dcrouter.message import DeliveryRequest, DkimSigning, Route
+from dcrouter.message import (
+    BY_ADDRESS, RULE_DESTINATION, DeliveryRequest, Destination, DkimSigning,
+)
 
 #: Item states.
 PENDING = "pending"
@@ -59,30 +69,36 @@ class RecipientState:
 
 
 class QueueItem:
-    """A queued delivery: envelope, route, state and a reference to the stored body."""
+    """A queued delivery: envelope, destination, state and a reference to the stored body.
+
+    ``via`` is how the transport is found at delivery; ``destination`` is the
+    scheduling key (``host:port``, ``local`` or the recipient domain) the stores
+    count items by.
+    """
 
     lazy = False
 
     __slots__ = ("id", "mode", "rule_pattern", "mail_from", "recipients", "status", "attempts",
                  "next_attempt", "last_error", "created_at", "updated_at", "delivered_at",
-                 "correlation_id", "route", "body_ref", "size", "is_bounce", "destination",
-                 "sched", "lease_owner", "stored_status", "dkim")
+                 "correlation_id", "via", "body_ref", "size", "is_bounce", "destination",
+                 "dkim",
+                 "sched", "lease_owner", "stored_status")
 
     def __init__(self, *, id: str, mode: str, rule_pattern: str, mail_from: str,
-                 recipients: list[RecipientState], route: Route, body_ref: str,
+                 recipients: list[RecipientState], body_ref: str,
+                 via: Destination = RULE_DESTINATION,
                  correlation_id: str = "", size: int = 0, is_bounce: bool = False,
                  status: str = PENDING, attempts: int = 0, next_attempt: float = 0.0,
                  last_error: str = "", created_at: Optional[float] = None,
                  updated_at: Optional[float] = None, delivered_at: float = 0.0,
                  destination: str = "", dkim: Optional[DkimSigning] = None) -> None:
         now = time.time()
-        self.dkim = dkim  # d= and s= to sign with at delivery (None: unsigned)
         self.id = id
         self.mode = mode
         self.rule_pattern = rule_pattern
         self.mail_from = mail_from
         self.recipients = recipients
-        self.route = route
+        self.via = via
         self.body_ref = body_ref
         self.correlation_id = correlation_id
         self.size = size
@@ -94,7 +110,8 @@ class QueueItem:
         self.created_at = created_at if created_at is not None else now
         self.updated_at = updated_at if updated_at is not None else now
         self.delivered_at = delivered_at
-        self.destination = destination or compute_destination(route, recipients)
+        self.destination = destination or compute_destination(via, recipients)
+        self.dkim = dkim  # d= and s= to sign with at delivery (None: unsigned)
         self.sched = 0          # sequence number of the item's live heap entry
         self.lease_owner = ""   # who holds it while processing
         self.stored_status = ""  # the status a store counted it under
@@ -106,9 +123,10 @@ class QueueItem:
         rcpts = recipients if recipients is not None else request.recipients
         return cls(id=item_id, mode=request.mode, rule_pattern=request.rule_pattern,
                    mail_from=request.mail_from,
-                   recipients=[RecipientState(r) for r in rcpts], route=request.route,
+                   recipients=[RecipientState(r) for r in rcpts], via=request.via,
                    body_ref=body_ref, correlation_id=request.correlation_id,
-                   size=request.size, is_bounce=request.is_bounce, dkim=request.dkim)
+                   size=request.size, is_bounce=request.is_bounce,
+                   destination=request.destination, dkim=request.dkim)
 
     @property
     def open_recipients(self) -> list[RecipientState]:
@@ -121,38 +139,48 @@ class QueueItem:
         return not any(r.open for r in self.recipients)
 
     def to_json(self) -> bytes:
-        """The stored form (compact JSON)."""
-        return json.dumps({
-            "v": 1, "id": self.id, "mode": self.mode, "rule": self.rule_pattern,
+        """The stored form (compact JSON, format version 2; never a credential)."""
+        data: dict[str, Any] = {
+            "v": 2, "id": self.id, "mode": self.mode, "rule": self.rule_pattern,
             "from": self.mail_from, "rcpt": [r.to_list() for r in self.recipients],
-            "route": _compact_route(self.route), "body": self.body_ref, "cid": self.correlation_id,
+            "body": self.body_ref, "cid": self.correlation_id,
             "size": self.size, "bounce": self.is_bounce, "status": self.status,
             "attempts": self.attempts, "next": self.next_attempt, "err": self.last_error,
             "created": self.created_at, "updated": self.updated_at,
             "delivered": self.delivered_at, "dest": self.destination,
-            **({"dkim": list(self.dkim)} if self.dkim else {}),
-        }, separators=(",", ":")).encode("utf-8")
+        }
+        if self.via is not RULE_DESTINATION:
+            data["via"] = self.via.to_dict()
+        if self.dkim:
+            data["dkim"] = list(self.dkim)
+        return json.dumps(data, separators=(",", ":")).encode("utf-8")
 
     @classmethod
     def from_json(cls, data: bytes) -> "QueueItem":
-        """Inverse of :meth:`to_json`; raises ValueError/KeyError/TypeError when malformed."""
+        """Inverse of :meth:`to_json` (formats 1 and 2); ValueError/KeyError/TypeError when
+        malformed."""
         d = json.loads(data)
-        if not isinstance(d, dict) or d.get("v") != 1:
+        if not isinstance(d, dict) or d.get("v") not in (1, 2):
             raise ValueError("not a queue item")
         status = d["status"]
         if status not in STATUSES:
             raise ValueError(f"unknown status {status!r}")
+        if d["v"] == 1:
+            via, dkim = _from_v1(d)
+        else:
+            via = shared_destination(d["via"]) if "via" in d else RULE_DESTINATION
+            dkim = DkimSigning(*map(sys.intern, map(str, d["dkim"][:2]))) if d.get("dkim") \
+                else None
         return cls(id=str(d["id"]), mode=sys.intern(str(d["mode"])),
                    rule_pattern=sys.intern(str(d["rule"])), mail_from=str(d["from"]),
                    recipients=[RecipientState.from_list(r) for r in d["rcpt"]],
-                   route=shared_route(d["route"]), body_ref=str(d["body"]),
+                   via=via, body_ref=str(d["body"]),
                    correlation_id=str(d["cid"]), size=int(d["size"]),
                    is_bounce=bool(d["bounce"]), status=status, attempts=int(d["attempts"]),
                    next_attempt=float(d["next"]), last_error=str(d["err"]),
                    created_at=float(d["created"]), updated_at=float(d["updated"]),
                    delivered_at=float(d["delivered"]),
-                   destination=sys.intern(str(d["dest"])),
-                   dkim=DkimSigning(*map(str, d["dkim"][:2])) if d.get("dkim") else None)
+                   destination=sys.intern(str(d["dest"])), dkim=dkim)
 
     def journal_payload(self) -> bytes:
         """Index fields, then the JSON: what the disk journal stores (see :class:`StoredItem`)."""
@@ -169,7 +197,7 @@ class QueueItem:
             "status": self.status, "attempts": self.attempts, "next_attempt": self.next_attempt,
             "last_error": self.last_error, "created_at": self.created_at,
             "updated_at": self.updated_at, "delivered_at": self.delivered_at,
-            "correlation_id": self.correlation_id, "route": self.route.to_dict(),
+            "correlation_id": self.correlation_id, "via": self.via.to_dict(),
             "destination": self.destination, "size": self.size, "is_bounce": self.is_bounce,
             "dkim": self.dkim._asdict() if self.dkim else None,
         }
@@ -178,26 +206,44 @@ class QueueItem:
         return f"<QueueItem {self.id} {self.status} {self.destination} attempts={self.attempts}>"
 
 
-def compute_destination(route: Route, recipients: list[RecipientState]) -> str:
-    """The destination key of an item (forward target, recipient domain, or 'local')."""
-    domain = ""
-    if recipients:
-        domain = recipients[0].address.rpartition("@")[2]
-    return route.destination(domain)
+def compute_destination(via: Destination, recipients: list[RecipientState]) -> str:
+    """The scheduling key of an item that has none yet: a literal next hop's, or the
+    first recipient's domain."""
+    domain = recipients[0].address.rpartition("@")[2] if recipients else ""
+    if via.nexthop is not None:
+        return via.nexthop.destination(domain)
+    return domain.lower()
 
 
-_ROUTES: dict[tuple[tuple[str, Any], ...], Route] = {}
+_DESTINATIONS: dict[str, Destination] = {}
 
 
-def shared_route(data: dict[str, Any]) -> Route:
-    """One Route object per distinct route (many items share few routes: saves memory)."""
-    key = tuple(sorted(data.items()))
-    route = _ROUTES.get(key)
-    if route is None:
-        if len(_ROUTES) > 10000:
-            _ROUTES.clear()
-        route = _ROUTES[key] = Route.from_dict(data)
-    return route
+def shared_destination(data: dict[str, Any]) -> Destination:
+    """One Destination object per distinct value (many items share few: saves memory)."""
+    key = json.dumps(data, sort_keys=True)
+    found = _DESTINATIONS.get(key)
+    if found is None:
+        if len(_DESTINATIONS) > 10000:
+            _DESTINATIONS.clear()
+        found = _DESTINATIONS[key] = Destination.from_dict(data)
+    return found
+
+
+def _from_v1(d: dict[str, Any]) -> tuple[Destination, Optional[DkimSigning]]:
+    """A version 1 record's frozen route as a destination (and no DKIM decision).
+
+    The route named the transport the processor had resolved; now the rule is
+    looked up again (``rule`` "" is the default route), a bounce is routed by its
+    recipient's address (as its route was made), and the credentials are dropped.
+    Its ``dkim_*`` fields are ignored: that version took ``d=`` from the envelope,
+    which an outsider chose, so such items go out unsigned.
+    """
+    route = d.get("route") or {}
+    if not isinstance(route, dict):
+        raise ValueError("malformed route")
+    via = Destination(BY_ADDRESS) if d.get("bounce") or d.get("mode") == "bounce" \
+        else RULE_DESTINATION
+    return via, None
 
 
 class StoredItem:
@@ -242,11 +288,3 @@ class StoredItem:
         item.stored_status = self.stored_status
         item.lease_owner = self.lease_owner
         return item
-
-
-_ROUTE_DEFAULTS = Route(kind="").to_dict()
-
-
-def _compact_route(route: Route) -> dict[str, Any]:
-    """The route's fields that differ from the defaults (smaller journal records)."""
-    return {k: v for k, v in route.to_dict().items() if k == "kind" or v != _ROUTE_DEFAULTS[k]}

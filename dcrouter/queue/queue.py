@@ -4,7 +4,9 @@ The queue turns the processor's :class:`~dcrouter.message.DeliveryRequest`
 objects into :class:`~dcrouter.queue.item.QueueItem` objects, stores them
 durably through an :class:`~dcrouter.interfaces.IQueueStore` before
 ``enqueue`` fires, hands due items to the delivery system (``claim``) and
-records outcomes (``defer_item``/``complete``).  MX items are split per
+records outcomes (``defer_item``/``complete``).  An item keeps its request's
+destination - a reference the delivery system resolves at every attempt -
+and a scheduling key; requests without a key (MX delivery) are split per
 recipient domain so every item has one destination.  Delivered and failed
 items leave the store at once and stay listed in memory for
 ``keep_delivered`` seconds.
@@ -179,7 +181,8 @@ class UnifiedDeliveryQueue(Service):
         groups: dict[str, list[QueueItem]] = {}
         used: set[str] = set()
         for request in requests:
-            if request.route.kind == "mx":
+            if not request.destination and request.via.per_domain:
+                # MX delivery (or a destination only delivery resolves): one item per domain
                 by_domain: dict[str, list[str]] = {}
                 for rcpt in request.recipients:
                     by_domain.setdefault(rcpt.rpartition("@")[2].lower(), []).append(rcpt)

@@ -258,6 +258,17 @@ return #ids
 """
 
 
+#: Rewrites one item from queue format 1 if it is still the value read (others may change it).
+_REWRITE = """
+local p = ARGV[1]
+if redis.call('HGET', p..':items', ARGV[2]) == ARGV[3] then
+  redis.call('HSET', p..':items', ARGV[2], ARGV[4])
+  return 1
+end
+return 0
+"""
+
+
 def _s(value: Any) -> str:
     return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
@@ -298,11 +309,51 @@ class RedisStore:
         if int(rebuilt or 0):
             log.info("redis queue {where}: status counters rebuilt for {count} items",
                      where=self.description, count=int(rebuilt))
+        yield self._upgrade_format()
         yield self.refresh()
         log.info("redis queue {where} opened: {count} items", where=self.description,
                  count=self._cache["size"])
         self._start_refresher()
         return []
+
+    @defer.inlineCallbacks
+    def _upgrade_format(self) -> Any:
+        """Rewrite items of queue format 1 (which held credentials) once, in HSCAN batches.
+
+        ``P:format`` marks a queue whose items have been rewritten; an item a
+        node of the old version writes later is still read (and rewritten by its
+        next update).
+        """
+        marker = self._key("format")
+        done = yield self.redis.get(marker)
+        if done is not None and _s(done) == "2":
+            return 0
+        cursor, count = "0", 0
+        while True:
+            cursor, rows = yield self.redis.execute_command(
+                "HSCAN", self._key("items"), cursor, "COUNT", 500)
+            cursor = _s(cursor)
+            pairs = list(rows or [])
+            for i in range(0, len(pairs) - 1, 2):
+                item_id, data = pairs[i], pairs[i + 1]
+                raw = data if isinstance(data, bytes) else _s(data).encode("utf-8")
+                if not raw.startswith(b'{"v":1,'):
+                    continue
+                try:
+                    new = QueueItem.from_json(raw).to_json()
+                except (ValueError, KeyError, TypeError) as e:
+                    log.error("unreadable item in Redis: {error}", error=str(e))
+                    continue
+                count += int((yield self._eval(_REWRITE, [self.prefix, _s(item_id), raw, new]))
+                             or 0)
+            if cursor == "0":
+                break
+        yield self.redis.set(marker, "2")
+        if count:
+            log.info("redis queue {where}: {count} items of queue format 1 rewritten (the "
+                     "destination is now resolved at delivery; stored credentials dropped)",
+                     where=self.description, count=count, event="queue.upgraded")
+        return count
 
     def _start_refresher(self) -> None:
         from twisted.internet import task

@@ -35,9 +35,9 @@ from typing import Any, Optional
 from dcrouter.errors import QueueError
 from dcrouter.logsetup import get_logger
 from dcrouter.queue.disk import (
-    DirectoryLock, DiskStore, Journal, _shard, encode_put, fsync_dir, fsync_file,
+    DirectoryLock, DiskStore, Journal, _shard, current_record, encode_put, fsync_dir, fsync_file,
 )
-from dcrouter.queue.item import PENDING, PROCESSING, StoredItem
+from dcrouter.queue.item import PENDING, PROCESSING
 
 log = get_logger("email.queue")
 
@@ -138,8 +138,8 @@ class ShardedDiskStore(DiskStore):
                     if item_id in known:
                         continue
                     data = buf[start:end]
-                    try:
-                        item = StoredItem(item_id, data)
+                    try:  # an older format's record is adopted in the current one
+                        item, data, _ = current_record(item_id, data)
                     except (ValueError, KeyError, TypeError, IndexError):
                         continue  # left in the old shard's corrupt/ by replay
                     if item.status == PROCESSING:

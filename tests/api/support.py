@@ -11,7 +11,7 @@ from typing import Any, Optional
 import treq
 from twisted.internet import defer
 
-from dcrouter.message import DeliveryRequest, Route, new_correlation_id, new_queue_id
+from dcrouter.message import DeliveryRequest, Destination, Route, new_correlation_id, new_queue_id
 from dcrouter.router import DcRouter
 from tests.support.configs import default_config_with_free_ports
 from tests.support.router import options_from, start_router
@@ -223,8 +223,8 @@ async def hold_items(router: DcRouter, recipients: list[str], size: int = 0) -> 
     with open(path, "wb") as f:
         f.write(body)
     requests = [DeliveryRequest(new_queue_id(), "forward", "*@hold.test", "sender@localhost",
-                                [rcpt], Route("forward", server="127.0.0.1",
-                                              port=UNREACHABLE_PORT),
+                                [rcpt], Destination.to(Route("forward", server="127.0.0.1",
+                                                             port=UNREACHABLE_PORT)),
                                 path, new_correlation_id(), size=len(body))
                 for rcpt in recipients]
     return list(await queue.enqueue(requests))

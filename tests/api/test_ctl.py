@@ -276,7 +276,7 @@ async def test_queue_show_and_rule_from_json_file(running, tmp_path):
     assert shown.code == 0, shown.err
     fields = dict(line.split(None, 1) for line in shown.out.splitlines()[1:] if " " in line)
     assert fields["id"].strip() == item_id and fields["status"].strip() == "pending"
-    assert fields["route.port"].strip() == "9"
+    assert fields["via.nexthop.port"].strip() == "9"
     missing = await ctl(_url(client), "queue", "show", "NOPE")
     assert missing.code == 1
 

@@ -9,7 +9,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from dcrouter.api.metrics import DeliveryMetrics, StatsCollector
 from dcrouter.config import parse_config
-from dcrouter.message import DeliveryRequest, ReceivedMessage, Route, SessionInfo
+from dcrouter.message import DeliveryRequest, Destination, ReceivedMessage, Route, SessionInfo
 from dcrouter.service import Extensions, ManagedService, RouterContext
 from tests.api.support import assert_error, hold_items
 
@@ -100,7 +100,7 @@ async def test_email_events_count_sessions_messages_by_mode_and_rejections(runni
 
 
 def _request(queue_id: str, mode: str) -> DeliveryRequest:
-    return DeliveryRequest(queue_id, mode, "*@x.test", "a@x.test", ["b@x.test"], Route("mx"),
+    return DeliveryRequest(queue_id, mode, "*@x.test", "a@x.test", ["b@x.test"], Destination.to(Route("mx")),
                            "/nonexistent", "corr")
 
 

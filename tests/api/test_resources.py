@@ -366,7 +366,7 @@ async def test_queue_item_get_retry_delete(running):
     first, second, third = await hold_items(router, ["a@b.test", "c@b.test", "d@b.test"], 500)
     item = (await client.get(f"/api/queue/{first}")).json()["item"]
     assert item["status"] == "pending" and item["size"] > 500 and item["attempts"] == 0
-    assert item["route"]["port"] == UNREACHABLE_PORT
+    assert item["via"]["nexthop"]["port"] == UNREACHABLE_PORT
     assert_error(await client.get("/api/queue/NOPE"), 404, "not_found")
 
     before = time.time()

@@ -11,7 +11,7 @@ import pytest_twisted
 
 from dcrouter.delivery.dkimsign import signed
 from dcrouter.dkimkeys import DkimKeyStore
-from dcrouter.message import DeliveryRequest, DkimSigning, Route
+from dcrouter.message import RULE_DESTINATION, DeliveryRequest, DkimSigning
 from dcrouter.queue.item import QueueItem
 from tests.delivery.harness import Stack
 from tests.delivery.peers import Sink
@@ -63,22 +63,24 @@ def test_signed_never_raises_and_never_creates(tmp_path) -> None:  # type: ignor
 def test_queue_item_keeps_the_signing_decision_and_old_items_load() -> None:
     request = DeliveryRequest(queue_id="Q1", mode="mta", rule_pattern="*@a.test",
                               mail_from="a@a.test", recipients=["b@b.test"],
-                              route=Route(kind="mx"), body_path="/x", correlation_id="c",
+                              via=RULE_DESTINATION, body_path="/x", correlation_id="c",
                               dkim=DkimSigning("a.test", "s1"))
     item = QueueItem.from_request(request, "Q1", "ref")
     again = QueueItem.from_json(item.to_json())
     assert again.dkim == DkimSigning("a.test", "s1")
     assert item.to_dict()["dkim"] == {"domain": "a.test", "selector": "s1"}
-    # an item stored by an earlier version: no "dkim" key, a route with the old dkim_* fields
+    # an item stored by an earlier version (format 1): no "dkim" key, a frozen route
+    # with the old dkim_* fields chosen from the envelope - ignored, the item is unsigned
     old = json.loads(item.to_json())
     del old["dkim"]
-    old["route"].update(dkim_domain="forged.test", dkim_selector="dcrouter",
-                        dkim_key_path="/var/dkim/forged.test/dcrouter.key")
+    old["v"] = 1
+    old["route"] = {"kind": "mx", "dkim_domain": "forged.test", "dkim_selector": "dcrouter",
+                    "dkim_key_path": "/var/dkim/forged.test/dcrouter.key"}
     loaded = QueueItem.from_json(json.dumps(old).encode())
-    assert loaded.dkim is None and loaded.route == Route(kind="mx")
+    assert loaded.dkim is None and loaded.via.kind == "rule"
     unsigned = QueueItem.from_request(
         DeliveryRequest(queue_id="Q2", mode="mta", rule_pattern="", mail_from="",
-                        recipients=["b@b.test"], route=Route(kind="mx"), body_path="/x",
+                        recipients=["b@b.test"], via=RULE_DESTINATION, body_path="/x",
                         correlation_id="c"), "Q2", "ref")
     assert b'"dkim"' not in unsigned.to_json()
     assert QueueItem.from_json(unsigned.to_json()).dkim is None

@@ -93,21 +93,27 @@ async def test_connection_reuse_for_many_messages(tmp_path, sink):
         await stack.stop()
 
 
+def forward_rule(pattern: str, sink: Sink, **target) -> dict:
+    """A forward rule to ``sink`` (``target`` keys as in [email.domain_rules.target])."""
+    return {"pattern": pattern, "mode": "forward",
+            "target": dict({"server": sink.host, "port": sink.port}, **target)}
+
+
 @pytest_twisted.ensureDeferred
 async def test_forward_starttls_required_with_auth(tmp_path):
     ca = CertAuthority(str(tmp_path))
     sink = Sink(tls=ca, require_tls=True, users={"relay": "s3cret"}).start()
-    stack = Stack(str(tmp_path))
+    good = forward_rule("*@good.test", sink, use_tls=True, ca_path=ca.ca_path,
+                        authentication={"user": "relay", "pass": "s3cret"})
+    bad = forward_rule("*@bad.test", sink, use_tls=True, ca_path=ca.ca_path,
+                       authentication={"user": "relay", "pass": "wrong"})
+    stack = Stack(str(tmp_path), rules=[good, bad])
     try:
-        route = forward(sink, require_tls=True, ca_path=ca.ca_path, auth_user="relay",
-                        auth_password="s3cret")
-        ids = await stack.send(route, ["alice@example.com"])
+        ids = await stack.send("*@good.test", ["alice@good.test"])
         await finished(stack, ids[0], "delivered")
         assert sink.messages[0].tls and sink.messages[0].auth_user == "relay"
         # a wrong password: deferred, never delivered
-        bad = forward(sink, require_tls=True, ca_path=ca.ca_path, auth_user="relay",
-                      auth_password="wrong")
-        ids = await stack.send(bad, ["bob@example.com"])
+        ids = await stack.send("*@bad.test", ["bob@bad.test"])
         item = await wait_for(lambda: stack.queue.store.items.get(ids[0]) and
                               stack.queue.store.items[ids[0]].status == "deferred"
                               and stack.queue.store.items[ids[0]])
@@ -170,8 +176,9 @@ async def test_451_then_250_is_retried(tmp_path, sink):
 async def test_retries_exhausted_fail_and_bounce(tmp_path, sink):
     bounces = Sink().start()
     sink.handler.data_replies = ["451 4.3.0 later"] * 10
-    stack = Stack(str(tmp_path), queue={"max_retries": 1})
-    stack.delivery.bounce_route = lambda address: forward(bounces)
+    # the DSN is routed like mail to the sender's address: by the rule for example.org
+    stack = Stack(str(tmp_path), queue={"max_retries": 1},
+                  rules=[forward_rule("*@example.org", bounces)])
     try:
         ids = await stack.send(forward(sink), ["alice@example.com"])
         item = await finished(stack, ids[0], "failed")
@@ -282,8 +289,7 @@ async def test_mx_delivery_550_dsn_and_suppression(tmp_path):
 async def test_no_bounce_for_null_sender_or_bounces(tmp_path, sink):
     bounces = Sink().start()
     sink.handler.rcpt_replies["gone@example.com"] = "550 5.1.1 no such user"
-    stack = Stack(str(tmp_path))
-    stack.delivery.bounce_route = lambda address: forward(bounces)
+    stack = Stack(str(tmp_path), rules=[forward_rule("*@example.org", bounces)])
     try:
         ids = await stack.send(forward(sink), ["gone@example.com"], mail_from="")
         await finished(stack, ids[0], "failed")

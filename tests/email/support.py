@@ -130,3 +130,12 @@ def multipart(parts: list[tuple[str, str, bytes]], subject: str = "Files",
         out.append(base64.encodebytes(body).replace(b"\n", b"\r\n"))
     out.append(f"--{boundary}--\r\n".encode())
     return b"".join(out)
+
+
+def transport_of(processor: MultiModeProcessor, request: Any) -> Any:
+    """The transport the delivery system resolves a queued request to, with the processor's
+    rules (the first recipient's; the request itself holds only a reference)."""
+    from dcrouter.delivery.transport import TransportResolver
+    resolver = TransportResolver(processor.options, processor.domain_router,
+                                 processor.context.state_dir)
+    return resolver.resolve(request, request.recipients)[0].transport

@@ -19,7 +19,7 @@ from dcrouter.interfaces import IContentScanner, ITransformation
 from dcrouter.service import Extensions, RouterContext
 from tests.email.support import (
     RecordingQueue, Suppression, make_processor, multipart, session, simple_message, spool,
-    transaction,
+    transaction, transport_of,
 )
 from tests.support.router import options_from
 from tests.support.net import free_port
@@ -59,18 +59,27 @@ def test_split_by_rule_into_modes(tmp_path) -> None:  # type: ignore[no-untyped-
     by = {r.rule_pattern: r for r in reqs}
     fwd = by["*@fwd.test"]
     assert fwd.recipients == ["a@fwd.test", "e@fwd.test"] and fwd.mode == "forward"
-    assert (fwd.route.kind, fwd.route.server, fwd.route.port, fwd.route.require_tls,
-            fwd.route.auth_user, fwd.route.auth_password, fwd.route.ca_path) == (
+    # the request names its rule; no credential is in it
+    assert fwd.via.kind == "rule" and fwd.destination == "127.0.0.1:2626"
+    assert "p" not in (fwd.via.to_dict().values()) and "'p'" not in repr(fwd)
+    hop = transport_of(processor, fwd)
+    assert (hop.kind, hop.server, hop.port, hop.require_tls, hop.credentials.user,
+            hop.credentials.password, hop.ca_path) == (
         "forward", "127.0.0.1", 2626, True, "u", "p", "/ca.pem")
+    assert "'p'" not in repr(hop), "the password is not in the transport's repr"
     local = by["*@local.test"]
-    assert local.route.kind == "local" and local.route.local_path == os.path.join(tmp, "mail")
+    hop = transport_of(processor, local)
+    assert hop.kind == "local" and hop.local_path == os.path.join(tmp, "mail")
+    assert local.destination == "local"
     mx = by["*@mx.test"]
     # From: alice@sender.test is not the rule's signing domain (mx.test): unsigned
-    assert mx.route.kind == "mx" and mx.dkim is None
+    assert transport_of(processor, mx).kind == "mx" and mx.dkim is None
+    assert mx.destination == "", "MX requests are split by recipient domain in the queue"
     proc = by["*@proc.test"]
-    assert proc.route.kind == "mx" and proc.mode == "process"
+    assert transport_of(processor, proc).kind == "mx" and proc.mode == "process"
     default = by[""]
-    assert default.recipients == ["f@elsewhere.test"] and default.route.kind == "mx"
+    assert default.recipients == ["f@elsewhere.test"]
+    assert transport_of(processor, default).kind == "mx"
     # unchanged groups share the spool file; the process group has its own
     shared = {fwd.body_path, local.body_path, mx.body_path, default.body_path}
     assert len(shared) == 1 and proc.body_path not in shared
@@ -112,18 +121,21 @@ def test_default_forward_for_relay_clients(tmp_path) -> None:  # type: ignore[no
                                             "default_server": "10.1.1.1", "default_port": 2500,
                                             "default_tls": True})
     yield transaction(processor, tmp, simple_message(), "a@b.test", ["x@anywhere.test"])
-    route = queue.requests[0].route
-    assert (route.kind, route.server, route.port, route.require_tls) == (
+    request = queue.requests[0]
+    assert request.rule_pattern == "" and request.destination == "10.1.1.1:2500"
+    hop = transport_of(processor, request)
+    assert (hop.kind, hop.server, hop.port, hop.require_tls) == (
         "forward", "10.1.1.1", 2500, True)
-    assert processor.route_for_address("x@anywhere.test") == route
 
 
-def test_route_for_address(tmp_path) -> None:  # type: ignore[no-untyped-def]
+def test_transport_and_signing_per_address(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    from dcrouter.delivery.transport import TransportResolver
     processor, _ = make_processor(str(tmp_path), {"domain_rules": [FORWARD, LOCAL, MX]})
-    assert processor.route_for_address("a@fwd.test").server == "127.0.0.1"
-    assert processor.route_for_address("a@local.test").kind == "local"
-    assert processor.route_for_address("a@mx.test").kind == "mx"
-    assert processor.route_for_address("a@other.test").kind == "mx"
+    resolver = TransportResolver(processor.options, processor.domain_router, str(tmp_path))
+    assert resolver.for_address("a@fwd.test").server == "127.0.0.1"
+    assert resolver.for_address("a@local.test").kind == "local"
+    assert resolver.for_address("a@mx.test").kind == "mx"
+    assert resolver.for_address("a@other.test").kind == "mx"
 
 
 @pytest_twisted.inlineCallbacks
@@ -387,8 +399,9 @@ def test_process_rule_with_target_forwards(tmp_path) -> None:  # type: ignore[no
     rule = dict(PROCESS, target={"server": "127.0.0.1", "port": 2727})
     processor, queue = make_processor(tmp, {"domain_rules": [rule]})
     yield transaction(processor, tmp, simple_message(), "a@b.test", ["y@proc.test"])
-    route = queue.requests[0].route
-    assert (route.kind, route.server, route.port) == ("forward", "127.0.0.1", 2727)
+    hop = transport_of(processor, queue.requests[0])
+    assert (hop.kind, hop.server, hop.port) == ("forward", "127.0.0.1", 2727)
+    assert queue.requests[0].destination == "127.0.0.1:2727"
 
 
 @pytest_twisted.inlineCallbacks

@@ -22,7 +22,7 @@ from dcrouter.email.scanning.virus import EICAR
 from dcrouter.email.server import UnifiedEmailServer
 from dcrouter.service import Extensions, RouterContext
 from tests.email.conftest import PASSWORD
-from tests.email.support import RecordingQueue, multipart, simple_message
+from tests.email.support import RecordingQueue, multipart, simple_message, transport_of
 from tests.support.net import free_port
 
 RULES = [
@@ -120,10 +120,11 @@ def test_each_mode_over_smtp(stack: Any) -> None:
     by = {q.rule_pattern: q for q in st.queue.requests}
     assert set(by) == {"*@fwd.test", "*@local.test", "*@mx.test", "*@proc.test", ""}
     assert text.endswith(st.queue.requests[0].queue_id.encode())
-    assert (by["*@fwd.test"].route.kind, by["*@fwd.test"].route.port) == ("forward", 2626)
-    assert by["*@local.test"].route.kind == "local"
+    hop = transport_of(st.processor, by["*@fwd.test"])
+    assert (hop.kind, hop.port) == ("forward", 2626)
+    assert transport_of(st.processor, by["*@local.test"]).kind == "local"
     assert by["*@mx.test"].dkim is None    # From: sender.test is not mx.test: unsigned
-    assert by[""].route.kind == "mx"                     # default mode for a relay client
+    assert transport_of(st.processor, by[""]).kind == "mx"   # default mode for a relay client
     processed = st.queue.body(by["*@proc.test"])
     assert b"X-Gateway: dcrouter" in processed and b"X-Dcrouter-Scan: spam=clean" in processed
     forwarded = st.queue.body(by["*@fwd.test"])
@@ -140,7 +141,7 @@ def test_relay_denied_outside_relay_networks(stack: Any) -> None:
     # authenticated on the submission port: relaying is allowed
     r = yield send(st, ["x@gmail.test"], port="submission", login=True)
     assert r["rcpt"][0][0] == 250 and r["data"][0] == 250
-    assert st.queue.requests[-1].route.kind == "mx"
+    assert transport_of(st.processor, st.queue.requests[-1]).kind == "mx"
 
 
 @pytest_twisted.inlineCallbacks
@@ -222,7 +223,8 @@ def test_whole_router_wiring(tmp_path: Any) -> None:
         assert r["data"][0] == 250
         processor = router.by_name["email"].processor
         assert processor.get_stats()["messages"] == 1
-        assert processor.route_for_address("alice@localhost").kind == "local"
+        assert router.by_name["email"].delivery.transports.for_address(
+            "alice@localhost").kind == "local"
     finally:
         yield stop_router(router)
 

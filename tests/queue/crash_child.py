@@ -12,7 +12,7 @@ import sys
 from twisted.internet import defer, task
 
 from dcrouter.config.queue import QueueOptions
-from dcrouter.message import DeliveryRequest, Route, new_queue_id
+from dcrouter.message import DeliveryRequest, Destination, Route, new_queue_id
 from dcrouter.queue import UnifiedDeliveryQueue
 
 
@@ -32,7 +32,7 @@ async def run(reactor: object, state_dir: str, start: int) -> None:
             f.write(b"Subject: crash\r\nX-Token: %d\r\n\r\nbody %d\r\n" % (n, n))
         ids = await queue.enqueue([DeliveryRequest(
             queue_id=new_queue_id(), mode="forward", rule_pattern="*", mail_from="a@b.test",
-            recipients=[f"r{n}@example.com"], route=Route(kind="forward", server="127.0.0.1"),
+            recipients=[f"r{n}@example.com"], via=Destination.to(Route(kind="forward", server="127.0.0.1")),
             body_path=path, correlation_id=str(n))])
         sys.stdout.write(f"ACK {ids[0]} {n}\n")
         sys.stdout.flush()

@@ -10,7 +10,7 @@ import subprocess
 import tempfile
 from typing import Iterator, Optional
 
-from dcrouter.message import DeliveryRequest, Route, new_correlation_id, new_queue_id
+from dcrouter.message import DeliveryRequest, Destination, Route, new_correlation_id, new_queue_id
 from tests.support.net import free_port, wait_for_tcp
 
 
@@ -27,11 +27,12 @@ def spool_message(state_dir: str, body: bytes = b"Subject: t\r\n\r\nhello\r\n") 
 def request(body_path: str, recipients: Optional[list[str]] = None,
             route: Optional[Route] = None, mail_from: str = "sender@example.org",
             queue_id: str = "") -> DeliveryRequest:
-    """A forward request to 127.0.0.1:2525 unless a route is given."""
+    """A forward request to 127.0.0.1:2525 unless a route (a literal next hop) is given."""
     return DeliveryRequest(queue_id=queue_id or new_queue_id(), mode="forward",
                            rule_pattern="*@example.com", mail_from=mail_from,
                            recipients=recipients or ["a@example.com"],
-                           route=route or Route(kind="forward", server="127.0.0.1", port=2525),
+                           via=Destination.to(route or Route(kind="forward", server="127.0.0.1",
+                                                             port=2525)),
                            body_path=body_path, correlation_id=new_correlation_id(),
                            size=os.path.getsize(body_path))
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dcrouter.message import Route
+from dcrouter.message import Destination, Route
 from dcrouter.queue.item import QueueItem
 from dcrouter.queue.schedule import DueSchedule
 
 
 def _item(n: int, destination: str, when: float) -> QueueItem:
     return QueueItem(id=f"{n:06d}", mode="mta", rule_pattern="*@x", mail_from="a@x",
-                     recipients=[], route=Route(kind="mx"), body_ref="b",
+                     recipients=[], via=Destination.to(Route(kind="mx")), body_ref="b",
                      next_attempt=when, destination=destination)
 
 
