@@ -320,6 +320,17 @@ class EmailOptions:
     relay_networks: tuple[str, ...] = option(("127.0.0.0/8", "::1/128"), check=check_networks,
                                              doc="Clients that may relay to any domain without "
                                              "AUTH (Postfix mynetworks).")
+    bare_newline: str = option(
+        "normalize", check=one_of("normalize", "reject"),
+        doc="A bare LF or bare CR from a client (RFC 5321 2.3.8 forbids both; SMTP "
+        "smuggling uses them). DATA ends only at CRLF.CRLF either way. 'normalize': the "
+        "line is taken as if it ended in CRLF and a bare CR is written as CRLF (Postfix 3.9's "
+        "default smtpd_forbid_bare_newline = normalize); 'reject': the command or message is "
+        "refused with '550 5.5.2 Error: bare <LF> received' and the connection closed.")
+    bare_newline_exclusions: Optional[tuple[str, ...]] = option(
+        None, check=check_networks, doc="Clients whose bare newlines are normalized even "
+        "when bare_newline = 'reject' (Postfix's smtpd_forbid_bare_newline_exclusions); "
+        "default: relay_networks.")
     default_mode: str = option("mta", check=one_of(*MODES),
                                doc="Mode for recipients no rule matches (relay-permitted or "
                                "authenticated senders only).")

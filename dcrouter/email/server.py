@@ -39,6 +39,17 @@ EVENTS = ("connection_made", "connection_lost", "auth_succeeded", "auth_failed",
           "message_received", "message_rejected")
 
 
+def _inside(ip: str, networks: list[Any]) -> bool:
+    """Is the client address ``ip`` (IPv4-mapped IPv6 as IPv4) inside one of ``networks``?"""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
+
+
 @dataclasses.dataclass(frozen=True)
 class ListenerConfig:
     """What a session needs to know about the listener that accepted it."""
@@ -139,6 +150,9 @@ class UnifiedEmailServer(Service):
         self._tls = context
         self.client_certs = client_certs
         self._networks = [ipaddress.ip_network(n, strict=False) for n in options.relay_networks]
+        exclusions = options.bare_newline_exclusions
+        self._bare_exclusions = self._networks if exclusions is None else [
+            ipaddress.ip_network(n, strict=False) for n in exclusions]
         self.connections.max_total = options.max_connections
         self.connections.max_per_ip = options.max_connections_per_ip
         self.auth_limiter.per_minute = options.auth.max_failures_per_minute
@@ -173,13 +187,11 @@ class UnifiedEmailServer(Service):
 
     def relay_permitted(self, ip: str) -> bool:
         """True when ``ip`` is inside ``relay_networks``."""
-        try:
-            address = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._networks)
+        return _inside(ip, self._networks)
+
+    def bare_newline_rejected(self, ip: str) -> bool:
+        """Are bare LF/CR from ``ip`` refused (``bare_newline = "reject"``, not excluded)?"""
+        return self.options.bare_newline == "reject" and not _inside(ip, self._bare_exclusions)
 
     # -- service life cycle ------------------------------------------------------------------
 

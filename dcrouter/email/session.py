@@ -25,9 +25,10 @@ from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from dcrouter.address import AddressError, parse_params, parse_path, split_argument
 from dcrouter.email.auth import ISmtpUser
 from dcrouter.email.clientcert import ClientCert
-from dcrouter.email.data import ChunkReader, DotDecoder
+from dcrouter.email.data import ChunkReader, DotDecoder, NewlineNormaliser
 from dcrouter.email.sasl import Challenge, Credentials, Refusal, SaslExchange, Step
 from dcrouter.email.spool import SpoolWriter
 from dcrouter.errors import PolicyRejection
@@ -46,9 +47,6 @@ AUTH_LINE_LIMIT = 12288
 #: While a command waits for the handler, read at most this much ahead before pausing.
 READ_AHEAD_LIMIT = 1024 * 1024
 
-_MAIL_RE = re.compile(r"^FROM:\s*(<[^<>]*>|[^\s<>]*)(?:\s+(.*))?$", re.IGNORECASE | re.DOTALL)
-_RCPT_RE = re.compile(r"^TO:\s*(<[^<>]*>|[^\s<>]*)(?:\s+(.*))?$", re.IGNORECASE | re.DOTALL)
-_ADDRESS_BAD = re.compile(r"[\x00-\x20\x7f<>()\[\]\\,;:\"]")
 _HELO_CLEAN = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
 
 COMMANDS = frozenset({"EHLO", "HELO", "MAIL", "RCPT", "DATA", "RSET", "NOOP", "QUIT", "VRFY",
@@ -68,34 +66,6 @@ def _received_date() -> str:
 
 class _Closed(Exception):
     """Raised internally once the session has been told to close."""
-
-
-def _parse_address(raw: str) -> Optional[str]:
-    """The address inside ``<...>`` (source route dropped); None when malformed."""
-    addr = raw[1:-1] if raw.startswith("<") and raw.endswith(">") else raw
-    if addr.startswith("@") and ":" in addr:  # RFC 5321 source route <@a,@b:user@c>
-        addr = addr.split(":", 1)[1]
-    if addr.count("@") > 1 and not addr.startswith('"'):
-        return None
-    local, _, domain = addr.rpartition("@")
-    if addr and not local.startswith('"') and _ADDRESS_BAD.search(local or addr):
-        return None
-    if domain and _ADDRESS_BAD.search(domain.replace("[", "").replace("]", "").replace(":", "")):
-        return None
-    if len(addr) > 320:
-        return None
-    return addr
-
-
-def _parse_params(text: Optional[str]) -> Optional[dict[str, str]]:
-    """ESMTP parameters ``KEY=VALUE KEY`` -> {KEY: VALUE}; None when malformed."""
-    out: dict[str, str] = {}
-    for item in (text or "").split():
-        key, _, value = item.partition("=")
-        if not key or not key.replace("-", "").isalnum():
-            return None
-        out[key.upper()] = value
-    return out
 
 
 @implementer(interfaces.IHandshakeListener)
@@ -126,6 +96,9 @@ class SmtpSession(Protocol):
         self._chunk: Optional[ChunkReader] = None
         self._chunk_refusal: Optional[Callable[[], None]] = None
         self._bdat = False
+        self._newlines = NewlineNormaliser()
+        #: Bare LF/CR refused (email.bare_newline = "reject", client not excluded).
+        self._bare_reject = False
         self.mail_from: Optional[str] = None
         self.recipients: list[str] = []
         self.smtputf8 = False
@@ -147,6 +120,7 @@ class SmtpSession(Protocol):
         self.info.submission = self.listener.submission
         self.info.tls = self.listener.implicit_tls
         self.info.relay_permitted = self.host.relay_permitted(self.info.client_ip)
+        self._bare_reject = self.host.bare_newline_rejected(self.info.client_ip)
         cap = self.host.connections.admit(self.info.client_ip)
         if cap:
             self.host.stats.rejected("connection_limit")
@@ -341,6 +315,9 @@ class SmtpSession(Protocol):
             return True
         if line.endswith(b"\r"):
             line = line[:-1]
+        elif self._bare_reject:
+            self._bare_newline("command")
+            return True
         if len(line) + 2 > self._line_limit(line):
             self._line_too_long()
             return True
@@ -349,6 +326,17 @@ class SmtpSession(Protocol):
         else:
             self._command(line)
         return True
+
+    def _bare_newline(self, where: str) -> None:
+        """A bare LF (or CR) from a client that may not send one: 550 and hang up
+        (Postfix's ``smtpd_forbid_bare_newline = reject``)."""
+        self.host.stats.rejected("bare_newline")
+        self._emit_rejected("bare_newline", 550, log_it=False)
+        log.info("bare newline in {where} refused", where=where,
+                 correlation_id=self.info.correlation_id)
+        self._reset_transaction()
+        self.close_idle("550 5.5.2 Error: bare <LF> received")
+        raise _Closed()
 
     def _line_too_long(self) -> None:
         self.host.stats.rejected("line_too_long")
@@ -485,6 +473,7 @@ class SmtpSession(Protocol):
         self.spool = None
         self.queue_id = ""
         self._bdat = False
+        self._newlines = NewlineNormaliser()
 
     @property
     def in_transaction(self) -> bool:
@@ -507,15 +496,19 @@ class SmtpSession(Protocol):
             self._emit_rejected("auth_required", 530)
             self._send("530 5.7.0 Authentication required")
             return
-        match = _MAIL_RE.match(arg)
-        address = _parse_address(match.group(1)) if match else None
-        params = _parse_params(match.group(2)) if match else None
-        if address is None or params is None:
-            self._error("501 5.1.7 Bad sender address syntax")
+        try:
+            path, text = split_argument(arg, "FROM")
+        except AddressError:
+            self._error("501 5.5.4 Syntax: MAIL FROM:<address>")
+            return
+        params = parse_params(text)
+        if params is None:
+            self._error("501 5.5.4 Bad parameter syntax")
             return
         if params and not self._esmtp:
             self._error("555 5.5.4 Unsupported option: parameters need EHLO")
             return
+        smtputf8 = body_8bitmime = False
         for key, value in params.items():
             if key == "SIZE":
                 if not (value.isascii() and value.isdigit()):
@@ -530,18 +523,22 @@ class SmtpSession(Protocol):
                 if value.upper() not in ("7BIT", "8BITMIME"):
                     self._error("555 5.5.4 Unsupported option: BODY=" + value[:20])
                     return
-                self.body_8bitmime = value.upper() == "8BITMIME"
-            elif key == "SMTPUTF8":
-                self.smtputf8 = True
+                body_8bitmime = value.upper() == "8BITMIME"
+            elif key == "SMTPUTF8" and not value:
+                smtputf8 = True
             elif key != "AUTH":
                 self._error(f"555 5.5.4 Unsupported option: {key[:20]}")
                 return
-        if not address.isascii() and not self.smtputf8:
-            self._error("553 5.6.7 Must declare SMTPUTF8 to send unicode address")
+        try:
+            mailbox = parse_path(path, utf8=smtputf8, null_ok=True)
+        except AddressError as e:
+            self._bad_address(e, "sender", "5.1.7")
             return
+        address = mailbox.address if mailbox is not None else ""
 
         def accepted(_: Any) -> None:
             self.mail_from = address
+            self.smtputf8, self.body_8bitmime = smtputf8, body_8bitmime
             self._send("250 2.1.0 Ok")
 
         self._ask("check_sender", (self.info, address), accepted, "sender")
@@ -554,21 +551,27 @@ class SmtpSession(Protocol):
         if self._bdat:
             self._error("503 5.5.1 Error: RCPT not allowed after BDAT")
             return
-        match = _RCPT_RE.match(arg)
-        address = _parse_address(match.group(1)) if match else None
-        params = _parse_params(match.group(2)) if match else None
-        if not address or params is None:
-            self._error("501 5.1.3 Bad recipient address syntax")
+        try:
+            path, text = split_argument(arg, "TO")
+        except AddressError:
+            self._error("501 5.5.4 Syntax: RCPT TO:<address>")
+            return
+        params = parse_params(text)
+        if params is None:
+            self._error("501 5.5.4 Bad parameter syntax")
             return
         if params:
             self._error(f"555 5.5.4 Unsupported option: {next(iter(params))[:20]}")
             return
-        if not address.isascii() and not self.smtputf8:
-            self._error("553 5.6.7 Must declare SMTPUTF8 to send unicode address")
+        try:
+            mailbox = parse_path(path, utf8=self.smtputf8, postmaster_ok=True)
+        except AddressError as e:
+            self._bad_address(e, "recipient", "5.1.3")
             return
-        if "@" not in address and address.lower() != "postmaster":
-            self._error("501 5.1.3 Bad recipient address syntax")
-            return
+        assert mailbox is not None
+        # RFC 5321 4.5.1: <postmaster> without a domain is this host's postmaster.
+        address = mailbox.address if mailbox.domain else \
+            f"postmaster@{self.host.options.hostname}"
         if len(self.recipients) >= self.host.options.max_recipients:
             self.host.stats.rejected("too_many_recipients")
             self._emit_rejected("too_many_recipients", 452)
@@ -582,6 +585,16 @@ class SmtpSession(Protocol):
             self._send("250 2.1.5 Ok")
 
         self._ask("check_recipient", (self.info, mail_from, address), accepted, "recipient")
+
+    def _bad_address(self, error: AddressError, role: str, enhanced: str) -> None:
+        """Reply to a MAIL/RCPT path the grammar refused (Postfix's codes)."""
+        self.host.stats.rejected("address_syntax")
+        if error.kind == "utf8":
+            self._error("553 5.6.7 Must declare SMTPUTF8 to send unicode address")
+        elif error.kind == "too_long":
+            self._error(f"501 {enhanced} Bad {role} address syntax: path too long")
+        else:
+            self._error(f"501 {enhanced} Bad {role} address syntax")
 
     def do_DATA(self, arg: str) -> None:
         """DATA: open a spool file with the Received header and start streaming."""
@@ -609,7 +622,8 @@ class SmtpSession(Protocol):
         self.queue_id = new_queue_id()
         try:
             path, fd = self.host.spool_files.take()
-            spool = SpoolWriter(path, fd, self.host.options.max_message_size)
+            spool = SpoolWriter(path, fd, self.host.options.max_message_size,
+                                authserv_id=self.host.options.hostname)
             self.spool = spool
             spool.write_header(self._received_header())
         except OSError as e:
@@ -704,7 +718,9 @@ class SmtpSession(Protocol):
         assert chunk is not None
         out, self._buf, finished = chunk.feed(self._buf)
         if out and chunk.keep and self.spool is not None:
-            self.spool.write(out)
+            out = self._newlines.feed(out)
+            if not (self._bare_reject and self._newlines.bare):
+                self.spool.write(out)
         if finished:
             self._end_of_chunk()
         return finished
@@ -717,7 +733,15 @@ class SmtpSession(Protocol):
         assert chunk is not None
         if refusal is not None:
             refusal()
+        elif self._bare_reject and self._newlines.bare:
+            self._bare_newline("BDAT")
         elif chunk.last:
+            if self.spool is not None:
+                rest = self._newlines.feed(b"", final=True)
+                if rest:
+                    self.spool.write(rest)
+            if self._bare_reject and self._newlines.bare:
+                self._bare_newline("BDAT")
             self._end_of_data()
         else:
             self._send(f"250 2.0.0 {chunk.size} octets received")
@@ -726,10 +750,12 @@ class SmtpSession(Protocol):
         """Move decoded lines from the buffer into the spool; True at end of data."""
         assert self.spool is not None
         out, self._buf, finished = self._decoder.feed(self._buf)
-        if out:
+        if out and not (self._bare_reject and self._decoder.bare):
             self.spool.write(out)
         if finished:
             self._mode = "command"
+            if self._bare_reject and self._decoder.bare:
+                self._bare_newline("DATA")
             self._end_of_data()
         return finished
 
@@ -750,6 +776,16 @@ class SmtpSession(Protocol):
             self.host.transaction_finished(self)
             return
         body_command = "BDAT" if self._bdat else "DATA"
+        bare = self._newlines if self._bdat else self._decoder
+        if bare.bare_lf or bare.bare_cr:
+            log.info("bare {kinds} in {command} written as CRLF",
+                     kinds=" and ".join(k for k, seen in (("<LF>", bare.bare_lf),
+                                                          ("<CR>", bare.bare_cr)) if seen),
+                     command=body_command, correlation_id=self.info.correlation_id)
+        if spool.results is not None and spool.results.removed:
+            log.info("removed {count} Authentication-Results claiming {authserv_id}",
+                     count=spool.results.removed, authserv_id=self.host.options.hostname,
+                     correlation_id=self.info.correlation_id)
         message = ReceivedMessage(queue_id=self.queue_id, mail_from=self.mail_from,
                                   recipients=list(self.recipients), spool_path=path,
                                   size=spool.total_size, session=self.info,

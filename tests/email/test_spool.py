@@ -143,11 +143,16 @@ def test_decoder_round_trip_any_chunking(lines: list, cuts: list, trailer: bytes
 
 @settings(max_examples=200, deadline=None)
 @given(lines=_lines, cuts=st.lists(st.integers(0, 10000), max_size=12))
-def test_decoder_bare_lf_equals_crlf(lines: list, cuts: list) -> None:
+def test_decoder_bare_lf_ends_lines_but_never_the_message(lines: list, cuts: list) -> None:
+    """Bare LF lines are taken as CRLF lines (dots unstuffed), but ".\n" is content:
+    only CRLF.CRLF ends the message (no SMTP smuggling)."""
     message = b"".join(line + b"\r\n" for line in lines)
     bare = dot_stuff(message).replace(b"\r\n", b"\n")
     decoded, rest, done = _decode(bare, cuts)
-    assert done and decoded == message and rest == b""
+    assert not done and rest == b""
+    decoder_input = bare + b"\r\n.\r\nQUIT\r\n"
+    decoded, rest, done = _decode(decoder_input, cuts)
+    assert done and decoded == message + b".\r\n\r\n" and rest == b"QUIT\r\n"
 
 
 def test_decoder_long_lines_pass_in_pieces_without_splitting_crlf() -> None:
