@@ -387,7 +387,7 @@ class MultiModeDeliverySystem(Service):
                     ) -> dict[str, Outcome]:
         route = item.route
         if route.kind == "local":
-            return await self._send_local(route, data, recipients)
+            return await self._send_local(route, data, recipients, item.mail_from)
         if route.kind not in ("forward", "mx"):
             raise PermanentDeliveryError(f"554 5.3.5 unknown route kind {route.kind!r}")
         key = (item.destination, route.kind, route.server, route.port, route.require_tls,
@@ -401,14 +401,14 @@ class MultiModeDeliverySystem(Service):
         results: dict[str, Outcome] = await job.deferred
         return results
 
-    async def _send_local(self, route: Route, data: bytes, recipients: list[str]
-                          ) -> dict[str, Outcome]:
+    async def _send_local(self, route: Route, data: bytes, recipients: list[str],
+                          mail_from: str = "") -> dict[str, Outcome]:
         root = route.local_path or os.path.join(self.state_dir or ".", "mail")
         results = {}
         for rcpt in recipients:
             try:
                 path = await threads.deferToThread(maildir.deliver, root, rcpt, data,
-                                                    maildir.new_name())
+                                                    maildir.new_name(), mail_from)
                 results[rcpt] = Outcome(250, f"250 2.0.0 stored in {os.path.basename(path)}",
                                         True, False)
             except PermanentDeliveryError as e:

@@ -37,11 +37,12 @@ from typing import Any, Optional
 from twisted.internet import defer, threads
 
 from dcrouter.config.email import (
-    DomainRuleOptions, EmailOptions, ScannerOptions, check_address_pattern,
+    DomainRuleOptions, EmailOptions, MtaOptions, ScannerOptions, check_address_pattern,
 )
 from dcrouter.dkimkeys import DEFAULT_SELECTOR
 from dcrouter.email.authcheck import InboundAuthChecker
 from dcrouter.email.ratelimit import make_rate_limiter
+from dcrouter.email.recipients import RecipientPolicy, is_postmaster
 from dcrouter.email.routing import ANY_DOMAIN, DomainRouter, pattern_rank, split_address
 from dcrouter.email.scanning import (
     ClamdClient, ScanContext, ScannerError, ScanResult, SpamdClient, build_scanner, mime,
@@ -148,6 +149,9 @@ class MultiModeProcessor:
             pipelines[id(rule)] = (rule, RulePipeline(rule, f"email.domain_rules[{i}]", self))
         self._pipelines = pipelines
         self._default_pipeline = RulePipeline(None, "email", self)
+        self.recipient_policy = RecipientPolicy(options.domain_rules, options.hostname,
+                                                options.case_sensitive)
+        self._postmaster_rule = _postmaster_rule(options.hostname)
         auth = options.inbound_auth
         self.auth_checker: Optional[InboundAuthChecker] = None
         if auth.enabled or any(r.reject_on_dmarc_fail for r in options.domain_rules):
@@ -215,8 +219,17 @@ class MultiModeProcessor:
 
     def route_for_address(self, address: str) -> Route:
         """How mail to ``address`` would be delivered (the delivery system routes bounces so)."""
-        rule = self.domain_router.match_rule(address)
+        rule = self._rule_for(address)
         return self._route(rule, address)
+
+    def _rule_for(self, recipient: str) -> Optional[DomainRuleOptions]:
+        """The matching rule; for ``postmaster@<hostname>`` that no rule matches, the
+        built-in one delivering to the Maildir ``postmaster`` (RFC 5321 4.5.1)."""
+        rule = self.domain_router.match_rule(recipient)
+        if rule is None and self._postmaster_rule is not None \
+                and is_postmaster(recipient, self.options.hostname):
+            return self._postmaster_rule
+        return rule
 
     # -- SMTP envelope checks ------------------------------------------------------
 
@@ -262,13 +275,19 @@ class MultiModeProcessor:
 
     @defer.inlineCallbacks
     def check_recipient(self, session: SessionInfo, mail_from: str, recipient: str) -> Any:
-        """Relay policy, suppression, per-rule recipient cap, queue room, per-rule rate."""
-        rule = self.domain_router.match_rule(recipient)
+        """Relay policy, recipient checks, suppression, per-rule recipient cap, queue room,
+        per-rule rate."""
+        rule = self._rule_for(recipient)
         if not session.may_relay and (rule is None or not _names_a_domain(rule)):
             self.rejections["relay"] += 1
             log.info("relay denied for {recipient} from {client_ip}", recipient=recipient,
                      client_ip=session.client_ip, correlation_id=session.correlation_id)
             raise PolicyRejection(554, "5.7.1", "Relay access denied", reason="relay")
+        try:
+            yield self.recipient_policy.check(session, recipient, rule)
+        except PolicyRejection as e:
+            self.rejections[e.reason] += 1
+            raise
         if self.suppression is not None and self.suppression.is_suppressed(recipient):
             self.rejections["suppressed"] += 1
             raise PolicyRejection(550, "5.1.1", f"<{recipient}>: recipient suppressed after "
@@ -302,7 +321,7 @@ class MultiModeProcessor:
     def _groups(self, message: ReceivedMessage) -> list[_Group]:
         groups: dict[str, _Group] = {}
         for rcpt in message.recipients:
-            rule = self.domain_router.match_rule(rcpt)
+            rule = self._rule_for(rcpt)
             key = rule.pattern if rule is not None else ""
             group = groups.get(key)
             if group is None:
@@ -394,8 +413,7 @@ class MultiModeProcessor:
             return message.spool_path
         path = message.spool_path + ".ar"
         created.append(path)
-        yield threads.deferToThread(_prepend_file, message.spool_path, path, results.header(),
-                                    self.options.hostname)
+        yield threads.deferToThread(_prepend_file, message.spool_path, path, results.header())
         return path
 
     @defer.inlineCallbacks
@@ -528,43 +546,29 @@ def _write_message(path: str, msg: Any, prepend: list[bytes]) -> None:
         f.write(mime.to_bytes(msg))
 
 
-def _prepend_file(source: str, target: str, head: bytes, authserv_id: str = "") -> None:
+def _prepend_file(source: str, target: str, head: bytes) -> None:
     """Copy ``source`` to ``target`` with ``head`` first.
 
-    ``Authentication-Results`` headers that claim ``authserv_id`` (ours) are
-    dropped from the copy: only dcrouter may speak for itself (RFC 8601 5).
+    (``Authentication-Results`` fields claiming our authserv-id never reach the
+    spool file: :class:`dcrouter.email.spool.ResultsFilter` drops them.)
     """
-    ours = authserv_id.lower().encode()
     with open(source, "rb") as src, open(target, "wb") as dst:
         dst.write(head)
-        field: list[bytes] = []
-
-        def flush() -> None:
-            if field:
-                name, _, value = field[0].partition(b":")
-                claimed = value.split(b";", 1)[0].strip().lower()
-                if not (ours and name.strip().lower() == b"authentication-results"
-                        and claimed == ours):
-                    dst.write(b"".join(field))
-                field.clear()
-
-        for line in src:
-            if line in (b"\r\n", b"\n"):
-                flush()
-                dst.write(line)
-                break
-            if line[:1] in (b" ", b"\t") and field:
-                field.append(line)
-                continue
-            flush()
-            field.append(line)
-        else:
-            flush()
         while True:
             chunk = src.read(1 << 20)
             if not chunk:
                 break
             dst.write(chunk)
+
+
+def _postmaster_rule(hostname: str) -> Optional[DomainRuleOptions]:
+    """``postmaster@<hostname>`` into the Maildir ``state_dir/mail/postmaster``."""
+    try:
+        return DomainRuleOptions(pattern=check_address_pattern(f"postmaster@{hostname}",
+                                                               "email.hostname"),
+                                 mode="mta", mta_options=MtaOptions(allow_local_delivery=True))
+    except ConfigError:  # a hostname that makes no pattern: no built-in postmaster
+        return None
 
 
 __all__ = ["MultiModeProcessor", "RulePipeline", "SCAN_HEADERS"]

@@ -157,16 +157,15 @@ def test_processor_header_and_dmarc_reject(nameserver: str, keys: DkimKeyStore,
         "domain_rules": [{"pattern": "*@strict-in.test", "mode": "mta",
                           "reject_on_dmarc_fail": True},
                          {"pattern": "*@lax-in.test", "mode": "mta"}]})
-    spoofed = (b"Authentication-Results: MX.dcrouter.test;\r\n\tdmarc=pass header.from=x\r\n"
-               b"Authentication-Results: other.example; spf=pass\r\n")
-    good = signed(keys, "sender.test", spoofed + simple_message(sender="alice@sender.test"))
+    # (headers claiming to be ours never reach the processor: the SMTP server's spool
+    # drops them, see test_results_claiming_our_id_removed_over_smtp)
+    other = b"Authentication-Results: other.example; spf=pass\r\n"
+    good = signed(keys, "sender.test", other + simple_message(sender="alice@sender.test"))
     yield transaction(processor, tmp, good, "alice@sender.test", ["x@strict-in.test"],
                       session("192.0.2.10", helo="mx.sender.test"))
     body = queue.body(queue.requests[-1])
     assert body.startswith(b"Authentication-Results: mx.dcrouter.test;\r\n\tspf=pass")
     assert b"dmarc=pass" in body
-    # a header claiming to come from us was dropped; another server's stays
-    assert body.count(b"mx.dcrouter.test;") == 1 and b"header.from=x" not in body
     assert b"Authentication-Results: other.example; spf=pass\r\n" in body
     assert body.endswith(b"Just a friendly note.\r\n")
     forged = simple_message(sender="alice@sender.test")
