@@ -23,6 +23,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import unicodedata
 from typing import Optional
 
 from twisted.mail import maildir
@@ -58,6 +59,11 @@ def delivered_to(data: bytes) -> list[str]:
     head = re.sub(rb"\r?\n[ \t]+", b" ", _header_section(data))
     return [m.group(1).decode("utf-8", "replace").strip()
             for m in _DELIVERED_TO.finditer(head.replace(b"\r\n", b"\n"))]
+
+
+def _same(a: str, b: str) -> bool:
+    """Addresses equal ignoring case and Unicode normalisation (for loop detection)."""
+    return unicodedata.normalize("NFC", a).lower() == unicodedata.normalize("NFC", b).lower()
 
 
 def trace_headers(recipient: str, mail_from: Optional[str]) -> bytes:
@@ -138,7 +144,7 @@ def deliver(root: str, recipient: str, data: bytes, name: str = "",
     mailbox or the message loops (it already has ``Delivered-To: recipient``).
     """
     box = mailbox_for(root, recipient)
-    if any(value.lower() == recipient.lower() for value in delivered_to(data)):
+    if any(_same(value, recipient) for value in delivered_to(data)):
         raise PermanentDeliveryError(f"554 5.4.6 mail forwarding loop for "
                                      f"<{header_text(recipient)}>")
     data = trace_headers(recipient, mail_from) + data

@@ -498,8 +498,11 @@ class SmtpSession(Protocol):
             return
         try:
             path, text = split_argument(arg, "FROM")
-        except AddressError:
-            self._error("501 5.5.4 Syntax: MAIL FROM:<address>")
+        except AddressError as e:
+            if e.detail == "keyword":
+                self._error("501 5.5.4 Syntax: MAIL FROM:<address>")
+            else:
+                self._bad_address(e, "sender", "5.1.7")
             return
         params = parse_params(text)
         if params is None:
@@ -553,8 +556,11 @@ class SmtpSession(Protocol):
             return
         try:
             path, text = split_argument(arg, "TO")
-        except AddressError:
-            self._error("501 5.5.4 Syntax: RCPT TO:<address>")
+        except AddressError as e:
+            if e.detail == "keyword":
+                self._error("501 5.5.4 Syntax: RCPT TO:<address>")
+            else:
+                self._bad_address(e, "recipient", "5.1.3")
             return
         params = parse_params(text)
         if params is None:
