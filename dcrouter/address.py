@@ -329,10 +329,10 @@ def maildir_name(address: str) -> Optional[str]:
 
 
 def header_text(text: str) -> str:
-    """``text`` safe inside a header field: every control character (CR, LF, NUL...) is
-    replaced by ``?``."""
-    return "".join("?" if (ord(c) < 32 and c != "\t") or ord(c) == 127 or
-                   unicodedata.category(c) in ("Cc", "Zl", "Zp") else c for c in text)
+    """``text`` safe inside a header field: every control character (CR, LF, NUL, C1...)
+    and line or paragraph separator is replaced by ``?``; a tab stays."""
+    return "".join(c if c == "\t" or (c.isprintable() and c != "\x7f") or
+                   unicodedata.category(c) not in ("Cc", "Zl", "Zp") else "?" for c in text)
 
 
 def ar_value(text: str) -> str:
