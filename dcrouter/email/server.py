@@ -28,6 +28,7 @@ from dcrouter.email.auth import AuthFailureLimiter, build_portal
 from dcrouter.email.clientcert import ClientCertPolicy
 from dcrouter.email.limits import ConnectionTracker
 from dcrouter.email.session import SmtpSession
+from dcrouter.email.sessioncore import SessionCore
 from dcrouter.email.spool import SpoolFiles, clean_spool, spool_dir
 from dcrouter.logsetup import get_logger
 from dcrouter.service import ListenerSet, ListenSpec, RouterContext
@@ -117,7 +118,7 @@ class UnifiedEmailServer(Service):
         self.reactor = context.reactor
         self.handler = handler
         self.stats = ServerStats()
-        self.sessions: set[SmtpSession] = set()
+        self.sessions: set[SessionCore] = set()
         self.draining = False
         self._drain_waiters: list[defer.Deferred] = []
         self._observers: list[Any] = list(context.extensions.email_observers)
@@ -257,7 +258,7 @@ class UnifiedEmailServer(Service):
 
     # -- sessions --------------------------------------------------------------------------
 
-    def session_opened(self, session: SmtpSession) -> None:
+    def session_opened(self, session: SessionCore) -> None:
         """A session passed the connection caps."""
         self.sessions.add(session)
         self.stats.connections_total += 1
@@ -267,7 +268,7 @@ class UnifiedEmailServer(Service):
                  correlation_id=session.info.correlation_id)
         self.emit("connection_made", session.info)
 
-    def session_closed(self, session: SmtpSession, reason: Failure) -> None:
+    def session_closed(self, session: SessionCore, reason: Failure) -> None:
         """A counted session ended."""
         self.sessions.discard(session)
         self.connections.release(session.info.client_ip)
@@ -276,12 +277,12 @@ class UnifiedEmailServer(Service):
         self.emit("connection_lost", session.info, reason)
         self._check_drained()
 
-    def transaction_finished(self, session: SmtpSession) -> None:
+    def transaction_finished(self, session: SessionCore) -> None:
         """A transaction ended (reply sent); while draining, close the now idle session."""
         if self.draining:
             self.reactor.callLater(0, self._close_if_idle, session)
 
-    def _close_if_idle(self, session: SmtpSession) -> None:
+    def _close_if_idle(self, session: SessionCore) -> None:
         if not session.closed and not session.in_transaction:
             session.close_idle(f"421 4.3.2 {self.options.hostname} Service shutting down")
         self._check_drained()
