@@ -6,7 +6,9 @@ The SMTP server calls it through :class:`dcrouter.interfaces.IMessageHandler`:
   message-level rate-limit tokens (global, per client IP, per AUTH user).
 * ``check_recipient`` (RCPT TO) applies the relay policy (Postfix model: a
   client that is neither authenticated nor in ``relay_networks`` may only
-  send to addresses a domain rule matches), the suppression list, the rule's
+  send to addresses a domain rule matches), the recipient checks of
+  :mod:`dcrouter.email.recipients` (sender-specified routing, Maildir names,
+  recipient lists and plug-ins, postmaster), the suppression list, the rule's
   ``max_recipients_per_message``, queue back-pressure and the rule's rate
   limit - each refusal a :class:`~dcrouter.errors.PolicyRejection` with the
   SMTP reply.
