@@ -40,6 +40,22 @@ class IMessageHandler(Interface):
         """
 
 
+class IRecipientCheck(Interface):
+    """Knows which recipients of a rule exist, so that the others are refused at RCPT.
+
+    Named by a domain rule's ``recipient_check`` (``package.module:Class``, built
+    without arguments) - Postfix's ``local_recipient_maps`` / ``relay_recipient_maps``
+    as code: a directory lookup, a database, an API of the mailbox server.
+    """
+
+    def recipient_exists(address, rule_pattern, session):
+        """True when ``address`` (canonical ``local@domain``) can be delivered, False when
+        it is unknown (``550 5.1.1``).  May return a Deferred; an exception or a failed
+        Deferred answers ``451 4.3.0`` (the client tries again later).  ``session`` is the
+        :class:`dcrouter.message.SessionInfo`, ``rule_pattern`` the matched rule's pattern.
+        """
+
+
 class IEmailEventObserver(Interface):
     """Subscribes to the SMTP server's events (seed section 8.2)."""
 

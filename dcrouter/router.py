@@ -62,6 +62,7 @@ def _build_email(context: RouterContext) -> ManagedService:
                                        rules=domain_router)
     processor = MultiModeProcessor(email, domain_router, queue, context,
                                    suppression=delivery.suppression)
+    delivery.use_rules(processor)   # the rule table with the built-in postmaster rule
     server = UnifiedEmailServer(email, processor, context)
     return EmailGateway(context, server=server, processor=processor,
                         domain_router=domain_router, queue=queue, delivery=delivery)

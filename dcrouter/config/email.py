@@ -307,11 +307,30 @@ class DomainRuleOptions:
     rate_limits: Optional[RuleRateLimits] = option(None, doc="Limits for this rule.")
     reject_on_dmarc_fail: bool = option(False, doc="Refuse mail whose DMARC evaluation fails "
                                         "and whose policy is reject or quarantine.")
+    recipients: tuple[str, ...] = option((), doc="The addresses this rule accepts (full "
+                                         "addresses or bare local parts, compared like "
+                                         "patterns); any other gets '550 5.1.1 ... User unknown' "
+                                         "at RCPT (Postfix's smtpd_reject_unlisted_recipient "
+                                         "with relay_recipient_maps). Empty (and no "
+                                         "recipients_file): every address the pattern matches.")
+    recipients_file: str = option("", doc="A file of accepted addresses, one a line ('#' "
+                                  "comments), read at start and on reload; adds to "
+                                  "recipients.")
+    recipient_check: str = option("", doc="'package.module:Class' of an IRecipientCheck "
+                                  "(built without arguments) asked at RCPT whether an address "
+                                  "exists: false is 550 5.1.1, an error 451 4.3.0.")
 
     def validate(self, path: str) -> None:
-        """Mode-specific requirements."""
+        """Mode-specific requirements; recipient entries are addresses or local parts."""
         if self.mode == "forward" and self.target is None:
             raise ConfigError(f"{path}.target", "forward mode needs a target = { server, port }")
+        for i, entry in enumerate(self.recipients):
+            if not entry or entry != entry.strip() or any(ord(c) < 33 for c in entry):
+                raise ConfigError(f"{path}.recipients[{i}]",
+                                  f"must be an address or a local part, got {entry!r}")
+        if self.recipient_check and ":" not in self.recipient_check:
+            raise ConfigError(f"{path}.recipient_check",
+                              f"must be 'package.module:Class', got '{self.recipient_check}'")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -428,6 +447,17 @@ class EmailOptions:
     relay_networks: tuple[str, ...] = option(("127.0.0.0/8", "::1/128"), check=check_networks,
                                              doc="Clients that may relay to any domain without "
                                              "AUTH (Postfix mynetworks).")
+    bare_newline: str = option(
+        "normalize", check=one_of("normalize", "reject"),
+        doc="A bare LF or bare CR from a client (RFC 5321 2.3.8 forbids both; SMTP "
+        "smuggling uses them). DATA ends only at CRLF.CRLF either way. 'normalize': the "
+        "line is taken as if it ended in CRLF and a bare CR is written as CRLF (Postfix 3.9's "
+        "default smtpd_forbid_bare_newline = normalize); 'reject': the command or message is "
+        "refused with '550 5.5.2 Error: bare <LF> received' and the connection closed.")
+    bare_newline_exclusions: Optional[tuple[str, ...]] = option(
+        None, check=check_networks, doc="Clients whose bare newlines are normalized even "
+        "when bare_newline = 'reject' (Postfix's smtpd_forbid_bare_newline_exclusions); "
+        "default: relay_networks.")
     default_mode: str = option("mta", check=one_of(*MODES),
                                doc="Mode for recipients no rule matches (relay-permitted or "
                                "authenticated senders only).")

@@ -4,6 +4,11 @@ A DSN goes to the envelope sender of the failed message, from the null
 sender, and is itself never bounced (see :mod:`dcrouter.delivery.system`).
 Its three parts: a human-readable explanation, the machine-readable
 ``message/delivery-status`` and the original headers (``text/rfc822-headers``).
+
+Addresses and diagnostics come from strangers (envelope, next-hop replies):
+each goes through :func:`dcrouter.address.header_text`, so no CR or LF of
+theirs can start a header field of ours; a UTF-8 address is typed ``utf-8``
+(RFC 6533) rather than ``rfc822``.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ import email.utils
 import uuid
 from typing import Iterable
 
+from dcrouter.address import header_text
 from dcrouter.queue.item import QueueItem, RecipientState
 
 _CRLF = "\r\n"
@@ -36,7 +42,7 @@ def build_dsn(item: QueueItem, failed: Iterable[RecipientState], reporting_mta: 
     arrival = email.utils.formatdate(item.created_at, localtime=False)
     lines = [
         f"From: Mail Delivery System <{from_address}>",
-        f"To: <{item.mail_from}>",
+        f"To: <{header_text(item.mail_from)}>",
         "Subject: Undelivered Mail Returned to Sender",
         f"Date: {now}",
         f"Message-ID: <{uuid.uuid4().hex}@{reporting_mta}>",
@@ -56,7 +62,7 @@ def build_dsn(item: QueueItem, failed: Iterable[RecipientState], reporting_mta: 
         "",
     ]
     for r in failed:
-        lines.append(f"<{r.address}>: {_one_line(r.message) or 'delivery failed'}")
+        lines.append(f"<{header_text(r.address)}>: {_one_line(r.message) or 'delivery failed'}")
     lines += [
         "",
         f"--{boundary}",
@@ -70,8 +76,8 @@ def build_dsn(item: QueueItem, failed: Iterable[RecipientState], reporting_mta: 
     for r in failed:
         lines += [
             "",
-            f"Final-Recipient: rfc822; {r.address}",
-            f"Original-Recipient: rfc822; {r.address}",
+            f"Final-Recipient: {_typed(r.address)}",
+            f"Original-Recipient: {_typed(r.address)}",
             "Action: failed",
             f"Status: {status_for.get(r.address, '5.0.0')}",
             f"Diagnostic-Code: smtp; {_one_line(r.message) or str(r.code)}",
@@ -90,4 +96,9 @@ def build_dsn(item: QueueItem, failed: Iterable[RecipientState], reporting_mta: 
 
 
 def _one_line(text: str) -> str:
-    return " ".join(text.split())[:500]
+    return header_text(" ".join(text.split()))[:500]
+
+
+def _typed(address: str) -> str:
+    """An RFC 3464 address with its type: ``rfc822; a@b``, or ``utf-8; ...`` (RFC 6533)."""
+    return f"{'rfc822' if address.isascii() else 'utf-8'}; {header_text(address)}"

@@ -1,5 +1,14 @@
 """Local delivery into Maildirs: ``<root>/<local part>/{tmp,new,cur}``.
 
+This is final delivery, so the message gets what RFC 5321 4.4 and Postfix's
+local(8) put in front of it: ``Return-Path: <envelope sender>`` and
+``Delivered-To: <recipient>``.  A message that already carries a
+``Delivered-To`` for this recipient has been here before: it is refused as a
+mail forwarding loop (``5.4.6``, bounced) instead of being stored again.  The
+mailbox directory is the local part lower-cased, in Unicode NFC
+(:func:`dcrouter.address.maildir_name`): UTF-8 local parts (SMTPUTF8) get
+UTF-8 directory names.
+
 Each message is written to ``tmp/`` under a unique name from
 ``twisted.mail.maildir``'s generator (mode 0600), fsynced, renamed into
 ``new/`` and the directory fsynced.  Directories it creates - the root, the
@@ -16,22 +25,57 @@ from __future__ import annotations
 import os
 import re
 import threading
+import unicodedata
+from typing import Optional
 
 from twisted.mail import maildir
 
+from dcrouter.address import header_text, maildir_name
 from dcrouter.errors import PermanentDeliveryError
 from dcrouter.tlsutil import ensure_private_dir
 
-_SAFE_LOCAL = re.compile(r"^[A-Za-z0-9!#$%&'*+\-=?^_`{|}~][A-Za-z0-9!#$%&'*+\-=?^_`{|}~.]*$")
 _names = maildir._MaildirNameGenerator(maildir.reactor)  # type: ignore[attr-defined]
+#: The header section is looked at for Delivered-To up to this many bytes.
+HEADER_SCAN_LIMIT = 256 * 1024
+_DELIVERED_TO = re.compile(rb"^delivered-to[ \t]*:(.*)$", re.IGNORECASE | re.MULTILINE)
 
 
 def mailbox_for(root: str, recipient: str) -> str:
-    """The Maildir of ``recipient`` under ``root`` (local part, lower-cased)."""
-    local = recipient.rpartition("@")[0].lower() or recipient.lower()
-    if not _SAFE_LOCAL.match(local) or ".." in local or len(local) > 64:
-        raise PermanentDeliveryError(f"550 5.1.3 bad local part for a mailbox: {local!r}")
-    return os.path.join(root, local)
+    """The Maildir of ``recipient`` under ``root`` (local part, lower-cased, NFC)."""
+    name = maildir_name(recipient)
+    if name is None:
+        raise PermanentDeliveryError(f"550 5.1.1 <{header_text(recipient)}>: bad local part "
+                                     "for a mailbox")
+    return os.path.join(root, name)
+
+
+def _header_section(data: bytes) -> bytes:
+    head = data[:HEADER_SCAN_LIMIT]
+    end = head.find(b"\r\n\r\n")
+    if end < 0 and head.startswith(b"\r\n"):
+        return b""
+    return head if end < 0 else head[:end + 2]
+
+
+def delivered_to(data: bytes) -> list[str]:
+    """The values of the message's ``Delivered-To`` header fields (unfolded, stripped)."""
+    head = re.sub(rb"\r?\n[ \t]+", b" ", _header_section(data))
+    return [m.group(1).decode("utf-8", "replace").strip()
+            for m in _DELIVERED_TO.finditer(head.replace(b"\r\n", b"\n"))]
+
+
+def _same(a: str, b: str) -> bool:
+    """Addresses equal ignoring case and Unicode normalisation (for loop detection)."""
+    return unicodedata.normalize("NFC", a).lower() == unicodedata.normalize("NFC", b).lower()
+
+
+def trace_headers(recipient: str, mail_from: Optional[str]) -> bytes:
+    """``Return-Path`` (when the sender is known) and ``Delivered-To`` for one delivery."""
+    lines = []
+    if mail_from is not None:
+        lines.append(f"Return-Path: <{header_text(mail_from)}>\r\n")
+    lines.append(f"Delivered-To: {header_text(recipient)}\r\n")
+    return "".join(lines).encode("utf-8")
 
 
 def new_name() -> str:
@@ -94,9 +138,19 @@ class DirectorySyncer:
 _directories = DirectorySyncer()
 
 
-def deliver(root: str, recipient: str, data: bytes, name: str = "") -> str:
-    """Store ``data`` in the recipient's Maildir under ``name``; returns the new file's path."""
+def deliver(root: str, recipient: str, data: bytes, name: str = "",
+            mail_from: Optional[str] = None) -> str:
+    """Store ``data`` in the recipient's Maildir under ``name``; returns the new file's path.
+
+    ``mail_from`` is the envelope sender (``""`` for the null sender) for
+    ``Return-Path``.  PermanentDeliveryError when the local part cannot be a
+    mailbox or the message loops (it already has ``Delivered-To: recipient``).
+    """
     box = mailbox_for(root, recipient)
+    if any(_same(value, recipient) for value in delivered_to(data)):
+        raise PermanentDeliveryError(f"554 5.4.6 mail forwarding loop for "
+                                     f"<{header_text(recipient)}>")
+    data = trace_headers(recipient, mail_from) + data
     for sub in ("tmp", "new", "cur"):
         # the root and the mailbox too, when this creates them: 0700 all the way down
         ensure_private_dir(os.path.join(box, sub))

@@ -150,6 +150,11 @@ class MultiModeDeliverySystem(Service):
         d.addBoth(lambda _: timeout.cancel() if timeout.active() else None)
         return d
 
+    def use_rules(self, rules: RuleLookup) -> None:
+        """Resolve queued destinations with ``rules`` (the processor's table, built-in rules
+        included)."""
+        self.transports.rules = rules
+
     def update_options(self, options: EmailOptions) -> None:
         """Apply a new ``[email]`` section (limits, timeouts, resolver)."""
         if options.delivery.nameservers != self.options.delivery.nameservers:
@@ -424,7 +429,7 @@ class MultiModeDeliverySystem(Service):
     async def _send(self, item: QueueItem, transport: Transport, data: bytes,
                     recipients: list[str]) -> dict[str, Outcome]:
         if transport.kind == "local":
-            return await self._send_local(transport, data, recipients)
+            return await self._send_local(transport, data, recipients, item.mail_from)
         if not transport.smtp:
             raise PermanentDeliveryError(f"554 5.3.5 unknown transport {transport.kind!r}")
         worker = self.workers.get(transport)
@@ -436,14 +441,14 @@ class MultiModeDeliverySystem(Service):
         results: dict[str, Outcome] = await job.deferred
         return results
 
-    async def _send_local(self, transport: Transport, data: bytes, recipients: list[str]
-                          ) -> dict[str, Outcome]:
+    async def _send_local(self, transport: Transport, data: bytes, recipients: list[str],
+                          mail_from: str = "") -> dict[str, Outcome]:
         root = transport.local_path or os.path.join(self.state_dir or ".", "mail")
         results = {}
         for rcpt in recipients:
             try:
                 path = await threads.deferToThread(maildir.deliver, root, rcpt, data,
-                                                    maildir.new_name())
+                                                    maildir.new_name(), mail_from)
                 results[rcpt] = Outcome(250, f"250 2.0.0 stored in {os.path.basename(path)}",
                                         True, False)
             except PermanentDeliveryError as e:

@@ -34,6 +34,7 @@ import dns.resolver
 import spf
 from twisted.internet import threads
 
+from dcrouter.address import ar_value, header_text
 from dcrouter.config.base import split_host_port
 from dcrouter.psl import PublicSuffixList, default_list
 
@@ -161,26 +162,47 @@ class AuthResults:
     from_domain: str
 
     def header(self) -> bytes:
-        """The ``Authentication-Results:`` header line(s), CRLF-terminated."""
-        parts = [f"spf={self.spf} smtp.mailfrom={self.mail_from or 'postmaster@' + self.spf_domain}"]
+        """The ``Authentication-Results:`` header line(s), CRLF-terminated.
+
+        Every property value comes from the client (envelope, HELO, DKIM-Signature
+        tags, From:) and is written by :func:`dcrouter.address.ar_value`: as a token
+        when it is one, else as a quoted-string, never with CR/LF.  A sender whose
+        local part is quoted is reported by its domain only (``smtp.mailfrom=domain``,
+        RFC 8601 2.7.2), so no quoted-string of the client's choosing follows ``=``.
+        """
+        parts = [f"spf={self.spf} smtp.mailfrom={ar_value(self._mailfrom())}"]
         if self.dkim:
             for sig in self.dkim:
-                parts.append(f"dkim={sig.result} header.d={sig.domain} header.s={sig.selector}")
+                parts.append(f"dkim={sig.result} header.d={ar_value(sig.domain)} "
+                             f"header.s={ar_value(sig.selector)}")
         else:
             parts.append("dkim=none")
         dmarc = f"dmarc={self.dmarc}"
         if self.dmarc_policy:
-            dmarc += f" (p={self.dmarc_policy})"
+            dmarc += f" (p={_comment(self.dmarc_policy)})"
         if self.from_domain:
-            dmarc += f" header.from={self.from_domain}"
+            dmarc += f" header.from={ar_value(self.from_domain)}"
         parts.append(dmarc)
-        text = f"Authentication-Results: {self.hostname};\r\n\t" + ";\r\n\t".join(parts) + "\r\n"
+        text = (f"Authentication-Results: {header_text(self.hostname)};\r\n\t"
+                + ";\r\n\t".join(parts) + "\r\n")
         return text.encode("utf-8", "replace")
+
+    def _mailfrom(self) -> str:
+        if not self.mail_from:
+            return "postmaster@" + self.spf_domain
+        if self.mail_from.startswith('"'):
+            return self.spf_domain
+        return self.mail_from
 
     @property
     def dmarc_rejects(self) -> bool:
         """DMARC failed and the domain asks for reject or quarantine."""
         return self.dmarc == "fail" and self.dmarc_policy in ("reject", "quarantine")
+
+
+def _comment(text: str) -> str:
+    """``text`` safe inside an RFC 5322 comment."""
+    return "".join(c for c in header_text(text) if c not in "()\\")[:40]
 
 
 def _read_message(path: str, limit: int) -> bytes:

@@ -6,7 +6,9 @@ The SMTP server calls it through :class:`dcrouter.interfaces.IMessageHandler`:
   message-level rate-limit tokens (global, per client IP, per AUTH user).
 * ``check_recipient`` (RCPT TO) applies the relay policy (Postfix model: a
   client that is neither authenticated nor in ``relay_networks`` may only
-  send to addresses a domain rule matches), the suppression list, the rule's
+  send to addresses a domain rule matches), the recipient checks of
+  :mod:`dcrouter.email.recipients` (sender-specified routing, Maildir names,
+  recipient lists and plug-ins, postmaster), the suppression list, the rule's
   ``max_recipients_per_message``, queue back-pressure and the rule's rate
   limit - each refusal a :class:`~dcrouter.errors.PolicyRejection` with the
   SMTP reply.
@@ -47,11 +49,12 @@ from typing import Any, Optional
 from twisted.internet import defer, threads
 
 from dcrouter.config.email import (
-    DomainRuleOptions, EmailOptions, ScannerOptions, check_address_pattern,
+    DomainRuleOptions, EmailOptions, MtaOptions, ScannerOptions, check_address_pattern,
 )
 from dcrouter.delivery.transport import transport_for_rule
 from dcrouter.email.authcheck import InboundAuthChecker
 from dcrouter.email.ratelimit import make_rate_limiter
+from dcrouter.email.recipients import RecipientPolicy, is_postmaster
 from dcrouter.email.routing import ANY_DOMAIN, DomainRouter, pattern_rank, split_address
 from dcrouter.email.scanning import (
     ClamdClient, ScanContext, ScanResult, ScanRunner, SpamdClient, build_scanner, mime,
@@ -165,6 +168,9 @@ class MultiModeProcessor:
         self._pipelines = pipelines
         self._default_pipeline = RulePipeline(None, "email", self)
         self.scan_runner.configure(options)
+        self.recipient_policy = RecipientPolicy(options.domain_rules, options.hostname,
+                                                options.case_sensitive)
+        self._postmaster_rule = _postmaster_rule(options.hostname)
         auth = options.inbound_auth
         self.auth_checker: Optional[InboundAuthChecker] = None
         if auth.enabled or any(r.reject_on_dmarc_fail for r in options.domain_rules):
@@ -203,6 +209,28 @@ class MultiModeProcessor:
         """
         return transport_for_rule(rule, self.options, self.context.state_dir,
                                   split_address(recipient)[1]).destination
+
+    def get_rule(self, pattern: str) -> Optional[DomainRuleOptions]:
+        """The rule in force with ``pattern``, the built-in postmaster rule included
+        (:class:`dcrouter.delivery.transport.RuleLookup`: delivery resolves queued mail so)."""
+        rule = self.domain_router.get_rule(pattern)
+        builtin = self._postmaster_rule
+        if rule is None and builtin is not None and pattern == builtin.pattern:
+            return builtin
+        return rule
+
+    def match_rule(self, address: str) -> Optional[DomainRuleOptions]:
+        """The rule handling mail to ``address`` now (RuleLookup; DSNs are routed so)."""
+        return self._rule_for(address)
+
+    def _rule_for(self, recipient: str) -> Optional[DomainRuleOptions]:
+        """The matching rule; for ``postmaster@<hostname>`` that no rule matches, the
+        built-in one delivering to the Maildir ``postmaster`` (RFC 5321 4.5.1)."""
+        rule = self.domain_router.match_rule(recipient)
+        if rule is None and self._postmaster_rule is not None \
+                and is_postmaster(recipient, self.options.hostname):
+            return self._postmaster_rule
+        return rule
 
     # -- SMTP envelope checks ------------------------------------------------------
 
@@ -248,13 +276,19 @@ class MultiModeProcessor:
 
     @defer.inlineCallbacks
     def check_recipient(self, session: SessionInfo, mail_from: str, recipient: str) -> Any:
-        """Relay policy, suppression, per-rule recipient cap, queue room, per-rule rate."""
-        rule = self.domain_router.match_rule(recipient)
+        """Relay policy, recipient checks, suppression, per-rule recipient cap, queue room,
+        per-rule rate."""
+        rule = self._rule_for(recipient)
         if not session.may_relay and (rule is None or not _names_a_domain(rule)):
             self.rejections["relay"] += 1
             log.info("relay denied for {recipient} from {client_ip}", recipient=recipient,
                      client_ip=session.client_ip, correlation_id=session.correlation_id)
             raise PolicyRejection(554, "5.7.1", "Relay access denied", reason="relay")
+        try:
+            yield self.recipient_policy.check(session, recipient, rule)
+        except PolicyRejection as e:
+            self.rejections[e.reason] += 1
+            raise
         if self.suppression is not None and self.suppression.is_suppressed(recipient):
             self.rejections["suppressed"] += 1
             raise PolicyRejection(550, "5.1.1", f"<{recipient}>: recipient suppressed after "
@@ -287,7 +321,7 @@ class MultiModeProcessor:
     def _groups(self, message: ReceivedMessage) -> list[_Group]:
         groups: dict[str, _Group] = {}
         for rcpt in message.recipients:
-            rule = self.domain_router.match_rule(rcpt)
+            rule = self._rule_for(rcpt)
             key = rule.pattern if rule is not None else ""
             group = groups.get(key)
             if group is None:
@@ -385,8 +419,7 @@ class MultiModeProcessor:
             return message.spool_path
         path = message.spool_path + ".ar"
         created.append(path)
-        yield threads.deferToThread(_prepend_file, message.spool_path, path, results.header(),
-                                    self.options.hostname)
+        yield threads.deferToThread(_prepend_file, message.spool_path, path, results.header())
         return path
 
     @defer.inlineCallbacks
@@ -481,43 +514,29 @@ def _write_message(path: str, msg: Any, prepend: list[bytes]) -> None:
         f.write(mime.to_bytes(msg))
 
 
-def _prepend_file(source: str, target: str, head: bytes, authserv_id: str = "") -> None:
+def _prepend_file(source: str, target: str, head: bytes) -> None:
     """Copy ``source`` to ``target`` with ``head`` first.
 
-    ``Authentication-Results`` headers that claim ``authserv_id`` (ours) are
-    dropped from the copy: only dcrouter may speak for itself (RFC 8601 5).
+    (``Authentication-Results`` fields claiming our authserv-id never reach the
+    spool file: :class:`dcrouter.email.spool.ResultsFilter` drops them.)
     """
-    ours = authserv_id.lower().encode()
     with open(source, "rb") as src, open(target, "wb") as dst:
         dst.write(head)
-        field: list[bytes] = []
-
-        def flush() -> None:
-            if field:
-                name, _, value = field[0].partition(b":")
-                claimed = value.split(b";", 1)[0].strip().lower()
-                if not (ours and name.strip().lower() == b"authentication-results"
-                        and claimed == ours):
-                    dst.write(b"".join(field))
-                field.clear()
-
-        for line in src:
-            if line in (b"\r\n", b"\n"):
-                flush()
-                dst.write(line)
-                break
-            if line[:1] in (b" ", b"\t") and field:
-                field.append(line)
-                continue
-            flush()
-            field.append(line)
-        else:
-            flush()
         while True:
             chunk = src.read(1 << 20)
             if not chunk:
                 break
             dst.write(chunk)
+
+
+def _postmaster_rule(hostname: str) -> Optional[DomainRuleOptions]:
+    """``postmaster@<hostname>`` into the Maildir ``state_dir/mail/postmaster``."""
+    try:
+        return DomainRuleOptions(pattern=check_address_pattern(f"postmaster@{hostname}",
+                                                               "email.hostname"),
+                                 mode="mta", mta_options=MtaOptions(allow_local_delivery=True))
+    except ConfigError:  # a hostname that makes no pattern: no built-in postmaster
+        return None
 
 
 __all__ = ["MultiModeProcessor", "RulePipeline", "SCAN_HEADERS"]

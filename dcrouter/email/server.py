@@ -28,6 +28,7 @@ from dcrouter.email.auth import AuthFailureLimiter, build_portal
 from dcrouter.email.clientcert import ClientCertPolicy
 from dcrouter.email.limits import ConnectionTracker
 from dcrouter.email.session import SmtpSession
+from dcrouter.email.sessioncore import SessionCore
 from dcrouter.email.spool import SpoolFiles, clean_spool, spool_dir
 from dcrouter.logsetup import get_logger
 from dcrouter.service import ListenerSet, ListenSpec, RouterContext
@@ -37,6 +38,17 @@ log = get_logger("email.server")
 
 EVENTS = ("connection_made", "connection_lost", "auth_succeeded", "auth_failed",
           "message_received", "message_rejected")
+
+
+def _inside(ip: str, networks: list[Any]) -> bool:
+    """Is the client address ``ip`` (IPv4-mapped IPv6 as IPv4) inside one of ``networks``?"""
+    try:
+        address = ipaddress.ip_address(ip.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        address = address.ipv4_mapped
+    return any(address in network for network in networks)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +118,7 @@ class UnifiedEmailServer(Service):
         self.reactor = context.reactor
         self.handler = handler
         self.stats = ServerStats()
-        self.sessions: set[SmtpSession] = set()
+        self.sessions: set[SessionCore] = set()
         self.draining = False
         self._drain_waiters: list[defer.Deferred] = []
         self._observers: list[Any] = list(context.extensions.email_observers)
@@ -139,6 +151,9 @@ class UnifiedEmailServer(Service):
         self._tls = context
         self.client_certs = client_certs
         self._networks = [ipaddress.ip_network(n, strict=False) for n in options.relay_networks]
+        exclusions = options.bare_newline_exclusions
+        self._bare_exclusions = self._networks if exclusions is None else [
+            ipaddress.ip_network(n, strict=False) for n in exclusions]
         self.connections.max_total = options.max_connections
         self.connections.max_per_ip = options.max_connections_per_ip
         self.auth_limiter.per_minute = options.auth.max_failures_per_minute
@@ -173,13 +188,11 @@ class UnifiedEmailServer(Service):
 
     def relay_permitted(self, ip: str) -> bool:
         """True when ``ip`` is inside ``relay_networks``."""
-        try:
-            address = ipaddress.ip_address(ip.split("%", 1)[0])
-        except ValueError:
-            return False
-        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped
-        return any(address in network for network in self._networks)
+        return _inside(ip, self._networks)
+
+    def bare_newline_rejected(self, ip: str) -> bool:
+        """Are bare LF/CR from ``ip`` refused (``bare_newline = "reject"``, not excluded)?"""
+        return self.options.bare_newline == "reject" and not _inside(ip, self._bare_exclusions)
 
     # -- service life cycle ------------------------------------------------------------------
 
@@ -245,7 +258,7 @@ class UnifiedEmailServer(Service):
 
     # -- sessions --------------------------------------------------------------------------
 
-    def session_opened(self, session: SmtpSession) -> None:
+    def session_opened(self, session: SessionCore) -> None:
         """A session passed the connection caps."""
         self.sessions.add(session)
         self.stats.connections_total += 1
@@ -255,7 +268,7 @@ class UnifiedEmailServer(Service):
                  correlation_id=session.info.correlation_id)
         self.emit("connection_made", session.info)
 
-    def session_closed(self, session: SmtpSession, reason: Failure) -> None:
+    def session_closed(self, session: SessionCore, reason: Failure) -> None:
         """A counted session ended."""
         self.sessions.discard(session)
         self.connections.release(session.info.client_ip)
@@ -264,12 +277,12 @@ class UnifiedEmailServer(Service):
         self.emit("connection_lost", session.info, reason)
         self._check_drained()
 
-    def transaction_finished(self, session: SmtpSession) -> None:
+    def transaction_finished(self, session: SessionCore) -> None:
         """A transaction ended (reply sent); while draining, close the now idle session."""
         if self.draining:
             self.reactor.callLater(0, self._close_if_idle, session)
 
-    def _close_if_idle(self, session: SmtpSession) -> None:
+    def _close_if_idle(self, session: SessionCore) -> None:
         if not session.closed and not session.in_transaction:
             session.close_idle(f"421 4.3.2 {self.options.hostname} Service shutting down")
         self._check_drained()

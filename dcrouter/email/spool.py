@@ -2,7 +2,11 @@
 
 A :class:`SpoolWriter` holds one message in progress: the server writes the
 ``Received:`` header and then the un-stuffed body in chunks as they arrive,
-so no message is ever whole in memory.  The writer counts bytes and stops
+so no message is ever whole in memory.  On the way, :class:`ResultsFilter`
+removes ``Authentication-Results`` header fields that claim dcrouter's own
+authserv-id (RFC 8601 5): only dcrouter may speak for itself, and whatever
+trusts its results downstream must never see a client's forgery of them.
+The writer counts bytes and stops
 storing (but keeps counting) once the size limit is passed; the server then
 answers 552 and the file is deleted.  No fsync here: the queue makes the file
 durable when it takes it over (see ``docs/architecture.md``).
@@ -120,15 +124,217 @@ def clean_spool(directory: str) -> int:
     return count
 
 
+#: A header field name (RFC 5322 ftext), with obsolete white space before the colon allowed.
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+[ \t]*\Z")
+_AR_NAME = b"authentication-results"
+_ID_END = b" \t\r\n;(\""
+
+
+def _authserv_id(value: bytes) -> Optional[bytes]:
+    """The authserv-id at the start of an Authentication-Results value (after CFWS).
+
+    None when the value read so far holds only white space and comments (the id
+    may follow on a continuation line); ``b""`` when something else comes first.
+    """
+    i, size = 0, len(value)
+    while i < size:
+        ch = value[i:i + 1]
+        if ch in (b" ", b"\t", b"\r", b"\n"):
+            i += 1
+            continue
+        if ch == b"(":  # a comment, possibly nested, with quoted pairs
+            depth = 0
+            while i < size:
+                c = value[i:i + 1]
+                if c == b"\\":
+                    i += 2
+                    continue
+                if c == b"(":
+                    depth += 1
+                elif c == b")":
+                    depth -= 1
+                    if depth == 0:
+                        break
+                i += 1
+            if i >= size:
+                return None
+            i += 1
+            continue
+        if ch == b'"':
+            out = []
+            i += 1
+            while i < size:
+                c = value[i:i + 1]
+                if c == b"\\":
+                    out.append(value[i + 1:i + 2])
+                    i += 2
+                    continue
+                if c == b'"':
+                    return b"".join(out)
+                out.append(c)
+                i += 1
+            return None
+        start = i
+        while i < size and value[i:i + 1] not in _ID_END:
+            i += 1
+        return value[start:i]
+    return None
+
+
+def _normal_id(value: bytes) -> bytes:
+    return value.strip().lower().rstrip(b".")
+
+
+class ResultsFilter:
+    """Removes ``Authentication-Results`` fields claiming ``authserv_id`` from a message stream.
+
+    Fed the message as it is spooled (any chunking, CRLF lines), it looks at the
+    header section only: a field whose name is ``Authentication-Results`` (any
+    case, obsolete space before the colon) is held until its authserv-id - the
+    first token after comments and folding, quoted or not - is known, then
+    dropped when the id is ours (any version number or result after it), passed
+    otherwise.  One that shows no id within ``hold_limit`` bytes is dropped too.
+    Memory is bounded by ``hold_limit``; over-long lines are passed or dropped
+    as they stream.  ``removed`` counts the fields dropped.
+    """
+
+    def __init__(self, authserv_id: str, hold_limit: int = 8192) -> None:
+        self.ours = _normal_id(authserv_id.encode("utf-8", "replace"))
+        self.active = bool(self.ours)
+        self.hold_limit = hold_limit
+        self.removed = 0
+        self._partial = b""
+        self._rest_of_line: Optional[bool] = None
+        self._field = "pass"
+        self._held: list[bytes] = []
+
+    def feed(self, data: bytes) -> bytes:
+        """The bytes of ``data`` to store (everything once the header section is over)."""
+        if not self.active:
+            return data
+        out: list[bytes] = []
+        if self._rest_of_line is not None:  # inside an over-long line: pass or drop its rest
+            newline = data.find(b"\n")
+            if newline < 0:
+                return data if self._rest_of_line else b""
+            if self._rest_of_line:
+                out.append(data[:newline + 1])
+            self._rest_of_line = None
+            data = data[newline + 1:]
+        elif self._partial:
+            data = self._partial + data
+            self._partial = b""
+        elif self._field == "pass" and not data.startswith(b"\r\n"):
+            fast = self._fast(data)
+            if fast is not None:
+                return fast
+        pos = 0
+        while self.active:
+            newline = data.find(b"\n", pos)
+            if newline < 0:
+                tail = data[pos:]
+                if len(tail) <= self.hold_limit:
+                    self._partial = tail
+                else:
+                    self._rest_of_line = self._line(tail, out, complete=False)
+                return b"".join(out)
+            self._line(data[pos:newline + 1], out, complete=True)
+            pos = newline + 1
+        out.append(data[pos:])
+        return b"".join(out)
+
+    def _fast(self, data: bytes) -> Optional[bytes]:
+        """``data`` as it is when its header part holds no Authentication-Results (common)."""
+        end = data.find(b"\r\n\r\n")
+        head = data if end < 0 else data[:end + 2]
+        if _AR_NAME in head.lower():
+            return None
+        if end >= 0:
+            self.active = False
+            return data
+        last = data.rfind(b"\n")
+        if len(data) - last - 1 > self.hold_limit:
+            return None
+        self._partial = data[last + 1:]
+        return data[:last + 1]
+
+    def finish(self) -> bytes:
+        """What is still held when the message ends inside its header section."""
+        out: list[bytes] = []
+        if self.active and self._partial:
+            self._line(self._partial, out, complete=False)
+        self._partial = b""
+        self._resolve()
+        self.active = False
+        return b"".join(out)
+
+    def _line(self, line: bytes, out: list[bytes], complete: bool) -> bool:
+        """Handle one header line (``complete``: with its LF); True when it was passed."""
+        if complete and line in (b"\r\n", b"\n"):
+            self._resolve()
+            out.append(line)
+            self.active = False
+            return True
+        if line[:1] in (b" ", b"\t"):
+            if self._field == "pass":
+                out.append(line)
+                return True
+            if self._field == "drop":
+                return False
+            self._held.append(line)
+            self._decide(out, final=not complete)
+            return self._field == "pass"
+        self._resolve()
+        name, colon, _ = line.partition(b":")
+        if not colon or not _FIELD_NAME.match(name):
+            out.append(line)  # not a header field: the body starts here
+            self.active = False
+            return True
+        if name.rstrip(b" \t").lower() == _AR_NAME:
+            self._field = "hold"
+            self._held = [line]
+            self._decide(out, final=not complete)
+            return self._field == "pass"
+        self._field = "pass"
+        out.append(line)
+        return True
+
+    def _decide(self, out: list[bytes], final: bool) -> None:
+        held = b"".join(self._held)
+        found = _authserv_id(held.partition(b":")[2])
+        if found is None:
+            if final or len(held) > self.hold_limit:
+                self._drop()
+            return
+        if _normal_id(found) == self.ours:
+            self._drop()
+        else:
+            self._field = "pass"
+            out.extend(self._held)
+            self._held = []
+
+    def _resolve(self) -> None:
+        """A new field or the end of the header: a field still held showed no id."""
+        if self._field == "hold":
+            self._drop()
+        self._field = "pass"
+
+    def _drop(self) -> None:
+        self._field = "drop"
+        self._held = []
+        self.removed += 1
+
+
 class SpoolWriter:
     """One message being written to an open spool file (``path``, ``fd``).
 
     ``limit`` bounds the body bytes (the header written by :meth:`write_header`
     does not count).  After the limit is exceeded :attr:`oversize` is true,
-    the file is removed and further writes are only counted.
+    the file is removed and further writes are only counted.  With an
+    ``authserv_id``, the body passes a :class:`ResultsFilter` for it.
     """
 
-    def __init__(self, path: str, fd: int, limit: int) -> None:
+    def __init__(self, path: str, fd: int, limit: int, authserv_id: str = "") -> None:
         self.path = path
         self.limit = limit
         self.size = 0
@@ -138,6 +344,8 @@ class SpoolWriter:
         self._buffer: list[bytes] = []
         self._buffered = 0
         self._fd: Optional[int] = fd
+        self.results = ResultsFilter(authserv_id) if authserv_id else None
+        self._dropped = 0
 
     def write_header(self, data: bytes) -> None:
         """Write trace header bytes (not counted against the limit)."""
@@ -155,6 +363,10 @@ class SpoolWriter:
             return
         if not self.has_8bit and not data.isascii():
             self.has_8bit = True
+        if self.results is not None and self.results.active:
+            size = len(data)
+            data = self.results.feed(data)
+            self._dropped += size - len(data)
         self._append(data)
 
     def _append(self, data: bytes) -> None:
@@ -177,6 +389,10 @@ class SpoolWriter:
         """Flush and close; returns the path.  Only for a message within the limit."""
         assert not self.oversize
         try:
+            if self.results is not None and self.results.active:
+                rest = self.results.finish()
+                self._dropped -= len(rest)
+                self._append(rest)
             self._flush()
         finally:
             self._close()
@@ -199,7 +415,12 @@ class SpoolWriter:
     @property
     def total_size(self) -> int:
         """Bytes in the finished file (header + body)."""
-        return self.header_size + self.size
+        return self.header_size + self.size - self.removed_bytes
+
+    @property
+    def removed_bytes(self) -> int:
+        """Body bytes the results filter left out."""
+        return self._dropped
 
 
 def remove_quietly(path: str) -> None:

@@ -232,7 +232,8 @@ async def test_rule_crud_goes_through_the_router_and_routes_the_next_lookup(runn
                                                         "dkim_sign": False},
                                         "content_scanning": False, "scanners": [],
                                         "transformations": [],
-                                        "reject_on_dmarc_fail": False},
+                                        "reject_on_dmarc_fail": False, "recipients": [],
+                                        "recipients_file": "", "recipient_check": ""},
                                "position": 1}
     assert router.email.domain_router.match_rule("x@example.org").mode == "mta"
 

@@ -66,3 +66,28 @@ def test_a_failed_directory_fsync_covers_nobody(tmp_path, monkeypatch):
 def test_unsafe_local_part_is_refused(tmp_path):
     with pytest.raises(PermanentDeliveryError):
         deliver(str(tmp_path), "../etc@localhost", b"x")
+
+
+def test_trace_headers_loops_and_utf8_names(tmp_path):
+    """Return-Path and Delivered-To in front; a Delivered-To for this recipient (any case,
+    folded, any Unicode normalisation) is a loop (5.4.6); UTF-8 local parts get NFC names."""
+    import unicodedata
+    body = b"Subject: x\r\n\r\nDelivered-To: alice@localhost\r\n"  # in the body: not a loop
+    path = deliver(str(tmp_path), "Alice@localhost", body, maildir.new_name(), "a@b.test")
+    with open(path, "rb") as f:
+        assert f.read() == b"Return-Path: <a@b.test>\r\nDelivered-To: Alice@localhost\r\n" + body
+    path = deliver(str(tmp_path), "alice@localhost", body, maildir.new_name(), "")
+    with open(path, "rb") as f:
+        assert f.read().startswith(b"Return-Path: <>\r\nDelivered-To: alice@localhost\r\n")
+    for looping in (b"Delivered-To: ALICE@localhost\r\n", b"delivered-to:\r\n alice@localhost\r\n",
+                    b"X: y\r\nDelivered-To:  alice@LOCALHOST  \r\n"):
+        with pytest.raises(PermanentDeliveryError, match="554 5.4.6 mail forwarding loop"):
+            deliver(str(tmp_path), "alice@localhost", looping + b"\r\nhi\r\n", maildir.new_name())
+    nfd = unicodedata.normalize("NFD", "Zoë@localhost")
+    with pytest.raises(PermanentDeliveryError, match="5.4.6"):
+        deliver(str(tmp_path), nfd, "Delivered-To: zoë@localhost\r\n\r\n".encode(),
+                maildir.new_name())
+    path = deliver(str(tmp_path), nfd, b"\r\nhi\r\n", maildir.new_name())
+    assert os.path.dirname(os.path.dirname(path)) == os.path.join(str(tmp_path), "zoë")
+    with pytest.raises(PermanentDeliveryError, match="550 5.1.1"):
+        deliver(str(tmp_path), "no/such@localhost", b"x", maildir.new_name())

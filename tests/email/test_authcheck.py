@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import email
+import email.policy
 import os
 from typing import Any, Iterator
 
@@ -160,16 +162,15 @@ def test_processor_header_and_dmarc_reject(nameserver: str, keys: DkimKeyStore,
         "domain_rules": [{"pattern": "*@strict-in.test", "mode": "mta",
                           "reject_on_dmarc_fail": True},
                          {"pattern": "*@lax-in.test", "mode": "mta"}]})
-    spoofed = (b"Authentication-Results: MX.dcrouter.test;\r\n\tdmarc=pass header.from=x\r\n"
-               b"Authentication-Results: other.example; spf=pass\r\n")
-    good = signed(keys, "sender.test", spoofed + simple_message(sender="alice@sender.test"))
+    # (headers claiming to be ours never reach the processor: the SMTP server's spool
+    # drops them, see test_results_claiming_our_id_removed_over_smtp)
+    other = b"Authentication-Results: other.example; spf=pass\r\n"
+    good = signed(keys, "sender.test", other + simple_message(sender="alice@sender.test"))
     yield transaction(processor, tmp, good, "alice@sender.test", ["x@strict-in.test"],
                       session("192.0.2.10", helo="mx.sender.test"))
     body = queue.body(queue.requests[-1])
     assert body.startswith(b"Authentication-Results: mx.dcrouter.test;\r\n\tspf=pass")
     assert b"dmarc=pass" in body
-    # a header claiming to come from us was dropped; another server's stays
-    assert body.count(b"mx.dcrouter.test;") == 1 and b"header.from=x" not in body
     assert b"Authentication-Results: other.example; spf=pass\r\n" in body
     assert body.endswith(b"Just a friendly note.\r\n")
     forged = simple_message(sender="alice@sender.test")
@@ -216,3 +217,87 @@ def test_processor_uses_the_configured_list(tmp_path: Any) -> None:
         "enabled": True, "public_suffix_list": str(tmp_path / "absent.dat")}})
     assert missing.auth_checker.psl.source == "built-in"
     assert missing.auth_checker.psl.organisational_domain("x.example.co.uk") == "example.co.uk"
+
+
+# -- through a whole router: spoofed results removed, client values quoted ------------------------
+
+from twisted.internet.threads import deferToThread  # noqa: E402
+
+from tests.email.gateway import gateway, settle, wait_for  # noqa: E402,F401 - the fixture
+from tests.email.test_bdat import Client  # noqa: E402
+
+#: Every spelling of a result claiming to come from us (mx.gw.test), RFC 8601 5.
+SPOOFS = [b"Authentication-Results: mx.gw.test 1; dkim=pass header.d=paypal.com\r\n",
+          b"Authentication-Results: mx.gw.test (verified); spf=pass\r\n",
+          b"Authentication-Results: (c) mx.gw.test; dmarc=pass\r\n",
+          b"authentication-results: MX.GW.TEST; dkim=pass\r\n",
+          b"AUTHENTICATION-RESULTS:\r\n\tmx.gw.test;\r\n\tdkim=pass header.d=bank.test\r\n",
+          b"Authentication-Results : \"mx.gw.test\"; spf=pass\r\n",
+          b"Authentication-Results: (a (nested) comment)\r\n (more) mx.gw.test.; x=pass\r\n",
+          b"Authentication-Results: mx.gw.test\r\n"]
+KEPT = b"Authentication-Results: other.example; spf=pass\r\n"
+SPOOFED = (b"From: a@nodmarc.test\r\n" + b"".join(SPOOFS[:4]) + KEPT + b"".join(SPOOFS[4:])
+           + b"Subject: hi\r\n\r\nAuthentication-Results: mx.gw.test; in the body, kept\r\n")
+
+
+def _send(port: int, helo: str, mail: str, body: bytes) -> str:
+    c = Client(port)
+    c.reply()
+    c.cmd(f"EHLO {helo}")
+    assert c.cmd(f"MAIL FROM:{mail}").startswith("250")
+    assert c.cmd("RCPT TO:<b@fwd.test>").startswith("250")
+    c.cmd("DATA")
+    c.send(body + b".\r\n")
+    reply = c.reply()
+    c.cmd("QUIT")
+    c.close()
+    return reply
+
+
+@pytest.mark.parametrize("enabled", [False, True])
+@pytest_twisted.inlineCallbacks
+def test_results_claiming_our_id_removed_over_smtp(gateway: Any, nameserver: str,
+                                                   enabled: bool) -> None:
+    gw = gateway(inbound_auth={"enabled": enabled, "timeout": 5},
+                 delivery={"nameservers": [nameserver]})
+    reply = yield deferToThread(_send, gw.port, "client.test", "<a@nodmarc.test>", SPOOFED)
+    assert reply.startswith("250 2.0.0 Ok: queued as ")
+    yield wait_for(lambda: gw.sink.messages)
+    content = gw.sink.messages[0].content
+    head, _, body = content.partition(b"\r\n\r\n")
+    parsed = email.message_from_bytes(content, policy=email.policy.compat32)
+    results = [str(v) for v in parsed.get_all("Authentication-Results", [])]
+    if enabled:
+        assert len(results) == 2 and results[0].startswith("mx.gw.test;\r\n\tspf=")
+        assert content.startswith(b"Authentication-Results: mx.gw.test;\r\n\tspf=")
+    else:
+        assert len(results) == 1
+    assert results[-1] == "other.example; spf=pass"
+    assert b"paypal" not in head and b"bank.test" not in head and b"x=pass" not in head
+    assert KEPT in content
+    assert body == b"Authentication-Results: mx.gw.test; in the body, kept\r\n"
+
+
+@pytest_twisted.inlineCallbacks
+def test_client_values_in_our_results_are_quoted(gateway: Any, nameserver: str) -> None:
+    gw = gateway(inbound_auth={"enabled": True, "timeout": 5},
+                 delivery={"nameservers": [nameserver]})
+    body = b"From: a@nodmarc.test\r\nSubject: hi\r\n\r\nhello\r\n"
+
+    def client() -> list[str]:
+        return [_send(gw.port, "client.test", '<"x;dkim=pass header.d=paypal.com"@nodmarc.test>',
+                      body),
+                _send(gw.port, "x;dkim=pass", "<>", body)]
+
+    replies = yield deferToThread(client)
+    assert all(r.startswith("250") for r in replies)
+    yield wait_for(lambda: len(gw.sink.messages) == 2)
+    results = {}
+    for m in gw.sink.messages:
+        head = m.content.split(b"\r\nReceived: ", 1)[0]
+        results[m.mail_from] = head
+    quoted = results['"x;dkim=pass header.d=paypal.com"@nodmarc.test']
+    assert b"smtp.mailfrom=nodmarc.test;" in quoted and b"paypal" not in quoted
+    null = results[""] if "" in results else results["<>"]
+    assert b'smtp.mailfrom="postmaster@x;dkim=pass";' in null
+    assert null.count(b"\r\n\tdkim=") == 1 and b"\r\n\tdkim=none;" in null

@@ -23,11 +23,32 @@ from tests.support.net import free_port
 from tests.support.router import options_from, port_of, start_router, stop_router
 
 #: Every byte value, lines with leading dots, a lone dot line, bare LF and CR,
-#: and a DATA terminator in the middle: BDAT must pass all of it through untouched.
+#: and a DATA terminator in the middle: BDAT passes all of it through untouched,
+#: except that bare LF and bare CR are written as CRLF (email.bare_newline = "normalize").
 TRICKY = (b"Subject: chunks\r\nX-Binary: yes\r\n\r\n"
           + bytes(range(256))
           + b"\r\n.\r\n..two dots\r\n.leading\r\nbare lf\nbare cr\rmixed\n\r\n"
           + b"\r\n.\r\nafter a terminator\r\n\x00nul\r\nno final newline.")
+#: What is stored for TRICKY: the "\t\n\x0b\x0c\r\x0e" of the byte run and the bare
+#: line ends of the "bare" lines became CRLF; nothing else changed.
+TRICKY_STORED = (b"Subject: chunks\r\nX-Binary: yes\r\n\r\n"
+                 + bytes(range(10)) + b"\r\n\x0b\x0c\r\n" + bytes(range(14, 256))
+                 + b"\r\n.\r\n..two dots\r\n.leading\r\nbare lf\r\nbare cr\r\nmixed\r\n\r\n"
+                 + b"\r\n.\r\nafter a terminator\r\n\x00nul\r\nno final newline.")
+
+
+def crlf(data: bytes) -> bytes:
+    """``data`` with every bare CR and bare LF written as CRLF."""
+    out, i = bytearray(), 0
+    while i < len(data):
+        byte = data[i:i + 1]
+        if byte == b"\r" and data[i + 1:i + 2] == b"\n":
+            out += b"\r\n"
+            i += 2
+            continue
+        out += b"\r\n" if byte in (b"\r", b"\n") else byte
+        i += 1
+    return bytes(out)
 
 
 class Client(Raw):
@@ -101,13 +122,13 @@ def test_chunks_and_last_delivered_byte_exact(start_server: Any) -> None:
     assert replies[:-1] == [f"250 2.0.0 {len(p)} octets received" for p in pieces[:-1]]
     message = run.handler.messages[0]["message"]
     assert replies[-1] == f"250 2.0.0 Ok: queued as {message.queue_id}"
-    assert run.handler.body() == TRICKY
+    assert run.handler.body() == TRICKY_STORED == crlf(TRICKY)
     assert message.body_8bit
     assert message.size == len(run.handler.messages[0]["data"])
     header = received_header(run.handler.messages[0]["data"])
     assert f"with ESMTP id {message.queue_id}" in header and "for <b@local.test>" in header
     assert not spool_leftovers(run.server)
-    assert run.server.get_stats()["bytes_received"] == len(TRICKY)
+    assert run.server.get_stats()["bytes_received"] == len(TRICKY_STORED)
 
 
 @pytest_twisted.inlineCallbacks
@@ -176,7 +197,8 @@ def test_pipelined_chunks_and_transactions_in_one_write(start_server: Any) -> No
 
 @pytest_twisted.inlineCallbacks
 def test_random_messages_and_chunk_sizes_byte_exact(start_server: Any) -> None:
-    """50 messages of random octets cut into random chunks, each transaction in one write."""
+    """50 messages of random octets cut into random chunks, each transaction in one write:
+    stored byte for byte, but for bare CR and LF (written as CRLF, even across chunks)."""
     import random
     run = start_server()
     rng = random.Random(3030)
@@ -204,8 +226,8 @@ def test_random_messages_and_chunk_sizes_byte_exact(start_server: Any) -> None:
     for recorded, message in zip(run.handler.messages, messages, strict=True):
         # (not handler.body(): a random body may start with what looks like a folded line)
         data = recorded["data"]
-        header = data[:len(data) - len(message)]
-        assert data[len(header):] == message
+        header = data[:len(data) - len(crlf(message))]
+        assert data[len(header):] == crlf(message)
         assert header.startswith(b"Received: from client.test ([127.0.0.1])")
         assert header.endswith(b"\r\n") and header.count(b"\r\n") == 3
 
@@ -493,7 +515,7 @@ def test_bdat_over_starttls_and_implicit_tls_with_auth(start_server: Any) -> Non
     assert out[9] == "250 2.0.0 Ok"
     first, second, third = run.handler.messages
     assert run.handler.body(2) == b".\r\nx\r\n\r\n"
-    assert run.handler.body(0) == TRICKY
+    assert run.handler.body(0) == TRICKY_STORED
     assert "with ESMTPS id " + first["message"].queue_id in received_header(first["data"])
     assert run.handler.body(1) == b"Subject: tls\r\n\r\n" + b"\xff" * 100_000
     assert "with ESMTPSA id " + second["message"].queue_id in received_header(second["data"])
@@ -546,7 +568,8 @@ def test_large_message_memory_bounded(start_server: Any, chunk_mib: int, chunks:
     handler = HashingHandler()
     run = start_server(handler=handler)
     mib = 1024 * 1024
-    block = bytearray(os.urandom(mib))
+    # random octets without CR and LF (bare ones would be stored as CRLF, changing the size)
+    block = bytearray(os.urandom(mib)).replace(b"\r", b"R").replace(b"\n", b"N")
     peak = [0]
     base = rss_kib()
     watch = task.LoopingCall(lambda: peak.__setitem__(0, max(peak[0], rss_kib() - base)))
@@ -563,7 +586,7 @@ def test_large_message_memory_bounded(start_server: Any, chunk_mib: int, chunks:
             last = i == chunks - 1
             c.send(b"BDAT %d%s\r\n" % (chunk_mib * mib, b" LAST" if last else b""))
             for _ in range(chunk_mib):  # written 1 MB at a time, never built whole
-                block[:4] = n.to_bytes(4, "big")  # every MB differs: order matters
+                block[:4] = (0x40404040 + n).to_bytes(4, "big")  # every MB differs (no CR/LF)
                 n += 1
                 digest.update(block)
                 c.send(block)
@@ -632,7 +655,8 @@ def test_bdat_through_the_router_into_a_maildir(tmp_path: Any) -> None:
     finally:
         yield stop_router(router)
     assert reply is not None and reply.startswith("250 2.0.0 Ok: queued as ")
-    assert stored.endswith(body)  # the client's bytes, untouched, after the trace headers
-    trace = stored[:-len(body)]
+    # the client's bytes, bare CR/LF written as CRLF, after the trace headers
+    assert stored.endswith(crlf(body))
+    trace = stored[:-len(crlf(body))]
     assert b"Received: from client.test ([127.0.0.1])" in trace and b"with ESMTP id" in trace
 

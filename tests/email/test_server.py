@@ -365,6 +365,8 @@ def test_dot_stuffing_round_trip_byte_exact(start_server: Any) -> None:
 
 @pytest_twisted.inlineCallbacks
 def test_bare_lf_nul_and_8bit_accepted_as_postfix_does(start_server: Any) -> None:
+    """Postfix 3.9's defaults: bare LF/CR normalized to CRLF (smtpd_forbid_bare_newline =
+    normalize), NUL and 8-bit kept without BODY=8BITMIME - but ".\n" does not end DATA."""
     run = start_server()
 
     def client() -> str:
@@ -374,7 +376,9 @@ def test_bare_lf_nul_and_8bit_accepted_as_postfix_does(start_server: Any) -> Non
         raw.cmd("MAIL FROM:<a@local.test>")  # no BODY=8BITMIME
         raw.cmd("RCPT TO:<b@local.test>")
         raw.cmd("DATA")
-        raw.send(b"Subject: bare\n\nline one\nnul\x00here\r\ncaf\xc3\xa9\n..dot\n.\r\n")
+        raw.send(b"Subject: bare\n\nline one\nnul\x00here\r\ncaf\xc3\xa9\n..dot\nbare\rcr\n"
+                 b".\n")
+        raw.send(b"still data\r\n.\r\n")
         reply = raw.reply()
         raw.close()
         return reply
@@ -382,7 +386,7 @@ def test_bare_lf_nul_and_8bit_accepted_as_postfix_does(start_server: Any) -> Non
     reply = yield deferToThread(client)
     assert reply.startswith("250 ")
     assert run.handler.body() == (b"Subject: bare\r\n\r\nline one\r\nnul\x00here\r\n"
-                                  b"caf\xc3\xa9\r\n.dot\r\n")
+                                  b"caf\xc3\xa9\r\n.dot\r\nbare\r\ncr\r\n.\r\nstill data\r\n")
     assert run.handler.messages[0]["message"].body_8bit is True
 
 

@@ -1,7 +1,11 @@
 """Fuzzing the SMTP server: random and malformed command lines, garbage TLS handshakes.
 
 The server must never crash, never send a traceback or internal detail, answer
-every line with a well-formed reply, and keep serving new sessions.
+every line with a well-formed reply, and keep serving new sessions.  The lines
+include envelope addresses built from the pieces of the RFC 5321 grammar
+(quoted strings with every special, quoted pairs, source routes, address
+literals, UTF-8, percent hacks and bang paths) and DATA sections holding every
+SMTP smuggling shape.
 """
 
 from __future__ import annotations
@@ -28,7 +32,30 @@ FORBIDDEN = (b"Traceback", b"File \"", b"Error(", b"Exception", b".py", b"twiste
 
 _printable = st.text(alphabet=st.characters(blacklist_categories=("Cs",),
                                             blacklist_characters="\r\n"), max_size=60)
+#: Pieces of envelope addresses: what the grammar allows, and what it must refuse.
+_PIECES = ["a", "b.c", '"', "\\", '\\"', "@", "%", "!", " ", "<", ">", ".", "..", "[", "]",
+           "IPv6:", "::1", "1.2.3.4", "999.1.1.1", "@x.test:", "@a,@b:", "local.test", "ü", "用",
+           "\u2028", "\x85", ";", "(", ")", ",", "postmaster", "no/such", "-", "xn--", "=",
+           "\r", "\t", "\x7f", "a" * 70]
+_address = st.lists(st.sampled_from(_PIECES), max_size=12).map("".join)
+_envelope = st.builds(
+    lambda verb, addr, params: f"{verb}<{addr}>{params}".encode("utf-8", "surrogatepass"),
+    st.sampled_from(["MAIL FROM:", "RCPT TO:", "MAIL FROM: ", "RCPT TO:", "rcpt to:"]),
+    st.one_of(_address, st.builds(lambda a, b: f"{a}@{b}", _address, _address),
+              st.builds(lambda a, b: f'"{a}"@{b}', _address, _address)),
+    st.sampled_from(["", " SMTPUTF8", " BODY=8BITMIME SMTPUTF8", " SIZE=10", " X=", " =",
+                     " SMTPUTF8=x", "junk"]))
+#: DATA content that tries to end early (SMTP smuggling), then commands.
+_smuggle = st.builds(
+    lambda shape: b"DATA\r\nSubject: s\r\n\r\nbody" + shape
+    + b"MAIL FROM:<evil@x.test>\r\nRCPT TO:<b@local.test>\r\nDATA\r\nsmuggled",
+    st.sampled_from([b"\n.\n", b"\n.\r\n", b"\r\n.\n", b"\r.\r", b"\r\n.\r", b"\n.\r",
+                     b"\r\n\r.\r\n", b"\r\n.\r\r\n", b"\r\n.\r\n"]))
+
 _line = st.one_of(
+    _envelope,
+    _envelope,
+    _smuggle,
     st.builds(lambda v, a: (v + " " + a).encode("utf-8"), st.sampled_from(VERBS), _printable),
     st.builds(lambda v, a: v.encode() + a, st.sampled_from(VERBS),
               st.binary(max_size=60).map(lambda b: b.replace(b"\n", b"").replace(b"\r", b""))),
@@ -39,7 +66,7 @@ _line = st.one_of(
                      b"DATA", b".", b"RSET", b"AUTH PLAIN", b"*", b"MAIL FROM:<> SIZE=99999999999",
                      b"MAIL FROM:<a@local.test> BODY=BINARYMIME", b"RCPT TO:<postmaster>"]),
 )
-_ending = st.sampled_from([b"\r\n", b"\n", b"\r\r\n"])
+_ending = st.sampled_from([b"\r\n", b"\n", b"\r\r\n", b"\r"])
 _batch = st.lists(st.tuples(_line, _ending), min_size=200, max_size=260)
 
 
@@ -249,4 +276,31 @@ def test_random_command_lines_over_implicit_tls(start_server: Any) -> None:
         _check_output(_session(run.ports["smtps"], batch, tls=context))
 
     yield deferToThread(fuzz)
+    yield _sessions_gone(run.server)
+
+
+@pytest_twisted.inlineCallbacks
+def test_random_command_lines_with_bare_newlines_refused(start_server: Any) -> None:
+    """bare_newline = "reject": a session ends with 550 5.5.2 at its first bare LF, or as usual."""
+    run = start_server(max_errors=100000, bare_newline="reject", relay_networks=["192.0.2.0/24"])
+    ends: list[bytes] = []
+
+    @settings(max_examples=15, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(batch=_batch)
+    def fuzz(batch: list) -> None:
+        output = _session(run.ports["smtp"], batch)
+        lines = output.split(b"\r\n")
+        assert lines[-1] == b"" and lines[0].startswith(b"220 ")
+        for line in lines[:-1]:
+            assert REPLY.match(line), line
+            for word in FORBIDDEN:
+                assert word not in line, line
+        assert lines[-2] in (b"550 5.5.2 Error: bare <LF> received",) or \
+            lines[-2].startswith((b"221 ", b"421 ")), lines[-2]
+        ends.append(lines[-2][:3])
+
+    yield deferToThread(fuzz)
+    yield deferToThread(_still_serving, run.ports["smtp"])
+    assert b"550" in ends
     yield _sessions_gone(run.server)

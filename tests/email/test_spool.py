@@ -143,14 +143,93 @@ def test_decoder_round_trip_any_chunking(lines: list, cuts: list, trailer: bytes
 
 @settings(max_examples=200, deadline=None)
 @given(lines=_lines, cuts=st.lists(st.integers(0, 10000), max_size=12))
-def test_decoder_bare_lf_equals_crlf(lines: list, cuts: list) -> None:
+def test_decoder_bare_lf_ends_lines_but_never_the_message(lines: list, cuts: list) -> None:
+    """Bare LF lines are taken as CRLF lines (dots unstuffed), but ".\n" is content:
+    only CRLF.CRLF ends the message (no SMTP smuggling)."""
     message = b"".join(line + b"\r\n" for line in lines)
     bare = dot_stuff(message).replace(b"\r\n", b"\n")
     decoded, rest, done = _decode(bare, cuts)
-    assert done and decoded == message and rest == b""
+    assert not done and rest == b""
+    decoder_input = bare + b"\r\n.\r\nQUIT\r\n"
+    decoded, rest, done = _decode(decoder_input, cuts)
+    assert done and decoded == message + b".\r\n\r\n" and rest == b"QUIT\r\n"
 
 
 def test_decoder_long_lines_pass_in_pieces_without_splitting_crlf() -> None:
     long_line = b"." + b"a" * 99 + b"\r"  # ends in CR: must not become CR CR LF
     decoded, rest, done = _decode(long_line + b"\n.\r\n", [len(long_line)], partial_flush=50)
     assert done and decoded == b"a" * 99 + b"\r\n"
+
+
+# -- Authentication-Results claiming our id, removed while spooling -----------------------------
+
+from dcrouter.email.spool import ResultsFilter, SpoolWriter  # noqa: E402
+
+_OURS = "mx.dcrouter.test"
+_FIELDS = st.sampled_from([
+    (b"Authentication-Results: mx.dcrouter.test; spf=pass\r\n", False),
+    (b"Authentication-Results: mx.dcrouter.test 1; dkim=pass\r\n", False),
+    (b"Authentication-Results: MX.DCROUTER.TEST (verified); x=y\r\n", False),
+    (b"Authentication-Results: (c) mx.dcrouter.test;\r\n\tspf=pass\r\n", False),
+    (b"authentication-results :\r\n (a (b) c)\r\n \"mx.dcrouter.test.\";\r\n x=y\r\n", False),
+    (b"Authentication-Results: mx.dcrouter.test\r\n", False),
+    (b"Authentication-Results: (only a comment)\r\n", False),
+    (b"Authentication-Results: other.test; spf=pass\r\n", True),
+    (b"Authentication-Results: mx.dcrouter.test.evil; spf=pass\r\n", True),
+    (b"X-Authentication-Results: mx.dcrouter.test; spf=pass\r\n", True),
+    (b"Subject: Authentication-Results: mx.dcrouter.test;\r\n", True),
+    (b"Received: from x\r\n\tby y; Mon, 1 Jan 2024\r\n", True),
+    (b"X-Long: " + b"a" * 300 + b"\r\n", True),
+])
+
+
+def _filter(data: bytes, cuts: list[int], hold_limit: int = 64) -> tuple[bytes, int]:
+    f = ResultsFilter(_OURS, hold_limit=hold_limit)
+    out, pos = [], 0
+    for cut in sorted(set(c % (len(data) + 1) for c in cuts)) + [len(data)]:
+        out.append(f.feed(data[pos:cut]))
+        pos = cut
+    out.append(f.finish())
+    return b"".join(out), f.removed
+
+
+@settings(max_examples=400, deadline=None)
+@given(fields=st.lists(_FIELDS, max_size=12), cuts=st.lists(st.integers(0, 5000), max_size=10),
+       body=st.sampled_from([b"", b"\r\nAuthentication-Results: mx.dcrouter.test; body\r\n",
+                             b"\r\nbody\r\n"]))
+def test_results_filter_drops_exactly_our_fields_whatever_the_chunking(
+        fields: list, cuts: list, body: bytes) -> None:
+    data = b"".join(f for f, _ in fields) + body
+    expected = b"".join(f for f, keep in fields if keep) + body
+    out, removed = _filter(data, cuts)
+    assert out == expected
+    assert removed == sum(1 for _, keep in fields if not keep)
+
+
+def test_results_filter_over_long_lines_and_no_header_section() -> None:
+    long_ours = b"Authentication-Results: " + b"(" + b"x" * 5000 + b") mx.dcrouter.test; a\r\n"
+    long_other = b"X-Other: " + b"y" * 5000 + b"\r\n"
+    data = long_other + long_ours + b"Authentication-Results: mx.dcrouter.test; b\r\n\r\nbody"
+    out, removed = _filter(data, [100, 3000, 6000, 9000], hold_limit=1000)
+    assert out == long_other + b"\r\nbody" and removed == 2
+    # a message that starts with its body: nothing is a header field
+    out, removed = _filter(b"no header here\r\nAuthentication-Results: mx.dcrouter.test;\r\n", [])
+    assert removed == 0 and out.startswith(b"no header here")
+    out, removed = _filter(b"\r\nAuthentication-Results: mx.dcrouter.test;\r\n", [1])
+    assert removed == 0
+
+
+def test_spool_writer_sizes_count_what_is_stored(tmp_path: Any) -> None:
+    path = str(tmp_path / "m.eml")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    writer = SpoolWriter(path, fd, 10_000, authserv_id=_OURS)
+    writer.write_header(b"Received: x\r\n")
+    for piece in (b"Authentication-Results: mx.dcr", b"outer.test; spf=pass\r\nSub",
+                  b"ject: s\r\n\r\nbody\r\n"):
+        writer.write(piece)
+    writer.finish()
+    with open(path, "rb") as f:
+        stored = f.read()
+    assert stored == b"Received: x\r\nSubject: s\r\n\r\nbody\r\n"
+    assert writer.total_size == len(stored) and writer.results is not None
+    assert writer.results.removed == 1
