@@ -92,11 +92,12 @@ def test_full_issuance_against_pebble_is_served(proxy_router, backends, pebble, 
     https_port = free_port()
     proxy = {
         "acme": {"enabled": True, "directory_url": pebble["directory"],
-                 "directory_ca_path": test_ca.path, "account_email": "ops@example.test"},
+                 "directory_ca_path": test_ca.path, "account_email": "ops@example.test",
+                 "http_port": pebble["http"]},
         "routes": [
             {"name": "http", "ports": [pebble["http"]], "domains": ["*"],
              "redirect_to_https": True},
-            {"name": "site", "ports": [https_port], "domains": [NAME], "tls": "terminate",
+            {"name": "site", "ports": [https_port], "domains": [NAME], "tls": "terminate", "http": False,
              "targets": [backend.address]},
         ]}
     router = proxy_router(proxy)
@@ -183,7 +184,7 @@ def test_wildcard_and_dns01_names_validated_through_our_dns(proxy_router, backen
         "acme": {"enabled": True, "directory_url": pebble["directory"], "challenge": "dns-01",
                  "directory_ca_path": test_ca.path, "account_email": "ops@example.test"},
         "routes": [
-            {"name": "site", "ports": [https_port], "tls": "terminate",
+            {"name": "site", "ports": [https_port], "tls": "terminate", "http": False,
              "domains": ["*.wild.example.test", "dns.example.test", "*.elsewhere.test"],
              "targets": [backend.address]},
         ]}
