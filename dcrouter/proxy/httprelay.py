@@ -39,7 +39,7 @@ from dcrouter.proxy.httpstream import (BODY, COMPLETE, DATA, END, HEAD, UPGRADE,
                                        RequestFramer, ResponseFramer, wants_close)
 from dcrouter.proxy.routes import Route
 from dcrouter.proxy.stats import RouteStats
-from dcrouter.proxy.tunnel import close_write
+from dcrouter.proxy.tunnel import close_write, forget_paused_producer
 from dcrouter.proxy.httptimers import RequestTimers
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -52,21 +52,8 @@ log = get_logger("proxy.http")
 BAD_REQUEST = httpmod.response(400, "Bad Request", b"bad request\n")
 BAD_GATEWAY = httpmod.response(502, "Bad Gateway", b"no target reachable\n")
 NOT_FOUND = httpmod.response(404, "Not Found", b"no route\n")
-
-
-def _forget_paused_producer(transport: Any) -> None:
-    """Clear a consumer's memory of having paused its previous producer.
-
-    Twisted's TCP transport keeps ``producerPaused`` across
-    ``unregisterProducer``; left set, it would never pause the next producer
-    (so a new backend could fill the client's buffer without bound), or, when
-    it drained meanwhile, never resume it.  Cleared, the next write over the
-    high-water mark pauses the new producer as usual.  Under TLS the flag
-    lives on the TCP transport below.
-    """
-    for candidate in (transport, getattr(transport, "transport", None)):
-        if getattr(candidate, "producerPaused", None) is True:
-            candidate.producerPaused = False
+#: Seconds a connection we closed may take to go away before it is aborted.
+CLOSE_GRACE = 5.0
 
 
 class BackendLink:
@@ -150,6 +137,7 @@ class HttpRelay:
         self.idle_timeout = fixed.route.options.connection_timeout if fixed is not None else 0.0
         self.last_activity = core.reactor.seconds()
         self._idle_call: Any = None
+        self._close_call: Any = None
         self.last_route: Optional[Route] = fixed.route if fixed is not None else None
         self.timers = RequestTimers(core.reactor, self._head_timed_out, self._keep_alive_ended)
         if fixed is not None:
@@ -316,7 +304,7 @@ class HttpRelay:
         if data:
             link.transport.write(data)
         link.transport.registerProducer(self.client, True)
-        _forget_paused_producer(self.client)
+        forget_paused_producer(self.client)
         self.client.registerProducer(link.transport, True)
         self._unblock()
 
@@ -361,12 +349,12 @@ class HttpRelay:
         self.blocked = False
         if link is None or not link.busy:
             self.barrier = False
+        self.client.resumeProducing()
         if self.pending_reply is not None:
             reply = self.pending_reply[1]
             self.pending_reply = None
             self._reply_and_close(reply)
             return
-        self.client.resumeProducing()
         if self.pending_head is not None:
             head, self.pending_head = self.pending_head, None
             self._on_head(head)
@@ -491,11 +479,23 @@ class HttpRelay:
         if self.client_open:
             self.client.write(reply)
             self.client.loseConnection()
+            self._bound_close()
 
     def _close_client(self) -> None:
         self.closing = True
         if self.client_open:
             self.client.loseConnection()
+            self._bound_close()
+
+    def _bound_close(self) -> None:
+        """After our close: read again (a paused transport never notices the client's close,
+        and what it sends is now dropped), and abort if the client is still there after
+        :data:`CLOSE_GRACE` seconds (TLS waits for the client's close_notify)."""
+        if self.blocked:
+            self.blocked = False
+            self.client.resumeProducing()
+        if self._close_call is None:
+            self._close_call = self.core.reactor.callLater(CLOSE_GRACE, self.abort)
 
     def _close_all(self) -> None:
         self.closing = True
@@ -506,6 +506,7 @@ class HttpRelay:
                 link.transport.loseConnection()
         if self.client_open:
             self.client.loseConnection()
+            self._bound_close()
 
     def client_lost(self) -> None:
         """The client connection is gone: close the backend, release everything."""
@@ -513,6 +514,9 @@ class HttpRelay:
         self.closing = True
         self._cancel_idle()
         self.timers.cancel()
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        self._close_call = None
         link, self.link = self.link, None
         if link is not None:
             if link.transport is not None and not link.ended:

@@ -48,6 +48,21 @@ def close_write(transport: Any) -> None:
     transport.loseConnection()
 
 
+def forget_paused_producer(transport: Any) -> None:
+    """Clear a consumer's memory of having paused its previous producer.
+
+    Twisted's TCP transport keeps ``producerPaused`` across
+    ``unregisterProducer``; left set, it would never pause the next producer
+    (so a new backend could fill the client's buffer without bound), or, when
+    it drained meanwhile, never resume it.  Cleared, the next write over the
+    high-water mark pauses the new producer as usual.  Under TLS the flag
+    lives on the TCP transport below.
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        if getattr(candidate, "producerPaused", None) is True:
+            candidate.producerPaused = False
+
+
 class Tunnel:
     """Relays bytes between ``client`` (a transport) and one target connection."""
 

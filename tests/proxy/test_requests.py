@@ -15,9 +15,11 @@ from typing import Any, Optional
 import pytest
 import pytest_twisted
 from cryptography import x509
+from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 
 from dcrouter.proxy import http as httpmod
+from dcrouter.proxy import httprelay
 from tests.proxy.conftest import proxy_port, recv_all
 from tests.proxy.test_httpstream import Reader, connect, req, web_backends  # noqa: F401
 
@@ -141,6 +143,54 @@ def test_absolute_form_is_routed_by_its_authority_not_around_allowed_ips(proxy_r
 
 # -- Host against SNI on terminated routes ---------------------------------------------------
 
+@pytest_twisted.inlineCallbacks
+def wait_for_no_connections(router: Any) -> Any:
+    """Until the proxy tracks no client connection (20 s at most, far below any timeout that
+    would otherwise end one: the grace after our close is raised to 60 s by the fixture)."""
+    service = router.by_name["proxy"]
+    for _ in range(400):
+        if not service.connections:
+            return
+        yield task.deferLater(reactor, 0.05, lambda: None)
+    raise AssertionError(f"still open: {[c.client_addr for c in service.connections]}")
+
+
+@pytest.fixture(autouse=True)
+def long_close_grace(monkeypatch: Any) -> None:
+    """Connections must go away because the client left, not because the grace ran out."""
+    monkeypatch.setattr(httprelay, "CLOSE_GRACE", 60.0)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_client_that_stays_after_our_answer_is_closed_after_the_grace(proxy_router,
+                                                                        web_backends,
+                                                                        monkeypatch):
+    monkeypatch.setattr(httprelay, "CLOSE_GRACE", 0.5)
+    backend = web_backends("site")
+    port = proxy_port()
+    router = proxy_router({"routes": [{"name": "a", "ports": [port], "domains": ["a.test"],
+                              "tls": "terminate", "targets": [backend.address],
+                              "health_check_interval": 0}]})
+
+    answered, release = threading.Event(), threading.Event()
+
+    def silent() -> tuple[int, int]:
+        with connect(port, "a.test") as s:
+            reader = Reader(s)
+            s.sendall(req("GET", "a.test", "/1") + req("GET", "b.test", "/2"))
+            codes = reader.response()[0], reader.response()[0]
+            answered.set()
+            release.wait(30)           # never answers the close_notify, never closes
+            return codes
+    done = deferToThread(silent)
+    yield deferToThread(answered.wait, 30)
+    try:
+        yield wait_for_no_connections(router)   # aborted by the proxy after the grace
+    finally:
+        release.set()
+    assert (yield done) == (200, 421)
+
+
 def peer_names(port: int, server_name: Optional[str]) -> list[str]:
     """The DNS names in the certificate the proxy presents for ``server_name`` (None: no SNI)."""
     ctx = ssl.create_default_context()
@@ -183,6 +233,7 @@ def test_a_host_of_another_route_on_a_terminated_connection_gets_421(proxy_route
             s.sendall(req("GET", "a.test", "/1") + req("GET", "internal.test", "/2"))
             return reader.response()[0], reader.response()[0]
     assert (yield deferToThread(keep_alive)) == (200, 421)
+    yield wait_for_no_connections(router)      # the paused connection noticed the close
     # without SNI there is no route here: the handshake gets no certificate at all
     assert (yield deferToThread(exchange, port, req("GET", "a.test"), "")) == b""
     # curl, checking the certificate name as a browser would
