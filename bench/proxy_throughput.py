@@ -218,7 +218,8 @@ def start_dcrouter(tmp: str, port: int, backend: int, terminate: bool = False,
     if terminate:
         cert, key, _ = write_cert(tmp)
         tls = "terminate"
-        extra = f'cert_path = "{cert}"\nkey_path = "{key}"\n'
+        # raw bytes over TLS, as HAProxy's mode tcp below: not HTTP
+        extra = f'cert_path = "{cert}"\nkey_path = "{key}"\nhttp = false\n'
     config = os.path.join(tmp, "dcrouter.toml")
     with open(config, "w") as f:
         f.write(f"""[router]

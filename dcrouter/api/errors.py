@@ -25,10 +25,13 @@ ERROR_CODES: dict[str, int] = {
     "not_found": 404,
     "method_not_allowed": 405,
     "conflict": 409,
+    "request_timeout": 408,
     "payload_too_large": 413,
+    "uri_too_long": 414,
     "unsupported_media_type": 415,
     "invalid_config": 422,
     "too_many_requests": 429,
+    "request_header_fields_too_large": 431,
     "internal": 500,
     "service_unavailable": 503,
 }

@@ -6,8 +6,10 @@
   (service figures are read where they are written; prometheus_client's
   own Twisted resource would collect in a worker thread).
 
-Authentication, the JSON error shape, 404/405, body limits and the access
-log live here once, for every endpoint.
+Authentication, the JSON error shape, 404/405 and the access log live here
+once, for every endpoint; the request limits (head size and time, body size
+and time) are the channel's (:mod:`dcrouter.api.channel`), checked before
+any of this runs.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from twisted.web import resource, server
 from twisted.web.http import Request
 
 from dcrouter.api import errors
+from dcrouter.api.channel import LimitedSite
 from dcrouter.api.auth import TokenAuthenticator, check_browser_safety
 from dcrouter.api.handlers import ENDPOINTS, ApiHandlers, Endpoint
 from dcrouter.api.types import ApiRequest, Reply
@@ -84,6 +87,7 @@ class RootResource(resource.Resource):
         self.metrics = metrics
         self.static = static or StaticFiles()
         self.requests = 0
+        self.max_body_size = MAX_BODY
 
     # -- entry ------------------------------------------------------------------
     def render(self, request: Request) -> Any:
@@ -149,10 +153,11 @@ class RootResource(resource.Resource):
             body, content_type = self.metrics.render(
                 (request.getHeader(b"accept") or b"").decode("latin-1"))
             return _Raw(body, content_type.encode("ascii"), {})
-        content = request.content.read(MAX_BODY + 1) if request.content is not None else b""
-        if len(content) > MAX_BODY:
-            raise errors.ApiError(413, "payload_too_large",
-                                  f"the body exceeds {MAX_BODY} bytes")
+        # the channel refused larger bodies already; this guards other channels
+        limit = self.max_body_size
+        content = request.content.read(limit + 1) if request.content is not None else b""
+        if len(content) > limit:
+            raise errors.ApiError(413, "payload_too_large", f"the body exceeds {limit} bytes")
         args: dict[bytes, list[bytes]] = request.args or {}
         api_request = ApiRequest(
             method=method, path=path, params=params,
@@ -223,8 +228,9 @@ def _client_ip(request: Request) -> str:
     return str(getattr(address, "host", "") or "unknown")
 
 
-class ApiSite(server.Site):
-    """A Site without twistd's access log (the resource logs each request at debug level)."""
+class ApiSite(LimitedSite):
+    """The API's site: request limits (:mod:`dcrouter.api.channel`), no twistd access log
+    (the resource logs each request at debug level)."""
 
     noisy = False
     displayTracebacks = False

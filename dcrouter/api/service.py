@@ -17,6 +17,7 @@ from typing import Any, Optional
 from twisted.internet import defer
 
 from dcrouter.api.auth import TokenAuthenticator
+from dcrouter.api.channel import RequestLimits
 from dcrouter.api.authshare import SharedFailureLimiter
 from dcrouter.api.handlers import ApiHandlers
 from dcrouter.api.metrics import ApiMetrics
@@ -29,9 +30,6 @@ from dcrouter.logsetup import get_logger
 from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterContext
 
 log = get_logger("api")
-
-#: Seconds an idle HTTP connection may stay open (twisted.web's default is 12 hours).
-IDLE_TIMEOUT = 60
 
 
 class ApiService(ManagedService):
@@ -48,7 +46,8 @@ class ApiService(ManagedService):
         self.handlers = ApiHandlers(context, self.metrics, self.openapi_document)
         self.root = RootResource(self.handlers, self.authenticator, self.metrics,
                                  context.reactor)
-        self.site = ApiSite(self.root, timeout=IDLE_TIMEOUT)
+        self.site = ApiSite(self.root, self._limits(options), timeout=options.idle_timeout,
+                            reactor=context.reactor)
         self.tls: Optional[SwitchableContext] = None
         self._load_tls(options)
         self.listeners = ListenerSet(context.reactor, lambda spec: self.site,
@@ -57,6 +56,13 @@ class ApiService(ManagedService):
     @staticmethod
     def _options(options: DcRouterOptions) -> ApiOptions:
         return options.api if options.api is not None else ApiOptions()
+
+    def _limits(self, options: ApiOptions) -> RequestLimits:
+        """The request limits of ``[api]`` (new connections use them at once on reload)."""
+        self.root.max_body_size = options.max_body_size
+        return RequestLimits(max_body_size=options.max_body_size,
+                             header_timeout=options.header_timeout,
+                             body_timeout=options.body_timeout)
 
     @staticmethod
     def _shared_limiter(context: RouterContext,
@@ -135,6 +141,8 @@ class ApiService(ManagedService):
         api = self._options(options)
         self._load_tls(api)
         self.authenticator.update(api.token, api.max_auth_failures_per_minute)
+        self.site.limits = self._limits(api)
+        self.site.timeOut = api.idle_timeout
         self.metrics.wire_observers()
         if not self.running:
             return None

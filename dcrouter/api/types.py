@@ -34,16 +34,83 @@ class ApiRequest:
         return values[0] if values else default
 
     def json(self) -> Any:
-        """The body parsed as JSON (400 when it is not JSON)."""
+        """The body parsed as JSON (400 when it is not JSON, or nests or counts too deep)."""
         if self.content_type and "json" not in self.content_type.lower():
             raise errors.ApiError(415, "unsupported_media_type",
                                   f"the body must be application/json, not {self.content_type}")
         if not self.body.strip():
             raise errors.bad_request("a JSON body is required")
-        try:
-            return json.loads(self.body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise errors.bad_request(f"the body is not valid JSON: {e}") from None
+        return parse_json(self.body)
+
+
+#: Deepest nesting of arrays and objects an API body may have.
+MAX_JSON_DEPTH = 32
+#: Most digits of a JSON number (Python's int parser allows 4300).
+MAX_JSON_NUMBER = 64
+
+
+def json_depth_exceeds(text: str, limit: int = MAX_JSON_DEPTH) -> bool:
+    """Whether ``text`` nests ``[``/``{`` deeper than ``limit`` (outside strings).
+
+    Checked before parsing, because ``json.loads`` recurses once per level and
+    a body of a few kilobytes of ``[`` would exhaust the interpreter's stack.
+    """
+    if text.count("[") + text.count("{") <= limit:
+        return False                    # the common case, at C speed
+    depth = 0
+    in_string = escaped = False
+    for char in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif char == "\\":
+                escaped = True
+            elif char == '"':
+                in_string = False
+        elif char == '"':
+            in_string = True
+        elif char in "[{":
+            depth += 1
+            if depth > limit:
+                return True
+        elif char in "]}":
+            depth -= 1
+    return False
+
+
+def _bounded_number(kind: type) -> Any:
+    def parse(literal: str) -> Any:
+        if len(literal) > MAX_JSON_NUMBER:
+            raise ValueError(f"a number has more than {MAX_JSON_NUMBER} characters")
+        value = kind(literal)
+        if kind is float and value in (float("inf"), float("-inf")):
+            raise ValueError(f"{literal[:20]} is out of range")
+        return value
+    return parse
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
+def parse_json(body: bytes) -> Any:
+    """A request body as JSON; ``400`` for anything else, never a 500.
+
+    Bounded work: nesting deeper than :data:`MAX_JSON_DEPTH`, numbers longer
+    than :data:`MAX_JSON_NUMBER` characters, infinities and ``NaN`` are
+    refused (strings are bounded by ``api.max_body_size``).
+    """
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise errors.bad_request(f"the body is not valid JSON: {e}") from None
+    if json_depth_exceeds(text):
+        raise errors.bad_request(f"the JSON body nests deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text, parse_int=_bounded_number(int),
+                          parse_float=_bounded_number(float), parse_constant=_no_constant)
+    except (ValueError, RecursionError) as e:   # JSONDecodeError is a ValueError
+        raise errors.bad_request(f"the body is not valid JSON: {e}") from None
 
 
 @dataclasses.dataclass

@@ -42,6 +42,19 @@ class ApiOptions:
     tls_client_ca: str = option("", doc="PEM CA certificate(s): clients must present a "
                                 "certificate they signed (mutual TLS), in addition to the "
                                 "token.")
+    max_body_size: int = option(1024 * 1024, check=check_positive,
+                                doc="Largest request body in bytes (nginx's client_max_body_size): "
+                                "a larger Content-Length is answered 413 before the body is "
+                                "read or the token checked; a chunked body is cut with 413 at "
+                                "the limit.")
+    header_timeout: float = option(10.0, check=check_positive,
+                                   doc="Seconds for a whole request head to arrive, from its "
+                                   "first byte (HAProxy's timeout http-request); else 408.")
+    body_timeout: float = option(60.0, check=check_positive,
+                                 doc="Seconds for a whole request body to arrive after its "
+                                 "head; else 408.")
+    idle_timeout: float = option(60.0, check=check_positive,
+                                 doc="Seconds an idle keep-alive connection stays open.")
     tls_min_version: str = option("TLSv1.2", check=one_of("TLSv1.2", "TLSv1.3"),
                                   doc="Lowest TLS version of the HTTPS listener.")
 

@@ -400,8 +400,7 @@ def _smart_proxy(src: Mapping[str, Any], m: Migration, path: str,
         if acme.get("useProduction") is False:
             a["directory_url"] = "https://acme-staging-v02.api.letsencrypt.org/directory"
         if "port" in acme:
-            m.note(f"{path}.acme.port", "http-01 challenges are answered on every plain HTTP "
-                   "route; make sure one listens on port 80")
+            a["http_port"] = acme["port"]   # where http-01 validation requests arrive
         if "autoRenew" in acme and not acme["autoRenew"]:
             m.note(f"{path}.acme.autoRenew", "dcrouter always renews")
         m.leftover(acme, {"enabled", "accountEmail", "renewThresholdDays", "useProduction",

@@ -7,7 +7,8 @@ import re
 from typing import Optional, Union
 
 from dcrouter.config.base import (
-    check_host_ports, check_networks, check_non_negative, check_positive, one_of, option,
+    check_host_ports, check_networks, check_non_negative, check_port, check_positive, one_of,
+    option,
 )
 from dcrouter.errors import ConfigError
 
@@ -82,12 +83,27 @@ class ProxyRouteOptions:
     initial_data_timeout: float = option(10.0, check=check_positive,
                                          doc="Seconds to wait for the first bytes (SNI/Host) "
                                          "and, on terminate routes, for the TLS handshake.")
+    http_request_timeout: float = option(10.0, check=check_positive,
+                                         doc="HTTP: seconds for a whole request head to arrive, "
+                                         "from its first byte, on every request of a kept-alive "
+                                         "connection (HAProxy's timeout http-request); else 408 "
+                                         "and close. On a plain port the smallest value of its "
+                                         "routes applies.")
+    http_keep_alive_timeout: float = option(10.0, check=check_positive,
+                                            doc="HTTP: seconds a kept-alive connection may wait "
+                                            "for its next request once every response is sent "
+                                            "(HAProxy's timeout http-keep-alive); then it is "
+                                            "closed.")
     connect_timeout: float = option(10.0, check=check_positive,
                                     doc="Seconds to wait for a target to accept before trying "
                                     "the next one.")
     redirect_to_https: bool = option(False, doc="Answer HTTP with 301 to https://host/path.")
-    http: Optional[bool] = option(None, doc="Treat as HTTP (Host routing); default: true for "
-                                  "plain routes that name domains other than '*' or a path.")
+    http: Optional[bool] = option(None, doc="Relay as HTTP request by request (Host routing, "
+                                  "request checks, per-request timeouts; on terminate routes the "
+                                  "Host must belong to the SNI's route, else 421). Default: true "
+                                  "for terminate routes and for plain routes that name domains "
+                                  "other than '*' or a path. false on a terminate route: a plain "
+                                  "byte tunnel (for TLS services that are not HTTP).")
     add_forwarded_headers: bool = option(False, doc="Add X-Forwarded-For/-Proto (HTTP).")
     send_proxy_protocol: str = option("", doc="'v1' or 'v2': send a PROXY header to targets.")
     cert_path: str = option("", doc="Certificate for terminate modes (else ACME or self-signed).")
@@ -107,6 +123,19 @@ class ProxyRouteOptions:
             raise ConfigError(f"{path}.targets", "at least one target is needed")
         if bool(self.cert_path) != bool(self.key_path):
             raise ConfigError(f"{path}.cert_path", "cert_path and key_path must be given together")
+        if self.tls == "passthrough" and self.http:
+            raise ConfigError(f"{path}.http", "a passthrough route cannot be read as HTTP (the "
+                              "traffic stays encrypted); use tls = \"terminate\"")
+        if self.http is False and self.add_forwarded_headers:
+            raise ConfigError(f"{path}.add_forwarded_headers",
+                              "needs HTTP, but this route sets http = false")
+
+    @property
+    def relays_http(self) -> bool:
+        """Whether connections of this route are relayed as HTTP, request by request."""
+        if self.tls:
+            return self.tls != "passthrough" and self.http is not False
+        return self.mode == "http"
 
     @property
     def port_ranges(self) -> tuple[tuple[int, int], ...]:
@@ -145,6 +174,12 @@ class AcmeOptions:
                                    doc="Seconds between renewal checks.")
     retry_backoff: float = option(300.0, check=check_positive,
                                   doc="First backoff after a failed order; doubles.")
+    http_port: int = option(80, check=check_port,
+                            doc="The port where the ACME server sends http-01 validation "
+                            "requests (80; pebble's httpPort in tests). Every plain listener on "
+                            "it reads HTTP and answers challenges before any route, whatever "
+                            "its routes' mode; check-config fails when nothing plain listens "
+                            "there, or a TLS route or an http = false route claims it.")
     challenge: str = option("http-01", check=one_of("http-01", "dns-01"),
                             doc="'http-01' (answered on the proxy's plain HTTP ports) or "
                             "'dns-01' (a TXT record published by dcrouter's DNS server, for "
@@ -178,3 +213,32 @@ class ProxyOptions:
                     raise ConfigError(f"{path}.routes[{i}].ports",
                                       f"port {port} mixes TLS and plain routes "
                                       f"(routes[{first[1]}] is {first[0]}, this one {route.mode})")
+        if self.acme.enabled:
+            self._check_acme_http_port(path)
+
+    def _check_acme_http_port(self, path: str) -> None:
+        """http-01 needs a plain listener on ``acme.http_port`` that may read HTTP."""
+        port = self.acme.http_port
+        on_port = [(i, r) for i, r in enumerate(self.routes) if port in r.all_ports()]
+        for i, route in on_port:
+            if route.tls:
+                raise ConfigError(f"{path}.routes[{i}].ports",
+                                  f"port {port} is proxy.acme.http_port, where http-01 "
+                                  f"challenges are answered in plain HTTP; a TLS route cannot "
+                                  f"listen there (move it, or set proxy.acme.http_port)")
+            if route.http is False:
+                raise ConfigError(f"{path}.routes[{i}].http",
+                                  f"port {port} is proxy.acme.http_port: its connections are "
+                                  f"read as HTTP to answer http-01 challenges before any route, "
+                                  f"so http = false cannot hold there (remove it, or set "
+                                  f"proxy.acme.http_port)")
+        wants_http01 = self.acme.challenge == "http-01" and any(
+            r.tls.startswith("terminate") and r.acme and not r.cert_path
+            and any(d != "*" and not d.startswith("*.") for d in r.domains)
+            for r in self.routes)
+        if wants_http01 and not on_port:
+            raise ConfigError(f"{path}.acme.http_port",
+                              f"no route listens on port {port}: the ACME server's http-01 "
+                              f"validation requests would find nothing; add a plain route on "
+                              f"port {port} (a redirect_to_https route is enough), or set "
+                              f"http_port to the port that receives them")

@@ -4,8 +4,14 @@ Certificates come from three places, in this order of preference for a name:
 
 1. files configured on a route (``cert_path``/``key_path``) for its domains,
 2. ACME-issued certificates under ``state_dir/certs/acme/<name>.crt``,
-3. one self-signed fallback (``dcrouter.tlsutil``) naming every terminate
-   route's domains, so a handshake always completes.
+3. a self-signed certificate for that one name (``dcrouter.tlsutil``), made
+   once under ``state_dir/certs/self-signed/<name>.crt``, so a handshake
+   always completes.
+
+A client that sends no SNI, or a name no route serves, gets the default
+certificate: self-signed for ``dcrouter-default.invalid`` only, so it learns
+no name served here (the fallback used to list every terminate route's
+names, ``internal.*`` ones included, to anyone who connected).
 
 The server context (TLS >= 1.2, modern ciphers, ALPN ``http/1.1``) asks the
 store for the certificate of the name in the ClientHello through
@@ -24,7 +30,8 @@ from twisted.internet.interfaces import IOpenSSLContextFactory
 from zope.interface import implementer
 
 from dcrouter.logsetup import get_logger
-from dcrouter.tlsutil import ensure_private_dir, ensure_self_signed, load_certificate_options
+from dcrouter.tlsutil import (ensure_private_dir, ensure_self_signed, load_certificate_options,
+                              make_self_signed, write_private)
 
 log = get_logger("proxy")
 
@@ -41,6 +48,28 @@ def acme_paths(state_dir: str, name: str) -> tuple[str, str]:
     safe = name.replace("*", "_wildcard_").replace("/", "_")
     base = acme_dir(state_dir)
     return os.path.join(base, f"{safe}.crt"), os.path.join(base, f"{safe}.key")
+
+
+#: The name of the certificate for connections without SNI or with an unknown name.
+DEFAULT_NAME = "dcrouter-default.invalid"
+
+
+def self_signed_paths(state_dir: str, name: str) -> tuple[str, str]:
+    """Certificate and key paths of the self-signed certificate for ``name``."""
+    safe = name.replace("*", "_wildcard_").replace("/", "_")
+    base = os.path.join(state_dir, "certs", "self-signed")
+    return os.path.join(base, f"{safe}.crt"), os.path.join(base, f"{safe}.key")
+
+
+def ensure_self_signed_for(state_dir: str, name: str) -> tuple[str, str]:
+    """A self-signed certificate naming only ``name`` (made once, then kept)."""
+    cert_path, key_path = self_signed_paths(state_dir, name)
+    if not (os.path.exists(cert_path) and os.path.exists(key_path)):
+        ensure_private_dir(os.path.dirname(cert_path))
+        cert, key = make_self_signed([name])
+        write_private(key_path, key)
+        write_private(cert_path, cert)
+    return cert_path, key_path
 
 
 def certificate_expiry(cert_path: str) -> Optional[datetime.datetime]:
@@ -78,7 +107,7 @@ class CertStore:
             key_name: str = "proxy") -> None:
         """Serve ``cert_path`` for ``names`` (files win over ACME, ACME over the fallback)."""
         ctx = self._context(cert_path, key_path, key_name)
-        rank = {"config": 0, "acme": 1}
+        rank = {"config": 0, "acme": 1}        # then self-signed
         for name in names:
             name = name.lower()
             if name in self.sources and rank.get(self.sources[name], 2) < rank.get(source, 2):
@@ -111,8 +140,11 @@ class CertStore:
         if not terminating:
             return
         ensure_private_dir(os.path.join(self.state_dir, "certs"))
-        cert_path, key_path = ensure_self_signed(self.state_dir, "dcrouter-proxy-fallback",
-                                                 sorted(names))
+        for name in names:
+            if name not in self.contexts:
+                cert_path, key_path = ensure_self_signed_for(self.state_dir, name)
+                self.add([name], cert_path, key_path, "self-signed")
+        cert_path, key_path = ensure_self_signed(self.state_dir, DEFAULT_NAME)
         self.fallback = self._context(cert_path, key_path, "proxy")
 
     def add_acme(self, name: str) -> bool:

@@ -8,8 +8,9 @@ A connection goes through these stages, as its listener's mode requires:
    route chosen by SNI; ``passthrough`` replays the bytes to a target,
    ``terminate*`` feeds them into a server TLS engine whose plain side is
    relayed; ``http`` - an :class:`~dcrouter.proxy.httprelay.HttpRelay`
-   routes every request by ``Host`` and path (terminated routes that add
-   forwarded headers use one too, on their route);
+   routes every request by ``Host`` and path (terminated routes use one too,
+   on their route, unless ``http = false``; a ``Host`` of another route is
+   answered 421);
    ``tcp`` - the route is chosen by port and client address alone;
 3. admission (:mod:`dcrouter.proxy.limits`, the same call for every mode),
    then a :class:`~dcrouter.proxy.tunnel.Tunnel` to a target chosen by the
@@ -240,7 +241,7 @@ class _TerminatedProtocol(Protocol):
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
         route = self.connection.route
-        if route.options.add_forwarded_headers:
+        if route.options.relays_http:
             # HTTP request by request; the timer now covers the first request head
             front = self.front
             self.relay = HttpRelay(front.core, self.transport, "https", front.port,

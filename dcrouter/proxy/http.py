@@ -1,7 +1,9 @@
 """HTTP on plain proxy ports: request heads, routing helpers and small replies.
 
 :func:`parse_head` and :func:`render_head` read and write one request head (up
-to :data:`MAX_HEAD` bytes).  The connection itself is handled request by
+to :data:`MAX_HEAD` bytes); :func:`normalize_request_target` checks the
+request target and ``Host`` (RFC 9112 3.2: an absolute-form target is routed
+by its authority and sent on in origin-form).  The connection itself is handled request by
 request by :mod:`dcrouter.proxy.httprelay` with the framing of
 :mod:`dcrouter.proxy.httpstream` (HAProxy's keep-alive mode): every request
 head of a kept-alive connection is routed by ``Host`` and path on its own and
@@ -16,6 +18,7 @@ any route is consulted; ``redirect_to_https`` routes answer ``301``.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Optional
 
 MAX_HEAD = 32 * 1024
@@ -43,29 +46,118 @@ class RequestHead:
 
     @property
     def host(self) -> Optional[str]:
-        """``Host`` without port, lower case (or the host of an absolute-form target)."""
+        """``Host`` without port, lower case (None when absent or empty).
+
+        After :func:`normalize_request_target` an absolute-form target's
+        authority is the ``Host``.
+        """
         value = self.header("host")
-        if value is None and "://" in self.target:
-            value = self.target.split("://", 1)[1].split("/", 1)[0]
         if not value:
             return None
-        value = value.strip().lower()
-        if value.startswith("["):
-            return value[1:value.find("]")] if "]" in value else None
-        return value.rsplit(":", 1)[0] if ":" in value else value
+        return split_authority(value)[0] or None
 
     @property
     def path(self) -> str:
-        """The path (with query) of the request target."""
-        target = self.target
-        if "://" in target:
-            rest = target.split("://", 1)[1]
-            target = "/" + rest.split("/", 1)[1] if "/" in rest else "/"
-        return target
+        """The path (with query) of the request target (origin-form after
+        :func:`normalize_request_target`)."""
+        return self.target
+
+
+_AUTHORITY = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)"
+                        r"(?::([0-9]{0,5}))?$")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def split_authority(value: str) -> tuple[str, Optional[int]]:
+    """``host[:port]`` (RFC 3986 authority without userinfo) -> (lower-case host without
+    brackets, port or None); ValueError when it is not one."""
+    m = _AUTHORITY.match(value.strip())
+    if m is None:
+        raise ValueError(f"invalid authority {value[:100]!r}")
+    host, port = m.group(1).lower(), m.group(2)
+    if host.startswith("["):
+        host = host[1:-1]
+    if port:
+        number = int(port)
+        if not 0 < number < 65536:
+            raise ValueError(f"invalid port in {value[:100]!r}")
+        return host, number
+    return host, None
+
+
+def _same_authority(a: str, b: str, scheme: str) -> bool:
+    """Whether two authorities name the same host and port (default port of ``scheme``)."""
+    default = _DEFAULT_PORTS.get(scheme)
+    host_a, port_a = split_authority(a)
+    host_b, port_b = split_authority(b)
+    return host_a == host_b and (port_a or default) == (port_b or default)
+
+
+def _set_host(head: "RequestHead", authority: str) -> None:
+    """Replace the ``Host`` value in place (or add it first)."""
+    for i, (key, _value) in enumerate(head.headers):
+        if key.lower() == "host":
+            head.headers[i] = (key, authority)
+            return
+    head.headers.insert(0, ("Host", authority))
+
+
+def normalize_request_target(head: "RequestHead") -> None:
+    """Check the request target and ``Host`` (RFC 9112 3.2); ValueError means 400.
+
+    * origin-form (``/path?query``) is kept; ``*`` only for ``OPTIONS``;
+      authority-form (``host:port``) only, and always, for ``CONNECT``;
+    * absolute-form (``http://host/path``, ``https://``): the target's
+      authority decides - a ``Host`` naming another host or port is refused
+      (as HAProxy does), the ``Host`` is set to the authority and the target
+      becomes origin-form, so the route is chosen by the name the backend
+      will see and the backend never gets the absolute form;
+    * userinfo (``user@host``), an invalid ``Host``, more than one ``Host``,
+      and an HTTP/1.1 request without one are refused.
+    """
+    hosts = [value for key, value in head.headers if key.lower() == "host"]
+    if len(hosts) > 1:
+        raise ValueError("more than one Host")
+    if hosts:
+        split_authority(hosts[0])
+    target = head.target
+    if head.method == "CONNECT":
+        host, port = split_authority(target)
+        if not host or port is None or "/" in target:
+            raise ValueError("CONNECT needs an authority-form target (host:port)")
+        if hosts and not _same_authority(hosts[0], target, ""):
+            raise ValueError("Host does not match the CONNECT target")
+        _set_host(head, target)
+    elif target.startswith("/"):
+        pass
+    elif target == "*":
+        if head.method != "OPTIONS":
+            raise ValueError("asterisk-form target outside OPTIONS")
+    elif "://" in target:
+        target_scheme, _, rest = target.partition("://")
+        target_scheme = target_scheme.lower()
+        if target_scheme not in _DEFAULT_PORTS:
+            raise ValueError(f"absolute-form target with scheme {target_scheme[:20]!r}")
+        cut = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+        authority, path = rest[:cut], rest[cut:]
+        if "@" in authority:
+            raise ValueError("userinfo in the request target")
+        host, _port = split_authority(authority)
+        if not host:
+            raise ValueError("absolute-form target without a host")
+        if hosts and not _same_authority(hosts[0], authority, target_scheme):
+            raise ValueError("Host does not match the absolute-form target's authority")
+        _set_host(head, authority)
+        head.target = path if path.startswith("/") else "/" + path
+    else:
+        raise ValueError("request target is not origin-form (/path) or absolute-form")
+    if head.version != "HTTP/1.0" and head.header("host") is None:
+        raise ValueError("HTTP/1.1 request without Host")
 
 
 def parse_head(raw: bytes) -> RequestHead:
-    """Parse a request head (up to and excluding the blank line); ValueError if malformed."""
+    """Parse a request head (up to and excluding the blank line) and normalize its target
+    (:func:`normalize_request_target`); ValueError if malformed."""
     try:
         text = raw.decode("latin-1")
     except UnicodeDecodeError:  # pragma: no cover - latin-1 decodes everything
@@ -75,7 +167,9 @@ def parse_head(raw: bytes) -> RequestHead:
     if len(parts) != 3 or not parts[2].startswith("HTTP/1.") or not parts[0] \
             or not set(parts[0].encode()) <= _TOKENS or not parts[1]:
         raise ValueError("bad request line")
-    return RequestHead(parts[0], parts[1], parts[2], parse_headers(lines[1:]))
+    head = RequestHead(parts[0], parts[1], parts[2], parse_headers(lines[1:]))
+    normalize_request_target(head)
+    return head
 
 
 def parse_headers(lines: list[str]) -> list[tuple[str, str]]:

@@ -32,10 +32,15 @@ from twisted.python.failure import Failure
 
 from dcrouter.logsetup import get_logger
 from dcrouter.proxy import http as httpmod
+from dcrouter.proxy import httptimers
+from dcrouter.proxy.httpchecks import (MISDIRECTED, REQUEST_TIMEOUT, ROUTE_ERRORS, misdirected,
+                                       request_timeouts)
 from dcrouter.proxy.httpstream import (BODY, COMPLETE, DATA, END, HEAD, UPGRADE, FramingError,
                                        RequestFramer, ResponseFramer, wants_close)
 from dcrouter.proxy.routes import Route
 from dcrouter.proxy.stats import RouteStats
+from dcrouter.proxy.tunnel import close_write, forget_paused_producer
+from dcrouter.proxy.httptimers import RequestTimers
 
 if TYPE_CHECKING:  # pragma: no cover
     from dcrouter.proxy.balancer import Target
@@ -47,32 +52,8 @@ log = get_logger("proxy.http")
 BAD_REQUEST = httpmod.response(400, "Bad Request", b"bad request\n")
 BAD_GATEWAY = httpmod.response(502, "Bad Gateway", b"no target reachable\n")
 NOT_FOUND = httpmod.response(404, "Not Found", b"no route\n")
-
-
-def _close_write(transport: Any) -> None:
-    shutdown = getattr(transport, "loseWriteConnection", None)
-    try:
-        if shutdown is not None:
-            shutdown()
-            return
-    except (AttributeError, NotImplementedError):
-        pass
-    transport.loseConnection()
-
-
-def _forget_paused_producer(transport: Any) -> None:
-    """Clear a consumer's memory of having paused its previous producer.
-
-    Twisted's TCP transport keeps ``producerPaused`` across
-    ``unregisterProducer``; left set, it would never pause the next producer
-    (so a new backend could fill the client's buffer without bound), or, when
-    it drained meanwhile, never resume it.  Cleared, the next write over the
-    high-water mark pauses the new producer as usual.  Under TLS the flag
-    lives on the TCP transport below.
-    """
-    for candidate in (transport, getattr(transport, "transport", None)):
-        if getattr(candidate, "producerPaused", None) is True:
-            candidate.producerPaused = False
+#: Seconds a connection we closed may take to go away before it is aborted.
+CLOSE_GRACE = 5.0
 
 
 class BackendLink:
@@ -156,6 +137,9 @@ class HttpRelay:
         self.idle_timeout = fixed.route.options.connection_timeout if fixed is not None else 0.0
         self.last_activity = core.reactor.seconds()
         self._idle_call: Any = None
+        self._close_call: Any = None
+        self.last_route: Optional[Route] = fixed.route if fixed is not None else None
+        self.timers = RequestTimers(core.reactor, self._head_timed_out, self._keep_alive_ended)
         if fixed is not None:
             self._arm_idle()
 
@@ -173,6 +157,10 @@ class HttpRelay:
         self._pump()
 
     def _pump(self) -> None:
+        self._pump_events()
+        self._update_timers()
+
+    def _pump_events(self) -> None:
         while not self.blocked and not self.closing and not self.upgraded:
             try:
                 event = self.framer.next_event()
@@ -216,6 +204,9 @@ class HttpRelay:
     def _route_for(self, head: httpmod.RequestHead) -> Optional[Route]:
         """The route of ``head``; None after arranging a local answer (404, ACME...)."""
         if self.fixed is not None:
+            if misdirected(head, self.core.table, self.port, self.client_ip, self.fixed.route):
+                self._answer_locally("misdirected", MISDIRECTED)
+                return None
             return self.fixed.route
         token = httpmod.acme_token(head.path)
         if token is not None:
@@ -244,7 +235,7 @@ class HttpRelay:
 
     def _answer_locally(self, kind: str, reply: bytes) -> None:
         """Answer and close, after the outstanding responses of the current backend."""
-        if kind == "bad_http" and self.last_stats is not None:
+        if kind in ROUTE_ERRORS and self.last_stats is not None:
             self.last_stats.error(kind)
         elif kind:
             self.core.count_unrouted(kind)
@@ -292,6 +283,7 @@ class HttpRelay:
         link = BackendLink(self, connection, owned=self.fixed is None)
         self.link = link
         self.last_stats = link.stats
+        self.last_route = route
         self.idle_timeout = route.options.connection_timeout
         self._arm_idle()
         self._send_head(head)
@@ -312,7 +304,7 @@ class HttpRelay:
         if data:
             link.transport.write(data)
         link.transport.registerProducer(self.client, True)
-        _forget_paused_producer(self.client)
+        forget_paused_producer(self.client)
         self.client.registerProducer(link.transport, True)
         self._unblock()
 
@@ -357,12 +349,12 @@ class HttpRelay:
         self.blocked = False
         if link is None or not link.busy:
             self.barrier = False
+        self.client.resumeProducing()
         if self.pending_reply is not None:
             reply = self.pending_reply[1]
             self.pending_reply = None
             self._reply_and_close(reply)
             return
-        self.client.resumeProducing()
         if self.pending_head is not None:
             head, self.pending_head = self.pending_head, None
             self._on_head(head)
@@ -398,6 +390,7 @@ class HttpRelay:
         if self.blocked and not link.busy:
             self._unblock()
         self._maybe_finish()
+        self._update_timers()
 
     def _upgrade(self, link: BackendLink) -> None:
         """101 / CONNECT answered: from now on bytes pass both ways unparsed."""
@@ -410,7 +403,7 @@ class HttpRelay:
             self.blocked = False
             self.client.resumeProducing()
         if self.client_eof:
-            _close_write(link.transport)
+            close_write(link.transport)
 
     def backend_eof(self, link: BackendLink) -> None:
         """A backend half-closed: pass it on in tunnel mode, else end its connection."""
@@ -419,7 +412,7 @@ class HttpRelay:
         if self.upgraded:
             link.eof = True
             if self.client_open:
-                _close_write(self.client)
+                close_write(self.client)
             if self.client_eof:
                 self._close_all()
             return
@@ -455,6 +448,7 @@ class HttpRelay:
         if self.blocked:
             self._unblock()
         self._maybe_finish()
+        self._update_timers()
 
     # -- ending --------------------------------------------------------------------
     def client_read_closed(self) -> None:
@@ -462,7 +456,7 @@ class HttpRelay:
         self.client_eof = True
         if self.upgraded:
             if self.link is not None and self.link.transport is not None:
-                _close_write(self.link.transport)
+                close_write(self.link.transport)
                 if self.link.eof:
                     self._close_all()
             return
@@ -485,11 +479,23 @@ class HttpRelay:
         if self.client_open:
             self.client.write(reply)
             self.client.loseConnection()
+            self._bound_close()
 
     def _close_client(self) -> None:
         self.closing = True
         if self.client_open:
             self.client.loseConnection()
+            self._bound_close()
+
+    def _bound_close(self) -> None:
+        """After our close: read again (a paused transport never notices the client's close,
+        and what it sends is now dropped), and abort if the client is still there after
+        :data:`CLOSE_GRACE` seconds (TLS waits for the client's close_notify)."""
+        if self.blocked:
+            self.blocked = False
+            self.client.resumeProducing()
+        if self._close_call is None:
+            self._close_call = self.core.reactor.callLater(CLOSE_GRACE, self.abort)
 
     def _close_all(self) -> None:
         self.closing = True
@@ -500,12 +506,17 @@ class HttpRelay:
                 link.transport.loseConnection()
         if self.client_open:
             self.client.loseConnection()
+            self._bound_close()
 
     def client_lost(self) -> None:
         """The client connection is gone: close the backend, release everything."""
         self.client_open = False
         self.closing = True
         self._cancel_idle()
+        self.timers.cancel()
+        if self._close_call is not None and self._close_call.active():
+            self._close_call.cancel()
+        self._close_call = None
         link, self.link = self.link, None
         if link is not None:
             if link.transport is not None and not link.ended:
@@ -518,11 +529,41 @@ class HttpRelay:
 
     def abort(self) -> None:
         """Close both sides now (shutdown deadline, idle timeout)."""
+        self.timers.cancel()
         link = self.link
         for transport in (self.client, link.transport if link is not None else None):
             if transport is not None:
                 abort = getattr(transport, "abortConnection", None)
                 (abort or transport.loseConnection)()
+
+    # -- per-request timeouts (dcrouter.proxy.httptimers) -------------------------------
+    def _waiting_for(self) -> str:
+        """Which wait the connection is in: a request head, the next request, or neither."""
+        if self.closing or self.upgraded or not self.client_open or self.blocked \
+                or self.framer.in_message:
+            return httptimers.NONE
+        if self.framer.buffer:
+            return httptimers.HEAD
+        if self.first or (self.link is not None and self.link.busy):
+            return httptimers.NONE          # the first wait is initial_data_timeout's
+        return httptimers.IDLE
+
+    def _update_timers(self) -> None:
+        head, idle = request_timeouts(self.core.table, self.port, self.last_route)
+        self.timers.enter(self._waiting_for(), head, idle)
+
+    def _head_timed_out(self) -> None:
+        """``http_request_timeout``: the head did not complete; 408 and close."""
+        if self._waiting_for() != httptimers.HEAD:
+            return
+        log.debug("request head from {client} timed out", client=self.client_addr[0])
+        self.framer.take_buffer()
+        self._answer_locally("request_timeout", REQUEST_TIMEOUT)
+
+    def _keep_alive_ended(self) -> None:
+        """``http_keep_alive_timeout``: no next request; close both sides."""
+        if self._waiting_for() == httptimers.IDLE:
+            self._close_all()
 
     # -- idle timeout ------------------------------------------------------------------
     def _arm_idle(self) -> None:

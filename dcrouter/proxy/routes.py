@@ -13,8 +13,10 @@ and within the same class, configuration order.  A connection without a
 name (no SNI, no ``Host``) only matches routes whose domains contain ``*``.
 
 Each port has one *mode*: ``tls`` when its routes use TLS (the ClientHello is
-read first), ``http`` when one of its plain routes is HTTP (the request head
-is read first), else ``tcp`` (the target is connected at once).
+read first), ``http`` when one of its plain routes is HTTP or the port is
+``[proxy.acme] http_port`` with ACME on (the request head is read first, so
+http-01 challenges are answered before any route), else ``tcp`` (the target
+is connected at once).
 """
 
 from __future__ import annotations
@@ -89,6 +91,8 @@ class RouteTable:
 
     def __init__(self, proxy: ProxyOptions) -> None:
         self.routes = [Route(i, r) for i, r in enumerate(proxy.routes)]
+        self.acme_http_port: Optional[int] = proxy.acme.http_port if proxy.acme.enabled \
+            else None
         self.by_port: dict[int, list[Route]] = {}
         for route in self.routes:
             for port in sorted(route.ports):
@@ -103,7 +107,7 @@ class RouteTable:
         modes = {r.mode for r in self.by_port.get(port, ())}
         if "tls" in modes:
             return "tls"
-        if "http" in modes:
+        if "http" in modes or port == self.acme_http_port:
             return "http"
         return "tcp"
 
@@ -155,7 +159,8 @@ def describe_routes(proxy: ProxyOptions) -> list[str]:
     table = RouteTable(proxy)
     lines: list[str] = []
     for port in table.ports():
-        lines.append(f"  port {port}/tcp ({table.mode(port)}):")
+        acme = ", ACME http-01 answered first" if port == table.acme_http_port else ""
+        lines.append(f"  port {port}/tcp ({table.mode(port)}{acme}):")
         entries: list[tuple[int, int, str, Route]] = []
         for route in table.by_port[port]:
             for domain in route.domains:
@@ -168,7 +173,10 @@ def describe_routes(proxy: ProxyOptions) -> list[str]:
                 extra.append(f"path {route.options.path_prefix}*")
             if route.options.client_ips:
                 extra.append(f"clients {','.join(route.options.client_ips)}")
-            how = route.tls or ("http" if route.mode == "http" else "tcp")
+            how = route.tls or ("http" if route.options.relays_http
+                                or port == table.acme_http_port else "tcp")
+            if route.tls.startswith("terminate"):
+                how += ", http" if route.options.relays_http else ", tcp"
             if route.options.redirect_to_https:
                 how += ", redirect to https"
             if route.options.send_proxy_protocol:

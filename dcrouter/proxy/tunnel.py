@@ -19,13 +19,25 @@ from typing import Protocol as Protocol_
 
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.protocol import Factory, Protocol
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.proxy.stats import RouteStats
 
 
-def _close_write(transport: Any) -> None:
+def close_write(transport: Any) -> None:
+    """Pass an EOF on: a TCP write shutdown (half-close).
+
+    TLS has no half-close in Twisted, and a TCP FIN under a TLS session (the
+    ``loseWriteConnection`` a TLS transport forwards to its TCP transport)
+    would end it without ``close_notify`` - the client's later ``close_notify``
+    then meets a closed transport.  TLS connections get ``loseConnection``
+    (``close_notify``; what the peer still sends is read until it answers).
+    """
+    if isinstance(transport, TLSMemoryBIOProtocol) or getattr(transport, "TLS", False) is True:
+        transport.loseConnection()
+        return
     shutdown = getattr(transport, "loseWriteConnection", None)
     if shutdown is not None:
         try:
@@ -34,6 +46,21 @@ def _close_write(transport: Any) -> None:
         except (AttributeError, NotImplementedError):
             pass
     transport.loseConnection()
+
+
+def forget_paused_producer(transport: Any) -> None:
+    """Clear a consumer's memory of having paused its previous producer.
+
+    Twisted's TCP transport keeps ``producerPaused`` across
+    ``unregisterProducer``; left set, it would never pause the next producer
+    (so a new backend could fill the client's buffer without bound), or, when
+    it drained meanwhile, never resume it.  Cleared, the next write over the
+    high-water mark pauses the new producer as usual.  Under TLS the flag
+    lives on the TCP transport below.
+    """
+    for candidate in (transport, getattr(transport, "transport", None)):
+        if getattr(candidate, "producerPaused", None) is True:
+            candidate.producerPaused = False
 
 
 class Tunnel:
@@ -72,7 +99,7 @@ class Tunnel:
         backend_transport.registerProducer(self.client, True)
         self.client.registerProducer(backend_transport, True)
         if self.client_eof:
-            _close_write(backend_transport)
+            close_write(backend_transport)
         self.client.resumeProducing()
 
     # -- client side -----------------------------------------------------------
@@ -89,7 +116,7 @@ class Tunnel:
         """The client half-closed (EOF): pass it on."""
         self.client_eof = True
         if self.backend is not None:
-            _close_write(self.backend)
+            close_write(self.backend)
         self._maybe_close()
 
     def client_lost(self, reason: Optional[Failure] = None) -> None:
@@ -110,7 +137,7 @@ class Tunnel:
         """The target half-closed."""
         self.backend_eof = True
         if self.client_open:
-            _close_write(self.client)
+            close_write(self.client)
         self._maybe_close()
 
     def backend_lost(self, reason: Optional[Failure] = None) -> None:

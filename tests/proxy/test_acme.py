@@ -18,7 +18,9 @@ from twisted.internet.threads import deferToThread
 from dcrouter.config.proxy import AcmeOptions
 from dcrouter.proxy.acme import AcmeManager
 from dcrouter.proxy.certs import acme_paths
-from tests.proxy.conftest import tls_exchange
+from tests.proxy.conftest import http_get, tls_exchange
+from tests.support.configs import write_config
+from tests.support.proc import run_cli
 from tests.support.router import options_from
 from tests.support.net import free_port, free_tcp_udp_port, wait_for_tcp
 
@@ -92,11 +94,12 @@ def test_full_issuance_against_pebble_is_served(proxy_router, backends, pebble, 
     https_port = free_port()
     proxy = {
         "acme": {"enabled": True, "directory_url": pebble["directory"],
-                 "directory_ca_path": test_ca.path, "account_email": "ops@example.test"},
+                 "directory_ca_path": test_ca.path, "account_email": "ops@example.test",
+                 "http_port": pebble["http"]},
         "routes": [
             {"name": "http", "ports": [pebble["http"]], "domains": ["*"],
              "redirect_to_https": True},
-            {"name": "site", "ports": [https_port], "domains": [NAME], "tls": "terminate",
+            {"name": "site", "ports": [https_port], "domains": [NAME], "tls": "terminate", "http": False,
              "targets": [backend.address]},
         ]}
     router = proxy_router(proxy)
@@ -183,7 +186,7 @@ def test_wildcard_and_dns01_names_validated_through_our_dns(proxy_router, backen
         "acme": {"enabled": True, "directory_url": pebble["directory"], "challenge": "dns-01",
                  "directory_ca_path": test_ca.path, "account_email": "ops@example.test"},
         "routes": [
-            {"name": "site", "ports": [https_port], "tls": "terminate",
+            {"name": "site", "ports": [https_port], "tls": "terminate", "http": False,
              "domains": ["*.wild.example.test", "dns.example.test", "*.elsewhere.test"],
              "targets": [backend.address]},
         ]}
@@ -213,3 +216,64 @@ def test_wildcard_and_dns01_names_validated_through_our_dns(proxy_router, backen
         assert result["reply"] == b"wild:hi" and result["names"] == ["*.wild.example.test"]
     result = yield deferToThread(tls_exchange, https_port, "dns.example.test", b"x", ctx)
     assert result["names"] == ["dns.example.test"] and "Pebble" in result["issuer"]
+
+
+@pytest_twisted.inlineCallbacks
+def test_http01_is_answered_before_a_catch_all_tcp_route_on_the_http_port(proxy_router, backends,
+                                                                          pebble, test_ca):
+    """The common setup of issue 13: a catch-all plain route on the HTTP port (domains = ["*"],
+    no path, so not HTTP by itself) relays everything else to its backend, but pebble's
+    validation requests are answered by the proxy before the route."""
+    site = backends("site", kind="http")
+    catch_all = backends("catch-all", kind="http")
+    https_port = free_port()
+    router = proxy_router({
+        "acme": {"enabled": True, "directory_url": pebble["directory"],
+                 "directory_ca_path": test_ca.path, "http_port": pebble["http"]},
+        "routes": [
+            {"name": "http", "ports": [pebble["http"]], "domains": ["*"],
+             "targets": [catch_all.address], "health_check_interval": 0},
+            {"name": "site", "ports": [https_port], "domains": [NAME], "tls": "terminate",
+             "targets": [site.address]},
+        ]})
+    service = router.by_name["proxy"]
+    for _ in range(300):
+        if service.get_stats()["acme"][NAME]["expires"]:
+            break
+        yield task.deferLater(reactor, 0.1, lambda: None)
+    status = service.get_stats()["acme"][NAME]
+    assert status["expires"], (status, open(pebble["log"]).read()[-3000:])
+    assert catch_all.connections == []          # no validation request reached the backend
+    # every other request on the port still goes to the catch-all backend
+    got = yield deferToThread(http_get, pebble["http"], "anything.test", "/page")
+    assert got[0] == 200 and json.loads(got[2])["tag"] == "catch-all"
+    # and the certificate is served
+    root = yield deferToThread(pebble_root, pebble["mgmt"], test_ca.path)
+    root_path = os.path.join(router.options.router.state_dir, "pebble-root.pem")
+    with open(root_path, "wb") as f:
+        f.write(root)
+    ctx = ssl.create_default_context(cafile=root_path)
+    result = yield deferToThread(tls_exchange, https_port, NAME,
+                                 b"GET / HTTP/1.1\r\nHost: " + NAME.encode() + b"\r\n\r\n", ctx)
+    assert result["names"] == [NAME] and result["reply"].startswith(b"HTTP/1.1 200 ")
+
+
+@pytest.mark.parametrize("routes, acme, key, reason", [
+    ([{"ports": [8080], "domains": ["*"], "targets": ["127.0.0.1:1"], "http": False},
+      {"ports": [8443], "domains": [NAME], "tls": "terminate", "targets": ["127.0.0.1:1"]}],
+     {"http_port": 8080}, "proxy.routes[0].http", "http = false cannot hold there"),
+    ([{"ports": [8080], "domains": [NAME], "tls": "terminate", "targets": ["127.0.0.1:1"]}],
+     {"http_port": 8080}, "proxy.routes[0].ports", "a TLS route cannot listen there"),
+    ([{"ports": [8443], "domains": [NAME], "tls": "terminate", "targets": ["127.0.0.1:1"]}],
+     {}, "proxy.acme.http_port", "no route listens on port 80"),
+])
+def test_check_config_names_what_keeps_http01_from_being_answered(tmp_path, routes, acme, key,
+                                                                  reason):
+    path = tmp_path / "dcrouter.toml"
+    write_config(str(path), {"router": {"state_dir": str(tmp_path / "state")},
+                             "proxy": {"listen": "127.0.0.1", "routes": routes,
+                                       "acme": {"enabled": True, **acme}}})
+    result = run_cli("check-config", str(path))
+    assert result.returncode != 0
+    assert key in result.stdout + result.stderr and reason in result.stdout + result.stderr
+    assert "Traceback" not in result.stderr

@@ -20,11 +20,11 @@ def test_terminate_serves_the_certificate_of_each_name(proxy_router, backends, t
     plain_b = backends("B")
     port = proxy_port()
     router = proxy_router({"routes": [
-        {"name": "a", "ports": [port], "domains": ["a.example.test"], "tls": "terminate",
+        {"name": "a", "ports": [port], "domains": ["a.example.test"], "tls": "terminate", "http": False,
          "targets": [plain_a.address], "cert_path": a_cert[0], "key_path": a_cert[1]},
-        {"name": "w", "ports": [port], "domains": ["*.wild.test"], "tls": "terminate",
+        {"name": "w", "ports": [port], "domains": ["*.wild.test"], "tls": "terminate", "http": False,
          "targets": [plain_b.address], "cert_path": wild_cert[0], "key_path": wild_cert[1]},
-        {"name": "self", "ports": [port], "domains": ["self.test"], "tls": "terminate",
+        {"name": "self", "ports": [port], "domains": ["self.test"], "tls": "terminate", "http": False,
          "targets": [plain_b.address]},
     ]})
     ctx = test_ca.client_context()
@@ -36,7 +36,7 @@ def test_terminate_serves_the_certificate_of_each_name(proxy_router, backends, t
     assert r["version"] in ("TLSv1.2", "TLSv1.3")
     r = yield deferToThread(tls_exchange, port, "x.wild.test", b"yo", ctx)
     assert r["reply"] == b"B:yo" and r["names"] == ["*.wild.test"]
-    # no configured file: the self-signed fallback names the route's domains
+    # no configured file: a self-signed certificate for that name alone
     r = yield deferToThread(tls_exchange, port, "self.test", b"s")
     assert r["reply"] == b"B:s" and "self.test" in r["names"]
     assert "a.example.test" not in r["issuer"]
@@ -88,7 +88,7 @@ def test_reencrypt_verifies_the_backend(proxy_router, backends, test_ca, tmp_pat
         ca_path = CertAuthority(str(tmp_path), "another CA").path
     router = proxy_router({"routes": [
         {"name": "re", "ports": [port], "domains": ["front.test"],
-         "tls": "terminate-and-reencrypt", "targets": [backend.address],
+         "tls": "terminate-and-reencrypt", "http": False, "targets": [backend.address],
          "backend_ca_path": ca_path, "backend_server_name": "backend.internal"}]})
 
     def client() -> bytes:
@@ -160,7 +160,7 @@ def test_reencrypt_without_verification_accepts_any_backend_certificate(proxy_ro
     backend = backends("loose", tls=(str(tmp_path / "b.crt"), str(tmp_path / "b.key")))
     port = proxy_port()
     router = proxy_router({"routes": [
-        {"name": "re", "ports": [port], "domains": ["*"], "tls": "terminate-and-reencrypt",
+        {"name": "re", "ports": [port], "domains": ["*"], "tls": "terminate-and-reencrypt", "http": False,
          "targets": [backend.address], "backend_verify": False}]})
     result = yield deferToThread(tls_exchange, port, "front.test", b"data")
     assert result["reply"] == b"loose:data"

@@ -42,7 +42,7 @@ def test_garbage_on_every_kind_of_port_logs_no_failure(proxy_router, backends, t
         tls_port, http_port, pp_port = proxy_port(), proxy_port(), proxy_port()
         proxy_router({"accept_proxy_protocol": True, "proxy_ips": ["127.0.0.2/32"],
                                "routes": [
-            {"name": "tls", "ports": [tls_port], "domains": ["*"], "tls": "terminate",
+            {"name": "tls", "ports": [tls_port], "domains": ["*"], "tls": "terminate", "http": False,
              "targets": [echo.address], "initial_data_timeout": 1},
             {"name": "pass", "ports": [tls_port], "domains": ["p.test"], "tls": "passthrough",
              "targets": [echo.address]},

@@ -88,7 +88,7 @@ def test_describe_routes_lists_the_resolved_table(tmp_path) -> None:
     assert lines[0] == "  port 8080/tcp (http):"
     assert "w.test [exact] -> route http: http, redirect to https -> 301 https://" in lines[1]
     assert lines[2] == "  port 8443/tcp (tls):"
-    assert lines[3].strip().startswith("1. a.test [exact] -> route exact: terminate, PROXY v2")
+    assert lines[3].strip().startswith("1. a.test [exact] -> route exact: terminate, http, PROXY v2")
     assert lines[4].strip().startswith("2. *.a.test [wildcard] -> route exact")
     assert lines[5].strip() == ("3. * [any] -> route star: passthrough -> 127.0.0.1:1, "
                                 "127.0.0.1:2 [round-robin]")

@@ -183,7 +183,7 @@ def test_terminated_tls_to_a_slow_reader_stays_bounded(proxy_router):
     total = 48 * 1024 * 1024
     port = proxy_port()
     router = proxy_router({"routes": [{"name": "tls", "ports": [port], "domains": ["*"],
-                                       "tls": "terminate",
+                                       "tls": "terminate", "http": False,
                                        "targets": [f"127.0.0.1:{sink.port}"]}]})
     with BufferWatch(router.by_name["proxy"]) as watch:
         yield deferToThread(upload, port, total, "bulk.test")
