@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 
+from dcrouter.api.health import HealthChecks
 from dcrouter.api.auth import TokenAuthenticator
 from dcrouter.api.authshare import SharedFailureLimiter
 from dcrouter.api.handlers import ApiHandlers
@@ -48,6 +49,7 @@ class ApiService(ManagedService):
         self.handlers = ApiHandlers(context, self.metrics, self.openapi_document)
         self.root = RootResource(self.handlers, self.authenticator, self.metrics,
                                  context.reactor)
+        self.root.health = HealthChecks(context)
         self.site = ApiSite(self.root, timeout=IDLE_TIMEOUT)
         self.tls: Optional[SwitchableContext] = None
         self._load_tls(options)

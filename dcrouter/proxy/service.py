@@ -92,7 +92,8 @@ class ProxyService(ManagedService):
         for route in self.table.routes:
             if route.options.health_check_interval > 0 and route.targets:
                 checker = HealthChecker(self.reactor, route.balancer,
-                                        route.options.health_check_interval, route.key)
+                                        route.options.health_check_interval, route.key,
+                                        path=route.options.health_check_path)
                 checker.start()
                 self.checkers.append(checker)
 
