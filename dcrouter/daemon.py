@@ -9,7 +9,9 @@
 * ``reloading`` then ``ready`` around every reload (SIGHUP or the API), with a
   status line saying whether the new configuration was applied or refused;
 * ``stopping`` when a graceful stop begins;
-* the systemd watchdog pings while it runs.
+* the systemd watchdog pings while it runs;
+* the mail log's one-line summary per recipient and attempt
+  (:mod:`dcrouter.maillog`).
 """
 
 from __future__ import annotations
@@ -51,6 +53,10 @@ class DaemonRouter(DcRouter):
         super().__init__(options, config_path=config_path, extensions=extensions,
                          reactor=reactor, exit_on_error=exit_on_error, worker=worker)
         self.notifier = notifier if notifier is not None else from_environment()
+        email = self.by_name.get("email")
+        if email is not None:  # Postfix-style status=sent/deferred/bounced lines
+            from dcrouter.maillog import MailSummaryLog
+            getattr(email, "delivery").add_observer(MailSummaryLog())
         #: True once every listener was bound and the queue opened.
         self.is_ready = False
         self.reloads = 0

@@ -51,7 +51,8 @@ def render(directory: str, token: str, password_hash: str) -> str:
         (r'^token = ""', f"token = {quoted(token)}"),
     ]
     for pattern, replacement in replacements:
-        text, count = re.subn(pattern, lambda _m, r=replacement: r, text, count=1, flags=re.M)
+        text, count = re.subn(pattern, replacement.replace("\\", "\\\\"), text, count=1,
+                              flags=re.M)
         if count != 1:
             raise ConfigError("init", f"the embedded configuration has no {pattern!r}")
     return text

@@ -174,6 +174,11 @@ class ProxyOptions:
     accept_proxy_protocol: bool = option(False, doc="Accept PROXY v1/v2 headers from proxy_ips.")
     proxy_ips: tuple[str, ...] = option((), check=check_networks,
                                         doc="Trusted load balancers that may send PROXY headers.")
+    access_log: str = option("", doc="Access log file: one line per client connection in "
+                             "HAProxy's tcplog format (empty: off); reopened on every reload.")
+    access_log_format: str = option("haproxy", check=one_of("haproxy", "json"),
+                                    doc="'haproxy' (tcplog lines) or 'json' (one object a "
+                                    "line, the same facts plus requests and bytes_in).")
 
     def validate(self, path: str) -> None:
         """Route names unique."""
