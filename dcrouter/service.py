@@ -214,10 +214,7 @@ class ListenerSet:
 
     Every socket is made by :func:`dcrouter.sockets.bind_socket` or taken from
     :data:`dcrouter.sockets.POOL` (bound before the privilege drop, or inherited
-    from the master of a multi-worker dcrouter) and adopted by the reactor.  A
-    listener on a port this process could not bind again (below 1024, after the
-    privilege drop) keeps its socket until the end of :meth:`update`, so one
-    re-created on the same address (a changed factory) takes the same socket.
+    from the master of a multi-worker dcrouter) and adopted by the reactor.
 
     In a worker process (``router.workers`` > 1) :attr:`reuse_port` is true: a
     socket the master did not pass (a port added by a reload) is bound with
@@ -235,11 +232,10 @@ class ListenerSet:
         self.context_for = context_for
         self.backlog = backlog
         self.ports: dict[ListenSpec, IListeningPort] = {}
-        self._parked: dict[Key, socket.socket] = {}
 
     def _socket_for(self, spec: ListenSpec) -> socket.socket:
         key = (spec.protocol, spec.host, spec.port)
-        sock = self._parked.pop(key, None) or POOL.take(key)
+        sock = POOL.take(key)
         if sock is not None:
             return sock
         try:
@@ -270,23 +266,6 @@ class ListenerSet:
         finally:
             sock.close()  # the reactor holds its own duplicate of the descriptor
 
-    def _park(self, spec: ListenSpec, port: IListeningPort) -> None:
-        """Keep a duplicate of a closing listener's socket until the update ends, when
-        the port could not be bound again."""
-        sock = getattr(port, "socket", None)
-        if sock is None or not needs_privilege(spec.port):
-            return
-        try:
-            self._parked[(spec.protocol, spec.host, spec.port)] = sock.dup()
-        except OSError:
-            pass
-
-    def _unpark(self, result: Any = None) -> Any:
-        parked, self._parked = self._parked, {}
-        for sock in parked.values():
-            sock.close()
-        return result
-
     def start(self, specs: list[ListenSpec]) -> None:
         """Bind every spec; on failure, unbind what was bound and raise."""
         try:
@@ -300,16 +279,10 @@ class ListenerSet:
     def update(self, specs: list[ListenSpec]) -> defer.Deferred:
         """Re-bind: keep unchanged listeners, close removed ones, bind new ones."""
         wanted = set(specs)
-        closing = [(s, self.ports.pop(s)) for s in list(self.ports) if s not in wanted]
-        for spec, port in closing:
-            self._park(spec, port)
-        ds = [defer.maybeDeferred(p.stopListening) for _, p in closing]
+        closing = [self.ports.pop(s) for s in list(self.ports) if s not in wanted]
+        ds = [defer.maybeDeferred(p.stopListening) for p in closing]
         d = defer.gatherResults(ds, consumeErrors=True)
         d.addCallback(lambda _: self.start(specs))
-        # a caller that re-binds in a callback of this Deferred still finds the parked
-        # sockets; they are closed once this reactor turn is over
-        d.addBoth(lambda result: (self.reactor.callLater(0, self._unpark),  # type: ignore
-                                  result)[1])
         return d
 
     def stop(self) -> defer.Deferred:
@@ -351,6 +324,18 @@ def check_new_listeners(context: RouterContext, new: Any) -> None:
         for protocol, host, port in service.bound_addresses():
             bound.add((protocol.split("+", 1)[0], host, port))
     worker = context.worker
+    old_email, new_email = context.options.email, getattr(new, "email", None)
+    if old_email is not None and new_email is not None:
+        changed = set(old_email.effective_submission_ports) ^ \
+            set(new_email.effective_submission_ports)
+        for port in sorted(changed):
+            if port in new_email.ports and ("tcp", new_email.listen, port) in bound and \
+                    needs_privilege(port):
+                raise ConfigError("email.submission_ports",
+                                  f"changing whether port {port} requires AUTH re-creates its "
+                                  f"listener, and this process can no longer bind ports below "
+                                  f"{unprivileged_port_start()} (root bound them at start, then "
+                                  f"was dropped): it needs a restart of dcrouter")
     for planned in planned_listeners(new):
         if planned.key_path == "api.port" and worker is not None and not worker.runs_api:
             continue

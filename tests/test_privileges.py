@@ -193,6 +193,21 @@ with smtplib.SMTP("127.0.0.1", 25, timeout=10) as c:
 print(refused, size)
 """])
         assert probe.stdout.strip() == f"True {before}", probe.stdout + probe.stderr
+        # re-creating the listener on 25 (AUTH required there now) would need a new bind
+        data["email"]["ports"] = [25, 587, 465]
+        data["email"]["submission_ports"] = [587, 25]
+        write_config(os.path.join(world, "dcrouter.toml"), data)
+        proc.proc.send_signal(signal.SIGHUP)
+        wait_until(lambda: proc.output().count("reload refused") >= 2, timeout=20)
+        assert "email.submission_ports: changing whether port 25 requires AUTH" in \
+            proc.output(), proc.output()
+        again = proc.run([sys.executable, "-c", r"""
+import smtplib
+with smtplib.SMTP("127.0.0.1", 25, timeout=10) as c:
+    c.ehlo("x")
+    print(c.mail("me@client.test")[0])
+"""])
+        assert again.stdout.strip() == "250", again.stdout + again.stderr
     finally:
         status = proc.stop()
     assert status == 0, proc.output()
