@@ -50,6 +50,15 @@ def _check_domains(value: tuple[str, ...], path: str) -> tuple[str, ...]:
     return value
 
 
+def _check_health_path(value: str, path: str) -> str:
+    """Empty, or an absolute path without spaces or control characters (it goes into a
+    request line)."""
+    if value and (not value.startswith("/") or any(c <= " " or c == "\x7f" for c in value)):
+        raise ConfigError(path, "must be empty or a path starting with '/', without spaces or "
+                          f"control characters, got {value!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ProxyRouteOptions:
     """One route: match (ports, domains, client IPs, path) and action (targets, TLS)."""
@@ -71,6 +80,10 @@ class ProxyRouteOptions:
                                  doc="How targets share connections.")
     health_check_interval: float = option(10.0, check=check_non_negative,
                                           doc="Seconds between TCP health checks (0: off).")
+    health_check_path: str = option("", check=_check_health_path,
+                                    doc="HTTP health check instead of a TCP connect: GET this "
+                                    "path on each target, healthy on 2xx/3xx (e.g. '/readyz' "
+                                    "of a dcrouter API).")
     allowed_ips: tuple[str, ...] = option(("0.0.0.0/0", "::/0"), check=check_networks,
                                           doc="Clients allowed (CIDR).")
     blocked_ips: tuple[str, ...] = option((), check=check_networks,
@@ -196,6 +209,11 @@ class ProxyOptions:
     accept_proxy_protocol: bool = option(False, doc="Accept PROXY v1/v2 headers from proxy_ips.")
     proxy_ips: tuple[str, ...] = option((), check=check_networks,
                                         doc="Trusted load balancers that may send PROXY headers.")
+    access_log: str = option("", doc="Access log file: one line per client connection in "
+                             "HAProxy's tcplog format (empty: off); reopened on every reload.")
+    access_log_format: str = option("haproxy", check=one_of("haproxy", "json"),
+                                    doc="'haproxy' (tcplog lines) or 'json' (one object a "
+                                    "line, the same facts plus requests and bytes_in).")
 
     def validate(self, path: str) -> None:
         """Route names unique."""

@@ -35,6 +35,7 @@ from zope.interface import implementer
 
 from dcrouter.logsetup import get_logger
 from dcrouter.proxy import proxyprotocol, sni
+from dcrouter.proxy.accesslog import access_log_of
 from dcrouter.proxy.httprelay import HttpRelay
 from dcrouter.proxy.balancer import Target, connect_with_failover, target_endpoint
 from dcrouter.proxy.limits import Admission, IPAddress, LimitExceeded, Ticket, normalize_ip
@@ -363,6 +364,7 @@ class FrontProtocol(Protocol):
     def _refuse(self, kind: str, route: Optional[Route] = None, reply: bytes = b"") -> None:
         """Close a connection that gets no tunnel (counted as an error of ``kind``)."""
         self._cancel_timer()
+        access_log_of(self.core).refused(self, kind, route)
         if route is not None:
             self.core.stats_for(route).error(kind)
         else:
@@ -434,7 +436,9 @@ class FrontProtocol(Protocol):
                      client=self.client_addr[0], kind=e.kind)
             self._refuse(e.kind, route)
             return None
-        return Connection(self.core, route, ticket)
+        connection = Connection(self.core, route, ticket)
+        access_log_of(self.core).admitted(self, connection)
+        return connection
 
     def _proxy(self, route: Route, initial: bytes) -> None:
         connection = self._admit(route)
