@@ -153,8 +153,17 @@ def test_authority_of_another_route_gets_421_and_http2_can_be_turned_off(proxy_r
                     isinstance(e, h2.events.StreamEnded) and e.stream_id == s for e in ev))
                 statuses += [dict(e.headers)[":status"] for e in events
                              if isinstance(e, h2.events.ResponseReceived)]
-            return statuses
-    assert (yield deferToThread(client)) == ["200", "421", "200", "421"]
+        # :authority and Host disagreeing (HTTP/1.1 would route by Host): a malformed request,
+        # h2 ends the connection with PROTOCOL_ERROR
+        sock, conn = h2_client(port, "a.test")
+        with sock:
+            conn.config.validate_outbound_headers = False
+            conn.send_headers(1, request("a.test", "/") + [("host", "b.test")], end_stream=True)
+            sock.sendall(conn.data_to_send())
+            events = read_events(sock, conn, lambda ev: "closed" in ev or goaway(ev) is not None)
+            statuses.append(str(goaway(events)))
+        return statuses
+    assert (yield deferToThread(client)) == ["200", "421", "200", "421", "1"]
     got = yield deferToThread(curl, off, "o.test", "/")
     assert got["status"] == 200 and got["version"] == "1.1"       # ALPN http/1.1 only
 
