@@ -211,12 +211,15 @@ class TargetLink:
 
     # -- llhttp callbacks -----------------------------------------------------------
     def on_message_begin(self) -> None:
+        """llhttp: a response starts."""
         self._headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
+        """llhttp: one header field."""
         self._headers.append((name.lower(), value.strip()))
 
     def on_headers_complete(self) -> None:
+        """llhttp: the head is complete; interim (1xx) heads are skipped, 101 refused."""
         status = self._parser.get_status_code()
         self._status = status
         if 100 <= status < 200:
@@ -239,10 +242,12 @@ class TargetLink:
             self.close()
 
     def on_body(self, body: bytes) -> None:
+        """llhttp: decoded body bytes (chunk framing removed)."""
         if self.exchange is not None:
             self.exchange.response_data(body)
 
     def on_message_complete(self) -> None:
+        """llhttp: the response ended; the connection goes back to the pool when it may."""
         if 100 <= self._status < 200:
             return
         exchange, self.exchange = self.exchange, None
@@ -295,6 +300,7 @@ class Exchange:
 
     # -- response side ----------------------------------------------------------------
     def response_headers(self, status: int, headers: list[tuple[bytes, bytes]]) -> None:
+        """The target's final response head, sent on without hop-by-hop fields."""
         if self.done:
             return
         named = {v.strip().lower() for n, v in headers if n == b"connection"
@@ -306,6 +312,7 @@ class Exchange:
         self.relay.send_headers(self, out)
 
     def response_data(self, data: bytes) -> None:
+        """Response body bytes, queued for the client's window."""
         if self.done:
             return
         self.out.append(data)
@@ -313,6 +320,7 @@ class Exchange:
         self.relay.flush(self)
 
     def response_end(self) -> None:
+        """The response is complete: END_STREAM once the queued bytes are sent."""
         if self.done:
             return
         self.out_ended = True
