@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests start as real peers (see docs/development.md).
-TEST_DEBS := publicsuffix redis-server pebble clamav-daemon spamassassin spamc spamd swaks nsd haproxy dnsutils chromium chromium-driver curl openssl systemd util-linux iproute2
+TEST_DEBS := publicsuffix redis-server pebble clamav-daemon spamassassin spamc spamd swaks nsd haproxy dnsutils chromium chromium-driver curl openssl systemd util-linux iproute2 nghttp2-client
 CONFIG ?= etc/dcrouter.toml
 
 .PHONY: run test typecheck debs bench clean help docs

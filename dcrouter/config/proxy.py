@@ -118,6 +118,23 @@ class ProxyRouteOptions:
                                   "other than '*' or a path. false on a terminate route: a plain "
                                   "byte tunnel (for TLS services that are not HTTP).")
     add_forwarded_headers: bool = option(False, doc="Add X-Forwarded-For/-Proto (HTTP).")
+    http2: bool = option(True, doc="Terminate routes relayed as HTTP: offer HTTP/2 (ALPN h2 "
+                         "before http/1.1); streams go to the targets as HTTP/1.1 requests. "
+                         "false: ALPN http/1.1 only.")
+    http2_max_concurrent_streams: int = option(100, check=check_positive,
+                                               doc="HTTP/2: streams a client may have open at "
+                                               "once (SETTINGS_MAX_CONCURRENT_STREAMS); a stream "
+                                               "counts until its backend exchange is torn down, "
+                                               "reset or not.")
+    http2_max_header_list_size: int = option(32768, check=check_positive,
+                                             doc="HTTP/2: bytes of one decoded header list "
+                                             "(SETTINGS_MAX_HEADER_LIST_SIZE, HPACK bombs), and "
+                                             "bound of a HEADERS+CONTINUATION block as received "
+                                             "(plus 16 KiB).")
+    http2_initial_window_size: int = option(65535, check=check_positive,
+                                            doc="HTTP/2: bytes of request body a stream may have "
+                                            "in flight before the proxy has handed them to the "
+                                            "target (SETTINGS_INITIAL_WINDOW_SIZE).")
     send_proxy_protocol: str = option("", doc="'v1' or 'v2': send a PROXY header to targets.")
     cert_path: str = option("", doc="Certificate for terminate modes (else ACME or self-signed).")
     key_path: str = option("", doc="Its key.")
@@ -139,6 +156,8 @@ class ProxyRouteOptions:
         if self.tls == "passthrough" and self.http:
             raise ConfigError(f"{path}.http", "a passthrough route cannot be read as HTTP (the "
                               "traffic stays encrypted); use tls = \"terminate\"")
+        if self.http2_initial_window_size > 2 ** 31 - 1:
+            raise ConfigError(f"{path}.http2_initial_window_size", "must be at most 2147483647")
         if self.http is False and self.add_forwarded_headers:
             raise ConfigError(f"{path}.add_forwarded_headers",
                               "needs HTTP, but this route sets http = false")

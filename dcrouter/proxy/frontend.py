@@ -36,6 +36,8 @@ from zope.interface import implementer
 from dcrouter.logsetup import get_logger
 from dcrouter.proxy import proxyprotocol, sni
 from dcrouter.proxy.accesslog import access_log_of
+from dcrouter.proxy.certs import alpn_protocols
+from dcrouter.proxy.h2frontend import H2Relay
 from dcrouter.proxy.httprelay import HttpRelay
 from dcrouter.proxy.balancer import Target, connect_with_failover, target_endpoint
 from dcrouter.proxy.limits import Admission, IPAddress, LimitExceeded, Ticket, normalize_ip
@@ -215,7 +217,7 @@ class _TerminatedProtocol(Protocol):
     def __init__(self, front: "FrontProtocol", connection: Connection) -> None:
         self.front = front
         self.connection = connection
-        self.relay: Optional[HttpRelay] = None
+        self.relay: Any = None                  # HttpRelay or H2Relay
         self.tunnel: Optional[Tunnel] = None
         self.lost = False
         self.handshake_done = False
@@ -245,7 +247,10 @@ class _TerminatedProtocol(Protocol):
         if route.options.relays_http:
             # HTTP request by request; the timer now covers the first request head
             front = self.front
-            self.relay = HttpRelay(front.core, self.transport, "https", front.port,
+            relay_class: Any = HttpRelay
+            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                relay_class = H2Relay           # dcrouter.proxy.h2frontend
+            self.relay = relay_class(front.core, self.transport, "https", front.port,
                                    front.client_ip, front.client_addr, front.local_addr,
                                    admit=lambda route: None, on_first_head=self._cancel_timer,
                                    fixed=self.connection)
@@ -462,6 +467,7 @@ class FrontProtocol(Protocol):
         factory.noisy = False
         assert self.transport is not None
         tls = factory.buildProtocol(self.transport.getPeer())
+        tls.alpn_protocols = alpn_protocols(route)  # type: ignore[attr-defined]  # certs' ALPN
         self.delegate = tls
         tls.makeConnection(self.transport)
         tls.dataReceived(buffered)
