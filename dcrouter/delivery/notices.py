@@ -60,26 +60,29 @@ class Notices:
     def __init__(self, system: "MultiModeDeliverySystem") -> None:
         self.system = system
 
-    async def after_attempt(self, item: QueueItem,
-                            delivered: list[tuple[RecipientState, Outcome]],
+    async def after_attempt(self, item: QueueItem, results: dict[str, Outcome],
                             failed: list[RecipientState], body: Payload) -> None:
-        """Reports on what this attempt finished: failures, and successes asked for."""
-        if not failed and not any(r.notify for r, _ in delivered):
+        """Reports on what this attempt finished: ``failed`` recipients (their 5xx, or
+        retries used up), and deliveries in ``results`` whose NOTIFY asked for one."""
+        asked = [r for r in item.recipients if r.notify and r.address in results
+                 and results[r.address].delivered]
+        if not failed and not asked:
             return  # the common case: nothing to report
-        if failed:
-            entries = []
-            for r in failed:
-                if wants(r.notify, FAILED):
-                    entries.append(ReportEntry(
-                        r.address, FAILED, classify(r.code, r.message).status, r.message,
-                        r.orcpt))
-                else:
-                    log.info("no failure DSN for {queue_id} to {recipient}: NOTIFY={notify}",
-                             queue_id=item.id, recipient=r.address, notify=r.notify,
-                             correlation_id=item.correlation_id)
-            await self._queue(item, entries, body)
+        entries = []
+        for r in failed:
+            if wants(r.notify, FAILED):
+                outcome = results.get(r.address)
+                entries.append(ReportEntry(
+                    r.address, FAILED, classify(r.code, r.message).status, r.message, r.orcpt,
+                    outcome.remote if outcome is not None else ""))
+            else:
+                log.info("no failure DSN for {queue_id} to {recipient}: NOTIFY={notify}",
+                         queue_id=item.id, recipient=r.address, notify=r.notify,
+                         correlation_id=item.correlation_id)
+        await self._queue(item, entries, body)
         successes = []
-        for r, outcome in delivered:
+        for r in asked:
+            outcome = results[r.address]
             if not wants(r.notify, DELIVERED) or (outcome.dsn_passed and not outcome.final):
                 continue  # not asked for, or the next hop got NOTIFY=SUCCESS itself
             successes.append(ReportEntry(

@@ -330,7 +330,6 @@ class MultiModeDeliverySystem(Service):
                       ) -> None:
         sender_domain = item.mail_from.rpartition("@")[2]
         newly_failed = []
-        newly_delivered = []
         errors = []
         by_address = {r.address: r for r in item.recipients}
         for address, outcome in results.items():
@@ -340,7 +339,6 @@ class MultiModeDeliverySystem(Service):
             rcpt.code, rcpt.message = outcome.code, outcome.message
             if outcome.delivered:
                 rcpt.status = DELIVERED
-                newly_delivered.append((rcpt, outcome))
                 self.reputation.record(sender_domain, "sent")
                 self.counters["delivered"] += 1
                 log.info("delivered {queue_id} to {recipient}: {reply}", queue_id=item.id,
@@ -368,7 +366,7 @@ class MultiModeDeliverySystem(Service):
                      queue_id=item.id, recipient=rcpt.address, kind=verdict.kind,
                      status=verdict.status, reply=rcpt.message[:300],
                      correlation_id=item.correlation_id)
-        await self.notices.after_attempt(item, newly_delivered, newly_failed, body)
+        await self.notices.after_attempt(item, results, newly_failed, body)
         if item.finished:
             await self.queue.complete(item)
             if item.status == DELIVERED:
