@@ -188,7 +188,11 @@ def parse_orcpt(value: str, utf8: bool = False) -> str:
             raise DsnSyntaxError("ORCPT", "not printable ASCII")
     if not address.strip():
         raise DsnSyntaxError("ORCPT", "empty address")
-    return f"{kind};{address}"
+    orcpt = f"{kind};{address}"
+    if len(orcpt_param(orcpt)) > MAX_ORCPT:
+        # raw UTF-8 grows when escaped for a next hop: refuse what could not be passed on
+        raise DsnSyntaxError("ORCPT", "longer than 500 characters once 7-bit")
+    return orcpt
 
 
 def orcpt_for(address: str) -> str:

@@ -78,6 +78,7 @@ def test_orcpt_accepted(value, utf8, decoded):
     ("utf-8;a\\x{110000}@c", False), ("utf-8;a\\x{F}@c", False), ("utf-8;a\\xF6@c", False),
     ("utf-8;a\\x{2028}@c", False), ("utf-8;a\\", False), ("utf-8;\\x{20}", False),
     ("rfc822;" + "a" * 494, False),                  # 501 characters in all
+    ("utf-8;" + "\u00fc" * 100 + "@x", True),        # 108 characters, 608 once escaped
 ])
 def test_orcpt_refused(value, utf8):
     with pytest.raises(DsnSyntaxError) as info:
