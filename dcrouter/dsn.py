@@ -139,6 +139,8 @@ def utf8_addr_encode(text: str) -> str:
 
 def parse_notify(value: str) -> str:
     """``NEVER`` or a comma list of SUCCESS, FAILURE, DELAY -> canonical form."""
+    if not value.isascii():  # "ſuccess".upper() is "SUCCESS": compare ASCII only
+        raise DsnSyntaxError("NOTIFY")
     words = value.upper().split(",")
     if words == ["NEVER"]:
         return "NEVER"
@@ -150,7 +152,7 @@ def parse_notify(value: str) -> str:
 def parse_ret(value: str) -> str:
     """``FULL`` or ``HDRS``."""
     ret = value.upper()
-    if ret not in ("FULL", "HDRS"):
+    if not value.isascii() or ret not in ("FULL", "HDRS"):
         raise DsnSyntaxError("RET")
     return ret
 

@@ -21,7 +21,8 @@ def test_notify_canonical(value, canonical):
 
 
 @pytest.mark.parametrize("value", ["", "NEVER,SUCCESS", "SUCCESS,,FAILURE", "SUCCES",
-                                   "SUCCESS;FAILURE", "ALWAYS", "SUCCESS,", ","])
+                                   "SUCCESS;FAILURE", "ALWAYS", "SUCCESS,", ",",
+                                   "\u017fuccess"])   # long s: upper() would make it SUCCESS
 def test_notify_refused(value):
     with pytest.raises(DsnSyntaxError) as info:
         parse_notify(value)
@@ -30,7 +31,8 @@ def test_notify_refused(value):
 
 def test_ret():
     assert parse_ret("full") == "FULL" and parse_ret("HDRS") == "HDRS"
-    for bad in ("", "HEADERS", "FULL,HDRS"):
+    assert "hdr\u017f".upper() == "HDRS"
+    for bad in ("", "HEADERS", "FULL,HDRS", "hdr\u017f"):
         with pytest.raises(DsnSyntaxError) as info:
             parse_ret(bad)
         assert info.value.reply == "501 5.5.4 Bad RET parameter syntax"
