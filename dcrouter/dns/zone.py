@@ -23,19 +23,33 @@ import io
 import ipaddress
 import re
 import struct
-from typing import Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
+from dns import exception as dp_exception
+from dns import name as dp_name
+from dns import rdata as dp_rdata
+from dns import rdataclass as dp_rdataclass
+from dns import rdatatype as dp_rdatatype
 from twisted.names import dns
 
 from dcrouter.config.dns import RecordOptions, ZoneOptions
 from dcrouter.errors import ConfigError
 
+if TYPE_CHECKING:
+    from dcrouter.dns.denial import DnssecData
+
 CAA = 257
+DS, TLSA, RRSIG, NSEC, DNSKEY, CDS, CDNSKEY = 43, 52, 46, 47, 48, 59, 60
 TYPE_CODES: dict[str, int] = {
     "A": dns.A, "AAAA": dns.AAAA, "CNAME": dns.CNAME, "MX": dns.MX, "TXT": dns.TXT,
-    "NS": dns.NS, "SOA": dns.SOA, "SRV": dns.SRV, "CAA": CAA, "PTR": dns.PTR,
+    "NS": dns.NS, "SOA": dns.SOA, "SRV": dns.SRV, "CAA": CAA, "PTR": dns.PTR, "DS": DS,
+    "TLSA": TLSA,
 }
 TYPE_NAMES: dict[int, str] = {v: k for k, v in TYPE_CODES.items()}
+TYPE_NAMES.update({RRSIG: "RRSIG", NSEC: "NSEC", DNSKEY: "DNSKEY", CDS: "CDS",
+                   CDNSKEY: "CDNSKEY"})
+#: Configured types parsed (and printed) by dnspython: no names inside, nothing to compress.
+GENERIC_TYPES = frozenset({DS, TLSA})
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _CAA_TAG = re.compile(r"^[a-z0-9]{1,15}$", re.IGNORECASE)
@@ -191,6 +205,8 @@ class ZoneRecord:
     ttl: int
     payload: Any
     text: str
+    #: RRSIG records: the type they cover.
+    covered: int = 0
     fixed: bytes = dataclasses.field(init=False, repr=False, compare=False)
     parts: tuple[tuple[bool, bytes], ...] = dataclasses.field(init=False, repr=False,
                                                               compare=False)
@@ -217,6 +233,34 @@ class ZoneRecord:
         """For the API: name, type, ttl, value."""
         return {"name": _dname(self.owner), "type": self.type_name, "ttl": self.ttl,
                 "value": self.text}
+
+    def rdata_wire(self) -> bytes:
+        """The rdata as on the wire with no compression (what DNSSEC signs, RFC 4034 6.2)."""
+        out = bytearray()
+        for is_name, part in self.parts:
+            if is_name:
+                out += name_wire(part)
+            else:
+                out += part
+        return bytes(out)
+
+
+def name_wire(name: bytes) -> bytes:
+    """A dotted name (no trailing dot; b"" is the root) in uncompressed wire format."""
+    out = bytearray()
+    if name:
+        for label in name.split(b"."):
+            out.append(len(label))
+            out += label
+    out.append(0)
+    return bytes(out)
+
+
+def wire_record(owner: str, rtype: int, ttl: int, wire: bytes, text: str,
+                covered: int = 0) -> ZoneRecord:
+    """A record from its rdata wire bytes (DNSSEC types: written as they are, never
+    compressed) and presentation ``text``; ``covered``: an RRSIG's type covered."""
+    return ZoneRecord(owner, rtype, ttl, dns.UnknownRecord(wire, ttl), text, covered)
 
 
 def rdata_parts(rtype: int, payload: Any) -> tuple[tuple[bool, bytes], ...]:
@@ -297,6 +341,14 @@ def parse_record(rec: RecordOptions, origin: str, default_ttl: int, path: str) -
         data = b" ".join(tokens[2:])
         payload = dns.UnknownRecord(bytes([flags, len(tag)]) + tag.encode("ascii") + data, ttl)
         text = f"{flags} {tag} {_quote(data)}"
+    elif rtype in GENERIC_TYPES:
+        try:
+            rd = dp_rdata.from_text(dp_rdataclass.IN, dp_rdatatype.RdataType.make(rtype), value,
+                                    origin=dp_name.from_text(origin or "."))
+            wire = rd.to_wire()
+        except (dp_exception.DNSException, ValueError, TypeError) as e:
+            raise ConfigError(vpath, f"invalid {rec.type} value {value!r}: {e}") from None
+        payload, text = dns.UnknownRecord(wire, ttl), rd.to_text()
     elif rtype == dns.SOA:
         raise AssertionError("SOA records are handled by build_zone_content")
     else:  # pragma: no cover - RECORD_TYPES and TYPE_CODES agree
@@ -446,8 +498,11 @@ def _check_cnames(records: Sequence[ZoneRecord], origin: str, path: str) -> None
 class Zone:
     """An indexed zone with its serial: what the authority answers from."""
 
-    def __init__(self, content: ZoneContent, serial: int) -> None:
+    def __init__(self, content: ZoneContent, serial: int,
+                 dnssec: Optional["DnssecData"] = None) -> None:
         self.content = content
+        #: Set for a signed zone: NSEC chain, signatures, keys.
+        self.dnssec = dnssec
         self.origin = content.origin
         self.serial = serial & 0xFFFFFFFF
         s = content.soa
@@ -461,7 +516,8 @@ class Zone:
         self.negative_soa = ZoneRecord(self.origin, dns.SOA, min(s.ttl, s.minimum),
                                        soa_payload, soa_text)
         self.nodes: dict[str, dict[int, list[ZoneRecord]]] = {}
-        for rec in (self.soa,) + content.records:
+        extra = tuple(dnssec.records) if dnssec is not None else ()
+        for rec in (self.soa,) + content.records + extra:
             self.nodes.setdefault(rec.owner, {}).setdefault(rec.rtype, []).append(rec)
         #: Every name that exists, including empty non-terminals (RFC 4592).
         self.names: set[str] = set()
@@ -478,8 +534,19 @@ class Zone:
 
     @property
     def records(self) -> list[ZoneRecord]:
-        """SOA first, then the records in configuration order."""
-        return [self.soa, *self.content.records]
+        """SOA first, then the records in configuration order; in a signed zone then the
+        DNSKEY, CDS, CDNSKEY and NSEC records and every signature."""
+        if self.dnssec is None:
+            return [self.soa, *self.content.records]
+        sigs = [sig for group in self.dnssec.sigs.values() for sig in group]
+        return [self.soa, *self.content.records, *self.dnssec.records, *sigs]
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of everything but the serial (and the SOA's signatures)."""
+        if self.dnssec is None:
+            return self.content.fingerprint()
+        return self.content.fingerprint() + ":" + self.dnssec.fingerprint
 
     def as_dict(self) -> dict:
         """For the API: origin, serial, records."""
