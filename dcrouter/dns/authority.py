@@ -181,7 +181,8 @@ class Authority:
             target = rec.target()
             if target and target not in inside and target not in outside:
                 (inside if in_zone(target, cut) else outside).append(target)
-        glue = _addresses(zone, inside, glue=True)
+        dnssec = proofs is not None
+        glue = _addresses(zone, inside, glue=True, dnssec=dnssec)
         authority = [(owner, r) for r in ns]
         if proofs is not None and zone.dnssec is not None:
             ds = node.get(DS)
@@ -191,7 +192,8 @@ class Authority:
                 proofs.add(zone, nsec_at(zone, cut))
         authority.extend(_entries(proofs))
         return Answer(dns.OK, bool(answers), answers, authority,
-                      glue + _addresses(zone, outside, glue=True), required=len(glue))
+                      glue + _addresses(zone, outside, glue=True, dnssec=dnssec),
+                      required=len(glue))
 
     def _negative(self, zone: Zone, rcode: int, answers: list[Entry],
                   proofs: Optional[Proofs] = None) -> Answer:
@@ -232,25 +234,26 @@ def _addresses(zone: Zone, names: list[str], glue: bool, dnssec: bool = False) -
     otherwise names below a cut are skipped, a wildcard answers for a name
     that does not exist, and with ``dnssec`` each RRset's signatures follow it.
     """
-    nodes: list[tuple[bytes, str, dict[int, list[ZoneRecord]]]] = []
+    nodes: list[tuple[bytes, str, dict[int, list[ZoneRecord]], bool]] = []
+    sign = dnssec and zone.dnssec is not None
     for name in names:
         node = zone.nodes.get(name)
         node_owner = name
-        if not glue and zone.cuts and _cut_above(zone, name, dns.A) is not None:
+        below = bool(zone.cuts) and _cut_above(zone, name, dns.A) is not None
+        if below and not glue:
             continue
         if node is None and not glue and name not in zone.names:
             encloser, node = _wildcard(zone, name)
             node_owner = _star(encloser)
-        if node is not None:
-            nodes.append((name.encode("ascii"), node_owner, node))
+        if node is not None:  # glue below a cut is not signed, the zone's own data is
+            nodes.append((name.encode("ascii"), node_owner, node, sign and not below))
     out: list[Entry] = []
-    sign = dnssec and not glue and zone.dnssec is not None
     for rtype in (dns.A, dns.AAAA):
-        for owner, node_owner, node in nodes:
+        for owner, node_owner, node, signed in nodes:
             records = node.get(rtype)
             if records:
                 out.extend((owner, r) for r in records)
-                if sign:
+                if signed:
                     out.extend(signatures(zone, node_owner, rtype, owner))
     return out
 
