@@ -253,3 +253,156 @@ async def test_delv_validates_dcrouter_and_an_nsd_secondary_of_it(signed: Runnin
     finally:
         nsd.terminate()
         await threads.deferToThread(nsd.wait, 10)
+
+
+def parent_and_child(port: int, **policy: Any) -> dict[str, Any]:
+    """test. (signed) delegating example.test (signed): dcrouter keeps the DS in test."""
+    parent = {"origin": "test", "ttl": 60, "dnssec": True, "records": [
+        {"name": "@", "type": "SOA", "value": "ns1.test. hostmaster.test. 1 3600 600 86400 60"},
+        {"name": "@", "type": "NS", "value": "ns1"},
+        {"name": "ns1", "type": "A", "value": "127.0.0.1"},
+        {"name": "example", "type": "NS", "value": "ns1.example"},
+        {"name": "ns1.example", "type": "A", "value": "127.0.0.1"}]}
+    child = dict(SIGNED_ZONE, ttl=60)
+    dnssec = {"dnskey_ttl": 60, "propagation_delay": 30, "parent_ds_ttl": 60}
+    dnssec.update(policy)
+    return {"dns": {"listen": "127.0.0.1", "port": port, "rate_limit": 0,
+                    "zones": [parent, child], "dnssec": dnssec}}
+
+
+@pytest_twisted.ensureDeferred
+async def test_ksk_rollover_under_a_served_parent_validates_throughout(tmp_path: Any) -> None:
+    from twisted.internet import task
+    running = start_dns(parent_and_child(free_tcp_udp_port()), str(tmp_path / "dcrouter"))
+    service = running.service
+    await service.ready
+    clock = task.Clock()
+    clock.advance(service.clock.seconds())
+    service.clock = clock
+    anchor = trust_anchor(running, "test")   # only the parent's DS: the chain runs through it
+
+    async def validated(stage: str) -> list[int]:
+        folder = str(tmp_path / f"unbound-{stage}")
+        unbound = await threads.deferToThread(
+            Unbound, folder, free_tcp_udp_port(), anchor,
+            {"test": running.udp_port, "example.test": running.udp_port})
+        try:
+            for name, rdtype in (("www.example.test", "A"), ("example.test", "DNSKEY"),
+                                 ("example.test", "DS"), ("nope.example.test", "A")):
+                reply = await threads.deferToThread(unbound.ask, name, rdtype)
+                assert reply.flags & dns.flags.AD, (stage, name, reply.to_text(), unbound.log())
+        finally:
+            await threads.deferToThread(unbound.stop)
+        ds = [r for r in service.zone("test").nodes.get("example.test", {}).get(43, [])]
+        return sorted(int(r.text.split()[0]) for r in ds)
+
+    first = await validated("before")
+    service.dnssec.request_roll("example.test", "ksk")
+    await service.publish()
+    status = service.dnssec.status("example.test", clock.seconds())
+    assert len([k for k in status["keys"] if k["role"] == "ksk"]) == 2
+    assert await validated("new-ksk-published") == first   # the parent still has the old DS
+    for _ in range(6):  # Ipub, the DS switch in the parent, the old DS's TTL
+        clock.advance(service._timer.getTime() - clock.seconds())
+        await service.publish()
+    status = service.dnssec.status("example.test", clock.seconds())
+    ksks = [k for k in status["keys"] if k["role"] == "ksk"]
+    assert len(ksks) == 1 and ksks[0]["tag"] not in first, status
+    assert status["waiting_for_ds"] is None and status["ds"] == [ksks[0]["ds"]]
+    assert await validated("after") == [ksks[0]["tag"]]
+    await defer.maybeDeferred(service.stopService)
+
+
+@pytest_twisted.ensureDeferred
+async def test_ksk_rollover_waits_for_the_ds_at_the_parent_servers(tmp_path: Any) -> None:
+    from twisted.internet import task
+    nsd_port = free_tcp_udp_port()
+    running = start_dns(signed_config(dnssec={"parent_servers": [f"127.0.0.1:{nsd_port}"],
+                                              "propagation_delay": 60}),
+                        str(tmp_path / "dcrouter"))
+    service = running.service
+    await service.ready
+    clock = task.Clock()
+    clock.advance(service.clock.seconds())
+    service.clock = clock
+    service.dnssec.request_roll("example.test", "ksk")
+    await service.publish()
+    clock.advance(3600 + 60 + 1)  # Ipub: the new KSK is the one the parent should have
+    await service.publish()
+    status = service.dnssec.status("example.test", clock.seconds())
+    waiting = status["waiting_for_ds"]
+    assert waiting is not None and len(status["ds"]) == 1
+    # the parent's servers do not have it yet: still waiting after a check
+    parent = ("$ORIGIN test.\n$TTL 300\n@ SOA ns1 hostmaster 1 3600 600 86400 300\n"
+              "@ NS ns1\nns1 A 127.0.0.1\nexample NS ns1.example\nns1.example A 127.0.0.1\n")
+    old_ds = [k["ds"] for k in status["keys"] if k["role"] == "ksk" and k["tag"] != waiting]
+    folder = str(tmp_path / "nsd")
+
+    def serve(ds_lines: list[str]) -> Any:
+        text = parent + "".join(line + "\n" for line in ds_lines)
+        return _parent_nsd(folder, nsd_port, text)
+    server = await threads.deferToThread(serve, old_ds)
+    try:
+        clock.advance(600)
+        await service.publish()
+        assert service.dnssec.status("example.test", clock.seconds())["waiting_for_ds"] == waiting
+        await threads.deferToThread(server.stop)
+        server = await threads.deferToThread(serve, status["ds"])
+        clock.advance(600)
+        await service.publish()
+        after = service.dnssec.status("example.test", clock.seconds())
+        assert after["waiting_for_ds"] is None
+        seen = next(k for k in after["keys"] if k["tag"] == waiting)
+        assert seen["ds_seen"] == clock.seconds()
+    finally:
+        await threads.deferToThread(server.stop)
+        await defer.maybeDeferred(service.stopService)
+
+
+class _ParentNsd:
+    """NSD serving one hand-written test. zone."""
+
+    def __init__(self, folder: str, port: int, text: str) -> None:
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "test.zone"), "w") as f:
+            f.write(text)
+        conf = os.path.join(folder, "nsd.conf")
+        with open(conf, "w") as f:
+            f.write(f"""server:
+  ip-address: 127.0.0.1
+  port: {port}
+  username: ""
+  chroot: ""
+  zonesdir: "{folder}"
+  pidfile: "{folder}/nsd.pid"
+  zonelistfile: "{folder}/zone.list"
+  xfrdfile: "{folder}/xfrd.state"
+  xfrdir: "{folder}"
+  database: ""
+  server-count: 1
+  logfile: "{folder}/nsd.log"
+remote-control:
+  control-enable: no
+zone:
+  name: "test"
+  zonefile: "test.zone"
+""")
+        self.proc = subprocess.Popen([require("nsd"), "-d", "-c", conf],
+                                     stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        query = dns.message.make_query("test.", "SOA")
+        for _ in range(200):
+            try:
+                dns.query.udp(query, "127.0.0.1", port=port, timeout=0.2)
+                return
+            except Exception:
+                continue
+        raise AssertionError("nsd did not start")
+
+    def stop(self) -> None:
+        """Terminate by PID."""
+        self.proc.terminate()
+        self.proc.wait(10)
+
+
+def _parent_nsd(folder: str, port: int, text: str) -> _ParentNsd:
+    return _ParentNsd(folder, port, text)
