@@ -490,6 +490,29 @@ class DnsService(ManagedService):
             d.addCallback(lambda _: self.refresh_email_records())
         return d
 
+    # -- DNSSEC (for the API and dcrouterctl dns ds) -------------------------------
+    def dnssec_status(self, origin: str) -> defer.Deferred:
+        """Fires with the DS records the parent should hold and the keys' states, or None
+        when ``origin`` is not a signed zone served here."""
+        origin = origin.lower().rstrip(".")
+        if origin not in self.prepared:
+            return defer.succeed(None)
+        return threads.deferToThread(self.dnssec.status, origin, self.clock.seconds())
+
+    @defer.inlineCallbacks
+    def ds_submitted(self, origin: str) -> Any:
+        """The operator says the parent serves the new KSK's DS: record it (the rollover
+        goes on), republish; fires with the status and the tag marked (None: no KSK was
+        waiting), or None when ``origin`` is not signed here."""
+        origin = origin.lower().rstrip(".")
+        if origin not in self.prepared:
+            return None
+        tag = yield threads.deferToThread(self.dnssec.mark_submitted, origin,
+                                          self.clock.seconds())
+        yield self.publish()
+        status = yield self.dnssec_status(origin)
+        return dict(status or {}, marked=tag)
+
     # -- figures -----------------------------------------------------------------
     def zones(self) -> list[dict]:
         """Every zone with its serial and records (for the API)."""
@@ -507,7 +530,11 @@ class DnsService(ManagedService):
             **self.transfers.stats(),
             **self.notifier.stats(),
             "zones": [{"origin": z.origin, "serial": z.serial,
-                       "records": len(z.content.records) + 1} for z in self.zone_set],
+                       "records": len(z.content.records) + 1, "signed": z.dnssec is not None}
+                      for z in self.zone_set],
+            "dnssec_signatures_made": sum(s.signed for s in self.dnssec.signers.values()),
+            "dnssec_signatures_reused": sum(s.reused for s in self.dnssec.signers.values()),
+            "dnssec_waiting_for_ds": sorted(o for o, p in self.prepared.items() if p.waiting),
         })
         return stats
 
