@@ -29,6 +29,7 @@ from dcrouter.config.dns import RecordOptions, ZoneOptions
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.dkimkeys import DkimKey
 from dcrouter.dns.authority import Authority
+from dcrouter.dns.dane import dane_hosts, hold_for, served_digests, tlsa_records
 from dcrouter.dns.dnssec import DnssecZones, Prepared, parent_has_ds
 from dcrouter.dns.dnssec_keys import DnssecKeyError
 from dcrouter.dns.email_records import dkim_specs, load_dkim_keys, plan_email_records
@@ -51,6 +52,8 @@ log = get_logger("dns")
 RESCAN_INTERVAL = 3600
 #: While a new KSK waits for its DS at the parent, the parent is checked this often.
 DS_CHECK_INTERVAL = 600
+#: With DANE records published, the SMTP certificate files are looked at this often.
+CERT_CHECK_INTERVAL = 60
 
 
 class SerialKeeper:
@@ -144,6 +147,12 @@ class DnsService(ManagedService):
         self._timer: Any = None
         self._publish_lock = defer.DeferredLock()
         self.publishes = 0
+        #: The SMTP certificate whose TLSA records the signed zones carry (DANE).
+        self.certs = context.smtp_certs
+        self.certs.clock = lambda: float(self.clock.seconds())
+        self.certs.on_digests_change(self._published_records_changed)
+        context.dns_records.add_listener(self._published_records_changed)
+        self.certs.hold = hold_for(self.options)
         # signed at start (blocking, before anything is served); later builds sign in a thread
         zones, self.prepared = self._sign_zones(self._contents(self.options), self.options,
                                                 self.clock.seconds())
@@ -180,6 +189,8 @@ class DnsService(ManagedService):
         origins = [normalize_origin(z.origin, f"dns.zones[{i}].origin")
                    for i, z in enumerate(dns_options.zones)]
         challenges = self._challenges_by_origin(origins + [z.origin for z in plan.new_zones])
+        published = self._published_by_origin(options, origins + [z.origin
+                                                                  for z in plan.new_zones])
         for i, zone in enumerate(dns_options.zones):
             path = f"dns.zones[{i}]"
             origin = origins[i]
@@ -187,12 +198,33 @@ class DnsService(ManagedService):
                 raise ConfigError(f"{path}.origin", f"zone {origin} repeats {seen[origin]}")
             seen[origin] = path
             contents.append((build_zone_content(zone, path, plan.records.get(origin, ()),
-                                                challenges.get(origin, ())), zone.dnssec))
+                                                challenges.get(origin, ()),
+                                                published.get(origin, ())), zone.dnssec))
         for zone in plan.new_zones:
             contents.append((build_zone_content(
                 zone, f"dns.(zone of mail domain {zone.origin})",
-                plan.records.get(zone.origin, ()), challenges.get(zone.origin, ())), False))
+                plan.records.get(zone.origin, ()), challenges.get(zone.origin, ()),
+                published.get(zone.origin, ())), False))
         return contents
+
+    def _published_by_origin(self, options: DcRouterOptions, origins: list[str]
+                             ) -> dict[str, list[RecordOptions]]:
+        """TLSA records of the SMTP certificate and the records other parts asked for
+        (``context.dns_records``), each in the closest zone containing it."""
+        out: dict[str, list[RecordOptions]] = {}
+        for rec in tlsa_records(options, self.certs.tlsa_digests()) + \
+                self.context.dns_records.records():
+            name = rec.name.lower().rstrip(".")
+            containing = [o for o in origins if in_zone(name, o)]
+            if containing:
+                out.setdefault(max(containing, key=len), []).append(rec)
+        return out
+
+    def _published_records_changed(self) -> None:
+        """The TLSA digests or another part's records changed: republish."""
+        if self.running:
+            self.publish().addErrback(lambda f: log.error(
+                "publishing the records failed: {error}", error=str(f.value)))
 
     def _build(self, options: DcRouterOptions) -> ZoneSet:
         """Parse every zone, unsigned (validation: raises ConfigError naming the key)."""
@@ -322,6 +354,7 @@ class DnsService(ManagedService):
             log.error("cannot publish the zones: {error}", error=str(e))
             raise
         now = self.clock.seconds()
+        self.certs.hold = hold_for(options)
         if any(signed for _c, signed in contents):
             zones, prepared = yield threads.deferToThread(self._sign_zones, contents, options,
                                                           now)
@@ -334,6 +367,7 @@ class DnsService(ManagedService):
             self._swap(zones)
         elif self.running:  # nothing new to serve; targets added since are still told
             self.notifier.zones_changed(self.zone_set)
+        self.certs.mark_published(served_digests(self.zone_set, options), now)
         self._schedule(now)
         return None
 
@@ -349,9 +383,13 @@ class DnsService(ManagedService):
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if not self.running or not self.prepared:
+        dane = bool(dane_hosts(self.options))
+        if not self.running or not (self.prepared or dane):
             return
         times = [now + RESCAN_INTERVAL]  # other workers may have moved the keys on
+        if dane:  # a new certificate file is seen within a minute; key switches on time
+            times.append(now + CERT_CHECK_INTERVAL)
+            times.extend(t for t in (self.certs.next_check(now),) if t)
         for p in self.prepared.values():
             times.extend(t for t in (p.next_event, p.data.refresh_at) if t)
             if p.waiting is not None:
@@ -361,6 +399,11 @@ class DnsService(ManagedService):
 
     def _on_timer(self) -> None:
         self._timer = None
+        if dane_hosts(self.options):
+            try:
+                self.certs.check(self.clock.seconds())
+            except (OSError, ValueError) as e:
+                log.error("checking the SMTP certificate failed: {error}", error=str(e))
         self.publish().addErrback(lambda f: log.error("DNSSEC re-signing failed: {error}",
                                                       error=str(f.value)))
 

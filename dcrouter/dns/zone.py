@@ -33,6 +33,8 @@ from dns import rdatatype as dp_rdatatype
 from twisted.names import dns
 
 from dcrouter.config.dns import RecordOptions, ZoneOptions
+from dcrouter.dns.presentation import caa_rdata_text, split_txt, tokenize  # noqa: F401
+from dcrouter.dns.presentation import quote as _quote
 from dcrouter.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -110,63 +112,6 @@ def absolute_name(name: str, origin: str, path: str, wildcard: bool = False) -> 
 def in_zone(name: str, origin: str) -> bool:
     """True when ``name`` is ``origin`` or below it."""
     return origin == "" or name == origin or name.endswith("." + origin)
-
-
-def tokenize(value: str, path: str) -> list[bytes]:
-    """Split presentation text into fields; quoted strings keep spaces; \\X and \\DDD escapes."""
-    out: list[bytes] = []
-    i, n = 0, len(value)
-    while i < n:
-        c = value[i]
-        if c.isspace() or c in "()":
-            i += 1
-            continue
-        buf = bytearray()
-        quoted = c == '"'
-        if quoted:
-            i += 1
-        while i < n:
-            c = value[i]
-            if quoted and c == '"':
-                i += 1
-                break
-            if not quoted and (c.isspace() or c in "()"):
-                break
-            if c == "\\" and i + 1 < n:
-                nxt = value[i + 1:i + 4]
-                if len(nxt) == 3 and nxt.isascii() and nxt.isdigit() and int(nxt) < 256:
-                    buf.append(int(nxt))
-                    i += 4
-                    continue
-                buf.extend(value[i + 1].encode("utf-8"))
-                i += 2
-                continue
-            buf.extend(c.encode("utf-8"))
-            i += 1
-        else:
-            if quoted:
-                raise ConfigError(path, "unterminated quoted string")
-        out.append(bytes(buf))
-    return out
-
-
-def split_txt(data: bytes) -> list[bytes]:
-    """One TXT string as 255-byte character-strings (an empty string stays one empty chunk)."""
-    if not data:
-        return [b""]
-    return [data[i:i + 255] for i in range(0, len(data), 255)]
-
-
-def _quote(data: bytes) -> str:
-    out = []
-    for b in data:
-        if b in (0x22, 0x5C):
-            out.append("\\" + chr(b))
-        elif 0x20 <= b < 0x7F:
-            out.append(chr(b))
-        else:
-            out.append(f"\\{b:03d}")
-    return '"' + "".join(out) + '"'
 
 
 def _int(token: bytes, path: str, what: str, maximum: int) -> int:
@@ -422,14 +367,17 @@ def normalize_origin(origin: str, path: str) -> str:
 
 def build_zone_content(options: ZoneOptions, path: str,
                        extra: Iterable[RecordOptions] = (),
-                       transient: Iterable[RecordOptions] = ()) -> ZoneContent:
+                       transient: Iterable[RecordOptions] = (),
+                       published: Iterable[RecordOptions] = ()) -> ZoneContent:
     """Parse a configured zone plus ``extra`` records (skipped where they clash).
 
     An extra record is left out when the configured zone already has data of
     its kind at that name (an explicit MX, an SPF TXT, a TXT at a DKIM or
     DMARC name, any CNAME), so the operator's records always win.
     ``transient`` records (ACME challenge TXT values, several may share a
-    name) are added as they are.
+    name) are added as they are; ``published`` ones (TLSA and what other
+    parts ask for, :mod:`dcrouter.dnsrecords`: several may share a name) are
+    left out only where they clash with the configured records.
     """
     origin = normalize_origin(options.origin, f"{path}.origin")
     records: list[ZoneRecord] = []
@@ -442,6 +390,11 @@ def build_zone_content(options: ZoneOptions, path: str,
             soa = parse_soa(rec, origin, options.ttl, rpath)
             continue
         records.append(parse_record(rec, origin, options.ttl, rpath))
+    configured = list(records)
+    for rec in published:
+        parsed = parse_record(rec, origin, options.ttl, f"{path}.(published record {rec.name})")
+        if not _clashes(parsed, configured):
+            records.append(parsed)
     for rec in extra:
         parsed = parse_record(rec, origin, options.ttl, f"{path}.(email record {rec.name})")
         if not _clashes(parsed, records):
@@ -585,10 +538,3 @@ class ZoneSet:
 
     def __len__(self) -> int:
         return len(self.zones)
-
-
-def caa_rdata_text(data: bytes) -> str:
-    """Presentation text of CAA rdata (for tests and logs)."""
-    flags, tag_len = struct.unpack("!BB", data[:2])
-    tag = data[2:2 + tag_len].decode("ascii", "replace")
-    return f"{flags} {tag} {_quote(data[2 + tag_len:])}"
