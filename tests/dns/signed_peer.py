@@ -97,14 +97,14 @@ class Unbound:
     anchor and stub zones pointing at dcrouter (``stubs``: zone -> port)."""
 
     def __init__(self, folder: str, port: int, anchor: str, stubs: dict[str, int],
-                 extra: str = "") -> None:
+                 extra: str = "", stub_host: str = "127.0.0.1") -> None:
         self.folder = folder
         self.port = port
         os.makedirs(folder, exist_ok=True)
         anchor_path = os.path.join(folder, "anchor.txt")
         with open(anchor_path, "w") as f:
             f.write(anchor.strip() + "\n")
-        stub_text = "".join(f'stub-zone:\n  name: "{z}."\n  stub-addr: 127.0.0.1@{p}\n'
+        stub_text = "".join(f'stub-zone:\n  name: "{z}."\n  stub-addr: {stub_host}@{p}\n'
                             for z, p in stubs.items())
         conf = os.path.join(folder, "unbound.conf")
         with open(conf, "w") as f:

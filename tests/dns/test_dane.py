@@ -212,3 +212,39 @@ async def test_an_operator_tlsa_wins_and_unsigned_zones_get_none(tmp_path: Any) 
         assert router.by_name["dns"].certs.hold == 0
     finally:
         await stop_router(router)
+
+
+def posttls_finger(work: str) -> dict[str, Any]:
+    """tests/dns/dane_netns.py in its own network and mount namespace (see there)."""
+    import json
+    import shutil
+    import subprocess
+    import sys
+    from tests.dns.signed_peer import require
+    for tool in ("posttls-finger", "unbound"):
+        require(tool)
+    unshare = shutil.which("unshare")
+    assert unshare, "unshare is needed: install the Debian package 'util-linux'"
+    script = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dane_netns.py")
+    os.makedirs(work, exist_ok=True)
+    proc = subprocess.run([unshare, "-n", "-m", "--", sys.executable, script, work],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@pytest_twisted.ensureDeferred
+async def test_posttls_finger_verifies_the_smtp_listener_by_dane(tmp_path: Any) -> None:
+    result = await threads.deferToThread(posttls_finger, str(tmp_path))
+    # MX, A and TLSA of example.test through a validating Unbound, STARTTLS on port 25
+    right = result["right"]
+    assert right["tlsa_ad"], result
+    assert "Matched DANE EE certificate at depth 0: 3 1 1" in right["output"], result
+    assert "Verified TLS connection established to mail.example.test[127.0.0.1]:25" in \
+        right["output"], result
+    # the same listener under a TLSA that names another key (the operator's): not verified
+    wrong = result["wrong"]
+    assert wrong["tlsa_ad"], result
+    assert "no matching DANE TLSA records" in wrong["output"], result
+    assert "Verified TLS connection" not in wrong["output"], result
+    assert "Untrusted TLS connection established" in wrong["output"], result
