@@ -161,8 +161,8 @@ class DnssecZones:
 
 def parent_has_ds(servers: Iterable[str], origin: str, key: DnssecKey,
                   timeout: float = 3.0) -> bool:
-    """Every one of ``servers`` ('IP:port') answers DS ``origin`` with the DS of ``key``
-    (blocking: in a thread)."""
+    """Every one of ``servers`` ('IP:port') answers DS ``origin`` with the DS of ``key``,
+    asked over TCP (blocking: in a thread)."""
     wanted = dns.dnssec.make_ds(dns.name.from_text(origin + "."), key.dnskey, "SHA256")
     servers = list(servers)
     if not servers:
@@ -170,10 +170,8 @@ def parent_has_ds(servers: Iterable[str], origin: str, key: DnssecKey,
     for server in servers:
         host, port = split_host_port(server, "dns.dnssec.parent_servers", default_port=53)
         query = dns.message.make_query(origin + ".", dns.rdatatype.DS)
-        try:
-            reply = dns.query.udp(query, host, port=port, timeout=timeout)
-            if reply.flags & 0x0200:  # TC
-                reply = dns.query.tcp(query, host, port=port, timeout=timeout)
+        try:  # over TCP: an off-path attacker cannot forge the answer that ends a rollover
+            reply = dns.query.tcp(query, host, port=port, timeout=timeout)
         except Exception as e:  # any network failure: not seen (checked again later)
             log.info("DS check of {zone} at {server} failed: {error}", zone=origin,
                      server=server, error=str(e))
