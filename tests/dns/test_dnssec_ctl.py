@@ -98,3 +98,16 @@ async def test_dns_ds_of_an_unsigned_or_unknown_zone_is_exit_1(signed_router: An
     client = Client(int(url.rsplit(":", 1)[1]))
     response = await client.request("GET", "/api/dns/zones/nowhere.example./ds")
     assert response.status == 404
+
+
+@pytest_twisted.ensureDeferred
+async def test_ds_submitted_needs_the_api_token(signed_router: Any) -> None:
+    # confirming a DS ends a KSK rollover (the old key goes): only the operator may
+    router, url, _port, origin = signed_router
+    client = Client(int(url.rsplit(":", 1)[1]))
+    for token in (None, "wrong-token"):
+        response = await client.request("POST", f"/api/dns/zones/{origin}./ds/submitted",
+                                        token=token)
+        assert response.status == 401
+    response = await client.request("GET", f"/api/dns/zones/{origin}./ds", token=None)
+    assert response.status == 401
