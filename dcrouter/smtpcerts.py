@@ -74,6 +74,19 @@ def _read(path: str) -> Optional[bytes]:
         return None
 
 
+def _create_once(path: str, data: bytes) -> None:
+    """Store ``data`` at ``path`` (0600) unless another worker process stored a file there
+    first (then theirs stays, so every worker publishes the same next key)."""
+    tmp = f"{path}.tmp.{os.getpid()}"
+    write_private(tmp, data)
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
+
+
 def _new_key_pem() -> bytes:
     key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
     return key.private_bytes(serialization.Encoding.PEM,
@@ -252,7 +265,7 @@ class SmtpCertificates:
         next_path = self._next_key_path()
         if _read(next_path) is None:
             ensure_private_dir(self.folder)
-            write_private(next_path, _new_key_pem())
+            _create_once(next_path, _new_key_pem())
         cert = _read(cert_path)
         if cert is None:
             return False
@@ -275,7 +288,8 @@ class SmtpCertificates:
         names = self._names(cert)
         write_private(key_path, next_key)
         write_private(cert_path, _self_signed_with(next_key, names, now))
-        write_private(next_path, _new_key_pem())
+        os.unlink(next_path)
+        _create_once(next_path, _new_key_pem())
         log.info("self-signed SMTP certificate of {host} renewed with its pre-published key",
                  host=self.hostname)
         return True

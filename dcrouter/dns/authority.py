@@ -23,6 +23,15 @@ RFC 9471), checked against NSD serving the same zones (tests/dns/test_nsd_diff.p
   encoder sets TC when it does not fit, RFC 9471), except DS at the cut
   itself, which the parent answers - also when the child zone is served here
   (RFC 4035 section 3.1.4.1).
+
+For a query with DO to a signed zone (RFC 4035 3.1, :mod:`dcrouter.dns.denial`)
+every RRset of the answer and authority sections, and the additional
+addresses the zone holds, come with their RRSIGs (a wildcard's under the query
+name); NXDOMAIN carries the NSEC covering the name and the one covering the
+wildcard at its closest encloser, NODATA the name's NSEC (an empty
+non-terminal's covering one), a wildcard answer the NSEC proving the name
+does not exist, a referral the DS set or the cut's NSEC.  QTYPE RRSIG gets
+the signatures at the name.  Without DO nothing of this is added.
 """
 
 from __future__ import annotations

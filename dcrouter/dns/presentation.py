@@ -53,6 +53,7 @@ def split_txt(data: bytes) -> list[bytes]:
 
 
 def quote(data: bytes) -> str:
+    """``data`` as one quoted character-string (``"`` and ``\\`` escaped, others as \\DDD)."""
     out = []
     for b in data:
         if b in (0x22, 0x5C):

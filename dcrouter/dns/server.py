@@ -9,10 +9,11 @@ twisted.names' record encoders:
 
 * the question is echoed byte for byte (case preserved, RFC 4343);
 * EDNS(0) (RFC 6891): the UDP limit is the client's payload size, at least
-  512 and at most ``dns.max_udp_payload``; DO is copied; a version other
-  than 0 gets BADVERS;
-* over the limit additional RRsets are left out from the last one that does
-  not fit (TC is set when that drops in-domain glue of a referral, RFC
+  512 and at most ``dns.max_udp_payload``; DO is copied and, for signed
+  zones, adds signatures and NSEC proofs (RFC 3225, RFC 4035); a version
+  other than 0 gets BADVERS;
+* over the limit additional RRsets (each with its RRSIGs) are left out from
+  the last one that does not fit (TC is set when that drops in-domain glue of a referral, RFC
   9471); if the answer and authority sections do not fit, the response is
   the question with TC set, so the client retries over TCP, where the whole
   answer is sent;

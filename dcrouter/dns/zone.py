@@ -349,7 +349,10 @@ class ZoneContent:
     soa: SoaFields
 
     def fingerprint(self) -> str:
-        """A digest of everything but the serial: equal digests, equal zones."""
+        """A digest of everything but the serial: equal digests, equal zones (computed once)."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None:
+            return str(cached)
         h = hashlib.sha256()
         s = self.soa
         h.update(repr((self.origin, s.mname, s.rname, s.refresh, s.retry, s.expire, s.minimum,
@@ -357,6 +360,7 @@ class ZoneContent:
         for line in sorted(f"{r.owner} {r.ttl} {r.rtype} {r.text}" for r in self.records):
             h.update(line.encode("utf-8", "surrogateescape"))
             h.update(b"\n")
+        object.__setattr__(self, "_fingerprint", h.hexdigest())
         return h.hexdigest()
 
 
