@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests start as real peers (see docs/development.md).
-TEST_DEBS := publicsuffix redis-server pebble clamav-daemon spamassassin spamc spamd swaks nsd haproxy dnsutils chromium chromium-driver curl openssl unbound bind9-utils bind9-dnsutils ldnsutils postfix dnsperf
+TEST_DEBS := publicsuffix redis-server pebble clamav-daemon spamassassin spamc spamd swaks nsd haproxy dnsutils chromium chromium-driver curl openssl unbound bind9-utils bind9-dnsutils ldnsutils postfix
 CONFIG ?= etc/dcrouter.toml
 
 .PHONY: run test typecheck debs bench clean help docs

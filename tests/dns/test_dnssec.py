@@ -196,3 +196,31 @@ async def test_transfer_of_a_signed_zone_holds_every_dnssec_record(tmp_path: Any
         assert len(list(zone.iterate_rdatas())) == len(served.records)
     finally:
         await defer.maybeDeferred(running.service.stopService)
+
+
+@pytest_twisted.ensureDeferred
+async def test_records_other_parts_publish_are_served_signed(tmp_path: Any) -> None:
+    from dcrouter.config.dns import RecordOptions
+    running = start_dns(config(), str(tmp_path))
+    service = running.service
+    await service.ready
+    try:
+        registry = service.context.dns_records
+        registry.set("mta-sts", [
+            RecordOptions(name="_mta-sts.example.test.", type="TXT", value="v=STSv1; id=1"),
+            RecordOptions(name="_smtp._tls.example.test.", type="TXT",
+                          value="v=TLSRPTv1; rua=mailto:tls@example.test"),
+            RecordOptions(name="www.example.test.", type="A", value="192.0.2.222"),  # clash
+            RecordOptions(name="elsewhere.invalid.", type="TXT", value="no zone holds it")])
+        await service.publish()
+        reply = await ask(running.udp_port, "_mta-sts.example.test", "TXT", want_dnssec=True)
+        assert reply.answer[0][0].strings == (b"v=STSv1; id=1",)
+        assert any(r.rdtype == dns.rdatatype.RRSIG for r in reply.answer)
+        reply = await ask(running.udp_port, "www.example.test", "A")
+        assert [rd.address for rd in reply.answer[0]] == ["192.0.2.10"]  # configured wins
+        registry.set("mta-sts", [])
+        await service.publish()
+        reply = await ask(running.udp_port, "_mta-sts.example.test", "TXT", want_dnssec=True)
+        assert reply.rcode() == dns.rcode.NXDOMAIN
+    finally:
+        await defer.maybeDeferred(service.stopService)
