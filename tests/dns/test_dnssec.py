@@ -224,3 +224,53 @@ async def test_records_other_parts_publish_are_served_signed(tmp_path: Any) -> N
         assert reply.rcode() == dns.rcode.NXDOMAIN
     finally:
         await defer.maybeDeferred(service.stopService)
+
+
+def test_hostile_names_with_do_get_well_formed_signed_answers_within_the_limit(
+        tmp_path: Any) -> None:
+    """Generated queries and names of random bytes (escaped dots, any octet), most with DO,
+    against the signed rich zones through the responder: a parseable answer within the UDP
+    limit, and every signature in it valid."""
+    import random
+
+    import dns.name
+    from twisted.internet import reactor
+
+    from dcrouter.dns.service import DnsService
+    from dcrouter.service import Extensions, RouterContext
+    from tests.dns import differential
+    from tests.dns.test_dnssec_nsd import dnskeys, signed_config
+    from tests.dns.test_fuzz import _random_label
+    from tests.support.router import options_from
+
+    context = RouterContext(options_from(signed_config(free_tcp_udp_port()), str(tmp_path)),
+                            reactor, Extensions())
+    service = DnsService(context)
+    zones, responder = service.zone_set, service.responder
+    keys = dnskeys(zones)
+    rng = random.Random(18)
+    probes = differential.generate(zones, seed=1818, extra=1500, do_rate=0.9)
+    suffixes = [z.origin for z in zones] + ["wild.example.test", "deleg.example.test",
+                                            "sub.example.test"]
+    for i in range(1500):
+        labels = b".".join(_random_label(rng).replace(b".", b"\\.").replace(b"\\\\.", b"\\.")
+                           for _ in range(rng.randrange(1, 4)))
+        name = labels.decode("latin-1") + "." + rng.choice(suffixes)
+        try:
+            dns.name.from_text(name)
+        except Exception:
+            continue
+        probes.append(differential.Probe(name, rng.choice([1, 15, 16, 43, 46, 47, 48, 255]),
+                                         1, 0, rng.choice([512, 1232, 4096]), True, True,
+                                         False, i % 5 == 0))
+    for i, probe in enumerate(probes):
+        query = probe.wire(i & 0xFFFF)
+        reply = responder.handle_tcp(query) if probe.tcp else responder.handle_udp(query)
+        limit = 65535 if probe.tcp else (
+            512 if probe.edns != 0 else min(max(probe.payload, 512), 1232))
+        assert reply is not None and len(reply) <= limit, (str(probe), reply and len(reply))
+        msg = dns.message.from_wire(reply, ignore_trailing=False)
+        assert msg.id == i & 0xFFFF
+        if probe.dnssec and probe.rdclass == 1 and not msg.flags & dns.flags.TC:
+            assert not differential.verify_signatures(reply, keys), str(probe)
+    assert responder.malformed == 0
