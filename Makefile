@@ -24,7 +24,11 @@ TEST_DEBS := \
   util-linux \
   iproute2 \
   nghttp2-client \
-  postfix
+  postfix \
+  unbound \
+  bind9-utils \
+  bind9-dnsutils \
+  ldnsutils
 CONFIG ?= etc/dcrouter.toml
 
 .PHONY: run test typecheck debs bench clean help docs

@@ -204,3 +204,17 @@ class IDkimKeyListener(Interface):
 
     def dkim_keys_changed():
         """Re-read the key store's public records."""
+
+
+class IPublishedRecords(Interface):
+    """Records parts of dcrouter ask the DNS server to publish (``context.dns_records``)."""
+
+    def set(source, records):
+        """Replace the records of ``source`` (a name such as ``"mta-sts"``) with
+        ``records`` (:class:`dcrouter.config.dns.RecordOptions`, absolute names)."""
+
+    def records():
+        """Every record of every source."""
+
+    def add_listener(callback):
+        """Call ``callback()`` whenever a source's records change."""

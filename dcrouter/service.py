@@ -28,9 +28,11 @@ from twisted.internet.protocol import DatagramProtocol, Factory
 
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.dkimkeys import DkimKeyStore
+from dcrouter.dnsrecords import PublishedRecords
 from dcrouter.errors import ConfigError
 from dcrouter.interfaces import IDnsChallengePublisher
 from dcrouter.logsetup import get_logger
+from dcrouter.smtpcerts import SmtpCertificates
 from dcrouter.sockets import (
     POOL, Key, ListenError, bind_socket, listen_error, needs_privilege, planned_listeners,
     unprivileged_port_start,
@@ -105,6 +107,10 @@ class RouterContext:
         #: Set in a worker process of a multi-worker dcrouter (None: the only process).
         self.worker = worker
         self.dkim_keys = DkimKeyStore(options.router.state_dir)
+        #: The SMTP certificate and the keys its TLSA records name (DANE).
+        self.smtp_certs = SmtpCertificates(options.router.state_dir)
+        #: Records other parts ask the DNS server to publish.
+        self.dns_records = PublishedRecords()
         #: Other services by name, filled in by the router (for the API).
         self.services: dict[str, "ManagedService"] = {}
         #: Objects that want to observe events: the metrics registry adds itself here.

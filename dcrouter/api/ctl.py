@@ -571,6 +571,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("reload", help="re-read the configuration file (as SIGHUP)")
     p.set_defaults(func=cmd_reload)
+    from dcrouter.api.ctl_dns import add_dns_commands
+    add_dns_commands(sub)
     return parser
 
 

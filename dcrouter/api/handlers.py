@@ -105,6 +105,10 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("GET", "/api/proxy/routes", "proxy_routes", "Proxy routes and their figures.",
              tag="proxy"),
     Endpoint("GET", "/api/dns/zones", "dns_zones", "Authoritative DNS zones.", tag="dns"),
+    Endpoint("GET", "/api/dns/zones/{zone}/ds", "dns_ds",
+             "A signed zone's DS records for the registrar and its DNSSEC keys.", tag="dns"),
+    Endpoint("POST", "/api/dns/zones/{zone}/ds/submitted", "dns_ds_submitted",
+             "The parent now serves the new KSK's DS: the rollover may finish.", tag="dns"),
     Endpoint("GET", "/api/email/suppression", "list_suppressed",
              "Recipients refused at RCPT after a hard bounce, with reason and expiry.",
              tag="email"),
@@ -246,6 +250,31 @@ class RouterEndpoints:
             zones = yield defer.maybeDeferred(zones_of)
             return {"zones": jsonable(zones)}
         return {"zones": [unbuild(z, redact=True) for z in dns.zones]}
+
+    @defer.inlineCallbacks
+    def dns_ds(self, request: ApiRequest) -> Any:
+        """DS records of a signed zone (``dcrouterctl dns ds ZONE``)."""
+        return (yield self._dnssec_call("dnssec_status", request.params["zone"]))
+
+    @defer.inlineCallbacks
+    def dns_ds_submitted(self, request: ApiRequest) -> Any:
+        """Confirm the parent serves the new DS (``dcrouterctl dns ds ZONE --submitted``)."""
+        zone = request.params["zone"]
+        result = yield self._dnssec_call("ds_submitted", zone)
+        log.info("DS of {zone} confirmed through the API", zone=zone, tag=result.get("marked"),
+                 client_ip=request.client_ip)
+        return result
+
+    @defer.inlineCallbacks
+    def _dnssec_call(self, method: str, zone: str) -> Any:
+        call = getattr(self.context.services.get("dns"), method, None)
+        if call is None:
+            raise errors.service_unavailable("the DNS service is not configured")
+        result = yield defer.maybeDeferred(call, zone)
+        if result is None:
+            raise errors.not_found(f"{zone} is not a signed zone served here "
+                                   "(dnssec = true in its [[dns.zones]] entry)")
+        return jsonable(result)
 
     def _suppression(self) -> Any:
         email = self.context.services.get("email")

@@ -90,6 +90,13 @@ _PATTERN_PARAM = {"name": "pattern", "in": "path", "required": True,
 _ID_PARAM = {"name": "id", "in": "path", "required": True, "description": "Queue id.",
              "schema": {"type": "string"}}
 
+_ZONE_PARAM = {"name": "zone", "in": "path", "required": True,
+               "description": "A zone with dnssec = true, e.g. 'example.com.'",
+               "schema": {"type": "string"}}
+_DS_SCHEMA = {"type": "object", "properties": {
+    "zone": {"type": "string"}, "ds": {"type": "array", "items": {"type": "string"}},
+    "keys": {"type": "array", "items": _OBJ}, "waiting_for_ds": {"type": "integer", "nullable": True},
+    "marked": {"type": "integer", "nullable": True}}}
 #: handler name -> (parameters, request body schema, response schema, extra error statuses)
 _DETAILS: dict[str, dict[str, Any]] = {
     "status": {"response": {"type": "object", "properties": {
@@ -169,6 +176,9 @@ _DETAILS: dict[str, dict[str, Any]] = {
                                "schema": {"type": "string"}}],
                    "response": {"type": "object", "properties": {
                        "removed": {"type": "string"}}}, "errors": [404, 503]},
+    "dns_ds": {"params": [_ZONE_PARAM], "response": _DS_SCHEMA, "errors": [404, 503]},
+    "dns_ds_submitted": {"params": [_ZONE_PARAM], "response": _DS_SCHEMA,
+                         "errors": [404, 503]},
     "prometheus_metrics": {"content_type": "text/plain", "response": {"type": "string"},
                            "errors": []},
 }

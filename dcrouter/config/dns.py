@@ -22,7 +22,9 @@ def check_notify_targets(value: tuple[str, ...], path: str) -> tuple[str, ...]:
     return value
 
 
-RECORD_TYPES = ("A", "AAAA", "CNAME", "MX", "TXT", "NS", "SOA", "SRV", "CAA", "PTR")
+RECORD_TYPES = ("A", "AAAA", "CNAME", "MX", "TXT", "NS", "SOA", "SRV", "CAA", "PTR", "DS", "TLSA")
+DNSSEC_ALGORITHMS = ("ECDSAP256SHA256", "ED25519")
+DAY = 86400
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -44,11 +46,75 @@ class ZoneOptions:
     records: tuple[RecordOptions, ...] = option((), doc="Records.")
     primary_ns: str = option("", doc="MNAME of the generated SOA; default ns1.<origin>.")
     admin_email: str = option("", doc="RNAME of the generated SOA; default hostmaster.<origin>.")
+    dnssec: bool = option(False, doc="Sign this zone online (keys under state_dir/dnssec, "
+                          "policy in [dns.dnssec]); publish the DS that `dcrouterctl dns ds` "
+                          "prints at the registrar.")
 
     def validate(self, path: str) -> None:
         """An origin is required."""
         if not self.origin.strip("."):
             raise ConfigError(f"{path}.origin", "must not be empty")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DnssecOptions:
+    """The signing policy of the zones with ``dnssec = true`` (times in seconds)."""
+
+    algorithm: str = option("ECDSAP256SHA256", check=one_of(*DNSSEC_ALGORITHMS),
+                            doc="Algorithm of new keys: ECDSAP256SHA256 (13) or ED25519 (15); "
+                            "existing keys keep theirs.")
+    signature_validity: int = option(14 * DAY, check=check_positive,
+                                     doc="Lifetime of a signature from its inception.")
+    signature_refresh: int = option(7 * DAY, check=check_positive,
+                                    doc="A signature is replaced when less than this is left.")
+    signature_jitter: int = option(DAY // 2, check=check_non_negative,
+                                   doc="Expirations are spread over this much, so signatures "
+                                   "are not all refreshed at once.")
+    inception_offset: int = option(3600, check=check_non_negative,
+                                   doc="Inception is backdated by this much (validators with "
+                                   "a slow clock).")
+    zsk_lifetime: int = option(30 * DAY, check=check_non_negative,
+                               doc="A zone-signing key is rolled (pre-publication) after this "
+                               "long; 0: never.")
+    ksk_lifetime: int = option(0, check=check_non_negative,
+                               doc="A key-signing key is rolled (double-KSK with CDS) after "
+                               "this long; 0: only when asked (the parent's DS must change).")
+    propagation_delay: int = option(3600, check=check_non_negative,
+                                    doc="Time for a change to reach every secondary, added "
+                                    "to each TTL the rollovers wait for.")
+    dnskey_ttl: int = option(0, check=check_non_negative,
+                             doc="TTL of DNSKEY, CDS and CDNSKEY; 0: the zone's TTL.")
+    parent_ds_ttl: int = option(DAY, check=check_non_negative,
+                                doc="TTL of the DS records at the parent (what a KSK "
+                                "rollover waits for after the new DS is seen).")
+    parent_servers: tuple[str, ...] = option((), check=check_notify_targets,
+                                             doc="Authoritative servers of the parent zones "
+                                             "('IP:port'): a KSK rollover proceeds once they "
+                                             "all serve the new DS. Empty: a served parent is "
+                                             "updated directly; otherwise wait for `dcrouterctl "
+                                             "dns ds ZONE --submitted`.")
+    publish_cds: bool = option(True, doc="Publish CDS and CDNSKEY (RFC 7344) for the key "
+                               "the parent should have.")
+
+    def validate(self, path: str) -> None:
+        """A signature must outlive its refresh point by more than the jitter (and the two
+        hours signing times are rounded by)."""
+        if self.signature_refresh + self.signature_jitter + 7200 > self.signature_validity:
+            raise ConfigError(f"{path}.signature_refresh",
+                              f"signature_refresh + signature_jitter + 2 hours must not be "
+                              f"more than signature_validity ({self.signature_validity})")
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DaneOptions:
+    """Inbound DANE: TLSA records of the SMTP certificate (RFC 7672) in signed zones."""
+
+    enabled: bool = option(True, doc="Publish `_25._tcp.<host> TLSA 3 1 1` for every MX "
+                           "host of a signed zone that the SMTP listeners answer for "
+                           "(email.hostname, plus hosts).")
+    hosts: tuple[str, ...] = option((), doc="More MX host names that reach this dcrouter.")
+    ttl: int = option(0, check=check_non_negative, doc="TTL of the TLSA records; 0: the "
+                      "zone's. A key change waits two TTLs after the new TLSA appears.")
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -82,3 +148,7 @@ class DnsOptions:
     notify: tuple[str, ...] = option((), check=check_notify_targets,
                                      doc="Secondaries sent a NOTIFY (UDP) when a zone's serial "
                                      "changes: 'IP:port', '[IPv6]:port' or an IP (port 53).")
+    dnssec: DnssecOptions = option(default_factory=DnssecOptions,
+                                   doc="Signing policy of zones with dnssec = true.")
+    dane: DaneOptions = option(default_factory=DaneOptions, doc="TLSA records of the SMTP "
+                               "certificate.")

@@ -9,10 +9,11 @@ twisted.names' record encoders:
 
 * the question is echoed byte for byte (case preserved, RFC 4343);
 * EDNS(0) (RFC 6891): the UDP limit is the client's payload size, at least
-  512 and at most ``dns.max_udp_payload``; DO is copied; a version other
-  than 0 gets BADVERS;
-* over the limit additional RRsets are left out from the last one that does
-  not fit (TC is set when that drops in-domain glue of a referral, RFC
+  512 and at most ``dns.max_udp_payload``; DO is copied and, for signed
+  zones, adds signatures and NSEC proofs (RFC 3225, RFC 4035); a version
+  other than 0 gets BADVERS;
+* over the limit additional RRsets (each with its RRSIGs) are left out from
+  the last one that does not fit (TC is set when that drops in-domain glue of a referral, RFC
   9471); if the answer and authority sections do not fit, the response is
   the question with TC set, so the client retries over TCP, where the whole
   answer is sent;
@@ -321,12 +322,16 @@ class Responder:
             owner = QNAME_KEY
             name = ".".join(["\x00"] + [x.lower().decode("latin-1")
                                           for x in labels[dotted + 1:]])
-        answer = self.authority.lookup(name, q.qtype, owner)
+        qkey = None
+        if dotted >= 0 and q.dnssec_ok:  # NSEC proofs need the name's real sort key
+            qkey = tuple(reversed([x.lower() for x in labels]))
+        answer = self.authority.lookup(name, q.qtype, owner, q.dnssec_ok, qkey)
         if q.qclass == dns.ANY:
             # RFC 1035 6.2: an answer for every class cannot be authoritative (NSD clears
             # AA too), and a negative one has no SOA to cache
             answer = dataclasses.replace(answer, authoritative=False, authority=[
-                e for e in answer.authority if e[1].rtype != dns.SOA])
+                e for e in answer.authority
+                if e[1].rtype != dns.SOA and e[1].covered != dns.SOA])
         return answer
 
     def _transfer_refusal(self, q: Query, udp: bool) -> Answer:
@@ -375,7 +380,9 @@ class Responder:
             while i < n:
                 owner, rec = additional[i]
                 j = i + 1
-                while j < n and additional[j][0] == owner and additional[j][1].rtype == rec.rtype:
+                while j < n and additional[j][0] == owner and (
+                        additional[j][1].rtype == rec.rtype or
+                        additional[j][1].covered == rec.rtype):  # an RRset and its RRSIGs
                     j += 1
                 mark = len(out)
                 for k in range(i, j):

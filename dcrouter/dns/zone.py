@@ -23,19 +23,35 @@ import io
 import ipaddress
 import re
 import struct
-from typing import Any, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Iterable, Optional, Sequence
 
+from dns import exception as dp_exception
+from dns import name as dp_name
+from dns import rdata as dp_rdata
+from dns import rdataclass as dp_rdataclass
+from dns import rdatatype as dp_rdatatype
 from twisted.names import dns
 
 from dcrouter.config.dns import RecordOptions, ZoneOptions
+from dcrouter.dns.presentation import caa_rdata_text, split_txt, tokenize  # noqa: F401
+from dcrouter.dns.presentation import quote as _quote
 from dcrouter.errors import ConfigError
 
+if TYPE_CHECKING:
+    from dcrouter.dns.denial import DnssecData
+
 CAA = 257
+DS, TLSA, RRSIG, NSEC, DNSKEY, CDS, CDNSKEY = 43, 52, 46, 47, 48, 59, 60
 TYPE_CODES: dict[str, int] = {
     "A": dns.A, "AAAA": dns.AAAA, "CNAME": dns.CNAME, "MX": dns.MX, "TXT": dns.TXT,
-    "NS": dns.NS, "SOA": dns.SOA, "SRV": dns.SRV, "CAA": CAA, "PTR": dns.PTR,
+    "NS": dns.NS, "SOA": dns.SOA, "SRV": dns.SRV, "CAA": CAA, "PTR": dns.PTR, "DS": DS,
+    "TLSA": TLSA,
 }
 TYPE_NAMES: dict[int, str] = {v: k for k, v in TYPE_CODES.items()}
+TYPE_NAMES.update({RRSIG: "RRSIG", NSEC: "NSEC", DNSKEY: "DNSKEY", CDS: "CDS",
+                   CDNSKEY: "CDNSKEY"})
+#: Configured types parsed (and printed) by dnspython: no names inside, nothing to compress.
+GENERIC_TYPES = frozenset({DS, TLSA})
 
 _LABEL = re.compile(r"^[a-z0-9_]([a-z0-9_-]{0,61}[a-z0-9_])?$")
 _CAA_TAG = re.compile(r"^[a-z0-9]{1,15}$", re.IGNORECASE)
@@ -98,63 +114,6 @@ def in_zone(name: str, origin: str) -> bool:
     return origin == "" or name == origin or name.endswith("." + origin)
 
 
-def tokenize(value: str, path: str) -> list[bytes]:
-    """Split presentation text into fields; quoted strings keep spaces; \\X and \\DDD escapes."""
-    out: list[bytes] = []
-    i, n = 0, len(value)
-    while i < n:
-        c = value[i]
-        if c.isspace() or c in "()":
-            i += 1
-            continue
-        buf = bytearray()
-        quoted = c == '"'
-        if quoted:
-            i += 1
-        while i < n:
-            c = value[i]
-            if quoted and c == '"':
-                i += 1
-                break
-            if not quoted and (c.isspace() or c in "()"):
-                break
-            if c == "\\" and i + 1 < n:
-                nxt = value[i + 1:i + 4]
-                if len(nxt) == 3 and nxt.isascii() and nxt.isdigit() and int(nxt) < 256:
-                    buf.append(int(nxt))
-                    i += 4
-                    continue
-                buf.extend(value[i + 1].encode("utf-8"))
-                i += 2
-                continue
-            buf.extend(c.encode("utf-8"))
-            i += 1
-        else:
-            if quoted:
-                raise ConfigError(path, "unterminated quoted string")
-        out.append(bytes(buf))
-    return out
-
-
-def split_txt(data: bytes) -> list[bytes]:
-    """One TXT string as 255-byte character-strings (an empty string stays one empty chunk)."""
-    if not data:
-        return [b""]
-    return [data[i:i + 255] for i in range(0, len(data), 255)]
-
-
-def _quote(data: bytes) -> str:
-    out = []
-    for b in data:
-        if b in (0x22, 0x5C):
-            out.append("\\" + chr(b))
-        elif 0x20 <= b < 0x7F:
-            out.append(chr(b))
-        else:
-            out.append(f"\\{b:03d}")
-    return '"' + "".join(out) + '"'
-
-
 def _int(token: bytes, path: str, what: str, maximum: int) -> int:
     try:
         value = int(token)
@@ -191,6 +150,8 @@ class ZoneRecord:
     ttl: int
     payload: Any
     text: str
+    #: RRSIG records: the type they cover.
+    covered: int = 0
     fixed: bytes = dataclasses.field(init=False, repr=False, compare=False)
     parts: tuple[tuple[bool, bytes], ...] = dataclasses.field(init=False, repr=False,
                                                               compare=False)
@@ -217,6 +178,34 @@ class ZoneRecord:
         """For the API: name, type, ttl, value."""
         return {"name": _dname(self.owner), "type": self.type_name, "ttl": self.ttl,
                 "value": self.text}
+
+    def rdata_wire(self) -> bytes:
+        """The rdata as on the wire with no compression (what DNSSEC signs, RFC 4034 6.2)."""
+        out = bytearray()
+        for is_name, part in self.parts:
+            if is_name:
+                out += name_wire(part)
+            else:
+                out += part
+        return bytes(out)
+
+
+def name_wire(name: bytes) -> bytes:
+    """A dotted name (no trailing dot; b"" is the root) in uncompressed wire format."""
+    out = bytearray()
+    if name:
+        for label in name.split(b"."):
+            out.append(len(label))
+            out += label
+    out.append(0)
+    return bytes(out)
+
+
+def wire_record(owner: str, rtype: int, ttl: int, wire: bytes, text: str,
+                covered: int = 0) -> ZoneRecord:
+    """A record from its rdata wire bytes (DNSSEC types: written as they are, never
+    compressed) and presentation ``text``; ``covered``: an RRSIG's type covered."""
+    return ZoneRecord(owner, rtype, ttl, dns.UnknownRecord(wire, ttl), text, covered)
 
 
 def rdata_parts(rtype: int, payload: Any) -> tuple[tuple[bool, bytes], ...]:
@@ -297,6 +286,14 @@ def parse_record(rec: RecordOptions, origin: str, default_ttl: int, path: str) -
         data = b" ".join(tokens[2:])
         payload = dns.UnknownRecord(bytes([flags, len(tag)]) + tag.encode("ascii") + data, ttl)
         text = f"{flags} {tag} {_quote(data)}"
+    elif rtype in GENERIC_TYPES:
+        try:
+            rd = dp_rdata.from_text(dp_rdataclass.IN, dp_rdatatype.RdataType.make(rtype), value,
+                                    origin=dp_name.from_text(origin or "."))
+            wire = rd.to_wire()
+        except (dp_exception.DNSException, ValueError, TypeError) as e:
+            raise ConfigError(vpath, f"invalid {rec.type} value {value!r}: {e}") from None
+        payload, text = dns.UnknownRecord(wire, ttl), rd.to_text()
     elif rtype == dns.SOA:
         raise AssertionError("SOA records are handled by build_zone_content")
     else:  # pragma: no cover - RECORD_TYPES and TYPE_CODES agree
@@ -352,7 +349,10 @@ class ZoneContent:
     soa: SoaFields
 
     def fingerprint(self) -> str:
-        """A digest of everything but the serial: equal digests, equal zones."""
+        """A digest of everything but the serial: equal digests, equal zones (computed once)."""
+        cached = self.__dict__.get("_fingerprint")
+        if cached is not None:
+            return str(cached)
         h = hashlib.sha256()
         s = self.soa
         h.update(repr((self.origin, s.mname, s.rname, s.refresh, s.retry, s.expire, s.minimum,
@@ -360,6 +360,7 @@ class ZoneContent:
         for line in sorted(f"{r.owner} {r.ttl} {r.rtype} {r.text}" for r in self.records):
             h.update(line.encode("utf-8", "surrogateescape"))
             h.update(b"\n")
+        object.__setattr__(self, "_fingerprint", h.hexdigest())
         return h.hexdigest()
 
 
@@ -370,14 +371,17 @@ def normalize_origin(origin: str, path: str) -> str:
 
 def build_zone_content(options: ZoneOptions, path: str,
                        extra: Iterable[RecordOptions] = (),
-                       transient: Iterable[RecordOptions] = ()) -> ZoneContent:
+                       transient: Iterable[RecordOptions] = (),
+                       published: Iterable[RecordOptions] = ()) -> ZoneContent:
     """Parse a configured zone plus ``extra`` records (skipped where they clash).
 
     An extra record is left out when the configured zone already has data of
     its kind at that name (an explicit MX, an SPF TXT, a TXT at a DKIM or
     DMARC name, any CNAME), so the operator's records always win.
     ``transient`` records (ACME challenge TXT values, several may share a
-    name) are added as they are.
+    name) are added as they are; ``published`` ones (TLSA and what other
+    parts ask for, :mod:`dcrouter.dnsrecords`: several may share a name) are
+    left out only where they clash with the configured records.
     """
     origin = normalize_origin(options.origin, f"{path}.origin")
     records: list[ZoneRecord] = []
@@ -390,6 +394,11 @@ def build_zone_content(options: ZoneOptions, path: str,
             soa = parse_soa(rec, origin, options.ttl, rpath)
             continue
         records.append(parse_record(rec, origin, options.ttl, rpath))
+    configured = list(records)
+    for rec in published:
+        parsed = parse_record(rec, origin, options.ttl, f"{path}.(published record {rec.name})")
+        if not _clashes(parsed, configured):
+            records.append(parsed)
     for rec in extra:
         parsed = parse_record(rec, origin, options.ttl, f"{path}.(email record {rec.name})")
         if not _clashes(parsed, records):
@@ -446,8 +455,11 @@ def _check_cnames(records: Sequence[ZoneRecord], origin: str, path: str) -> None
 class Zone:
     """An indexed zone with its serial: what the authority answers from."""
 
-    def __init__(self, content: ZoneContent, serial: int) -> None:
+    def __init__(self, content: ZoneContent, serial: int,
+                 dnssec: Optional["DnssecData"] = None) -> None:
         self.content = content
+        #: Set for a signed zone: NSEC chain, signatures, keys.
+        self.dnssec = dnssec
         self.origin = content.origin
         self.serial = serial & 0xFFFFFFFF
         s = content.soa
@@ -461,7 +473,8 @@ class Zone:
         self.negative_soa = ZoneRecord(self.origin, dns.SOA, min(s.ttl, s.minimum),
                                        soa_payload, soa_text)
         self.nodes: dict[str, dict[int, list[ZoneRecord]]] = {}
-        for rec in (self.soa,) + content.records:
+        extra = tuple(dnssec.records) if dnssec is not None else ()
+        for rec in (self.soa,) + content.records + extra:
             self.nodes.setdefault(rec.owner, {}).setdefault(rec.rtype, []).append(rec)
         #: Every name that exists, including empty non-terminals (RFC 4592).
         self.names: set[str] = set()
@@ -478,8 +491,19 @@ class Zone:
 
     @property
     def records(self) -> list[ZoneRecord]:
-        """SOA first, then the records in configuration order."""
-        return [self.soa, *self.content.records]
+        """SOA first, then the records in configuration order; in a signed zone then the
+        DNSKEY, CDS, CDNSKEY and NSEC records and every signature."""
+        if self.dnssec is None:
+            return [self.soa, *self.content.records]
+        sigs = [sig for group in self.dnssec.sigs.values() for sig in group]
+        return [self.soa, *self.content.records, *self.dnssec.records, *sigs]
+
+    @property
+    def fingerprint(self) -> str:
+        """A digest of everything but the serial (and the SOA's signatures)."""
+        if self.dnssec is None:
+            return self.content.fingerprint()
+        return self.content.fingerprint() + ":" + self.dnssec.fingerprint
 
     def as_dict(self) -> dict:
         """For the API: origin, serial, records."""
@@ -518,10 +542,3 @@ class ZoneSet:
 
     def __len__(self) -> int:
         return len(self.zones)
-
-
-def caa_rdata_text(data: bytes) -> str:
-    """Presentation text of CAA rdata (for tests and logs)."""
-    flags, tag_len = struct.unpack("!BB", data[:2])
-    tag = data[2:2 + tag_len].decode("ascii", "replace")
-    return f"{flags} {tag} {_quote(data[2 + tag_len:])}"

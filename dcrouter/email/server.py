@@ -133,6 +133,7 @@ class UnifiedEmailServer(Service):
         self.auth_limiter = AuthFailureLimiter(options.auth.max_failures_per_minute)
         self._apply(options)
         self.listeners = ListenerSet(self.reactor, self._factory_for, self._context_for)
+        context.smtp_certs.on_serving_change(lambda: self._apply(self.options))
 
     # -- configuration -------------------------------------------------------------------
 
@@ -140,8 +141,12 @@ class UnifiedEmailServer(Service):
         """Take new options: portal, limits, networks, TLS context (validated before use)."""
         portal = build_portal(options.auth, self.context.extensions.auth_checkers)
         tls = options.tls
+        # the files to present come from the certificate manager, which holds a new key
+        # back until its TLSA record has been published long enough (dcrouter.smtpcerts)
+        cert_path, key_path = self.context.smtp_certs.configure(
+            options.hostname, tls.cert_path, tls.key_path)
         context = server_context_factory(self.context.state_dir, options.hostname,
-                                         tls.cert_path, tls.key_path, tls.min_version,
+                                         cert_path, key_path, tls.min_version,
                                          tls.ciphers, key_path_name="email.tls")
         client_certs = ClientCertPolicy(tls.ca_path) if tls.ca_path else None
         if client_certs is not None:

@@ -49,6 +49,7 @@ import struct
 from collections import Counter
 from typing import Optional
 
+import dns.dnssec
 import dns.edns
 import dns.flags
 import dns.message
@@ -152,11 +153,15 @@ def _random_case(rng: random.Random, name: str) -> str:
     return "".join(c.upper() if c.isalpha() and rng.random() < 0.5 else c for c in name)
 
 
-def generate(zones: ZoneSet, seed: int = 20260401, extra: int = 1200) -> list[Probe]:
-    """Every name x the core types (IN, no EDNS, UDP), then ``extra`` random variations."""
+def generate(zones: ZoneSet, seed: int = 20260401, extra: int = 1200,
+             do_rate: float = 0.3, core_do: bool = False) -> list[Probe]:
+    """Every name x the core types (IN, UDP; no EDNS, or EDNS with DO when ``core_do``),
+    then ``extra`` random variations (DO set in ``do_rate`` of those with EDNS)."""
     rng = random.Random(seed)
     names = _names(zones) + SPECIAL_NAMES
-    probes = [Probe(name, dns.rdatatype.from_text(t), 1, -1, 0, False, False, False, False)
+    core = (0, 1232, True) if core_do else (-1, 0, False)
+    probes = [Probe(name, dns.rdatatype.from_text(t), 1, core[0], core[1], core[2], False,
+                    False, False)
               for name in names for t in CORE_TYPES]
     # answers near and over the UDP limits: long TXT, a long CNAME chain, big referrals
     for name, rdtype in (("long.example.test.", "TXT"), ("c0.example.test.", "A"),
@@ -175,7 +180,7 @@ def generate(zones: ZoneSet, seed: int = 20260401, extra: int = 1200) -> list[Pr
         edns = -1 if rng.random() < 0.4 else (1 if rng.random() < 0.05 else 0)
         probes.append(Probe(
             name, dns.rdatatype.from_text(rng.choice(ALL_TYPES)), rng.choice(CLASSES), edns,
-            rng.choice(PAYLOADS), rng.random() < 0.3, rng.random() < 0.5, rng.random() < 0.1,
+            rng.choice(PAYLOADS), rng.random() < do_rate, rng.random() < 0.5, rng.random() < 0.1,
             rng.random() < 0.15, rng.choice([0, 0, 0, 10, 3, 12, 65001])))
     return probes
 
@@ -210,10 +215,19 @@ _NAME_TYPES = {dns.rdatatype.NS, dns.rdatatype.CNAME, dns.rdatatype.MX, dns.rdat
                dns.rdatatype.SOA, dns.rdatatype.PTR}
 
 
+def _rdata_text(rrset: dns.rrset.RRset, rd: object) -> str:
+    text = rd.to_text()  # type: ignore[attr-defined]
+    if rrset.rdtype == dns.rdatatype.RRSIG:
+        # signatures made at other times by other signers: compare what they cover, with
+        # which key, and check them apart (verify_signatures)
+        fields = text.split()
+        return " ".join(fields[:4] + fields[6:8]).lower()
+    return text.lower() if rrset.rdtype in _NAME_TYPES else text
+
+
 def _records(section: list[dns.rrset.RRset]) -> list[Record]:
     return sorted((rrset.name.to_text().lower(), rrset.ttl, rrset.rdclass, rrset.rdtype,
-                   rd.to_text().lower() if rrset.rdtype in _NAME_TYPES else rd.to_text())
-                  for rrset in section for rd in rrset)
+                   _rdata_text(rrset, rd)) for rrset in section for rd in rrset)
 
 
 @dataclasses.dataclass
@@ -309,6 +323,8 @@ class Comparator:
         if not apex_ns:
             return
         self.applied["nsd-apex-ns"] += 1
+        apex_ns += [r for r in b.authority if r[3] == dns.rdatatype.RRSIG and
+                    r[4].startswith("ns ") and r[0].lower() in self.origins]
         b.authority = [r for r in b.authority if r not in apex_ns]
         needed = {_target(r) for r in b.answer + b.authority if _target(r)}
         dropped = {_target(r) for r in apex_ns} - needed
@@ -365,10 +381,39 @@ def exchange_many(port: int, wires: list[bytes], timeout: float = 3.0) -> list[O
     return out
 
 
+def verify_signatures(wire: bytes, keys: dict[dns.name.Name, dns.rrset.RRset]) -> list[str]:
+    """Every RRSIG in the response validates the RRset it covers with ``keys`` (zone apex
+    -> DNSKEY set), and every RRSIG has that RRset; the problems found."""
+    msg = dns.message.from_wire(wire, ignore_trailing=True)
+    problems = []
+    for section_name in ("answer", "authority", "additional"):
+        section = getattr(msg, section_name)
+        for sigs in section:
+            if sigs.rdtype != dns.rdatatype.RRSIG:
+                continue
+            covered = [r for r in section if r.name == sigs.name and r.rdtype == sigs.covers]
+            if not covered and section_name == "answer" and msg.question and \
+                    msg.question[0].rdtype == dns.rdatatype.RRSIG:
+                continue  # QTYPE RRSIG: the signatures alone are the answer
+            if not covered:
+                problems.append(f"{section_name}: RRSIG {sigs.name} "
+                                f"{dns.rdatatype.to_text(sigs.covers)} without its RRset")
+                continue
+            for sig in sigs:
+                try:
+                    dns.dnssec.validate_rrsig(covered[0], sig, keys)
+                except dns.dnssec.ValidationFailure as e:
+                    problems.append(f"{section_name}: {sigs.name} "
+                                    f"{dns.rdatatype.to_text(sigs.covers)} key {sig.key_tag}: {e}")
+    return problems
+
+
 def run(probes: list[Probe], ours: tuple[int, int], nsd_port: int, zones: ZoneSet,
-        batch: int = 64) -> tuple[list[tuple[str, list[str]]], Comparator]:
+        batch: int = 64, keys: Optional[dict[dns.name.Name, dns.rrset.RRset]] = None
+        ) -> tuple[list[tuple[str, list[str]]], Comparator]:
     """Send every probe to both servers (``ours``: dcrouter's UDP and TCP ports; UDP in
-    bursts of ``batch``); the probes whose answers differ, with why."""
+    bursts of ``batch``); the probes whose answers differ, with why.  With ``keys``
+    every signature in dcrouter's answers is validated too."""
     comparator = Comparator(zones)
     failures: list[tuple[str, list[str]]] = []
     udp = [p for p in probes if not p.tcp]
@@ -384,6 +429,8 @@ def run(probes: list[Probe], ours: tuple[int, int], nsd_port: int, zones: ZoneSe
         results.append((probe, exchange(ours[1], wire, True), exchange(nsd_port, wire, True)))
     for probe, mine_one, theirs_one in results:
         diffs = comparator.compare(probe, mine_one, theirs_one)
+        if keys is not None and mine_one is not None:
+            diffs += verify_signatures(mine_one, keys)
         if diffs:
             failures.append((str(probe), diffs))
     return failures, comparator

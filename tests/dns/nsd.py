@@ -30,9 +30,14 @@ def require_nsd() -> str:
 
 
 class Nsd:
-    """A running NSD; ``port`` answers UDP and TCP on 127.0.0.1."""
+    """A running NSD; ``port`` answers UDP and TCP on 127.0.0.1.
 
-    def __init__(self, folder: str, zones: ZoneSet) -> None:
+    ``texts`` replaces the zone files written from ``zones`` (e.g. zones
+    signed by ldns-signzone, origin -> master-file text).
+    """
+
+    def __init__(self, folder: str, zones: ZoneSet,
+                 texts: Optional[dict[str, str]] = None) -> None:
         self.folder = folder
         self.port = free_tcp_udp_port()
         os.makedirs(folder, exist_ok=True)
@@ -40,7 +45,7 @@ class Nsd:
         for zone in zones:
             file_name = f"{zone.origin}.zone"
             with open(os.path.join(folder, file_name), "w") as f:
-                f.write(zone.to_zone_file())
+                f.write(texts[zone.origin] if texts else zone.to_zone_file())
             blocks.append(f'zone:\n  name: "{zone.origin}"\n  zonefile: "{file_name}"\n')
         conf = os.path.join(folder, "nsd.conf")
         with open(conf, "w") as f:
