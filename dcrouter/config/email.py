@@ -434,7 +434,14 @@ class EmailOptions:
                                    doc="Bytes; advertised in SIZE and enforced while streaming.")
     max_connections: int = option(1000, check=check_positive, doc="Concurrent SMTP sessions.")
     max_connections_per_ip: int = option(50, check=check_positive,
-                                         doc="Concurrent SMTP sessions per client IP.")
+                                         doc="Concurrent SMTP sessions per client IP "
+                                         "(Postfix smtpd_client_connection_count_limit); "
+                                         "clients in client_limit_exceptions are exempt.")
+    client_limit_exceptions: Optional[tuple[str, ...]] = option(
+        None, check=check_networks, doc="Clients exempt from max_connections_per_ip and "
+        "rate_limits.max_messages_per_minute_per_ip (Postfix's "
+        "smtpd_client_event_limit_exceptions); default: relay_networks; [] exempts nobody. "
+        "max_connections applies to every client.")
     connection_timeout: float = option(300.0, check=check_positive,
                                        doc="Seconds of client silence before 421 and close.")
     max_recipients: int = option(1000, check=check_positive,

@@ -13,6 +13,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import ipaddress
+import socket
 from typing import Any, Optional
 
 from OpenSSL import SSL
@@ -26,7 +27,7 @@ from zope.interface import implementer
 from dcrouter.config.email import EmailOptions
 from dcrouter.email.auth import AuthFailureLimiter, build_portal
 from dcrouter.email.clientcert import ClientCertPolicy
-from dcrouter.email.limits import ConnectionTracker
+from dcrouter.email.limits import ConnectionTracker, LimitExceptions
 from dcrouter.email.session import SmtpSession
 from dcrouter.email.sessioncore import SessionCore
 from dcrouter.email.spool import SpoolFiles, clean_spool, spool_dir
@@ -49,6 +50,47 @@ def _inside(ip: str, networks: list[Any]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in networks)
+
+
+def _socket_of(transport: Any) -> Optional[socket.socket]:
+    """The TCP socket under ``transport`` (plain, or below a TLS wrapper), if there is one."""
+    for _ in range(3):
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return None
+    return None
+
+
+def _no_delay(transport: Any) -> None:
+    """TCP_NODELAY: the session writes whole replies (pipelined ones in one write), so Nagle
+    would only hold a reply back behind an unacknowledged one (a TLS ticket, a greeting)
+    until the client's delayed ACK - up to 40 ms on Linux."""
+    sock = _socket_of(transport)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not TCP (a UNIX socket in a test), or already gone
+
+
+def _finished(session: SessionCore) -> bool:
+    """Is ``session`` over though its connection is not gone yet? We closed it, or the
+    client did (end of stream, or a reset, before anything unread)."""
+    if session.closed:
+        return True
+    sock = _socket_of(session.transport)
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,6 +172,9 @@ class UnifiedEmailServer(Service):
         self.options = options
         self.connections = ConnectionTracker(options.max_connections,
                                              options.max_connections_per_ip)
+        self.connections.reclaim = self._reclaim
+        #: Open sessions by client address (for reclaiming finished ones at a cap).
+        self._by_ip: dict[str, set[SessionCore]] = {}
         self.auth_limiter = AuthFailureLimiter(options.auth.max_failures_per_minute)
         self._apply(options)
         self.listeners = ListenerSet(self.reactor, self._factory_for, self._context_for)
@@ -154,8 +199,11 @@ class UnifiedEmailServer(Service):
         exclusions = options.bare_newline_exclusions
         self._bare_exclusions = self._networks if exclusions is None else [
             ipaddress.ip_network(n, strict=False) for n in exclusions]
-        self.connections.max_total = options.max_connections
-        self.connections.max_per_ip = options.max_connections_per_ip
+        exceptions = options.client_limit_exceptions
+        self.limit_exceptions = LimitExceptions(
+            options.relay_networks if exceptions is None else exceptions)
+        self.connections.reconfigure(options.max_connections, options.max_connections_per_ip,
+                                     self.limit_exceptions)
         self.auth_limiter.per_minute = options.auth.max_failures_per_minute
 
     def _specs(self) -> list[ListenSpec]:
@@ -259,8 +307,11 @@ class UnifiedEmailServer(Service):
     # -- sessions --------------------------------------------------------------------------
 
     def session_opened(self, session: SessionCore) -> None:
-        """A session passed the connection caps."""
+        """A session passed the connection caps: it holds the slot admitted last."""
+        self.connections.bind(session, session.info.client_ip)
         self.sessions.add(session)
+        self._by_ip.setdefault(session.info.client_ip, set()).add(session)
+        _no_delay(session.transport)
         self.stats.connections_total += 1
         log.info("connection from {client_ip}:{client_port} on port {local_port}",
                  client_ip=session.info.client_ip, client_port=session.info.client_port,
@@ -271,11 +322,34 @@ class UnifiedEmailServer(Service):
     def session_closed(self, session: SessionCore, reason: Failure) -> None:
         """A counted session ended."""
         self.sessions.discard(session)
-        self.connections.release(session.info.client_ip)
+        self._unindex(session)
+        self.connections.release(session)
         log.info("disconnect from {client_ip}", client_ip=session.info.client_ip,
                  correlation_id=session.info.correlation_id)
         self.emit("connection_lost", session.info, reason)
         self._check_drained()
+
+    def _unindex(self, session: SessionCore) -> None:
+        same = self._by_ip.get(session.info.client_ip)
+        if same is not None:
+            same.discard(session)
+            if not same:
+                del self._by_ip[session.info.client_ip]
+
+    def _reclaim(self, ip: Optional[str]) -> int:
+        """At a cap: release the slots of sessions (of ``ip``, or all) that are over already -
+        closed by us (QUIT answered, limit, shutdown) or by a client whose end of stream
+        waits unread - so a client's finished sessions are never counted against its next."""
+        candidates = self.sessions if ip is None else self._by_ip.get(ip, ())
+        freed = 0
+        for session in list(candidates):
+            if self.connections.holds(session) and _finished(session):
+                self.connections.release(session)
+                freed += 1
+        if freed:
+            log.debug("{count} finished sessions of {client_ip} released at the connection cap",
+                      count=freed, client_ip=ip or "any address")
+        return freed
 
     def transaction_finished(self, session: SessionCore) -> None:
         """A transaction ended (reply sent); while draining, close the now idle session."""
