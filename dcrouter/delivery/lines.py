@@ -33,16 +33,26 @@ def _clean(data: bytes) -> bool:
     return data.count(b"\r") == pairs and data.count(b"\n") == pairs
 
 
+#: Up to this size the long-line check splits the message (fastest); beyond, it searches.
+_SPLIT_LIMIT = 1024 * 1024
+
+
 def _too_long(data: bytes, limit: int) -> bool:
     """Is a line of ``data`` (CRLF line ends only) longer than ``limit`` octets?
 
-    Linear: the pattern starts with a literal LF, so the engine jumps from line end to
-    line end; the first line is looked at on its own.
+    Linear either way: a split into lines in C for messages up to 1 MiB (10 us for
+    10 KB), else a search whose pattern starts with a literal LF, so the engine jumps
+    from line end to line end without a copy of the message (the first line is looked
+    at on its own).
     """
+    if len(data) <= limit:
+        return False
+    if len(data) <= _SPLIT_LIMIT:
+        return max(map(len, data.split(b"\r\n"))) > limit
     first = data.find(b"\r\n")
     if (len(data) if first < 0 else first) > limit:
         return True
-    return len(data) > limit and _long_line(limit).search(data, max(first, 0)) is not None
+    return _long_line(limit).search(data, max(first, 0)) is not None
 
 
 _LONG_LINES: dict[int, "re.Pattern[bytes]"] = {}
