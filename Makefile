@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests start as real peers (see docs/development.md).
-TEST_DEBS := publicsuffix redis-server pebble clamav-daemon spamassassin spamc spamd swaks nsd haproxy dnsutils chromium chromium-driver curl openssl
+TEST_DEBS := publicsuffix redis-server pebble clamav-daemon spamassassin spamc spamd swaks nsd haproxy dnsutils chromium chromium-driver curl openssl postfix
 CONFIG ?= etc/dcrouter.toml
 
 .PHONY: run test typecheck debs bench clean help docs
@@ -34,6 +34,7 @@ debs:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections; \
 	  (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null) \
 	    || echo "warning: could not install$$missing; tests needing them will fail"; \
 	fi
