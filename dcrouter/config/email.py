@@ -66,6 +66,15 @@ class EmailTlsOptions:
                               doc="Lowest TLS version accepted.", reload="rebind")
     ciphers: str = option("", doc="OpenSSL cipher string for TLS 1.2; empty: modern AEAD "
                           "ciphers with forward secrecy only.", reload="rebind")
+    session_tickets: bool = option(True, doc="Offer TLS session resumption with tickets "
+                                   "(RFC 5077, TLS 1.3 PSK tickets), as Postfix's smtpd does: "
+                                   "a client that comes back skips the full handshake.",
+                                   reload="rebind")
+    session_cache_timeout: float = option(
+        3600.0, check=check_positive, doc="Seconds a session (ticket) stays resumable, and how "
+        "often the ticket key is replaced by a new random one (Postfix "
+        "smtpd_tls_session_cache_timeout). Each worker process has its own key.",
+        reload="rebind")
 
     def validate(self, path: str) -> None:
         """cert_path and key_path come together."""

@@ -4,8 +4,10 @@ One listener per ``email.ports`` entry (implicit TLS on ``implicit_tls_ports``,
 STARTTLS elsewhere, AUTH required on ``submission_ports``).  Each connection
 is an :class:`dcrouter.email.session.SmtpSession`; this service owns what the
 sessions share: options, the message handler (the processor), the AUTH portal
-and failure limiter, connection caps, the TLS context, statistics, event
-observers, and graceful shutdown (:meth:`stop_accepting`, :meth:`drain`).
+and failure limiter, connection caps (:mod:`dcrouter.email.limits`), the TLS
+context (session tickets on, their key replaced every
+``tls.session_cache_timeout`` seconds), statistics, event observers, and
+graceful shutdown (:meth:`stop_accepting`, :meth:`drain`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Optional
 
 from OpenSSL import SSL
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -167,6 +169,7 @@ class UnifiedEmailServer(Service):
         self.spool_dir = spool_dir(context.state_dir)
         self.spool_files = SpoolFiles(self.spool_dir, self.reactor)
         self._tls: Any = None
+        self._rotation: Optional[task.LoopingCall] = None
         self.client_certs: Optional[ClientCertPolicy] = None
         self.tls_available = True
         self.options = options
@@ -184,13 +187,7 @@ class UnifiedEmailServer(Service):
     def _apply(self, options: EmailOptions) -> None:
         """Take new options: portal, limits, networks, TLS context (validated before use)."""
         portal = build_portal(options.auth, self.context.extensions.auth_checkers)
-        tls = options.tls
-        context = server_context_factory(self.context.state_dir, options.hostname,
-                                         tls.cert_path, tls.key_path, tls.min_version,
-                                         tls.ciphers, key_path_name="email.tls")
-        client_certs = ClientCertPolicy(tls.ca_path) if tls.ca_path else None
-        if client_certs is not None:
-            client_certs.apply(context)
+        context, client_certs = self._build_tls(options)
         self.options = options
         self.portal = portal
         self._tls = context
@@ -205,6 +202,42 @@ class UnifiedEmailServer(Service):
         self.connections.reconfigure(options.max_connections, options.max_connections_per_ip,
                                      self.limit_exceptions)
         self.auth_limiter.per_minute = options.auth.max_failures_per_minute
+
+    def _build_tls(self, options: EmailOptions) -> tuple[Any, Optional[ClientCertPolicy]]:
+        tls = options.tls
+        context = server_context_factory(self.context.state_dir, options.hostname,
+                                         tls.cert_path, tls.key_path, tls.min_version,
+                                         tls.ciphers, key_path_name="email.tls",
+                                         session_tickets=tls.session_tickets,
+                                         session_timeout=tls.session_cache_timeout)
+        client_certs = ClientCertPolicy(tls.ca_path) if tls.ca_path else None
+        if client_certs is not None:
+            client_certs.apply(context)
+        return context, client_certs
+
+    def rotate_ticket_key(self) -> bool:
+        """A new TLS context, so a new random session ticket key (every
+        ``tls.session_cache_timeout`` seconds): tickets issued before no longer resume
+        (those clients do one full handshake). False, logged, when the certificate files
+        cannot be loaded now (the current context stays)."""
+        try:
+            context, client_certs = self._build_tls(self.options)
+        except Exception as e:  # a certificate being replaced: try at the next rotation
+            log.warn("TLS session ticket key not rotated: {error}", error=str(e))
+            return False
+        self._tls, self.client_certs = context, client_certs
+        log.debug("TLS session ticket key rotated")
+        return True
+
+    def _schedule_rotation(self) -> None:
+        if self._rotation is not None and self._rotation.running:
+            self._rotation.stop()
+        self._rotation = None
+        tls = self.options.tls
+        if self.running and tls.session_tickets:
+            self._rotation = task.LoopingCall(self.rotate_ticket_key)
+            self._rotation.clock = self.reactor
+            self._rotation.start(tls.session_cache_timeout, now=False)
 
     def _specs(self) -> list[ListenSpec]:
         implicit = self.options.effective_implicit_tls_ports
@@ -252,11 +285,13 @@ class UnifiedEmailServer(Service):
         self.spool_files = SpoolFiles(self.spool_dir, self.reactor)
         self.listeners.start(self._specs())
         super().startService()
+        self._schedule_rotation()
         log.info("SMTP listening on {addresses}", addresses=self.bound_addresses())
 
     def stopService(self) -> Any:
         """Close listeners and every remaining session (421 4.3.2)."""
         super().stopService()
+        self._schedule_rotation()
         self.spool_files.close()
         d = self.listeners.stop()
         for session in list(self.sessions):
@@ -272,6 +307,7 @@ class UnifiedEmailServer(Service):
         old_specs = self._specs()
         old_submission = self.options.effective_submission_ports
         self._apply(options)
+        self._schedule_rotation()
         if old_submission != options.effective_submission_ports:
             # The submission flag lives in the factory: re-bind the affected listeners.
             changed = set(old_submission) ^ set(options.effective_submission_ports)
