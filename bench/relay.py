@@ -39,7 +39,7 @@ from typing import Any, Optional
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from bench.smtp_accept import cpu_seconds, raise_fd_limit  # noqa: E402
+from bench.smtp_accept import raise_fd_limit, tree_cpu_seconds  # noqa: E402
 from tests.support.net import free_port, wait_for_tcp  # noqa: E402
 from tests.support.postfix import SMTP_SOURCE, PostfixInstance, SmtpSink  # noqa: E402
 
@@ -101,9 +101,9 @@ class Server:
         return [pid] if pid else []
 
     def cpu(self) -> float:
-        """CPU seconds of the server so far (dcrouter: the process and its children; Postfix:
-        the master and its live children - smtpd, cleanup, qmgr, smtp, postlogd...)."""
-        return sum(cpu_seconds(pid) for pid in self.pids())
+        """CPU seconds of the server so far: the process, the children it reaped and its live
+        descendants (Postfix: the master and smtpd, cleanup, qmgr, smtp, postlogd...)."""
+        return sum(tree_cpu_seconds(pid) for pid in self.pids())
 
     def stop(self, keep: bool = False) -> None:
         """Stop it; remove its directory unless ``keep``."""

@@ -71,7 +71,8 @@ class PostfixInstance:
 
     def __init__(self, main: Optional[dict[str, str]] = None,
                  smtpd_options: Optional[dict[str, str]] = None,
-                 hostname: str = "postfix.test") -> None:
+                 hostname: str = "postfix.test",
+                 extra_smtpd: Optional[list[dict[str, str]]] = None) -> None:
         require_postfix()
         # Postfix's daemons open their files as the postfix user: every directory above
         # them must be searchable by it (pytest's tmp_path is not), so the instance lives in
@@ -86,6 +87,9 @@ class PostfixInstance:
         self.hostname = hostname
         self.main = dict(main or {})
         self.smtpd_options = dict(smtpd_options or {})
+        #: More smtpd listeners, each with its own -o options (e.g. wrapper mode TLS).
+        self.extra_smtpd = [dict(o) for o in extra_smtpd or []]
+        self.extra_ports = [free_port() for _ in self.extra_smtpd]
         self.proc: Optional[subprocess.Popen] = None
         self._out: Optional[object] = None
 
@@ -118,8 +122,12 @@ class PostfixInstance:
         return "".join(f"{key} = {value}\n" for key, value in settings.items())
 
     def _master_cf(self) -> str:
-        options = "".join(f"\n  -o {key}={value}" for key, value in self.smtpd_options.items())
-        return (f"127.0.0.1:{self.port} inet n - n - - smtpd{options}\n" + _MASTER)
+        lines = []
+        for port, opts in [(self.port, self.smtpd_options)] + list(zip(self.extra_ports,
+                                                                       self.extra_smtpd)):
+            options = "".join(f"\n  -o {key}={value}" for key, value in opts.items())
+            lines.append(f"127.0.0.1:{port} inet n - n - - smtpd{options}\n")
+        return "".join(lines) + _MASTER
 
     def start(self, timeout: float = 30.0) -> "PostfixInstance":
         """Write the configuration, start the master in the foreground, wait for smtpd."""
