@@ -66,11 +66,12 @@ class Job:
     """One item's attempt over SMTP: envelope, data, and a Deferred of per-recipient outcomes."""
 
     def __init__(self, item_id: str, mail_from: str, recipients: list[str], message: bytes,
-                 correlation_id: str = "") -> None:
+                 correlation_id: str = "", normalised: bool = False) -> None:
         self.item_id = item_id
         self.mail_from = mail_from
         self.recipients = recipients
-        self.data = wire_data(message)
+        # ``normalised``: the caller brought it to CRLF lines of at most 998 octets already
+        self.data = dot_stuff(message) if normalised else wire_data(message)
         self.correlation_id = correlation_id
         self.deferred: defer.Deferred = defer.Deferred()
         self.host = ""

@@ -449,7 +449,10 @@ class MultiModeDeliverySystem(Service):
         if worker is None:
             worker = self.workers[transport] = DestinationWorker(
                 transport, self.reactor, self.delivery.connection_cache_time)
-        job = Job(item.id, item.mail_from, recipients, data, item.correlation_id)
+        # Payload.prepared normalised it; a DKIM signature was added after that, so a signed
+        # message is checked again
+        job = Job(item.id, item.mail_from, recipients, data, item.correlation_id,
+                  normalised=item.dkim is None)
         worker.add(job)  # a parked connection takes it at once
         self._ensure_connections(worker)
         results: dict[str, Outcome] = await job.deferred
