@@ -14,7 +14,9 @@ Each round starts a fresh ``smtp-sink`` and a fresh server, then runs ``smtp-sou
 Postfix's load generator) with ``--messages`` messages of ``--size`` bytes over ``--sessions``
 sessions (a new connection per message, as smtp-source does without ``-d``). Reported per
 round: **accepted** msg/s (until smtp-source exits: every message got its 250), **relayed** msg/s
-(until the sink has counted every message) and the server's CPU time (all its processes).
+(until the sink has counted every message), the server's CPU time (all its processes, also
+those that ended) and how many sessions the sink saw end (cached ones still open are not
+counted).
 Targets alternate round by round; the summary gives medians and the ratio dcrouter/Postfix.
 
 Usage::
@@ -205,7 +207,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                   f"({r['accepted_s']:5.1f} s)  relayed {r['relayed_rate']:6.0f} msg/s "
                   f"({r['relayed_s']:5.1f} s)  server CPU {r['cpu_total_s']:5.1f} s "
                   f"({1000 * r['cpu_total_s'] / args.messages:.2f} ms/msg)  "
-                  f"sink sessions {r['sink_sessions']}{note}", flush=True)
+                  f"sink sessions ended {r['sink_sessions']}{note}", flush=True)
     print("\nmedians:")
     medians: dict[str, tuple[float, float]] = {}
     for name, rs in results.items():
