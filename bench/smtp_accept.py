@@ -87,6 +87,21 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU seconds of ``pid``, of its children it has reaped (cutime + cstime: Postfix's
+    master reaps smtpd processes that ended after max_use connections) and of its live
+    descendants."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rpartition(")")[2].split()
+    total = sum(int(v) for v in fields[11:15]) / os.sysconf("SC_CLK_TCK")
+    for child in _children(pid):
+        try:
+            total += tree_cpu_seconds(child)
+        except (OSError, ValueError, IndexError):
+            continue
+    return total
+
+
 def cpu_seconds(pid: int) -> float:
     """User + system CPU time of ``pid`` (all threads) and its live child processes
     (the workers of a ``router.workers`` > 1 dcrouter), in seconds."""

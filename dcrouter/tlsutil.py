@@ -3,7 +3,9 @@
 * :func:`ensure_self_signed` makes (once) a self-signed certificate under the
   state directory, for the embedded defaults and the proxy's fallback.
 * :func:`server_context_factory` builds a Twisted TLS context factory with a
-  minimum version and modern ciphers only.
+  minimum version and modern ciphers only, and optionally TLS session tickets
+  (resumption without server state; the key is random per context, so building a
+  new context is how a server rotates it).
 """
 
 from __future__ import annotations
@@ -116,9 +118,13 @@ def ensure_self_signed(state_dir: str, name: str, extra_names: Iterable[str] = (
 
 def load_certificate_options(cert_path: str, key_path: str, min_version: str = "TLSv1.2",
                              ciphers: str = "", ca_path: str = "",
-                             key_path_name: str = "tls") -> ssl.CertificateOptions:
+                             key_path_name: str = "tls", session_tickets: bool = False,
+                             session_timeout: float = 0.0) -> ssl.CertificateOptions:
     """A Twisted ``CertificateOptions`` for a server with the given PEM files.
 
+    ``session_tickets``: resumption by tickets (Twisted turns them off by default);
+    OpenSSL encrypts them with a random key of this context, so a new context is a new
+    ticket key. ``session_timeout``: seconds a session stays resumable.
     Raises ConfigError (naming ``key_path_name``) for unreadable or mismatched files.
     """
     try:
@@ -141,7 +147,11 @@ def load_certificate_options(cert_path: str, key_path: str, min_version: str = "
         extraCertChain=chain or None,
         raiseMinimumTo=lowest,
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers or MODERN_CIPHERS),
+        enableSessionTickets=session_tickets,
     )
+    if session_timeout:
+        # the context is built now (once): its lifetime and its random ticket key with it
+        options.getContext().set_timeout(int(session_timeout))
     return options
 
 
@@ -157,9 +167,13 @@ def _split_pem(data: bytes) -> list[bytes]:
 def server_context_factory(state_dir: str, hostname: str, cert_path: str = "", key_path: str = "",
                            min_version: str = "TLSv1.2", ciphers: str = "",
                            key_path_name: str = "tls",
-                           extra_names: Optional[Iterable[str]] = None) -> ssl.CertificateOptions:
+                           extra_names: Optional[Iterable[str]] = None,
+                           session_tickets: bool = False,
+                           session_timeout: float = 0.0) -> ssl.CertificateOptions:
     """Server TLS options from configured files, or the self-signed default."""
     if not cert_path:
         cert_path, key_path = ensure_self_signed(state_dir, hostname, extra_names or ())
     return load_certificate_options(cert_path, key_path, min_version, ciphers,
-                                    key_path_name=key_path_name)
+                                    key_path_name=key_path_name,
+                                    session_tickets=session_tickets,
+                                    session_timeout=session_timeout)

@@ -104,3 +104,25 @@ def test_reload_reopens_the_log_file_after_logrotate(tmp_path):
         assert "event 4" in log_path.read_text()
     finally:
         yield stop_router(router)
+
+
+def test_text_lines_match_twisteds_with_the_time_stamp_cached():
+    """The text observer writes exactly textFileLogObserver's lines; the time stamp is
+    worked out once a second, not per event."""
+    import io
+    import time as _time
+
+    from twisted.logger import LogLevel, formatEventAsClassicLogText
+
+    from dcrouter.logsetup import SecondTimeFormatter, text_observer
+
+    now = _time.time()
+    events = [dict(log_format="m {n}", n=n, log_time=now + n * 0.4, log_namespace="dcrouter.x",
+                   log_level=LogLevel.info) for n in range(6)]
+    out = io.StringIO()
+    observer = text_observer(out)
+    for event in events:
+        observer(event)
+    assert out.getvalue() == "".join(formatEventAsClassicLogText(e) for e in events)
+    stamp = SecondTimeFormatter()
+    assert stamp(None) == "-" and stamp(now) is stamp(int(now) + 0.99)

@@ -66,6 +66,15 @@ class EmailTlsOptions:
                               doc="Lowest TLS version accepted.", reload="rebind")
     ciphers: str = option("", doc="OpenSSL cipher string for TLS 1.2; empty: modern AEAD "
                           "ciphers with forward secrecy only.", reload="rebind")
+    session_tickets: bool = option(True, doc="Offer TLS session resumption with tickets "
+                                   "(RFC 5077, TLS 1.3 PSK tickets), as Postfix's smtpd does: "
+                                   "a client that comes back skips the full handshake.",
+                                   reload="rebind")
+    session_cache_timeout: float = option(
+        3600.0, check=check_positive, doc="Seconds a session (ticket) stays resumable, and how "
+        "often the ticket key is replaced by a new random one (Postfix "
+        "smtpd_tls_session_cache_timeout). Each worker process has its own key.",
+        reload="rebind")
 
     def validate(self, path: str) -> None:
         """cert_path and key_path come together."""
@@ -434,7 +443,14 @@ class EmailOptions:
                                    doc="Bytes; advertised in SIZE and enforced while streaming.")
     max_connections: int = option(1000, check=check_positive, doc="Concurrent SMTP sessions.")
     max_connections_per_ip: int = option(50, check=check_positive,
-                                         doc="Concurrent SMTP sessions per client IP.")
+                                         doc="Concurrent SMTP sessions per client IP "
+                                         "(Postfix smtpd_client_connection_count_limit); "
+                                         "clients in client_limit_exceptions are exempt.")
+    client_limit_exceptions: Optional[tuple[str, ...]] = option(
+        None, check=check_networks, doc="Clients exempt from max_connections_per_ip and "
+        "rate_limits.max_messages_per_minute_per_ip (Postfix's "
+        "smtpd_client_event_limit_exceptions); default: relay_networks; [] exempts nobody. "
+        "max_connections applies to every client.")
     connection_timeout: float = option(300.0, check=check_positive,
                                        doc="Seconds of client silence before 421 and close.")
     max_recipients: int = option(1000, check=check_positive,

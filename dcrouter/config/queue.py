@@ -86,10 +86,14 @@ class DeliveryOptions:
                                           doc="Resolvers for MX look-ups as 'ip:port'; "
                                           "empty: the system's.")
     mx_port: int = option(25, check=check_port, doc="Port used when delivering to MX hosts.")
-    concurrent_deliveries: int = option(20, check=check_positive,
-                                        doc="Deliveries in progress at once.")
-    per_destination_concurrency: int = option(5, check=check_positive,
-                                              doc="Deliveries in progress per destination.")
+    concurrent_deliveries: int = option(100, check=check_positive,
+                                        doc="Deliveries in progress at once (Postfix "
+                                        "default_process_limit: 100).")
+    per_destination_concurrency: int = option(20, check=check_positive,
+                                              doc="Connections to one destination at once "
+                                              "(Postfix default_destination_concurrency_limit:"
+                                              " 20); up to twice as many of its items are in "
+                                              "flight.")
     connect_timeout: float = option(30.0, check=check_positive, doc="Seconds to connect.")
     command_timeout: float = option(300.0, check=check_positive,
                                     doc="Seconds to wait for any reply.")
@@ -116,3 +120,11 @@ class DeliveryOptions:
                                       doc="Seconds of the per-domain sent/bounced window.")
     connection_reuse: int = option(100, check=check_non_negative,
                                    doc="Messages sent over one connection at most.")
+    connection_reuse_time: float = option(300.0, check=check_non_negative,
+                                          doc="Seconds after connecting during which a "
+                                          "connection takes new messages (Postfix "
+                                          "smtp_connection_reuse_time_limit); 0: no limit.")
+    connection_cache_time: float = option(2.0, check=check_non_negative,
+                                          doc="Seconds an idle connection waits for the next "
+                                          "message to its destination before QUIT (Postfix "
+                                          "smtp_connection_cache_time_limit); 0: QUIT at once.")

@@ -2,13 +2,24 @@
 
 :class:`DeliveryClient` subclasses ``twisted.mail.smtp.ESMTPClient`` (EHLO,
 STARTTLS - required or opportunistic -, AUTH) and adds what dcrouter needs:
-it pulls :class:`Job` objects from a :class:`JobSource` (connection reuse:
-after one message it sends RSET and takes the next), pipelines ``MAIL``/``RCPT``
-when the server offers PIPELINING (RFC 2920), passes ``SIZE=`` and refuses
-locally a message larger than the server's SIZE limit, passes the client's
-DSN parameters on when the server offers DSN (RFC 3461 5.2.1: ``RET`` and
-``ENVID`` as received, ``NOTIFY`` as received, ``ORCPT`` as received or made up
-from the address, as Postfix does), and reports a result for every recipient.
+it pulls :class:`Job` objects from a :class:`JobSource` (connection reuse: the
+next message follows the reply to the last one's end of data, no RSET between
+them; with nothing waiting the connection is parked in its source's connection
+cache, Postfix's ``smtp_connection_cache_on_demand``), pipelines ``MAIL``,
+``RCPT`` and ``DATA`` in one write when the server offers PIPELINING (RFC 2920),
+passes ``SIZE=`` and refuses locally a message larger than the server's SIZE
+limit, passes the client's DSN parameters on when the server offers DSN (RFC
+3461 5.2.1: ``RET`` and ``ENVID`` as received, ``NOTIFY`` as received,
+``ORCPT`` as received or made up from the address, as Postfix does), and reports
+a result for every recipient.
+
+On the wire it behaves as Postfix's client does: ``TCP_NODELAY`` is set and every
+group of commands, and a message's data with its terminating dot, leaves in one
+write - never a small segment behind an unacknowledged one, which Nagle would
+hold until the server's delayed ACK (40 ms on Linux). A job taken on a reused
+connection that is lost before the server answered anything is handed back to
+the source once (the server may have closed the idle connection just then), not
+deferred.
 
 Two defences of Postfix's SMTP client are built in: at STARTTLS every byte the
 server sent after its ``220`` in clear text is discarded (CVE-2011-0411 class:
@@ -24,6 +35,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import io
+import socket
+import time
 from typing import Any, Optional, Protocol
 
 from twisted.internet import defer, protocol
@@ -63,17 +76,21 @@ class Job:
     """One item's attempt over SMTP: envelope, data, and a Deferred of per-recipient outcomes."""
 
     def __init__(self, item_id: str, mail_from: str, recipients: list[str], message: bytes,
-                 correlation_id: str = "", dsn: Optional[EnvelopeDsn] = None) -> None:
+                 correlation_id: str = "", dsn: Optional[EnvelopeDsn] = None,
+                 normalised: bool = False) -> None:
         self.item_id = item_id
         self.mail_from = mail_from
         self.recipients = recipients
-        self.data = wire_data(message)
+        # ``normalised``: the caller brought it to CRLF lines of at most 998 octets already
+        self.data = dot_stuff(message) if normalised else wire_data(message)
         self.correlation_id = correlation_id
         self.dsn = dsn or EnvelopeDsn()
         self.dsn_passed = False  # sent to a server that offers DSN
         self.deferred: defer.Deferred = defer.Deferred()
         self.host = ""
         self.needs_smtputf8 = not (mail_from.isascii() and all(r.isascii() for r in recipients))
+        #: Handed back once already after a reused connection died before any reply.
+        self.handed_back = False
         # never a bare CR or LF on the wire, in the envelope either (RFC 5321 2.3.8)
         self.bad_envelope = any(_control(a) for a in [mail_from, *recipients])
 
@@ -116,6 +133,17 @@ class JobSource(Protocol):
     def take(self) -> Optional[Job]:
         """The next job, or None when there is nothing (more) to send."""
 
+    def park(self, client: "DeliveryClient") -> bool:
+        """Nothing to send now: keep ``client`` idle for the next job (True), or not (False:
+        the client quits). A parked client is resumed with :meth:`DeliveryClient.resume`
+        or told to quit with :meth:`DeliveryClient.quit`."""
+
+    def unpark(self, client: "DeliveryClient") -> None:
+        """``client`` is no longer idle (its connection is gone)."""
+
+    def give_back(self, job: Job) -> None:
+        """Put ``job`` first in line again (its connection died before sending it)."""
+
 
 @dataclasses.dataclass
 class ClientSettings:
@@ -129,6 +157,9 @@ class ClientSettings:
     auth_password: str = dataclasses.field(default="", repr=False)
     reuse_limit: int = 100
     host: str = ""
+    #: Seconds from connect after which a connection takes no new message
+    #: (Postfix smtp_connection_reuse_time_limit); 0: no limit.
+    reuse_time: float = 300.0
 
 
 def quote_address(address: str) -> bytes:
@@ -178,6 +209,32 @@ class DeliveryClient(smtp.ESMTPClient):
         self.done: defer.Deferred = defer.Deferred()
         self._pipeline: list[str] = []
         self._mail_reply: Optional[tuple[int, bytes]] = None
+        #: The current message's data went out: the next reply ends the transaction.
+        self._data_sent = False
+        #: The server answered something since the current job's first command.
+        self._answered = False
+        self.parked = False
+        self._ignoring = False
+        self.connected_at = 0.0
+
+    # -- the connection -------------------------------------------------------------
+    def connectionMade(self) -> None:
+        """TCP_NODELAY (we write whole command groups and whole messages), then greet."""
+        set_no_delay(self.transport)
+        self.connected_at = time.monotonic()
+        super().connectionMade()
+
+    def lineReceived(self, line: bytes) -> Any:
+        """Note that the current job got an answer; an unsolicited reply while parked
+        (a 421 before an idle close) ends the connection."""
+        if self._ignoring:
+            return None
+        if self.parked:
+            self._parked_reply(line)
+            return None
+        if self.current is not None and line[3:4] != b"-":
+            self._answered = True
+        return super().lineReceived(line)
 
     # -- capabilities -------------------------------------------------------------
     def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
@@ -227,6 +284,9 @@ class DeliveryClient(smtp.ESMTPClient):
 
     # -- one message after the other ---------------------------------------------------
     def _next_job(self) -> Optional[Job]:
+        if self.pulled and self.settings.reuse_time and \
+                time.monotonic() - self.connected_at > self.settings.reuse_time:
+            return None
         while self.pulled < max(1, self.settings.reuse_limit):
             job = self.source.take()
             if job is None:
@@ -255,8 +315,10 @@ class DeliveryClient(smtp.ESMTPClient):
         job = self._next_job()
         if job is None:
             self._from = None
-            self._disconnectFromServer()
+            if not self._park():
+                self._disconnectFromServer()
             return
+        self._answered = self._data_sent = False
         self.current = job
         self._from = job.mail_from
         mail = b"MAIL FROM:" + quote_address(job.mail_from)
@@ -277,7 +339,7 @@ class DeliveryClient(smtp.ESMTPClient):
             self._pipeline = list(job.recipients)
             self._mail_reply = None
             lines = [mail] + [job.rcpt_line(r) for r in job.recipients]
-            self.transport.write(b"\r\n".join(lines) + b"\r\n")
+            self._send_group(lines)
             self._expected = range(0, 1000)
             self._okresponse = self._pipelined_reply
         else:
@@ -285,27 +347,109 @@ class DeliveryClient(smtp.ESMTPClient):
             self._expected = [250]
             self._okresponse = self.smtpState_to
 
+    def _send_group(self, lines: list[bytes]) -> None:
+        """MAIL and RCPT commands, and DATA last (RFC 2920 3.1), in one write."""
+        self.transport.write(b"\r\n".join(lines) + b"\r\nDATA\r\n")
+
     def _pipelined_reply(self, code: int, resp: bytes) -> Any:
         if self._mail_reply is None:
             self._mail_reply = (code, resp)
             return None
-        address = self._pipeline.pop(0)
         mail_code, mail_resp = self._mail_reply
-        if mail_code != 250:
-            self.toAddressesResult.append((address, mail_code, mail_resp))
-        else:
-            self.toAddressesResult.append((address, code, resp))
-            if 200 <= code < 300:
-                self.successAddresses.append(address)
         if self._pipeline:
+            address = self._pipeline.pop(0)
+            if mail_code != 250:
+                self.toAddressesResult.append((address, mail_code, mail_resp))
+            else:
+                self.toAddressesResult.append((address, code, resp))
+                if 200 <= code < 300:
+                    self.successAddresses.append(address)
+            return None
+        # the reply to DATA
+        if code == 354 and self.successAddresses:
+            return self.smtpState_data(code, resp)
+        refused = mail_code if mail_code != 250 else -1
+        if code == 354:
+            # no recipient, yet the server wants data: end an empty message at once; the
+            # transaction ends with the reply to the dot
+            self.transport.write(b".\r\n")
+            self._data_sent = True
+            self._expected = range(0, 1000)
+            self._okresponse = lambda c, r: self.smtpState_msgSent(refused,
+                                                                   b"No recipients accepted")
             return None
         if self.successAddresses:
-            self.sendLine(b"DATA")
-            self._expected = [354]
-            self._okresponse = self.smtpState_data
-            return None
-        return self.smtpState_msgSent(mail_code if mail_code != 250 else -1,
-                                      b"No recipients accepted")
+            return self.smtpState_msgSent(code, resp)  # DATA refused: so is the message
+        return self.smtpState_msgSent(refused, b"No recipients accepted")
+
+    def smtpState_data(self, code: int, resp: bytes) -> None:
+        """354: the whole prepared message and its terminating dot in one write."""
+        assert self.current is not None
+        self.resetTimeout()
+        self.transport.writeSequence([self.current.data, b".\r\n"])
+        self._data_sent = True
+        self._expected = range(200, 300)
+        self._okresponse = self.smtpState_msgSent
+        self._failresponse = self.smtpTransferFailed
+
+    def smtpState_msgSent(self, code: int, resp: bytes) -> Any:
+        """Report the message; after the reply to its end of data the next one may start
+        at once (RFC 5321 4.1.1.4), after an aborted transaction RSET comes first."""
+        if self._from is not None:
+            self.sentMail(code, resp, len(self.successAddresses), self.toAddressesResult,
+                          self.log)
+        self.toAddressesResult = []
+        self._from = None
+        completed, self._data_sent = self._data_sent, False
+        if completed:
+            return self.smtpState_from(code, resp)
+        self.sendLine(b"RSET")
+        self._expected = [250]
+        self._okresponse = self.smtpState_from
+        self._failresponse = self._rset_refused
+        return None
+
+    def _rset_refused(self, code: int, resp: bytes) -> None:
+        self.error, self.error_code = f"RSET refused: {code} {_text(resp)}", code
+        self._disconnectFromServer()
+
+    # -- the connection cache -------------------------------------------------------------
+    def _park(self) -> bool:
+        """Nothing to send: wait in the source's cache (no timeout of ours meanwhile)."""
+        if self.pulled >= max(1, self.settings.reuse_limit) or (
+                self.settings.reuse_time and
+                time.monotonic() - self.connected_at > self.settings.reuse_time):
+            return False
+        if not self.source.park(self):
+            return False
+        self.parked = True
+        self.setTimeout(None)
+        return True
+
+    def resume(self) -> None:
+        """A job is waiting (called by the source of a parked client): send it."""
+        if not self.parked:
+            return
+        self.parked = False
+        self.setTimeout(self.timeout)
+        self.counters["connection_cache_hits"] += 1
+        self.smtpState_from(0, b"")
+
+    def quit(self) -> None:
+        """Leave the cache: QUIT and close."""
+        if not self.parked:
+            return
+        self.parked = False
+        self.setTimeout(self.timeout)
+        self._disconnectFromServer()
+
+    def _parked_reply(self, line: bytes) -> None:
+        self.source.unpark(self)
+        self.parked = False
+        self._ignoring = True
+        log.info("{host} said {reply!r} on an idle connection: closed", host=self.settings.host,
+                 reply=line[:100].decode("utf-8", "replace"))
+        self.transport.loseConnection()
 
     def smtpState_toOrData(self, code: int, resp: bytes) -> Any:
         """One RCPT after the other (no PIPELINING), then DATA; addresses may be UTF-8."""
@@ -384,18 +528,43 @@ class DeliveryClient(smtp.ESMTPClient):
         self.transport.abortConnection()
 
     def connectionLost(self, reason: Failure = smtp.protocol.connectionDone) -> None:
-        """Whatever was in progress is deferred; tell the owner the session is over."""
+        """Whatever was in progress is deferred - or handed back once, when a reused
+        connection died before any reply to it; tell the owner the session is over."""
         super().connectionLost(reason)
+        if self.parked:
+            self.parked = False
+            self.source.unpark(self)
         if self.current is not None:
             job, self.current = self.current, None
-            job.fail_all(-1, f"connection to {self.settings.host} lost: "
-                         f"{reason.getErrorMessage()}", permanent=False)
+            if self.sent and not self._answered and not job.handed_back:
+                job.handed_back = True
+                self.pulled -= 1
+                self.counters["jobs_handed_back"] += 1
+                self.source.give_back(job)
+            else:
+                job.fail_all(-1, f"connection to {self.settings.host} lost: "
+                             f"{reason.getErrorMessage()}", permanent=False)
         if self.error is None and self.pulled == 0 and self._okresponse != \
                 self.smtpState_disconnect:
             self.error, self.error_code = (f"connection to {self.settings.host} closed: "
                                            f"{reason.getErrorMessage()}"), -1
         if not self.done.called:
             self.done.callback(self)
+
+
+def set_no_delay(transport: Any) -> None:
+    """TCP_NODELAY on the socket under ``transport`` (plain or TLS), when it is TCP."""
+    for _ in range(3):
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket):
+            try:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:
+                pass
+            return
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return
 
 
 class OneConnection(protocol.Factory):

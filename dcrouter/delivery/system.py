@@ -13,10 +13,13 @@ retries exhausted), which for hard bounces suppresses the recipient.  The RFC
 3464 reports that follow (failure, delay, success as NOTIFY asked) are decided
 and queued by :mod:`dcrouter.delivery.notices`.
 
-SMTP deliveries go through one :class:`DestinationWorker` per transport: its
-jobs wait in a deque and at most ``per_destination_concurrency`` connections
-take jobs from it, each sending up to ``connection_reuse`` messages before
-QUIT.  ``concurrent_deliveries`` caps the items in flight overall.
+SMTP deliveries go through one :class:`DestinationWorker` per transport
+(:mod:`dcrouter.delivery.destinations`): its jobs wait in a deque and at most
+``per_destination_concurrency`` connections (Postfix: 20) take jobs from it,
+each sending up to ``connection_reuse`` messages within
+``connection_reuse_time`` seconds; a connection with nothing to send waits
+``connection_cache_time`` seconds in the worker's cache for the next job.
+``concurrent_deliveries`` caps the items in flight overall.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from twisted.internet import defer, endpoints, ssl, task, threads
 from dcrouter.config.email import EmailOptions
 from dcrouter.delivery import dkimsign, maildir
 from dcrouter.delivery.classify import classify
+from dcrouter.delivery.destinations import DestinationWorker
 from dcrouter.delivery.lines import normalise
 from dcrouter.delivery.mx import MxResolver, make_resolver
 from dcrouter.delivery.notices import Notices, envelope_dsn
@@ -51,19 +55,16 @@ log = get_logger("email.delivery")
 SUPPRESSION_SYNC_INTERVAL = 5.0
 
 
-class DestinationWorker:
-    """Jobs waiting for one transport and the connections serving them."""
+def _observed(d: defer.Deferred) -> defer.Deferred:
+    """A Deferred that fires (with None) when ``d`` does; cancelling it leaves ``d`` alone."""
+    out: defer.Deferred = defer.Deferred()
 
-    def __init__(self, transport: Transport) -> None:
-        self.key = transport
-        self.transport = transport
-        self.destination = transport.destination
-        self.jobs: collections.deque[Job] = collections.deque()
-        self.connections = 0
-
-    def take(self) -> Optional[Job]:
-        """The next waiting job (JobSource)."""
-        return self.jobs.popleft() if self.jobs else None
+    def fire(result: Any) -> Any:
+        if not out.called:
+            out.callback(None)
+        return result
+    d.addBoth(fire)
+    return out
 
 
 def _error_outcome(error: Exception) -> tuple[int, str, bool]:
@@ -109,6 +110,7 @@ class MultiModeDeliverySystem(Service):
         self.notices = Notices(self)
         self._pumping = False
         self._pump_again = False
+        self._wake_pending = False
         self._loop: Optional[task.LoopingCall] = None
         self._sync_loop: Optional[task.LoopingCall] = None
         self._drain_waiters: list[defer.Deferred] = []
@@ -141,9 +143,14 @@ class MultiModeDeliverySystem(Service):
         for loop in (self._loop, self._sync_loop):
             if loop is not None and loop.running:
                 loop.stop()
-        if not self.in_flight:
+        # idle cached connections QUIT now; wait (a little) for them and for deliveries
+        waits = [_observed(client.done) for worker in list(self.workers.values())
+                 for client in worker.close_idle()]
+        if self.in_flight:
+            waits.append(self.drain())
+        if not waits:
             return None
-        d = self.drain()
+        d = defer.DeferredList(waits, consumeErrors=True)
         timeout = self.reactor.callLater(5.0, d.cancel)
         d.addErrback(lambda f: None)
         d.addBoth(lambda _: timeout.cancel() if timeout.active() else None)
@@ -196,9 +203,15 @@ class MultiModeDeliverySystem(Service):
 
     # -- scheduling -------------------------------------------------------------------
     def wake(self) -> None:
-        """Items may be due: look soon (not re-entrantly)."""
-        if self.running:
-            self.reactor.callLater(0, self._pump)
+        """Items may be due: look soon (not re-entrantly; many wakes in one reactor turn -
+        an enqueue batch, deliveries finishing together - make one look)."""
+        if self.running and not self._wake_pending:
+            self._wake_pending = True
+            self.reactor.callLater(0, self._woken)
+
+    def _woken(self) -> None:
+        self._wake_pending = False
+        self._pump()
 
     def _accept(self, item: QueueItem) -> bool:
         return self.dest_in_flight[item.destination] < self.delivery.per_destination_concurrency * 2
@@ -394,10 +407,13 @@ class MultiModeDeliverySystem(Service):
             raise PermanentDeliveryError(f"554 5.3.5 unknown transport {transport.kind!r}")
         worker = self.workers.get(transport)
         if worker is None:
-            worker = self.workers[transport] = DestinationWorker(transport)
+            worker = self.workers[transport] = DestinationWorker(
+                transport, self.reactor, self.delivery.connection_cache_time)
+        # Payload.prepared normalised it; a DKIM signature was added after that, so a signed
+        # message is checked again
         job = Job(item.id, item.mail_from, recipients, data, item.correlation_id,
-                  envelope_dsn(item))
-        worker.jobs.append(job)
+                  envelope_dsn(item), normalised=item.dkim is None)
+        worker.add(job)  # a parked connection takes it at once
         self._ensure_connections(worker)
         results: dict[str, Outcome] = await job.deferred
         return results
@@ -450,7 +466,8 @@ class MultiModeDeliverySystem(Service):
                               require_tls=transport.require_tls,
                               auth_user=credentials.user if credentials else "",
                               auth_password=credentials.password if credentials else "",
-                              reuse_limit=max(1, self.delivery.connection_reuse), host=host)
+                              reuse_limit=max(1, self.delivery.connection_reuse), host=host,
+                              reuse_time=self.delivery.connection_reuse_time)
 
     @staticmethod
     def _trust_root(ca_path: str) -> Any:

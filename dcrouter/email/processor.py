@@ -53,7 +53,7 @@ from dcrouter.config.email import (
 )
 from dcrouter.delivery.transport import transport_for_rule
 from dcrouter.email.authcheck import InboundAuthChecker
-from dcrouter.email.ratelimit import make_rate_limiter
+from dcrouter.email.ratelimit import make_rate_limiter, per_ip_exempt
 from dcrouter.email.recipients import RecipientPolicy, is_postmaster
 from dcrouter.email.routing import ANY_DOMAIN, DomainRouter, pattern_rank, split_address
 from dcrouter.email.scanning import (
@@ -248,7 +248,8 @@ class MultiModeProcessor:
         rl = self.options.rate_limits
         if rl.max_messages_per_minute:
             limits.append(("global", rl.max_messages_per_minute))
-        if rl.max_messages_per_minute_per_ip and session.client_ip:
+        if rl.max_messages_per_minute_per_ip and session.client_ip and \
+                not per_ip_exempt(self.options, session.client_ip):
             limits.append((f"ip:{session.client_ip}", rl.max_messages_per_minute_per_ip))
         if rl.max_messages_per_minute_per_user and session.auth_user:
             limits.append((f"user:{session.auth_user}", rl.max_messages_per_minute_per_user))

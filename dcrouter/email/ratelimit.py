@@ -4,7 +4,10 @@ A limit of N messages a minute is a bucket holding at most N tokens,
 refilled at N/60 tokens a second.  One message takes one token from each
 bucket that applies to it - global, per client IP, per authenticated user,
 and per matched rule - all or nothing: when any bucket is empty nothing is
-taken and the caller answers ``451 4.7.1`` (the sender retries later).
+taken and the caller answers ``451 4.7.1`` (the sender retries later).  The
+per-IP bucket does not apply to clients in ``email.client_limit_exceptions``
+(default ``relay_networks``; :func:`per_ip_exempt`), as Postfix exempts
+``mynetworks`` from its client rate limits.
 
 :class:`LocalRateLimiter` keeps buckets in memory (bounded: idle buckets are
 dropped).  :class:`RedisRateLimiter` keeps them in Redis, updated by one Lua
@@ -16,11 +19,13 @@ silently pass mail.
 from __future__ import annotations
 
 import collections
+import functools
 import time
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
 
+from dcrouter.email.limits import LimitExceptions
 from dcrouter.logsetup import get_logger
 from dcrouter.redisaddr import RedisAddress
 
@@ -218,6 +223,21 @@ class RedisRateLimiter:
         return defer.maybeDeferred(connection.disconnect)
 
 
+@functools.lru_cache(maxsize=8)
+def _exceptions(networks: tuple[str, ...]) -> LimitExceptions:
+    return LimitExceptions(networks)
+
+
+def per_ip_exempt(email: Any, ip: str) -> bool:
+    """Is ``ip`` exempt from the per-IP message rate limit? It is inside
+    ``email.client_limit_exceptions`` (default ``relay_networks``: Postfix exempts
+    ``mynetworks`` from its client rate limits)."""
+    networks = email.client_limit_exceptions
+    if networks is None:
+        networks = email.relay_networks
+    return _exceptions(tuple(networks)).covers(ip)
+
+
 def make_rate_limiter(email: Any, reactor: Any = None) -> Any:
     """Redis-backed when ``email.queue.storage_type == "redis"``, else in memory."""
     if email.queue.storage_type == "redis":
@@ -226,4 +246,5 @@ def make_rate_limiter(email: Any, reactor: Any = None) -> Any:
     return LocalRateLimiter()
 
 
-__all__ = ["Limit", "LocalRateLimiter", "RedisRateLimiter", "TokenBucket", "make_rate_limiter"]
+__all__ = ["Limit", "LocalRateLimiter", "RedisRateLimiter", "TokenBucket", "make_rate_limiter",
+           "per_ip_exempt"]

@@ -4,8 +4,10 @@ One listener per ``email.ports`` entry (implicit TLS on ``implicit_tls_ports``,
 STARTTLS elsewhere, AUTH required on ``submission_ports``).  Each connection
 is an :class:`dcrouter.email.session.SmtpSession`; this service owns what the
 sessions share: options, the message handler (the processor), the AUTH portal
-and failure limiter, connection caps, the TLS context, statistics, event
-observers, and graceful shutdown (:meth:`stop_accepting`, :meth:`drain`).
+and failure limiter, connection caps (:mod:`dcrouter.email.limits`), the TLS
+context (session tickets on, their key replaced every
+``tls.session_cache_timeout`` seconds), statistics, event observers, and
+graceful shutdown (:meth:`stop_accepting`, :meth:`drain`).
 """
 
 from __future__ import annotations
@@ -13,11 +15,12 @@ from __future__ import annotations
 import collections
 import dataclasses
 import ipaddress
+import socket
 from typing import Any, Optional
 
 from OpenSSL import SSL
 from twisted.application.service import Service
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IOpenSSLServerConnectionCreator
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -26,7 +29,7 @@ from zope.interface import implementer
 from dcrouter.config.email import EmailOptions
 from dcrouter.email.auth import AuthFailureLimiter, build_portal
 from dcrouter.email.clientcert import ClientCertPolicy
-from dcrouter.email.limits import ConnectionTracker
+from dcrouter.email.limits import ConnectionTracker, LimitExceptions
 from dcrouter.email.session import SmtpSession
 from dcrouter.email.sessioncore import SessionCore
 from dcrouter.email.spool import SpoolFiles, clean_spool, spool_dir
@@ -49,6 +52,47 @@ def _inside(ip: str, networks: list[Any]) -> bool:
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
         address = address.ipv4_mapped
     return any(address in network for network in networks)
+
+
+def _socket_of(transport: Any) -> Optional[socket.socket]:
+    """The TCP socket under ``transport`` (plain, or below a TLS wrapper), if there is one."""
+    for _ in range(3):
+        sock = getattr(transport, "socket", None)
+        if isinstance(sock, socket.socket):
+            return sock
+        transport = getattr(transport, "transport", None)
+        if transport is None:
+            return None
+    return None
+
+
+def _no_delay(transport: Any) -> None:
+    """TCP_NODELAY: the session writes whole replies (pipelined ones in one write), so Nagle
+    would only hold a reply back behind an unacknowledged one (a TLS ticket, a greeting)
+    until the client's delayed ACK - up to 40 ms on Linux."""
+    sock = _socket_of(transport)
+    if sock is None:
+        return
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    except OSError:
+        pass  # not TCP (a UNIX socket in a test), or already gone
+
+
+def _finished(session: SessionCore) -> bool:
+    """Is ``session`` over though its connection is not gone yet? We closed it, or the
+    client did (end of stream, or a reset, before anything unread)."""
+    if session.closed:
+        return True
+    sock = _socket_of(session.transport)
+    if sock is None:
+        return False
+    try:
+        return sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+    except (BlockingIOError, InterruptedError):
+        return False
+    except OSError:
+        return True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -125,11 +169,15 @@ class UnifiedEmailServer(Service):
         self.spool_dir = spool_dir(context.state_dir)
         self.spool_files = SpoolFiles(self.spool_dir, self.reactor)
         self._tls: Any = None
+        self._rotation: Optional[task.LoopingCall] = None
         self.client_certs: Optional[ClientCertPolicy] = None
         self.tls_available = True
         self.options = options
         self.connections = ConnectionTracker(options.max_connections,
                                              options.max_connections_per_ip)
+        self.connections.reclaim = self._reclaim
+        #: Open sessions by client address (for reclaiming finished ones at a cap).
+        self._by_ip: dict[str, set[SessionCore]] = {}
         self.auth_limiter = AuthFailureLimiter(options.auth.max_failures_per_minute)
         self._apply(options)
         self.listeners = ListenerSet(self.reactor, self._factory_for, self._context_for)
@@ -140,17 +188,11 @@ class UnifiedEmailServer(Service):
     def _apply(self, options: EmailOptions) -> None:
         """Take new options: portal, limits, networks, TLS context (validated before use)."""
         portal = build_portal(options.auth, self.context.extensions.auth_checkers)
-        tls = options.tls
         # the files to present come from the certificate manager, which holds a new key
         # back until its TLSA record has been published long enough (dcrouter.smtpcerts)
         cert_path, key_path = self.context.smtp_certs.configure(
-            options.hostname, tls.cert_path, tls.key_path)
-        context = server_context_factory(self.context.state_dir, options.hostname,
-                                         cert_path, key_path, tls.min_version,
-                                         tls.ciphers, key_path_name="email.tls")
-        client_certs = ClientCertPolicy(tls.ca_path) if tls.ca_path else None
-        if client_certs is not None:
-            client_certs.apply(context)
+            options.hostname, options.tls.cert_path, options.tls.key_path)
+        context, client_certs = self._build_tls(options, cert_path, key_path)
         self.options = options
         self.portal = portal
         self._tls = context
@@ -159,9 +201,50 @@ class UnifiedEmailServer(Service):
         exclusions = options.bare_newline_exclusions
         self._bare_exclusions = self._networks if exclusions is None else [
             ipaddress.ip_network(n, strict=False) for n in exclusions]
-        self.connections.max_total = options.max_connections
-        self.connections.max_per_ip = options.max_connections_per_ip
+        exceptions = options.client_limit_exceptions
+        self.limit_exceptions = LimitExceptions(
+            options.relay_networks if exceptions is None else exceptions)
+        self.connections.reconfigure(options.max_connections, options.max_connections_per_ip,
+                                     self.limit_exceptions)
         self.auth_limiter.per_minute = options.auth.max_failures_per_minute
+
+    def _build_tls(self, options: EmailOptions, cert_path: str, key_path: str
+                   ) -> tuple[Any, Optional[ClientCertPolicy]]:
+        tls = options.tls
+        context = server_context_factory(self.context.state_dir, options.hostname,
+                                         cert_path, key_path, tls.min_version,
+                                         tls.ciphers, key_path_name="email.tls",
+                                         session_tickets=tls.session_tickets,
+                                         session_timeout=tls.session_cache_timeout)
+        client_certs = ClientCertPolicy(tls.ca_path) if tls.ca_path else None
+        if client_certs is not None:
+            client_certs.apply(context)
+        return context, client_certs
+
+    def rotate_ticket_key(self) -> bool:
+        """A new TLS context, so a new random session ticket key (every
+        ``tls.session_cache_timeout`` seconds): tickets issued before no longer resume
+        (those clients do one full handshake). False, logged, when the certificate files
+        cannot be loaded now (the current context stays)."""
+        try:
+            context, client_certs = self._build_tls(self.options,
+                                                    *self.context.smtp_certs.serving_paths())
+        except Exception as e:  # a certificate being replaced: try at the next rotation
+            log.warn("TLS session ticket key not rotated: {error}", error=str(e))
+            return False
+        self._tls, self.client_certs = context, client_certs
+        log.debug("TLS session ticket key rotated")
+        return True
+
+    def _schedule_rotation(self) -> None:
+        if self._rotation is not None and self._rotation.running:
+            self._rotation.stop()
+        self._rotation = None
+        tls = self.options.tls
+        if self.running and tls.session_tickets:
+            self._rotation = task.LoopingCall(self.rotate_ticket_key)
+            self._rotation.clock = self.reactor
+            self._rotation.start(tls.session_cache_timeout, now=False)
 
     def _specs(self) -> list[ListenSpec]:
         implicit = self.options.effective_implicit_tls_ports
@@ -209,11 +292,13 @@ class UnifiedEmailServer(Service):
         self.spool_files = SpoolFiles(self.spool_dir, self.reactor)
         self.listeners.start(self._specs())
         super().startService()
+        self._schedule_rotation()
         log.info("SMTP listening on {addresses}", addresses=self.bound_addresses())
 
     def stopService(self) -> Any:
         """Close listeners and every remaining session (421 4.3.2)."""
         super().stopService()
+        self._schedule_rotation()
         self.spool_files.close()
         d = self.listeners.stop()
         for session in list(self.sessions):
@@ -229,6 +314,7 @@ class UnifiedEmailServer(Service):
         old_specs = self._specs()
         old_submission = self.options.effective_submission_ports
         self._apply(options)
+        self._schedule_rotation()
         if old_submission != options.effective_submission_ports:
             # The submission flag lives in the factory: re-bind the affected listeners.
             changed = set(old_submission) ^ set(options.effective_submission_ports)
@@ -264,8 +350,11 @@ class UnifiedEmailServer(Service):
     # -- sessions --------------------------------------------------------------------------
 
     def session_opened(self, session: SessionCore) -> None:
-        """A session passed the connection caps."""
+        """A session passed the connection caps: it holds the slot admitted last."""
+        self.connections.bind(session, session.info.client_ip)
         self.sessions.add(session)
+        self._by_ip.setdefault(session.info.client_ip, set()).add(session)
+        _no_delay(session.transport)
         self.stats.connections_total += 1
         log.info("connection from {client_ip}:{client_port} on port {local_port}",
                  client_ip=session.info.client_ip, client_port=session.info.client_port,
@@ -276,11 +365,34 @@ class UnifiedEmailServer(Service):
     def session_closed(self, session: SessionCore, reason: Failure) -> None:
         """A counted session ended."""
         self.sessions.discard(session)
-        self.connections.release(session.info.client_ip)
+        self._unindex(session)
+        self.connections.release(session)
         log.info("disconnect from {client_ip}", client_ip=session.info.client_ip,
                  correlation_id=session.info.correlation_id)
         self.emit("connection_lost", session.info, reason)
         self._check_drained()
+
+    def _unindex(self, session: SessionCore) -> None:
+        same = self._by_ip.get(session.info.client_ip)
+        if same is not None:
+            same.discard(session)
+            if not same:
+                del self._by_ip[session.info.client_ip]
+
+    def _reclaim(self, ip: Optional[str]) -> int:
+        """At a cap: release the slots of sessions (of ``ip``, or all) that are over already -
+        closed by us (QUIT answered, limit, shutdown) or by a client whose end of stream
+        waits unread - so a client's finished sessions are never counted against its next."""
+        candidates = self.sessions if ip is None else self._by_ip.get(ip, ())
+        freed = 0
+        for session in list(candidates):
+            if self.connections.holds(session) and _finished(session):
+                self.connections.release(session)
+                freed += 1
+        if freed:
+            log.debug("{count} finished sessions of {client_ip} released at the connection cap",
+                      count=freed, client_ip=ip or "any address")
+        return freed
 
     def transaction_finished(self, session: SessionCore) -> None:
         """A transaction ended (reply sent); while draining, close the now idle session."""

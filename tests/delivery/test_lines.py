@@ -124,3 +124,37 @@ async def test_the_dkim_signature_covers_the_bytes_sent(tmp_path):
     finally:
         await stack.stop()
         peer.stop()
+
+
+def _reference(message: bytes, limit: int) -> bytes:
+    """normalise spelled out the slow, obvious way: every CR*LF or lone CR ends a line;
+    each line over ``limit`` is cut after ``limit`` octets, continuations start with a space
+    and hold at most ``limit - 1`` more."""
+    import re
+    lines = re.split(rb"\r*\n|\r", message)
+    if lines and lines[-1] == b"":
+        lines.pop()
+    out = []
+    for line in lines:
+        if limit > 1 and len(line) > limit:
+            out.append(line[:limit])
+            rest = line[limit:]
+            while rest:
+                out.append(b" " + rest[:limit - 1])
+                rest = rest[limit - 1:]
+        else:
+            out.append(line)
+    return b"".join(line + b"\r\n" for line in out)
+
+
+def test_normalise_matches_the_obvious_implementation():
+    """The fast checks (counts of CR/LF/CRLF, a line-end-anchored search) decide exactly as
+    the line-by-line definition does, for random mixes of line ends and line lengths."""
+    import random
+    rnd = random.Random(14)
+    pieces = [b"a", b"\r", b"\n", b"\r\n", b"\r\r\n", b".", b"x" * 9, b"y" * 10, b"z" * 11,
+              b"w" * 997, b"v" * 998, b"u" * 999]
+    for _ in range(2000):
+        message = b"".join(rnd.choice(pieces) for _ in range(rnd.randint(0, 10)))
+        for limit in (LINE_LIMIT, 10):
+            assert normalise(message, limit) == _reference(message, limit), (message, limit)
