@@ -210,7 +210,9 @@ def flatten(data: Any, prefix: str = "") -> list[tuple[str, Any]]:
         for key, value in data.items():
             out.extend(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
         return out
-    return [(prefix, data)]
+    if isinstance(data, list) and data and all(isinstance(v, dict) for v in data):
+        return [row for i, value in enumerate(data) for row in flatten(value, f"{prefix}[{i}]")]
+    return [(prefix, "-" if data == "" else data)]
 
 
 def _first(item: dict, *keys: str, default: Any = None) -> Any:
