@@ -13,7 +13,8 @@ relayed) or a *gauge* (a level: queue depth, open connections).
 a counter's bucket is what it grew by in that bucket (per minute with the
 default step), a gauge's bucket its last value there.  A counter that goes
 down (a proxy route removed by a reload) adds nothing to that bucket, rather
-than a spike of its whole value.
+than a spike of its whole value; a counter absent from a sample (a figure
+not created yet, like the first NXDOMAIN) counts from zero when it appears.
 
 This module sits below the services: it knows the *shape* of their figures
 (the keys of ``get_stats()``), never the services themselves.
@@ -253,8 +254,11 @@ class StatsHistory(Service):
             index = int((when - start) // step)
             for name in wanted:
                 value = values.get(name)
-                if value is None:
-                    previous.pop(name, None)
+                if value is None:       # absent: a counter not yet created counts from 0
+                    if kind_of(name) == "gauge":
+                        previous.pop(name, None)
+                    else:
+                        previous[name] = 0.0
                     continue
                 before = previous.get(name)
                 previous[name] = value

@@ -1,8 +1,9 @@
 """The console's certificates-and-keys view: what each listener serves, ACME, DKIM.
 
-Certificates are read from the live TLS objects, not from the configuration,
-so the view shows what a client gets *now* (after a reload that failed, the
-old certificate is still the one served):
+Certificates are read from the live TLS objects (the proxy's store records
+the certificate of each context it builds), not from the configuration, so
+the view shows what a client gets *now* (after a reload that failed, the old
+certificate is still the one served):
 
 * the proxy's certificate store: every name of a terminating route with the
   certificate its SNI selects (configured file, ACME or self-signed), and the
@@ -31,7 +32,6 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
-from OpenSSL import SSL
 
 from dcrouter.logsetup import get_logger
 from dcrouter.service import RouterContext
@@ -80,13 +80,17 @@ def describe(cert: x509.Certificate, now: float) -> dict[str, Any]:
     }
 
 
-def _from_context(ctx: Any) -> Optional[x509.Certificate]:
-    """The certificate an ``SSL.Context`` serves (a throw-away connection reads it)."""
+def _from_store(store: Any, ctx: Any) -> Optional[x509.Certificate]:
+    """The certificate a proxy context serves, as the store recorded it.
+
+    Never ``SSL.Connection(ctx)``: pyOpenSSL freezes a context once a connection
+    was made from it, and the store still sets its SNI callback later.
+    """
+    cert = (getattr(store, "certificates", None) or {}).get(ctx)
     try:
-        cert = SSL.Connection(ctx, None).get_certificate()
+        return cert.to_cryptography() if cert is not None else None
     except Exception:
         return None
-    return cert.to_cryptography() if cert is not None else None
 
 
 def _from_options(options: Any) -> Optional[x509.Certificate]:
@@ -117,7 +121,7 @@ def served_certificates(context: RouterContext, now: float) -> list[dict[str, An
     for name, ctx in sorted(contexts.items()):
         entry = grouped.get(id(ctx))
         if entry is None:
-            cert = _from_context(ctx)
+            cert = _from_store(store, ctx)
             if cert is None:
                 continue
             entry = grouped[id(ctx)] = dict(describe(cert, now), service="proxy",
@@ -126,7 +130,7 @@ def served_certificates(context: RouterContext, now: float) -> list[dict[str, An
     out.extend(grouped.values())
     fallback = getattr(store, "fallback", None)
     if fallback is not None and id(fallback) not in grouped:
-        cert = _from_context(fallback)
+        cert = _from_store(store, fallback)
         if cert is not None:
             out.append(dict(describe(cert, now), service="proxy", source="default",
                             served_for=["(no SNI or an unknown name)"]))
