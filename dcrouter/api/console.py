@@ -149,8 +149,11 @@ class ConsoleEndpoints:
         for position, rule in enumerate(ordered, start=1):
             seen.add(rule.pattern)
             index = next((i for i, r in enumerate(configured) if r is rule or r == rule), None)
+            detail = describe_rule(rule)
+            if detail.startswith(f"{rule.pattern} -> "):
+                detail = detail[len(rule.pattern) + 4:]
             rules.append({"position": position, "config_index": index, "pattern": rule.pattern,
-                          "mode": rule.mode, "detail": describe_rule(rule),
+                          "mode": rule.mode, "detail": detail,
                           "counters": self.activity.counters_for(rule.pattern)})
         default_detail = str(options.default_mode)
         if options.default_mode == "forward" and options.default_server:

@@ -45,6 +45,7 @@ STATIC_FILES = {
     "/charts.js": ("charts.js", "text/javascript; charset=utf-8"),
     "/views.js": ("views.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 MAX_BODY = 1024 * 1024
 

@@ -228,6 +228,13 @@ async def wait_until(predicate: Any, timeout: float = 30.0, what: str = "") -> N
         await d
 
 
+async def sleep(seconds: float) -> None:
+    """Let the reactor run for ``seconds``."""
+    d: defer.Deferred = defer.Deferred()
+    reactor.callLater(seconds, d.callback, None)
+    await d
+
+
 async def make_traffic(env: ConsoleEnv) -> dict[str, Any]:
     """Mail, proxy connections and DNS queries; returns what was sent (also in env.sent)."""
     ports = env.ports

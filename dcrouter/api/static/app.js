@@ -49,9 +49,10 @@ var DC = (function () {
     var key = active && container.contains(active) ? active.getAttribute("data-focus-key") : null;
     while (container.firstChild) { container.removeChild(container.firstChild); }
     nodes.forEach(function (node) { container.appendChild(node); });
-    if (key) {
+    if (key) {   // the row is gone (an item deleted): its table keeps the focus
       var again = container.querySelector('[data-focus-key="' + CSS.escape(key) + '"]');
-      if (again) { again.focus(); }
+      var wrap = container.closest ? container.closest(".table-wrap") : null;
+      if (again) { again.focus(); } else if (wrap) { wrap.focus(); }
     }
   }
 
@@ -156,6 +157,8 @@ var DC = (function () {
   function confirmAction(text, okLabel) {
     var dialog = $("confirm");
     var back = document.activeElement;
+    var backKey = back ? back.getAttribute("data-focus-key") : null;
+    var region = back && back.closest ? back.closest(".table-wrap, section") : null;
     $("confirm-text").textContent = text;
     $("confirm-ok").textContent = okLabel || "Confirm";
     return new Promise(function (resolve) {
@@ -164,7 +167,12 @@ var DC = (function () {
         $("confirm-cancel").removeEventListener("click", cancel);
         dialog.removeEventListener("close", closed);
         if (dialog.open) { dialog.close(); }
+        // back to the button that opened the dialog (or its re-rendered twin, or its table)
+        var again = backKey ? document.querySelector('[data-focus-key="' + CSS.escape(backKey) + '"]')
+                            : null;
         if (back && document.contains(back)) { back.focus(); }
+        else if (again) { again.focus(); }
+        else if (region) { region.focus(); }
         resolve(result);
       }
       function ok() { finish(true); }
@@ -214,8 +222,11 @@ var DC = (function () {
   }
 
   function fromHash() {
+    if (window.location.hash.indexOf("token=") >= 0) {   // a bookmark opened in this tab
+      takeTokenFromFragment();
+      state.failures = 0;
+    }
     var name = window.location.hash.replace(/^#/, "");
-    if (name.indexOf("token=") >= 0) { return; }
     if (selectView(name || "overview")) { refreshSoon(); }
   }
 

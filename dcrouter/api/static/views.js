@@ -7,7 +7,11 @@
 
 (function () {
   var $ = DC.$, el = DC.el, row = DC.row;
-  var HISTORY = "/api/history?minutes=60&step=60";
+  function historyPath() {
+    var range = ($("chart-range") && $("chart-range").value || "60:60").split(":");
+    return "/api/history?minutes=" + encodeURIComponent(range[0]) + "&step=" +
+      encodeURIComponent(range[1]);
+  }
 
   // -- overview ---------------------------------------------------------------------------
   var previous = null;   // the last summary, for per-minute rates between two refreshes
@@ -52,17 +56,18 @@
 
   function drawCharts(history) {
     document.querySelectorAll("#view-overview figure.chart").forEach(function (figure) {
+      var per = figure.querySelector(".per");
+      if (per) { per.textContent = history.step === 60 ? "per minute" : "per " + history.step + " s"; }
       DC.chart(figure, history, figure.getAttribute("data-series").split(" "),
                figure.getAttribute("data-unit"));
     });
-    $("history-note").textContent = "Charts: the last " +
-      Math.round((history.end - history.start) / 60) + " minutes in " + history.step +
-      " s buckets, sampled every " + history.interval + " s in memory (Prometheus at /metrics " +
-      "keeps the long-term record).";
+    $("history-note").textContent = "(" + history.times.length + " buckets of " + history.step +
+      " s, sampled every " + history.interval + " s in memory; Prometheus at /metrics keeps " +
+      "the long-term record)";
   }
 
   DC.view("overview", {
-    load: function () { return Promise.all([DC.getJSON("/api/stats"), DC.getJSON(HISTORY)]); },
+    load: function () { return Promise.all([DC.getJSON("/api/stats"), DC.getJSON(historyPath())]); },
     render: function (data, status) {
       renderServices(status);
       renderFigures(data[0]);
@@ -160,17 +165,18 @@
     var rows = routing.rules.map(function (rule) {
       return row([{text: rule.position, class: "num", field: "position"},
                   {text: rule.pattern, header: true, field: "pattern"},
-                  {text: rule.mode, field: "mode"}, {text: rule.detail, field: "detail"}]
-                 .concat(counterCells(rule.counters)), {"data-rule": rule.pattern});
+                  {text: rule.mode, field: "mode"}].concat(counterCells(rule.counters))
+                 .concat([{text: rule.detail, field: "detail"}]), {"data-rule": rule.pattern});
     });
     rows.push(row([{text: "", class: "num"}, {text: "(no rule matches)", header: true,
-                   field: "pattern"}, {text: routing["default"].mode, field: "mode"},
-                   {text: "default: " + routing["default"].detail, field: "detail"}]
-                  .concat(counterCells(routing["default"].counters)),
+                   field: "pattern"}, {text: routing["default"].mode, field: "mode"}]
+                  .concat(counterCells(routing["default"].counters))
+                  .concat([{text: "default: " + routing["default"].detail, field: "detail"}]),
                   {"data-rule": "", class: "default"}));
     routing.other.forEach(function (other) {
       rows.push(row([{text: "", class: "num"}, {text: other.pattern, header: true, field: "pattern"},
-                     "", {text: other.why, field: "detail"}].concat(counterCells(other.counters)),
+                     ""].concat(counterCells(other.counters))
+                    .concat([{text: other.why, field: "detail"}]),
                     {"data-rule": other.pattern, class: "other"}));
     });
     DC.replace($("rules"), rows);
@@ -240,8 +246,12 @@
     return {text: text, field: "recipients"};
   }
 
+  // the reply that matters: a failed or pending recipient's for a failure, else the first
   function replyOf(entry) {
-    var replies = entry.recipients.map(function (r) { return r.reply; }).filter(Boolean);
+    var failed = entry.recipients.filter(function (r) {
+      return r.status !== "delivered" && r.reply; });
+    var replies = (entry.outcome === "delivered" || !failed.length ? entry.recipients : failed)
+      .map(function (r) { return r.reply; }).filter(Boolean);
     return replies.length ? replies[0] : entry.error;
   }
 
@@ -380,5 +390,8 @@
     }
   });
 
-  document.addEventListener("DOMContentLoaded", queueButtons);
+  document.addEventListener("DOMContentLoaded", function () {
+    queueButtons();
+    $("chart-range").addEventListener("change", DC.refreshSoon);
+  });
 }());
