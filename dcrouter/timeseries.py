@@ -167,6 +167,7 @@ class StatsHistory(Service):
 
     def __init__(self, source: Callable[[], dict], clock: Any,
                  interval: float = DEFAULT_INTERVAL, window: float = DEFAULT_WINDOW) -> None:
+        self.setName("history")
         self.source = source
         self.clock = clock
         self.interval = interval

@@ -69,7 +69,10 @@ class ApiOptions:
     console_interval: float = option(5.0, check=check_positive,
                                      doc="Seconds between two refreshes of the console in the "
                                      "browser (2 to 300; ?interval= in the page's address "
-                                     "overrides it for that tab, down to 2).")
+                                     "overrides it for that tab, down to 0.5). The costlier "
+                                     "answers (history, queue summary) are computed at most "
+                                     "once a second, certificates every 10 s, for all "
+                                     "consoles together.")
 
     @property
     def https(self) -> bool:

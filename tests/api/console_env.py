@@ -48,7 +48,8 @@ from tests.support.net import free_port
 from tests.support.router import options_from, start_router, stop_router
 
 REJECTED = "gone@reject.test"
-REJECT_REPLY = "550 5.1.1 <gone@reject.test>: no such user here"
+#: A refusal whose text carries markup, as a hostile next hop may send: shown as text only.
+REJECT_REPLY = "550 5.1.1 <gone@reject.test>: no such user <img src=x onerror=alert(1)>"
 UNREACHABLE = 9
 
 

@@ -238,6 +238,8 @@ async def test_mail_view_rules_queue_deliveries_and_suppression_match_the_api(en
     assert list(page["suppression"]) == [s["address"] for s in suppressed["suppressed"]] == \
         [REJECTED]
     assert REJECT_REPLY[4:] in page["suppression"][REJECTED]["reason"]
+    # the remote server's markup is text on the page, never an element
+    assert await in_thread(browser.js, "return document.querySelectorAll('main img').length;") == 0
     path = await in_thread(browser.full_page, browser.shots, "console-mail", DESKTOP[0])
     check_screenshot(path, DESKTOP[0], DESKTOP[1])
 
@@ -500,3 +502,18 @@ async def test_the_token_travels_in_a_header_never_in_a_url(env, browser):
                      what="the new item")
     await in_thread(browser.wait, lambda b: len(b.table("#q-items", "data-queue-id")) == 2,
                     20.0, "the new item on the page")
+
+
+def test_the_operations_guide_shows_every_view_with_a_screenshot_of_the_suite():
+    import os
+    import re
+    from tests.api.browser import DOC_SCREENSHOTS
+    from tests.support.proc import REPO
+    with open(os.path.join(REPO, "docs", "operations.md"), encoding="utf-8") as f:
+        text = f.read()
+    section = text[text.index("## The console"):text.index("## Watching the queue")]
+    shown = re.findall(r"!\[[^\]]+\]\(images/([\w-]+)\.png\)", section)
+    assert sorted(shown) == sorted(DOC_SCREENSHOTS)     # each view, as make screenshots takes it
+    for name in shown:
+        width = png_size(os.path.join(REPO, "docs", "images", f"{name}.png"))[0]
+        assert width == (PHONE[0] if "phone" in name else DESKTOP[0]), name
