@@ -244,14 +244,19 @@ def _published_txt(zones: list[dict]) -> dict[str, list[str]]:
     return out
 
 
-def dkim_keys(context: RouterContext, records: DkimRecords, zones: list[dict]
-              ) -> list[dict[str, Any]]:
-    """Blocking: each DKIM key with its record and whether DNS serves it and signing uses it."""
-    store = context.dkim_keys
-    published = _published_txt(zones)
+def signing_keys(context: RouterContext) -> set[tuple[str, str]]:
+    """(domain, selector) of the keys the email service signs with (read in the reactor)."""
     email = context.services.get("email")
     signing = getattr(getattr(email, "processor", None), "signing", None)
-    loaded = set(getattr(signing, "ready_keys", ()) or ())
+    return set(getattr(signing, "ready_keys", ()) or ())
+
+
+def dkim_keys(context: RouterContext, records: DkimRecords, zones: list[dict],
+              loaded: set[tuple[str, str]]) -> list[dict[str, Any]]:
+    """Blocking: each DKIM key with its record and whether DNS serves it and signing uses it
+    (``loaded``: :func:`signing_keys`)."""
+    store = context.dkim_keys
+    published = _published_txt(zones)
     out = []
     for key in store.known_keys():
         try:

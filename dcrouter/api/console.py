@@ -32,7 +32,7 @@ from twisted.python.failure import Failure
 from dcrouter.api import errors
 from dcrouter.api.activity import BOUNCE_KEY, DEFAULT_KEY, MailActivity
 from dcrouter.api.certview import (DkimRecords, acme_orders, dkim_keys, served_certificates,
-                                   threshold_days, warnings_for)
+                                   signing_keys, threshold_days, warnings_for)
 from dcrouter.api.types import ApiRequest, jsonable
 from dcrouter.config.base import unbuild
 from dcrouter.logsetup import get_logger
@@ -254,7 +254,8 @@ class ConsoleEndpoints:
         certs = served_certificates(self.context, now)
         orders = acme_orders(self.context, now)
         zones = yield self._zone_dicts()
-        keys = yield threads.deferToThread(dkim_keys, self.context, self.dkim_records, zones)
+        keys = yield threads.deferToThread(dkim_keys, self.context, self.dkim_records, zones,
+                                           signing_keys(self.context))
         threshold = threshold_days(self.context)
         certs.sort(key=lambda c: (c["service"], c["not_after"]))
         return {"certificates": certs, "acme": orders, "dkim": keys,

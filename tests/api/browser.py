@@ -115,6 +115,11 @@ class Browser:
                 view)
         return self.rendered(view, before)
 
+    def console_errors(self) -> list[str]:
+        """Errors the page logged since the last call (script errors, CSP refusals, failed
+        requests)."""
+        return [e["message"] for e in self.driver.get_log("browser") if e["level"] == "SEVERE"]
+
     def screenshot(self, directory: str, name: str) -> str:
         """Save a PNG of the viewport as ``name``.png in ``directory`` (and in
         DCROUTER_SCREENSHOT_DIR when set); returns the path."""

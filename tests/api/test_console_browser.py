@@ -146,6 +146,7 @@ async def test_overview_charts_and_figures_match_the_api(env, browser):
     assert float(short["email.accepted"]["total"]) == sum(
         p for p in five["series"]["email.accepted"]["points"] if p is not None) == 6
     await in_thread(browser.full_page, browser.shots, "console-overview-5min", DESKTOP[0])
+    assert await in_thread(browser.console_errors) == []
 
 
 # -- proxy -------------------------------------------------------------------------------
@@ -185,6 +186,7 @@ async def test_proxy_view_shows_each_route_and_target_like_the_api(env, browser)
     assert "expiring.console.test" in routes["secure"]["cells"]["match"]
     path = await in_thread(browser.full_page, browser.shots, "console-proxy", DESKTOP[0])
     check_screenshot(path, DESKTOP[0], DESKTOP[1])
+    assert await in_thread(browser.console_errors) == []
 
 
 # -- mail --------------------------------------------------------------------------------
@@ -242,6 +244,7 @@ async def test_mail_view_rules_queue_deliveries_and_suppression_match_the_api(en
     assert await in_thread(browser.js, "return document.querySelectorAll('main img').length;") == 0
     path = await in_thread(browser.full_page, browser.shots, "console-mail", DESKTOP[0])
     check_screenshot(path, DESKTOP[0], DESKTOP[1])
+    assert await in_thread(browser.console_errors) == []
 
 
 # -- certificates ----------------------------------------------------------------------------
@@ -274,6 +277,7 @@ async def test_certificates_view_matches_the_api(env, browser):
         assert shown["published"] == ("yes" if key["published"] else "no")
     path = await in_thread(browser.full_page, browser.shots, "console-certificates", DESKTOP[0])
     check_screenshot(path, DESKTOP[0], DESKTOP[1])
+    assert await in_thread(browser.console_errors) == []
 
 
 # -- DNS ---------------------------------------------------------------------------------
@@ -303,6 +307,7 @@ async def test_dns_view_matches_the_api(env, browser):
     assert page["rcodes"] == {k: str(v) for k, v in stats["queries_by_rcode"].items()}
     path = await in_thread(browser.full_page, browser.shots, "console-dns", DESKTOP[0])
     check_screenshot(path, DESKTOP[0], DESKTOP[1])
+    assert await in_thread(browser.console_errors) == []
 
 
 # -- phone, dark mode ----------------------------------------------------------------------
@@ -468,6 +473,7 @@ async def test_queue_actions_behind_a_confirmation_with_mouse_and_keyboard(env, 
         browser.wait(lambda b: b.text("#q-paused") == "delivering", what="resumed")
     await in_thread(resume)
     assert not queue.paused
+    assert await in_thread(browser.console_errors) == []
 
 
 @pytest_twisted.ensureDeferred

@@ -260,6 +260,8 @@ var DC = (function () {
       if (error.status === 401 || error.status === 429) {
         $("token-form").hidden = false;
         showError(error.status === 401 ? "The API needs a token (api.token)." : error.message);
+      } else if (error.status) {   // the API answered: e.g. 503, a service not configured here
+        showError("The " + name + " view is not available: " + error.message);
       } else {
         showError("Cannot reach the API: " + error.message);
       }
