@@ -58,6 +58,7 @@ class SnapshotCache:
         self.max_keys = max_keys
         self._values: dict[Any, tuple[float, Any]] = {}
         self._running: dict[Any, list[defer.Deferred]] = {}
+        self._producing: dict[Any, defer.Deferred] = {}
         self.computed = 0
 
     def get(self, key: Any, ttl: float, produce: Callable[[], Any]) -> defer.Deferred:
@@ -66,7 +67,7 @@ class SnapshotCache:
         if hit is not None and self.clock() - hit[0] < ttl:
             return defer.succeed(hit[1])
         waiters = self._running.get(key)
-        d: defer.Deferred = defer.Deferred()
+        d: defer.Deferred = defer.Deferred(canceller=lambda waiter: self._forget(key, waiter))
         if waiters is not None:
             waiters.append(d)
             return d
@@ -76,6 +77,7 @@ class SnapshotCache:
 
         def done(result: Any) -> None:
             waiting = self._running.pop(key, [])
+            self._producing.pop(key, None)
             if isinstance(result, Failure):
                 for waiter in waiting:
                     if not waiter.called:      # a waiter may have timed out (cancelled)
@@ -88,8 +90,19 @@ class SnapshotCache:
                 if not waiter.called:
                     waiter.callback(result)
             return None
+        if not running.called:
+            self._producing[key] = running
         running.addBoth(done)
         return d
+
+    def _forget(self, key: Any, waiter: defer.Deferred) -> None:
+        """A waiter gave up (its request timed out); when none is left, the work is cancelled
+        (a hung store is not waited for)."""
+        waiting = self._running.get(key, [])
+        if waiter in waiting:
+            waiting.remove(waiter)
+        if not waiting and key in self._producing:
+            self._producing.pop(key).cancel()
 
 
 def _int_arg(request: ApiRequest, name: str, default: int, low: int, high: int) -> int:

@@ -50,6 +50,8 @@ async def test_every_console_answer_validates_against_its_openapi_schema(env):
         body = await _json(env, path)
         errors = sorted(OAS30Validator(schema).iter_errors(body), key=str)
         assert not errors, (path, [str(e)[:300] for e in errors[:3]])
+    status = await _json(env, "/api/status")
+    assert status["console"] == {"interval": 5.0}          # api.console_interval
 
 
 @pytest_twisted.ensureDeferred
@@ -253,3 +255,70 @@ async def test_dns_zones_with_counts_transfer_peers_and_the_last_notify(env):
     assert notify["target"] == target and notify["result"] == "acknowledged"
     assert notify["serial"] == brief["serial"]
     assert_error(await env.client.get("/api/dns/zones?records=maybe"), 400, "bad_request")
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_big_queue_is_summarised_from_its_oldest_items_and_says_so(standin):
+    from tests.api.support import StandInItem
+    router, client, queue = standin
+    for i in range(2500):
+        queue.add(StandInItem(f"ID{i:05d}", "s@a.test", [f"r{i}@b.test"], 10,
+                              created_at=1000.0 + i))
+    response = await client.get("/api/queue/summary")
+    assert response.status == 200, response.text
+    summary = response.json()
+    assert summary["size"] == 2500 and summary["scanned"] == 2000
+    assert not summary["complete"]
+    assert len(summary["items"]) == 50 and summary["items"][0]["id"] == "ID00000"
+    (row,) = summary["destinations"]
+    assert row["total"] == 2000 and row["by_status"]["deferred"] == 2000
+
+
+def test_the_snapshot_cache_computes_once_per_ttl_and_never_caches_a_failure():
+    from twisted.internet import defer as tdefer
+
+    from dcrouter.api.console import SnapshotCache
+    now = [100.0]
+    cache = SnapshotCache(clock=lambda: now[0], max_keys=2)
+    running: list = []
+
+    def produce():
+        d = tdefer.Deferred()
+        running.append(d)
+        return d
+    first, second = cache.get("k", 1.0, produce), cache.get("k", 1.0, produce)
+    assert len(running) == 1 and not first.called
+    running[0].callback({"n": 1})
+    assert first.result == second.result == {"n": 1}
+    assert cache.get("k", 1.0, produce).result == {"n": 1} and len(running) == 1
+    now[0] += 1.5                                       # stale: computed again
+    failing = cache.get("k", 1.0, produce)
+    running[1].errback(RuntimeError("store down"))
+    failure = []
+    failing.addErrback(failure.append)
+    assert failure and failure[0].check(RuntimeError)
+    again = cache.get("k", 1.0, lambda: {"n": 2})      # the failure was not cached
+    assert again.result == {"n": 2}
+    for key in ("a", "b", "c"):                         # bounded number of keys
+        cache.get(key, 1.0, lambda: 0)
+    assert len(cache._values) <= 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_hung_queue_gives_503_and_its_summary_is_cancelled(standin):
+    router, client, queue = standin
+    hanging: list = []
+
+    def list_items(status=None, limit=100, cursor=None):
+        d = defer.Deferred()
+        hanging.append(d)
+        return d
+    queue.list_items = list_items  # type: ignore[method-assign]
+    router.by_name["api"].root.timeout = 0.3
+    answers = await defer.gatherResults([defer.ensureDeferred(client.get("/api/queue/summary"))
+                                         for _ in range(3)])
+    for answer in answers:
+        assert_error(answer, 503, "service_unavailable")
+    assert len(hanging) == 1 and hanging[0].called      # one read, cancelled, not dangling
+    console = router.by_name["api"].handlers.groups["console"]
+    assert not console.cache._running and not console.cache._producing

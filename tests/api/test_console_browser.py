@@ -473,6 +473,25 @@ async def test_queue_actions_behind_a_confirmation_with_mouse_and_keyboard(env, 
         browser.wait(lambda b: b.text("#q-paused") == "delivering", what="resumed")
     await in_thread(resume)
     assert not queue.paused
+
+    # 4. every deferred item now (confirmed), then lift the suppression (confirmed)
+    attempts = (await api(env, f"/api/queue/{first}"))["item"]["attempts"]
+
+    def confirm(selector: str, notice: str) -> None:
+        browser.js("document.querySelector(arguments[0]).click();", selector)
+        browser.wait(_dialog_open, what="the confirmation")
+        browser.js("document.getElementById('confirm-ok').click();")
+        browser.wait(lambda b: notice in b.text("#notice"), what=notice)
+    await in_thread(confirm, "#q-retry-all", "Every deferred item will be attempted now.")
+    deadline = time.monotonic() + 20
+    while (await api(env, f"/api/queue/{first}"))["item"]["attempts"] == attempts:
+        assert time.monotonic() < deadline, "retry all did not reach the deferred item"
+        await sleep(0.2)
+    await in_thread(confirm, f'[data-focus-key="lift-{REJECTED}"]',
+                    f"Suppression of {REJECTED} lifted.")
+    assert (await api(env, "/api/email/suppression"))["count"] == 0
+    await in_thread(browser.wait, lambda b: not b.table("#suppression", "data-address"),
+                    20.0, "the suppression list to empty")
     assert await in_thread(browser.console_errors) == []
 
 
