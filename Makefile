@@ -3,7 +3,28 @@ PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # Debian packages the tests start as real peers (see docs/development.md).
-TEST_DEBS := publicsuffix redis-server pebble clamav-daemon spamassassin spamc spamd swaks nsd haproxy dnsutils chromium chromium-driver curl openssl
+# One package per line, so parallel additions merge cleanly.
+TEST_DEBS := \
+  publicsuffix \
+  redis-server \
+  pebble \
+  clamav-daemon \
+  spamassassin \
+  spamc \
+  spamd \
+  swaks \
+  nsd \
+  haproxy \
+  dnsutils \
+  chromium \
+  chromium-driver \
+  curl \
+  openssl \
+  systemd \
+  util-linux \
+  iproute2 \
+  nghttp2-client \
+  postfix
 CONFIG ?= etc/dcrouter.toml
 
 .PHONY: run test typecheck debs bench clean help docs screenshots
@@ -34,6 +55,7 @@ debs:
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
 	  export DEBIAN_FRONTEND=noninteractive; \
+	  echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections 2>/dev/null; \
 	  (apt-get update -q >/dev/null && apt-get install -y -q --no-install-recommends $$missing >/dev/null) \
 	    || echo "warning: could not install$$missing; tests needing them will fail"; \
 	fi

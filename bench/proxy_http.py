@@ -1,125 +1,142 @@
-"""Benchmark: HTTP/1.1 keep-alive through the proxy's HTTP routes, dcrouter vs HAProxy.
+"""Benchmark: HTTP through the proxy's HTTP routes, dcrouter vs HAProxy ``mode http``, C tools only.
 
-Starts, on loopback with ephemeral ports:
+Everything on loopback with ephemeral ports, started and stopped by this script:
 
-* a keep-alive HTTP backend (asyncio, its own process) that reads each
-  request (``Content-Length`` bodies included) and answers ``200 ok``;
-* dcrouter as a real ``twistd`` process with one plain HTTP route for
-  ``bench.example.test`` with ``add_forwarded_headers`` (so every request is
-  framed, routed and re-rendered);
-* HAProxy ``mode http`` (its default ``http-keep-alive``) with ``option forwardfor``;
+* **nginx** (Debian package ``nginx``; one worker, ``keepalive_requests`` unbounded) serving a
+  1 KB file: the backend of both proxies and the "direct" row;
+* **dcrouter** as a real ``twistd -n dcrouter`` process: a plain HTTP route for
+  ``bench.example.test`` with ``add_forwarded_headers`` (every request head is framed, routed and
+  re-rendered, every response framed), and a ``tls = "terminate"`` route on a second port (ALPN
+  ``h2`` and ``http/1.1``) for the HTTP/2 rows;
+* **HAProxy** ``mode http`` (``nbthread 1``, default ``http-keep-alive``, ``option forwardfor``,
+  Host ACL) on the same backend, with a ``bind ... ssl crt ... alpn h2,http/1.1`` frontend for the
+  HTTP/2 rows.
 
-and measures, for the backend directly and through each proxy:
+Figures (``wrk``, Debian ``wrk``; ``h2load``, Debian ``nghttp2-client``):
 
-* requests/s: ``--workers`` client processes, each with one kept-alive
-  connection, send a GET and wait for its answer, for ``--seconds``;
-* upload: one POST of ``--mib`` MiB (``Content-Length``) on a kept-alive
-  connection; the clock stops at the answer.
+* ``keep-alive``: ``wrk -t1 -c50`` GET of the 1 KB file on kept-alive connections;
+* ``close``: the same with ``Connection: close`` (a new connection per request);
+* ``h2``: ``h2load -c10 -m10`` over TLS with ALPN h2 (10 connections, 10 streams each).
 
-Medians of ``--runs`` runs.  Usage::
+Rounds are interleaved (direct, HAProxy, dcrouter, then again) so a burst of load from other
+processes on a shared machine hits every target alike; medians are printed, with every run.
 
-    python bench/proxy_http.py [--seconds 2] [--runs 3] [--workers 2] [--mib 256]
+Usage (one command for a quiet machine)::
+
+    .venv/bin/python bench/proxy_http.py --seconds 5 --runs 3
+    .venv/bin/python bench/proxy_http.py --only keep-alive --profile prof.txt   # py-spy top
+
+``--profile FILE`` runs ``py-spy record`` (pip ``py-spy``) on the dcrouter process during one extra
+keep-alive round and writes its flat profile to FILE.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import multiprocessing
 import os
+import re
+import shutil
+import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable, Optional
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from proxy_throughput import REPO, free_port, stop, wait_for  # noqa: E402
-
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "bench.example.test"
-REQUEST = f"GET /x HTTP/1.1\r\nHost: {NAME}\r\n\r\n".encode()
+BODY = b"x" * 1024
 
 
-def run_backend(port: int) -> None:
-    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(port: int, timeout: float = 20.0, proc: Optional[subprocess.Popen] = None,
+             log: str = "") -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            with open(log) as f:
+                raise RuntimeError(f"{proc.args[0]} exited:\n{f.read()[-3000:]}")
         try:
-            while True:
-                head = await reader.readuntil(b"\r\n\r\n")
-                length = 0
-                for line in head.split(b"\r\n"):
-                    if line.lower().startswith(b"content-length:"):
-                        length = int(line.split(b":", 1)[1])
-                while length:
-                    chunk = await reader.read(min(length, 1 << 20))
-                    if not chunk:
-                        return
-                    length -= len(chunk)
-                writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass
-        finally:
-            writer.close()
-
-    async def main() -> None:
-        server = await asyncio.start_server(handle, "127.0.0.1", port)
-        async with server:
-            await server.serve_forever()
-    asyncio.run(main())
+            with socket.create_connection(("127.0.0.1", port), timeout=1):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"nothing listens on {port}")
 
 
-def _read_response(sock: "object", buf: bytes) -> bytes:
-    import socket as _s
-    assert isinstance(sock, _s.socket)
-    while b"\r\n\r\nok" not in buf:
-        chunk = sock.recv(65536)
-        if not chunk:
-            raise ConnectionError("closed")
-        buf += chunk
-    return buf.split(b"\r\n\r\nok", 1)[1]
+def stop(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
-def _worker(port: int, seconds: float, out: "multiprocessing.Queue[int]") -> None:
-    import socket
-    count = 0
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        buf = b""
-        deadline = time.monotonic() + seconds
-        while time.monotonic() < deadline:
-            s.sendall(REQUEST)
-            buf = _read_response(s, buf)
-            count += 1
-    out.put(count)
+def need(tool: str, package: str) -> str:
+    path = shutil.which(tool) or (f"/usr/sbin/{tool}" if os.path.exists(f"/usr/sbin/{tool}")
+                                  else None)
+    if path is None:
+        sys.exit(f"{tool} is missing: apt-get install {package}")
+    return path
 
 
-def requests_per_second(port: int, seconds: float, workers: int) -> float:
-    out: "multiprocessing.Queue[int]" = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=_worker, args=(port, seconds, out))
-             for _ in range(workers)]
-    for p in procs:
-        p.start()
-    total = sum(out.get() for _ in procs)
-    for p in procs:
-        p.join()
-    return total / seconds
+def make_cert(tmp: str) -> tuple[str, str]:
+    cert, key = os.path.join(tmp, "bench.crt"), os.path.join(tmp, "bench.key")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "2", "-subj",
+                    f"/CN={NAME}", "-addext", f"subjectAltName=DNS:{NAME}", "-keyout", key,
+                    "-out", cert], check=True, capture_output=True)
+    return cert, key
 
 
-def upload(port: int, mib: int) -> float:
-    import socket
-    block = b"\xab" * (1 << 20)
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        s.sendall(REQUEST)
-        _read_response(s, b"")
-        start = time.monotonic()
-        s.sendall(f"POST /up HTTP/1.1\r\nHost: {NAME}\r\nContent-Length: {mib << 20}\r\n\r\n"
-                  .encode())
-        for _ in range(mib):
-            s.sendall(block)
-        _read_response(s, b"")
-        return mib / (time.monotonic() - start)
+def start_nginx(tmp: str, port: int) -> subprocess.Popen:
+    root = os.path.join(tmp, "www")
+    os.makedirs(root, exist_ok=True)
+    with open(os.path.join(root, "1k"), "wb") as f:
+        f.write(BODY)
+    os.chmod(tmp, 0o755)
+    os.chmod(root, 0o755)
+    config = os.path.join(tmp, "nginx.conf")
+    with open(config, "w") as f:
+        f.write(f"""daemon off;
+worker_processes 1;
+pid {tmp}/nginx.pid;
+error_log {tmp}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 10000000;
+    keepalive_timeout 60s;
+    client_body_temp_path {tmp}/nginx-body;
+    proxy_temp_path {tmp}/nginx-proxy;
+    fastcgi_temp_path {tmp}/nginx-fastcgi;
+    uwsgi_temp_path {tmp}/nginx-uwsgi;
+    scgi_temp_path {tmp}/nginx-scgi;
+    server {{
+        listen 127.0.0.1:{port} reuseport;
+        root {root};
+        location / {{ }}
+    }}
+}}
+""")
+    proc = subprocess.Popen([need("nginx", "nginx"), "-c", config, "-p", tmp],
+                            stdout=open(os.path.join(tmp, "nginx.log"), "wb"),
+                            stderr=subprocess.STDOUT)
+    wait_for(port, proc=proc, log=os.path.join(tmp, "nginx.log"))
+    return proc
 
 
-def start_dcrouter(tmp: str, port: int, backend: int) -> subprocess.Popen:
+def start_dcrouter(tmp: str, port: int, tls_port: int, backend: int, cert: str,
+                   key: str) -> subprocess.Popen:
     config = os.path.join(tmp, "dcrouter.toml")
     with open(config, "w") as f:
         f.write(f"""[router]
@@ -138,21 +155,41 @@ add_forwarded_headers = true
 health_check_interval = 0
 max_connections = 100000
 max_connections_per_ip = 100000
+
+[[proxy.routes]]
+name = "bench-tls"
+ports = [{tls_port}]
+domains = ["{NAME}"]
+tls = "terminate"
+cert_path = "{cert}"
+key_path = "{key}"
+acme = false
+targets = ["127.0.0.1:{backend}"]
+add_forwarded_headers = true
+health_check_interval = 0
+max_connections = 100000
+max_connections_per_ip = 100000
 """)
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     proc = subprocess.Popen([twistd, "-n", "--pidfile=", "dcrouter", "--config", config],
                             cwd=tmp, env=env, stdout=open(os.path.join(tmp, "dcrouter.log"), "wb"),
                             stderr=subprocess.STDOUT)
-    wait_for(port)
+    wait_for(port, proc=proc, log=os.path.join(tmp, "dcrouter.log"))
+    wait_for(tls_port, proc=proc, log=os.path.join(tmp, "dcrouter.log"))
     return proc
 
 
-def start_haproxy(tmp: str, port: int, backend: int) -> subprocess.Popen:
+def start_haproxy(tmp: str, port: int, tls_port: int, backend: int, cert: str,
+                  key: str) -> subprocess.Popen:
+    pem = os.path.join(tmp, "haproxy.pem")
+    with open(pem, "w") as out, open(cert) as c, open(key) as k:
+        out.write(c.read() + k.read())
     config = os.path.join(tmp, "haproxy.cfg")
     with open(config, "w") as f:
         f.write(f"""global
     maxconn 9000
+    nbthread 1
 defaults
     mode http
     option forwardfor
@@ -161,52 +198,139 @@ defaults
     timeout server 60s
 frontend fe
     bind 127.0.0.1:{port}
-    use_backend be if {{ hdr(host) -i {NAME} }}
+    bind 127.0.0.1:{tls_port} ssl crt {pem} alpn h2,http/1.1
+    use_backend be if {{ hdr(host),field(1,:) -i {NAME} }}
 backend be
     server s1 127.0.0.1:{backend}
 """)
-    proc = subprocess.Popen(["haproxy", "-db", "-f", config],
+    proc = subprocess.Popen([need("haproxy", "haproxy"), "-db", "-f", config],
                             stdout=open(os.path.join(tmp, "haproxy.log"), "wb"),
                             stderr=subprocess.STDOUT)
-    wait_for(port)
+    wait_for(port, proc=proc, log=os.path.join(tmp, "haproxy.log"))
     return proc
+
+
+def wrk(port: int, seconds: float, connections: int, close: bool) -> float:
+    cmd = [need("wrk", "wrk"), "-t1", f"-c{connections}", f"-d{int(seconds)}s", "-H", f"Host: {NAME}"]
+    if close:
+        cmd += ["-H", "Connection: close"]
+    out = subprocess.run(cmd + [f"http://127.0.0.1:{port}/1k"], capture_output=True, text=True,
+                         timeout=seconds + 60).stdout
+    m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    errors = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    if m is None or errors is not None:
+        raise RuntimeError(f"wrk failed:\n{out}")
+    return float(m.group(1))
+
+
+def h2load(port: int, seconds: float, connections: int, streams: int) -> float:
+    cmd = [need("h2load", "nghttp2-client"), f"-c{connections}", f"-m{streams}",
+           f"-D{int(seconds)}", "-t1", f"https://{NAME}:{port}/1k",
+           "--connect-to", f"127.0.0.1:{port}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + 60).stdout
+    m = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    ok = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    proto = re.search(r"Application protocol: (\S+)", out)
+    if m is None or ok is None or int(ok.group(3)) or int(ok.group(4)) \
+            or proto is None or proto.group(1) != "h2":
+        raise RuntimeError(f"h2load failed:\n{out}")
+    return float(m.group(1))
+
+
+def profile(pid: int, seconds: float, out_path: str, load: Callable[[], float]) -> None:
+    spy = shutil.which("py-spy") or os.path.join(os.path.dirname(sys.executable), "py-spy")
+    raw = out_path + ".raw"
+    rec = subprocess.Popen([spy, "record", "--pid", str(pid), "--duration", str(int(seconds)),
+                            "--format", "raw", "--output", raw, "--nonblocking"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(0.5)
+    load()
+    rec.wait(60)
+    totals: dict[str, int] = {}
+    own: dict[str, int] = {}
+    samples = 0
+    with open(raw) as f:
+        for line in f:
+            stack, _, count = line.rstrip().rpartition(" ")
+            n = int(count)
+            samples += n
+            frames = stack.split(";")
+            for frame in set(frames):
+                totals[frame] = totals.get(frame, 0) + n
+            own[frames[-1]] = own.get(frames[-1], 0) + n
+    with open(out_path, "w") as f:
+        f.write(f"{samples} samples\n\n# own time\n")
+        for frame, n in sorted(own.items(), key=lambda kv: -kv[1])[:40]:
+            f.write(f"{100 * n / samples:5.1f}%  {frame}\n")
+        f.write("\n# total time (with callees)\n")
+        for frame, n in sorted(totals.items(), key=lambda kv: -kv[1])[:60]:
+            f.write(f"{100 * n / samples:5.1f}%  {frame}\n")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--mib", type=int, default=256)
+    parser.add_argument("--connections", type=int, default=50)
+    parser.add_argument("--only", choices=["keep-alive", "close", "h2"], action="append")
+    parser.add_argument("--profile", default="", help="py-spy flat profile of dcrouter to FILE")
     args = parser.parse_args()
-    backend_port = free_port()
-    backend = multiprocessing.Process(target=run_backend, args=(backend_port,), daemon=True)
-    backend.start()
-    wait_for(backend_port)
-    print(f"cores: {os.cpu_count()}; workers {args.workers}, {args.seconds}s, runs {args.runs}, "
-          f"upload {args.mib} MiB", flush=True)
-    try:
-        with tempfile.TemporaryDirectory() as tmp:
-            for name, starter in [("backend direct", None), ("haproxy mode http", start_haproxy),
-                                  ("dcrouter http", start_dcrouter)]:
-                port, proc = backend_port, None
-                if starter is not None:
-                    port = free_port()
-                    proc = starter(tmp, port, backend_port)
-                try:
-                    upload(port, 8)
-                    rates = [requests_per_second(port, args.seconds, args.workers)
-                             for _ in range(args.runs)]
-                    mibs = [upload(port, args.mib) for _ in range(args.runs)]
-                finally:
-                    if proc is not None:
-                        stop(proc)
-                print(f"{name:18s} keep-alive {statistics.median(rates):8.0f} req/s (runs: "
-                      f"{', '.join(f'{r:.0f}' for r in rates)})   upload "
-                      f"{statistics.median(mibs):6.0f} MiB/s (runs: "
-                      f"{', '.join(f'{m:.0f}' for m in mibs)})", flush=True)
-    finally:
-        backend.terminate()
+    figures = args.only or ["keep-alive", "close", "h2"]
+    with tempfile.TemporaryDirectory() as tmp:
+        cert, key = make_cert(tmp)
+        backend_port = free_port()
+        nginx = start_nginx(tmp, backend_port)
+        procs: list[subprocess.Popen] = [nginx]
+        try:
+            ports = {"direct": (backend_port, 0)}
+            hp, htls = free_port(), free_port()
+            procs.append(start_haproxy(tmp, hp, htls, backend_port, cert, key))
+            ports["haproxy"] = (hp, htls)
+            dp, dtls = free_port(), free_port()
+            dcrouter = start_dcrouter(tmp, dp, dtls, backend_port, cert, key)
+            procs.append(dcrouter)
+            ports["dcrouter"] = (dp, dtls)
+            for name, (port, _tls) in ports.items():         # warm up every path
+                wrk(port, 1, 4, False)
+            load = os.getloadavg()
+            print(f"cores: {os.cpu_count()}, load average {load[0]:.2f}; wrk -t1 "
+                  f"-c{args.connections}, h2load -c10 -m10, {args.seconds:.0f} s a run, "
+                  f"{args.runs} interleaved runs", flush=True)
+            results: dict[tuple[str, str], list[float]] = {}
+            for _ in range(args.runs):
+                for figure in figures:
+                    for name, (port, tls_port) in ports.items():
+                        if figure == "h2" and not tls_port:
+                            continue
+                        if figure == "keep-alive":
+                            rate = wrk(port, args.seconds, args.connections, False)
+                        elif figure == "close":
+                            rate = wrk(port, args.seconds, args.connections, True)
+                        else:
+                            rate = h2load(tls_port, args.seconds, 10, 10)
+                        results.setdefault((figure, name), []).append(rate)
+            for figure in figures:
+                peer: Optional[float] = None
+                for name in ports:
+                    runs = results.get((figure, name))
+                    if not runs:
+                        continue
+                    median = statistics.median(runs)
+                    ratio = ""
+                    if name == "haproxy":
+                        peer = median
+                    elif name == "dcrouter" and peer:
+                        ratio = f"  = {median / peer:.2f}x HAProxy"
+                    print(f"{figure:10s} {name:9s} {median:9.0f} req/s (runs: "
+                          f"{', '.join(f'{r:.0f}' for r in runs)}){ratio}", flush=True)
+            if args.profile:
+                port = ports["dcrouter"][0]
+                profile(dcrouter.pid, args.seconds, args.profile,
+                        lambda: wrk(port, args.seconds, args.connections, False))
+                print(f"profile written to {args.profile}")
+        finally:
+            for proc in reversed(procs):
+                stop(proc)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,10 @@
 """``python -m dcrouter``: commands that work without a running router.
 
+* ``init [DIR]`` - write the embedded default configuration to DIR (default: .)
+  with a fresh API token and demo password (:mod:`dcrouter.initconfig`).
 * ``check-config FILE`` - validate and print what would run.
 * ``migrate-config OLD.json`` - convert a seed-style configuration to TOML.
+* ``hash-password`` - print a password hash for ``email.auth.users``.
 
 Errors print one line on stderr and exit non-zero; never a traceback.
 """
@@ -36,7 +39,8 @@ def summarize(options: DcRouterOptions) -> str:
     out.append(f"services: {', '.join(services) or 'none'}")
     workers = options.router.effective_workers
     out.append("processes: one" if workers <= 1 else
-               f"processes: a master and {workers} workers sharing every port (SO_REUSEPORT)"
+               f"processes: a master and {workers} workers sharing every port "
+               f"(bound once by the master)"
                f"{'; the API in worker 0' if options.api is not None else ''}")
     if options.email is not None:
         e = options.email
@@ -116,6 +120,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m dcrouter",
                                      description="dcrouter offline commands")
     sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("init", help="write a working configuration (fresh API token and demo "
+                       "password) and print how to start it")
+    p.add_argument("directory", nargs="?", default=".")
     p = sub.add_parser("check-config", help="validate a configuration and summarise it")
     p.add_argument("file")
     p = sub.add_parser("migrate-config", help="convert a seed-style JSON configuration to TOML")
@@ -125,6 +132,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     p.add_argument("--scheme", default="SCRYPT", choices=["SCRYPT", "SSHA512", "SHA512-CRYPT"])
     args = parser.parse_args(argv)
     try:
+        if args.command == "init":
+            from dcrouter.initconfig import init
+            return init(args.directory, sys.stdout)
         if args.command == "check-config":
             return check_config(args.file, sys.stdout)
         if args.command == "hash-password":

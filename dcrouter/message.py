@@ -16,6 +16,8 @@ import time
 import uuid
 from typing import Any, NamedTuple, Optional
 
+from dcrouter.dsn import EnvelopeDsn
+
 _BASE32 = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
@@ -58,17 +60,23 @@ class SessionInfo:
     auth_user: str = ""
     relay_permitted: bool = False
     submission: bool = False
+    #: The client greeted with EHLO (False after HELO).
+    esmtp: bool = True
 
     @property
     def protocol(self) -> str:
-        """ESMTP, ESMTPS (TLS) or ESMTPSA (TLS + AUTH), as in Received headers (RFC 3848)."""
-        if self.tls and self.auth_user:
-            return "ESMTPSA"
-        if self.tls:
-            return "ESMTPS"
-        if self.auth_user:
-            return "ESMTPA"
-        return "ESMTP"
+        """The ``with`` of the Received header (RFC 3848): SMTP after HELO, else ESMTP,
+        ESMTPS (TLS), ESMTPA (AUTH) or ESMTPSA (TLS + AUTH)."""
+        return self.protocol_for(False)
+
+    def protocol_for(self, smtputf8: bool) -> str:
+        """:attr:`protocol` for a transaction; with SMTPUTF8 the RFC 6531 3.7.3 names
+        UTF8SMTP, UTF8SMTPS, UTF8SMTPA and UTF8SMTPSA.  RFC 3848's suffixes are defined
+        for ESMTP only: a HELO session is ``SMTP`` with TLS too (as Postfix writes it)."""
+        if not self.esmtp:
+            return "SMTP"
+        suffix = ("S" if self.tls else "") + ("A" if self.auth_user else "")
+        return ("UTF8SMTP" if smtputf8 else "ESMTP") + suffix
 
     @property
     def may_relay(self) -> bool:
@@ -93,6 +101,8 @@ class ReceivedMessage:
     received_at: float = dataclasses.field(default_factory=time.time)
     smtputf8: bool = False
     body_8bit: bool = False
+    #: RET, ENVID and each recipient's NOTIFY/ORCPT (RFC 3461); None: none given.
+    dsn: Optional[EnvelopeDsn] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,7 +216,8 @@ class DeliveryRequest:
     named by ``rule_pattern``); ``destination`` is the scheduling key for
     per-destination limits (``host:port``, ``local``; empty: the recipient domain,
     and the queue splits the request by domain).  ``dkim`` is the signing
-    decision taken at enqueue (None: unsigned).
+    decision taken at enqueue (None: unsigned).  ``dsn`` carries the client's RFC
+    3461 parameters (RET, ENVID, NOTIFY and ORCPT per recipient) into the items.
 
     ``body_path`` is a complete message file; the queue takes it over (moves or
     links it into its own storage) before ``enqueue`` fires.  Several requests
@@ -227,3 +238,4 @@ class DeliveryRequest:
     destination: str = ""
     extra: Optional[dict[str, Any]] = None
     dkim: Optional[DkimSigning] = None
+    dsn: Optional[EnvelopeDsn] = None

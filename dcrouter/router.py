@@ -27,7 +27,7 @@ from dcrouter.errors import ConfigError, DcRouterError
 from dcrouter.logsetup import get_logger, make_observer
 from dcrouter.timeseries import StatsHistory
 from dcrouter.service import (
-    Extensions, ListenError, ManagedService, RouterContext, WorkerIdentity,
+    Extensions, ListenError, ManagedService, RouterContext, WorkerIdentity, check_new_listeners,
 )
 from dcrouter.tlsutil import ensure_private_dir
 
@@ -332,6 +332,7 @@ class DcRouter(MultiService):
     def _apply(self, new: DcRouterOptions) -> Any:
         old_names = set(self.by_name)
         old_options = self.options
+        check_new_listeners(self.context, new)  # a new port below 1024 after the drop
         for name in SERVICE_ORDER:
             if name in old_names and getattr(new, name) is not None:
                 self.by_name[name].check_options(new)   # ConfigError: nothing changed

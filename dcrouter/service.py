@@ -7,36 +7,39 @@
   services: stats, bound addresses, reconfiguration, graceful draining.
 * :class:`ListenerSet` - a set of TCP/UDP/TLS listeners that can be
   re-bound to a new address list without dropping unchanged ones.
+
+Binding is done here and nowhere else: :meth:`ManagedService.privilegedStartService`
+binds the service's planned listeners into :data:`dcrouter.sockets.POOL` while
+``twistd`` still runs as root, and :class:`ListenerSet` adopts those sockets
+when the service starts (after ``--uid/--gid`` dropped the privileges).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import os
 import socket
 from typing import Any, Callable, Optional, Protocol
 
 from twisted.application.service import MultiService
 from twisted.internet import defer
-from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort, IReactorCore
 from twisted.internet.protocol import DatagramProtocol, Factory
 
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.dkimkeys import DkimKeyStore
-from dcrouter.errors import DcRouterError
+from dcrouter.errors import ConfigError
 from dcrouter.interfaces import IDnsChallengePublisher
 from dcrouter.logsetup import get_logger
+from dcrouter.sockets import (
+    POOL, Key, ListenError, bind_socket, listen_error, needs_privilege, planned_listeners,
+    unprivileged_port_start,
+)
 
 log = get_logger("router")
 
-
-class ListenError(DcRouterError):
-    """A listener could not bind (port in use, permission, bad address)."""
-
-    def __init__(self, key_path: str, host: str, port: int, reason: str) -> None:
-        self.key_path = key_path
-        super().__init__(f"{key_path}: cannot listen on {host}:{port}: {reason}",
-                         key_path=key_path, host=host, port=port)
+__all__ = ["Extensions", "ListenError", "ListenSpec", "ListenerSet", "ManagedService",
+           "RouterContext", "WorkerIdentity", "check_new_listeners"]
 
 
 @dataclasses.dataclass
@@ -136,6 +139,32 @@ class ManagedService(MultiService):
         self.setName(name)
         self.context = context
 
+    def privilegedStartService(self) -> None:
+        """Bind this service's listeners now, while twistd may still be root.
+
+        The sockets wait in :data:`dcrouter.sockets.POOL` for the service's
+        :class:`ListenerSet`; a port that cannot be bound stops the start here,
+        before any service runs (one line naming the key, exit status 1, when the
+        router was started by twistd).
+        """
+        try:
+            POOL.prebind(planned_listeners(self.context.options, self.name))
+        except ListenError as e:
+            router = self.context.router
+            if getattr(router, "exit_on_error", False):
+                import sys
+                log.critical("cannot start: {error}", error=str(e), key_path=e.key_path)
+                sys.stderr.write(f"dcrouter: {e}\n")
+                sys.stderr.flush()
+                os._exit(1)
+            raise
+        super().privilegedStartService()
+
+    def startService(self) -> None:
+        """Start the children; pre-bound sockets nobody took are closed right after."""
+        super().startService()
+        self.context.reactor.callLater(0, release_unclaimed)
+
     def get_stats(self) -> dict:
         """Current figures, JSON-serialisable."""
         return {}
@@ -183,10 +212,13 @@ class ListenerSet:
     ``spec.tls``.  Binding is synchronous so errors surface at start, as
     :class:`ListenError` naming the configuration key.
 
-    In a worker process (``router.workers`` > 1) :attr:`reuse_port` is true:
-    every socket is made here with ``SO_REUSEPORT`` and adopted by the
-    reactor, so the worker processes share each port and the kernel spreads
-    connections and datagrams over them.
+    Every socket is made by :func:`dcrouter.sockets.bind_socket` or taken from
+    :data:`dcrouter.sockets.POOL` (bound before the privilege drop, or inherited
+    from the master of a multi-worker dcrouter) and adopted by the reactor.
+
+    In a worker process (``router.workers`` > 1) :attr:`reuse_port` is true: a
+    socket the master did not pass (a port added by a reload) is bound with
+    ``SO_REUSEPORT`` so every worker can bind it.
     """
 
     #: Set by the worker runner (:mod:`dcrouter.workers`) for the whole process.
@@ -201,59 +233,36 @@ class ListenerSet:
         self.backlog = backlog
         self.ports: dict[ListenSpec, IListeningPort] = {}
 
+    def _socket_for(self, spec: ListenSpec) -> socket.socket:
+        key = (spec.protocol, spec.host, spec.port)
+        sock = POOL.take(key)
+        if sock is not None:
+            return sock
+        try:
+            return bind_socket(spec.protocol, spec.host, spec.port, self.backlog,
+                               reuse_port=self.reuse_port)
+        except (socket.gaierror, OSError) as e:
+            raise listen_error(spec.key_path, spec.host, spec.port, e) from None
+
     def _bind(self, spec: ListenSpec) -> IListeningPort:
-        host = spec.host
+        """Hand the spec's socket to the reactor (adopt*Port)."""
+        sock = self._socket_for(spec)
         try:
             target = self.factory_for(spec)
-            if self.reuse_port:
-                return self._bind_shared(spec, target)
             if spec.protocol == "udp":
                 assert isinstance(target, DatagramProtocol)
-                return self.reactor.listenUDP(spec.port, target, interface=host,  # type: ignore
-                                              maxPacketSize=65535)
-            assert isinstance(target, Factory)
-            if spec.tls:
-                assert self.context_for is not None
-                return self.reactor.listenSSL(spec.port, target,  # type: ignore
-                                              self.context_for(spec),
-                                              backlog=self.backlog, interface=host)
-            return self.reactor.listenTCP(spec.port, target, backlog=self.backlog,  # type: ignore
-                                          interface=host)
-        except CannotListenError as e:
-            reason = e.socketError.strerror if hasattr(e.socketError, "strerror") else str(e)
-            raise ListenError(spec.key_path, host, spec.port, str(reason)) from None
-        except (socket.gaierror, OSError) as e:
-            raise ListenError(spec.key_path, host, spec.port, str(e)) from None
-
-    def _bind_shared(self, spec: ListenSpec, target: Any) -> IListeningPort:
-        """Bind with SO_REUSEPORT, then hand the socket to the reactor (adopt*Port)."""
-        udp = spec.protocol == "udp"
-        kind = socket.SOCK_DGRAM if udp else socket.SOCK_STREAM
-        # as listenTCP/listenUDP: an IPv6 literal binds IPv6, anything else IPv4 ("" = all)
-        if ":" in spec.host:
-            family = socket.AF_INET6
-            address = socket.getaddrinfo(spec.host, spec.port, family, kind)[0][4]
-        else:
-            family, address = socket.AF_INET, (spec.host or "0.0.0.0", spec.port)
-        sock = socket.socket(family, kind)
-        try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-            sock.bind(address)
-            sock.setblocking(False)
-            if udp:
-                assert isinstance(target, DatagramProtocol)
                 return self.reactor.adoptDatagramPort(  # type: ignore[attr-defined,no-any-return]
-                    sock.fileno(), family, target, maxPacketSize=65535)
+                    sock.fileno(), sock.family, target, maxPacketSize=65535)
             assert isinstance(target, Factory)
-            sock.listen(self.backlog)
             if spec.tls:
                 from twisted.protocols.tls import TLSMemoryBIOFactory
                 assert self.context_for is not None
                 target = TLSMemoryBIOFactory(self.context_for(spec), False, target)
                 target.noisy = False
             return self.reactor.adoptStreamPort(  # type: ignore[attr-defined,no-any-return]
-                sock.fileno(), family, target)
+                sock.fileno(), sock.family, target)
+        except OSError as e:
+            raise listen_error(spec.key_path, spec.host, spec.port, e) from None
         finally:
             sock.close()  # the reactor holds its own duplicate of the descriptor
 
@@ -296,3 +305,48 @@ class ListenerSet:
             if spec.key_path == key_path:
                 return port.getHost().port  # type: ignore[attr-defined]
         return None
+
+
+def release_unclaimed() -> None:
+    """Close the pre-bound sockets no listener took (logged: the plan and the services
+    disagree, or a service is not running in this process)."""
+    closed = POOL.release()
+    if closed:
+        log.info("closed {count} pre-bound sockets no listener took: {keys}",
+                 count=len(closed), keys=closed)
+
+
+def check_new_listeners(context: RouterContext, new: Any) -> None:
+    """Refuse (ConfigError, nothing changed) a reload that adds a port this process
+    cannot bind any more: below 1024 after the root-then-drop start."""
+    bound: set[Key] = set()
+    for service in context.services.values():
+        for protocol, host, port in service.bound_addresses():
+            bound.add((protocol.split("+", 1)[0], host, port))
+    worker = context.worker
+    old_email, new_email = context.options.email, getattr(new, "email", None)
+    if old_email is not None and new_email is not None:
+        changed = set(old_email.effective_submission_ports) ^ \
+            set(new_email.effective_submission_ports)
+        for port in sorted(changed):
+            if port in new_email.ports and ("tcp", new_email.listen, port) in bound and \
+                    needs_privilege(port):
+                raise ConfigError("email.submission_ports",
+                                  f"changing whether port {port} requires AUTH re-creates its "
+                                  f"listener, and this process can no longer bind ports below "
+                                  f"{unprivileged_port_start()} (root bound them at start, then "
+                                  f"was dropped): it needs a restart of dcrouter")
+    for planned in planned_listeners(new):
+        if planned.key_path == "api.port" and worker is not None and not worker.runs_api:
+            continue
+        if planned.port and planned.key not in bound and needs_privilege(planned.port):
+            import pwd
+            try:
+                user = pwd.getpwuid(os.geteuid()).pw_name
+            except KeyError:
+                user = str(os.geteuid())
+            raise ConfigError(planned.key_path,
+                              f"port {planned.port} is below {unprivileged_port_start()} and "
+                              f"this process runs as {user}, without the privilege to bind "
+                              f"it (root bound the ports at start, then was dropped); "
+                              f"listening on it needs a restart of dcrouter")

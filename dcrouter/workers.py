@@ -1,12 +1,14 @@
 """Multi-worker mode: a master process and N worker processes sharing every port.
 
 With ``router.workers`` = N > 1, ``twistd -n dcrouter --config FILE`` runs a
-:class:`WorkerMaster` instead of the router.  The master binds nothing; it
-starts N workers with ``reactor.spawnProcess`` (``python -m dcrouter.workers
---config FILE --index I --count N``), each a complete dcrouter whose listeners
-use ``SO_REUSEPORT`` (:attr:`dcrouter.service.ListenerSet.reuse_port`) so the
-kernel spreads connections and datagrams over them - the Postfix master /
-HAProxy master-worker shape:
+:class:`WorkerMaster` instead of the router.  The master binds every listening
+socket once, in ``privilegedStartService`` (so as root when twistd drops to
+``--uid/--gid`` afterwards), and starts N workers with ``reactor.spawnProcess``
+(``python -m dcrouter.workers --config FILE --index I --count N``), each a
+complete dcrouter that inherits those sockets as file descriptors
+(:data:`dcrouter.sockets.INHERIT_ENV` says which is which) and accepts on
+them: one socket per address, shared by every worker, as nginx and HAProxy
+pass theirs - the Postfix master / HAProxy master-worker shape:
 
 * worker 0 starts first and alone (it creates shared state such as the
   self-signed certificates and DKIM keys); the others start once it reported
@@ -17,13 +19,21 @@ HAProxy master-worker shape:
 * a worker that dies later is restarted after a back-off (0.5 s, doubling up
   to 30 s; reset after a worker ran a minute), logged with its exit status.
   The new worker adopts the dead one's disk-queue shard.
+* the master keeps its sockets for the workers it restarts; a reload that
+  removes a listener closes the master's copy too.  A port a reload adds is
+  bound by each worker itself with ``SO_REUSEPORT``
+  (:attr:`dcrouter.service.ListenerSet.reuse_port`), and refused when it is
+  below 1024 after the privilege drop (a restart binds it).
 * SIGHUP on the master is forwarded to every worker (each re-reads the
   file); SIGTERM/SIGINT stop every worker gracefully, wait up to
   ``router.shutdown_timeout`` + :data:`STOP_MARGIN` seconds, kill what is
   left and exit 0.
 * each worker's standard input is a pipe from the master: when the master
   dies (even by SIGKILL) the worker sees end-of-file and stops gracefully,
-  so no worker outlives its master.  Workers report readiness on fd 3.
+  so no worker outlives its master.  Workers report readiness (and the end of
+  each reload) on fd 3; the master tells systemd (:mod:`dcrouter.sdnotify`):
+  ``READY=1`` once every worker is ready, ``RELOADING=1`` until every worker
+  reloaded, ``STOPPING=1``.
 * the management API runs in worker 0; every worker writes its figures to a
   snapshot file that worker 0 reports as its ``workers`` service
   (:class:`WorkerStats`).
@@ -49,7 +59,11 @@ from zope.interface import implementer
 from dcrouter.config import DcRouterOptions, load_config
 from dcrouter.errors import ConfigError
 from dcrouter.logsetup import get_logger, make_observer
+from dcrouter.sdnotify import Notifier, child_environment, from_environment
 from dcrouter.service import ListenerSet, ManagedService, WorkerIdentity
+from dcrouter.sockets import (
+    INHERIT_ENV, POOL, ListenError, SocketPool, planned_listeners,
+)
 
 log = get_logger("router")
 
@@ -62,6 +76,8 @@ MAX_BACKOFF = 30.0
 STABLE_AFTER = 60.0
 #: The worker's file descriptor on which it tells the master it is ready.
 READY_FD = 3
+#: The first of the worker's file descriptors that are inherited listening sockets.
+FIRST_SOCKET_FD = 4
 #: Seconds between the snapshots of each worker's figures (for worker 0's API).
 SNAPSHOT_INTERVAL = 2.0
 
@@ -118,6 +134,8 @@ class WorkerProcess(protocol.ProcessProtocol):
             if word == "ready" and not self.ready:
                 self.ready = True
                 self.master.worker_ready(self)
+            elif word == "reloaded":
+                self.master.worker_reloaded(self)
             elif word == "reload-all":
                 self.master.forward_reload(exclude=self.index)
 
@@ -142,7 +160,7 @@ class WorkerMaster(Service):
     name = "workers"  # type: ignore[assignment]
 
     def __init__(self, options: DcRouterOptions, config_path: str, reactor: Any = None,
-                 exit_on_error: bool = True) -> None:
+                 exit_on_error: bool = True, notifier: Optional[Notifier] = None) -> None:
         if reactor is None:
             from twisted.internet import reactor as default_reactor
             reactor = default_reactor
@@ -161,6 +179,11 @@ class WorkerMaster(Service):
         self._timers: dict[int, Any] = {}
         self._stopping = False
         self._all_ended: Optional[defer.Deferred] = None
+        #: The listening sockets bound in privilegedStartService, passed to every worker.
+        self.sockets = SocketPool()
+        self.notifier = notifier if notifier is not None else from_environment()
+        #: Workers that have not yet reported the end of the reload in progress.
+        self._reloading: set[int] = set()
 
     def setServiceParent(self, parent: Any) -> None:
         """Attach to a twistd application, registering the master's log observer on it."""
@@ -169,6 +192,19 @@ class WorkerMaster(Service):
         super().setServiceParent(parent)
 
     # -- start ------------------------------------------------------------------
+    def privilegedStartService(self) -> None:
+        """Bind every listener once (still root under ``twistd --uid``), for the workers."""
+        try:
+            self.sockets.prebind(planned_listeners(self.options))
+        except ListenError as e:
+            log.critical("cannot start: {error}", error=str(e), key_path=e.key_path)
+            if not self.exit_on_error:
+                raise
+            sys.stderr.write(f"dcrouter: {e}\n")
+            sys.stderr.flush()
+            os._exit(1)
+        super().privilegedStartService()
+
     def startService(self) -> None:
         """Start worker 0; the others follow once it is ready."""
         super().startService()
@@ -188,7 +224,11 @@ class WorkerMaster(Service):
         if running is not None and not running.ended:
             return running
         proc = WorkerProcess(self, index)
-        env = dict(os.environ)
+        env = child_environment(os.environ)
+        child_fds: dict[int, Any] = {0: "w", 1: 1, 2: 2, READY_FD: "r"}
+        if len(self.sockets):
+            inherited, env[INHERIT_ENV] = self.sockets.child_fds(FIRST_SOCKET_FD)
+            child_fds.update(inherited)
         root = _package_root()
         if os.path.basename(root) not in ("site-packages", "dist-packages"):
             # a checkout: the workers import this very dcrouter (an installed one is found
@@ -197,8 +237,7 @@ class WorkerMaster(Service):
                                         if env.get("PYTHONPATH") else "")
         self.reactor.spawnProcess(proc, sys.executable,
                                   worker_command(self.config_path, index, self.count),
-                                  env=env, path=os.getcwd(),
-                                  childFDs={0: "w", 1: 1, 2: 2, READY_FD: "r"})
+                                  env=env, path=os.getcwd(), childFDs=child_fds)
         self.workers[index] = proc
         log.info("worker {index} started (pid {worker_pid})", index=index, worker_pid=proc.pid)
         return proc
@@ -209,6 +248,8 @@ class WorkerMaster(Service):
         if not self.started and len(self.workers) == self.count and \
                 all(p.ready for p in self.workers.values()):
             self.started = True  # from now on a worker that fails to start is retried
+            self.notifier.ready(f"ready: {self.count} workers")
+            self.notifier.start_watchdog(self.reactor)
         if proc.reload_pending:
             proc.reload_pending = False
             proc.signal("HUP")
@@ -222,6 +263,8 @@ class WorkerMaster(Service):
         code, sig, text = exit_description(reason)
         if self.workers.get(proc.index) is proc:
             del self.workers[proc.index]
+        if proc.index in self._reloading:
+            self.worker_reloaded(proc)
         if self._stopping:
             log.info("worker {index} (pid {worker_pid}) {outcome}", index=proc.index,
                      worker_pid=proc.pid, outcome=text, exit_status=code, signal=sig)
@@ -277,8 +320,30 @@ class WorkerMaster(Service):
         if new.router.effective_workers != self.count:
             log.warn("router.workers changes need a restart; keeping {count} workers",
                      count=self.count)
+        self.notifier.reloading(f"reloading {self.config_path}")
+        self._reloading = {i for i, p in self.workers.items() if p.ready}
+        if not self._reloading:
+            self.notifier.ready(f"ready: {self.count} workers")
         self.forward_reload()
+        self._close_removed(new)
         return True
+
+    def _close_removed(self, new: DcRouterOptions) -> None:
+        """Close the master's copy of sockets the new configuration no longer listens on
+        (after the workers were told: theirs close as they reload)."""
+        wanted = {p.key for p in planned_listeners(new)}
+        closed = self.sockets.release(keep=wanted)
+        if closed:
+            log.info("closed the listening sockets the configuration dropped: {keys}",
+                     keys=closed)
+
+    def worker_reloaded(self, proc: WorkerProcess) -> None:
+        """A worker finished a reload (applied or refused); the last one makes us ready."""
+        if proc.index not in self._reloading:
+            return
+        self._reloading.discard(proc.index)
+        if not self._reloading:
+            self.notifier.ready(f"ready (reloaded): {self.count} workers")
 
     def forward_reload(self, exclude: Optional[int] = None) -> None:
         """Send SIGHUP to every worker (but ``exclude``, which reloaded already)."""
@@ -290,12 +355,19 @@ class WorkerMaster(Service):
             else:  # still starting (SIGHUP ignored until it runs): reload once it is ready
                 proc.reload_pending = True
         log.info("reload forwarded to the workers")
+        if exclude is not None:  # asked by a worker (a change made through the API)
+            try:
+                self._close_removed(load_config(self.config_path))
+            except ConfigError:
+                pass
 
     # -- stop -------------------------------------------------------------------
     @defer.inlineCallbacks
     def stopService(self) -> Any:
         """SIGTERM every worker, wait for them (then SIGKILL), exit with the status."""
         self._stopping = True
+        self.notifier.stopping(f"stopping {len(self.workers)} workers")
+        self.notifier.stop_watchdog()
         super().stopService()
         for timer in self._timers.values():
             if timer.active():
@@ -318,6 +390,7 @@ class WorkerMaster(Service):
                     yield self._all_ended.addTimeout(STOP_MARGIN, self.reactor)
                 except defer.TimeoutError:
                     pass
+        self.sockets.release()
         log.info("dcrouter master stopped")
         if self.exit_code and self.exit_on_error:
             sys.stdout.flush()
@@ -428,6 +501,19 @@ class WorkerStats(ManagedService):
         return {"count": self.identity.count, "index": self.identity.index, "workers": workers}
 
 
+class LinkNotifier(Notifier):
+    """A worker's readiness, told to its master: ``ready`` once, then ``reloaded``."""
+
+    def __init__(self, link: "MasterLink") -> None:
+        self.link = link
+        self._told = False
+
+    def ready(self, status: str = "") -> None:
+        """First time: ready; after that: the end of a reload."""
+        self.link.send("reloaded" if self._told else "ready")
+        self._told = True
+
+
 class MasterLink(protocol.Protocol):
     """The worker's end of its pipes to the master (stdin from it, fd 3 to it).
 
@@ -458,7 +544,7 @@ def run_worker(config_path: str, index: int, count: int) -> int:
     from twisted.internet import reactor, stdio
     from twisted.logger import globalLogBeginner
 
-    from dcrouter.router import make_router
+    from dcrouter.daemon import make_daemon
     # a reload forwarded while this worker is still starting must not kill it (the default
     # action of SIGHUP); the router installs its own handler once it runs
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -468,12 +554,14 @@ def run_worker(config_path: str, index: int, count: int) -> int:
         sys.stderr.write(f"dcrouter worker {index}: configuration error: {e}\n")
         return 2
     ListenerSet.reuse_port = True
-    router = make_router(options, config_path=config_path, exit_on_error=True,
-                         worker=WorkerIdentity(index, count))
+    POOL.inherit(os.environ.pop(INHERIT_ENV, ""))  # the master's sockets
+    link = MasterLink(reactor, None)
+    router = make_daemon(options, config_path=config_path, exit_on_error=True,
+                         worker=WorkerIdentity(index, count), notifier=LinkNotifier(link))
+    link.router = router
     globalLogBeginner.beginLoggingTo(
         [TaggedObserver(router.log_observer, f"worker-{index}", index)],
         redirectStandardIO=False)
-    link = MasterLink(reactor, router)
     figures = WorkerStats(router.context, router, WorkerIdentity(index, count))
     figures.setServiceParent(router)
     if index == 0:
@@ -484,7 +572,6 @@ def run_worker(config_path: str, index: int, count: int) -> int:
                          reactor=reactor)
         router.startService()
         router.peer_reload = lambda: link.send("reload-all")
-        link.send("ready")
     reactor.callWhenRunning(start)
     reactor.addSystemEventTrigger("before", "shutdown", router.stopService)
     reactor.run()  # type: ignore[attr-defined]

@@ -28,7 +28,7 @@ def test_check_config_shows_workers_https_and_acme(tmp_path):
     result = run_cli("check-config", str(config))
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "processes: a master and 3 workers sharing every port (SO_REUSEPORT); " \
+    assert "processes: a master and 3 workers sharing every port (bound once by the master); " \
         "the API in worker 0" in out
     assert "api: https://127.0.0.1:" in out
     assert "(dns-01; wildcards by dns-01)" in out

@@ -134,7 +134,8 @@ class ConsoleEndpoints:
         if history is None:
             raise errors.service_unavailable("this router keeps no figures history")
         window_minutes = max(1, int(history.window // 60))
-        minutes = _int_arg(request, "minutes", min(60, window_minutes), 1, window_minutes)
+        # more than the window holds is the whole window (the console asks for an hour)
+        minutes = min(window_minutes, _int_arg(request, "minutes", 60, 1, 100_000))
         step = _int_arg(request, "step", 60, 1, 3600)
         step = max(step, int(history.interval + 0.999))   # no bucket shorter than a sample
         step = max(step, (minutes * 60 + 1439) // 1440)     # at most 1440 buckets

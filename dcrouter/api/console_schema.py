@@ -169,7 +169,8 @@ _LIMIT = {"name": "limit", "in": "query", "required": False,
 CONSOLE_DETAILS: dict[str, dict[str, Any]] = {
     "history": {"params": [
         {"name": "minutes", "in": "query", "required": False,
-         "description": "How far back (at most api.history_window).",
+         "description": "How far back; more than api.history_window gives the whole "
+                        "window.",
          "schema": {"type": "integer", "minimum": 1, "default": 60}},
         {"name": "step", "in": "query", "required": False,
          "description": "Seconds per bucket (raised to api.history_interval).",

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from twisted.web import resource, server
 from twisted.web.http import Request
 
+from dcrouter.api.health import HEALTH_PATHS
 from dcrouter.api import errors
 from dcrouter.api.channel import LimitedSite
 from dcrouter.api.auth import TokenAuthenticator, check_browser_safety
@@ -80,6 +81,8 @@ class RootResource(resource.Resource):
 
     #: Seconds a service may take to answer before the client gets a 503.
     timeout = 30.0
+    #: ``/healthz`` and ``/readyz`` (a :class:`dcrouter.api.health.HealthChecks`; no token).
+    health: Any = None
 
     def __init__(self, handlers: ApiHandlers, authenticator: TokenAuthenticator,
                  metrics: ApiMetrics, reactor: Any, static: Optional[StaticFiles] = None
@@ -96,6 +99,8 @@ class RootResource(resource.Resource):
     # -- entry ------------------------------------------------------------------
     def render(self, request: Request) -> Any:
         """Dispatch; every answer is written here (NOT_DONE_YET)."""
+        if self.health is not None and request.path in HEALTH_PATHS:
+            return self.health.render(request)
         self.requests += 1
         started = time.monotonic()
         method = (request.method or b"GET").decode("ascii", "replace").upper()

@@ -16,6 +16,7 @@ from typing import Any, Optional
 
 from twisted.internet import defer
 
+from dcrouter.api.health import HealthChecks
 from dcrouter.api.auth import TokenAuthenticator
 from dcrouter.api.channel import RequestLimits
 from dcrouter.api.authshare import SharedFailureLimiter
@@ -46,6 +47,7 @@ class ApiService(ManagedService):
         self.handlers = ApiHandlers(context, self.metrics, self.openapi_document)
         self.root = RootResource(self.handlers, self.authenticator, self.metrics,
                                  context.reactor)
+        self.root.health = HealthChecks(context)
         self.site = ApiSite(self.root, self._limits(options), timeout=options.idle_timeout,
                             reactor=context.reactor)
         self.tls: Optional[SwitchableContext] = None

@@ -444,6 +444,9 @@ class EmailOptions:
     chunking: bool = option(True, doc="Offer CHUNKING (RFC 3030 BDAT) in EHLO; false: not "
                             "offered and BDAT answered 502 (Postfix: smtpd_discard_ehlo_keywords"
                             " = chunking).")
+    dsn: bool = option(True, doc="Offer DSN (RFC 3461: NOTIFY, ORCPT, RET, ENVID) in EHLO; "
+                       "false: not offered and those parameters answered '501 5.7.1 DSN "
+                       "support is disabled' (Postfix: smtpd_discard_ehlo_keywords = dsn).")
     relay_networks: tuple[str, ...] = option(("127.0.0.0/8", "::1/128"), check=check_networks,
                                              doc="Clients that may relay to any domain without "
                                              "AUTH (Postfix mynetworks).")

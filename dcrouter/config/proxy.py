@@ -50,6 +50,15 @@ def _check_domains(value: tuple[str, ...], path: str) -> tuple[str, ...]:
     return value
 
 
+def _check_health_path(value: str, path: str) -> str:
+    """Empty, or an absolute path without spaces or control characters (it goes into a
+    request line)."""
+    if value and (not value.startswith("/") or any(c <= " " or c == "\x7f" for c in value)):
+        raise ConfigError(path, "must be empty or a path starting with '/', without spaces or "
+                          f"control characters, got {value!r}")
+    return value
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class ProxyRouteOptions:
     """One route: match (ports, domains, client IPs, path) and action (targets, TLS)."""
@@ -71,6 +80,10 @@ class ProxyRouteOptions:
                                  doc="How targets share connections.")
     health_check_interval: float = option(10.0, check=check_non_negative,
                                           doc="Seconds between TCP health checks (0: off).")
+    health_check_path: str = option("", check=_check_health_path,
+                                    doc="HTTP health check instead of a TCP connect: GET this "
+                                    "path on each target, healthy on 2xx/3xx (e.g. '/readyz' "
+                                    "of a dcrouter API).")
     allowed_ips: tuple[str, ...] = option(("0.0.0.0/0", "::/0"), check=check_networks,
                                           doc="Clients allowed (CIDR).")
     blocked_ips: tuple[str, ...] = option((), check=check_networks,
@@ -105,6 +118,23 @@ class ProxyRouteOptions:
                                   "other than '*' or a path. false on a terminate route: a plain "
                                   "byte tunnel (for TLS services that are not HTTP).")
     add_forwarded_headers: bool = option(False, doc="Add X-Forwarded-For/-Proto (HTTP).")
+    http2: bool = option(True, doc="Terminate routes relayed as HTTP: offer HTTP/2 (ALPN h2 "
+                         "before http/1.1); streams go to the targets as HTTP/1.1 requests. "
+                         "false: ALPN http/1.1 only.")
+    http2_max_concurrent_streams: int = option(100, check=check_positive,
+                                               doc="HTTP/2: streams a client may have open at "
+                                               "once (SETTINGS_MAX_CONCURRENT_STREAMS); a stream "
+                                               "counts until its backend exchange is torn down, "
+                                               "reset or not.")
+    http2_max_header_list_size: int = option(32768, check=check_positive,
+                                             doc="HTTP/2: bytes of one decoded header list "
+                                             "(SETTINGS_MAX_HEADER_LIST_SIZE, HPACK bombs), and "
+                                             "bound of a HEADERS+CONTINUATION block as received "
+                                             "(plus 16 KiB).")
+    http2_initial_window_size: int = option(65535, check=check_positive,
+                                            doc="HTTP/2: bytes of request body a stream may have "
+                                            "in flight before the proxy has handed them to the "
+                                            "target (SETTINGS_INITIAL_WINDOW_SIZE).")
     send_proxy_protocol: str = option("", doc="'v1' or 'v2': send a PROXY header to targets.")
     cert_path: str = option("", doc="Certificate for terminate modes (else ACME or self-signed).")
     key_path: str = option("", doc="Its key.")
@@ -126,6 +156,8 @@ class ProxyRouteOptions:
         if self.tls == "passthrough" and self.http:
             raise ConfigError(f"{path}.http", "a passthrough route cannot be read as HTTP (the "
                               "traffic stays encrypted); use tls = \"terminate\"")
+        if self.http2_initial_window_size > 2 ** 31 - 1:
+            raise ConfigError(f"{path}.http2_initial_window_size", "must be at most 2147483647")
         if self.http is False and self.add_forwarded_headers:
             raise ConfigError(f"{path}.add_forwarded_headers",
                               "needs HTTP, but this route sets http = false")
@@ -196,6 +228,11 @@ class ProxyOptions:
     accept_proxy_protocol: bool = option(False, doc="Accept PROXY v1/v2 headers from proxy_ips.")
     proxy_ips: tuple[str, ...] = option((), check=check_networks,
                                         doc="Trusted load balancers that may send PROXY headers.")
+    access_log: str = option("", doc="Access log file: one line per client connection in "
+                             "HAProxy's tcplog format (empty: off); reopened on every reload.")
+    access_log_format: str = option("haproxy", check=one_of("haproxy", "json"),
+                                    doc="'haproxy' (tcplog lines) or 'json' (one object a "
+                                    "line, the same facts plus requests and bytes_in).")
 
     def validate(self, path: str) -> None:
         """Route names unique."""

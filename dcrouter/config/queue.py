@@ -100,6 +100,15 @@ class DeliveryOptions:
     ca_path: str = option("", doc="CA bundle (PEM) for verify_certificates; default: the "
                           "system's CAs.")
     bounce_sender: str = option("", doc="From of DSNs; default MAILER-DAEMON@hostname.")
+    bounce_size_limit: int = option(50000, check=check_non_negative,
+                                    doc="Bytes of a failed message a failure DSN returns "
+                                    "whole; a larger one (or RET=HDRS) is returned as its "
+                                    "header only (Postfix's bounce_size_limit; 0: no limit).")
+    delay_warning_time: float = option(0.0, check=check_non_negative,
+                                       doc="Seconds after arrival when a sender whose mail is "
+                                       "still deferred gets one delay DSN (NOTIFY=DELAY, or "
+                                       "no NOTIFY); 0: never (Postfix's delay_warning_time, "
+                                       "also off by default).")
     suppression_ttl: float = option(2592000.0, check=check_non_negative,
                                     doc="Seconds a hard-bounced recipient stays suppressed "
                                     "(0: off).")

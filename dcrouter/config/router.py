@@ -63,8 +63,8 @@ class RouterOptions:
                                      "connections get to finish on SIGTERM.")
     workers: int = option(1, check=_check_workers, reload="restart",
                           doc="Worker processes. 1: one process, as always. N > 1: a master "
-                          "process starts N workers that share every listening port "
-                          "(SO_REUSEPORT), each with its own disk-queue shard "
+                          "process binds every listening port once and starts N workers that "
+                          "share those sockets, each with its own disk-queue shard "
                           "(queue/worker-<i>); the API runs in worker 0. 0: one per CPU.")
 
     @property

@@ -5,8 +5,10 @@ STARTTLS - required or opportunistic -, AUTH) and adds what dcrouter needs:
 it pulls :class:`Job` objects from a :class:`JobSource` (connection reuse:
 after one message it sends RSET and takes the next), pipelines ``MAIL``/``RCPT``
 when the server offers PIPELINING (RFC 2920), passes ``SIZE=`` and refuses
-locally a message larger than the server's SIZE limit, and reports a result
-for every recipient.
+locally a message larger than the server's SIZE limit, passes the client's
+DSN parameters on when the server offers DSN (RFC 3461 5.2.1: ``RET`` and
+``ENVID`` as received, ``NOTIFY`` as received, ``ORCPT`` as received or made up
+from the address, as Postfix does), and reports a result for every recipient.
 
 Two defences of Postfix's SMTP client are built in: at STARTTLS every byte the
 server sent after its ``220`` in clear text is discarded (CVE-2011-0411 class:
@@ -29,6 +31,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from dcrouter.delivery.lines import dot_stuff, normalise
+from dcrouter.dsn import EnvelopeDsn, RecipientDsn
 from dcrouter.logsetup import get_logger
 
 log = get_logger("email.delivery")
@@ -42,6 +45,12 @@ class Outcome:
     message: str
     delivered: bool
     permanent: bool
+    #: the host whose reply this is ("" when none answered)
+    remote: str = ""
+    #: the next hop offered DSN and got the client's parameters: reports are its job now
+    dsn_passed: bool = False
+    #: final delivery (into a Maildir), not a relay
+    final: bool = False
 
 
 def wire_data(message: bytes) -> bytes:
@@ -54,12 +63,14 @@ class Job:
     """One item's attempt over SMTP: envelope, data, and a Deferred of per-recipient outcomes."""
 
     def __init__(self, item_id: str, mail_from: str, recipients: list[str], message: bytes,
-                 correlation_id: str = "") -> None:
+                 correlation_id: str = "", dsn: Optional[EnvelopeDsn] = None) -> None:
         self.item_id = item_id
         self.mail_from = mail_from
         self.recipients = recipients
         self.data = wire_data(message)
         self.correlation_id = correlation_id
+        self.dsn = dsn or EnvelopeDsn()
+        self.dsn_passed = False  # sent to a server that offers DSN
         self.deferred: defer.Deferred = defer.Deferred()
         self.host = ""
         self.needs_smtputf8 = not (mail_from.isascii() and all(r.isascii() for r in recipients))
@@ -67,14 +78,27 @@ class Job:
         self.bad_envelope = any(_control(a) for a in [mail_from, *recipients])
 
     def finish(self, results: dict[str, Outcome]) -> None:
-        """Report outcomes (once)."""
+        """Report outcomes (once), with the host that answered."""
         if not self.deferred.called:
+            for outcome in results.values():
+                outcome.remote = outcome.remote or self.host
+                outcome.dsn_passed = self.dsn_passed
             self.deferred.callback(results)
+
+    def rcpt_line(self, address: str) -> bytes:
+        """``RCPT TO:<address>``, with NOTIFY and ORCPT for a server that offers DSN."""
+        line = b"RCPT TO:" + quote_address(address)
+        if self.dsn_passed:
+            line += self.dsn.recipients.get(address, _NO_DSN).rcpt_params(address)
+        return line
 
     def fail_all(self, code: int, message: str, permanent: bool) -> None:
         """The same failure for every recipient."""
         text = message if has_reply_code(message) or code <= 0 else f"{code} {message}"
         self.finish({r: Outcome(code, text, False, permanent) for r in self.recipients})
+
+
+_NO_DSN = RecipientDsn()
 
 
 def has_reply_code(text: str) -> bool:
@@ -242,6 +266,9 @@ class DeliveryClient(smtp.ESMTPClient):
             mail += b" BODY=8BITMIME"
         if job.needs_smtputf8:
             mail += b" SMTPUTF8"
+        job.dsn_passed = b"DSN" in self.extensions
+        if job.dsn_passed:
+            mail += job.dsn.mail_params()
         if b"PIPELINING" in self.extensions:
             self.pipelined += 1
             self.counters["pipelined_transactions"] += 1
@@ -249,7 +276,7 @@ class DeliveryClient(smtp.ESMTPClient):
             self.successAddresses = []
             self._pipeline = list(job.recipients)
             self._mail_reply = None
-            lines = [mail] + [b"RCPT TO:" + quote_address(r) for r in job.recipients]
+            lines = [mail] + [job.rcpt_line(r) for r in job.recipients]
             self.transport.write(b"\r\n".join(lines) + b"\r\n")
             self._expected = range(0, 1000)
             self._okresponse = self._pipelined_reply
@@ -295,7 +322,8 @@ class DeliveryClient(smtp.ESMTPClient):
                 self._okresponse = self.smtpState_data
                 return None
             return self.smtpState_msgSent(code, b"No recipients accepted")
-        self.sendLine(b"RCPT TO:" + quote_address(self.lastAddress))
+        assert self.current is not None
+        self.sendLine(self.current.rcpt_line(self.lastAddress))
         return None
 
     def getMailFrom(self) -> Optional[str]:

@@ -9,9 +9,9 @@ deliver by transport - **forward** to ``server:port``, **mx** to the recipient
 domain's MX hosts, **local** into Maildirs - and record every recipient's
 outcome: delivered; deferred with exponential backoff (4xx, timeouts,
 connection trouble, a rule that no longer exists); or failed (5xx, null MX,
-retries exhausted), which queues an RFC 3464 DSN to the envelope sender (never
-for the null sender, never for a bounce) - an ordinary item routed by its
-recipient's address - and, for hard bounces, suppresses the recipient.
+retries exhausted), which for hard bounces suppresses the recipient.  The RFC
+3464 reports that follow (failure, delay, success as NOTIFY asked) are decided
+and queued by :mod:`dcrouter.delivery.notices`.
 
 SMTP deliveries go through one :class:`DestinationWorker` per transport: its
 jobs wait in a deque and at most ``per_destination_concurrency`` connections
@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import collections
 import os
-import tempfile
 from typing import Any, Optional
 
 from twisted.application.service import Service
@@ -31,10 +30,10 @@ from twisted.internet import defer, endpoints, ssl, task, threads
 
 from dcrouter.config.email import EmailOptions
 from dcrouter.delivery import dkimsign, maildir
-from dcrouter.delivery.bounce import build_dsn
 from dcrouter.delivery.classify import classify
 from dcrouter.delivery.lines import normalise
 from dcrouter.delivery.mx import MxResolver, make_resolver
+from dcrouter.delivery.notices import Notices, envelope_dsn
 from dcrouter.delivery.payload import Payload
 from dcrouter.delivery.reputation import SenderReputation
 from dcrouter.delivery.smtpclient import (
@@ -44,7 +43,6 @@ from dcrouter.delivery.suppression import SuppressionList
 from dcrouter.delivery.transport import Resolution, RuleLookup, Transport, TransportResolver
 from dcrouter.errors import DeliveryError, PermanentDeliveryError, TransientDeliveryError
 from dcrouter.logsetup import get_logger
-from dcrouter.message import BY_ADDRESS, DeliveryRequest, Destination, new_queue_id
 from dcrouter.queue.item import DELIVERED, FAILED, QueueItem
 
 log = get_logger("email.delivery")
@@ -108,6 +106,7 @@ class MultiModeDeliverySystem(Service):
         self.dest_in_flight: collections.Counter[str] = collections.Counter()
         self.workers: dict[Transport, DestinationWorker] = {}
         self.counters: collections.Counter[str] = collections.Counter()
+        self.notices = Notices(self)
         self._pumping = False
         self._pump_again = False
         self._loop: Optional[task.LoopingCall] = None
@@ -367,8 +366,7 @@ class MultiModeDeliverySystem(Service):
                      queue_id=item.id, recipient=rcpt.address, kind=verdict.kind,
                      status=verdict.status, reply=rcpt.message[:300],
                      correlation_id=item.correlation_id)
-        if newly_failed:
-            await self._bounce(item, newly_failed, body)
+        await self.notices.after_attempt(item, results, newly_failed, body)
         if item.finished:
             await self.queue.complete(item)
             if item.status == DELIVERED:
@@ -380,50 +378,12 @@ class MultiModeDeliverySystem(Service):
             error = errors[0] if errors else "deferred"
             self.counters["deferred"] += 1
             self.reputation.record(sender_domain, "deferred")
+            await self.notices.after_deferral(item, body)
             await self.queue.defer_item(item, error)
             log.info("deferred {queue_id} (attempt {attempts}): {reply}", queue_id=item.id,
                      attempts=item.attempts, reply=error[:300],
                      correlation_id=item.correlation_id)
             self._notify("on_delivery_failed", item, error, False)
-
-    # -- bounces --------------------------------------------------------------------------------
-    async def _bounce(self, item: QueueItem, failed: list[Any], body: "Payload") -> None:
-        if item.is_bounce or not item.mail_from:
-            log.info("no DSN for {queue_id}: {why}", queue_id=item.id,
-                     why="it is a bounce" if item.is_bounce else "null sender",
-                     correlation_id=item.correlation_id)
-            return
-        hostname = self.delivery.helo_name or self.options.hostname
-        sender = self.delivery.bounce_sender or f"MAILER-DAEMON@{hostname}"
-        status_for = {r.address: classify(r.code, r.message).status for r in failed}
-        try:
-            data = normalise(await body.read(), limit=0)
-        except Exception:
-            data = b""
-        dsn = build_dsn(item, failed, hostname, sender, data, status_for)
-        spool = os.path.join(self.state_dir or tempfile.gettempdir(), "spool")
-        path = await threads.deferToThread(self._write_spool, spool, dsn)
-        # an ordinary item: routed by its recipient's address when it is delivered
-        transport = self.transports.for_address(item.mail_from)
-        request = DeliveryRequest(queue_id=new_queue_id(), mode="bounce", rule_pattern="",
-                                  mail_from="", recipients=[item.mail_from],
-                                  via=Destination(BY_ADDRESS), body_path=path,
-                                  correlation_id=item.correlation_id, size=len(dsn),
-                                  is_bounce=True, destination=transport.destination)
-        ids = await self.queue.enqueue([request])
-        self.counters["bounces"] += 1
-        log.info("DSN {dsn_id} for {queue_id} queued to {sender}", dsn_id=ids[0],
-                 queue_id=item.id, sender=item.mail_from, correlation_id=item.correlation_id)
-
-    @staticmethod
-    def _write_spool(spool: str, data: bytes) -> str:
-        os.makedirs(spool, mode=0o700, exist_ok=True)
-        fd, path = tempfile.mkstemp(prefix="dsn-", suffix=".eml", dir=spool)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        return path
 
     # -- sending --------------------------------------------------------------------------------
     async def _send(self, item: QueueItem, transport: Transport, data: bytes,
@@ -435,7 +395,8 @@ class MultiModeDeliverySystem(Service):
         worker = self.workers.get(transport)
         if worker is None:
             worker = self.workers[transport] = DestinationWorker(transport)
-        job = Job(item.id, item.mail_from, recipients, data, item.correlation_id)
+        job = Job(item.id, item.mail_from, recipients, data, item.correlation_id,
+                  envelope_dsn(item))
         worker.jobs.append(job)
         self._ensure_connections(worker)
         results: dict[str, Outcome] = await job.deferred
@@ -450,7 +411,7 @@ class MultiModeDeliverySystem(Service):
                 path = await threads.deferToThread(maildir.deliver, root, rcpt, data,
                                                     maildir.new_name(), mail_from)
                 results[rcpt] = Outcome(250, f"250 2.0.0 stored in {os.path.basename(path)}",
-                                        True, False)
+                                        True, False, final=True)
             except PermanentDeliveryError as e:
                 results[rcpt] = Outcome(550, str(e), False, True)
             except OSError as e:

@@ -368,7 +368,7 @@ class MultiModeProcessor:
                     mode=group.mode, rule_pattern=group.key, mail_from=message.mail_from,
                     recipients=list(group.recipients), via=RULE_DESTINATION,
                     body_path=group.body_path, correlation_id=cid, size=size,
-                    destination=key, dkim=dkim))
+                    destination=key, dkim=dkim, dsn=message.dsn))
             ids = yield self.queue.enqueue(requests)
         except PolicyRejection as e:
             self.rejections[e.reason] += 1

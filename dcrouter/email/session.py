@@ -2,7 +2,7 @@
 
 Written on :class:`twisted.internet.protocol.Protocol` rather than
 ``twisted.mail.smtp.ESMTP`` (see ``docs/decisions.md``): the session parses
-lines itself so that it can enforce the 512-octet command limit, stream DATA
+lines itself so that it can enforce its command line limit, stream DATA
 and BDAT chunks (RFC 3030 CHUNKING) into a spool file with the size limit
 checked while streaming, keep reading pipelined commands in order while the
 message handler answers asynchronously, and reply with enhanced status codes
@@ -37,7 +37,7 @@ class SmtpSession(TransactionCommands, AuthCommands):
             return
         self._reset_transaction()
         self.info.helo = arg
-        self._esmtp = False
+        self._esmtp = self.info.esmtp = False
         self._send(f"250 {self.host.options.hostname}")
 
     def do_EHLO(self, arg: str) -> None:
@@ -47,10 +47,12 @@ class SmtpSession(TransactionCommands, AuthCommands):
             return
         self._reset_transaction()
         self.info.helo = arg
-        self._esmtp = True
+        self._esmtp = self.info.esmtp = True
         options = self.host.options
         lines = [options.hostname, "PIPELINING", f"SIZE {options.max_message_size}",
                  "ENHANCEDSTATUSCODES", "8BITMIME"]
+        if options.dsn:
+            lines.append("DSN")
         if options.chunking:
             lines.append("CHUNKING")
         lines.append("SMTPUTF8")
@@ -72,7 +74,10 @@ class SmtpSession(TransactionCommands, AuthCommands):
         self._send("214 2.0.0 See RFC 5321")
 
     def do_VRFY(self, arg: str) -> None:
-        """VRFY: never reveals whether a user exists."""
+        """VRFY: never reveals whether a user exists (501 without an argument, as Postfix)."""
+        if not arg:
+            self._error("501 5.5.4 Syntax: VRFY address")
+            return
         self._send("252 2.0.0 Cannot VRFY user, but will accept message and attempt delivery")
 
     def do_EXPN(self, arg: str) -> None:

@@ -3,7 +3,7 @@
 :class:`SessionCore` is the part of :class:`dcrouter.email.session.SmtpSession`
 that every command uses: the connection life cycle, output (one ``send()`` for
 plain TCP, replies to pipelined commands collected), the idle timeout, reading
-input (command lines bounded at 512 octets - 12288 for AUTH -, a bare LF
+input (command lines bounded at 2048 octets - 12288 for AUTH -, a bare LF
 refused when ``email.bare_newline = "reject"``), the error count, the command
 dispatch and asking the message handler.  The commands themselves live in
 :mod:`dcrouter.email.session` (greeting, TLS, reset), :mod:`dcrouter.email.transaction`
@@ -18,6 +18,7 @@ from twisted.internet import defer, tcp
 from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 
+from dcrouter.dsn import RecipientDsn
 from dcrouter.email.clientcert import ClientCert
 from dcrouter.email.data import ChunkReader, DotDecoder, NewlineNormaliser
 from dcrouter.email.sasl import SaslExchange
@@ -31,8 +32,10 @@ if TYPE_CHECKING:  # pragma: no cover
 
 log = get_logger("email.server")
 
-#: RFC 5321 4.5.3.1.4: a command line is at most 512 octets including CRLF.
-COMMAND_LINE_LIMIT = 512
+#: Octets of a command line, CRLF included.  RFC 5321 4.5.3.1.4 says 512 at least, and
+#: extensions add to it (RFC 3461: 500 for ORCPT and NOTIFY, 100 for ENVID and RET;
+#: RFC 6531 addresses in UTF-8); Postfix reads 2048 (``line_length_limit``).
+COMMAND_LINE_LIMIT = 2048
 #: RFC 4954 4: AUTH lines (initial responses, continuations) may reach 12288 octets.
 AUTH_LINE_LIMIT = 12288
 #: While a command waits for the handler, read at most this much ahead before pausing.
@@ -78,6 +81,10 @@ class SessionCore(Protocol):
         self._bare_reject = False
         self.mail_from: Optional[str] = None
         self.recipients: list[str] = []
+        #: RET/ENVID of MAIL and NOTIFY/ORCPT of each RCPT that gave them (RFC 3461).
+        self.dsn_ret = ""
+        self.dsn_envid = ""
+        self.rcpt_dsn: dict[str, RecipientDsn] = {}
         self.smtputf8 = False
         self.body_8bitmime = False
         self.spool: Optional[SpoolWriter] = None
@@ -347,8 +354,10 @@ class SessionCore(Protocol):
         verb, _, arg = line.partition(" ")
         verb = verb.upper()
         if verb not in COMMANDS:
+            # RFC 5321 4.2.4: 500 for a command not recognized, 502 for one recognized
+            # but not implemented (EXPN, TURN...)
             self.host.stats.rejected("unknown_command")
-            self._error("502 5.5.2 Error: command not recognized")
+            self._error("500 5.5.2 Error: command not recognized")
             return
         getattr(self, "do_" + verb, self._not_implemented)(arg.strip())
 
@@ -363,6 +372,8 @@ class SessionCore(Protocol):
             self.spool.abort()
         self.mail_from = None
         self.recipients = []
+        self.dsn_ret = self.dsn_envid = ""
+        self.rcpt_dsn = {}
         self.smtputf8 = False
         self.body_8bitmime = False
         self.spool = None

@@ -2,7 +2,9 @@
 
 MAIL and RCPT paths are read by the RFC 5321 grammar of :mod:`dcrouter.address`
 (501 for what it refuses, 553 5.6.7 for UTF-8 without SMTPUTF8) before the
-message handler is asked.  DATA is streamed through the dot decoder of
+message handler is asked; their DSN parameters (RET, ENVID, NOTIFY, ORCPT) by
+:mod:`dcrouter.dsn` (501 5.5.4 for bad syntax or a repeated parameter, 555 for
+a parameter dcrouter does not know).  DATA is streamed through the dot decoder of
 :mod:`dcrouter.email.data`, BDAT chunks octet-exact through its newline
 normaliser, into a spool file that starts with dcrouter's ``Received:`` header.
 """
@@ -15,6 +17,9 @@ import time
 from typing import Any, Callable, Optional
 
 from dcrouter.address import AddressError, parse_params, parse_path, split_argument
+from dcrouter.dsn import (
+    DsnSyntaxError, EnvelopeDsn, RecipientDsn, parse_envid, parse_notify, parse_orcpt, parse_ret,
+)
 from dcrouter.email.data import ChunkReader, DotDecoder
 from dcrouter.email.sessioncore import Closed, SessionCore
 from dcrouter.email.spool import SpoolWriter
@@ -25,6 +30,18 @@ log = get_logger("email.server")
 
 _HELO_CLEAN = re.compile(r"[^A-Za-z0-9.\-\[\]:_]")
 _date_cache: list = [0, ""]
+
+
+def _repeated(text: str, names: tuple[str, ...]) -> Optional[str]:
+    """The first of ``names`` given more than once among the parameters ``text``."""
+    seen: set[str] = set()
+    for item in text.split():
+        key = item.partition("=")[0].upper()
+        if key in names:
+            if key in seen:
+                return key
+            seen.add(key)
+    return None
 
 
 def _received_date() -> str:
@@ -69,7 +86,12 @@ class TransactionCommands(SessionCore):
         if params and not self._esmtp:
             self._error("555 5.5.4 Unsupported option: parameters need EHLO")
             return
+        repeated = _repeated(text, ("RET", "ENVID"))
+        if repeated:
+            self._error(DsnSyntaxError(repeated, "given twice").reply)
+            return
         smtputf8 = body_8bitmime = False
+        ret = envid = ""
         for key, value in params.items():
             if key == "SIZE":
                 if not (value.isascii() and value.isdigit()):
@@ -87,6 +109,17 @@ class TransactionCommands(SessionCore):
                 body_8bitmime = value.upper() == "8BITMIME"
             elif key == "SMTPUTF8" and not value:
                 smtputf8 = True
+            elif key in ("RET", "ENVID"):
+                if not self._dsn_offered():
+                    return
+                try:
+                    if key == "RET":
+                        ret = parse_ret(value)
+                    else:
+                        envid = parse_envid(value)
+                except DsnSyntaxError as e:
+                    self._error(e.reply)
+                    return
             elif key != "AUTH":
                 self._error(f"555 5.5.4 Unsupported option: {key[:20]}")
                 return
@@ -100,6 +133,7 @@ class TransactionCommands(SessionCore):
         def accepted(_: Any) -> None:
             self.mail_from = address
             self.smtputf8, self.body_8bitmime = smtputf8, body_8bitmime
+            self.dsn_ret, self.dsn_envid = ret, envid
             self._send("250 2.1.0 Ok")
 
         self._ask("check_sender", (self.info, address), accepted, "sender")
@@ -124,9 +158,28 @@ class TransactionCommands(SessionCore):
         if params is None:
             self._error("501 5.5.4 Bad parameter syntax")
             return
-        if params:
-            self._error(f"555 5.5.4 Unsupported option: {next(iter(params))[:20]}")
+        if params and not self._esmtp:
+            self._error("555 5.5.4 Unsupported option: parameters need EHLO")
             return
+        repeated = _repeated(text, ("NOTIFY", "ORCPT"))
+        if repeated:
+            self._error(DsnSyntaxError(repeated, "given twice").reply)
+            return
+        notify = orcpt = ""
+        for key, value in params.items():
+            if key not in ("NOTIFY", "ORCPT"):
+                self._error(f"555 5.5.4 Unsupported option: {key[:20]}")
+                return
+            if not self._dsn_offered():
+                return
+            try:
+                if key == "NOTIFY":
+                    notify = parse_notify(value)
+                else:
+                    orcpt = parse_orcpt(value, utf8=self.smtputf8)
+            except DsnSyntaxError as e:
+                self._error(e.reply)
+                return
         try:
             mailbox = parse_path(path, utf8=self.smtputf8, postmaster_ok=True)
         except AddressError as e:
@@ -146,9 +199,21 @@ class TransactionCommands(SessionCore):
         def accepted(_: Any) -> None:
             if self.mail_from is mail_from:
                 self.recipients.append(address)
+                if notify or orcpt:
+                    self.rcpt_dsn[address] = RecipientDsn(notify, orcpt)
+                else:
+                    self.rcpt_dsn.pop(address, None)
             self._send("250 2.1.5 Ok")
 
         self._ask("check_recipient", (self.info, mail_from, address), accepted, "recipient")
+
+    def _dsn_offered(self) -> bool:
+        """DSN parameters are allowed (``email.dsn``); otherwise refuse them as Postfix does
+        with the keyword discarded."""
+        if self.host.options.dsn:
+            return True
+        self._error("501 5.7.1 DSN support is disabled")
+        return False
 
     def _bad_address(self, error: AddressError, role: str, enhanced: str) -> None:
         """Reply to a MAIL/RCPT path the grammar refused (Postfix's codes)."""
@@ -259,7 +324,8 @@ class TransactionCommands(SessionCore):
         ip = self.info.client_ip
         literal = f"IPv6:{ip}" if ":" in ip else ip
         parts = [f"Received: from {helo} ([{literal}])",
-                 f"\tby {hostname} (dcrouter) with {self.info.protocol} id {self.queue_id}"]
+                 f"\tby {hostname} (dcrouter) with {self.info.protocol_for(self.smtputf8)} "
+                 f"id {self.queue_id}"]
         if self.info.tls:
             parts.append(f"\t(using {self.info.tls_version or 'TLS'} with cipher "
                          f"{self.info.tls_cipher or 'unknown'})")
@@ -353,7 +419,8 @@ class TransactionCommands(SessionCore):
         message = ReceivedMessage(queue_id=self.queue_id, mail_from=self.mail_from,
                                   recipients=list(self.recipients), spool_path=path,
                                   size=spool.total_size, session=self.info,
-                                  smtputf8=self.smtputf8, body_8bit=spool.has_8bit)
+                                  smtputf8=self.smtputf8, body_8bit=spool.has_8bit,
+                                  dsn=self._envelope_dsn())
         self.host.stats.bytes_received += spool.size
 
         def queued(queue_ids: Any) -> None:
@@ -373,6 +440,11 @@ class TransactionCommands(SessionCore):
         self.mail_from = None  # the transaction is with the handler now
         self._ask("handle_message", (message,), queued, "message",
                   on_failure=failed, finished=True)
+
+    def _envelope_dsn(self) -> Optional[EnvelopeDsn]:
+        """The transaction's DSN parameters (None when the client gave none)."""
+        dsn = EnvelopeDsn(self.dsn_ret, self.dsn_envid, dict(self.rcpt_dsn))
+        return dsn if dsn else None
 
     def _too_big(self, size: int) -> None:
         """The message passed ``max_message_size``: 552 and the transaction is over."""

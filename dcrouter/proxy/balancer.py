@@ -134,8 +134,10 @@ class HealthChecker:
     """Periodic TCP connect checks of one balancer's targets."""
 
     def __init__(self, reactor: Any, balancer: Balancer, interval: float, route_key: str,
-                 timeout: float = 5.0) -> None:
+                 timeout: float = 5.0, path: str = "") -> None:
         self.reactor = reactor
+        #: ``health_check_path``: an HTTP check (dcrouter.proxy.httpcheck) instead of a connect.
+        self.path = path
         self.balancer = balancer
         self.interval = interval
         self.route_key = route_key
@@ -167,7 +169,12 @@ class HealthChecker:
         factory.noisy = False
         endpoint = target_endpoint(self.reactor, target.host, target.port, self.timeout,
                                    version=target.ip_version)
-        d = endpoint.connect(factory)
+        if self.path:
+            from dcrouter.proxy.httpcheck import http_check
+            d = http_check(self.reactor, endpoint, self.path, target.host, target.port,
+                           self.timeout)
+        else:
+            d = endpoint.connect(factory)
 
         def up(_: Any) -> None:
             if not target.healthy:

@@ -13,7 +13,8 @@ certificate: self-signed for ``dcrouter-default.invalid`` only, so it learns
 no name served here (the fallback used to list every terminate route's
 names, ``internal.*`` ones included, to anyone who connected).
 
-The server context (TLS >= 1.2, modern ciphers, ALPN ``http/1.1``) asks the
+The server context (TLS >= 1.2, modern ciphers, ALPN ``h2`` where the route
+allows HTTP/2 - :func:`alpn_protocols` - then ``http/1.1``) asks the
 store for the certificate of the name in the ClientHello through
 ``OpenSSL.SSL.Context.set_tlsext_servername_callback``.
 """
@@ -82,8 +83,23 @@ def certificate_expiry(cert_path: str) -> Optional[datetime.datetime]:
     return cert.not_valid_after_utc
 
 
+H2 = b"h2"
+
+
+def alpn_protocols(route: Any) -> tuple[bytes, ...]:
+    """What a terminated route offers, preferred first: ``h2`` when the route is relayed
+    as HTTP and keeps ``http2`` on, then ``http/1.1``."""
+    if route.options.relays_http and route.options.http2:
+        return (H2, ALPN)
+    return (ALPN,)
+
+
 def _select_alpn(connection: Any, offered: list[bytes]) -> Any:
-    return ALPN if ALPN in offered else SSL.NO_OVERLAPPING_PROTOCOLS
+    ours = getattr(connection.get_app_data(), "alpn_protocols", (ALPN,))
+    for protocol in ours:
+        if protocol in offered:
+            return protocol
+    return SSL.NO_OVERLAPPING_PROTOCOLS
 
 
 @implementer(IOpenSSLContextFactory)

@@ -35,6 +35,9 @@ from zope.interface import implementer
 
 from dcrouter.logsetup import get_logger
 from dcrouter.proxy import proxyprotocol, sni
+from dcrouter.proxy.accesslog import access_log_of
+from dcrouter.proxy.certs import alpn_protocols
+from dcrouter.proxy.h2frontend import H2Relay
 from dcrouter.proxy.httprelay import HttpRelay
 from dcrouter.proxy.balancer import Target, connect_with_failover, target_endpoint
 from dcrouter.proxy.limits import Admission, IPAddress, LimitExceeded, Ticket, normalize_ip
@@ -214,7 +217,7 @@ class _TerminatedProtocol(Protocol):
     def __init__(self, front: "FrontProtocol", connection: Connection) -> None:
         self.front = front
         self.connection = connection
-        self.relay: Optional[HttpRelay] = None
+        self.relay: Any = None                  # HttpRelay or H2Relay
         self.tunnel: Optional[Tunnel] = None
         self.lost = False
         self.handshake_done = False
@@ -244,7 +247,10 @@ class _TerminatedProtocol(Protocol):
         if route.options.relays_http:
             # HTTP request by request; the timer now covers the first request head
             front = self.front
-            self.relay = HttpRelay(front.core, self.transport, "https", front.port,
+            relay_class: Any = HttpRelay
+            if getattr(self.transport, "negotiatedProtocol", None) == b"h2":
+                relay_class = H2Relay           # dcrouter.proxy.h2frontend
+            self.relay = relay_class(front.core, self.transport, "https", front.port,
                                    front.client_ip, front.client_addr, front.local_addr,
                                    admit=lambda route: None, on_first_head=self._cancel_timer,
                                    fixed=self.connection)
@@ -363,6 +369,7 @@ class FrontProtocol(Protocol):
     def _refuse(self, kind: str, route: Optional[Route] = None, reply: bytes = b"") -> None:
         """Close a connection that gets no tunnel (counted as an error of ``kind``)."""
         self._cancel_timer()
+        access_log_of(self.core).refused(self, kind, route)
         if route is not None:
             self.core.stats_for(route).error(kind)
         else:
@@ -434,7 +441,9 @@ class FrontProtocol(Protocol):
                      client=self.client_addr[0], kind=e.kind)
             self._refuse(e.kind, route)
             return None
-        return Connection(self.core, route, ticket)
+        connection = Connection(self.core, route, ticket)
+        access_log_of(self.core).admitted(self, connection)
+        return connection
 
     def _proxy(self, route: Route, initial: bytes) -> None:
         connection = self._admit(route)
@@ -458,6 +467,7 @@ class FrontProtocol(Protocol):
         factory.noisy = False
         assert self.transport is not None
         tls = factory.buildProtocol(self.transport.getPeer())
+        tls.alpn_protocols = alpn_protocols(route)  # type: ignore[attr-defined]  # certs' ALPN
         self.delegate = tls
         tls.makeConnection(self.transport)
         tls.dataReceived(buffered)

@@ -29,12 +29,23 @@ _TOKENS = set(b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklm
 
 @dataclasses.dataclass
 class RequestHead:
-    """The first request of a connection: request line and headers as received."""
+    """One request head: request line and headers as received.
+
+    ``raw`` is the head as received (without the blank line) when the framer
+    has it; :func:`render_head` then sends it on as it is, with only the
+    forwarded headers appended, unless the target was rewritten (absolute
+    form) or the client sent ``X-Forwarded-*`` headers of its own.
+    """
 
     method: str
     target: str
     version: str
     headers: list[tuple[str, str]]
+    raw: bytes = b""
+    forwarded: bool = True          # X-Forwarded-* among the headers (True: unknown)
+    rewritten: bool = False         # target or Host changed by normalize_request_target
+    keep_alive: Optional[bool] = None   # the connection may go on after it (None: unknown)
+    upgrade: Optional[bool] = None      # it has an Upgrade header (None: unknown)
 
     def header(self, name: str) -> Optional[str]:
         """The first value of header ``name`` (case-insensitive)."""
@@ -68,9 +79,28 @@ _AUTHORITY = re.compile(r"^(\[[0-9A-Fa-f:.]+\]|[A-Za-z0-9\-._~!$&'()*+,;=%]*)"
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
+_AUTHORITIES: dict[str, tuple[str, Optional[int]]] = {}
+_AUTHORITIES_MAX = 4096
+
+
 def split_authority(value: str) -> tuple[str, Optional[int]]:
     """``host[:port]`` (RFC 3986 authority without userinfo) -> (lower-case host without
-    brackets, port or None); ValueError when it is not one."""
+    brackets, port or None); ValueError when it is not one.
+
+    Valid results are remembered (a few thousand names), so the ``Host`` of
+    every request of a busy site is not matched against the pattern again.
+    """
+    known = _AUTHORITIES.get(value)
+    if known is not None:
+        return known
+    result = _split_authority(value)
+    if len(_AUTHORITIES) >= _AUTHORITIES_MAX:
+        _AUTHORITIES.clear()
+    _AUTHORITIES[value] = result
+    return result
+
+
+def _split_authority(value: str) -> tuple[str, Optional[int]]:
     m = _AUTHORITY.match(value.strip())
     if m is None:
         raise ValueError(f"invalid authority {value[:100]!r}")
@@ -128,6 +158,7 @@ def normalize_request_target(head: "RequestHead") -> None:
         if hosts and not _same_authority(hosts[0], target, ""):
             raise ValueError("Host does not match the CONNECT target")
         _set_host(head, target)
+        head.rewritten = True
     elif target.startswith("/"):
         pass
     elif target == "*":
@@ -149,6 +180,7 @@ def normalize_request_target(head: "RequestHead") -> None:
             raise ValueError("Host does not match the absolute-form target's authority")
         _set_host(head, authority)
         head.target = path if path.startswith("/") else "/" + path
+        head.rewritten = True
     else:
         raise ValueError("request target is not origin-form (/path) or absolute-form")
     if head.version != "HTTP/1.0" and head.header("host") is None:
@@ -189,7 +221,19 @@ def parse_headers(lines: list[str]) -> list[tuple[str, str]]:
 
 def render_head(head: RequestHead, client_ip: Optional[str] = None,
                 proto: Optional[str] = None) -> bytes:
-    """The head as bytes; with ``client_ip``/``proto``, X-Forwarded-For/-Proto added."""
+    """The head as bytes; with ``client_ip``/``proto``, X-Forwarded-For/-Proto added.
+
+    A head the framer kept as received (``raw``, not rewritten) goes out as
+    it came, the forwarded headers appended when the client sent none of its
+    own; else it is rendered from its parts.
+    """
+    if head.raw and not head.rewritten:
+        if client_ip is None:
+            return head.raw + b"\r\n\r\n"
+        if not head.forwarded:
+            tail = f"\r\nX-Forwarded-For: {client_ip}\r\nX-Forwarded-Proto: {proto}\r\n\r\n" \
+                if proto else f"\r\nX-Forwarded-For: {client_ip}\r\n\r\n"
+            return head.raw + tail.encode("latin-1")
     headers = list(head.headers)
     if client_ip is not None:
         forwarded = [v for k, v in headers if k.lower() == "x-forwarded-for"]

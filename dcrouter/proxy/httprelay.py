@@ -25,7 +25,6 @@ frame closes both sides (logged, counted as ``bad_response``).
 
 from __future__ import annotations
 
-from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from twisted.python.failure import Failure
@@ -33,10 +32,12 @@ from twisted.python.failure import Failure
 from dcrouter.logsetup import get_logger
 from dcrouter.proxy import http as httpmod
 from dcrouter.proxy import httptimers
+from dcrouter.proxy.httpio import write_now
+from dcrouter.proxy.httplink import BackendLink
 from dcrouter.proxy.httpchecks import (MISDIRECTED, REQUEST_TIMEOUT, ROUTE_ERRORS, misdirected,
                                        request_timeouts)
 from dcrouter.proxy.httpstream import (BODY, COMPLETE, DATA, END, HEAD, UPGRADE, FramingError,
-                                       RequestFramer, ResponseFramer, wants_close)
+                                       RequestFramer, wants_close)
 from dcrouter.proxy.routes import Route
 from dcrouter.proxy.stats import RouteStats
 from dcrouter.proxy.tunnel import close_write, forget_paused_producer
@@ -54,53 +55,6 @@ BAD_GATEWAY = httpmod.response(502, "Bad Gateway", b"no target reachable\n")
 NOT_FOUND = httpmod.response(404, "Not Found", b"no route\n")
 #: Seconds a connection we closed may take to go away before it is aborted.
 CLOSE_GRACE = 5.0
-
-
-class BackendLink:
-    """One backend connection of a relay: its route's admission, transport and response FIFO."""
-
-    def __init__(self, relay: "HttpRelay", connection: "Connection", owned: bool) -> None:
-        self.relay = relay
-        self.connection = connection
-        self.owned = owned
-        self.route: Route = connection.route
-        self.stats: RouteStats = connection.stats
-        self.transport: Any = None
-        self.pending: list[bytes] = []
-        self.methods: deque[str] = deque()
-        self.framer = ResponseFramer(self.methods)
-        self.connecting = True
-        self.sent = 0                   # requests sent on this connection
-        self.answered = 0               # final responses relayed
-        self.last_request = 0           # the request that said "Connection: close" (0: none)
-        self.ended = False
-        self.eof = False
-
-    @property
-    def busy(self) -> bool:
-        """Responses are outstanding (or the connection is still being made)."""
-        return self.connecting or bool(self.methods) or not self.framer.idle
-
-    def write(self, data: bytes) -> None:
-        """Send bytes to the backend (queued until connected)."""
-        self.stats.bytes_in += len(data)
-        if self.transport is None:
-            self.pending.append(data)
-        else:
-            self.transport.write(data)
-
-    # BackendSink
-    def backend_data(self, data: bytes) -> None:
-        """Bytes from the target."""
-        self.relay.backend_data(self, data)
-
-    def backend_read_closed(self) -> None:
-        """The target sent EOF."""
-        self.relay.backend_eof(self)
-
-    def backend_lost(self, reason: Optional[Failure] = None) -> None:
-        """The target connection is gone."""
-        self.relay.backend_gone(self)
 
 
 class HttpRelay:
@@ -140,6 +94,8 @@ class HttpRelay:
         self._close_call: Any = None
         self.last_route: Optional[Route] = fixed.route if fixed is not None else None
         self.timers = RequestTimers(core.reactor, self._head_timed_out, self._keep_alive_ended)
+        self._timeouts_for: Any = None
+        self._timeouts = (0.0, 0.0)
         if fixed is not None:
             self._arm_idle()
 
@@ -267,10 +223,13 @@ class HttpRelay:
         link.methods.append(head.method)
         link.sent += 1
         link.stats.requests += 1
-        if wants_close(head.version, head.headers):
+        close = not head.keep_alive if head.keep_alive is not None \
+            else wants_close(head.version, head.headers)
+        if close:
             self.close_after = True
             link.last_request = link.sent
-        if head.method == "CONNECT" or head.header("upgrade") is not None:
+        upgrade = head.upgrade if head.upgrade is not None else head.header("upgrade") is not None
+        if head.method == "CONNECT" or upgrade:
             self.barrier = True                 # no HTTP parsing until its answer
         link.write(raw)
 
@@ -368,19 +327,25 @@ class HttpRelay:
         self.last_activity = self.core.reactor.seconds()
         if self.upgraded:
             link.stats.bytes_out += len(data)
-            self.client.write(data)
+            write_now(self.client, data)
             return
+        out: list[bytes] = []                   # one write for what this read completes
         for kind, raw in link.framer.feed(data):
             if kind == DATA:
-                link.stats.bytes_out += len(raw)
-                self.client.write(raw)
-            elif kind == UPGRADE:
+                out.append(raw)
+                continue
+            if out:
+                self._to_client(link, out)
+                out = []
+            if kind == UPGRADE:
                 self._upgrade(link)
             elif kind == COMPLETE:
                 link.answered += 1
                 if raw == b"close" or link.answered == link.last_request:
                     self._close_all()           # after relaying it, as announced
                     return
+        if out:
+            self._to_client(link, out)
         if link.framer.error:
             link.stats.error("bad_response")
             log.warn("route {route}: unparseable response: {error}", route=link.route.key,
@@ -391,6 +356,11 @@ class HttpRelay:
             self._unblock()
         self._maybe_finish()
         self._update_timers()
+
+    def _to_client(self, link: BackendLink, pieces: list[bytes]) -> None:
+        data = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        link.stats.bytes_out += len(data)
+        write_now(self.client, data)
 
     def _upgrade(self, link: BackendLink) -> None:
         """101 / CONNECT answered: from now on bytes pass both ways unparsed."""
@@ -549,8 +519,11 @@ class HttpRelay:
         return httptimers.IDLE
 
     def _update_timers(self) -> None:
-        head, idle = request_timeouts(self.core.table, self.port, self.last_route)
-        self.timers.enter(self._waiting_for(), head, idle)
+        key = (self.core.table, self.last_route)
+        if key != self._timeouts_for:           # the table is swapped whole on reload
+            self._timeouts_for = key
+            self._timeouts = request_timeouts(self.core.table, self.port, self.last_route)
+        self.timers.enter(self._waiting_for(), *self._timeouts)
 
     def _head_timed_out(self) -> None:
         """``http_request_timeout``: the head did not complete; 408 and close."""

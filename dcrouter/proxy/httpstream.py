@@ -25,9 +25,11 @@ included) as they arrive; only heads are collected, up to
 from __future__ import annotations
 
 from collections import deque
-from typing import Optional, Union
+from typing import Any, Optional, Union
 
-from dcrouter.proxy.http import MAX_HEAD, RequestHead, parse_head, parse_headers
+import httptools
+
+from dcrouter.proxy.http import _TOKENS, MAX_HEAD, RequestHead, normalize_request_target
 
 HEAD = "head"          # a request head (RequestHead)
 BODY = "body"          # raw body bytes
@@ -164,15 +166,86 @@ def request_body(head: RequestHead) -> Optional[BodyFramer]:
     return None
 
 
+class _HeadCollector:
+    """llhttp's callbacks for one request head (url and header pairs, as bytes)."""
+
+    __slots__ = ("url", "headers", "complete", "messages")
+
+    def __init__(self) -> None:
+        self.url = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.complete = False           # on_headers_complete was called
+        self.messages = 0               # on_message_complete calls
+
+    def on_url(self, url: bytes) -> None:
+        self.url += url
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.complete = True
+
+    def on_message_complete(self) -> None:
+        self.messages += 1
+
+
+def _new_parser(sink: _HeadCollector) -> Any:
+    """A strict llhttp request parser: every leniency off (they are off by default; set
+    explicitly so a library default can never turn one on)."""
+    parser = httptools.HttpRequestParser(sink)
+    parser.set_dangerous_leniencies(
+        lenient_headers=False, lenient_chunked_length=False, lenient_keep_alive=False,
+        lenient_transfer_encoding=False, lenient_version=False, lenient_data_after_close=False,
+        lenient_optional_lf_after_cr=False, lenient_optional_cr_before_lf=False,
+        lenient_optional_crlf_after_chunk=False, lenient_spaces_after_chunk_size=False)
+    return parser
+
+
+_SPECIAL = frozenset((b"host", b"transfer-encoding", b"content-length", b"connection",
+                      b"upgrade", b"x-forwarded-for", b"x-forwarded-proto"))
+
+
+def _merge_content_lengths(raw: bytes) -> bytes:
+    """The head with one ``Content-Length`` line when all of them carry the same value
+    (RFC 9110 8.6 allows taking it, HAProxy forwards one); FramingError otherwise."""
+    lines = raw.split(b"\r\n")
+    kept: list[bytes] = []
+    values = set()
+    for line in lines:
+        name, sep, value = line.partition(b":")
+        if sep and name.lower() == b"content-length":
+            values.add(value.strip())
+            if len(values) > 1:
+                raise FramingError("differing Content-Length values")
+            if any(k.partition(b":")[0].lower() == b"content-length" for k in kept):
+                continue
+        kept.append(line)
+    return b"\r\n".join(kept)
+
+
 class RequestFramer:
     """Cuts a client's bytes into request heads, body pieces and ends (pulled by
-    :meth:`next_event`)."""
+    :meth:`next_event`).
+
+    Two parsers read every byte of a message and must agree where it ends:
+    llhttp (``httptools``, strict) parses and checks the head and the body
+    framing, and this module's own framing cuts the raw bytes (so bodies and
+    chunk framing go on verbatim, without a copy when a read is all body).
+    On top of llhttp, refused here: a request line other than ``METHOD SP
+    target SP HTTP/1.x``, more than one ``Host``, ``Transfer-Encoding`` in
+    HTTP/1.0, chunk-size lines over 15 hex digits or :data:`MAX_LINE`, and
+    any disagreement between the two parsers.
+    """
 
     def __init__(self) -> None:
         self.buffer = b""
         self.body: Optional[BodyFramer] = None
         self.in_message = False
         self._scanned = 0         # head bytes already searched for the blank line
+        self._sink = _HeadCollector()
+        self._parser: Any = None
+        self._drop_parser = False  # a new parser for the next request
 
     def feed(self, data: bytes) -> None:
         """Add bytes from the client."""
@@ -181,6 +254,7 @@ class RequestFramer:
     def take_buffer(self) -> bytes:
         """Everything not yet framed (for a switch to tunnel mode)."""
         data, self.buffer, self._scanned = self.buffer, b"", 0
+        self._parser = None
         return data
 
     @property
@@ -191,39 +265,141 @@ class RequestFramer:
     def next_event(self) -> Optional[tuple[str, Union[RequestHead, bytes, None]]]:
         """The next (HEAD, head) / (BODY, bytes) / (END, None), or None for more bytes."""
         if not self.in_message:
-            while self.buffer.startswith(b"\r\n"):          # RFC 9112 2.2: stray CRLF
-                self.buffer = self.buffer[2:]
-                self._scanned = 0
-            end = self.buffer.find(b"\r\n\r\n", self._scanned)
-            if end < 0:
-                if len(self.buffer) > MAX_HEAD:
-                    raise FramingError("request head too large")
-                self._scanned = max(0, len(self.buffer) - 3)   # a head sent byte by byte
-                return None
-            if end > MAX_HEAD:
-                raise FramingError("request head too large")
-            raw = self.buffer[:end]
-            _check_head_bytes(raw)
-            try:
-                head = parse_head(raw)
-            except ValueError as e:
-                raise FramingError(str(e)) from None
-            self.body = request_body(head)
-            self.buffer = self.buffer[end + 4:]
-            self._scanned = 0
-            self.in_message = True
-            return HEAD, head
+            return self._next_head()
         if self.body is None:
-            self.in_message = False
-            return END, None
+            return self._end()
         if not self.buffer:
             return None
         raw, done, self.buffer = self.body.take(self.buffer)
+        if raw and self._parser is not None:
+            self._llhttp(raw)
         if done:
             self.body = None
-        if raw:
-            return BODY, raw
-        return None if not done else self.next_event()
+            return (BODY, raw) if raw else self._end()
+        if self._sink.messages:
+            raise FramingError("llhttp ends the request before its framing does")
+        return (BODY, raw) if raw else None
+
+    def _end(self) -> tuple[str, None]:
+        if self._sink.messages != 1:
+            raise FramingError("llhttp does not end the request where its framing does")
+        self.in_message = False
+        self._sink.messages = 0
+        if self._drop_parser:
+            self._parser = None            # llhttp refuses bytes after a closing request
+        return END, None
+
+    def _llhttp(self, data: bytes) -> None:
+        try:
+            self._parser.feed_data(data)
+        except httptools.HttpParserUpgrade:
+            self._parser = None            # bytes after it are not HTTP for llhttp
+        except httptools.HttpParserError as e:
+            raise FramingError(str(e) or "invalid request") from None
+
+    def _next_head(self) -> Optional[tuple[str, Union[RequestHead, bytes, None]]]:
+        buffer = self.buffer
+        if buffer[:2] == b"\r\n":                       # RFC 9112 2.2: stray CRLF
+            while buffer.startswith(b"\r\n"):
+                buffer = buffer[2:]
+            self.buffer = buffer
+            self._scanned = 0
+        end = buffer.find(b"\r\n\r\n", self._scanned)
+        if end < 0:
+            if len(buffer) > MAX_HEAD:
+                raise FramingError("request head too large")
+            self._scanned = max(0, len(buffer) - 3)    # a head sent byte by byte
+            return None
+        if end > MAX_HEAD:
+            raise FramingError("request head too large")
+        raw = buffer[:end]              # bare CR, LF and NUL: refused by llhttp
+        line_end = raw.find(b"\r\n")
+        line = raw if line_end < 0 else raw[:line_end]
+        if line.count(b" ") != 2 or not (line.endswith(b" HTTP/1.1")
+                                         or line.endswith(b" HTTP/1.0")):
+            raise FramingError("bad request line")
+        sink = self._sink
+        sink.url = b""
+        sink.headers = []
+        sink.complete = False
+        sink.messages = 0
+        if self._parser is None:
+            self._parser = _new_parser(sink)
+        try:
+            self._llhttp(buffer[:end + 4])
+        except FramingError as e:
+            if str(e) != "Duplicate Content-Length":
+                raise
+            raw = _merge_content_lengths(raw)        # identical values: kept once
+            sink.url, sink.headers = b"", []
+            self._parser = _new_parser(sink)
+            self._llhttp(raw + b"\r\n\r\n")
+        if not sink.complete:
+            raise FramingError("llhttp did not read a whole head")
+        head = self._make_head(raw, line)               # sets self.body
+        if self.body is not None and self._parser is None:
+            raise FramingError("a body after an upgrade request")
+        if self.body is None and sink.messages != 1:
+            raise FramingError("llhttp expects a body the head does not announce")
+        self._drop_parser = self._parser is not None and not self._parser.should_keep_alive()
+        self.buffer = buffer[end + 4:]
+        self._scanned = 0
+        self.in_message = True
+        return HEAD, head
+
+    def _make_head(self, raw: bytes, line: bytes) -> RequestHead:
+        sink = self._sink
+        method, _, rest = line.decode("latin-1").partition(" ")
+        target, _, version = rest.partition(" ")
+        if target.encode("latin-1") != sink.url:
+            raise FramingError("llhttp read another request target")
+        headers = []
+        forwarded = upgrade = False
+        hosts = 0
+        te: list[str] = []
+        cl: list[str] = []
+        connection: list[str] = []
+        for name, value in sink.headers:
+            text = value.decode("latin-1").strip()
+            headers.append((name.decode("latin-1"), text))
+            lower = name.lower()
+            if lower in _SPECIAL:
+                if lower == b"host":
+                    hosts += 1
+                elif lower == b"transfer-encoding":
+                    te.append(text)
+                elif lower == b"content-length":
+                    cl.append(text)
+                elif lower == b"connection":
+                    connection.append(text)
+                elif lower == b"upgrade":
+                    upgrade = True
+                else:
+                    forwarded = True
+        if hosts > 1:
+            raise FramingError("more than one Host")    # RFC 9112 3.2: routing would be ambiguous
+        if te:
+            if cl:
+                raise FramingError("both Content-Length and Transfer-Encoding")
+            if version == "HTTP/1.0":
+                raise FramingError("Transfer-Encoding in HTTP/1.0")
+            if not _chunked_final([("transfer-encoding", v) for v in te]):
+                raise FramingError("Transfer-Encoding without final chunked")
+            self.body = BodyFramer("chunked")
+        elif cl:
+            length = _content_length([("content-length", v) for v in cl])
+            self.body = BodyFramer("length", length) if length else None
+        else:
+            self.body = None
+        head = RequestHead(method, target, version, headers, raw, forwarded,
+                           keep_alive=not wants_close(version, [("connection", v)
+                                                                for v in connection]),
+                           upgrade=upgrade)
+        try:
+            normalize_request_target(head)
+        except ValueError as e:
+            raise FramingError(str(e)) from None
+        return head
 
 
 class ResponseFramer:
@@ -315,19 +491,31 @@ class ResponseFramer:
         return self.idle
 
 
+_TOKEN_BYTES = bytes(sorted(_TOKENS))
+_FRAMING = {b"content-length": "content-length", b"transfer-encoding": "transfer-encoding",
+            b"connection": "connection"}
+
+
 def parse_response_head(raw: bytes) -> tuple[str, int, list[tuple[str, str]]]:
-    """Version, status code and headers of a response head (without the blank line)."""
+    """Version, status code and the framing headers (``Content-Length``,
+    ``Transfer-Encoding``, ``Connection``) of a response head (without the blank line);
+    every header line is checked (a token name, a colon, no folding)."""
     _check_head_bytes(raw)
-    lines = raw.decode("latin-1").split("\r\n")
-    parts = lines[0].split(" ", 2)
-    if len(parts) < 2 or not parts[0].startswith("HTTP/1.") or len(parts[1]) != 3 \
-            or not parts[1].isdigit() or not parts[1].isascii():
+    lines = raw.split(b"\r\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or len(parts[1]) != 3 \
+            or not parts[1].isdigit():
         raise FramingError("bad status line")
-    try:
-        headers = parse_headers(lines[1:])
-    except ValueError as e:
-        raise FramingError(str(e)) from None
-    return parts[0], int(parts[1]), headers
+    headers: list[tuple[str, str]] = []
+    for line in lines[1:]:
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name.translate(None, _TOKEN_BYTES):
+            raise FramingError("obsolete header folding" if line[:1] in (b" ", b"\t")
+                               else "bad header line")
+        known = _FRAMING.get(name.lower())
+        if known is not None:
+            headers.append((known, value.strip().decode("latin-1")))
+    return parts[0].decode("latin-1"), int(parts[1]), headers
 
 
 def _response_body(method: str, status: int,

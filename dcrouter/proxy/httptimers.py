@@ -27,7 +27,14 @@ NONE = ""
 
 
 class RequestTimers:
-    """The timer of an HTTP connection's current wait (see the module docstring)."""
+    """The timer of an HTTP connection's current wait (see the module docstring).
+
+    Lazy: a request on a kept-alive connection passes through the ``idle``
+    and ``none`` waits every time, so entering a wait only records its
+    deadline; one ``callLater`` stays pending and, when it fires, either
+    ends the wait whose deadline has passed or sleeps until the current
+    wait's deadline (no timer is created or cancelled per request).
+    """
 
     def __init__(self, reactor: Any, on_head_timeout: Callable[[], None],
                  on_idle_timeout: Callable[[], None]) -> None:
@@ -35,19 +42,24 @@ class RequestTimers:
         self.on_head_timeout = on_head_timeout
         self.on_idle_timeout = on_idle_timeout
         self.wait = NONE
+        self.deadline = 0.0
         self._call: Any = None
 
     def enter(self, wait: str, head_timeout: float, idle_timeout: float) -> None:
-        """The connection now waits for ``wait`` (HEAD, IDLE or NONE); a timer starts
+        """The connection now waits for ``wait`` (HEAD, IDLE or NONE); a wait's clock starts
         when the wait changes and keeps running while it stays the same."""
         if wait == self.wait:
             return
-        self.cancel()
         self.wait = wait
-        if wait == HEAD:
-            self._call = self.reactor.callLater(head_timeout, self._fire, HEAD)
-        elif wait == IDLE:
-            self._call = self.reactor.callLater(idle_timeout, self._fire, IDLE)
+        if wait == NONE:
+            return                          # a pending call finds nothing to end
+        timeout = head_timeout if wait == HEAD else idle_timeout
+        self.deadline = self.reactor.seconds() + timeout
+        call = self._call
+        if call is None:
+            self._call = self.reactor.callLater(timeout, self._fire)
+        elif call.getTime() > self.deadline:
+            call.reset(timeout)
 
     def cancel(self) -> None:
         """No timer (the connection closes, or leaves its wait)."""
@@ -56,8 +68,15 @@ class RequestTimers:
         self._call = None
         self.wait = NONE
 
-    def _fire(self, wait: str) -> None:
+    def _fire(self) -> None:
         self._call = None
+        wait = self.wait
+        if wait == NONE:
+            return
+        left = self.deadline - self.reactor.seconds()
+        if left > 0:
+            self._call = self.reactor.callLater(left, self._fire)
+            return
         self.wait = NONE
         if wait == HEAD:
             self.on_head_timeout()

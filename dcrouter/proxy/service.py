@@ -19,6 +19,7 @@ from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.proxy import ProxyOptions
 from dcrouter.errors import ConfigError
 from dcrouter.logsetup import get_logger
+from dcrouter.proxy.accesslog import close_access_log, open_access_log, reopen_access_log
 from dcrouter.proxy.balancer import Balancer, HealthChecker, Target
 from dcrouter.proxy.certs import CertStore
 from dcrouter.proxy.frontend import FrontFactory, FrontProtocol
@@ -51,6 +52,7 @@ class ProxyService(ManagedService):
         self.table, self.certs = self._build(proxy, None)
         self._proxy_ips = parse_networks(proxy.proxy_ips) if proxy.accept_proxy_protocol else ()
         self.listeners = ListenerSet(context.reactor, self._factory)
+        self.access_log = open_access_log(proxy, context.reactor, self)
 
     # -- building --------------------------------------------------------------
     @staticmethod
@@ -92,7 +94,8 @@ class ProxyService(ManagedService):
         for route in self.table.routes:
             if route.options.health_check_interval > 0 and route.targets:
                 checker = HealthChecker(self.reactor, route.balancer,
-                                        route.options.health_check_interval, route.key)
+                                        route.options.health_check_interval, route.key,
+                                        path=route.options.health_check_path)
                 checker.start()
                 self.checkers.append(checker)
 
@@ -158,10 +161,12 @@ class ProxyService(ManagedService):
     def track(self, protocol: FrontProtocol) -> None:
         """A connection was accepted."""
         self.connections.add(protocol)
+        self.access_log.opened(protocol)
 
     def untrack(self, protocol: FrontProtocol) -> None:
         """A connection closed; fires :meth:`drain` waiters when none is left."""
         self.connections.discard(protocol)
+        self.access_log.closed(protocol)
         if not self.connections and self._drain_waiters:
             waiters, self._drain_waiters = self._drain_waiters, []
             for d in waiters:
@@ -182,9 +187,14 @@ class ProxyService(ManagedService):
         if self.acme is not None:
             self.acme.stop()
         d = self.listeners.stop()
+        d.addBoth(self._close_access_log)
         for protocol in list(self.connections):
             protocol.abort()
         return d
+
+    def _close_access_log(self, result: Any) -> Any:
+        close_access_log(self.access_log)
+        return result
 
     def bound_addresses(self) -> list[tuple[str, str, int]]:
         return self.listeners.addresses()
@@ -196,6 +206,7 @@ class ProxyService(ManagedService):
         self.table, self.certs = table, certs
         self._proxy_ips = parse_networks(proxy.proxy_ips) if proxy.accept_proxy_protocol else ()
         self._backend_tls = {}
+        self.access_log = reopen_access_log(self.access_log, proxy, self.reactor, self)
         keep = {r.key for r in table.routes}
         for key in list(self.route_stats):
             if key not in keep and not self.route_stats[key].active:

@@ -11,6 +11,9 @@ resolved transport: the delivery system resolves it at every attempt
 records (which froze the whole route, passwords included) still load: the route
 becomes the rule reference or, for a bounce, routing by address; the
 credentials and the DKIM fields (``d=`` came from the envelope) are dropped.
+The DSN fields (RET, ENVID, each recipient's NOTIFY and ORCPT, the delay
+notice sent) are stored only when set, so records without them - those of
+older versions among them - load with none.
 """
 
 from __future__ import annotations
@@ -37,16 +40,22 @@ WAITING = (PENDING, DEFERRED)
 
 
 class RecipientState:
-    """One recipient of an item and what happened to it so far."""
+    """One recipient of an item and what happened to it so far.
 
-    __slots__ = ("address", "status", "code", "message")
+    ``notify`` and ``orcpt`` are the client's RFC 3461 NOTIFY and ORCPT for it
+    (canonical NOTIFY, decoded ``type;address``; ``""`` when not given).
+    """
+
+    __slots__ = ("address", "status", "code", "message", "notify", "orcpt")
 
     def __init__(self, address: str, status: str = PENDING, code: int = 0,
-                 message: str = "") -> None:
+                 message: str = "", notify: str = "", orcpt: str = "") -> None:
         self.address = address
         self.status = status
         self.code = code
         self.message = message
+        self.notify = notify
+        self.orcpt = orcpt
 
     @property
     def open(self) -> bool:
@@ -54,18 +63,27 @@ class RecipientState:
         return self.status not in (DELIVERED, FAILED)
 
     def to_list(self) -> list[Any]:
-        """Compact form for storage."""
-        return [self.address, self.status, self.code, self.message]
+        """Compact form for storage (the DSN fields only when given: older versions' records
+        have four entries, and load with none)."""
+        out = [self.address, self.status, self.code, self.message]
+        if self.notify or self.orcpt:
+            out += [self.notify, self.orcpt]
+        return out
 
     @classmethod
     def from_list(cls, data: list[Any]) -> "RecipientState":
         """Inverse of :meth:`to_list`."""
-        return cls(str(data[0]), str(data[1]), int(data[2]), str(data[3]))
+        notify, orcpt = (str(data[4]), str(data[5])) if len(data) >= 6 else ("", "")
+        return cls(str(data[0]), str(data[1]), int(data[2]), str(data[3]),
+                   sys.intern(notify), orcpt)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain data for the API."""
-        return {"address": self.address, "status": self.status, "code": self.code,
-                "message": self.message}
+        out: dict[str, Any] = {"address": self.address, "status": self.status,
+                               "code": self.code, "message": self.message}
+        if self.notify or self.orcpt:
+            out.update(notify=self.notify, orcpt=self.orcpt)
+        return out
 
 
 class QueueItem:
@@ -73,7 +91,8 @@ class QueueItem:
 
     ``via`` is how the transport is found at delivery; ``destination`` is the
     scheduling key (``host:port``, ``local`` or the recipient domain) the stores
-    count items by.
+    count items by.  ``ret`` and ``envid`` are the client's RFC 3461 RET and ENVID
+    (``""``: not given); ``delay_warned`` says the delay notice went out.
     """
 
     lazy = False
@@ -81,7 +100,7 @@ class QueueItem:
     __slots__ = ("id", "mode", "rule_pattern", "mail_from", "recipients", "status", "attempts",
                  "next_attempt", "last_error", "created_at", "updated_at", "delivered_at",
                  "correlation_id", "via", "body_ref", "size", "is_bounce", "destination",
-                 "dkim",
+                 "dkim", "ret", "envid", "delay_warned",
                  "sched", "lease_owner", "stored_status")
 
     def __init__(self, *, id: str, mode: str, rule_pattern: str, mail_from: str,
@@ -91,7 +110,8 @@ class QueueItem:
                  status: str = PENDING, attempts: int = 0, next_attempt: float = 0.0,
                  last_error: str = "", created_at: Optional[float] = None,
                  updated_at: Optional[float] = None, delivered_at: float = 0.0,
-                 destination: str = "", dkim: Optional[DkimSigning] = None) -> None:
+                 destination: str = "", dkim: Optional[DkimSigning] = None,
+                 ret: str = "", envid: str = "", delay_warned: bool = False) -> None:
         now = time.time()
         self.id = id
         self.mode = mode
@@ -112,6 +132,9 @@ class QueueItem:
         self.delivered_at = delivered_at
         self.destination = destination or compute_destination(via, recipients)
         self.dkim = dkim  # d= and s= to sign with at delivery (None: unsigned)
+        self.ret = ret
+        self.envid = envid
+        self.delay_warned = delay_warned
         self.sched = 0          # sequence number of the item's live heap entry
         self.lease_owner = ""   # who holds it while processing
         self.stored_status = ""  # the status a store counted it under
@@ -121,12 +144,20 @@ class QueueItem:
                      recipients: Optional[list[str]] = None) -> "QueueItem":
         """A new pending item for ``request`` (or a subset of its recipients)."""
         rcpts = recipients if recipients is not None else request.recipients
+        dsn = request.dsn
+        if dsn:
+            states = []
+            for r in rcpts:
+                params = dsn.for_recipient(r)
+                states.append(RecipientState(r, notify=params.notify, orcpt=params.orcpt))
+        else:
+            states = [RecipientState(r) for r in rcpts]
         return cls(id=item_id, mode=request.mode, rule_pattern=request.rule_pattern,
-                   mail_from=request.mail_from,
-                   recipients=[RecipientState(r) for r in rcpts], via=request.via,
+                   mail_from=request.mail_from, recipients=states, via=request.via,
                    body_ref=body_ref, correlation_id=request.correlation_id,
                    size=request.size, is_bounce=request.is_bounce,
-                   destination=request.destination, dkim=request.dkim)
+                   destination=request.destination, dkim=request.dkim,
+                   ret=dsn.ret if dsn else "", envid=dsn.envid if dsn else "")
 
     @property
     def open_recipients(self) -> list[RecipientState]:
@@ -153,6 +184,12 @@ class QueueItem:
             data["via"] = self.via.to_dict()
         if self.dkim:
             data["dkim"] = list(self.dkim)
+        if self.ret:
+            data["ret"] = self.ret
+        if self.envid:
+            data["envid"] = self.envid
+        if self.delay_warned:
+            data["dwarn"] = True
         return json.dumps(data, separators=(",", ":")).encode("utf-8")
 
     @classmethod
@@ -180,7 +217,9 @@ class QueueItem:
                    next_attempt=float(d["next"]), last_error=str(d["err"]),
                    created_at=float(d["created"]), updated_at=float(d["updated"]),
                    delivered_at=float(d["delivered"]),
-                   destination=sys.intern(str(d["dest"])), dkim=dkim)
+                   destination=sys.intern(str(d["dest"])), dkim=dkim,
+                   ret=str(d.get("ret", "")), envid=str(d.get("envid", "")),
+                   delay_warned=bool(d.get("dwarn", False)))
 
     def journal_payload(self) -> bytes:
         """Index fields, then the JSON: what the disk journal stores (see :class:`StoredItem`)."""
@@ -200,6 +239,7 @@ class QueueItem:
             "correlation_id": self.correlation_id, "via": self.via.to_dict(),
             "destination": self.destination, "size": self.size, "is_bounce": self.is_bounce,
             "dkim": self.dkim._asdict() if self.dkim else None,
+            "ret": self.ret, "envid": self.envid, "delay_warned": self.delay_warned,
         }
 
     def __repr__(self) -> str:

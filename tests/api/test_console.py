@@ -88,10 +88,13 @@ async def test_history_counts_the_traffic_that_was_sent(env):
 
 @pytest_twisted.ensureDeferred
 async def test_history_parameters_are_checked(env):
-    for query in ("minutes=0", "minutes=61", "step=0", "step=x", "minutes=" + "9" * 30):
+    for query in ("minutes=0", "minutes=-5", "step=0", "step=3601", "step=x",
+                  "minutes=" + "9" * 30):
         assert_error(await env.client.get(f"/api/history?{query}"), 400, "bad_request")
     small = await _json(env, "/api/history?minutes=1&step=1")
     assert small["step"] == 1 and len(small["times"]) == 60   # not below history_interval
+    whole = await _json(env, "/api/history?minutes=600&step=60")
+    assert len(whole["times"]) == 60                           # the window: an hour
 
 
 @pytest_twisted.ensureDeferred

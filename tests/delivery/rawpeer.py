@@ -130,7 +130,8 @@ class RawNextHop:
             elif verb == b"MAIL":
                 send(b"250 2.1.0 Ok\r\n")
             elif verb == b"RCPT":
-                address = line.split(b":", 1)[1].strip().strip(b"<>").decode("utf-8", "replace")
+                path = line.split(b":", 1)[1].strip()   # <address> [PARAMETERS]
+                address = path.split(b">", 1)[0].lstrip(b"<").decode("utf-8", "replace")
                 send((self.rcpt_replies.get(address, "250 2.1.5 Ok") + "\r\n").encode())
             elif verb == b"DATA":
                 send(b"354 End data with <CR><LF>.<CR><LF>\r\n")

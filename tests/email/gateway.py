@@ -69,9 +69,12 @@ def gateway(tmp_path: Any) -> Any:
     started: list[tuple[Any, Sink, Sink]] = []
 
     def start(rules: Any = None, **email: Any) -> Gateway:
+        """``rules``: the domain rules, or a function of (sink, bounces, mail) giving them."""
         sink, bounces = Sink().start(), Sink().start()
         state = str(tmp_path / f"var{len(started)}")
         mail = str(tmp_path / f"mail{len(started)}")
+        if callable(rules):
+            rules = rules(sink, bounces, mail)
         section: dict[str, Any] = {
             "hostname": "mx.gw.test", "listen": "127.0.0.1", "ports": [free_port()],
             "submission_ports": [], "implicit_tls_ports": [],

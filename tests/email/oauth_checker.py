@@ -11,7 +11,9 @@ from zope.interface import implementer
 
 from dcrouter.interfaces import IXOAuth2Credentials
 
-TOKENS = {b"carol@local.test": b"ya29.valid-token"}
+#: dave's token is as long as real ones get (JWTs): its AUTH line is over 2048 octets.
+LONG_TOKEN = b"ya29." + b"J" * 3200
+TOKENS = {b"carol@local.test": b"ya29.valid-token", b"dave@local.test": LONG_TOKEN}
 
 
 @implementer(ICredentialsChecker)

@@ -16,6 +16,7 @@ import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
+from dcrouter.email.sessioncore import COMMAND_LINE_LIMIT
 from tests.email.conftest import PASSWORD
 from tests.email.handlers import RecordingHandler
 from tests.email.test_server import Raw, received_header, sessions_gone, spool_leftovers
@@ -312,7 +313,7 @@ def test_bdat_error_replies(start_server: Any) -> None:
                          ("BDAT", "BDAT abc", "BDAT -1", "BDAT 5 NOTLAST", "BDAT 5 LAST x",
                           "BDAT 1e3", "BDAT " + "9" * 21,
                           "BDAT \u00b9", "BDAT \uff15 LAST")]   # non-ASCII digits (¹, fullwidth 5)
-        out["long"] = c.cmd("BDAT 1" + " " * 520)
+        out["long"] = c.cmd("BDAT 1" + " " * COMMAND_LINE_LIMIT)
         out["first"] = c.bdat(b"Subject: x\r\n\r\n")
         out["data"] = c.cmd("DATA")  # not after BDAT in the same transaction
         out["last"] = c.bdat(b"body\r\n", last=True)

@@ -540,7 +540,7 @@ def test_unknown_command_limit(start_server: Any) -> None:
         return replies
 
     replies = yield deferToThread(client)
-    assert replies[0] == replies[1] == "502 5.5.2 Error: command not recognized"
+    assert replies[0] == replies[1] == "500 5.5.2 Error: command not recognized"
     assert replies[2] == "421 4.7.0 mail.dcrouter.test Error: too many errors"
     assert replies[3] == "closed"
 
@@ -552,8 +552,8 @@ def test_line_too_long(start_server: Any) -> None:
     def client() -> list:
         raw = Raw(run.ports["smtp"])
         raw.reply()
-        replies = [raw.cmd("NOOP " + "x" * 505)]  # 512 octets with CRLF: allowed
-        replies.append(raw.cmd("NOOP " + "x" * 506))  # 513 octets
+        replies = [raw.cmd("NOOP " + "x" * 2041)]  # 2048 octets with CRLF: allowed
+        replies.append(raw.cmd("NOOP " + "x" * 2042))  # 2049 octets
         raw.send(b"NOOP " + b"y" * 5000)  # no newline yet: refused while still arriving
         replies.append(raw.reply())
         raw.send(b"yyyy\r\n")

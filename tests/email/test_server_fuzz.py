@@ -44,7 +44,10 @@ _envelope = st.builds(
     st.one_of(_address, st.builds(lambda a, b: f"{a}@{b}", _address, _address),
               st.builds(lambda a, b: f'"{a}"@{b}', _address, _address)),
     st.sampled_from(["", " SMTPUTF8", " BODY=8BITMIME SMTPUTF8", " SIZE=10", " X=", " =",
-                     " SMTPUTF8=x", "junk"]))
+                     " SMTPUTF8=x", "junk", " NOTIFY=SUCCESS,DELAY", " NOTIFY=NEVER,FAILURE",
+                     " ORCPT=rfc822;a+2Bb@c", " ORCPT=utf-8;\\x{D800}", " ORCPT=rfc822;a+0D+0A",
+                     " RET=FULL", " RET=HDRS RET=FULL", " ENVID=x+0D+0Ay", " ENVID=" + "e" * 120,
+                     " SMTPUTF8 ORCPT=utf-8;j\u00f6rg@x", " NOTIFY"]))
 #: DATA content that tries to end early (SMTP smuggling), then commands.
 _smuggle = st.builds(
     lambda shape: b"DATA\r\nSubject: s\r\n\r\nbody" + shape

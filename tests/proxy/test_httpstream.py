@@ -83,6 +83,55 @@ def test_request_smuggling_shapes_are_refused(head: bytes) -> None:
     assert "without Host" not in str(info.value)
 
 
+@pytest.mark.parametrize("head", [
+    # shapes llhttp (httptools) accepts on its own: refused by the framer's explicit checks
+    b"POST / HTTP/1.0\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a.test\r\nHost: a.test\r\n\r\n",
+    b"GET  / HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"GET / HTTP/2.0\r\nHost: a\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"0000000000000000000005\r\nhello\r\n0\r\n\r\n",
+    # shapes llhttp refuses (strict: every leniency off)
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: a\rb\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x01b\r\n\r\n",
+    b"GET / HTTP/1.1\r\nHost: a\r\nX: a\x7f\r\n\r\n",
+    b"GET / HTTP/1.1 \r\nHost: a\r\n\r\n",
+    b"GET /\x01 HTTP/1.1\r\nHost: a\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2, 2\r\n\r\nok",
+    b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5 \r\nhello\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\nhello\r\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\n0\r\n\r\n",
+    b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+    b"5\r\nhello\r\n0\r\nX : t\r\n\r\n",
+])
+def test_llhttp_framer_keeps_strict_refusals(head: bytes) -> None:
+    framer = RequestFramer()
+    with pytest.raises(FramingError):
+        for i in range(0, len(head), 7):              # in pieces: both parsers see every cut
+            framer.feed(head[i:i + 7])
+            while framer.next_event() is not None:
+                pass
+
+
+def test_llhttp_framer_forwards_heads_as_received() -> None:
+    from dcrouter.proxy.http import render_head
+    events = frame_requests(b"GET /a HTTP/1.1\r\nHost: a\r\nX-Y:  v \r\n\r\n"
+                            b"GET /b HTTP/1.1\r\nHost: a\r\nX-Forwarded-For: 6.6.6.6\r\n\r\n"
+                            b"GET http://a/c HTTP/1.1\r\nHost: a\r\n\r\n"
+                            b"POST /d HTTP/1.1\r\nHost: a\r\nContent-Length: 1\r\n"
+                            b"content-length: 1\r\n\r\nz")
+    heads = [value for kind, value in events if kind == HEAD]
+    assert render_head(heads[0], "192.0.2.1", "http") == (
+        b"GET /a HTTP/1.1\r\nHost: a\r\nX-Y:  v \r\n"
+        b"X-Forwarded-For: 192.0.2.1\r\nX-Forwarded-Proto: http\r\n\r\n")
+    assert render_head(heads[1], "192.0.2.1", "http").count(b"X-Forwarded-For") == 1
+    assert b"6.6.6.6, 192.0.2.1" in render_head(heads[1], "192.0.2.1", "http")
+    assert render_head(heads[2]).startswith(b"GET /c HTTP/1.1\r\n")      # origin-form
+    assert render_head(heads[3]).lower().count(b"content-length") == 1     # merged
+    assert [kind for kind, _ in events][-3:] == [HEAD, BODY, END]
+
+
 def test_request_identical_content_lengths_are_accepted() -> None:
     events = frame_requests(b"POST / HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n"
                             b"Content-Length: 2\r\n\r\nok")
