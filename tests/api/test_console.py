@@ -325,3 +325,28 @@ async def test_a_hung_queue_gives_503_and_its_summary_is_cancelled(standin):
     assert len(hanging) == 1 and hanging[0].called      # one read, cancelled, not dangling
     console = router.by_name["api"].handlers.groups["console"]
     assert not console.cache._running and not console.cache._producing
+
+
+def _curl_json(url: str) -> dict:
+    import json
+    import subprocess
+    from tests.api.support import TOKEN
+    done = subprocess.run(["curl", "-sk", "--max-time", "20", "-H",
+                           f"Authorization: Bearer {TOKEN}", url],
+                          capture_output=True, timeout=30, check=True)
+    return json.loads(done.stdout)
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_https_apis_own_certificate_is_listed(tmp_path):
+    from tests.api.support import start_api_router
+    from tests.support.router import stop_router
+    router, port = start_api_router(str(tmp_path / "var"), tls=True)
+    try:
+        data = await threads.deferToThread(_curl_json, f"https://127.0.0.1:{port}/api/certificates")
+        served = await threads.deferToThread(_served_certificate, port, "localhost")
+        (api,) = [c for c in data["certificates"] if c["service"] == "api"]
+        assert api["sha256"] == served and api["source"] == "self-signed"
+        assert "127.0.0.1" in api["names"] and api["served_for"] == ["management API (HTTPS)"]
+    finally:
+        await stop_router(router)
