@@ -470,7 +470,7 @@ async def test_queue_actions_behind_a_confirmation_with_mouse_and_keyboard(env, 
         browser.js("document.getElementById('q-resume').click();")
         browser.wait(_dialog_open, what="the confirmation")
         browser.js("document.getElementById('confirm-ok').click();")
-        browser.wait(lambda b: b.text("#q-paused") == "delivering", what="resumed")
+        browser.wait(lambda b: b.text("#q-paused") == "deliveries running", what="resumed")
     await in_thread(resume)
     assert not queue.paused
 

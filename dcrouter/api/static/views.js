@@ -194,7 +194,7 @@
 
   function renderQueue(queue) {
     $("q-size").textContent = DC.formatNumber(queue.size);
-    $("q-paused").textContent = queue.paused ? "deliveries paused" : "delivering";
+    $("q-paused").textContent = queue.paused ? "deliveries paused" : "deliveries running";
     $("q-pending").textContent = DC.formatNumber(queue.by_status.pending);
     $("q-processing").textContent = DC.formatNumber(queue.by_status.processing);
     $("q-deferred").textContent = DC.formatNumber(queue.by_status.deferred);
@@ -247,9 +247,9 @@
   }
 
   // the reply that matters: a failed or pending recipient's for a failure, else the first
-  function replyOf(entry) {
+  function replyOf(entry, delivered) {
     var failed = entry.recipients.filter(function (r) {
-      return r.status !== "delivered" && r.reply; });
+      return (delivered ? r.status === "delivered" : r.status !== "delivered") && r.reply; });
     var replies = (entry.outcome === "delivered" || !failed.length ? entry.recipients : failed)
       .map(function (r) { return r.reply; }).filter(Boolean);
     return replies.length ? replies[0] : entry.error;
@@ -260,7 +260,7 @@
       return row([{text: DC.formatTime(d.time), field: "time"},
                   {text: d.queue_id, header: true, field: "queue_id"},
                   {text: d.rule || "(default)", field: "rule"}, recipientsCell(d),
-                  {text: replyOf(d), field: "reply", class: "reply"}],
+                  {text: replyOf(d, true), field: "reply", class: "reply"}],
                  {"data-queue-id": d.queue_id});
     }) : [DC.emptyRow(5, "No delivery since the API started.")]);
     DC.replace($("failures"), recent.failures.length ? recent.failures.map(function (d) {
