@@ -31,7 +31,7 @@ TEST_DEBS := \
   ldnsutils
 CONFIG ?= etc/dcrouter.toml
 
-.PHONY: run test typecheck debs bench clean help docs
+.PHONY: run test typecheck debs bench clean help docs screenshots
 
 help:
 	@echo "make run    - install into .venv and start dcrouter with $(CONFIG)"
@@ -78,3 +78,7 @@ clean:
 
 docs: $(VENV)/.installed
 	$(BIN)/python -m dcrouter.config.reference --write docs/configuration.md
+
+# the console's pictures in docs/operations.md, taken by its headless Chromium tests
+screenshots: $(VENV)/.installed-test debs
+	DCROUTER_SCREENSHOT_DIR=docs/images $(BIN)/python -m pytest -q tests/api/test_console_browser.py

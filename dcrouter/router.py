@@ -25,6 +25,7 @@ from dcrouter.config import DcRouterOptions, load_config
 from dcrouter.config.email import DomainRuleOptions, EmailOptions
 from dcrouter.errors import ConfigError, DcRouterError
 from dcrouter.logsetup import get_logger, make_observer
+from dcrouter.timeseries import StatsHistory
 from dcrouter.service import (
     Extensions, ListenError, ManagedService, RouterContext, WorkerIdentity, check_new_listeners,
 )
@@ -144,6 +145,9 @@ class DcRouter(MultiService):
         for name in SERVICE_ORDER:
             if getattr(options, name) is not None and self._runs_here(name):
                 self._add(name)
+        #: The last hour of every service's figures, sampled in memory (the console's charts).
+        self.history = StatsHistory(self.get_stats, reactor, *_history_settings(options))
+        self.history.setServiceParent(self)
 
     def _runs_here(self, name: str) -> bool:
         """Every service runs in every process, except the API: worker 0 only."""
@@ -361,6 +365,13 @@ class DcRouter(MultiService):
                 yield defer.maybeDeferred(service.disownServiceParent)
         log.info("configuration applied: {services}", services=", ".join(self.by_name))
         return True
+
+
+def _history_settings(options: DcRouterOptions) -> tuple[float, float]:
+    """Sample interval and window of the figures history (``[api]``; the API re-applies them
+    on reload)."""
+    api = options.api
+    return (api.history_interval, api.history_window) if api is not None else (10.0, 3600.0)
 
 
 def _persisted_rules(options: DcRouterOptions) -> DcRouterOptions:

@@ -27,6 +27,8 @@ from twisted.internet import defer, threads
 
 from dcrouter import __version__
 from dcrouter.api import errors
+from dcrouter.api.activity import MailActivity
+from dcrouter.api.console import ConsoleEndpoints, route_entry, zone_overview
 from dcrouter.api.metrics import ApiMetrics, find_number
 from dcrouter.api.persist import apply_persisted_rules
 from dcrouter.api.queue_ops import QueueEndpoints
@@ -51,10 +53,14 @@ class Endpoint:
     summary: str
     public: bool = False
     tag: str = ""
+    #: The handler group when it is not implied by the tag (``console``).
+    handlers: str = ""
 
     @property
     def group(self) -> str:
-        """The handler group: ``rules``, ``queue``, or ``router`` for everything else."""
+        """The handler group: ``rules``, ``queue``, ``console``, or ``router`` for the rest."""
+        if self.handlers:
+            return self.handlers
         return self.tag if self.tag in ("rules", "queue") else "router"
 
     @property
@@ -80,6 +86,18 @@ ENDPOINTS: tuple[Endpoint, ...] = (
              tag="router"),
     Endpoint("GET", "/api/openapi.json", "openapi", "This OpenAPI 3 document.", public=True,
              tag="router"),
+    Endpoint("GET", "/api/history", "history",
+             "The last hour of figures in buckets (mail per minute, queue depth, proxy "
+             "connections and bytes, DNS answers by rcode).", tag="router", handlers="console"),
+    Endpoint("GET", "/api/certificates", "certificates",
+             "Certificates served (proxy, SMTP, API) with issuer and expiry, ACME orders, DKIM "
+             "keys and their DNS records, expiry warnings.", tag="router", handlers="console"),
+    Endpoint("GET", "/api/email/routing", "email_routing",
+             "Domain rules in precedence order with per-rule counters.", tag="email",
+             handlers="console"),
+    Endpoint("GET", "/api/email/deliveries", "deliveries",
+             "The last deliveries and failures with the next hop's reply text.", tag="email",
+             handlers="console"),
     Endpoint("GET", "/api/email/rules", "list_rules", "The email domain rules, in order.",
              tag="rules"),
     Endpoint("POST", "/api/email/rules", "add_rule",
@@ -90,6 +108,9 @@ ENDPOINTS: tuple[Endpoint, ...] = (
     Endpoint("DELETE", "/api/email/rules/{pattern}", "remove_rule", "Remove a domain rule.",
              tag="rules"),
     Endpoint("GET", "/api/queue", "list_queue", "Queue items, paginated.", tag="queue"),
+    Endpoint("GET", "/api/queue/summary", "queue_summary",
+             "The queue by status and by destination with the oldest item's age, and its "
+             "oldest items.", tag="queue", handlers="console"),
     Endpoint("POST", "/api/queue/pause", "pause_queue", "Stop starting deliveries.",
              tag="queue"),
     Endpoint("POST", "/api/queue/resume", "resume_queue", "Start deliveries again.",
@@ -142,11 +163,13 @@ class RouterEndpoints:
                 listeners = []
             services[name] = {"running": bool(getattr(service, "running", False)),
                               "listeners": listeners}
+        api = self.context.options.api
         return {
             "version": __version__,
             "started_at": started,
             "uptime": (time.time() - started) if started else 0.0,
             "services": services,
+            "console": {"interval": api.console_interval if api is not None else 5.0},
         }
 
     def stats(self, request: ApiRequest) -> dict:
@@ -230,26 +253,31 @@ class RouterEndpoints:
         per_route = figures.get("routes", {}) if isinstance(figures, dict) else {}
         routes = []
         for i, route in enumerate(proxy.routes):
-            entry = unbuild(route, redact=True)
             name = route.name or f"routes[{i}]"
-            entry["name"] = name
             stats = per_route.get(name) if isinstance(per_route, dict) else None
-            entry["stats"] = jsonable(stats) if isinstance(stats, dict) else {}
-            routes.append(entry)
-        return {"routes": routes}
+            routes.append(route_entry(route, name, stats))
+        unrouted = figures.get("unrouted", {}) if isinstance(figures, dict) else {}
+        return {"routes": routes, "unrouted": jsonable(unrouted),
+                "active_connections": figures.get("active_connections", 0)
+                if isinstance(figures, dict) else 0}
 
     @defer.inlineCallbacks
     def dns_zones(self, request: ApiRequest) -> Any:
-        """The DNS service's zones (its own view when it offers ``zones()``)."""
+        """The DNS service's zones (its own view when it offers ``zones()``) with record
+        counts, transfer peers and NOTIFY results; ``?records=false`` leaves the records out."""
         dns = self.context.options.dns
         service = self.context.services.get("dns")
         if dns is None or service is None:
             raise errors.service_unavailable("the DNS service is not configured")
+        wanted = (request.arg("records") or "true").lower()
+        if wanted not in ("true", "false", "1", "0"):
+            raise errors.bad_request(f"records must be true or false, got '{wanted[:20]}'")
         zones_of = getattr(service, "zones", None)
         if callable(zones_of):
-            zones = yield defer.maybeDeferred(zones_of)
-            return {"zones": jsonable(zones)}
-        return {"zones": [unbuild(z, redact=True) for z in dns.zones]}
+            zones = jsonable((yield defer.maybeDeferred(zones_of)))
+        else:
+            zones = [unbuild(z, redact=True) for z in dns.zones]
+        return {"zones": zone_overview(self.context, zones, wanted in ("true", "1"))}
 
     @defer.inlineCallbacks
     def dns_ds(self, request: ApiRequest) -> Any:
@@ -302,11 +330,13 @@ class ApiHandlers:
     """Every endpoint group of one router's API."""
 
     def __init__(self, context: RouterContext, metrics: ApiMetrics,
-                 openapi: Callable[[], dict]) -> None:
+                 openapi: Callable[[], dict], activity: Optional[MailActivity] = None) -> None:
+        self.activity = activity or MailActivity(context)
         self.groups: dict[str, Any] = {
             "router": RouterEndpoints(context, metrics, openapi),
             "rules": RuleEndpoints(context),
             "queue": QueueEndpoints(context),
+            "console": ConsoleEndpoints(context, self.activity),
         }
 
     def handler_for(self, endpoint: "Endpoint") -> Callable[[ApiRequest], Any]:

@@ -11,6 +11,7 @@ import re
 from typing import Any
 
 from dcrouter import __version__
+from dcrouter.api.console_schema import CONSOLE_DETAILS
 from dcrouter.api.errors import ERROR_CODES
 from dcrouter.api.handlers import ENDPOINTS, Endpoint
 from dcrouter.api.queue_ops import MAX_QUEUE_PAGE
@@ -107,7 +108,10 @@ _DETAILS: dict[str, dict[str, Any]] = {
                 "running": {"type": "boolean"},
                 "listeners": {"type": "array", "items": {"type": "object", "properties": {
                     "protocol": {"type": "string"}, "host": {"type": "string"},
-                    "port": {"type": "integer"}}}}}}}}}},
+                    "port": {"type": "integer"}}}}}}},
+        "console": {"type": "object", "properties": {"interval": {
+            "type": "number", "description": "Seconds between the console's refreshes "
+            "(api.console_interval)."}}}}}},
     "stats": {"response": {"type": "object", "description": "version, uptime, one object per "
                            "service (its get_stats()) and `summary` (totals for rates: "
                            "smtp_sessions_total, messages_accepted_total, queue_depth, "
@@ -182,6 +186,9 @@ _DETAILS: dict[str, dict[str, Any]] = {
     "prometheus_metrics": {"content_type": "text/plain", "response": {"type": "string"},
                            "errors": []},
 }
+
+
+_DETAILS.update(CONSOLE_DETAILS)
 
 
 def _operation(endpoint: Endpoint) -> dict[str, Any]:

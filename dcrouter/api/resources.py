@@ -1,6 +1,7 @@
 """The ``twisted.web`` side of the API: one leaf resource that dispatches every path.
 
-* ``/`` and ``/app.js``, ``/style.css`` - the status page (public, static);
+* ``/`` and ``/app.js``, ``/charts.js``, ``/views.js``, ``/style.css`` - the console
+  (public, static; its data comes from ``/api/...`` with the token);
 * ``/api/...`` - JSON endpoints from :data:`dcrouter.api.handlers.ENDPOINTS`;
 * ``/metrics`` - the Prometheus exposition, rendered in the reactor thread
   (service figures are read where they are written; prometheus_client's
@@ -42,7 +43,10 @@ STATIC_FILES = {
     "/": ("index.html", "text/html; charset=utf-8"),
     "/index.html": ("index.html", "text/html; charset=utf-8"),
     "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+    "/charts.js": ("charts.js", "text/javascript; charset=utf-8"),
+    "/views.js": ("views.js", "text/javascript; charset=utf-8"),
     "/style.css": ("style.css", "text/css; charset=utf-8"),
+    "/favicon.svg": ("favicon.svg", "image/svg+xml"),
 }
 MAX_BODY = 1024 * 1024
 

@@ -109,6 +109,8 @@ class ApiService(ManagedService):
         """Bind the listener (a ListenError names ``api.port``)."""
         self.listeners.start(self._specs(self._options(self.context.options)))
         self.metrics.wire_observers()
+        self.handlers.activity.wire()
+        self._configure_history(self._options(self.context.options))
         super().startService()
         options = self._options(self.context.options)
         scheme = "https" if options.https else "http"
@@ -117,6 +119,12 @@ class ApiService(ManagedService):
                  auth="bearer token required" if self.authenticator.enabled
                  else "no token: loopback only")
         self._warn_plaintext(options)
+
+    def _configure_history(self, options: ApiOptions) -> None:
+        """The router's figures history samples as ``api.history_*`` say."""
+        history = getattr(self.context.router, "history", None)
+        if history is not None:
+            history.configure(options.history_interval, options.history_window)
 
     @staticmethod
     def _warn_plaintext(options: ApiOptions) -> None:
@@ -146,6 +154,8 @@ class ApiService(ManagedService):
         self.site.limits = self._limits(api)
         self.site.timeOut = api.idle_timeout
         self.metrics.wire_observers()
+        self.handlers.activity.wire()
+        self._configure_history(api)
         if not self.running:
             return None
         self._warn_plaintext(api)

@@ -57,6 +57,22 @@ class ApiOptions:
                                  doc="Seconds an idle keep-alive connection stays open.")
     tls_min_version: str = option("TLSv1.2", check=one_of("TLSv1.2", "TLSv1.3"),
                                   doc="Lowest TLS version of the HTTPS listener.")
+    history_interval: float = option(10.0, check=check_positive,
+                                     doc="Seconds between two samples of every service's "
+                                     "figures kept in memory for the console's charts "
+                                     "(1 to 300).")
+    history_window: float = option(3600.0, check=check_positive,
+                                   doc="Seconds of samples kept (the console charts the last "
+                                   "hour by default); at most 10,000 samples are kept "
+                                   "whatever the two values say. Prometheus (/metrics) is "
+                                   "the long-term store.")
+    console_interval: float = option(5.0, check=check_positive,
+                                     doc="Seconds between two refreshes of the console in the "
+                                     "browser (2 to 300; ?interval= in the page's address "
+                                     "overrides it for that tab, down to 0.5). The costlier "
+                                     "answers (history, queue summary) are computed at most "
+                                     "once a second, certificates every 10 s, for all "
+                                     "consoles together.")
 
     @property
     def https(self) -> bool:
@@ -77,3 +93,13 @@ class ApiOptions:
             raise ConfigError(f"{path}.tls_key", "required when api.tls_cert is set")
         if self.tls_key and not self.tls_cert:
             raise ConfigError(f"{path}.tls_cert", "required when api.tls_key is set")
+        if not 1 <= self.history_interval <= 300:
+            raise ConfigError(f"{path}.history_interval",
+                              f"must be 1 to 300 seconds, got {self.history_interval:g}")
+        if self.history_window < self.history_interval or self.history_window > 86400:
+            raise ConfigError(f"{path}.history_window",
+                              f"must be history_interval ({self.history_interval:g}) to "
+                              f"86400 seconds, got {self.history_window:g}")
+        if not 2 <= self.console_interval <= 300:
+            raise ConfigError(f"{path}.console_interval",
+                              f"must be 2 to 300 seconds, got {self.console_interval:g}")

@@ -116,6 +116,8 @@ class Notifier:
         self.source = source
         self.announced: dict[tuple[str, Target], int] = {}
         self.pending: dict[tuple[str, Target], _Pending] = {}
+        #: The last NOTIFY per (zone, target): serial, result, when (for the console).
+        self.results: dict[tuple[str, Target], dict[str, Any]] = {}
         self.ports: dict[int, Any] = {}
         self.sent = 0
         self.acknowledged = 0
@@ -128,6 +130,7 @@ class Notifier:
         keep = set(self.targets)
         for key in [k for k in self.announced if k[1] not in keep]:
             del self.announced[key]
+            self.results.pop(key, None)
         for key in [k for k in self.pending if k[1] not in keep]:
             self._cancel(key)
         if source != self.source:
@@ -139,6 +142,7 @@ class Notifier:
         current = {z.origin: z for z in zones}
         for key in [k for k in self.announced if k[0] not in current]:
             del self.announced[key]
+            self.results.pop(key, None)
         for key in [k for k in self.pending if k[0] not in current]:
             self._cancel(key)
         for zone in current.values():
@@ -153,7 +157,12 @@ class Notifier:
         qid = secrets.randbelow(0x10000)
         pending = _Pending(qid, zone.origin, zone.serial, notify_message(qid, zone))
         self.pending[key] = pending
+        self._result(key, zone.serial, "pending")
         self._send(key, pending)
+
+    def _result(self, key: tuple[str, Target], serial: int, result: str) -> None:
+        self.results[key] = {"zone": key[0] or ".", "target": str(key[1]), "serial": serial,
+                             "result": result, "at": self.reactor.seconds()}
 
     def _send(self, key: tuple[str, Target], pending: _Pending) -> None:
         target = key[1]
@@ -180,6 +189,7 @@ class Notifier:
             return
         del self.pending[key]
         self.failed += 1
+        self._result(key, pending.serial, f"no reply after {pending.attempts} tries")
         log.warn("NOTIFY {zone} serial {serial} to {target}: no reply after {attempts} tries",
                  zone=pending.origin or ".", serial=pending.serial, target=str(key[1]),
                  attempts=pending.attempts)
@@ -201,6 +211,8 @@ class Notifier:
                 return  # the reply is about another question: not ours
             self._cancel(key)
             rcode = data[3] & 0xF
+            self._result(key, pending.serial, "acknowledged" if rcode == dns.OK
+                         else _RCODES.get(rcode, str(rcode)))
             if rcode == dns.OK:
                 self.acknowledged += 1
                 log.info("NOTIFY {zone} serial {serial} acknowledged by {target}",
@@ -241,7 +253,11 @@ class Notifier:
         self._close_ports()
 
     def stats(self) -> dict:
-        """NOTIFY datagrams sent, replies (NOERROR or not), gave up, waiting."""
+        """NOTIFY datagrams sent, replies (NOERROR or not), gave up, waiting, and the last
+        result per zone and target."""
         return {"notify_sent": self.sent, "notify_acknowledged": self.acknowledged,
                 "notify_rejected": self.rejected, "notify_failed": self.failed,
-                "notify_pending": len(self.pending)}
+                "notify_pending": len(self.pending),
+                "notify_last": [dict(r) for _k, r in sorted(self.results.items(),
+                                                             key=lambda kv: (kv[0][0],
+                                                                             str(kv[0][1])))]}

@@ -406,6 +406,11 @@ class UnifiedEmailServer(Service):
 
     # -- events and figures ----------------------------------------------------------------
 
+    @property
+    def tls_options(self) -> Any:
+        """The TLS options new connections get (the console shows their certificate)."""
+        return self._tls
+
     def add_observer(self, observer: Any) -> None:
         """Subscribe an :class:`dcrouter.interfaces.IEmailEventObserver`."""
         self._observers.append(observer)

@@ -169,6 +169,8 @@ class AcmeManager:
         self.expiry: dict[str, Optional[datetime.datetime]] = {}
         self._loop: Optional[LoopingCall] = None
         self._running: Optional[defer.Deferred] = None
+        #: The name being ordered right now (shown in the status), or None.
+        self.ordering: Optional[str] = None
 
     def update(self, options: AcmeOptions, names: list[str]) -> None:
         """New options and the names that need certificates."""
@@ -275,10 +277,12 @@ class AcmeManager:
             log.info("ordering a certificate for {name} from {directory} ({challenge})",
                      name=name, directory=self.options.directory_url,
                      challenge="dns-01" if publisher else "http-01")
+            self.ordering = name
             try:
                 expiry = yield threads.deferToThreadPool(
                     self.reactor, self.reactor.getThreadPool(), issuer.issue, name)
             except Exception as e:
+                self.ordering = None
                 state = self.backoff.setdefault(name, _Backoff())
                 state.failures += 1
                 delay = min(self.options.retry_backoff * 2 ** (state.failures - 1), MAX_BACKOFF)
@@ -287,6 +291,7 @@ class AcmeManager:
                 log.error("certificate order for {name} failed ({error}); next try in "
                           "{delay:.0f}s", name=name, error=state.last_error, delay=delay)
                 continue
+            self.ordering = None
             self.backoff.pop(name, None)
             self.expiry[name] = expiry
             log.info("certificate for {name} issued, valid until {expiry}", name=name,
@@ -303,5 +308,6 @@ class AcmeManager:
                          "failures": state.failures if state else 0,
                          "last_error": (state.last_error if state else
                                         self.skipped.get(name, "")),
-                         "retry_at": state.until if state else None}
+                         "retry_at": state.until if state else None,
+                         "ordering": name == self.ordering}
         return out

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ipaddress
+import time
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer
@@ -36,6 +37,16 @@ class Target:
         self.healthy = True
         self.active = 0
         self.failures = 0
+        self.since = time.time()      # when ``healthy`` last changed (or the target appeared)
+        self.last_error = ""          # the last failed check or connect, kept once healthy
+
+    def mark(self, healthy: bool, error: str = "") -> None:
+        """Record a check or connect result: up/down since when, and the last error."""
+        if healthy != self.healthy:
+            self.since = time.time()
+        self.healthy = healthy
+        if error:
+            self.last_error = error
 
     @property
     def label(self) -> str:
@@ -83,8 +94,9 @@ class Balancer:
         self._next = old._next
 
     def health(self) -> dict[str, dict[str, Any]]:
-        """``{target: {"healthy": .., "active": .., "failures": ..}}`` for stats."""
-        return {t.label: {"healthy": t.healthy, "active": t.active, "failures": t.failures}
+        """``{target: {"healthy", "active", "failures", "since", "last_error"}}`` for stats."""
+        return {t.label: {"healthy": t.healthy, "active": t.active, "failures": t.failures,
+                          "since": t.since, "last_error": t.last_error}
                 for t in self.targets}
 
 
@@ -168,14 +180,14 @@ class HealthChecker:
             if not target.healthy:
                 log.info("target {target} of route {route} is healthy again",
                          target=target.label, route=self.route_key)
-            target.healthy = True
+            target.mark(True)
 
         def down(failure: Any) -> None:
             if target.healthy:
                 log.warn("target {target} of route {route} failed its health check: {error}",
                          target=target.label, route=self.route_key,
                          error=failure.getErrorMessage())
-            target.healthy = False
+            target.mark(False, f"health check: {failure.getErrorMessage()}")
         d.addCallbacks(up, down)
         return d
 
@@ -204,7 +216,9 @@ def connect_with_failover(balancer: Balancer, connect: Callable[[Target], defer.
         def failed(failure: Any) -> None:
             target.failures += 1
             if mark_down:
-                target.healthy = False
+                target.mark(False, f"connect: {failure.getErrorMessage()}")
+            else:
+                target.last_error = f"connect: {failure.getErrorMessage()}"
             log.warn("connect to {target} failed: {error}", target=target.label,
                      error=failure.getErrorMessage())
             attempt(i + 1, failure)

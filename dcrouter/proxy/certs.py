@@ -112,11 +112,16 @@ class CertStore:
         self.sources: dict[str, str] = {}
         self.fallback: Optional[SSL.Context] = None
         self._server: Optional[SSL.Context] = None
+        #: The certificate (OpenSSL X509) each context serves: a context cannot be asked
+        #: without freezing it, and the console shows what is served.
+        self.certificates: dict[SSL.Context, Any] = {}
 
     # -- building ------------------------------------------------------------
     def _context(self, cert_path: str, key_path: str, key_name: str) -> SSL.Context:
-        ctx = load_certificate_options(cert_path, key_path, key_path_name=key_name).getContext()
+        options = load_certificate_options(cert_path, key_path, key_path_name=key_name)
+        ctx = options.getContext()
         ctx.set_alpn_select_callback(_select_alpn)
+        self.certificates[ctx] = options.certificate
         return ctx
 
     def add(self, names: Iterable[str], cert_path: str, key_path: str, source: str,
