@@ -196,6 +196,9 @@ class ProxyOptions:
     accept_proxy_protocol: bool = option(False, doc="Accept PROXY v1/v2 headers from proxy_ips.")
     proxy_ips: tuple[str, ...] = option((), check=check_networks,
                                         doc="Trusted load balancers that may send PROXY headers.")
+    splice: bool = option(True, doc="Relay passthrough and plain TCP routes with splice(2) "
+                          "through a kernel pipe (Linux; elsewhere, and for TLS-terminated "
+                          "routes, the Twisted relay). false: always the Twisted relay.")
 
     def validate(self, path: str) -> None:
         """Route names unique."""

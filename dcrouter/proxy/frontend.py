@@ -22,7 +22,7 @@ The first bytes must arrive within the route's ``initial_data_timeout``.
 from __future__ import annotations
 
 from ipaddress import IPv4Address
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from typing import Protocol as Protocol_
 
 from OpenSSL import SSL
@@ -36,11 +36,13 @@ from zope.interface import implementer
 from dcrouter.logsetup import get_logger
 from dcrouter.proxy import proxyprotocol, sni
 from dcrouter.proxy.httprelay import HttpRelay
-from dcrouter.proxy.balancer import Target, connect_with_failover, target_endpoint
+from dcrouter.proxy.balancer import FailoverConnector, Target
 from dcrouter.proxy.limits import Admission, IPAddress, LimitExceeded, Ticket, normalize_ip
 from dcrouter.proxy.routes import Route, RouteTable
 from dcrouter.proxy.stats import RouteStats
+from dcrouter.proxy.splice import SpliceTunnel, splice_capable
 from dcrouter.proxy.tunnel import BackendProtocol, BackendSink, Tunnel
+from dcrouter.timerwheel import wheel_for
 
 log = get_logger("proxy")
 
@@ -52,6 +54,7 @@ class ProxyCore(Protocol_):
     table: RouteTable
     admission: Admission
     certs: Any
+    splice: bool
 
     def stats_for(self, route: Route) -> RouteStats:
         """Counters of a route."""
@@ -87,7 +90,13 @@ def _no_delay(transport: Any) -> None:
 
 
 class _Backend(BackendProtocol):
-    """Target side that first sends a PROXY header and, for re-encrypt, starts TLS."""
+    """Target side that first sends a PROXY header and, for re-encrypt, starts TLS.
+
+    On the splice path the preamble is left to the tunnel (``preamble`` is
+    empty here): nothing may sit in a transport buffer the tunnel bypasses.
+    """
+
+    factory: Any = None
 
     def __init__(self, tunnel: BackendSink, preamble: bytes, tls_options: Any) -> None:
         super().__init__(tunnel)
@@ -101,24 +110,14 @@ class _Backend(BackendProtocol):
             self.transport.write(self.preamble)
         if self.tls_options is not None:
             self.transport.startTLS(self.tls_options)  # type: ignore[attr-defined]
+        if self.factory is not None:
+            self.factory.made(self)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         if self.tls_options is not None and reason.check(SSL.Error):
             self.tunnel.stats.error("backend_tls")
             log.warn("TLS to target failed: {error}", error=reason.getErrorMessage())
         super().connectionLost(reason)
-
-
-class _BackendFactory(Factory):
-    noisy = False
-
-    def __init__(self, tunnel: BackendSink, preamble: bytes, tls_options: Any) -> None:
-        self.tunnel = tunnel
-        self.preamble = preamble
-        self.tls_options = tls_options
-
-    def buildProtocol(self, addr: Any) -> _Backend:
-        return _Backend(self.tunnel, self.preamble, self.tls_options)
 
 
 class Connection:
@@ -130,7 +129,8 @@ class Connection:
         self.ticket = ticket
         self.stats = core.stats_for(route)
         self.target: Optional[Target] = None
-        self.tunnel: Optional[Tunnel] = None
+        self.tunnel: Any = None
+        self.connector: Optional[FailoverConnector] = None
         self.released = False
         self.stats.active += 1
         self.stats.total += 1
@@ -152,42 +152,63 @@ class Connection:
         self.target = target
         target.active += 1
 
+    def _preamble(self, client_addr: tuple[str, int], local_addr: tuple[str, int]) -> bytes:
+        version = self.route.options.send_proxy_protocol
+        return proxyprotocol.encode(version, client_addr, local_addr) if version else b""
+
+    def start_connect(self, sink: BackendSink, preamble: bytes,
+                      on_connected: Callable[[Target, Any], None],
+                      on_failed: Callable[[Failure], None]) -> FailoverConnector:
+        """Connect a target of the route (with failover), calling back without Deferreds."""
+        route, core = self.route, self.core
+        tls_options = None
+        reencrypt = route.tls == "terminate-and-reencrypt"
+
+        def build() -> _Backend:
+            target = connector.target
+            assert target is not None
+            options = core.backend_tls_options(route, target) if reencrypt else tls_options
+            return _Backend(sink, preamble, options)
+        connector = FailoverConnector(core.reactor, route.balancer, route.options.connect_timeout,
+                                      route.options.health_check_interval > 0, build,
+                                      on_connected, on_failed)
+        self.connector = connector
+        return connector.start()
+
     def connect(self, sink: BackendSink, client_addr: tuple[str, int],
                 local_addr: tuple[str, int]) -> defer.Deferred:
         """Connect a target of the route (with failover); fires ``(target, protocol)``.
 
-        ``sink`` receives the target's bytes and closes (a :class:`Tunnel`
-        or an HTTP relay's backend link).
+        ``sink`` receives the target's bytes and closes (an HTTP relay's
+        backend link).
         """
-        route, core = self.route, self.core
-        preamble = b""
-        if route.options.send_proxy_protocol:
-            preamble = proxyprotocol.encode(route.options.send_proxy_protocol, client_addr,
-                                            local_addr)
-        timeout = route.options.connect_timeout
-
-        def connect(target: Target) -> defer.Deferred:
-            tls_options = core.backend_tls_options(route, target) \
-                if route.tls == "terminate-and-reencrypt" else None
-            endpoint = target_endpoint(core.reactor, target.host, target.port, timeout,
-                                       version=target.ip_version)
-            return endpoint.connect(_BackendFactory(sink, preamble, tls_options))
-
-        return connect_with_failover(route.balancer, connect,
-                                     mark_down=route.options.health_check_interval > 0)
+        d: defer.Deferred = defer.Deferred()
+        self.start_connect(sink, self._preamble(client_addr, local_addr),
+                           lambda target, protocol: d.callback((target, protocol)), d.errback)
+        return d
 
     def open_tunnel(self, client: Any, initial: bytes, client_addr: tuple[str, int],
-                    local_addr: tuple[str, int], on_fail: Any = None) -> Tunnel:
-        """Pause ``client``, connect a target (with failover), then relay."""
+                    local_addr: tuple[str, int], on_fail: Any = None) -> Any:
+        """Pause ``client``, connect a target (with failover), then relay.
+
+        A plain TCP client transport (passthrough and tcp routes) is relayed
+        with splice(2) when the proxy may (:mod:`dcrouter.proxy.splice`);
+        TLS-terminated clients use the Twisted relay.
+        """
         route = self.route
         client.pauseProducing()
-        tunnel = Tunnel(self.core.reactor, client, self.stats, route.options.connection_timeout,
-                        on_done=self.release)
+        preamble = self._preamble(client_addr, local_addr)
+        tunnel: Any
+        if self.core.splice and splice_capable(client):
+            tunnel = SpliceTunnel(self.core.reactor, client, self.stats,
+                                  route.options.connection_timeout, self.release, preamble)
+            preamble = b""
+        else:
+            tunnel = Tunnel(self.core.reactor, client, self.stats,
+                            route.options.connection_timeout, on_done=self.release)
         self.tunnel = tunnel
-        d = self.connect(tunnel, client_addr, local_addr)
 
-        def connected(result: tuple[Target, Any]) -> None:
-            target, protocol = result
+        def connected(target: Target, protocol: Any) -> None:
             if tunnel.done or not tunnel.client_open:     # the client left meanwhile
                 protocol.transport.loseConnection()
                 return
@@ -203,7 +224,7 @@ class Connection:
             else:
                 client.loseConnection()
             tunnel.backend_lost(failure)
-        d.addCallbacks(connected, failed)
+        self.start_connect(tunnel, preamble, connected, failed)
         return tunnel
 
 
@@ -215,7 +236,7 @@ class _TerminatedProtocol(Protocol):
         self.front = front
         self.connection = connection
         self.relay: Optional[HttpRelay] = None
-        self.tunnel: Optional[Tunnel] = None
+        self.tunnel: Any = None
         self.lost = False
         self.handshake_done = False
         self.timer: Any = None
@@ -223,7 +244,7 @@ class _TerminatedProtocol(Protocol):
 
     def connectionMade(self) -> None:
         timeout = self.connection.route.options.initial_data_timeout
-        self.timer = self.front.core.reactor.callLater(timeout, self._handshake_timeout)
+        self.timer = wheel_for(self.front.core.reactor).call_later(timeout, self._handshake_timeout)
 
     def _handshake_timeout(self) -> None:
         self.timer = None
@@ -234,9 +255,9 @@ class _TerminatedProtocol(Protocol):
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
+        if self.timer is not None:
             self.timer.cancel()
-        self.timer = None
+            self.timer = None
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
@@ -300,7 +321,7 @@ class FrontProtocol(Protocol):
         self.timer: Any = None
         self.parser: Any = None
         self.connection: Optional[Connection] = None
-        self.tunnel: Optional[Tunnel] = None
+        self.tunnel: Any = None
         self.relay: Optional[HttpRelay] = None
         self.delegate: Optional[Protocol] = None
         self.client_ip: IPAddress = IPv4Address("0.0.0.0")
@@ -347,14 +368,13 @@ class FrontProtocol(Protocol):
             self.dataReceived(leftover)
 
     def _start_timer(self) -> None:
-        routes = self.table.by_port.get(self.port, ())
-        timeout = min((r.options.initial_data_timeout for r in routes), default=10.0)
-        self.timer = self.core.reactor.callLater(timeout, self._initial_timeout)
+        self.timer = wheel_for(self.core.reactor).call_later(
+            self.table.initial_timeout(self.port), self._initial_timeout)
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
+        if self.timer is not None:
             self.timer.cancel()
-        self.timer = None
+            self.timer = None
 
     def _initial_timeout(self) -> None:
         self.timer = None
@@ -430,8 +450,8 @@ class FrontProtocol(Protocol):
                                                route.options.max_connections,
                                                route.options.max_connections_per_ip)
         except LimitExceeded as e:
-            log.info("route {route} refused {client}: {kind}", route=route.key,
-                     client=self.client_addr[0], kind=e.kind)
+            log.debug("route {route} refused {client}: {kind}", route=route.key,
+                      client=self.client_addr[0], kind=e.kind)
             self._refuse(e.kind, route)
             return None
         return Connection(self.core, route, ticket)

@@ -24,6 +24,7 @@ from dcrouter.proxy.certs import CertStore
 from dcrouter.proxy.frontend import FrontFactory, FrontProtocol
 from dcrouter.proxy.limits import Admission, IPAddress, in_networks, parse_networks
 from dcrouter.proxy.routes import Route, RouteTable
+from dcrouter.proxy.splice import available as splice_available
 from dcrouter.proxy.stats import RouteStats
 from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterContext
 
@@ -50,6 +51,7 @@ class ProxyService(ManagedService):
         proxy = self._proxy_options(context.options)
         self.table, self.certs = self._build(proxy, None)
         self._proxy_ips = parse_networks(proxy.proxy_ips) if proxy.accept_proxy_protocol else ()
+        self.splice = proxy.splice and splice_available()
         self.listeners = ListenerSet(context.reactor, self._factory)
 
     # -- building --------------------------------------------------------------
@@ -195,6 +197,7 @@ class ProxyService(ManagedService):
         table, certs = self._build(proxy, self.table)
         self.table, self.certs = table, certs
         self._proxy_ips = parse_networks(proxy.proxy_ips) if proxy.accept_proxy_protocol else ()
+        self.splice = proxy.splice and splice_available()
         self._backend_tls = {}
         keep = {r.key for r in table.routes}
         for key in list(self.route_stats):

@@ -1,0 +1,437 @@
+"""Zero-copy relaying with ``splice(2)``: socket -> pipe -> socket, driven by the reactor.
+
+Once a passthrough connection's ClientHello is routed (or a plain TCP route
+has its target), the bytes need no more looking at.  :class:`SpliceTunnel`
+moves them in the kernel: per direction one pipe, ``splice(src, pipe)`` when
+the source socket is readable and ``splice(pipe, dst)`` when the destination
+can take more, both ``SPLICE_F_NONBLOCK`` on non-blocking sockets.  Python
+touches a byte count per call, never the bytes.
+
+How the sockets are taken from Twisted: both connections stay Twisted TCP
+transports (their protocols still get ``connectionLost``, which releases the
+admission ticket and untracks the client), but they are told to stop reading
+and writing, and the tunnel registers its own :class:`_End` descriptor for
+the same file descriptor with the reactor.  The tunnel never writes through a
+transport, so their buffers stay empty; at the end it removes its
+descriptors first and then lets the transports close the sockets
+(``loseConnection`` after a clean end, ``abortConnection`` after an error or
+a timeout), which fires the protocols' ``connectionLost`` as usual.
+
+What the Twisted relay (:mod:`dcrouter.proxy.tunnel`) does, this does too:
+
+* bytes already read (the ClientHello, a PROXY header to send, data that
+  came with it) are a *prefix* sent with ``send`` before the pipe of that
+  direction is drained, so PROXY headers and passthrough replays still splice;
+* flow control: a pipe holds at most its size (:data:`PIPE_SIZE`); when
+  ``splice`` into it would block while it holds bytes, the source is no
+  longer read until the destination has taken some - memory per tunnel is
+  two pipes, whatever the speed difference;
+* half-close: a source's EOF becomes ``shutdown(SHUT_WR)`` of the
+  destination once its pipe is empty; both directions ended, both close;
+* an error on one socket (RST, EPIPE) aborts it; what its pipe still holds
+  for the other side is offered once, then the other side is closed;
+* the idle timeout (``connection_timeout``) is a :class:`~dcrouter.timerwheel.IdleTimeout`
+  on the shared wheel;
+* ``bytes_in``/``bytes_out`` count bytes delivered to each side.
+
+Empty pipes go back to a small pool (:data:`POOL_SIZE` pairs) so a new
+connection usually costs no ``pipe2``.  :func:`available` says whether this
+platform can splice (Linux, Python >= 3.10).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+from typing import Any, Callable, Optional
+
+from twisted.internet import tcp
+from twisted.internet.interfaces import IReadWriteDescriptor
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from dcrouter.logsetup import get_logger
+from dcrouter.proxy.stats import RouteStats
+from dcrouter.timerwheel import IdleTimeout, wheel_for
+
+log = get_logger("proxy")
+
+#: Bytes a pipe is asked to hold (F_SETPIPE_SZ; the kernel may round it or keep its default).
+PIPE_SIZE = 256 * 1024
+#: Empty pipe pairs kept for new tunnels.
+POOL_SIZE = 64
+#: splice calls per direction and readiness event (then other connections get their turn).
+ROUNDS = 16
+
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
+_F_GETPIPE_SZ = getattr(fcntl, "F_GETPIPE_SZ", 1032)
+_splice: Optional[Callable[..., int]] = getattr(os, "splice", None)
+_FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
+
+_pool: list[tuple[int, int, int]] = []
+
+
+def available() -> bool:
+    """Whether ``splice(2)`` can be used here (Linux with ``os.splice``)."""
+    return _splice is not None and hasattr(os, "pipe2")
+
+
+def splice_capable(transport: Any) -> bool:
+    """Whether ``transport`` is a plain Twisted TCP connection whose socket can be spliced
+    (not TLS: a TLS wrapper forwards attribute look-ups to the TCP transport below)."""
+    return isinstance(transport, tcp.Connection) and not getattr(transport, "TLS", False) \
+        and type(transport).__name__ != "TLSMemoryBIOProtocol"
+
+
+def _new_pipe() -> tuple[int, int, int]:
+    """(read fd, write fd, capacity) of a pipe from the pool or a new one."""
+    if _pool:
+        return _pool.pop()
+    r, w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        size = fcntl.fcntl(w, _F_SETPIPE_SZ, PIPE_SIZE)
+    except OSError:                 # over /proc/sys/fs/pipe-max-size or the user's quota
+        size = fcntl.fcntl(w, _F_GETPIPE_SZ)
+    return r, w, size
+
+
+def _give_back(pipe: tuple[int, int, int], empty: bool) -> None:
+    if empty and len(_pool) < POOL_SIZE:
+        _pool.append(pipe)
+    else:
+        os.close(pipe[0])
+        os.close(pipe[1])
+
+
+class _Direction:
+    """Bytes from ``src`` to ``dst``: a prefix, then a pipe."""
+
+    __slots__ = ("src", "dst", "pipe", "r", "w", "size", "in_pipe", "prefix", "eof", "shut",
+                 "paused", "outgoing")
+
+    def __init__(self, src: "_End", dst: "_End", pipe: tuple[int, int, int], outgoing: bool,
+                 prefix: bytes = b"") -> None:
+        self.src = src
+        self.dst = dst
+        self.pipe = pipe
+        self.r, self.w, self.size = pipe
+        self.in_pipe = 0
+        self.prefix = prefix
+        self.eof = False            # the source sent EOF
+        self.shut = False           # ... and it was passed on
+        self.paused = False         # the pipe is full: the source is not read
+        self.outgoing = outgoing    # client -> target (bytes_in)
+
+
+@implementer(IReadWriteDescriptor)
+class _End:
+    """One socket of a :class:`SpliceTunnel`, registered with the reactor in place of its
+    Twisted transport."""
+
+    def __init__(self, tunnel: "SpliceTunnel", transport: Any) -> None:
+        self.tunnel = tunnel
+        self.transport = transport
+        self.sock: socket.socket = transport.socket
+        self.fd = self.sock.fileno()
+        self.out: Optional[_Direction] = None      # bytes read from this socket
+        self.inc: Optional[_Direction] = None      # bytes written to this socket
+        self.reading = False
+        self.writing = False
+        self.disconnected = False
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "splice"
+
+    def doRead(self) -> None:
+        assert self.out is not None
+        self.tunnel._read(self.out)
+
+    def doWrite(self) -> None:
+        assert self.inc is not None
+        self.tunnel._write(self.inc)
+
+    def connectionLost(self, reason: Failure) -> None:
+        # the reactor saw an error or hang-up while we were not reading
+        self.tunnel._broken(self, reason.getErrorMessage())
+
+
+class SpliceTunnel:
+    """Relays a client and a target connection with ``splice(2)`` (the
+    :class:`~dcrouter.proxy.tunnel.Tunnel` interface: ``attach``, ``client_*``, ``backend_*``)."""
+
+    def __init__(self, reactor: Any, client: Any, stats: RouteStats, idle_timeout: float,
+                 on_done: Callable[[], None], preamble: bytes = b"") -> None:
+        self.reactor = reactor
+        self.client = client
+        self.stats = stats
+        self.on_done = on_done
+        self.preamble = preamble
+        self.backend: Optional[Any] = None
+        self.pending: list[bytes] = []
+        self.client_open = True
+        self.backend_open = True
+        self.client_eof = False
+        self.done = False
+        self.closing = False
+        self.ends: list[_End] = []
+        self.up: Optional[_Direction] = None
+        self.down: Optional[_Direction] = None
+        self.idle = IdleTimeout(wheel_for(reactor), idle_timeout, self._idle)
+
+    # -- setup ---------------------------------------------------------------------
+    def attach(self, backend_transport: Any, initial: bytes = b"") -> None:
+        """The target is connected: take both sockets over and start relaying."""
+        if self.done or not self.client_open:
+            backend_transport.loseConnection()
+            self._finish()
+            return
+        self.backend = backend_transport
+        data = initial + b"".join(self.pending)
+        self.pending = []
+        self.stats.bytes_in += len(data)
+        for transport in (self.client, backend_transport):
+            transport.stopReading()
+            transport.stopWriting()
+        client, backend = _End(self, self.client), _End(self, backend_transport)
+        self.ends = [client, backend]
+        self.up = _Direction(client, backend, _new_pipe(), True, self.preamble + data)
+        self.down = _Direction(backend, client, _new_pipe(), False)
+        client.out = backend.inc = self.up
+        backend.out = client.inc = self.down
+        if self.client_eof:
+            self.up.eof = True
+        else:
+            self._want_read(client, True)
+        self._want_read(backend, True)
+        if self.up.prefix and self._flush(self.up) and self.up.eof:
+            self._pass_eof(self.up)
+        elif not self.up.prefix and self.up.eof:
+            self._pass_eof(self.up)
+
+    # -- reactor registration --------------------------------------------------------
+    def _want_read(self, end: _End, on: bool) -> None:
+        if on != end.reading and not end.disconnected:
+            end.reading = on
+            (self.reactor.addReader if on else self.reactor.removeReader)(end)
+
+    def _want_write(self, end: _End, on: bool) -> None:
+        if on != end.writing and not end.disconnected:
+            end.writing = on
+            (self.reactor.addWriter if on else self.reactor.removeWriter)(end)
+
+    def _detach(self) -> None:
+        """Take our descriptors out of the reactor (before a transport closes its socket)."""
+        for end in self.ends:
+            self._want_read(end, False)
+            self._want_write(end, False)
+            end.disconnected = True
+
+    # -- moving bytes ------------------------------------------------------------------
+    def _read(self, d: _Direction) -> None:
+        if self.closing:
+            return
+        splice = _splice
+        assert splice is not None
+        for _ in range(ROUNDS):
+            try:
+                n = splice(d.src.fd, d.w, d.size, None, None, _FLAGS)
+            except BlockingIOError:
+                if d.in_pipe:               # the pipe is full: wait for the destination
+                    d.paused = True
+                    self._want_read(d.src, False)
+                break
+            except OSError as e:
+                self._broken(d.src, e.strerror or str(e))
+                return
+            if n == 0:
+                d.eof = True
+                self._want_read(d.src, False)
+                break
+            d.in_pipe += n
+            if not self._flush(d):
+                break
+        if self.closing:
+            return
+        self.idle.touch()
+        if d.eof and not d.in_pipe and not d.prefix:
+            self._pass_eof(d)
+
+    def _write(self, d: _Direction) -> None:
+        if self.closing:
+            return
+        if self._flush(d):
+            self.idle.touch()
+            if d.eof:
+                self._pass_eof(d)
+
+    def _flush(self, d: _Direction) -> bool:
+        """Move the prefix and the pipe's bytes to the destination; False if it would block."""
+        dst = d.dst
+        if d.prefix:
+            try:
+                sent = dst.sock.send(d.prefix)
+            except BlockingIOError:
+                self._want_write(dst, True)
+                return False
+            except OSError as e:
+                self._broken(dst, e.strerror or str(e))
+                return False
+            d.prefix = d.prefix[sent:]
+            if d.prefix:
+                self._want_write(dst, True)
+                return False
+        splice = _splice
+        assert splice is not None
+        moved = 0
+        while d.in_pipe:
+            try:
+                m = splice(d.r, dst.fd, d.in_pipe, None, None, _FLAGS)
+            except BlockingIOError:
+                break
+            except OSError as e:
+                self._count(d, moved)
+                self._broken(dst, e.strerror or str(e))
+                return False
+            d.in_pipe -= m
+            moved += m
+        self._count(d, moved)
+        if d.in_pipe:
+            self._want_write(dst, True)
+            if moved and d.paused:          # room again: read on while it drains
+                d.paused = False
+                self._want_read(d.src, True)
+            return False
+        self._want_write(dst, False)
+        if d.paused:
+            d.paused = False
+            self._want_read(d.src, True)
+        return True
+
+    def _count(self, d: _Direction, n: int) -> None:
+        if d.outgoing:
+            self.stats.bytes_in += n
+        else:
+            self.stats.bytes_out += n
+
+    def _pass_eof(self, d: _Direction) -> None:
+        """The source ended and everything reached the destination: shut its write side."""
+        if d.shut or self.closing:
+            return
+        d.shut = True
+        try:
+            d.dst.sock.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        assert self.up is not None and self.down is not None
+        if self.up.shut and self.down.shut:
+            self._close(orderly=True)
+
+    # -- ending ------------------------------------------------------------------------
+    def _broken(self, end: _End, error: str) -> None:
+        """``end``'s socket failed: abort it; the other side gets what is on its way, then FIN."""
+        if self.closing:
+            return
+        log.debug("splice tunnel: {error}", error=error)
+        other = self.ends[1] if end is self.ends[0] else self.ends[0]
+        self.closing = True
+        self._detach()
+        towards = other.inc
+        if towards is not None and towards.in_pipe and not towards.prefix:
+            try:
+                assert _splice is not None
+                self._count(towards, _splice(towards.r, other.fd, towards.in_pipe, None, None,
+                                             _FLAGS))
+            except OSError:
+                pass
+        self.idle.cancel()
+        _abort(end.transport)
+        other.transport.loseConnection()
+
+    def _close(self, orderly: bool) -> None:
+        if self.closing:
+            return
+        self.closing = True
+        self._detach()
+        self.idle.cancel()
+        for end in self.ends:
+            if orderly:
+                end.transport.loseConnection()
+            else:
+                _abort(end.transport)
+
+    def _idle(self) -> None:
+        if self.done or self.closing:
+            return
+        self.stats.error("idle_timeout")
+        self.abort()
+
+    def abort(self) -> None:
+        """Close both sides now (shutdown deadline, idle timeout)."""
+        if self.ends:
+            self._close(orderly=False)
+            return
+        self.closing = True
+        _abort(self.client)
+        if self.backend is not None:
+            _abort(self.backend)
+
+    # -- the Tunnel interface used by the front end ------------------------------------
+    def client_data(self, data: bytes) -> None:
+        """Bytes the client's transport read before the tunnel took it over."""
+        if self.backend is None:
+            self.pending.append(data)
+
+    def client_read_closed(self) -> None:
+        """The client half-closed before the target was connected."""
+        self.client_eof = True
+        if self.up is not None and not self.up.eof:
+            self.up.eof = True
+
+    def client_lost(self, reason: Optional[Failure] = None) -> None:
+        """The client's transport closed."""
+        self.client_open = False
+        if not self.closing and self.backend is not None:
+            self.closing = True
+            self._detach()
+            self.backend.loseConnection()
+        self._maybe_finish()
+
+    def backend_data(self, data: bytes) -> None:
+        """Bytes the target's transport read (only before or after the tunnel's work)."""
+
+    def backend_read_closed(self) -> None:
+        """The target half-closed while its transport was reading (not while spliced)."""
+
+    def backend_lost(self, reason: Optional[Failure] = None) -> None:
+        """The target's transport closed (or its connection failed)."""
+        self.backend_open = False
+        if not self.closing and self.client_open:
+            self.closing = True
+            self._detach()
+            self.client.loseConnection()
+        self._maybe_finish()
+
+    def _maybe_finish(self) -> None:
+        if not self.client_open and (self.backend is None or not self.backend_open):
+            self._finish()
+
+    def _finish(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        self.idle.cancel()
+        for d in (self.up, self.down):
+            if d is not None:
+                _give_back(d.pipe, empty=not d.in_pipe)
+        self.up = self.down = None
+        self.on_done()
+
+
+def _abort(transport: Any) -> None:
+    abort = getattr(transport, "abortConnection", None)
+    (abort or transport.loseConnection)()
+
