@@ -237,8 +237,13 @@ class SpliceTunnel:
         splice = _splice
         assert splice is not None
         for _ in range(ROUNDS):
+            room = d.size - d.in_pipe
+            if room <= 0:                   # full (in bytes: a pipe slot may hold more
+                d.paused = True             # than a page, so slots alone do not bound it)
+                self._want_read(d.src, False)
+                break
             try:
-                n = splice(d.src.fd, d.w, d.size, None, None, _FLAGS)
+                n = splice(d.src.fd, d.w, room, None, None, _FLAGS)
             except BlockingIOError:
                 if d.in_pipe:               # the pipe is full: wait for the destination
                     d.paused = True

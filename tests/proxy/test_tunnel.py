@@ -7,11 +7,15 @@ import ssl
 import threading
 import time
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 
 from tests.proxy.conftest import proxy_port, recv_all
+
+#: every test here that starts a proxy runs on the splice relay and on the Twisted fallback
+BOTH_RELAYS = True
 
 TOTAL = 200 * 1024 * 1024
 
