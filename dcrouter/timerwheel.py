@@ -116,11 +116,17 @@ class TimerWheel:
 _WHEELS: "weakref.WeakKeyDictionary[Any, TimerWheel]" = weakref.WeakKeyDictionary()
 
 
+_last: list[Any] = [None, None]         # (clock, wheel) of the last look-up
+
+
 def wheel_for(clock: Any) -> TimerWheel:
     """The shared wheel of ``clock`` (made on first use)."""
+    if _last[0] is clock:
+        return _last[1]
     wheel = _WHEELS.get(clock)
     if wheel is None:
         wheel = _WHEELS[clock] = TimerWheel(clock)
+    _last[0], _last[1] = clock, wheel
     return wheel
 
 

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any, Callable, Optional
 
 from twisted.internet import defer, error
@@ -59,8 +60,8 @@ class Balancer:
     def order(self) -> list[Target]:
         """Healthy targets in balancing order, then unhealthy ones as a last resort."""
         n = len(self.targets)
-        if not n:
-            return []
+        if n <= 1:
+            return list(self.targets)
         if self.method == "least-connections":
             start = self._next % n
             rotated = self.targets[start:] + self.targets[:start]
@@ -88,6 +89,16 @@ class Balancer:
         """``{target: {"healthy": .., "active": .., "failures": ..}}`` for stats."""
         return {t.label: {"healthy": t.healthy, "active": t.active, "failures": t.failures}
                 for t in self.targets}
+
+
+_FAILURE_REPR = re.compile(r"\[Failure instance: Traceback \(failure with no frames\): "
+                           r"<class '([\w.]+)'>: (.*?)\s*\]", re.S)
+
+
+def reason_text(failure: Failure) -> str:
+    """A failure's message for a log line, without the nested ``[Failure instance:
+    Traceback ...]`` repr Twisted puts in some connect errors."""
+    return _FAILURE_REPR.sub(lambda m: m.group(2), failure.getErrorMessage()).strip()
 
 
 def _ip_version(host: str) -> int:
@@ -169,7 +180,7 @@ class HealthChecker:
             if target.healthy:
                 log.warn("target {target} of route {route} failed its health check: {error}",
                          target=target.label, route=self.route_key,
-                         error=failure.getErrorMessage())
+                         error=reason_text(failure))
             target.healthy = False
         d.addCallbacks(up, down)
         return d
@@ -222,14 +233,22 @@ class FailoverConnector(ClientFactory):
     ``connectionMade``, which calls ``on_connected(target, protocol)``; when
     every target failed, ``on_failed(failure)``.  :meth:`cancel` stops a
     pending attempt (the client left).
+
+    ``raw(target, timeout, done)``, when given, connects literal addresses
+    without Twisted (the splice relay needs only a socket): it returns a
+    handle with ``cancel()`` and calls ``done(sock, None)`` or
+    ``done(None, error)``; ``on_connected`` then receives the socket.
     """
 
     noisy = False
 
     def __init__(self, reactor: Any, balancer: Balancer, timeout: float, mark_down: bool,
                  build: Callable[[], Protocol], on_connected: Callable[[Target, Any], None],
-                 on_failed: Callable[[Failure], None]) -> None:
+                 on_failed: Callable[[Failure], None], raw: Optional[Callable[..., Any]] = None
+                 ) -> None:
         self.reactor = reactor
+        self.raw = raw
+        self.pending: Any = None
         self.order = balancer.order()
         self.timeout = timeout
         self.mark_down = mark_down
@@ -259,6 +278,9 @@ class FailoverConnector(ClientFactory):
             return
         target = self.target = self.order[self.index]
         self.timed_out = False
+        if target.ip_version and self.raw is not None:
+            self.pending = self.raw(target, self.timeout, self._raw_done)
+            return
         if target.ip_version:
             self.connector = self.reactor.connectTCP(target.host, target.port, self,
                                                      timeout=None)
@@ -287,6 +309,18 @@ class FailoverConnector(ClientFactory):
         assert self.target is not None
         self.on_connected(self.target, protocol)
 
+    def _raw_done(self, sock: Any, failure: Optional[BaseException]) -> None:
+        self.pending = None
+        if self.cancelled:
+            if sock is not None:
+                sock.close()
+            return
+        if sock is not None:
+            assert self.target is not None
+            self.on_connected(self.target, sock)
+        else:
+            self._failed(Failure(failure))
+
     def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
         if self.timer is not None:
             self.timer.cancel()
@@ -306,7 +340,7 @@ class FailoverConnector(ClientFactory):
         if self.mark_down:
             target.healthy = False
         log.warn("connect to {target} failed: {error}", target=target.label,
-                 error=reason.getErrorMessage())
+                 error=reason_text(reason))
         self._next(reason)
 
     def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
@@ -315,6 +349,9 @@ class FailoverConnector(ClientFactory):
     def cancel(self) -> None:
         """Give up (the client is gone): stop a pending attempt, report nothing more."""
         self.cancelled = True
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
         if self.connector is not None and self.connector.state == "connecting":
             self.connector.stopConnecting()
 

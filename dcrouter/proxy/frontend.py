@@ -40,7 +40,7 @@ from dcrouter.proxy.balancer import FailoverConnector, Target
 from dcrouter.proxy.limits import Admission, IPAddress, LimitExceeded, Ticket, normalize_ip
 from dcrouter.proxy.routes import Route, RouteTable
 from dcrouter.proxy.stats import RouteStats
-from dcrouter.proxy.splice import SpliceTunnel, splice_capable
+from dcrouter.proxy.splice import RawConnect, SpliceTunnel, splice_capable
 from dcrouter.proxy.tunnel import BackendProtocol, BackendSink, Tunnel
 from dcrouter.timerwheel import wheel_for
 
@@ -158,20 +158,20 @@ class Connection:
 
     def start_connect(self, sink: BackendSink, preamble: bytes,
                       on_connected: Callable[[Target, Any], None],
-                      on_failed: Callable[[Failure], None]) -> FailoverConnector:
+                      on_failed: Callable[[Failure], None],
+                      raw: Optional[Callable[..., Any]] = None) -> FailoverConnector:
         """Connect a target of the route (with failover), calling back without Deferreds."""
         route, core = self.route, self.core
-        tls_options = None
         reencrypt = route.tls == "terminate-and-reencrypt"
 
         def build() -> _Backend:
             target = connector.target
             assert target is not None
-            options = core.backend_tls_options(route, target) if reencrypt else tls_options
+            options = core.backend_tls_options(route, target) if reencrypt else None
             return _Backend(sink, preamble, options)
         connector = FailoverConnector(core.reactor, route.balancer, route.options.connect_timeout,
                                       route.options.health_check_interval > 0, build,
-                                      on_connected, on_failed)
+                                      on_connected, on_failed, raw)
         self.connector = connector
         return connector.start()
 
@@ -198,22 +198,7 @@ class Connection:
         route = self.route
         client.pauseProducing()
         preamble = self._preamble(client_addr, local_addr)
-        tunnel: Any
-        if self.core.splice and splice_capable(client):
-            tunnel = SpliceTunnel(self.core.reactor, client, self.stats,
-                                  route.options.connection_timeout, self.release, preamble)
-            preamble = b""
-        else:
-            tunnel = Tunnel(self.core.reactor, client, self.stats,
-                            route.options.connection_timeout, on_done=self.release)
-        self.tunnel = tunnel
-
-        def connected(target: Target, protocol: Any) -> None:
-            if tunnel.done or not tunnel.client_open:     # the client left meanwhile
-                protocol.transport.loseConnection()
-                return
-            self.use_target(target)
-            tunnel.attach(protocol.transport, initial)
+        reactor = self.core.reactor
 
         def failed(failure: Failure) -> None:
             self.stats.error("connect")
@@ -224,6 +209,33 @@ class Connection:
             else:
                 client.loseConnection()
             tunnel.backend_lost(failure)
+
+        if self.core.splice and splice_capable(client):
+            tunnel: Any = SpliceTunnel(reactor, client, self.stats,
+                                       route.options.connection_timeout, self.release, preamble)
+
+            def spliced(target: Target, backend: Any) -> None:
+                if not tunnel.done and tunnel.client_open:
+                    self.use_target(target)
+                # a protocol (a target given by name) or a raw socket (a literal address)
+                tunnel.attach(getattr(backend, "transport", backend), initial)
+
+            def raw(target: Target, timeout: float, done: Callable[..., None]) -> RawConnect:
+                return RawConnect(reactor, target.host, target.port, target.ip_version,
+                                  timeout, done)
+            self.tunnel = tunnel
+            tunnel.connector = self.start_connect(tunnel, b"", spliced, failed, raw)
+            return tunnel
+        tunnel = Tunnel(reactor, client, self.stats, route.options.connection_timeout,
+                        on_done=self.release)
+        self.tunnel = tunnel
+
+        def connected(target: Target, protocol: Any) -> None:
+            if tunnel.done or not tunnel.client_open:     # the client left meanwhile
+                protocol.transport.loseConnection()
+                return
+            self.use_target(target)
+            tunnel.attach(protocol.transport, initial)
         self.start_connect(tunnel, preamble, connected, failed)
         return tunnel
 
@@ -326,18 +338,29 @@ class FrontProtocol(Protocol):
         self.delegate: Optional[Protocol] = None
         self.client_ip: IPAddress = IPv4Address("0.0.0.0")
         self.client_addr: tuple[str, int] = ("", 0)
-        self.local_addr: tuple[str, int] = ("", 0)
+        self._local_addr: Optional[tuple[str, int]] = None
         self.closed = False
+
+    @property
+    def local_addr(self) -> tuple[str, int]:
+        """The address the client connected to (asked of the socket on first use: only
+        PROXY headers and HTTP relays need it)."""
+        if self._local_addr is None:
+            assert self.transport is not None
+            host: Any = self.transport.getHost()
+            self._local_addr = (str(normalize_ip(host.host)), host.port)
+        return self._local_addr
 
     # -- lifecycle -------------------------------------------------------------
     def connectionMade(self) -> None:
         assert self.transport is not None
         _no_delay(self.transport)
         peer: Any = self.transport.getPeer()
-        host: Any = self.transport.getHost()
         self.client_ip = normalize_ip(peer.host)
-        self.client_addr = (str(self.client_ip), peer.port)
-        self.local_addr = (str(normalize_ip(host.host)), host.port)
+        text = peer.host
+        if ":" in text or "%" in text:          # IPv6 (maybe IPv4-mapped, or with a zone)
+            text = str(self.client_ip)
+        self.client_addr = (text, peer.port)
         self.core.track(self)
         if self.core.trusts_proxy_header(self.client_ip):
             self.stage = "proxy"
@@ -464,8 +487,9 @@ class FrontProtocol(Protocol):
     def _relay(self, connection: Connection, initial: bytes, on_fail: Any = None) -> None:
         self.stage = "relay"
         self.connection = connection
-        self.tunnel = connection.open_tunnel(self.transport, initial, self.client_addr,
-                                             self.local_addr, on_fail=on_fail)
+        local = self.local_addr if connection.route.options.send_proxy_protocol else ("", 0)
+        self.tunnel = connection.open_tunnel(self.transport, initial, self.client_addr, local,
+                                             on_fail=on_fail)
 
     def _terminate(self, route: Route, buffered: bytes) -> None:
         connection = self._admit(route)

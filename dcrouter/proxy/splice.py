@@ -41,12 +41,14 @@ platform can splice (Linux, Python >= 3.10).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import socket
+import struct
 from typing import Any, Callable, Optional
 
-from twisted.internet import tcp
+from twisted.internet import error, tcp
 from twisted.internet.interfaces import IReadWriteDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -129,10 +131,11 @@ class _End:
     """One socket of a :class:`SpliceTunnel`, registered with the reactor in place of its
     Twisted transport."""
 
-    def __init__(self, tunnel: "SpliceTunnel", transport: Any) -> None:
+    def __init__(self, tunnel: "SpliceTunnel", peer: Any) -> None:
         self.tunnel = tunnel
-        self.transport = transport
-        self.sock: socket.socket = transport.socket
+        #: the Twisted transport that owns the socket, or None for a raw socket of ours
+        self.transport: Any = None if isinstance(peer, socket.socket) else peer
+        self.sock: socket.socket = peer if self.transport is None else peer.socket
         self.fd = self.sock.fileno()
         self.out: Optional[_Direction] = None      # bytes read from this socket
         self.inc: Optional[_Direction] = None      # bytes written to this socket
@@ -180,23 +183,32 @@ class SpliceTunnel:
         self.ends: list[_End] = []
         self.up: Optional[_Direction] = None
         self.down: Optional[_Direction] = None
+        self.connector: Any = None          # set by the front end while connecting
         self.idle = IdleTimeout(wheel_for(reactor), idle_timeout, self._idle)
 
     # -- setup ---------------------------------------------------------------------
-    def attach(self, backend_transport: Any, initial: bytes = b"") -> None:
-        """The target is connected: take both sockets over and start relaying."""
+    def attach(self, backend: Any, initial: bytes = b"") -> None:
+        """The target is connected (a Twisted TCP transport, or a connected non-blocking
+        socket from :class:`RawConnect`): take both sockets over and start relaying."""
         if self.done or not self.client_open:
-            backend_transport.loseConnection()
+            if isinstance(backend, socket.socket):
+                backend.close()
+            else:
+                backend.loseConnection()
+            self.backend_open = False
             self._finish()
             return
-        self.backend = backend_transport
+        self.backend = backend
         data = initial + b"".join(self.pending)
         self.pending = []
         self.stats.bytes_in += len(data)
-        for transport in (self.client, backend_transport):
-            transport.stopReading()
-            transport.stopWriting()
-        client, backend = _End(self, self.client), _End(self, backend_transport)
+        self.client.stopReading()
+        self.client.stopWriting()
+        if not isinstance(backend, socket.socket):
+            backend.stopReading()
+            backend.stopWriting()
+        client, backend_end = _End(self, self.client), _End(self, backend)
+        backend = backend_end
         self.ends = [client, backend]
         self.up = _Direction(client, backend, _new_pipe(), True, self.preamble + data)
         self.down = _Direction(backend, client, _new_pipe(), False)
@@ -353,8 +365,9 @@ class SpliceTunnel:
             except OSError:
                 pass
         self.idle.cancel()
-        _abort(end.transport)
-        other.transport.loseConnection()
+        # the client first: its transport's connectionLost must not find the backend open
+        for e in (self.ends[0], self.ends[1]):
+            self._drop(e, orderly=e is other)
 
     def _close(self, orderly: bool) -> None:
         if self.closing:
@@ -362,11 +375,28 @@ class SpliceTunnel:
         self.closing = True
         self._detach()
         self.idle.cancel()
-        for end in self.ends:
-            if orderly:
-                end.transport.loseConnection()
-            else:
-                _abort(end.transport)
+        for end in list(self.ends):
+            self._drop(end, orderly)
+
+    def _drop(self, end: _End, orderly: bool) -> None:
+        """Close one socket now (no round through the reactor), telling its owner."""
+        if end.transport is None:               # our raw backend socket
+            if not orderly:
+                _set_linger_zero(end.sock)
+            end.sock.close()
+            self.backend_lost()
+            return
+        transport = end.transport
+        if isinstance(transport, tcp.Connection) and transport.connected \
+                and not transport.disconnected and hasattr(transport, "socket"):
+            # what the reactor would do after loseConnection/abortConnection, at once:
+            # close the socket (RST when aborted) and call the protocol's connectionLost
+            transport.connectionLost(Failure(error.ConnectionDone() if orderly
+                                             else error.ConnectionAborted()))
+        elif orderly:
+            transport.loseConnection()
+        else:
+            _abort(transport)
 
     def _idle(self) -> None:
         if self.done or self.closing:
@@ -380,9 +410,9 @@ class SpliceTunnel:
             self._close(orderly=False)
             return
         self.closing = True
+        if self.connector is not None:
+            self.connector.cancel()
         _abort(self.client)
-        if self.backend is not None:
-            _abort(self.backend)
 
     # -- the Tunnel interface used by the front end ------------------------------------
     def client_data(self, data: bytes) -> None:
@@ -399,10 +429,14 @@ class SpliceTunnel:
     def client_lost(self, reason: Optional[Failure] = None) -> None:
         """The client's transport closed."""
         self.client_open = False
-        if not self.closing and self.backend is not None:
+        if not self.closing:
             self.closing = True
-            self._detach()
-            self.backend.loseConnection()
+            if self.ends:
+                self._detach()
+                self.idle.cancel()
+                self._drop(self.ends[1], orderly=True)
+            elif self.connector is not None:        # still connecting
+                self.connector.cancel()
         self._maybe_finish()
 
     def backend_data(self, data: bytes) -> None:
@@ -412,12 +446,18 @@ class SpliceTunnel:
         """The target half-closed while its transport was reading (not while spliced)."""
 
     def backend_lost(self, reason: Optional[Failure] = None) -> None:
-        """The target's transport closed (or its connection failed)."""
+        """The target's connection closed (or could not be made)."""
+        if not self.backend_open:
+            return
         self.backend_open = False
         if not self.closing and self.client_open:
             self.closing = True
             self._detach()
-            self.client.loseConnection()
+            self.idle.cancel()
+            if self.ends:
+                self._drop(self.ends[0], orderly=True)
+            else:
+                self.client.loseConnection()
         self._maybe_finish()
 
     def _maybe_finish(self) -> None:
@@ -434,6 +474,92 @@ class SpliceTunnel:
                 _give_back(d.pipe, empty=not d.in_pipe)
         self.up = self.down = None
         self.on_done()
+
+
+def _set_linger_zero(sock: socket.socket) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, _LINGER_ZERO)
+    except OSError:
+        pass
+
+
+_LINGER_ZERO = struct.pack("ii", 1, 0)
+
+
+@implementer(IReadWriteDescriptor)
+class RawConnect:
+    """A non-blocking ``connect(2)`` to a literal address, watched by the reactor.
+
+    The splice path needs only a file descriptor for the target, so it skips
+    Twisted's connector, client transport and protocol: ``done(sock, None)``
+    once connected (TCP_NODELAY set), ``done(None, error)`` when refused,
+    unreachable or after ``timeout`` seconds (on the shared timer wheel).
+    """
+
+    def __init__(self, reactor: Any, host: str, port: int, version: int, timeout: float,
+                 done: Callable[[Optional[socket.socket], Optional[BaseException]], None]) -> None:
+        self.reactor = reactor
+        self.done = done
+        self.finished = False
+        self.timer: Any = None
+        family = socket.AF_INET6 if version == 6 else socket.AF_INET
+        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        self.fd = self.sock.fileno()
+        try:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError:
+            pass
+        err = self.sock.connect_ex((host, port))
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
+            self._end(OSError(err, os.strerror(err)))
+            return
+        reactor.addWriter(self)
+        self.timer = wheel_for(reactor).call_later(timeout, self._timeout)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def logPrefix(self) -> str:
+        return "splice-connect"
+
+    def doRead(self) -> None:
+        pass
+
+    def doWrite(self) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._end(OSError(err, os.strerror(err)) if err else None)
+
+    def connectionLost(self, reason: Failure) -> None:
+        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
+        self._end(OSError(err, os.strerror(err)))
+
+    def _timeout(self) -> None:
+        self.timer = None
+        self._end(error.TimeoutError(string="connect timed out"))
+
+    def _end(self, failure: Optional[BaseException]) -> None:
+        if self.finished:
+            return
+        self.finished = True
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        self.reactor.removeWriter(self)
+        if failure is None:
+            self.done(self.sock, None)
+        else:
+            self.sock.close()
+            self.done(None, failure)
+
+    def cancel(self) -> None:
+        """Give up (nothing is reported)."""
+        if not self.finished:
+            self.finished = True
+            if self.timer is not None:
+                self.timer.cancel()
+                self.timer = None
+            self.reactor.removeWriter(self)
+            self.sock.close()
 
 
 def _abort(transport: Any) -> None:
