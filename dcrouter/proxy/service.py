@@ -10,6 +10,7 @@ store and, when ``[proxy.acme]`` is enabled, the ACME manager.
 
 from __future__ import annotations
 
+import gc
 import re
 from typing import Any, Optional
 
@@ -31,6 +32,26 @@ from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterCont
 log = get_logger("proxy")
 
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", re.S)
+
+
+#: Allocations between two young-generation collections (CPython's default: 700).
+GC_THRESHOLD = (20000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Fewer garbage-collector passes for a connection-heavy process.
+
+    Every proxied connection allocates a few hundred short-lived objects; with
+    CPython's default threshold a collection runs every few connections and
+    traverses the objects of every connection in flight (profiled: a fifth of
+    the CPU at 2,000 new connections/s).  ``gc.freeze()`` moves what start-up
+    built (modules, configuration) out of the collector's sight, and a
+    young-generation threshold of 20,000 lets most connections die by
+    reference counting before a collection sees them.  Process-wide, once.
+    """
+    if gc.get_threshold()[0] < GC_THRESHOLD[0]:
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLD)
 
 
 class ProxyService(ManagedService):
@@ -171,6 +192,7 @@ class ProxyService(ManagedService):
 
     # -- ManagedService ------------------------------------------------------------
     def startService(self) -> None:
+        tune_gc()
         self.listeners.start(self._specs())
         self._start_checks()
         self._start_acme()
