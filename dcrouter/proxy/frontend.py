@@ -36,7 +36,7 @@ from zope.interface import implementer
 from dcrouter.logsetup import get_logger
 from dcrouter.proxy import proxyprotocol, sni
 from dcrouter.proxy.httprelay import HttpRelay
-from dcrouter.proxy.balancer import FailoverConnector, Target
+from dcrouter.proxy.balancer import FailoverConnector, Target, reason_text
 from dcrouter.proxy.limits import Admission, IPAddress, LimitExceeded, Ticket, normalize_ip
 from dcrouter.proxy.routes import Route, RouteTable
 from dcrouter.proxy.stats import RouteStats
@@ -203,7 +203,7 @@ class Connection:
         def failed(failure: Failure) -> None:
             self.stats.error("connect")
             log.warn("route {route}: no target reachable: {error}", route=route.key,
-                     error=failure.getErrorMessage())
+                     error=reason_text(failure))
             if on_fail is not None:
                 on_fail()
             else:

@@ -15,6 +15,7 @@ import re
 from typing import Any, Optional
 
 from twisted.internet import defer, ssl
+from twisted.internet.task import LoopingCall
 
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.proxy import ProxyOptions
@@ -69,6 +70,7 @@ class ProxyService(ManagedService):
         self._drain_waiters: list[defer.Deferred] = []
         self._backend_tls: dict[tuple[str, str], Any] = {}
         self.checkers: list[HealthChecker] = []
+        self._rotation: Optional[LoopingCall] = None
         proxy = self._proxy_options(context.options)
         self.table, self.certs = self._build(proxy, None)
         self._proxy_ips = parse_networks(proxy.proxy_ips) if proxy.accept_proxy_protocol else ()
@@ -90,7 +92,7 @@ class ProxyService(ManagedService):
             if previous is not None and previous.balancer is not None:
                 route.balancer.adopt_state(previous.balancer)
             route.stats = self.stats_for(route)
-        certs = CertStore(self.context.state_dir)
+        certs = CertStore(self.context.state_dir, key_type=proxy.self_signed_key)
         certs.load(table.routes)
         return table, certs
 
@@ -191,15 +193,31 @@ class ProxyService(ManagedService):
                 d.callback(None)
 
     # -- ManagedService ------------------------------------------------------------
+    def _start_rotation(self) -> None:
+        interval = self._proxy_options(self.context.options).tls_ticket_rotation
+        if self._rotation is not None and self._rotation.running:
+            if self._rotation.interval == interval:
+                return
+            self._rotation.stop()
+        self._rotation = None
+        if interval > 0:
+            self._rotation = LoopingCall(lambda: self.certs.rotate_tickets())
+            self._rotation.clock = self.reactor
+            self._rotation.start(interval, now=False)
+
     def startService(self) -> None:
         tune_gc()
         self.listeners.start(self._specs())
+        self._start_rotation()
         self._start_checks()
         self._start_acme()
         super().startService()
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._rotation is not None and self._rotation.running:
+            self._rotation.stop()
+        self._rotation = None
         for checker in self.checkers:
             checker.stop()
         self.checkers = []
@@ -217,6 +235,7 @@ class ProxyService(ManagedService):
         """Swap in a new route table; re-bind only ports that changed."""
         proxy = self._proxy_options(options)
         table, certs = self._build(proxy, self.table)
+        certs.adopt_session_context(self.certs)
         self.table, self.certs = table, certs
         self._proxy_ips = parse_networks(proxy.proxy_ips) if proxy.accept_proxy_protocol else ()
         self.splice = proxy.splice and splice_available()
@@ -226,6 +245,7 @@ class ProxyService(ManagedService):
             if key not in keep and not self.route_stats[key].active:
                 del self.route_stats[key]
         if self.running:
+            self._start_rotation()
             self._start_checks()
             self._start_acme()
             return self.listeners.update(self._specs())
