@@ -196,7 +196,6 @@ class Connection:
         TLS-terminated clients use the Twisted relay.
         """
         route = self.route
-        client.pauseProducing()
         preamble = self._preamble(client_addr, local_addr)
         reactor = self.core.reactor
 
@@ -226,6 +225,7 @@ class Connection:
             self.tunnel = tunnel
             tunnel.connector = self.start_connect(tunnel, b"", spliced, failed, raw)
             return tunnel
+        client.pauseProducing()
         tunnel = Tunnel(reactor, client, self.stats, route.options.connection_timeout,
                         on_done=self.release)
         self.tunnel = tunnel

@@ -128,10 +128,17 @@ class _Direction:
 
 @implementer(IReadWriteDescriptor)
 class _End:
-    """One socket of a :class:`SpliceTunnel`, registered with the reactor in place of its
-    Twisted transport."""
+    """One socket of a :class:`SpliceTunnel` as the reactor sees it.
 
-    def __init__(self, tunnel: "SpliceTunnel", peer: Any) -> None:
+    A Twisted transport keeps its registration with the reactor: the tunnel
+    puts its own ``doRead``/``doWrite`` on the transport (instance attributes
+    over the class's methods, as Twisted itself does when it aborts) and
+    switches readiness with the transport's ``startReading``/``stopReading``/
+    ``startWriting``/``stopWriting`` - no extra ``epoll_ctl`` to hand the
+    socket over.  A raw socket (:class:`RawConnect`) registers this object.
+    """
+
+    def __init__(self, tunnel: "SpliceTunnel", peer: Any, reading: bool) -> None:
         self.tunnel = tunnel
         #: the Twisted transport that owns the socket, or None for a raw socket of ours
         self.transport: Any = None if isinstance(peer, socket.socket) else peer
@@ -139,9 +146,39 @@ class _End:
         self.fd = self.sock.fileno()
         self.out: Optional[_Direction] = None      # bytes read from this socket
         self.inc: Optional[_Direction] = None      # bytes written to this socket
-        self.reading = False
+        self.reading = reading
         self.writing = False
         self.disconnected = False
+        if self.transport is not None:
+            self.transport.doRead = self.doRead
+            self.transport.doWrite = self.doWrite
+
+    def want_read(self, on: bool) -> None:
+        if on != self.reading and not self.disconnected:
+            self.reading = on
+            if self.transport is not None:
+                (self.transport.startReading if on else self.transport.stopReading)()
+            else:
+                reactor = self.tunnel.reactor
+                (reactor.addReader if on else reactor.removeReader)(self)
+
+    def want_write(self, on: bool) -> None:
+        if on != self.writing and not self.disconnected:
+            self.writing = on
+            if self.transport is not None:
+                (self.transport.startWriting if on else self.transport.stopWriting)()
+            else:
+                reactor = self.tunnel.reactor
+                (reactor.addWriter if on else reactor.removeWriter)(self)
+
+    def detach(self) -> None:
+        """Out of the reactor; a transport gets its own ``doRead``/``doWrite`` back."""
+        self.want_read(False)
+        self.want_write(False)
+        self.disconnected = True
+        if self.transport is not None:
+            for name in ("doRead", "doWrite"):
+                self.transport.__dict__.pop(name, None)
 
     def fileno(self) -> int:
         return self.fd
@@ -158,7 +195,8 @@ class _End:
         self.tunnel._write(self.inc)
 
     def connectionLost(self, reason: Failure) -> None:
-        # the reactor saw an error or hang-up while we were not reading
+        # the reactor saw an error or hang-up while we were not reading (raw sockets only:
+        # a transport's own connectionLost tells its protocol, which tells the tunnel)
         self.tunnel._broken(self, reason.getErrorMessage())
 
 
@@ -184,6 +222,7 @@ class SpliceTunnel:
         self.up: Optional[_Direction] = None
         self.down: Optional[_Direction] = None
         self.connector: Any = None          # set by the front end while connecting
+        self.client_paused = False          # the client's transport is not reading
         self.idle = IdleTimeout(wheel_for(reactor), idle_timeout, self._idle)
 
     # -- setup ---------------------------------------------------------------------
@@ -202,13 +241,10 @@ class SpliceTunnel:
         data = initial + b"".join(self.pending)
         self.pending = []
         self.stats.bytes_in += len(data)
-        self.client.stopReading()
-        self.client.stopWriting()
-        if not isinstance(backend, socket.socket):
-            backend.stopReading()
-            backend.stopWriting()
-        client, backend_end = _End(self, self.client), _End(self, backend)
-        backend = backend_end
+        raw = isinstance(backend, socket.socket)
+        # a Twisted client transport of a target (given by name) reads since it connected
+        client = _End(self, self.client, reading=not self.client_paused)
+        backend = _End(self, backend, reading=not raw)
         self.ends = [client, backend]
         self.up = _Direction(client, backend, _new_pipe(), True, self.preamble + data)
         self.down = _Direction(backend, client, _new_pipe(), False)
@@ -225,22 +261,18 @@ class SpliceTunnel:
             self._pass_eof(self.up)
 
     # -- reactor registration --------------------------------------------------------
-    def _want_read(self, end: _End, on: bool) -> None:
-        if on != end.reading and not end.disconnected:
-            end.reading = on
-            (self.reactor.addReader if on else self.reactor.removeReader)(end)
+    @staticmethod
+    def _want_read(end: _End, on: bool) -> None:
+        end.want_read(on)
 
-    def _want_write(self, end: _End, on: bool) -> None:
-        if on != end.writing and not end.disconnected:
-            end.writing = on
-            (self.reactor.addWriter if on else self.reactor.removeWriter)(end)
+    @staticmethod
+    def _want_write(end: _End, on: bool) -> None:
+        end.want_write(on)
 
     def _detach(self) -> None:
-        """Take our descriptors out of the reactor (before a transport closes its socket)."""
+        """Take our readiness handlers out of the reactor (before a socket closes)."""
         for end in self.ends:
-            self._want_read(end, False)
-            self._want_write(end, False)
-            end.disconnected = True
+            end.detach()
 
     # -- moving bytes ------------------------------------------------------------------
     def _read(self, d: _Direction) -> None:
@@ -269,8 +301,8 @@ class SpliceTunnel:
                 self._want_read(d.src, False)
                 break
             d.in_pipe += n
-            if not self._flush(d):
-                break
+            if not self._flush(d) or n < room:
+                break                       # less than asked: the socket is drained for now
         if self.closing:
             return
         self.idle.touch()
@@ -313,8 +345,11 @@ class SpliceTunnel:
                 self._count(d, moved)
                 self._broken(dst, e.strerror or str(e))
                 return False
+            asked = d.in_pipe
             d.in_pipe -= m
             moved += m
+            if m < asked:                   # the socket's buffer is full: wait for room
+                break
         self._count(d, moved)
         if d.in_pipe:
             self._want_write(dst, True)
@@ -416,13 +451,27 @@ class SpliceTunnel:
 
     # -- the Tunnel interface used by the front end ------------------------------------
     def client_data(self, data: bytes) -> None:
-        """Bytes the client's transport read before the tunnel took it over."""
-        if self.backend is None:
+        """Bytes the client's transport read while the target is being connected: kept, and
+        the client is no longer read until then (bounded: one read)."""
+        if self.backend is None and not self.closing:
             self.pending.append(data)
+            if not self.client_paused:
+                self.client_paused = True
+                self.client.stopReading()
 
     def client_read_closed(self) -> None:
-        """The client half-closed before the target was connected."""
+        """Twisted saw the client's EOF (before the tunnel took over, or a hang-up event
+        without data): it stopped reading; pass the EOF on."""
         self.client_eof = True
+        self.client_paused = True
+        if self.up is not None:
+            self._source_ended(self.up)
+
+    def _source_ended(self, d: _Direction) -> None:
+        d.eof = True
+        d.src.reading = False               # the reactor took the reader away
+        if not d.in_pipe and not d.prefix:
+            self._pass_eof(d)
         if self.up is not None and not self.up.eof:
             self.up.eof = True
 
@@ -443,7 +492,9 @@ class SpliceTunnel:
         """Bytes the target's transport read (only before or after the tunnel's work)."""
 
     def backend_read_closed(self) -> None:
-        """The target half-closed while its transport was reading (not while spliced)."""
+        """Twisted saw the target's EOF (a target given by name has a Twisted transport)."""
+        if self.down is not None:
+            self._source_ended(self.down)
 
     def backend_lost(self, reason: Optional[Failure] = None) -> None:
         """The target's connection closed (or could not be made)."""

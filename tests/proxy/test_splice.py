@@ -146,6 +146,34 @@ def test_bulk_is_byte_exact_both_ways_at_once(proxy_router):
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_target_given_by_name_is_spliced_through_its_twisted_transport(proxy_router):
+    """``localhost:port`` goes through Twisted's name resolution and client transport; the
+    tunnel then borrows that transport's socket (and hands it back to close it)."""
+    echo = EchoServer()
+    port = proxy_port()
+    router = proxy_router({"routes": [{"name": "named", "ports": [port],
+                                       "targets": [f"localhost:{echo.port}"]}]})
+    data = pattern(16 * 1024 * 1024 + 7, seed=11)
+    seen: list = []
+    loop = task.LoopingCall(lambda: seen.extend(
+        type(t) for t in tunnels(router.by_name["proxy"])))
+    loop.start(0.005)
+    try:
+        echoed = yield deferToThread(echo_roundtrip, port, data)
+    finally:
+        loop.stop()
+    assert echoed == data
+    assert SpliceTunnel in seen and Tunnel not in seen
+    for _ in range(100):
+        if not router.by_name["proxy"].connections and echo.closed == 1:
+            break
+        yield task.deferLater(reactor, 0.02, lambda: None)
+    assert echo.closed == 1
+    assert router.get_stats()["proxy"]["routes"]["named"]["bytes_out"] == len(data)
+    echo.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_half_close_from_the_client_and_from_the_target(proxy_router):
     """Client EOF reaches the target, which still answers; target EOF reaches the client,
     which still sends."""
