@@ -3,6 +3,7 @@
  *   proxy_load backend PORT
  *       An epoll server on 127.0.0.1:PORT: answers "ok" to the first bytes of a
  *       connection, then reads and drops everything; closes after the peer's EOF.
+ *       A connection starting "GET " gets a short HTTP/1.0 answer and is closed.
  *   proxy_load conn PORT HELLO_FILE SECONDS INFLIGHT
  *       Keeps INFLIGHT connections in flight for SECONDS: connect, send the bytes of
  *       HELLO_FILE (a ClientHello with SNI), read "ok", close with RST (SO_LINGER 0,
@@ -94,6 +95,14 @@ static int backend(int port) {
             for (;;) {
                 ssize_t r = read(fd, buf, sizeof buf);
                 if (r > 0) {
+                    if (!answered && r >= 4 && !memcmp(buf, "GET ", 4)) {
+                        /* an HTTP/1.0 request (openssl s_time -www): answer and close */
+                        static const char resp[] =
+                            "HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok";
+                        if (write(fd, resp, sizeof resp - 1) < 0) { /* gone */ }
+                        close(fd);
+                        break;
+                    }
                     if (!answered) {
                         answered = 1;
                         if (write(fd, "ok", 2) < 0) { /* the client may be gone */ }

@@ -26,7 +26,8 @@ Figures (SNI passthrough):
 
 TLS termination (``--tls``; the same certificate for both; ``--cert ecdsa|rsa``): dcrouter
 ``tls = "terminate"``, ``http = false`` beside HAProxy ``bind ... ssl crt``, both relaying to the
-backend; ``--tls-clients`` parallel ``openssl s_time -new`` (full handshakes; TLS 1.3 unless
+backend; ``--tls-clients`` parallel ``openssl s_time -new -www /`` (full handshakes, each
+connection then relays one HTTP/1.0 request to the backend and its answer; TLS 1.3 unless
 ``--tls12``) and ``-reuse`` (resumed sessions; TLS 1.2 tickets, since s_time never reads the
 tickets TLS 1.3 sends after the handshake) for ``--tls-seconds``.
 
@@ -258,8 +259,10 @@ def connections(load: str, hello: str, peer: Peer, seconds: float, clients: int,
 def handshakes(peer: Peer, seconds: int, clients: int, reuse: bool,
                tls12: bool) -> tuple[float, float]:
     """(handshakes/s, handshakes per proxy CPU-second) with ``openssl s_time``."""
+    # -www: each connection sends a request the proxy must relay to the backend and reads the
+    # answer (without it HAProxy never connects the backend of a client that leaves at once)
     cmd = ["openssl", "s_time", "-connect", f"127.0.0.1:{peer.port}", "-time", str(seconds),
-           "-reuse" if reuse else "-new"]
+           "-reuse" if reuse else "-new", "-www", "/"]
     if tls12:
         cmd.append("-tls1_2")
     cpu = peer.cpu()

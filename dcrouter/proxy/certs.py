@@ -33,6 +33,8 @@ from typing import Any, Iterable, Optional
 from cryptography import x509
 from OpenSSL import SSL
 from twisted.internet.interfaces import IOpenSSLContextFactory
+from twisted.internet.protocol import Factory
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from zope.interface import implementer
 
 from dcrouter.logsetup import get_logger
@@ -109,6 +111,7 @@ class CertStore:
         self._default_files: Optional[tuple[str, str, str]] = None
         self._default: Optional[SSL.Context] = None
         self._selector: Optional[_Selector] = None
+        self._tls_factory: Optional[TLSMemoryBIOFactory] = None
 
     # -- building ------------------------------------------------------------
     def _context(self, cert_path: str, key_path: str, key_name: str) -> SSL.Context:
@@ -218,6 +221,14 @@ class CertStore:
             self._selector = _Selector(self)
             self._server.set_tlsext_servername_callback(self._selector)
         return self._server
+
+    def tls_factory(self) -> TLSMemoryBIOFactory:
+        """The ``TLSMemoryBIOFactory`` of terminated connections (one per store: building
+        one per connection converted this context factory every time)."""
+        if self._tls_factory is None:
+            self._tls_factory = TLSMemoryBIOFactory(self, False, Factory())
+            self._tls_factory.noisy = False
+        return self._tls_factory
 
     def rotate_tickets(self) -> None:
         """New session-ticket keys (and an empty session cache) for new connections.

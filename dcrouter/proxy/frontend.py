@@ -29,7 +29,7 @@ from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -310,17 +310,6 @@ class _TerminatedProtocol(Protocol):
             self.connection.release()
 
 
-class _TerminatedFactory(Factory):
-    noisy = False
-
-    def __init__(self, front: "FrontProtocol", connection: Connection) -> None:
-        self.front = front
-        self.connection = connection
-
-    def buildProtocol(self, addr: Any) -> _TerminatedProtocol:
-        return _TerminatedProtocol(self.front, self.connection)
-
-
 @implementer(IHalfCloseableProtocol)
 class FrontProtocol(Protocol):
     """One accepted client connection on a proxy port."""
@@ -497,11 +486,10 @@ class FrontProtocol(Protocol):
             return
         self.stage = "terminated"
         self.connection = connection
-        factory = TLSMemoryBIOFactory(self.core.certs, False,
-                                      _TerminatedFactory(self, connection))
-        factory.noisy = False
+        # one TLS factory per certificate store, the wrapped protocol made here
+        tls = TLSMemoryBIOProtocol(self.core.certs.tls_factory(),
+                                   _TerminatedProtocol(self, connection))
         assert self.transport is not None
-        tls = factory.buildProtocol(self.transport.getPeer())
         self.delegate = tls
         tls.makeConnection(self.transport)
         tls.dataReceived(buffered)

@@ -34,7 +34,7 @@ What the Twisted relay (:mod:`dcrouter.proxy.tunnel`) does, this does too:
   on the shared wheel;
 * ``bytes_in``/``bytes_out`` count bytes delivered to each side.
 
-Empty pipes go back to a small pool (:data:`POOL_SIZE` pairs) so a new
+Empty pipes go back to a bounded pool (:data:`POOL_SIZE` pipes) so a new
 connection usually costs no ``pipe2``.  :func:`available` says whether this
 platform can splice (Linux, Python >= 3.10).
 """
@@ -61,8 +61,8 @@ log = get_logger("proxy")
 
 #: Bytes a pipe is asked to hold (F_SETPIPE_SZ; the kernel may round it or keep its default).
 PIPE_SIZE = 256 * 1024
-#: Empty pipe pairs kept for new tunnels.
-POOL_SIZE = 64
+#: Empty pipes kept for new tunnels (two per tunnel; each pooled pipe is two descriptors).
+POOL_SIZE = 256
 #: splice calls per direction and readiness event (then other connections get their turn).
 ROUNDS = 16
 

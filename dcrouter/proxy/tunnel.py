@@ -42,6 +42,11 @@ def close_write(transport: Any) -> None:
     (``close_notify``; what the peer still sends is read until it answers).
     """
     if isinstance(transport, TLSMemoryBIOProtocol) or getattr(transport, "TLS", False) is True:
+        # a TLS transport sends close_notify only once no producer is registered (the
+        # other side of a relay always is): without this the client waited for the idle
+        # timeout after its backend had closed
+        if getattr(transport, "_producer", None) is not None:
+            transport.unregisterProducer()
         transport.loseConnection()
         return
     shutdown = getattr(transport, "loseWriteConnection", None)

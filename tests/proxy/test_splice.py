@@ -389,7 +389,7 @@ def test_many_concurrent_tunnels_and_no_descriptor_leak(proxy_router):
         yield task.deferLater(reactor, 0.02, lambda: None)
     assert router.get_stats()["proxy"]["routes"]["many"]["active_connections"] == 0
     # sockets closed; pipes back in the bounded pool or closed
-    assert open_fds() <= before + 2 * 2 * splice.POOL_SIZE
+    assert open_fds() <= before + 2 * splice.POOL_SIZE
     assert len(splice._pool) <= splice.POOL_SIZE
     echo.close()
 
