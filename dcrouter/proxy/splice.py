@@ -53,11 +53,9 @@ from twisted.internet.interfaces import IReadWriteDescriptor
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from dcrouter.logsetup import get_logger
 from dcrouter.proxy.stats import RouteStats
 from dcrouter.timerwheel import IdleTimeout, wheel_for
 
-log = get_logger("proxy")
 
 #: Bytes a pipe is asked to hold (F_SETPIPE_SZ; the kernel may round it or keep its default).
 PIPE_SIZE = 256 * 1024
@@ -72,6 +70,9 @@ _splice: Optional[Callable[..., int]] = getattr(os, "splice", None)
 _FLAGS = getattr(os, "SPLICE_F_MOVE", 1) | getattr(os, "SPLICE_F_NONBLOCK", 2)
 
 _pool: list[tuple[int, int, int]] = []
+#: The reasons given to a transport closed here (shared, as Twisted's reactor shares its own).
+_DONE = Failure(error.ConnectionDone())
+_ABORTED = Failure(error.ConnectionAborted())
 
 
 def available() -> bool:
@@ -387,7 +388,7 @@ class SpliceTunnel:
         """``end``'s socket failed: abort it; the other side gets what is on its way, then FIN."""
         if self.closing:
             return
-        log.debug("splice tunnel: {error}", error=error)
+        # no log line: a client's RST is routine (and a log call per connection costs)
         other = self.ends[1] if end is self.ends[0] else self.ends[0]
         self.closing = True
         self._detach()
@@ -426,8 +427,7 @@ class SpliceTunnel:
                 and not transport.disconnected and hasattr(transport, "socket"):
             # what the reactor would do after loseConnection/abortConnection, at once:
             # close the socket (RST when aborted) and call the protocol's connectionLost
-            transport.connectionLost(Failure(error.ConnectionDone() if orderly
-                                             else error.ConnectionAborted()))
+            transport.connectionLost(_DONE if orderly else _ABORTED)
         elif orderly:
             transport.loseConnection()
         else:
