@@ -40,7 +40,8 @@ from dcrouter.proxy.balancer import FailoverConnector, Target, reason_text
 from dcrouter.proxy.limits import Admission, IPAddress, LimitExceeded, Ticket, normalize_ip
 from dcrouter.proxy.routes import Route, RouteTable
 from dcrouter.proxy.stats import RouteStats
-from dcrouter.proxy.splice import RawConnect, SpliceTunnel, splice_capable
+from dcrouter.proxy.rawconnect import RawConnect
+from dcrouter.proxy.splice import SpliceTunnel, splice_capable
 from dcrouter.proxy.tunnel import BackendProtocol, BackendSink, Tunnel
 from dcrouter.timerwheel import wheel_for
 

@@ -36,12 +36,13 @@ What the Twisted relay (:mod:`dcrouter.proxy.tunnel`) does, this does too:
 
 Empty pipes go back to a bounded pool (:data:`POOL_SIZE` pipes) so a new
 connection usually costs no ``pipe2``.  :func:`available` says whether this
-platform can splice (Linux, Python >= 3.10).
+platform can splice (Linux, Python >= 3.10).  Targets given as literal addresses
+are connected by :class:`~dcrouter.proxy.rawconnect.RawConnect` (a raw socket);
+names through Twisted (the tunnel then borrows that transport).
 """
 
 from __future__ import annotations
 
-import errno
 import fcntl
 import os
 import socket
@@ -136,7 +137,7 @@ class _End:
     over the class's methods, as Twisted itself does when it aborts) and
     switches readiness with the transport's ``startReading``/``stopReading``/
     ``startWriting``/``stopWriting`` - no extra ``epoll_ctl`` to hand the
-    socket over.  A raw socket (:class:`RawConnect`) registers this object.
+    socket over.  A raw socket (from :class:`~dcrouter.proxy.rawconnect.RawConnect`) registers this object.
     """
 
     def __init__(self, tunnel: "SpliceTunnel", peer: Any, reading: bool) -> None:
@@ -229,7 +230,7 @@ class SpliceTunnel:
     # -- setup ---------------------------------------------------------------------
     def attach(self, backend: Any, initial: bytes = b"") -> None:
         """The target is connected (a Twisted TCP transport, or a connected non-blocking
-        socket from :class:`RawConnect`): take both sockets over and start relaying."""
+        socket from :class:`~dcrouter.proxy.rawconnect.RawConnect`): take both sockets over and start relaying."""
         if self.done or not self.client_open:
             if isinstance(backend, socket.socket):
                 backend.close()
@@ -535,82 +536,6 @@ def _set_linger_zero(sock: socket.socket) -> None:
 
 
 _LINGER_ZERO = struct.pack("ii", 1, 0)
-
-
-@implementer(IReadWriteDescriptor)
-class RawConnect:
-    """A non-blocking ``connect(2)`` to a literal address, watched by the reactor.
-
-    The splice path needs only a file descriptor for the target, so it skips
-    Twisted's connector, client transport and protocol: ``done(sock, None)``
-    once connected (TCP_NODELAY set), ``done(None, error)`` when refused,
-    unreachable or after ``timeout`` seconds (on the shared timer wheel).
-    """
-
-    def __init__(self, reactor: Any, host: str, port: int, version: int, timeout: float,
-                 done: Callable[[Optional[socket.socket], Optional[BaseException]], None]) -> None:
-        self.reactor = reactor
-        self.done = done
-        self.finished = False
-        self.timer: Any = None
-        family = socket.AF_INET6 if version == 6 else socket.AF_INET
-        self.sock = socket.socket(family, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        self.fd = self.sock.fileno()
-        try:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        except OSError:
-            pass
-        err = self.sock.connect_ex((host, port))
-        if err not in (0, errno.EINPROGRESS, errno.EAGAIN):
-            self._end(OSError(err, os.strerror(err)))
-            return
-        reactor.addWriter(self)
-        self.timer = wheel_for(reactor).call_later(timeout, self._timeout)
-
-    def fileno(self) -> int:
-        return self.fd
-
-    def logPrefix(self) -> str:
-        return "splice-connect"
-
-    def doRead(self) -> None:
-        pass
-
-    def doWrite(self) -> None:
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self._end(OSError(err, os.strerror(err)) if err else None)
-
-    def connectionLost(self, reason: Failure) -> None:
-        err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) or errno.ECONNREFUSED
-        self._end(OSError(err, os.strerror(err)))
-
-    def _timeout(self) -> None:
-        self.timer = None
-        self._end(error.TimeoutError(string="connect timed out"))
-
-    def _end(self, failure: Optional[BaseException]) -> None:
-        if self.finished:
-            return
-        self.finished = True
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
-        self.reactor.removeWriter(self)
-        if failure is None:
-            self.done(self.sock, None)
-        else:
-            self.sock.close()
-            self.done(None, failure)
-
-    def cancel(self) -> None:
-        """Give up (nothing is reported)."""
-        if not self.finished:
-            self.finished = True
-            if self.timer is not None:
-                self.timer.cancel()
-                self.timer = None
-            self.reactor.removeWriter(self)
-            self.sock.close()
 
 
 def _abort(transport: Any) -> None:
