@@ -174,13 +174,15 @@ class _End:
                 (reactor.addWriter if on else reactor.removeWriter)(self)
 
     def detach(self) -> None:
-        """Out of the reactor; a transport gets its own ``doRead``/``doWrite`` back."""
+        """Out of the reactor, before the socket is closed.  A transport's handlers become
+        no-ops: an event already fetched in this reactor iteration (a write readiness after
+        the read that found the RST) must not reach Twisted's ``doWrite`` on a closed
+        socket."""
         self.want_read(False)
         self.want_write(False)
         self.disconnected = True
         if self.transport is not None:
-            for name in ("doRead", "doWrite"):
-                self.transport.__dict__.pop(name, None)
+            self.transport.doRead = self.transport.doWrite = _ignore
 
     def fileno(self) -> int:
         return self.fd
@@ -429,10 +431,13 @@ class SpliceTunnel:
             # what the reactor would do after loseConnection/abortConnection, at once:
             # close the socket (RST when aborted) and call the protocol's connectionLost
             transport.connectionLost(_DONE if orderly else _ABORTED)
-        elif orderly:
-            transport.loseConnection()
-        else:
-            _abort(transport)
+        else:                                   # not a live TCP transport: let Twisted do it
+            for name in ("doRead", "doWrite"):
+                transport.__dict__.pop(name, None)
+            if orderly:
+                transport.loseConnection()
+            else:
+                _abort(transport)
 
     def _idle(self) -> None:
         if self.done or self.closing:
@@ -526,6 +531,10 @@ class SpliceTunnel:
                 _give_back(d.pipe, empty=not d.in_pipe)
         self.up = self.down = None
         self.on_done()
+
+
+def _ignore() -> None:
+    """The readiness handler of a transport the tunnel is closing."""
 
 
 def _set_linger_zero(sock: socket.socket) -> None:

@@ -436,3 +436,56 @@ def test_the_fallback_relays_when_splice_is_off_or_missing(proxy_router, monkeyp
         loop.stop()
     assert Tunnel in seen and SpliceTunnel not in seen
     echo.close()
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_reset_while_the_client_is_not_reading_logs_nothing_and_releases(proxy_router):
+    """The client stops reading (the pipe towards it is full, the tunnel waits to write),
+    then resets: the tunnel closes both sides without an error in the log."""
+    from twisted.logger import globalLogPublisher
+    failures: list = []
+
+    def observe(event: dict) -> None:
+        if event.get("log_failure") is not None or event.get("isError"):
+            failures.append(event)
+    globalLogPublisher.addObserver(observe)
+    server = socket.create_server(("127.0.0.1", 0))
+    port = proxy_port()
+    router = proxy_router({"routes": [{"name": "r", "ports": [port],
+                                       "targets": [f"127.0.0.1:{server.getsockname()[1]}"]}]})
+    sent: list[int] = []
+
+    def source() -> None:
+        conn, _ = server.accept()
+        conn.recv(10)
+        total = 0
+        try:
+            while total < 256 * 1024 * 1024:
+                conn.sendall(b"\xee" * 65536)
+                total += 65536
+        except OSError:
+            pass
+        sent.append(total)
+        conn.close()
+
+    def client() -> None:
+        s = socket.create_connection(("127.0.0.1", port), timeout=10)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 32 * 1024)
+        s.sendall(b"go")
+        time.sleep(0.5)                     # every buffer on the way fills up
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        s.close()
+    threading.Thread(target=source, daemon=True).start()
+    try:
+        yield deferToThread(client)
+        for _ in range(250):
+            if sent and not router.by_name["proxy"].connections:
+                break
+            yield task.deferLater(reactor, 0.02, lambda: None)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+    assert sent and sent[0] < 256 * 1024 * 1024      # the target was cut off, not drained
+    assert not router.by_name["proxy"].connections
+    assert router.get_stats()["proxy"]["routes"]["r"]["active_connections"] == 0
+    assert failures == []
+    server.close()
