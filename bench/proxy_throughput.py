@@ -351,7 +351,9 @@ def main() -> None:
                                                                backend_port, splice=False),
                     "direct": lambda: Peer("direct", backend_port, None),
                 }
-                peers = [starters[n]() for n in wanted if n in starters]
+                for n in wanted:                        # one by one: a failed start
+                    if n in starters:                   # still stops those started
+                        peers.append(starters[n]())
                 if args.router_workers > 1:
                     peers.append(start_dcrouter(tmp, f"dcrouter-workers={args.router_workers}",
                                                 backend_port, workers=args.router_workers))
@@ -376,8 +378,8 @@ def main() -> None:
                 peers = []
             if args.tls:
                 cert, key, pem = write_cert(tmp, args.cert)
-                peers = [start_haproxy(tmp, "haproxy-tls", backend_port, tls_pem=pem),
-                         start_dcrouter(tmp, "dcrouter-tls", backend_port, tls=(cert, key))]
+                peers.append(start_haproxy(tmp, "haproxy-tls", backend_port, tls_pem=pem))
+                peers.append(start_dcrouter(tmp, "dcrouter-tls", backend_port, tls=(cert, key)))
                 for peer in peers:
                     handshakes(peer, 1, 1, False, args.tls12)
                 for reuse in (False, True):
