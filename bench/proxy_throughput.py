@@ -1,52 +1,61 @@
-"""Benchmark: SNI passthrough throughput and new connections/s, dcrouter vs HAProxy.
+"""Benchmark: TCP/TLS proxy figures of dcrouter beside HAProxy 2.6, measured with C clients.
 
-Starts, on loopback with ephemeral ports:
+Everything runs on loopback with ephemeral ports; every peer is started once and the rounds are
+interleaved (round 1 of every peer, then round 2 ...), so a load spike from other work on the
+machine hits all peers alike.  The load generators are C: ``bench/proxy_load.c`` (built here with
+``cc -O2``) and ``openssl s_time``; the backend is the same C epoll server for every peer.
 
-* a backend (asyncio, its own process) that answers ``ok`` to the first bytes
-  of a connection and reads everything else;
-* dcrouter as a real ``twistd`` process with one ``tls = "passthrough"`` route
-  for ``bench.example.test``;
-* HAProxy (``mode tcp``, ``req.ssl_sni``) configured the same way;
-* bare ``twistd portforward`` (no SNI reading) as the floor of a Twisted relay;
+Peers:
 
-and measures, for the backend directly and through each proxy:
+* ``haproxy``: HAProxy ``nbthread 1``, ``mode tcp``, route by ``req.ssl_sni``;
+* ``haproxy-splice``: the same plus ``option splice-auto`` (the upper reference);
+* ``dcrouter``: a real ``twistd -n dcrouter`` with one ``tls = "passthrough"`` route (splice relay);
+* ``dcrouter-twisted``: the same with ``[proxy] splice = false`` (the Twisted relay);
+* ``dcrouter-workers=N`` (``--router-workers N``): ``router.workers = N``;
+* ``direct``: the backend itself.
 
-* bulk: one connection sends a real ClientHello (for the SNI) and then
-  ``--mib`` MiB; the clock stops when the backend has read it all (its EOF);
-* new connections/s: ``--workers`` client processes for ``--seconds`` open a
-  connection, send the ClientHello, wait for ``ok`` and close (RST, so client
-  ports do not pile up in TIME_WAIT).
+Figures (SNI passthrough):
 
-Medians of ``--runs`` runs.  Usage::
+* **bulk**: ``proxy_load bulk``: one connection, a ClientHello then ``--mib`` MiB, EOF, the clock
+  stops at the EOF the backend sends back after reading everything;
+* **new connections/s**: ``--clients`` processes of ``proxy_load conn`` with ``--inflight``
+  connections each for ``--seconds``: connect, ClientHello with SNI, read ``ok``, close (RST).
+  Beside the wall-clock rate the proxy's CPU time (user + system, all its processes) gives
+  **connections per CPU-second**: the per-core figure, and the basis of the projection for
+  ``router.workers`` on more cores (workers share nothing, SO_REUSEPORT spreads connections).
 
-    python bench/proxy_throughput.py [--mib 512] [--seconds 2] [--runs 3] [--workers 2] [--terminate]
-                                     [--router-workers 2] [--only-workers]
+TLS termination (``--tls``; the same certificate for both; ``--cert ecdsa|rsa``): dcrouter
+``tls = "terminate"``, ``http = false`` beside HAProxy ``bind ... ssl crt``, both relaying to the
+backend; ``--tls-clients`` parallel ``openssl s_time -new -www /`` (full handshakes, each
+connection then relays one HTTP/1.0 request to the backend and its answer; TLS 1.3 unless
+``--tls12``) and ``-reuse`` (resumed sessions; TLS 1.2 tickets, since s_time never reads the
+tickets TLS 1.3 sends after the handshake) for ``--tls-seconds``.
 
-``--router-workers N`` (default 2) adds dcrouter with ``router.workers = N``:
-N processes sharing the port with SO_REUSEPORT (0 leaves it out).
+Usage::
 
-``--terminate`` adds the same two figures for TLS termination (a self-signed
-certificate; HAProxy ``bind ... ssl crt``), each new connection a full handshake.
+    python bench/proxy_throughput.py [--mib 1024] [--seconds 5] [--runs 3] [--clients 4]
+        [--inflight 64] [--router-workers 0] [--tls] [--tls-seconds 5] [--tls-clients 2]
+        [--cert ecdsa] [--peers haproxy,haproxy-splice,dcrouter,dcrouter-twisted,direct]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import multiprocessing
 import os
+import re
 import signal
 import socket
 import ssl
 import statistics
-import struct
 import subprocess
 import sys
 import tempfile
 import time
+from typing import Callable, Optional
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAME = "bench.example.test"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 def free_port() -> int:
@@ -55,7 +64,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def wait_for(port: int, timeout: float = 20.0) -> None:
+def wait_for(port: int, timeout: float = 30.0, log: str = "") -> None:
     deadline = time.monotonic() + timeout
     while True:
         try:
@@ -63,6 +72,9 @@ def wait_for(port: int, timeout: float = 20.0) -> None:
             return
         except OSError:
             if time.monotonic() > deadline:
+                if log:
+                    with open(log, errors="replace") as f:
+                        sys.stderr.write(f.read()[-3000:])
                 raise
             time.sleep(0.05)
 
@@ -81,199 +93,129 @@ def client_hello(name: str) -> bytes:
     return outgoing.read()
 
 
-# -- backend ---------------------------------------------------------------------------
-
-class _Backend(asyncio.Protocol):
-    """Answers ``ok`` to the first bytes; a stream starting ``BULK<8-byte length>`` gets
-    ``done`` once that many bytes have arrived (for TLS, which has no half-close)."""
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport
-        self.answered = False
-        self.expected = -1
-        self.seen = 0
-
-    def data_received(self, data: bytes) -> None:
-        if not self.answered:
-            self.answered = True
-            if data.startswith(b"BULK"):
-                self.expected = int.from_bytes(data[4:12], "big")
-                data = data[12:]
-            else:
-                self.transport.write(b"ok")  # type: ignore[attr-defined]
-        if self.expected >= 0:
-            self.seen += len(data)
-            if self.seen >= self.expected:
-                self.expected = -1
-                self.transport.write(b"done")  # type: ignore[attr-defined]
-
-    def eof_received(self) -> bool:
-        return False
+def build_load(tmp: str) -> str:
+    exe = os.path.join(tmp, "proxy_load")
+    subprocess.run(["cc", "-O2", "-Wall", "-o", exe, os.path.join(REPO, "bench", "proxy_load.c")],
+                   check=True)
+    return exe
 
 
-def run_backend(port: int) -> None:
-    async def main() -> None:
-        loop = asyncio.get_running_loop()
-        server = await loop.create_server(_Backend, "127.0.0.1", port, backlog=4096)
-        await server.serve_forever()
-    asyncio.run(main())
-
-
-# -- clients ------------------------------------------------------------------------------
-
-def bulk(port: int, mib: int, hello: bytes) -> float:
-    """MiB/s of ``mib`` MiB after a ClientHello, until the backend has read everything."""
-    block = b"\x17" * (1024 * 1024)
-    with socket.create_connection(("127.0.0.1", port)) as s:
-        start = time.perf_counter()
-        s.sendall(hello)
-        for _ in range(mib):
-            s.sendall(block)
-        s.shutdown(socket.SHUT_WR)
-        while s.recv(65536):
-            pass
-        elapsed = time.perf_counter() - start
-    return mib / elapsed
-
-
-def tls_bulk(port: int, mib: int) -> float:
-    """MiB/s of ``mib`` MiB sent over TLS (terminated by the proxy) until the backend has it."""
-    block = b"\x17" * (1024 * 1024)
-    ctx = _client_tls()
-    with socket.create_connection(("127.0.0.1", port)) as raw:
-        start = time.perf_counter()
-        with ctx.wrap_socket(raw, server_hostname=NAME) as s:
-            s.sendall(b"BULK" + (mib * len(block)).to_bytes(8, "big"))
-            for _ in range(mib):
-                s.sendall(block)
-            reply = s.recv(16)
-            elapsed = time.perf_counter() - start
-    assert reply == b"done", reply
-    return mib / elapsed
-
-
-def _client_tls() -> ssl.SSLContext:
-    ctx = ssl.create_default_context()
-    ctx.check_hostname = False
-    ctx.verify_mode = ssl.CERT_NONE
-    return ctx
-
-
-def _conn_worker(port: int, seconds: float, hello: bytes, tls: bool,
-                 out: "multiprocessing.Queue[int]") -> None:
-    linger = struct.pack("ii", 1, 0)
-    ctx = _client_tls()
-    count = 0
-    deadline = time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        s: socket.socket = socket.socket()
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, linger)
+def tree_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of ``pid`` and its live descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+                children.setdefault(int(fields[1]), []).append(int(entry))
+            except OSError:
+                continue
+    total, todo = 0.0, [pid]
+    while todo:
+        p = todo.pop()
         try:
-            s.connect(("127.0.0.1", port))
-            if tls:
-                s = ctx.wrap_socket(s, server_hostname=NAME)
-                s.sendall(b"x")
-            else:
-                s.sendall(hello)
-            if s.recv(16) == b"ok":
-                count += 1
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
-            pass
-        finally:
-            s.close()
-    out.put(count)
+            continue
+        total += (int(fields[11]) + int(fields[12])) / CLK_TCK
+        todo.extend(children.get(p, ()))
+    return total
 
 
-def connections(port: int, seconds: float, workers: int, hello: bytes, tls: bool = False) -> float:
-    """New connections per second (ClientHello in, or a full TLS handshake; ``ok`` back)."""
-    queue: "multiprocessing.Queue[int]" = multiprocessing.Queue()
-    procs = [multiprocessing.Process(target=_conn_worker, args=(port, seconds, hello, tls, queue))
-             for _ in range(workers)]
-    for p in procs:
-        p.start()
-    total = sum(queue.get() for _ in procs)
-    for p in procs:
-        p.join()
-    return total / seconds
+# -- peers ------------------------------------------------------------------------------
+
+class Peer:
+    """A started proxy (or the backend itself): name, port, process."""
+
+    def __init__(self, name: str, port: int, proc: Optional[subprocess.Popen]) -> None:
+        self.name = name
+        self.port = port
+        self.proc = proc
+
+    def cpu(self) -> float:
+        return tree_cpu(self.proc.pid) if self.proc is not None else 0.0
+
+    def stop(self) -> None:
+        if self.proc is None:
+            return
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(30)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
 
 
-# -- peers ----------------------------------------------------------------------------------
-
-def write_cert(tmp: str) -> tuple[str, str, str]:
-    """A self-signed certificate for NAME: (cert, key, cert+key for HAProxy)."""
+def write_cert(tmp: str, kind: str) -> tuple[str, str, str]:
+    """A self-signed certificate: (cert, key, cert+key for HAProxy)."""
     sys.path.insert(0, REPO)
     from dcrouter.tlsutil import make_self_signed
-    cert, key = make_self_signed([NAME])
-    paths = [os.path.join(tmp, n) for n in ("bench.crt", "bench.key", "bench.pem")]
+    cert, key = make_self_signed([NAME], key_type=kind)
+    paths = [os.path.join(tmp, f"bench-{kind}.{n}") for n in ("crt", "key", "pem")]
     for path, data in zip(paths, (cert, key, cert + key)):
         with open(path, "wb") as f:
             f.write(data)
     return paths[0], paths[1], paths[2]
 
 
-def start_dcrouter(tmp: str, port: int, backend: int, terminate: bool = False,
-                   router_workers: int = 1) -> subprocess.Popen:
-    tls = "passthrough"
-    extra = ""
-    if terminate:
-        cert, key, _ = write_cert(tmp)
-        tls = "terminate"
-        # raw bytes over TLS, as HAProxy's mode tcp below: not HTTP
-        extra = f'cert_path = "{cert}"\nkey_path = "{key}"\nhttp = false\n'
-    config = os.path.join(tmp, "dcrouter.toml")
+def start_dcrouter(tmp: str, name: str, backend: int, splice: bool = True, workers: int = 1,
+                   tls: Optional[tuple[str, str]] = None) -> Peer:
+    port = free_port()
+    mode = f'tls = "passthrough"\ndomains = ["{NAME}"]\n'
+    if tls is not None:
+        mode = (f'tls = "terminate"\ndomains = ["*"]\nhttp = false\n'
+                f'cert_path = "{tls[0]}"\nkey_path = "{tls[1]}"\n')
+    state = os.path.join(tmp, f"state-{name}")
+    config = os.path.join(tmp, f"{name}.toml")
     with open(config, "w") as f:
         f.write(f"""[router]
-state_dir = "{tmp}/state"
+state_dir = "{state}"
 log_level = "warn"
-workers = {router_workers}
+workers = {workers}
 
 [proxy]
 listen = "127.0.0.1"
+splice = {"true" if splice else "false"}
 
 [[proxy.routes]]
 name = "bench"
 ports = [{port}]
-domains = ["{NAME}"]
-tls = "{tls}"
-targets = ["127.0.0.1:{backend}"]
+{mode}targets = ["127.0.0.1:{backend}"]
 health_check_interval = 0
-max_connections = 100000
-max_connections_per_ip = 100000
-{extra}""")
+max_connections = 1000000
+max_connections_per_ip = 1000000
+""")
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
     proc = subprocess.Popen([twistd, "-n", "--pidfile=", "dcrouter", "--config", config],
-                            cwd=tmp, env=env, stdout=open(os.path.join(tmp, "dcrouter.log"), "wb"),
+                            cwd=tmp, env=env, stdout=open(os.path.join(tmp, f"{name}.log"), "wb"),
                             stderr=subprocess.STDOUT)
-    wait_for(port)
-    if router_workers > 1:
-        time.sleep(2.0)  # worker 0 answers first; the others start once it is ready
-    return proc
+    wait_for(port, log=os.path.join(tmp, f"{name}.log"))
+    if workers > 1:
+        time.sleep(3.0)  # worker 0 answers first; the others start once it is ready
+    return Peer(name, port, proc)
 
 
-def start_dcrouter_workers(n: int):  # type: ignore[no-untyped-def]
-    """A starter for dcrouter with ``router.workers = n`` (processes sharing the port)."""
-    def start(tmp: str, port: int, backend: int, terminate: bool = False) -> subprocess.Popen:
-        return start_dcrouter(tmp, port, backend, terminate, router_workers=n)
-    return start
-
-
-def start_haproxy(tmp: str, port: int, backend: int, terminate: bool = False) -> subprocess.Popen:
-    config = os.path.join(tmp, "haproxy.cfg")
-    if terminate:
-        _c, _k, pem = write_cert(tmp)
-        frontend = (f"    bind 127.0.0.1:{port} ssl crt {pem} alpn http/1.1 "
-                    f"ssl-min-ver TLSv1.2\n    default_backend be\n")
+def start_haproxy(tmp: str, name: str, backend: int, splice: bool = False,
+                  tls_pem: str = "") -> Peer:
+    port = free_port()
+    config = os.path.join(tmp, f"{name}.cfg")
+    if tls_pem:
+        frontend = (f"    bind 127.0.0.1:{port} ssl crt {tls_pem} ssl-min-ver TLSv1.2\n"
+                    f"    default_backend be\n")
     else:
         frontend = (f"    bind 127.0.0.1:{port}\n    tcp-request inspect-delay 5s\n"
                     f"    tcp-request content accept if {{ req.ssl_hello_type 1 }}\n"
                     f"    use_backend be if {{ req.ssl_sni -i {NAME} }}\n")
     with open(config, "w") as f:
         f.write(f"""global
-    maxconn 9000
+    nbthread 1
+    maxconn 4000
 defaults
     mode tcp
-    timeout connect 5s
+{"    option splice-auto" + chr(10) if splice else ""}    timeout connect 5s
     timeout client 60s
     timeout server 60s
 frontend fe
@@ -281,115 +223,182 @@ frontend fe
     server s1 127.0.0.1:{backend}
 """)
     proc = subprocess.Popen(["haproxy", "-db", "-f", config],
-                            stdout=open(os.path.join(tmp, "haproxy.log"), "wb"),
+                            stdout=open(os.path.join(tmp, f"{name}.log"), "wb"),
                             stderr=subprocess.STDOUT)
-    wait_for(port)
-    return proc
+    wait_for(port, log=os.path.join(tmp, f"{name}.log"))
+    return Peer(name, port, proc)
 
 
-def start_portforward(tmp: str, port: int, backend: int) -> subprocess.Popen:
-    """Bare ``twisted.protocols.portforward`` (no SNI): the floor of a Twisted relay."""
-    twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
-    proc = subprocess.Popen([twistd, "-n", "--pidfile=", "portforward", "-p", f"tcp:{port}:interface=127.0.0.1",
-                             "-h", "127.0.0.1", "-d", str(backend)], cwd=tmp,
-                            stdout=open(os.path.join(tmp, "portforward.log"), "wb"),
-                            stderr=subprocess.STDOUT)
-    wait_for(port)
-    return proc
+# -- measurements --------------------------------------------------------------------------
+
+def bulk(load: str, hello: str, peer: Peer, mib: int) -> tuple[float, float]:
+    """(MiB/s, proxy CPU seconds per GiB) of one connection."""
+    cpu = peer.cpu()
+    out = subprocess.run([load, "bulk", str(peer.port), hello, str(mib)], check=True,
+                         capture_output=True, text=True).stdout
+    used = peer.cpu() - cpu
+    return float(out.split()[0]), used * 1024 / mib
 
 
-def stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(30)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
+def connections(load: str, hello: str, peer: Peer, seconds: float, clients: int,
+                inflight: int) -> tuple[float, float, int]:
+    """(connections/s, connections per proxy CPU-second, failures)."""
+    cpu = peer.cpu()
+    procs = [subprocess.Popen([load, "conn", str(peer.port), hello, str(seconds), str(inflight)],
+                              stdout=subprocess.PIPE, text=True) for _ in range(clients)]
+    done = failed = 0
+    for p in procs:
+        out, _ = p.communicate()
+        ok, bad = out.split()
+        done += int(ok)
+        failed += int(bad)
+    used = peer.cpu() - cpu
+    return done / seconds, (done / used if used > 0 else 0.0), failed
 
 
-def measure(peers: list, backend_port: int, args: argparse.Namespace, hello: bytes,
-            terminate: bool) -> dict[str, dict[str, float]]:
-    """Run bulk and connection rounds against each peer; prints and returns medians."""
-    results: dict[str, dict[str, float]] = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name, starter in peers:
-            port = backend_port
-            proc = None
-            if starter is not None:
-                port = free_port()
-                proc = starter(tmp, port, backend_port, terminate) if terminate \
-                    else starter(tmp, port, backend_port)
-            try:
-                if terminate:
-                    tls_bulk(port, 16)                   # warm-up
-                    mibs = [tls_bulk(port, args.mib) for _ in range(args.runs)]
-                else:
-                    bulk(port, 16, hello)
-                    mibs = [bulk(port, args.mib, hello) for _ in range(args.runs)]
-                conns = [connections(port, args.seconds, args.workers, hello, terminate)
-                         for _ in range(args.runs)]
-            finally:
-                if proc is not None:
-                    stop(proc)
-            results[name] = {"mib_s": statistics.median(mibs), "conn_s": statistics.median(conns)}
-            print(f"{name:19s} bulk {statistics.median(mibs):8.0f} MiB/s  (runs: "
-                  f"{', '.join(f'{m:.0f}' for m in mibs)})   new connections "
-                  f"{statistics.median(conns):8.0f}/s  (runs: {', '.join(f'{c:.0f}' for c in conns)})",
-                  flush=True)
+def handshakes(peer: Peer, seconds: int, clients: int, reuse: bool,
+               tls12: bool) -> tuple[float, float]:
+    """(handshakes/s, handshakes per proxy CPU-second) with ``openssl s_time``."""
+    # -www: each connection sends a request the proxy must relay to the backend and reads the
+    # answer (without it HAProxy never connects the backend of a client that leaves at once)
+    cmd = ["openssl", "s_time", "-connect", f"127.0.0.1:{peer.port}", "-time", str(seconds),
+           "-reuse" if reuse else "-new", "-www", "/"]
+    if tls12:
+        cmd.append("-tls1_2")
+    cpu = peer.cpu()
+    start = time.monotonic()
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+             for _ in range(clients)]
+    total = 0
+    for p in procs:
+        out, _ = p.communicate()
+        match = re.search(r"(\d+) connections in [\d.]+s", out)
+        if match is None:
+            raise RuntimeError(f"s_time against {peer.name}: {out[-500:]}")
+        total += int(match.group(1))
+    elapsed = time.monotonic() - start
+    used = peer.cpu() - cpu
+    return total / elapsed, (total / used if used > 0 else 0.0)
+
+
+def rounds(peers: list[Peer], runs: int, measure: Callable[[Peer], tuple]) -> dict[str, list]:
+    """``runs`` interleaved rounds over ``peers``; each peer's list of results."""
+    results: dict[str, list] = {p.name: [] for p in peers}
+    for _ in range(runs):
+        for peer in peers:
+            results[peer.name].append(measure(peer))
     return results
+
+
+def med(values: list[tuple], i: int) -> float:
+    return statistics.median(v[i] for v in values)
+
+
+def report(title: str, columns: list[str], results: dict[str, list], fmt: list[str],
+           ref: str, ratio_cols: list[int]) -> None:
+    print(f"\n{title}")
+    print("| peer | " + " | ".join(columns) + " |")
+    print("| --- |" + " ---: |" * len(columns))
+    for name, values in results.items():
+        cells = []
+        for i, f in enumerate(fmt):
+            runs = ", ".join(f.format(v[i]) for v in values)
+            cells.append(f"{f.format(med(values, i))} ({runs})")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    if ref in results:
+        for name in results:
+            if name.startswith("dcrouter"):
+                ratios = [f"{columns[i]} {med(results[name], i) / med(results[ref], i):.2f}x"
+                          for i in ratio_cols if med(results[ref], i)]
+                print(f"{name} / {ref}: " + ", ".join(ratios))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--mib", type=int, default=512)
-    parser.add_argument("--seconds", type=float, default=2.0)
+    parser.add_argument("--mib", type=int, default=1024)
+    parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--router-workers", type=int, default=2,
-                        help="also measure dcrouter with router.workers = N (0: skip)")
-    parser.add_argument("--only-workers", action="store_true",
-                        help="passthrough only: haproxy, dcrouter and dcrouter with workers")
-    parser.add_argument("--terminate", action="store_true",
-                        help="also measure TLS termination (dcrouter vs HAProxy with ssl)")
+    parser.add_argument("--clients", type=int, default=4)
+    parser.add_argument("--inflight", type=int, default=64)
+    parser.add_argument("--router-workers", type=int, default=0,
+                        help="also measure dcrouter with router.workers = N")
+    parser.add_argument("--peers", default="haproxy,haproxy-splice,dcrouter,dcrouter-twisted,direct")
+    parser.add_argument("--no-passthrough", action="store_true")
+    parser.add_argument("--tls", action="store_true", help="also TLS termination handshakes/s")
+    parser.add_argument("--tls-seconds", type=int, default=5)
+    parser.add_argument("--tls-clients", type=int, default=2)
+    parser.add_argument("--tls12", action="store_true")
+    parser.add_argument("--cert", choices=("ecdsa", "rsa"), default="ecdsa")
     args = parser.parse_args()
-    hello = client_hello(NAME)
-    backend_port = free_port()
-    backend = multiprocessing.Process(target=run_backend, args=(backend_port,), daemon=True)
-    backend.start()
-    wait_for(backend_port)
-    print("SNI passthrough:")
-    peers = [("direct", None), ("haproxy", start_haproxy),
-             ("twisted-portforward", start_portforward), ("dcrouter", start_dcrouter)]
-    if args.only_workers:
-        peers = [("haproxy", start_haproxy), ("dcrouter", start_dcrouter)]
-    workers_name = f"dcrouter-workers={args.router_workers}"
-    if args.router_workers > 1:
-        peers.append((workers_name, start_dcrouter_workers(args.router_workers)))
-    results = measure(peers, backend_port, args, hello, terminate=False)
-    d, h = results["dcrouter"], results["haproxy"]
-    print(f"\ncores: {os.cpu_count()}; {args.mib} MiB bulk, {args.seconds}s x {args.workers} "
-          f"workers for connections, medians of {args.runs}")
-    print(f"dcrouter/haproxy: bulk {d['mib_s'] / h['mib_s']:.2f}, "
-          f"connections/s {d['conn_s'] / h['conn_s']:.2f}")
-    if workers_name in results:
-        w = results[workers_name]
-        print(f"{workers_name}/haproxy: bulk {w['mib_s'] / h['mib_s']:.2f}, "
-              f"connections/s {w['conn_s'] / h['conn_s']:.2f}; {workers_name}/dcrouter: "
-              f"connections/s {w['conn_s'] / d['conn_s']:.2f}")
-    if args.terminate:
-        print("\nTLS termination (full handshake per connection):")
-        peers = [("haproxy", start_haproxy), ("dcrouter", start_dcrouter)]
-        if args.router_workers > 1:
-            peers.append((workers_name, start_dcrouter_workers(args.router_workers)))
-        results = measure(peers, backend_port, args, hello, terminate=True)
-        d, h = results["dcrouter"], results["haproxy"]
-        print(f"dcrouter/haproxy (terminate): bulk {d['mib_s'] / h['mib_s']:.2f}, "
-              f"connections/s {d['conn_s'] / h['conn_s']:.2f}")
-        if workers_name in results:
-            w = results[workers_name]
-            print(f"{workers_name}/dcrouter (terminate): bulk {w['mib_s'] / d['mib_s']:.2f}, "
-                  f"connections/s {w['conn_s'] / d['conn_s']:.2f}")
-    backend.terminate()
+    wanted = args.peers.split(",")
+    with tempfile.TemporaryDirectory() as tmp:
+        load = build_load(tmp)
+        hello = os.path.join(tmp, "hello.bin")
+        with open(hello, "wb") as f:
+            f.write(client_hello(NAME))
+        backend_port = free_port()
+        backend = subprocess.Popen([load, "backend", str(backend_port)])
+        wait_for(backend_port)
+        peers: list[Peer] = []
+        try:
+            if not args.no_passthrough:
+                starters: dict[str, Callable[[], Peer]] = {
+                    "haproxy": lambda: start_haproxy(tmp, "haproxy", backend_port),
+                    "haproxy-splice": lambda: start_haproxy(tmp, "haproxy-splice", backend_port,
+                                                            splice=True),
+                    "dcrouter": lambda: start_dcrouter(tmp, "dcrouter", backend_port),
+                    "dcrouter-twisted": lambda: start_dcrouter(tmp, "dcrouter-twisted",
+                                                               backend_port, splice=False),
+                    "direct": lambda: Peer("direct", backend_port, None),
+                }
+                for n in wanted:                        # one by one: a failed start
+                    if n in starters:                   # still stops those started
+                        peers.append(starters[n]())
+                if args.router_workers > 1:
+                    peers.append(start_dcrouter(tmp, f"dcrouter-workers={args.router_workers}",
+                                                backend_port, workers=args.router_workers))
+                for peer in peers:                      # warm-up
+                    bulk(load, hello, peer, 16)
+                    connections(load, hello, peer, 0.5, 1, 8)
+                print(f"cores: {os.cpu_count()}, load average {os.getloadavg()[0]:.1f}; "
+                      f"medians of {args.runs} interleaved rounds")
+                res = rounds(peers, args.runs, lambda p: bulk(load, hello, p, args.mib))
+                report(f"SNI passthrough, bulk: one connection, {args.mib} MiB",
+                       ["MiB/s", "proxy CPU s per GiB"], res, ["{:,.0f}", "{:.2f}"],
+                       "haproxy", [0])
+                res = rounds(peers, args.runs, lambda p: connections(
+                    load, hello, p, args.seconds, args.clients, args.inflight))
+                report(f"SNI passthrough, new connections ({args.clients} clients x "
+                       f"{args.inflight} in flight, {args.seconds:g} s)",
+                       ["connections/s", "per proxy CPU-second", "failed"], res,
+                       ["{:,.0f}", "{:,.0f}", "{:d}"], "haproxy", [0, 1])
+                print(f"load average after: {os.getloadavg()[0]:.1f}")
+                for peer in peers:
+                    peer.stop()
+                peers = []
+            if args.tls:
+                cert, key, pem = write_cert(tmp, args.cert)
+                peers.append(start_haproxy(tmp, "haproxy-tls", backend_port, tls_pem=pem))
+                peers.append(start_dcrouter(tmp, "dcrouter-tls", backend_port, tls=(cert, key)))
+                for peer in peers:
+                    handshakes(peer, 1, 1, False, args.tls12)
+                for reuse in (False, True):
+                    # s_time never reads after the handshake, so it never receives TLS 1.3
+                    # tickets (sent after it): resumption is measured with TLS 1.2 tickets
+                    tls12 = args.tls12 or reuse
+                    version = "TLS 1.2" if tls12 else "TLS 1.3"
+                    res = rounds(peers, args.runs, lambda p: handshakes(
+                        p, args.tls_seconds, args.tls_clients, reuse, tls12))
+                    report(f"TLS termination, {version}, {args.cert} certificate, "
+                           f"{'resumed sessions (s_time -reuse)' if reuse else 'full handshakes (s_time -new)'}, "
+                           f"{args.tls_clients} clients",
+                           ["handshakes/s", "per proxy CPU-second"], res, ["{:,.0f}", "{:,.0f}"],
+                           "haproxy-tls", [0, 1])
+        finally:
+            for peer in peers:
+                peer.stop()
+            backend.terminate()
+            backend.wait()
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import os
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import NameOID
 from OpenSSL import SSL
 from twisted.internet import ssl
@@ -35,10 +35,13 @@ _VERSIONS = {
 }
 
 
-def make_self_signed(names: Iterable[str], days: int = 825) -> tuple[bytes, bytes]:
-    """A new RSA-2048 key and self-signed certificate for ``names`` (PEM bytes)."""
+def make_self_signed(names: Iterable[str], days: int = 825,
+                     key_type: str = "rsa") -> tuple[bytes, bytes]:
+    """A new key (``rsa``: RSA-2048, ``ecdsa``: ECDSA P-256) and self-signed certificate for
+    ``names`` (PEM bytes)."""
     names = list(names) or ["localhost"]
-    key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    key: Any = ec.generate_private_key(ec.SECP256R1()) if key_type == "ecdsa" \
+        else rsa.generate_private_key(public_exponent=65537, key_size=2048)
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names[0][:64])])
     alt: list[x509.GeneralName] = []
     for name in names:
@@ -99,7 +102,8 @@ def ensure_private_dir(path: str) -> str:
     return path
 
 
-def ensure_self_signed(state_dir: str, name: str, extra_names: Iterable[str] = ()) -> tuple[str, str]:
+def ensure_self_signed(state_dir: str, name: str, extra_names: Iterable[str] = (),
+                       key_type: str = "rsa") -> tuple[str, str]:
     """Paths of a self-signed certificate and key for ``name`` under ``state_dir/certs``.
 
     Generated on first use and kept, so clients can pin it across restarts.
@@ -110,7 +114,7 @@ def ensure_self_signed(state_dir: str, name: str, extra_names: Iterable[str] = (
     key_path = os.path.join(cert_dir, f"{safe}.key")
     if not (os.path.exists(cert_path) and os.path.exists(key_path)):
         names = [name] + [n for n in extra_names if n != name]
-        cert, key = make_self_signed(names)
+        cert, key = make_self_signed(names, key_type=key_type)
         write_private(key_path, key)
         write_private(cert_path, cert)
     return cert_path, key_path
@@ -119,12 +123,14 @@ def ensure_self_signed(state_dir: str, name: str, extra_names: Iterable[str] = (
 def load_certificate_options(cert_path: str, key_path: str, min_version: str = "TLSv1.2",
                              ciphers: str = "", ca_path: str = "",
                              key_path_name: str = "tls", session_tickets: bool = False,
-                             session_timeout: float = 0.0) -> ssl.CertificateOptions:
+                             session_timeout: float = 0.0,
+                             resumption: bool = False) -> ssl.CertificateOptions:
     """A Twisted ``CertificateOptions`` for a server with the given PEM files.
 
     ``session_tickets``: resumption by tickets (Twisted turns them off by default);
     OpenSSL encrypts them with a random key of this context, so a new context is a new
-    ticket key. ``session_timeout``: seconds a session stays resumable.
+    ticket key. ``resumption``: tickets and a server-side session cache.
+    ``session_timeout``: seconds a session stays resumable.
     Raises ConfigError (naming ``key_path_name``) for unreadable or mismatched files.
     """
     try:
@@ -147,7 +153,8 @@ def load_certificate_options(cert_path: str, key_path: str, min_version: str = "
         extraCertChain=chain or None,
         raiseMinimumTo=lowest,
         acceptableCiphers=ssl.AcceptableCiphers.fromOpenSSLCipherString(ciphers or MODERN_CIPHERS),
-        enableSessionTickets=session_tickets,
+        enableSessions=resumption,
+        enableSessionTickets=session_tickets or resumption,
     )
     if session_timeout:
         # the context is built now (once): its lifetime and its random ticket key with it

@@ -233,6 +233,19 @@ class ProxyOptions:
     access_log_format: str = option("haproxy", check=one_of("haproxy", "json"),
                                     doc="'haproxy' (tcplog lines) or 'json' (one object a "
                                     "line, the same facts plus requests and bytes_in).")
+    self_signed_key: str = option("ecdsa", check=one_of("ecdsa", "rsa"),
+                                  doc="Key of the self-signed certificates the proxy makes for "
+                                  "terminate routes without files or ACME: 'ecdsa' (P-256, "
+                                  "fast handshakes) or 'rsa' (2048 bits, for very old "
+                                  "clients). Files made before are kept.")
+    tls_ticket_rotation: float = option(43200.0, check=check_non_negative,
+                                        doc="Seconds between new TLS session-ticket keys of "
+                                        "terminating listeners (0: never; a reload also "
+                                        "renews them when the default certificate changes). "
+                                        "A ticket resumes at most until the next rotation.")
+    splice: bool = option(True, doc="Relay passthrough and plain TCP routes with splice(2) "
+                          "through a kernel pipe (Linux; elsewhere, and for TLS-terminated "
+                          "routes, the Twisted relay). false: always the Twisted relay.")
 
     def validate(self, path: str) -> None:
         """Route names unique."""

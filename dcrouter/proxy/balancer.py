@@ -5,24 +5,27 @@
 * :class:`HealthChecker` opens a TCP connection to each target every
   ``health_check_interval`` seconds; a target that refuses leaves the
   rotation until a check succeeds again.
-* :func:`connect_with_failover` tries the targets in that order until one
-  accepts the connection.
+* :class:`FailoverConnector` (and :func:`connect_with_failover`, its Deferred
+  form) tries the targets in that order until one accepts the connection.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import re
 import time
 from typing import Any, Callable, Optional
 
-from twisted.internet import defer
+from twisted.internet import defer, error
 from twisted.internet.endpoints import (
     HostnameEndpoint, TCP4ClientEndpoint, TCP6ClientEndpoint, wrapClientTLS,
 )
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import ClientFactory, Factory, Protocol
 from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
 
 from dcrouter.logsetup import get_logger
+from dcrouter.timerwheel import wheel_for
 
 log = get_logger("proxy")
 
@@ -68,8 +71,8 @@ class Balancer:
     def order(self) -> list[Target]:
         """Healthy targets in balancing order, then unhealthy ones as a last resort."""
         n = len(self.targets)
-        if not n:
-            return []
+        if n <= 1:
+            return list(self.targets)
         if self.method == "least-connections":
             start = self._next % n
             rotated = self.targets[start:] + self.targets[:start]
@@ -98,6 +101,16 @@ class Balancer:
         return {t.label: {"healthy": t.healthy, "active": t.active, "failures": t.failures,
                           "since": t.since, "last_error": t.last_error}
                 for t in self.targets}
+
+
+_FAILURE_REPR = re.compile(r"\[Failure instance: Traceback \(failure with no frames\): "
+                           r"<class '([\w.]+)'>: (.*?)\s*\]", re.S)
+
+
+def reason_text(failure: Failure) -> str:
+    """A failure's message for a log line, without the nested ``[Failure instance:
+    Traceback ...]`` repr Twisted puts in some connect errors."""
+    return _FAILURE_REPR.sub(lambda m: m.group(2), failure.getErrorMessage()).strip()
 
 
 def _ip_version(host: str) -> int:
@@ -186,8 +199,8 @@ class HealthChecker:
             if target.healthy:
                 log.warn("target {target} of route {route} failed its health check: {error}",
                          target=target.label, route=self.route_key,
-                         error=failure.getErrorMessage())
-            target.mark(False, f"health check: {failure.getErrorMessage()}")
+                         error=reason_text(failure))
+            target.mark(False, f"health check: {reason_text(failure)}")
         d.addCallbacks(up, down)
         return d
 
@@ -229,3 +242,150 @@ def connect_with_failover(balancer: Balancer, connect: Callable[[Target], defer.
     else:
         attempt(0, None)
     return result
+
+
+class FailoverConnector(ClientFactory):
+    """Connects a route's targets in balancing order until one accepts - the lean path.
+
+    One object per proxied connection, no Deferreds: literal addresses go
+    straight to ``reactor.connectTCP`` with the connect timeout on the shared
+    timer wheel (a name goes through ``HostnameEndpoint``).  ``build()`` makes
+    the protocol of an attempt; the protocol calls :meth:`made` from its
+    ``connectionMade``, which calls ``on_connected(target, protocol)``; when
+    every target failed, ``on_failed(failure)``.  :meth:`cancel` stops a
+    pending attempt (the client left).
+
+    ``raw(target, timeout, done)``, when given, connects literal addresses
+    without Twisted (the splice relay needs only a socket): it returns a
+    handle with ``cancel()`` and calls ``done(sock, None)`` or
+    ``done(None, error)``; ``on_connected`` then receives the socket.
+    """
+
+    noisy = False
+
+    def __init__(self, reactor: Any, balancer: Balancer, timeout: float, mark_down: bool,
+                 build: Callable[[], Protocol], on_connected: Callable[[Target, Any], None],
+                 on_failed: Callable[[Failure], None], raw: Optional[Callable[..., Any]] = None
+                 ) -> None:
+        self.reactor = reactor
+        self.raw = raw
+        self.pending: Any = None
+        self.order = balancer.order()
+        self.timeout = timeout
+        self.mark_down = mark_down
+        self.build = build
+        self.on_connected = on_connected
+        self.on_failed = on_failed
+        self.index = -1
+        self.target: Optional[Target] = None
+        self.connector: Any = None
+        self.timer: Any = None
+        self.timed_out = False
+        self.cancelled = False
+
+    def start(self) -> "FailoverConnector":
+        """Try the first target."""
+        if not self.order:
+            self.on_failed(Failure(ConnectionError("route has no targets")))
+        else:
+            self._next(None)
+        return self
+
+    def _next(self, last: Optional[Failure]) -> None:
+        self.index += 1
+        if self.index >= len(self.order):
+            assert last is not None
+            self.on_failed(last)
+            return
+        target = self.target = self.order[self.index]
+        self.timed_out = False
+        if target.ip_version and self.raw is not None:
+            self.pending = self.raw(target, self.timeout, self._raw_done)
+            return
+        if target.ip_version:
+            self.connector = self.reactor.connectTCP(target.host, target.port, self,
+                                                     timeout=None)
+            self.timer = wheel_for(self.reactor).call_later(self.timeout, self._timeout)
+            return
+        d = target_endpoint(self.reactor, target.host, target.port, self.timeout,
+                            version=0).connect(_EndpointFactory(self))
+        d.addErrback(self._failed)
+
+    def _timeout(self) -> None:
+        self.timer = None
+        if self.connector is not None and self.connector.state == "connecting":
+            self.timed_out = True
+            self.connector.stopConnecting()
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        protocol = self.build()
+        protocol.factory = self  # type: ignore[assignment]
+        return protocol
+
+    def made(self, protocol: Any) -> None:
+        """The protocol of an attempt is connected (called from its ``connectionMade``)."""
+        assert self.target is not None
+        self.on_connected(self.target, protocol)
+
+    def _raw_done(self, sock: Any, failure: Optional[BaseException]) -> None:
+        self.pending = None
+        if self.cancelled:
+            if sock is not None:
+                sock.close()
+            return
+        if sock is not None:
+            assert self.target is not None
+            self.on_connected(self.target, sock)
+        else:
+            self._failed(Failure(failure))
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        if self.cancelled:
+            return
+        if self.timed_out:
+            reason = Failure(error.TimeoutError(string=f"after {self.timeout:g} s"))
+        self._failed(reason)
+
+    def _failed(self, reason: Failure) -> None:
+        if self.cancelled:
+            return
+        target = self.target
+        assert target is not None
+        target.failures += 1
+        if self.mark_down:
+            target.healthy = False
+        log.warn("connect to {target} failed: {error}", target=target.label,
+                 error=reason_text(reason))
+        self._next(reason)
+
+    def clientConnectionLost(self, connector: Any, reason: Failure) -> None:
+        pass
+
+    def cancel(self) -> None:
+        """Give up (the client is gone): stop a pending attempt, report nothing more."""
+        self.cancelled = True
+        if self.pending is not None:
+            self.pending.cancel()
+            self.pending = None
+        if self.connector is not None and self.connector.state == "connecting":
+            self.connector.stopConnecting()
+
+
+class _EndpointFactory(Factory):
+    """For a target given by name: the endpoint's factory builds the connector's protocol."""
+
+    noisy = False
+
+    def __init__(self, connector: FailoverConnector) -> None:
+        self.connector = connector
+
+    def buildProtocol(self, addr: Any) -> Protocol:
+        protocol = self.connector.build()
+        protocol.factory = self.connector  # type: ignore[assignment]
+        return protocol

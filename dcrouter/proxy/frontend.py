@@ -22,14 +22,14 @@ The first bytes must arrive within the route's ``initial_data_timeout``.
 from __future__ import annotations
 
 from ipaddress import IPv4Address
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 from typing import Protocol as Protocol_
 
 from OpenSSL import SSL
 from twisted.internet import defer
 from twisted.internet.interfaces import IHalfCloseableProtocol, IHandshakeListener
 from twisted.internet.protocol import Factory, Protocol
-from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.protocols.tls import TLSMemoryBIOProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -39,11 +39,14 @@ from dcrouter.proxy.accesslog import access_log_of
 from dcrouter.proxy.certs import alpn_protocols
 from dcrouter.proxy.h2frontend import H2Relay
 from dcrouter.proxy.httprelay import HttpRelay
-from dcrouter.proxy.balancer import Target, connect_with_failover, target_endpoint
+from dcrouter.proxy.balancer import FailoverConnector, Target, reason_text
 from dcrouter.proxy.limits import Admission, IPAddress, LimitExceeded, Ticket, normalize_ip
 from dcrouter.proxy.routes import Route, RouteTable
 from dcrouter.proxy.stats import RouteStats
+from dcrouter.proxy.rawconnect import RawConnect
+from dcrouter.proxy.splice import SpliceTunnel, splice_capable
 from dcrouter.proxy.tunnel import BackendProtocol, BackendSink, Tunnel
+from dcrouter.timerwheel import wheel_for
 
 log = get_logger("proxy")
 
@@ -55,6 +58,7 @@ class ProxyCore(Protocol_):
     table: RouteTable
     admission: Admission
     certs: Any
+    splice: bool
 
     def stats_for(self, route: Route) -> RouteStats:
         """Counters of a route."""
@@ -90,7 +94,13 @@ def _no_delay(transport: Any) -> None:
 
 
 class _Backend(BackendProtocol):
-    """Target side that first sends a PROXY header and, for re-encrypt, starts TLS."""
+    """Target side that first sends a PROXY header and, for re-encrypt, starts TLS.
+
+    On the splice path the preamble is left to the tunnel (``preamble`` is
+    empty here): nothing may sit in a transport buffer the tunnel bypasses.
+    """
+
+    factory: Any = None
 
     def __init__(self, tunnel: BackendSink, preamble: bytes, tls_options: Any) -> None:
         super().__init__(tunnel)
@@ -104,24 +114,14 @@ class _Backend(BackendProtocol):
             self.transport.write(self.preamble)
         if self.tls_options is not None:
             self.transport.startTLS(self.tls_options)  # type: ignore[attr-defined]
+        if self.factory is not None:
+            self.factory.made(self)
 
     def connectionLost(self, reason: Failure = Failure(ConnectionError())) -> None:
         if self.tls_options is not None and reason.check(SSL.Error):
             self.tunnel.stats.error("backend_tls")
             log.warn("TLS to target failed: {error}", error=reason.getErrorMessage())
         super().connectionLost(reason)
-
-
-class _BackendFactory(Factory):
-    noisy = False
-
-    def __init__(self, tunnel: BackendSink, preamble: bytes, tls_options: Any) -> None:
-        self.tunnel = tunnel
-        self.preamble = preamble
-        self.tls_options = tls_options
-
-    def buildProtocol(self, addr: Any) -> _Backend:
-        return _Backend(self.tunnel, self.preamble, self.tls_options)
 
 
 class Connection:
@@ -133,7 +133,8 @@ class Connection:
         self.ticket = ticket
         self.stats = core.stats_for(route)
         self.target: Optional[Target] = None
-        self.tunnel: Optional[Tunnel] = None
+        self.tunnel: Any = None
+        self.connector: Optional[FailoverConnector] = None
         self.released = False
         self.stats.active += 1
         self.stats.total += 1
@@ -155,58 +156,91 @@ class Connection:
         self.target = target
         target.active += 1
 
+    def _preamble(self, client_addr: tuple[str, int], local_addr: tuple[str, int]) -> bytes:
+        version = self.route.options.send_proxy_protocol
+        return proxyprotocol.encode(version, client_addr, local_addr) if version else b""
+
+    def start_connect(self, sink: BackendSink, preamble: bytes,
+                      on_connected: Callable[[Target, Any], None],
+                      on_failed: Callable[[Failure], None],
+                      raw: Optional[Callable[..., Any]] = None) -> FailoverConnector:
+        """Connect a target of the route (with failover), calling back without Deferreds."""
+        route, core = self.route, self.core
+        reencrypt = route.tls == "terminate-and-reencrypt"
+
+        def build() -> _Backend:
+            target = connector.target
+            assert target is not None
+            options = core.backend_tls_options(route, target) if reencrypt else None
+            return _Backend(sink, preamble, options)
+        connector = FailoverConnector(core.reactor, route.balancer, route.options.connect_timeout,
+                                      route.options.health_check_interval > 0, build,
+                                      on_connected, on_failed, raw)
+        self.connector = connector
+        return connector.start()
+
     def connect(self, sink: BackendSink, client_addr: tuple[str, int],
                 local_addr: tuple[str, int]) -> defer.Deferred:
         """Connect a target of the route (with failover); fires ``(target, protocol)``.
 
-        ``sink`` receives the target's bytes and closes (a :class:`Tunnel`
-        or an HTTP relay's backend link).
+        ``sink`` receives the target's bytes and closes (an HTTP relay's
+        backend link).
         """
-        route, core = self.route, self.core
-        preamble = b""
-        if route.options.send_proxy_protocol:
-            preamble = proxyprotocol.encode(route.options.send_proxy_protocol, client_addr,
-                                            local_addr)
-        timeout = route.options.connect_timeout
-
-        def connect(target: Target) -> defer.Deferred:
-            tls_options = core.backend_tls_options(route, target) \
-                if route.tls == "terminate-and-reencrypt" else None
-            endpoint = target_endpoint(core.reactor, target.host, target.port, timeout,
-                                       version=target.ip_version)
-            return endpoint.connect(_BackendFactory(sink, preamble, tls_options))
-
-        return connect_with_failover(route.balancer, connect,
-                                     mark_down=route.options.health_check_interval > 0)
+        d: defer.Deferred = defer.Deferred()
+        self.start_connect(sink, self._preamble(client_addr, local_addr),
+                           lambda target, protocol: d.callback((target, protocol)), d.errback)
+        return d
 
     def open_tunnel(self, client: Any, initial: bytes, client_addr: tuple[str, int],
-                    local_addr: tuple[str, int], on_fail: Any = None) -> Tunnel:
-        """Pause ``client``, connect a target (with failover), then relay."""
-        route = self.route
-        client.pauseProducing()
-        tunnel = Tunnel(self.core.reactor, client, self.stats, route.options.connection_timeout,
-                        on_done=self.release)
-        self.tunnel = tunnel
-        d = self.connect(tunnel, client_addr, local_addr)
+                    local_addr: tuple[str, int], on_fail: Any = None) -> Any:
+        """Pause ``client``, connect a target (with failover), then relay.
 
-        def connected(result: tuple[Target, Any]) -> None:
-            target, protocol = result
-            if tunnel.done or not tunnel.client_open:     # the client left meanwhile
-                protocol.transport.loseConnection()
-                return
-            self.use_target(target)
-            tunnel.attach(protocol.transport, initial)
+        A plain TCP client transport (passthrough and tcp routes) is relayed
+        with splice(2) when the proxy may (:mod:`dcrouter.proxy.splice`);
+        TLS-terminated clients use the Twisted relay.
+        """
+        route = self.route
+        preamble = self._preamble(client_addr, local_addr)
+        reactor = self.core.reactor
 
         def failed(failure: Failure) -> None:
             self.stats.error("connect")
             log.warn("route {route}: no target reachable: {error}", route=route.key,
-                     error=failure.getErrorMessage())
+                     error=reason_text(failure))
             if on_fail is not None:
                 on_fail()
             else:
                 client.loseConnection()
             tunnel.backend_lost(failure)
-        d.addCallbacks(connected, failed)
+
+        if self.core.splice and splice_capable(client):
+            tunnel: Any = SpliceTunnel(reactor, client, self.stats,
+                                       route.options.connection_timeout, self.release, preamble)
+
+            def spliced(target: Target, backend: Any) -> None:
+                if not tunnel.done and tunnel.client_open:
+                    self.use_target(target)
+                # a protocol (a target given by name) or a raw socket (a literal address)
+                tunnel.attach(getattr(backend, "transport", backend), initial)
+
+            def raw(target: Target, timeout: float, done: Callable[..., None]) -> RawConnect:
+                return RawConnect(reactor, target.host, target.port, target.ip_version,
+                                  timeout, done)
+            self.tunnel = tunnel
+            tunnel.connector = self.start_connect(tunnel, b"", spliced, failed, raw)
+            return tunnel
+        client.pauseProducing()
+        tunnel = Tunnel(reactor, client, self.stats, route.options.connection_timeout,
+                        on_done=self.release)
+        self.tunnel = tunnel
+
+        def connected(target: Target, protocol: Any) -> None:
+            if tunnel.done or not tunnel.client_open:     # the client left meanwhile
+                protocol.transport.loseConnection()
+                return
+            self.use_target(target)
+            tunnel.attach(protocol.transport, initial)
+        self.start_connect(tunnel, preamble, connected, failed)
         return tunnel
 
 
@@ -218,7 +252,7 @@ class _TerminatedProtocol(Protocol):
         self.front = front
         self.connection = connection
         self.relay: Any = None                  # HttpRelay or H2Relay
-        self.tunnel: Optional[Tunnel] = None
+        self.tunnel: Any = None
         self.lost = False
         self.handshake_done = False
         self.timer: Any = None
@@ -226,7 +260,7 @@ class _TerminatedProtocol(Protocol):
 
     def connectionMade(self) -> None:
         timeout = self.connection.route.options.initial_data_timeout
-        self.timer = self.front.core.reactor.callLater(timeout, self._handshake_timeout)
+        self.timer = wheel_for(self.front.core.reactor).call_later(timeout, self._handshake_timeout)
 
     def _handshake_timeout(self) -> None:
         self.timer = None
@@ -237,9 +271,9 @@ class _TerminatedProtocol(Protocol):
         self.transport.abortConnection()  # type: ignore[attr-defined]
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
+        if self.timer is not None:
             self.timer.cancel()
-        self.timer = None
+            self.timer = None
 
     def handshakeCompleted(self) -> None:
         self.handshake_done = True
@@ -283,17 +317,6 @@ class _TerminatedProtocol(Protocol):
             self.connection.release()
 
 
-class _TerminatedFactory(Factory):
-    noisy = False
-
-    def __init__(self, front: "FrontProtocol", connection: Connection) -> None:
-        self.front = front
-        self.connection = connection
-
-    def buildProtocol(self, addr: Any) -> _TerminatedProtocol:
-        return _TerminatedProtocol(self.front, self.connection)
-
-
 @implementer(IHalfCloseableProtocol)
 class FrontProtocol(Protocol):
     """One accepted client connection on a proxy port."""
@@ -306,23 +329,34 @@ class FrontProtocol(Protocol):
         self.timer: Any = None
         self.parser: Any = None
         self.connection: Optional[Connection] = None
-        self.tunnel: Optional[Tunnel] = None
+        self.tunnel: Any = None
         self.relay: Optional[HttpRelay] = None
         self.delegate: Optional[Protocol] = None
         self.client_ip: IPAddress = IPv4Address("0.0.0.0")
         self.client_addr: tuple[str, int] = ("", 0)
-        self.local_addr: tuple[str, int] = ("", 0)
+        self._local_addr: Optional[tuple[str, int]] = None
         self.closed = False
+
+    @property
+    def local_addr(self) -> tuple[str, int]:
+        """The address the client connected to (asked of the socket on first use: only
+        PROXY headers and HTTP relays need it)."""
+        if self._local_addr is None:
+            assert self.transport is not None
+            host: Any = self.transport.getHost()
+            self._local_addr = (str(normalize_ip(host.host)), host.port)
+        return self._local_addr
 
     # -- lifecycle -------------------------------------------------------------
     def connectionMade(self) -> None:
         assert self.transport is not None
         _no_delay(self.transport)
         peer: Any = self.transport.getPeer()
-        host: Any = self.transport.getHost()
         self.client_ip = normalize_ip(peer.host)
-        self.client_addr = (str(self.client_ip), peer.port)
-        self.local_addr = (str(normalize_ip(host.host)), host.port)
+        text = peer.host
+        if ":" in text or "%" in text:          # IPv6 (maybe IPv4-mapped, or with a zone)
+            text = str(self.client_ip)
+        self.client_addr = (text, peer.port)
         self.core.track(self)
         if self.core.trusts_proxy_header(self.client_ip):
             self.stage = "proxy"
@@ -353,14 +387,13 @@ class FrontProtocol(Protocol):
             self.dataReceived(leftover)
 
     def _start_timer(self) -> None:
-        routes = self.table.by_port.get(self.port, ())
-        timeout = min((r.options.initial_data_timeout for r in routes), default=10.0)
-        self.timer = self.core.reactor.callLater(timeout, self._initial_timeout)
+        self.timer = wheel_for(self.core.reactor).call_later(
+            self.table.initial_timeout(self.port), self._initial_timeout)
 
     def _cancel_timer(self) -> None:
-        if self.timer is not None and self.timer.active():
+        if self.timer is not None:
             self.timer.cancel()
-        self.timer = None
+            self.timer = None
 
     def _initial_timeout(self) -> None:
         self.timer = None
@@ -437,8 +470,8 @@ class FrontProtocol(Protocol):
                                                route.options.max_connections,
                                                route.options.max_connections_per_ip)
         except LimitExceeded as e:
-            log.info("route {route} refused {client}: {kind}", route=route.key,
-                     client=self.client_addr[0], kind=e.kind)
+            log.debug("route {route} refused {client}: {kind}", route=route.key,
+                      client=self.client_addr[0], kind=e.kind)
             self._refuse(e.kind, route)
             return None
         connection = Connection(self.core, route, ticket)
@@ -453,8 +486,9 @@ class FrontProtocol(Protocol):
     def _relay(self, connection: Connection, initial: bytes, on_fail: Any = None) -> None:
         self.stage = "relay"
         self.connection = connection
-        self.tunnel = connection.open_tunnel(self.transport, initial, self.client_addr,
-                                             self.local_addr, on_fail=on_fail)
+        local = self.local_addr if connection.route.options.send_proxy_protocol else ("", 0)
+        self.tunnel = connection.open_tunnel(self.transport, initial, self.client_addr, local,
+                                             on_fail=on_fail)
 
     def _terminate(self, route: Route, buffered: bytes) -> None:
         connection = self._admit(route)
@@ -462,11 +496,10 @@ class FrontProtocol(Protocol):
             return
         self.stage = "terminated"
         self.connection = connection
-        factory = TLSMemoryBIOFactory(self.core.certs, False,
-                                      _TerminatedFactory(self, connection))
-        factory.noisy = False
+        # one TLS factory per certificate store, the wrapped protocol made here
+        tls = TLSMemoryBIOProtocol(self.core.certs.tls_factory(),
+                                   _TerminatedProtocol(self, connection))
         assert self.transport is not None
-        tls = factory.buildProtocol(self.transport.getPeer())
         tls.alpn_protocols = alpn_protocols(route)  # type: ignore[attr-defined]  # certs' ALPN
         self.delegate = tls
         tls.makeConnection(self.transport)

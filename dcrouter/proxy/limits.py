@@ -15,13 +15,27 @@ IPAddress = Union[ipaddress.IPv4Address, ipaddress.IPv6Address]
 IPNetwork = Union[ipaddress.IPv4Network, ipaddress.IPv6Network]
 
 
+_parsed: dict[str, IPAddress] = {}
+
+
 def normalize_ip(address: Union[str, IPAddress]) -> IPAddress:
     """An address object with IPv4-mapped IPv6 (``::ffff:1.2.3.4``) turned into IPv4.
 
-    A zone suffix (``fe80::1%eth0``) is dropped.
+    A zone suffix (``fe80::1%eth0``) is dropped.  Strings are parsed once
+    (a bounded cache: clients come back).
     """
     if isinstance(address, str):
+        known = _parsed.get(address)
+        if known is not None:
+            return known
+        text = address
         address = ipaddress.ip_address(address.split("%", 1)[0])
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped
+        if len(_parsed) >= 16384:
+            _parsed.clear()
+        _parsed[text] = address
+        return address
     elif isinstance(address, ipaddress.IPv4Address):
         return address
     if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
@@ -53,9 +67,14 @@ class IpRules:
     def __init__(self, allowed: Iterable[str], blocked: Iterable[str]) -> None:
         self.allowed = parse_networks(allowed)
         self.blocked = parse_networks(blocked)
+        #: nothing blocked and both families allowed whole: no address to look at
+        self.everyone = not self.blocked and {(n.version, n.prefixlen) for n in self.allowed} \
+            >= {(4, 0), (6, 0)}
 
     def permits(self, address: IPAddress) -> bool:
         """Whether a client at ``address`` (normalised) may use the route."""
+        if self.everyone:
+            return True
         address = normalize_ip(address)
         if in_networks(address, self.blocked):
             return False

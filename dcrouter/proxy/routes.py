@@ -86,8 +86,61 @@ class Route:
         return f"<Route {self.key} {self.mode}>"
 
 
+class _PortIndex:
+    """The routes of one port, compiled for lookups: exact names in a dict, ``*.`` suffixes
+    in a dict, ``*`` routes in a list (each in configuration order)."""
+
+    __slots__ = ("exact", "wildcard", "any", "cache", "plain")
+
+    def __init__(self, routes: list[Route]) -> None:
+        self.exact: dict[str, list[Route]] = {}
+        self.wildcard: dict[str, list[Route]] = {}
+        self.any: list[Route] = []
+        for route in routes:
+            for domain in dict.fromkeys(route.domains):
+                if domain == "*":
+                    self.any.append(route)
+                elif domain.startswith("*."):
+                    self.wildcard.setdefault(domain[1:], []).append(route)
+                else:
+                    self.exact.setdefault(domain, []).append(route)
+        #: name -> routes in precedence order (bounded: names come from clients)
+        self.cache: dict[Optional[str], tuple[Route, ...]] = {}
+        #: no route of the port looks at the client address or the path
+        self.plain = all(not r.client_networks and not r.options.path_prefix for r in routes)
+
+    def candidates(self, name: Optional[str]) -> tuple[Route, ...]:
+        """Routes whose domains match ``name``, best precedence class first, then by index."""
+        found = self.cache.get(name)
+        if found is not None:
+            return found
+        ordered: list[Route] = []
+        if name is not None:
+            ordered.extend(self.exact.get(name, ()))
+            if self.wildcard:
+                wild: list[Route] = []
+                dot = name.find(".")
+                while dot != -1:
+                    suffix = name[dot:]
+                    if len(name) > len(suffix):         # "*.x" never matches "x" itself
+                        wild.extend(self.wildcard.get(suffix, ()))
+                    dot = name.find(".", dot + 1)
+                wild.sort(key=lambda r: r.index)
+                ordered.extend(r for r in dict.fromkeys(wild) if r not in ordered)
+        ordered.extend(r for r in self.any if r not in ordered)
+        found = tuple(ordered)
+        if len(self.cache) >= 4096:
+            self.cache.clear()
+        self.cache[name] = found
+        return found
+
+
 class RouteTable:
-    """Every route, indexed by port; immutable once built (swapped whole on reload)."""
+    """Every route, indexed by port; immutable once built (swapped whole on reload).
+
+    Lookups are precompiled per port (:class:`_PortIndex`) and their answers
+    for a name cached, so a connection's route costs a dict look-up or two.
+    """
 
     def __init__(self, proxy: ProxyOptions) -> None:
         self.routes = [Route(i, r) for i, r in enumerate(proxy.routes)]
@@ -97,6 +150,10 @@ class RouteTable:
         for route in self.routes:
             for port in sorted(route.ports):
                 self.by_port.setdefault(port, []).append(route)
+        self._index = {port: _PortIndex(routes) for port, routes in self.by_port.items()}
+        self._modes = {port: self._mode(port) for port in self.by_port}
+        self._initial = {port: min(r.options.initial_data_timeout for r in routes)
+                         for port, routes in self.by_port.items()}
 
     def ports(self) -> list[int]:
         """Every port with at least one route."""
@@ -104,6 +161,10 @@ class RouteTable:
 
     def mode(self, port: int) -> str:
         """``tls``, ``http`` or ``tcp`` for the listener on ``port``."""
+        mode = self._modes.get(port)
+        return mode if mode is not None else self._mode(port)
+
+    def _mode(self, port: int) -> str:
         modes = {r.mode for r in self.by_port.get(port, ())}
         if "tls" in modes:
             return "tls"
@@ -111,20 +172,26 @@ class RouteTable:
             return "http"
         return "tcp"
 
+    def initial_timeout(self, port: int) -> float:
+        """The shortest ``initial_data_timeout`` of the routes on ``port``."""
+        return self._initial.get(port, 10.0)
+
     def match(self, port: int, name: Optional[str], client: Union[str, IPAddress],
               path: Optional[str] = None) -> Optional[Route]:
         """The route for a connection on ``port`` asking for ``name``, or None."""
-        address = normalize_ip(client)
+        index = self._index.get(port)
+        if index is None:
+            return None
         if name is not None:
             name = name.rstrip(".").lower() or None
-        best: Optional[tuple[int, int, Route]] = None
-        for route in self.by_port.get(port, ()):
-            rank = route.rank(name)
-            if rank is None or not route.accepts_client(address) or not route.accepts_path(path):
-                continue
-            if best is None or (rank, route.index) < best[:2]:
-                best = (rank, route.index, route)
-        return best[2] if best else None
+        candidates = index.candidates(name)
+        if index.plain:
+            return candidates[0] if candidates else None
+        address = normalize_ip(client)
+        for route in candidates:
+            if route.accepts_client(address) and route.accepts_path(path):
+                return route
+        return None
 
     def by_key(self, key: str) -> Optional[Route]:
         """The route named ``key``."""

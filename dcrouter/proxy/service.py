@@ -10,10 +10,12 @@ store and, when ``[proxy.acme]`` is enabled, the ACME manager.
 
 from __future__ import annotations
 
+import gc
 import re
 from typing import Any, Optional
 
 from twisted.internet import defer, ssl
+from twisted.internet.task import LoopingCall
 
 from dcrouter.config.options import DcRouterOptions
 from dcrouter.config.proxy import ProxyOptions
@@ -25,12 +27,33 @@ from dcrouter.proxy.certs import CertStore
 from dcrouter.proxy.frontend import FrontFactory, FrontProtocol
 from dcrouter.proxy.limits import Admission, IPAddress, in_networks, parse_networks
 from dcrouter.proxy.routes import Route, RouteTable
+from dcrouter.proxy.splice import available as splice_available
 from dcrouter.proxy.stats import RouteStats
 from dcrouter.service import ListenerSet, ListenSpec, ManagedService, RouterContext
 
 log = get_logger("proxy")
 
 _PEM = re.compile(rb"-----BEGIN CERTIFICATE-----.+?-----END CERTIFICATE-----\n?", re.S)
+
+
+#: Allocations between two young-generation collections (CPython's default: 700).
+GC_THRESHOLD = (20000, 20, 20)
+
+
+def tune_gc() -> None:
+    """Fewer garbage-collector passes for a connection-heavy process.
+
+    Every proxied connection allocates a few hundred short-lived objects; with
+    CPython's default threshold a collection runs every few connections and
+    traverses the objects of every connection in flight (profiled: a fifth of
+    the CPU at 2,000 new connections/s).  ``gc.freeze()`` moves what start-up
+    built (modules, configuration) out of the collector's sight, and a
+    young-generation threshold of 20,000 lets most connections die by
+    reference counting before a collection sees them.  Process-wide, once.
+    """
+    if gc.get_threshold()[0] < GC_THRESHOLD[0]:
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLD)
 
 
 class ProxyService(ManagedService):
@@ -48,9 +71,11 @@ class ProxyService(ManagedService):
         self._drain_waiters: list[defer.Deferred] = []
         self._backend_tls: dict[tuple[str, str], Any] = {}
         self.checkers: list[HealthChecker] = []
+        self._rotation: Optional[LoopingCall] = None
         proxy = self._proxy_options(context.options)
         self.table, self.certs = self._build(proxy, None)
         self._proxy_ips = parse_networks(proxy.proxy_ips) if proxy.accept_proxy_protocol else ()
+        self.splice = proxy.splice and splice_available()
         self.listeners = ListenerSet(context.reactor, self._factory)
         self.access_log = open_access_log(proxy, context.reactor, self)
 
@@ -69,7 +94,7 @@ class ProxyService(ManagedService):
             if previous is not None and previous.balancer is not None:
                 route.balancer.adopt_state(previous.balancer)
             route.stats = self.stats_for(route)
-        certs = CertStore(self.context.state_dir)
+        certs = CertStore(self.context.state_dir, key_type=proxy.self_signed_key)
         certs.load(table.routes)
         return table, certs
 
@@ -173,14 +198,31 @@ class ProxyService(ManagedService):
                 d.callback(None)
 
     # -- ManagedService ------------------------------------------------------------
+    def _start_rotation(self) -> None:
+        interval = self._proxy_options(self.context.options).tls_ticket_rotation
+        if self._rotation is not None and self._rotation.running:
+            if self._rotation.interval == interval:
+                return
+            self._rotation.stop()
+        self._rotation = None
+        if interval > 0:
+            self._rotation = LoopingCall(lambda: self.certs.rotate_tickets())
+            self._rotation.clock = self.reactor
+            self._rotation.start(interval, now=False)
+
     def startService(self) -> None:
+        tune_gc()
         self.listeners.start(self._specs())
+        self._start_rotation()
         self._start_checks()
         self._start_acme()
         super().startService()
 
     def stopService(self) -> Any:
         super().stopService()
+        if self._rotation is not None and self._rotation.running:
+            self._rotation.stop()
+        self._rotation = None
         for checker in self.checkers:
             checker.stop()
         self.checkers = []
@@ -203,8 +245,10 @@ class ProxyService(ManagedService):
         """Swap in a new route table; re-bind only ports that changed."""
         proxy = self._proxy_options(options)
         table, certs = self._build(proxy, self.table)
+        certs.adopt_session_context(self.certs)
         self.table, self.certs = table, certs
         self._proxy_ips = parse_networks(proxy.proxy_ips) if proxy.accept_proxy_protocol else ()
+        self.splice = proxy.splice and splice_available()
         self._backend_tls = {}
         self.access_log = reopen_access_log(self.access_log, proxy, self.reactor, self)
         keep = {r.key for r in table.routes}
@@ -212,6 +256,7 @@ class ProxyService(ManagedService):
             if key not in keep and not self.route_stats[key].active:
                 del self.route_stats[key]
         if self.running:
+            self._start_rotation()
             self._start_checks()
             self._start_acme()
             return self.listeners.update(self._specs())

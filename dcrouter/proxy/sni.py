@@ -108,55 +108,74 @@ class ClientHelloParser:
         self.state = DONE
 
 
-class _Reader:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-        self.pos = 0
-
-    def take(self, n: int) -> bytes:
-        if self.pos + n > len(self.data):
-            raise ValueError("truncated ClientHello")
-        out = self.data[self.pos:self.pos + n]
-        self.pos += n
-        return out
-
-    def uint(self, n: int) -> int:
-        return int.from_bytes(self.take(n), "big")
-
-    def vector(self, length_bytes: int) -> bytes:
-        return self.take(self.uint(length_bytes))
-
-    def done(self) -> bool:
-        return self.pos >= len(self.data)
+def _truncated() -> ValueError:
+    return ValueError("truncated ClientHello")
 
 
 def parse_client_hello_body(body: bytes) -> ClientHello:
-    """Server name and ALPN protocols of a ClientHello body (after the handshake header)."""
-    r = _Reader(body)
-    r.take(2 + 32)          # legacy_version, random
-    r.vector(1)             # session id
-    r.vector(2)             # cipher suites
-    r.vector(1)             # compression methods
-    if r.done():
+    """Server name and ALPN protocols of a ClientHello body (after the handshake header).
+
+    Index arithmetic over the bytes (every length checked against the vector that holds
+    it): this runs once per passthrough connection, and a reader object per vector was a
+    tenth of the new-connection profile.
+    """
+    n = len(body)
+    pos = 34                                    # legacy_version, random
+    if pos + 1 > n:
+        raise _truncated()
+    pos += 1 + body[pos]                        # session id
+    if pos + 2 > n:
+        raise _truncated()
+    pos += 2 + (body[pos] << 8 | body[pos + 1])     # cipher suites
+    if pos + 1 > n:
+        raise _truncated()
+    pos += 1 + body[pos]                        # compression methods
+    if pos > n:
+        raise _truncated()
+    if pos == n:
         return ClientHello(None)
-    extensions = _Reader(r.vector(2))
+    if pos + 2 > n:
+        raise _truncated()
+    end = pos + 2 + (body[pos] << 8 | body[pos + 1])
+    if end > n:
+        raise _truncated()
+    pos += 2
     name: Optional[str] = None
     alpn: list[str] = []
-    while not extensions.done():
-        ext_type = extensions.uint(2)
-        ext = _Reader(extensions.vector(2))
-        if ext_type == _EXT_SERVER_NAME and not ext.done():
-            names = _Reader(ext.vector(2))
-            while not names.done():
-                name_type = names.uint(1)
-                value = names.vector(2)
-                if name_type == 0 and name is None:
-                    try:
-                        name = value.decode("ascii").rstrip(".").lower()
-                    except UnicodeDecodeError:
-                        raise ValueError("server name is not ASCII") from None
-        elif ext_type == _EXT_ALPN and not ext.done():
-            protocols = _Reader(ext.vector(2))
-            while not protocols.done():
-                alpn.append(protocols.vector(1).decode("ascii", "replace"))
+    while pos < end:
+        if pos + 4 > end:
+            raise _truncated()
+        ext_type = body[pos] << 8 | body[pos + 1]
+        ext_end = pos + 4 + (body[pos + 2] << 8 | body[pos + 3])
+        if ext_end > end:
+            raise _truncated()
+        pos += 4
+        if pos < ext_end and ext_type in (_EXT_SERVER_NAME, _EXT_ALPN):
+            if pos + 2 > ext_end:
+                raise _truncated()
+            list_end = pos + 2 + (body[pos] << 8 | body[pos + 1])
+            if list_end > ext_end:
+                raise _truncated()
+            p = pos + 2
+            while p < list_end:
+                if ext_type == _EXT_SERVER_NAME:
+                    if p + 3 > list_end:
+                        raise _truncated()
+                    name_type = body[p]
+                    start = p + 3
+                    p = start + (body[p + 1] << 8 | body[p + 2])
+                    if p > list_end:
+                        raise _truncated()
+                    if name_type == 0 and name is None:
+                        try:
+                            name = body[start:p].decode("ascii").rstrip(".").lower()
+                        except UnicodeDecodeError:
+                            raise ValueError("server name is not ASCII") from None
+                else:
+                    start = p + 1
+                    p = start + body[p]
+                    if p > list_end:
+                        raise _truncated()
+                    alpn.append(body[start:p].decode("ascii", "replace"))
+        pos = ext_end
     return ClientHello(name or None, tuple(alpn))

@@ -8,8 +8,13 @@ socket read chunks and two transport buffer high-water marks, whatever the
 speed difference of the two ends.
 
 Half-closes are passed on (a client's EOF becomes a write shutdown towards
-the target).  The only timer is the idle timeout (``connection_timeout``):
-a long-lived tunnel that carries traffic, such as a WebSocket, is never cut.
+the target).  The only timer is the idle timeout (``connection_timeout``, an
+:class:`~dcrouter.timerwheel.IdleTimeout` on the shared wheel): a long-lived
+tunnel that carries traffic, such as a WebSocket, is never cut.
+
+Plain TCP clients (passthrough and tcp routes) use
+:class:`~dcrouter.proxy.splice.SpliceTunnel` instead where splice(2) exists;
+this relay serves TLS-terminated tunnels and is the fallback.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from dcrouter.proxy.stats import RouteStats
+from dcrouter.timerwheel import IdleTimeout, wheel_for
 
 
 def close_write(transport: Any) -> None:
@@ -36,6 +42,11 @@ def close_write(transport: Any) -> None:
     (``close_notify``; what the peer still sends is read until it answers).
     """
     if isinstance(transport, TLSMemoryBIOProtocol) or getattr(transport, "TLS", False) is True:
+        # a TLS transport sends close_notify only once no producer is registered (the
+        # other side of a relay always is): without this the client waited for the idle
+        # timeout after its backend had closed
+        if getattr(transport, "_producer", None) is not None:
+            transport.unregisterProducer()
         transport.loseConnection()
         return
     shutdown = getattr(transport, "loseWriteConnection", None)
@@ -80,8 +91,7 @@ class Tunnel:
         self.client_eof = False
         self.backend_eof = False
         self.done = False
-        self.last_activity = reactor.seconds()
-        self._idle_call: Any = reactor.callLater(idle_timeout, self._check_idle)
+        self.idle = IdleTimeout(wheel_for(reactor), idle_timeout, self._on_idle)
 
     # -- setup ---------------------------------------------------------------
     def attach(self, backend_transport: Any, initial: bytes = b"") -> None:
@@ -105,7 +115,7 @@ class Tunnel:
     # -- client side -----------------------------------------------------------
     def client_data(self, data: bytes) -> None:
         """Bytes from the client."""
-        self.last_activity = self.reactor.seconds()
+        self.idle.touch()
         if self.backend is None:
             self.pending.append(data)
             return
@@ -129,7 +139,7 @@ class Tunnel:
     # -- backend side --------------------------------------------------------
     def backend_data(self, data: bytes) -> None:
         """Bytes from the target."""
-        self.last_activity = self.reactor.seconds()
+        self.idle.touch()
         self.stats.bytes_out += len(data)
         self.client.write(data)
 
@@ -162,9 +172,7 @@ class Tunnel:
         if self.done:
             return
         self.done = True
-        if self._idle_call is not None and self._idle_call.active():
-            self._idle_call.cancel()
-        self._idle_call = None
+        self.idle.cancel()
         self.on_done()
 
     def abort(self) -> None:
@@ -174,16 +182,11 @@ class Tunnel:
                 abort = getattr(transport, "abortConnection", None)
                 (abort or transport.loseConnection)()
 
-    def _check_idle(self) -> None:
-        self._idle_call = None
+    def _on_idle(self) -> None:
         if self.done:
             return
-        idle = self.reactor.seconds() - self.last_activity
-        if idle >= self.idle_timeout:
-            self.stats.error("idle_timeout")
-            self.abort()
-            return
-        self._idle_call = self.reactor.callLater(self.idle_timeout - idle, self._check_idle)
+        self.stats.error("idle_timeout")
+        self.abort()
 
 
 class BackendSink(Protocol_):

@@ -184,12 +184,32 @@ def backends() -> Any:
             pytest_twisted.blockon(b.stop())
 
 
+def pytest_generate_tests(metafunc: Any) -> None:
+    """A module with ``BOTH_RELAYS = True`` runs each test that uses ``proxy_router`` twice:
+    on the splice relay (the default) and on the Twisted fallback (``[proxy] splice = false``)."""
+    if getattr(metafunc.module, "BOTH_RELAYS", False) and "relay" in metafunc.fixturenames:
+        metafunc.parametrize("relay", ["splice", "twisted"], indirect=True)
+
+
 @pytest.fixture
-def proxy_router(tmp_path: Any) -> Any:
+def relay(request: Any) -> str:
+    """Which relay the proxy of a test uses (see :func:`pytest_generate_tests`)."""
+    from dcrouter.proxy import splice
+    path = getattr(request, "param", "splice")
+    if path == "splice" and not splice.available():
+        raise RuntimeError("os.splice is missing: the splice relay needs Linux and Python >= 3.10")
+    return path
+
+
+@pytest.fixture
+def proxy_router(tmp_path: Any, relay: str) -> Any:
     """``start(proxy_section_dict)`` -> a running router; stopped after the test."""
     routers: list[Any] = []
+    path = relay
 
     def start(proxy: dict, **sections: Any) -> Any:
+        if path == "twisted":
+            proxy = {"splice": False, **proxy}
         data = {"proxy": {"listen": "127.0.0.1", **proxy},
                 "router": {"shutdown_timeout": 3}, **sections}
         router = start_router(options_from(data, str(tmp_path / "state")))

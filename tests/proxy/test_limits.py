@@ -14,6 +14,9 @@ from twisted.internet.threads import deferToThread
 from dcrouter.proxy.limits import Admission, IpRules, LimitExceeded, normalize_ip
 from tests.proxy.conftest import free_port, http_get, proxy_port
 
+#: every test here that starts a proxy runs on the splice relay and on the Twisted fallback
+BOTH_RELAYS = True
+
 
 def test_normalisation_and_rules() -> None:
     assert normalize_ip("::ffff:192.0.2.1") == ipaddress.ip_address("192.0.2.1")

@@ -15,6 +15,9 @@ from twisted.internet.threads import deferToThread
 from dcrouter.proxy import proxyprotocol
 from tests.proxy.conftest import proxy_port, recv_all
 
+#: every test here that starts a proxy runs on the splice relay and on the Twisted fallback
+BOTH_RELAYS = True
+
 
 def backend_parse(data: bytes) -> tuple[tuple[str, int], tuple[str, int], bytes]:
     """The backend's own reading of a PROXY header (independent of dcrouter's parser)."""

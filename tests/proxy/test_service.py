@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import socket
 
+import pytest
 import pytest_twisted
 from twisted.internet import defer, reactor, task
 from twisted.internet.threads import deferToThread
 
 from dcrouter.config import load_config
 from tests.proxy.conftest import proxy_port
+
+#: every test here that starts a proxy runs on the splice relay and on the Twisted fallback
+BOTH_RELAYS = True
 from tests.support.configs import write_config
 from tests.support.router import start_router, stop_router
 

@@ -8,11 +8,15 @@ import struct
 import time
 from typing import Optional
 
+import pytest
 import pytest_twisted
 from twisted.internet.threads import deferToThread
 
 from dcrouter.proxy import sni
 from tests.proxy.conftest import closed_without_reply, proxy_port, tls_exchange
+
+#: every test here that starts a proxy runs on the splice relay and on the Twisted fallback
+BOTH_RELAYS = True
 
 
 def capture_client_hello(server_name: Optional[str], alpn: Optional[list[str]] = None) -> bytes:

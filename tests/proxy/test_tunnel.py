@@ -7,11 +7,15 @@ import ssl
 import threading
 import time
 
+import pytest
 import pytest_twisted
 from twisted.internet import reactor, task
 from twisted.internet.threads import deferToThread
 
 from tests.proxy.conftest import proxy_port, recv_all
+
+#: every test here that starts a proxy runs on the splice relay and on the Twisted fallback
+BOTH_RELAYS = True
 
 TOTAL = 200 * 1024 * 1024
 
@@ -241,3 +245,40 @@ def test_idle_timeout_closes_silent_tunnels_but_not_busy_ones(proxy_router, back
     assert (yield deferToThread(chatty)) == 10
     assert router.get_stats()["proxy"]["routes"]["i"]["errors"] == {"idle_timeout": 1}
     yield task.deferLater(reactor, 0, lambda: None)
+
+
+@pytest_twisted.inlineCallbacks
+def test_terminated_tunnel_ends_with_close_notify_when_the_target_closes(proxy_router):
+    """A target that answers and closes (HTTP/1.0 style): the TLS client gets the answer and
+    then close_notify at once (it used to wait for the idle timeout: TLS held its close
+    while the target's transport was still registered as its producer)."""
+    server = socket.create_server(("127.0.0.1", 0))
+    port = proxy_port()
+    proxy_router({"routes": [{"name": "t", "ports": [port], "domains": ["*"],
+                              "tls": "terminate", "http": False, "connection_timeout": 30,
+                              "targets": [f"127.0.0.1:{server.getsockname()[1]}"]}]})
+
+    def target() -> None:
+        conn, _ = server.accept()
+        conn.recv(100)
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        conn.close()
+
+    def client() -> tuple[bytes, float]:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname, ctx.verify_mode = False, ssl.CERT_NONE
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as raw:
+            with ctx.wrap_socket(raw, server_hostname="t.test") as s:
+                s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+                start = time.monotonic()
+                out = b""
+                while True:
+                    chunk = s.recv(1000)        # b"" only after close_notify
+                    if not chunk:
+                        return out, time.monotonic() - start
+                    out += chunk
+    threading.Thread(target=target, daemon=True).start()
+    reply, waited = yield deferToThread(client)
+    assert reply.endswith(b"\r\n\r\nok")
+    assert waited < 5.0
+    server.close()
