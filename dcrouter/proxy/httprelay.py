@@ -512,9 +512,13 @@ class HttpRelay:
         if self.closing or self.upgraded or not self.client_open or self.blocked \
                 or self.framer.in_message:
             return httptimers.NONE
+        if self.link is not None and self.link.busy:
+            # a response is due: a next head the client pipelined waits its turn, and its
+            # http_request_timeout starts when it is the current request (as HAProxy's)
+            return httptimers.NONE
         if self.framer.buffer:
             return httptimers.HEAD
-        if self.first or (self.link is not None and self.link.busy):
+        if self.first:
             return httptimers.NONE          # the first wait is initial_data_timeout's
         return httptimers.IDLE
 

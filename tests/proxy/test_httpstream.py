@@ -243,6 +243,10 @@ class EchoResource(resource.Resource):
         if path == b"/304":
             request.setResponseCode(304)
             return b""
+        if path == b"/slow":               # answers after 1.5 s
+            request.setHeader(b"content-length", b"4")
+            reactor.callLater(1.5, lambda: (request.write(b"slow"), request.finish()))
+            return server.NOT_DONE_YET
         body = request.content.read()
         data = json.dumps({
             "tag": self.tag, "method": request.method.decode(), "uri": request.uri.decode(),

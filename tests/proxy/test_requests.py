@@ -323,9 +323,15 @@ def test_a_trickled_head_after_a_first_request_gets_408(proxy_router, web_backen
     # and on a terminated connection
     raw = yield deferToThread(trickle, tls_port, req("GET", "a.test", "/1") + b"GET / HTTP/1.1",
                               b"\r\nX-A: b", "a.test")
-    assert raw.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in raw
+    assert raw.startswith(b"HTTP/1.1 200 ") and b"HTTP/1.1 408 " in raw, raw
+    # a head pipelined behind a slow response waits its turn: its timeout starts when the
+    # response is relayed, so the slow answer (1.5 s > the 1 s timeout) is not cut short
+    raw = yield deferToThread(trickle, port, req("GET", "a.test", "/slow") + b"GET / HTTP/1.1",
+                              b"\r\nX-A: b")
+    assert raw.startswith(b"HTTP/1.1 200 ") and b"slow" in raw, raw
+    assert b"HTTP/1.1 408 " in raw, raw
     stats = router.get_stats()["proxy"]["routes"]
-    assert stats["web"]["errors"].get("request_timeout") == 1
+    assert stats["web"]["errors"].get("request_timeout") == 2
     assert stats["tls"]["errors"].get("request_timeout") == 1
 
 
